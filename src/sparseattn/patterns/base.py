@@ -1,0 +1,172 @@
+"""The Pattern protocol, composition, and the registry of named factories.
+
+A pattern says which query-key pairs survive. Each concrete pattern implements ``relation``: the raw
+boolean relation between positions, (B or 1, H or 1, L, L). ``mask`` turns it into a keep-mask with the
+guarantees every consumer relies on:
+
+- only allowed pairs are kept (never padding, never a decoder's future);
+- every real query keeps its own position, so no row is empty;
+- padding rows and columns are all False (the model's own mask decides what padding queries do).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..layout import TokenLayout
+
+
+class Pattern:
+    """Base class of all patterns. Subclasses set ``name`` and implement ``relation`` and ``spec``."""
+
+    name: str = "pattern"
+    symmetric: bool = True  # relation(i, j) == relation(j, i) for every layout
+    input_dependent: bool = False  # needs structure / token vectors, not just positions
+    per_head: bool = False  # differs across heads
+    per_layer: bool = False  # differs across layers (e.g. random draws per layer)
+
+    def relation(self, layout: TokenLayout, *, layer: int, num_heads: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask(self, layout: TokenLayout, *, layer: int = 0, num_heads: int = 1) -> torch.Tensor:
+        """Keep-mask (B, H', L, L) bool with H' = num_heads if ``per_head`` else 1."""
+        rel = self.relation(layout, layer=layer, num_heads=num_heads)
+        if rel.dtype != torch.bool or rel.dim() != 4:
+            raise TypeError(f"{self.name}.relation returned {rel.dtype} {tuple(rel.shape)}, expected a 4-D bool tensor")
+        return (rel & layout.allowed()) | layout.diagonal()
+
+    def spec(self) -> str:
+        """Text that `sparseattn.parse_pattern` turns back into an equal pattern."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors this pattern is defined by (only for stored masks); saved beside a plan."""
+        return {}
+
+    # -- composition ---------------------------------------------------------------------------
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return union(self, other)
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return intersection(self, other)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Pattern) and self.spec() == other.spec() and _same_tensors(self, other)
+
+    def __hash__(self) -> int:
+        return hash(self.spec())
+
+    def __repr__(self) -> str:
+        return self.spec()
+
+    def draw(self, layout: TokenLayout | None = None, *, path=None, layer: int = 0, head: int = 0, tokens=None):
+        """Draw this pattern's mask for one example (a 16-token sequence by default) as a PNG."""
+        from ..reports.masks import draw_mask
+
+        layout = layout or TokenLayout.from_lengths([16], special_first=1, special_last=1)
+        m = self.mask(layout, layer=layer, num_heads=head + 1)
+        return draw_mask(m[0, min(head, m.shape[1] - 1)], title=self.name, path=path, tokens=tokens)
+
+
+def _same_tensors(a: Pattern, b: Pattern) -> bool:
+    ta, tb = a.tensors(), b.tensors()
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+class _Combined(Pattern):
+    op = ""
+    word = ""
+
+    def __init__(self, parts: tuple[Pattern, ...]):
+        flat: list[Pattern] = []
+        for p in parts:
+            if not isinstance(p, Pattern):
+                raise TypeError(f"cannot combine {p!r} ({type(p).__name__}) with patterns")
+            flat.extend(p.parts if type(p) is type(self) else (p,))
+        self.parts = tuple(flat)
+        self.name = f"{self.word}(" + ",".join(p.name for p in self.parts) + ")"
+        self.symmetric = all(p.symmetric for p in self.parts)
+        self.input_dependent = any(p.input_dependent for p in self.parts)
+        self.per_head = any(p.per_head for p in self.parts)
+        self.per_layer = any(p.per_layer for p in self.parts)
+
+    def spec(self) -> str:
+        return "(" + f" {self.op} ".join(p.spec() for p in self.parts) + ")"
+
+    def tensors(self):
+        out = {}
+        for p in self.parts:
+            out.update(p.tensors())
+        return out
+
+
+class Union(_Combined):
+    op, word = "|", "or"
+
+    def relation(self, layout, *, layer, num_heads):
+        rel = None
+        for p in self.parts:
+            r = p.relation(layout, layer=layer, num_heads=num_heads)
+            rel = r if rel is None else rel | r
+        return rel
+
+
+class Intersection(_Combined):
+    op, word = "&", "and"
+
+    def relation(self, layout, *, layer, num_heads):
+        rel = None
+        for p in self.parts:
+            r = p.relation(layout, layer=layer, num_heads=num_heads)
+            rel = r if rel is None else rel & r
+        return rel
+
+
+def union(*patterns: Pattern) -> Pattern:
+    """Pairs kept by any of the patterns (``a | b``)."""
+    return patterns[0] if len(patterns) == 1 else Union(patterns)
+
+
+def intersection(*patterns: Pattern) -> Pattern:
+    """Pairs kept by all of the patterns (``a & b``); self-connections are always kept."""
+    return patterns[0] if len(patterns) == 1 else Intersection(patterns)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatternInfo:
+    name: str
+    factory: Callable[..., Pattern]
+    summary: str
+    signature: str
+
+
+REGISTRY: dict[str, PatternInfo] = {}
+
+
+def register(factory: Callable[..., Pattern]) -> Callable[..., Pattern]:
+    """Make a factory available by name to plan specs and the CLI (``sparseattn patterns``)."""
+    doc = inspect.getdoc(factory) or ""
+    REGISTRY[factory.__name__] = PatternInfo(
+        factory.__name__, factory, doc.split("\n\n")[0].replace("\n", " "),
+        f"{factory.__name__}{inspect.signature(factory)}")
+    return factory
+
+
+def check_int(value, what: str, *, minimum: int = 0) -> int:
+    """Validate a degree-like argument; errors name the value and what was expected."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def positional_grid(layout: TokenLayout):
+    """(B, 1, L, 1) query positions and (B, 1, 1, L) key positions (real-token indices, -1 for padding)."""
+    p = layout.positions
+    return p[:, None, :, None], p[:, None, None, :]

@@ -1,0 +1,30 @@
+"""causal(): a token attends to itself and earlier tokens only."""
+
+from __future__ import annotations
+
+from .base import Pattern, positional_grid, register
+
+
+class Causal(Pattern):
+    name = "causal"
+    symmetric = False
+
+    def relation(self, layout, *, layer, num_heads):
+        qi, kj = positional_grid(layout)
+        return kj <= qi
+
+    def spec(self):
+        return "causal()"
+
+
+@register
+def causal() -> Pattern:
+    """Keys at or before the query: keep (i, j) when j <= i.
+
+    Decoders are causal already (their future is never allowed); use this to make an encoder causal,
+    or in intersections such as causal() & neighbour(4)."""
+    return Causal()
+
+
+if __name__ == "__main__":
+    print(causal().draw(path="causal.png"))

@@ -1,0 +1,45 @@
+"""global_tokens(g): a few tokens attend to, and are attended by, every token."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Pattern, check_int, register
+
+
+class GlobalTokens(Pattern):
+    symmetric = True
+
+    def __init__(self, g):
+        if g == "special":
+            self.g = "special"
+            self.input_dependent = True  # needs to know which tokens are special
+        else:
+            self.g = check_int(g, "number of global tokens g")
+        self.name = f"global_tokens_{self.g}"
+
+    def relation(self, layout, *, layer, num_heads):
+        if self.g == "special":
+            if layout.special is None:
+                raise ValueError("global_tokens('special') needs to know the special tokens: pass a tokenizer to "
+                                 "sparseattn.sparsify, or inputs made by sparseattn.encode")
+            glob = layout.special
+        else:
+            glob = layout.real & (layout.positions < self.g)
+        return glob[:, None, :, None] | glob[:, None, None, :]
+
+    def spec(self):
+        return "global_tokens('special')" if self.g == "special" else f"global_tokens({self.g})"
+
+
+@register
+def global_tokens(g=1) -> Pattern:
+    """The first g real tokens (or, with g='special', the special tokens such as [CLS] and [SEP])
+    attend to every token and every token attends to them.
+
+    global_tokens(0) adds nothing beyond the diagonal."""
+    return GlobalTokens(g)
+
+
+if __name__ == "__main__":
+    print(global_tokens(2).draw(path="global_tokens_2.png"))

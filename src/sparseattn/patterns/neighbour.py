@@ -1,0 +1,33 @@
+"""neighbour(k): each token attends to the tokens within k positions of it (a sliding window)."""
+
+from __future__ import annotations
+
+from .base import Pattern, check_int, positional_grid, register
+
+
+class Neighbour(Pattern):
+    symmetric = True
+
+    def __init__(self, k: int):
+        self.k = check_int(k, "neighbour degree k")
+        self.name = f"neighbour_{self.k}"
+
+    def relation(self, layout, *, layer, num_heads):
+        qi, kj = positional_grid(layout)
+        return (qi - kj).abs() <= self.k
+
+    def spec(self):
+        return f"neighbour({self.k})"
+
+
+@register
+def neighbour(k: int) -> Pattern:
+    """Tokens within k positions: keep (i, j) when |i - j| <= k.
+
+    Positions count real tokens only, so left and right padding mean the same. neighbour(0) keeps
+    only the diagonal."""
+    return Neighbour(k)
+
+
+if __name__ == "__main__":
+    print(neighbour(2).draw(path="neighbour_2.png"))

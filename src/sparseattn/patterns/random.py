@@ -1,0 +1,79 @@
+"""random(r): each query attends to r random keys, drawn independently per head and per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Pattern, check_int, positional_grid, register
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32) on int64 tensors holding values in [0, 2**32).
+
+    Multiplications may wrap around in int64; the low 32 bits stay exact, so the result is the same on
+    every device."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, layer: int, head: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Deterministic uniform numbers in [0, 1) indexed by (seed, layer, head, query pos, key pos).
+
+    A draw depends on positions only, never on the batch or its padding, so an example gets the same
+    random connections whatever it is batched with."""
+    h = hash32(torch.tensor(seed * 0x9E3779B1 + layer, dtype=torch.long, device=head.device))
+    h = hash32(h ^ head)
+    h = hash32(h ^ (qpos & _M32))
+    h = hash32(h ^ (kpos & _M32))
+    return h.double() / 2.0**32
+
+
+class Random(Pattern):
+    symmetric = False
+    per_head = True
+    per_layer = True
+
+    def __init__(self, r: int, seed: int = 0):
+        self.r = check_int(r, "random degree r")
+        self.seed = check_int(seed, "random seed")
+        self.name = f"random_{self.r}" + (f"_seed{self.seed}" if self.seed else "")
+
+    def relation(self, layout, *, layer, num_heads):
+        B, L = layout.batch_size, layout.length
+        H = num_heads
+        if self.r == 0:
+            return torch.zeros(B, 1, L, L, dtype=torch.bool, device=layout.device)
+        qi, kj = positional_grid(layout)  # (B,1,L,1), (B,1,1,L)
+        heads = torch.arange(H, device=layout.device)[None, :, None, None]
+        u = hash_uniform(self.seed, layer, heads, qi.clamp(min=0), kj.clamp(min=0)).float()  # (B,H,L,L)
+        # candidates: allowed keys other than the query itself
+        cand = layout.allowed() & ~layout.diagonal()
+        u = torch.where(cand, u, torch.full_like(u, -1.0))
+        k = min(self.r, L)
+        top = u.topk(k, dim=-1)
+        rel = torch.zeros(B, H, L, L, dtype=torch.bool, device=layout.device)
+        rel.scatter_(-1, top.indices, top.values >= 0)
+        return rel
+
+    def spec(self):
+        return f"random({self.r})" if not self.seed else f"random({self.r}, seed={self.seed})"
+
+
+@register
+def random(r: int, seed: int = 0) -> Pattern:
+    """r random keys per query (besides itself), drawn per head and per layer from a hash of
+    (seed, layer, head, query position, key position).
+
+    The same seed gives the same connections on any device and under any padding. A query with fewer
+    than r other allowed keys keeps all of them."""
+    return Random(r, seed)
+
+
+if __name__ == "__main__":
+    print(random(3).draw(path="random_3.png"))

@@ -1,0 +1,57 @@
+"""static_mask(table): a stored keep-table over positions, the same for every input (Attention Pruning)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Pattern, register
+
+
+class StaticMask(Pattern):
+    """A fixed (H or 1, N, N) bool table over real-token positions, cropped to each example's length."""
+
+    def __init__(self, table: torch.Tensor, key: str):
+        if not isinstance(table, torch.Tensor) or table.dim() not in (2, 3):
+            raise ValueError(f"static_mask needs a (N, N) or (heads, N, N) tensor, got {getattr(table, 'shape', table)!r}")
+        if table.dim() == 2:
+            table = table[None]
+        if table.shape[-1] != table.shape[-2]:
+            raise ValueError(f"static_mask table must be square over positions, got {tuple(table.shape)}")
+        if not key or not all(c.isalnum() or c in "_-." for c in key):
+            raise ValueError(f"static_mask key must be a non-empty name of letters, digits, '_', '-', '.', got {key!r}")
+        self.table = table.bool().contiguous()
+        self.key = key
+        self.name = f"static_{key}"
+        self.per_head = self.table.shape[0] > 1
+        self.symmetric = bool(torch.equal(self.table, self.table.transpose(1, 2)))
+
+    @property
+    def max_length(self) -> int:
+        return self.table.shape[-1]
+
+    def relation(self, layout, *, layer, num_heads):
+        n = int(layout.lengths.max())
+        if n > self.max_length:
+            raise ValueError(f"{self.name} is defined for sequences of at most {self.max_length} tokens, but the batch "
+                             f"has an example of {n}; collect the mask at a larger length")
+        if self.per_head and self.table.shape[0] != num_heads:
+            raise ValueError(f"{self.name} has {self.table.shape[0]} heads, the layer has {num_heads}")
+        t = self.table.to(layout.device)
+        p = layout.positions.clamp(min=0)
+        rel = t[:, p[:, :, None], p[:, None, :]]  # (H, B, L, L)
+        return rel.transpose(0, 1)
+
+    def spec(self):
+        return f"static_mask('{self.key}')"
+
+    def tensors(self):
+        return {self.key: self.table}
+
+
+@register
+def static_mask(table, key: str = "mask") -> Pattern:
+    """A stored keep-table (heads or 1, N, N) over positions, as Attention Pruning produces: the same
+    mask for every input, cropped to each example's length; longer inputs are refused.
+
+    In a plan spec, static_mask('key') names a table saved with the plan."""
+    return StaticMask(table, key)

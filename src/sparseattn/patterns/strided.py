@@ -1,0 +1,32 @@
+"""strided(s): attend to every s-th token (the Sparse Transformer's strided pattern, both directions)."""
+
+from __future__ import annotations
+
+from .base import Pattern, check_int, positional_grid, register
+
+
+class Strided(Pattern):
+    symmetric = True
+
+    def __init__(self, s: int):
+        self.s = check_int(s, "stride s", minimum=1)
+        self.name = f"strided_{self.s}"
+
+    def relation(self, layout, *, layer, num_heads):
+        qi, kj = positional_grid(layout)
+        return (qi - kj).remainder(self.s) == 0
+
+    def spec(self):
+        return f"strided({self.s})"
+
+
+@register
+def strided(s: int) -> Pattern:
+    """Every s-th token: keep (i, j) when (i - j) is a multiple of s.
+
+    strided(1) is full attention."""
+    return Strided(s)
+
+
+if __name__ == "__main__":
+    print(strided(3).draw(path="strided_3.png"))

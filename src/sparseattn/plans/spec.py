@@ -1,0 +1,191 @@
+"""The text form of plans and patterns, as the CLI and sweep files accept them.
+
+Grammar (rules separated by ';' or new lines; '#' starts a comment)::
+
+    plan      := 'dense' | rule (';' rule)*
+    rule      := [selector ':'] pattern          (no selector: every layer, every head)
+    selector  := part ('@' part)*
+    part      := 'all' | 'later-half' | 'first-half' | 'layers=' ranges | 'heads=' ranges
+    ranges    := 'all' | range (',' range)*      range := N | N-M
+    pattern   := call | pattern '|' pattern | pattern '&' pattern | '(' pattern ')'
+    call      := name '(' [literal (',' literal)*] [name '=' literal ...] ')'
+
+Errors point at the offending part with a caret.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+
+import torch
+
+from ..patterns.base import REGISTRY, Pattern, intersection, union
+from .plan import Plan, PlanError, Rule
+
+
+class PlanSpecError(PlanError):
+    """A spec that cannot be parsed; the message shows where."""
+
+    def __init__(self, message: str, text: str, start: int, end: int | None = None):
+        end = max(end if end is not None else start + 1, start + 1)
+        line_start = text.rfind("\n", 0, start) + 1
+        line_end = text.find("\n", start)
+        line_end = len(text) if line_end < 0 else line_end
+        line = text[line_start:line_end]
+        caret = " " * (start - line_start) + "^" * max(1, min(end, line_end) - start)
+        super().__init__(f"{message}\n  {line}\n  {caret}")
+        self.start, self.end = start, end
+
+
+def _split(text: str, seps: str) -> list[tuple[int, str]]:
+    """Split at top-level separators (outside parentheses and quotes), keeping offsets."""
+    out, depth, quote, start = [], 0, None, 0
+    for i, c in enumerate(text):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c in seps and depth == 0:
+            out.append((start, text[start:i]))
+            start = i + 1
+    out.append((start, text[start:]))
+    return out
+
+
+def _strip(offset: int, s: str) -> tuple[int, str]:
+    lead = len(s) - len(s.lstrip())
+    return offset + lead, s.strip()
+
+
+_RANGES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def _parse_ranges(s: str, what: str, text: str, at: int):
+    if s == "all":
+        return "all"
+    compact = s.replace(" ", "")
+    if not _RANGES.match(compact):
+        raise PlanSpecError(f"bad {what} {s!r}: expected 'all' or ranges like 0,2,4-7", text, at, at + len(s))
+    vals = []
+    for part in compact.split(","):
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b) if b else int(a)
+        if hi < lo:
+            raise PlanSpecError(f"bad {what} range {part!r}: the end is before the start", text, at, at + len(s))
+        vals.extend(range(lo, hi + 1))
+    return tuple(vals)
+
+
+def _parse_selector(sel: str, text: str, at: int):
+    layers, heads = None, None
+    for off, part in _split(sel, "@"):
+        p_at, part = _strip(at + off, part)
+        if part in ("all", "later-half", "first-half"):
+            value, kind = part, "layers"
+        elif part.startswith("layers="):
+            value, kind = _parse_ranges(part[7:].strip(), "layers", text, p_at + 7), "layers"
+        elif part.startswith("heads="):
+            value, kind = _parse_ranges(part[6:].strip(), "heads", text, p_at + 6), "heads"
+        else:
+            raise PlanSpecError(f"unknown selector {part!r}: expected all, later-half, first-half, layers=..., "
+                                "heads=... (joined with @)", text, p_at, p_at + len(part))
+        if kind == "layers":
+            if layers is not None:
+                raise PlanSpecError("layers given twice in one selector", text, p_at, p_at + len(part))
+            layers = value
+        else:
+            if heads is not None:
+                raise PlanSpecError("heads given twice in one selector", text, p_at, p_at + len(part))
+            heads = value
+    return layers or "all", heads
+
+
+def _literal(node: ast.AST, text: str, at: int):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        return -node.operand.value
+    raise PlanSpecError("pattern arguments must be numbers or quoted strings", text, at + node.col_offset,
+                        at + (node.end_col_offset or node.col_offset + 1))
+
+
+def _build(node: ast.AST, text: str, at: int, tables: dict | None) -> Pattern:
+    span = (at + node.col_offset, at + (node.end_col_offset or node.col_offset + 1))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
+        a, b = _build(node.left, text, at, tables), _build(node.right, text, at, tables)
+        return union(a, b) if isinstance(node.op, ast.BitOr) else intersection(a, b)
+    if isinstance(node, ast.Name):
+        node = ast.Call(func=node, args=[], keywords=[], col_offset=node.col_offset, end_col_offset=node.end_col_offset)
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise PlanSpecError("expected a pattern such as neighbour(2), combined with | and &", text, *span)
+    name = node.func.id
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PlanSpecError(f"unknown pattern {name!r}{hint} (known: {', '.join(sorted(REGISTRY))})", text,
+                            at + node.func.col_offset, at + node.func.end_col_offset)
+    args = [_literal(a, text, at) for a in node.args]
+    kwargs = {k.arg: _literal(k.value, text, at) for k in node.keywords}
+    if name == "static_mask":
+        if len(args) != 1 or kwargs or not isinstance(args[0], str):
+            raise PlanSpecError("static_mask takes one quoted key of a stored table, e.g. static_mask('ap_l3')", text, *span)
+        key = args[0]
+        if not tables or key not in tables:
+            raise PlanSpecError(f"static_mask({key!r}) names a table that is not loaded (a spec with stored masks "
+                                "must be loaded from its plan file)", text, *span)
+        return REGISTRY[name].factory(tables[key], key=key)
+    try:
+        return REGISTRY[name].factory(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise PlanSpecError(f"{name}: {e} (signature {REGISTRY[name].signature})", text, *span) from None
+
+
+def parse_pattern(text: str, tables: dict[str, torch.Tensor] | None = None, *, _full: str | None = None,
+                  _at: int = 0) -> Pattern:
+    """Parse a pattern expression such as ``"neighbour(2) | global_tokens(1)"``."""
+    full = text if _full is None else _full
+    src = text.strip()
+    at = _at + (len(text) - len(text.lstrip()))
+    if not src:
+        raise PlanSpecError("missing pattern", full, at)
+    try:
+        tree = ast.parse(src, mode="eval")
+    except SyntaxError as e:
+        col = (e.offset or 1) - 1
+        raise PlanSpecError(f"cannot parse pattern {src!r}: {e.msg}", full, at + col) from None
+    return _build(tree.body, full, at, tables)
+
+
+def parse_plan(text: str, tables: dict[str, torch.Tensor] | None = None) -> Plan:
+    """Parse a plan spec (see the module docstring)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a plan spec must be a string, got {type(text).__name__}")
+    # comments become blanks, so offsets into the text stay right for error carets
+    clean = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), text)
+    rules = []
+    for off, chunk in _split(clean, ";\n"):
+        at, chunk = _strip(off, chunk)
+        if not chunk:
+            continue
+        if chunk in ("dense", "none"):
+            continue
+        parts = _split(chunk, ":")
+        if len(parts) > 2:
+            p_at = at + parts[2][0] - 1
+            raise PlanSpecError("a rule has one ':' between its selector and its pattern", text, p_at)
+        if len(parts) == 2:
+            s_at, sel = _strip(at + parts[0][0], parts[0][1])
+            layers, heads = _parse_selector(sel, text, s_at)
+            pat_off, pat = at + parts[1][0], parts[1][1]
+        else:
+            layers, heads = "all", None
+            pat_off, pat = at, chunk
+        pattern = parse_pattern(pat, tables, _full=text, _at=pat_off)
+        rules.append(Rule(pattern=pattern, layers=layers, heads=heads, source=chunk))
+    return Plan(rules)
