@@ -17,7 +17,7 @@ from .patterns import (  # noqa: E402
     static_mask, strided, syntax, union,
 )
 from .plans import Plan, PlanError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan  # noqa: E402
-from .sparsity import SparsityReport, mask_sparsity, measure  # noqa: E402
+from .sparsity import SparsityReport, mask_sparsity, measure_plan  # noqa: E402
 from .text.parse import ParseCache  # noqa: E402
 from .text.structure import BatchStructure, encode  # noqa: E402
 from .measure import measure_sparsity  # noqa: E402
@@ -26,7 +26,7 @@ __all__ = [
     "Pattern", "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird", "syntax",
     "lexical", "similar", "static_mask", "union", "intersection",
     "Plan", "Rule", "PlanError", "PlanSpecError", "parse_pattern", "save_plan", "load_plan",
-    "TokenLayout", "SparsityReport", "mask_sparsity", "measure", "measure_sparsity",
+    "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
     "sparsify", "unsparsify", "plan_of", "UnsupportedModelError",
     "encode", "BatchStructure", "ParseCache",
 ]

@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .layout import TokenLayout
-from .sparsity import SparsityReport, measure
+from .sparsity import SparsityReport, measure_plan
 
 
 def layout_of_batch(batch: Mapping, *, causal: bool = False, special_ids: torch.Tensor | None = None,
@@ -48,7 +48,7 @@ def measure_sparsity(model, batches: Mapping | Iterable[Mapping], *, block_size:
     total = None
     for batch in batches:
         layout = layout_of_batch(batch, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
-        rep = measure(state.layer_plans, layout, block_size=block_size)
+        rep = measure_plan(state.layer_plans, layout, block_size=block_size)
         total = rep if total is None else total + rep
     if total is None:
         raise ValueError("measure_sparsity got no batches")

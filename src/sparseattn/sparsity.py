@@ -143,7 +143,7 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def measure(layer_plans, layout: TokenLayout, *, block_size: int | None = None) -> SparsityReport:
+def measure_plan(layer_plans, layout: TokenLayout, *, block_size: int | None = None) -> SparsityReport:
     """Sparsity of resolved layer plans (``Plan.resolve``) on one batch."""
     cache: dict = {}
     kept, allowed, bk, ba, applied = [], [], [], [], []
