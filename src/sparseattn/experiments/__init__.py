@@ -1,0 +1,1 @@
+"""Experiments: GLUE data, fine-tuning under a plan, sweeps with a results database, reports."""
