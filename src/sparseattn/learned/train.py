@@ -1,0 +1,161 @@
+"""Training learnable degrees jointly with the model: task loss + lambda * expected density.
+
+Two ways to ask for sparsity:
+- a fixed ``lam`` (a lambda sweep traces an accuracy/sparsity curve), or
+- a ``target_sparsity``: lambda becomes a Lagrange multiplier updated by dual ascent,
+  lambda <- max(0, lambda + dual_lr * (expected density - target density)), and at the end the hard
+  degrees are shifted by one common offset so the exported plan meets the target on the training
+  batches (`calibrate_offset`); the shape of the learned degree distribution is kept.
+
+The temperature anneals geometrically from ``t_start`` to ``t_end`` so the soft windows become hard
+windows; the exported plan is `SoftNeighbourDegrees.to_plan()`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..layout import TokenLayout
+from ..sparsity import measure_plan
+from .soft_window import SoftNeighbourDegrees, annealed_temperature
+
+
+@dataclass
+class LearnConfig:
+    lam: float | None = 0.0  # density penalty weight (ignored when target_sparsity is set)
+    target_sparsity: float | None = None  # in [0, 1): overall sparsity the exported plan should have
+    steps: int = 1000
+    lr: float = 5e-5  # model weights
+    degree_lr: float = 0.5  # degrees are in token units; they need a far larger step than weights
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    t_start: float = 4.0
+    t_end: float = 0.05
+    dual_lr: float = 5.0  # dual ascent step for the multiplier in target mode
+    max_grad_norm: float = 1.0
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.target_sparsity is None and (self.lam is None or self.lam < 0):
+            raise ValueError(f"lambda must be >= 0 (or give a target sparsity), got {self.lam}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0 < self.t_end <= self.t_start:
+            raise ValueError(f"need 0 < t_end <= t_start, got t_start={self.t_start}, t_end={self.t_end}")
+
+
+@dataclass
+class LearnResult:
+    history: list[dict] = field(default_factory=list)
+    final_lambda: float = 0.0
+    offset: float = 0.0
+    seconds: float = 0.0
+
+
+def _layout(batch: dict, causal: bool) -> TokenLayout:
+    return TokenLayout(real=batch["attention_mask"].bool(), causal=causal)
+
+
+def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[dict]], cfg: LearnConfig,
+          *, device=None, autocast_dtype=None, progress=None) -> LearnResult:
+    """Train ``model`` (with ``degrees`` attached, see ``attach_degrees``) for ``cfg.steps`` steps.
+
+    batches: a callable returning a fresh iterable of model-ready batches (dicts with input_ids,
+    attention_mask, labels, ...); it is called again when an epoch ends.
+    """
+    device = device or next(model.parameters()).device
+    causal = bool(getattr(model.config, "is_decoder", False))
+    degree_params = list(degrees.parameters())
+    ids = {id(p) for p in degree_params}
+    weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    decay = [p for p in weights if p.dim() >= 2]
+    no_decay = [p for p in weights if p.dim() < 2]
+    opt = torch.optim.AdamW([
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": degree_params, "lr": cfg.degree_lr, "weight_decay": 0.0},
+    ])
+    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+
+    def lr_factor(step):  # linear warmup and decay, for the weights only
+        return step / warmup if step < warmup else max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
+
+    target_density = None if cfg.target_sparsity is None else 1.0 - cfg.target_sparsity
+    lam = 0.0 if target_density is not None else float(cfg.lam)
+    result = LearnResult()
+    t0 = time.time()
+    model.train()
+    step = 0
+    while step < cfg.steps:
+        for batch in batches():
+            if step >= cfg.steps:
+                break
+            degrees.temperature = annealed_temperature(step, cfg.steps, cfg.t_start, cfg.t_end)
+            for g in opt.param_groups[:2]:
+                g["lr"] = cfg.lr * lr_factor(step)
+            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in batch.items()}
+            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                out = model(**batch)
+            density = degrees.expected_density(_layout(batch, causal))
+            loss = out.loss.float() + lam * density
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
+            opt.step()
+            if target_density is not None:
+                lam = max(0.0, lam + cfg.dual_lr * (density.item() - target_density))
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                d = degrees.degrees().detach()
+                result.history.append({"step": step, "loss": out.loss.item(), "expected_density": density.item(),
+                                       "lambda": lam, "temperature": degrees.temperature,
+                                       "degree_mean": d.mean().item(), "degree_min": d.min().item(),
+                                       "degree_max": d.max().item()})
+                if progress is not None:
+                    progress(result.history[-1])
+            step += 1
+    result.final_lambda = lam
+    result.seconds = time.time() - t0
+    return result
+
+
+def hard_sparsity(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], offset: float = 0.0) -> float:
+    """Measured overall sparsity of the exported plan (degrees shifted by ``offset``) on ``layouts``."""
+    saved = degrees.degree.data.clone()
+    try:
+        degrees.degree.data += offset
+        plan = degrees.to_plan()
+    finally:
+        degrees.degree.data.copy_(saved)
+    layer_plans = plan.resolve(degrees.num_layers, degrees.num_heads)
+    total = None
+    for lay in layouts:
+        rep = measure_plan(layer_plans, lay)
+        total = rep if total is None else total + rep
+    return total.overall
+
+
+def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], target_sparsity: float,
+                     *, max_length: int | None = None) -> float:
+    """Shift every degree by one common offset so the hard plan's sparsity on ``layouts`` is as close as
+    possible to ``target_sparsity``; applies the offset and returns it. Sparsity falls as the offset
+    grows, so the offset is found by bisection over [-max degree - 1, max_length]."""
+    hi_len = max_length or max(int(l.lengths.max()) for l in layouts)
+    lo, hi = -float(degrees.degrees().detach().max()) - 1.0, float(hi_len)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if hard_sparsity(degrees, layouts, mid) > target_sparsity:
+            lo = mid  # too sparse: widen
+        else:
+            hi = mid
+    # the two neighbours of the step; take the closer
+    best = min((lo, hi), key=lambda o: abs(hard_sparsity(degrees, layouts, o) - target_sparsity))
+    degrees.degree.data += best
+    return best
