@@ -71,9 +71,11 @@ class BatchStructure:
             lower_ids[b, :w] = torch.from_numpy(e.lower_ids)
         return cls(word_ids, word_dist, lemma_ids, lower_ids, all(e.parsed for e in examples), list(examples))
 
-    def to(self, device) -> "BatchStructure":
-        return BatchStructure(self.word_ids.to(device), self.word_dist.to(device), self.lemma_ids.to(device),
-                              self.lower_ids.to(device), self.parsed, self.examples)
+    def to(self, device=None, non_blocking: bool = False) -> "BatchStructure":
+        """Move the tensors (BatchEncoding.to and the Trainer call this with keywords)."""
+        mv = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        return BatchStructure(mv(self.word_ids), mv(self.word_dist), mv(self.lemma_ids), mv(self.lower_ids),
+                              self.parsed, self.examples)
 
     def select(self, rows) -> "BatchStructure":
         return BatchStructure(self.word_ids[rows], self.word_dist[rows], self.lemma_ids[rows],
