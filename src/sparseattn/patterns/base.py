@@ -93,6 +93,7 @@ class _Combined(Pattern):
         self.input_dependent = any(p.input_dependent for p in self.parts)
         self.per_head = any(p.per_head for p in self.parts)
         self.per_layer = any(p.per_layer for p in self.parts)
+        self.tensors()  # refuse two different stored tables under one key now, not when saving
 
     def spec(self) -> str:
         return "(" + f" {self.op} ".join(p.spec() for p in self.parts) + ")"
@@ -100,7 +101,12 @@ class _Combined(Pattern):
     def tensors(self):
         out = {}
         for p in self.parts:
-            out.update(p.tensors())
+            for k, t in p.tensors().items():
+                if k in out and not torch.equal(out[k], t):
+                    # the spec names tables by key only: one of them would be lost on save and reload
+                    raise ValueError(f"two different stored masks share the key {k!r} in {self.spec()}; "
+                                     "give each table its own key")
+                out[k] = t
         return out
 
 
