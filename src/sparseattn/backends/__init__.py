@@ -24,4 +24,7 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-__all__ = ["AttentionCall", "Backend", "ReferenceBackend", "get_backend", "register_backend", "available_backends"]
+from .block import BlockSparseBackend  # noqa: E402  (registers "block")
+
+
+__all__ = ["AttentionCall", "Backend", "ReferenceBackend", "BlockSparseBackend", "get_backend", "register_backend", "available_backends"]

@@ -13,12 +13,13 @@ from .global_tokens import global_tokens
 from .lexical import lexical, similar
 from .neighbour import neighbour
 from .random import random
+from .random_blocks import random_blocks
 from .static import static_mask
 from .strided import strided
 from .syntax import syntax
 
 __all__ = [
     "Pattern", "Union", "Intersection", "union", "intersection", "REGISTRY",
-    "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird",
+    "neighbour", "global_tokens", "random", "random_blocks", "strided", "full", "causal", "bigbird",
     "syntax", "lexical", "similar", "static_mask",
 ]

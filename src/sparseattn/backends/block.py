@@ -1,0 +1,306 @@
+"""The ``block`` backend: any plan as block-sparse attention on the GPU, dense attention where that is faster.
+
+Each layer's keep-mask (the reference backend's, for real queries) is compiled to a `BlockLayout` per
+head: empty tiles are skipped, full tiles run without any mask, and only partial tiles read their token
+bits. The tiles feed FlexAttention's BlockMask directly (``BlockMask.from_kv_blocks``), so no mask is
+evaluated element by element to find them.
+
+Semantics are the reference backend's for real (non-padding) queries. Padding queries attend to
+nothing and get a zero output (as in flash-attention's unpadded path); their output is ignored
+downstream, and no gradient flows through it.
+
+What runs where (each decision is logged once per backend):
+
+- the block kernel: sparsified layers of sequences of at least ``min_length`` tokens whose block density
+  is at most ``max_density``;
+- dense SDPA without a mask: dense layers of batches without padding (``is_causal`` for decoders);
+- the reference path (SDPA with the boolean mask): everything else: short sequences, dense tiles,
+  attention dropout or returned attention weights (the kernel supports neither), incremental decoding,
+  and devices other than CUDA.
+
+Caching: a plan whose patterns depend on positions only (everything but syntax, lexical, similar and
+special-token globals) gets its layouts cached across batches, keyed by the layer's patterns and the
+batch's padding; batches without padding share one layout over the batch. Input-dependent patterns get
+per-example layouts built from the dense mask in every forward pass (shared by the layers with the same
+pattern). Sequence lengths are padded to buckets (multiples of the block size, at most 8 per power of
+two) and the partial-tile tables to powers of two, so kernels compile once per bucket, not per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+from .base import AttentionCall, Backend
+from .block_layout import BlockLayout, check_block_size
+from .reference import ReferenceBackend
+
+log = logging.getLogger("sparseattn")
+
+# Below this many key tokens the dense path wins (launch and guard overheads dominate a sparse kernel);
+# measured on an H100, see docs/benchmarks.md ("dense fallback threshold").
+MIN_LENGTH = 1024
+# Above this block density the sparse kernel saves too little to beat SDPA with a mask.
+MAX_DENSITY = 0.9
+
+_flex_compiled = None
+
+
+def flex_attention_fn(compiled: bool):
+    """FlexAttention, compiled once per process (eager on request: slow, for tests on CPU)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if _flex_compiled is None:
+        # Each (length bucket, head size, batch, dtype) is one compiled kernel; a model with several
+        # buckets exceeds dynamo's default of 8 entries and would fall back to the unfused eager path.
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < 64:
+                setattr(cfg, name, 64)
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
+def bucket_length(n: int, block_size: int) -> int:
+    """n rounded up to a multiple of max(block_size, next power of two / 8): at most 8 buckets per octave,
+    at most 25% padding (none for multiples of the bucket)."""
+    granule = max(block_size, (1 << max(0, (n - 1).bit_length())) // 8)
+    return -(-n // granule) * granule
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, *,
+                           scale: float | None = None, block_mask=None, compiled: bool = True,
+                           kernel_options: dict | None = None) -> torch.Tensor:
+    """Attention over the kept tiles of ``layout``.
+
+    query: (B, H, L, D); key, value: (B, H_kv, L, D) with H % H_kv == 0; layout: over (B or 1, H or 1)
+    and L' >= L tokens padded to whole tiles (the extra positions are padding); block_mask: the layout's
+    FlexAttention BlockMask if already built. Returns (B, H, L, D); rows without a kept key are zero.
+    """
+    B, H, L, D = query.shape
+    Lp = layout.num_q_blocks * layout.block_size
+    if layout.q_len < L or layout.kv_len < L:
+        raise ValueError(f"block layout covers {layout.q_len} x {layout.kv_len} tokens, the input has {L}")
+    if Lp > L:  # pad to the layout's length (a bucket): padding keys are never kept
+        pad = (0, 0, 0, Lp - L)
+        query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
+    if block_mask is None:
+        block_mask = layout.flex_block_mask()
+    flex = flex_attention_fn(compiled)
+    out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
+               kernel_options=kernel_options)
+    return out[:, :, :L] if Lp > L else out
+
+
+class _Entry:
+    """A compiled layer layout: the tiles, the BlockMask made from them, and what they were made for."""
+
+    __slots__ = ("layout", "block_mask", "density", "pins")
+
+    def __init__(self, layout: BlockLayout, block_mask, density: float, pins):
+        self.layout, self.block_mask, self.density, self.pins = layout, block_mask, density, pins
+
+
+def _layer_key(call: AttentionCall):
+    """What a layer's keep-mask depends on besides the batch: its patterns (and the layer for per-layer
+    draws). Tensors of stored masks are keyed by identity and pinned by the cache entry."""
+    lp = call.layer_plan
+    per_layer = any(p.per_layer for p in lp.patterns)
+    entries = tuple((heads, p.spec(), tuple(id(t) for t in p.tensors().values())) for heads, p in lp.entries)
+    return (lp.num_heads, lp.layer if per_layer else None, entries)
+
+
+class BlockSparseBackend(Backend):
+    """Block-sparse attention (FlexAttention over compiled block layouts) with automatic dense fallback.
+
+    block_size: tile size (128 suits FlexAttention's kernels; 64 gives finer layouts at some speed).
+    min_length: sequences shorter than this (key tokens) run dense.
+    max_density: layers whose kept-tile fraction is above this run dense.
+    force: always run the block kernel where it can express the call (tests; benchmarks of the kernel).
+    compile: compile FlexAttention (default: on CUDA only; eager FlexAttention is a slow reference).
+    cache_size: how many compiled layer layouts to keep (least recently used go first).
+    kernel_options: passed to FlexAttention (tile shapes, warps, stages).
+    """
+
+    name = "block"
+
+    def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float = MAX_DENSITY,
+                 force: bool = False, compile: bool | None = None, cache_size: int = 64,
+                 kernel_options: dict | None = None):
+        self.block_size = check_block_size(block_size)
+        if min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {min_length}")
+        if not 0.0 <= max_density <= 1.0:
+            raise ValueError(f"max_density must be in [0, 1], got {max_density}")
+        self.min_length, self.max_density, self.force = min_length, max_density, force
+        self.compile, self.cache_size, self.kernel_options = compile, cache_size, kernel_options
+        self.reference = ReferenceBackend()
+        self.stats: Counter = Counter()  # calls per path, layout builds and cache hits
+        self._layouts: OrderedDict = OrderedDict()
+        self._said: set = set()
+
+    # -- entry point ----------------------------------------------------------------------------
+    def attention(self, call: AttentionCall):
+        lp = call.layer_plan
+        where = f"layer {lp.layer}"
+        if call.need_weights:
+            return self._run_reference(call, "weights", f"{where}: attention weights were asked for; the block "
+                                       "kernel does not form them, so the reference path runs")
+        if call.dropout_p > 0 and not lp.is_dense:
+            return self._run_reference(call, "dropout", f"{where}: attention dropout {call.dropout_p} is not "
+                                       "supported by the block kernel; the reference path runs (set the model's "
+                                       "attention dropout to 0 for speed)", level=logging.WARNING)
+        if call.q_len != call.key.shape[2]:
+            return self._run_reference(call, "incremental", f"{where}: {call.q_len} queries over "
+                                       f"{call.key.shape[2]} keys (incremental decoding) run on the reference path")
+        if lp.is_dense:
+            return self._dense(call)
+        L = call.q_len
+        if not self.force:
+            if call.query.device.type != "cuda":
+                return self._run_reference(call, "device", f"the block kernel runs on CUDA; on "
+                                           f"{call.query.device.type} the reference path runs")
+            if L < self.min_length:
+                return self._run_reference(call, ("short", L), f"{L} tokens < min_length {self.min_length}: "
+                                           "dense SDPA with the mask runs (faster at this length)")
+        entry = self._entry(call)
+        if not self.force and entry.density > self.max_density:
+            return self._run_reference(call, ("dense-tiles", lp.layer),
+                                       f"{where}: block density {entry.density:.0%} > max_density "
+                                       f"{self.max_density:.0%}: dense SDPA with the mask runs")
+        self.stats["block"] += 1
+        compiled = self.compile if self.compile is not None else call.query.device.type == "cuda"
+        out = block_sparse_attention(call.query, call.key, call.value, entry.layout, scale=call.scale,
+                                     block_mask=entry.block_mask, compiled=compiled,
+                                     kernel_options=self.kernel_options)
+        return out, None
+
+    # -- paths -------------------------------------------------------------------------------------
+    def _say(self, key, message: str, level=logging.INFO):
+        if key not in self._said:
+            self._said.add(key)
+            log.log(level, "block backend: %s", message)
+
+    def _run_reference(self, call, key, message, level=logging.INFO):
+        self._say(key, message, level)
+        self.stats["reference"] += 1
+        return self.reference.attention(call)
+
+    def _dense(self, call: AttentionCall):
+        """A layer the plan leaves dense: SDPA without a mask when the batch has no padding and the model's
+        mask is the plain padding/causal one; otherwise the reference (SDPA with the model's mask)."""
+        if not (self._mask_is_layout(call) and self._all_real(call)):
+            self.stats["reference"] += 1
+            return self.reference.attention(call)
+        self.stats["dense"] += 1
+        q, k, v = call.query, call.key, call.value
+        kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=call.layout.causal,
+                                             scale=call.scale, **kw)
+        return out, None
+
+    # -- per-forward-pass facts (cached in call.cache, shared by the layers) -------------------------
+    def _all_real(self, call) -> bool:
+        key = ("block.all_real", call.layout.length)
+        if key not in call.cache:
+            call.cache[key] = bool(call.layout.real.all())
+        return call.cache[key]
+
+    def _mask_is_layout(self, call) -> bool:
+        """True if the model's mask is exactly the layout's allowed pairs on real queries (padding and
+        causality only), so layouts made from the layout alone are right."""
+        mm = call.model_mask
+        if mm is None:
+            return True
+        key = ("block.mask_is_layout", mm.data_ptr(), tuple(mm.shape))
+        if key not in call.cache:
+            lay = call.layout
+            allowed = lay.allowed()[:, :, -call.q_len:, :]
+            real_q = lay.real[:, None, -call.q_len:, None]
+            call.cache[key] = bool(((mm == allowed) | ~real_q).all())
+        return call.cache[key]
+
+    def _padding_key(self, call):
+        """A key for the batch's padding and causality: None-free, hashable, cheap to compare."""
+        lay = call.layout
+        key = ("block.padding_key", lay.length)
+        if key not in call.cache:
+            if self._all_real(call):
+                call.cache[key] = ("no-padding", lay.length, lay.causal)
+            else:
+                real = lay.real.to("cpu").numpy()
+                digest = hashlib.sha1(real.tobytes()).hexdigest()
+                call.cache[key] = ("padding", real.shape, digest, lay.causal)
+        return call.cache[key]
+
+    # -- layouts ---------------------------------------------------------------------------------
+    def _entry(self, call: AttentionCall) -> _Entry:
+        lp = call.layer_plan
+        static = not any(p.input_dependent for p in lp.patterns) and self._mask_is_layout(call)
+        layer_key = _layer_key(call)
+        if not static:  # input-dependent: per forward pass, shared by layers with the same patterns
+            key = ("block.layout", layer_key, self.block_size)
+            if key not in call.cache:
+                call.cache[key] = self._build(call, batch_invariant=False)
+            return call.cache[key]
+        key = (layer_key, self._padding_key(call), self.block_size, str(call.query.device))
+        entry = self._layouts.get(key)
+        if entry is not None:
+            self._layouts.move_to_end(key)
+            self.stats["cache_hits"] += 1
+            return entry
+        entry = self._build(call, batch_invariant=self._all_real(call))
+        self._layouts[key] = entry
+        while len(self._layouts) > self.cache_size:
+            self._layouts.popitem(last=False)
+        return entry
+
+    def _build(self, call: AttentionCall, *, batch_invariant: bool) -> _Entry:
+        """Compile the layer's keep-mask on real queries. batch_invariant: every example is the same (no
+        padding, positional patterns), so one example's mask serves the batch."""
+        self.stats["layout_builds"] += 1
+        lp, lay, L = call.layer_plan, call.layout, call.q_len
+        if batch_invariant:
+            one = TokenLayout(real=lay.real[:1], causal=lay.causal)
+            keep = lp.mask(one)
+        else:
+            keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
+        Lp = bucket_length(L, self.block_size)
+        if Lp > L:
+            keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
+        layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+        del keep
+        # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
+        density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
+        return _Entry(layout, layout.flex_block_mask(), density, pins=lp.patterns)
+
+    def _allowed_tiles(self, lay: TokenLayout, layout: BlockLayout) -> int:
+        """Tiles holding at least one allowed pair, counted like sparseattn.sparsity.block_counts but from
+        the lengths (O(B x N^2) instead of O(B x L^2)); exact for right-padded batches, an upper bound
+        otherwise."""
+        bs = layout.block_size
+        n = (lay.lengths + bs - 1) // bs  # (B,) tiles per example (right padding)
+        i = torch.arange(layout.num_q_blocks, device=n.device)
+        rows = i[None, :] < n[:, None]  # (B, N)
+        tiles = rows[:, :, None] & rows[:, None, :]
+        if lay.causal:
+            tiles = tiles & (i[None, None, :] <= i[None, :, None])
+        heads = layout.code.shape[1]
+        return int(tiles.sum()) * heads * (lay.batch_size if layout.code.shape[0] > 1 else 1) // lay.batch_size
+
+
+def _register():
+    from . import register_backend
+
+    register_backend("block", BlockSparseBackend)
+
+
+_register()

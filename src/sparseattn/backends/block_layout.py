@@ -1,0 +1,209 @@
+"""Block layouts: a keep-mask compiled to the tiles a block-sparse kernel visits.
+
+A keep-mask (B, H, Lq, Lk) is cut into block_size x block_size tiles (the last row and column of
+tiles padded with "not kept"). Each tile is
+
+- empty:   no kept pair, the kernel skips it;
+- full:    every pair kept, the kernel computes it without evaluating any mask;
+- partial: some pairs kept, the kernel reads the token mask from a packed bit table.
+
+Only partial tiles store token-level bits, so memory grows with the number of partial tiles, not with
+length squared. Tiles with equal bits are stored once (the diagonal tiles of a sliding window are all
+the same), so positional patterns need a handful of tiles whatever the length.
+
+>>> import torch
+>>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
+>>> bl = BlockLayout.from_mask(keep, block_size=16)
+>>> bl.code[0, 0].tolist()  # FULL=-1 below the diagonal, EMPTY=-2 above, one stored partial tile on it
+[[0, -2, -2], [-1, 0, -2], [-1, -1, 0]]
+>>> torch.equal(bl.to_dense(), keep)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EMPTY = -2  # code of a tile with no kept pair
+FULL = -1  # code of a tile whose pairs are all kept; codes >= 0 index the partial tiles' bits
+
+
+def _bits_per_word(block_size: int) -> int:
+    return 32 if block_size % 32 == 0 else 16
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size % 16:
+        raise ValueError(f"block_size must be a multiple of 16 (16, 32, 64, 128, ...), got {block_size!r}")
+    return block_size
+
+
+def pack_bits(tiles: torch.Tensor) -> torch.Tensor:
+    """(P, bs, bs) bool -> (P, bs, bs // W) int32 with bit j of word w = tiles[..., w * W + j]
+    (W = 32 bits per word, or 16 when bs is not a multiple of 32)."""
+    P, bs, _ = tiles.shape
+    W = _bits_per_word(bs)
+    weights = (1 << torch.arange(W, device=tiles.device, dtype=torch.int64))
+    words = (tiles.reshape(P, bs, bs // W, W).to(torch.int64) * weights).sum(-1)
+    # int64 -> int32 keeping the low 32 bits (two's complement), the same on every device
+    return (words - ((words >> 31) & 1) * (1 << 32)).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Inverse of pack_bits: (P, bs, bs // W) int32 -> (P, bs, bs) bool."""
+    W = _bits_per_word(block_size)
+    shifts = torch.arange(W, device=words.device, dtype=torch.int32)
+    return ((words[..., None] >> shifts) & 1).bool().reshape(words.shape[0], block_size, block_size)
+
+
+def kv_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., Nq, Nk) bool -> (count (..., Nq) int32, indices (..., Nq, Nk) int32): for each query tile row
+    the number of selected key tiles and their indices in ascending order first (the rest is filler),
+    the format of FlexAttention's BlockMask."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return count, order.to(torch.int32)
+
+
+@dataclass
+class BlockLayout:
+    """A keep-mask over (B', H', q_len, kv_len) tokens as tiles of block_size x block_size.
+
+    code: (B', H', Nq, Nk) int32: EMPTY, FULL, or (>= 0) the index of a partial tile in ``bits``.
+        B' and H' are 1 where the mask is the same for every example or head.
+    bits: (P, block_size, block_size // W) int32: packed keep bits of the distinct partial tiles
+        (W = 32, or 16 when block_size is not a multiple of 32); P >= 1 (a zero tile pads an empty table).
+    q_len, kv_len: the token lengths the mask covers; Nq = ceil(q_len / block_size), same for Nk.
+    """
+
+    code: torch.Tensor
+    bits: torch.Tensor
+    block_size: int
+    q_len: int
+    kv_len: int
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor, block_size: int = 128, *, dedupe: bool = True,
+                  pad_tiles_to_pow2: bool = False) -> "BlockLayout":
+        """Compile a keep-mask (B', H', Lq, Lk) bool into tiles.
+
+        pad_tiles_to_pow2: round the bit table's length up to a power of two, so that kernels compiled for
+        one table size serve many layouts without recompiling.
+        """
+        check_block_size(block_size)
+        if keep.dtype != torch.bool or keep.dim() != 4:
+            raise ValueError(f"keep-mask must be a 4-D bool tensor (B, H, Lq, Lk), got {keep.dtype} {tuple(keep.shape)}")
+        B, H, Lq, Lk = keep.shape
+        bs = block_size
+        pq, pk = (-Lq) % bs, (-Lk) % bs
+        if pq or pk:
+            keep = torch.nn.functional.pad(keep, (0, pk, 0, pq))
+        Nq, Nk = (Lq + pq) // bs, (Lk + pk) // bs
+        tiles = keep.view(B, H, Nq, bs, Nk, bs)
+        n_kept = tiles.sum(dim=(3, 5), dtype=torch.int32)
+        full = n_kept == bs * bs
+        partial = (n_kept > 0) & ~full
+        code = torch.full((B, H, Nq, Nk), EMPTY, dtype=torch.int32, device=keep.device)
+        code[full] = FULL
+        part_tiles = tiles.permute(0, 1, 2, 4, 3, 5)[partial]  # (P, bs, bs), row-major order of `partial`
+        words = pack_bits(part_tiles)
+        if dedupe and words.shape[0] > 1:
+            words, inverse = torch.unique(words.reshape(words.shape[0], -1), dim=0, return_inverse=True)
+            words = words.reshape(-1, bs, bs // _bits_per_word(bs))
+            code[partial] = inverse.to(torch.int32)
+        else:
+            code[partial] = torch.arange(words.shape[0], dtype=torch.int32, device=keep.device)
+        P = words.shape[0]
+        target = max(1, P) if not pad_tiles_to_pow2 else 1 << max(0, (max(1, P) - 1).bit_length())
+        if target > P:
+            words = torch.cat([words, words.new_zeros(target - P, *words.shape[1:])])
+        return cls(code=code, bits=words.contiguous(), block_size=bs, q_len=Lq, kv_len=Lk)
+
+    # -- what it holds ------------------------------------------------------------------------
+    @property
+    def num_q_blocks(self) -> int:
+        return self.code.shape[2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.code.shape[3]
+
+    @property
+    def full(self) -> torch.Tensor:
+        """(B', H', Nq, Nk) bool: tiles computed without a mask."""
+        return self.code == FULL
+
+    @property
+    def partial(self) -> torch.Tensor:
+        """(B', H', Nq, Nk) bool: tiles whose token mask is evaluated."""
+        return self.code >= 0
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(B', H', Nq, Nk) bool: tiles the kernel visits (full or partial)."""
+        return self.code != EMPTY
+
+    def kept_blocks(self) -> torch.Tensor:
+        """(H',) int64: kept tiles per head, summed over the examples."""
+        return self.kept.sum(dim=(0, 2, 3))
+
+    def density(self, allowed_blocks: int | torch.Tensor | None = None) -> float:
+        """Kept tiles over ``allowed_blocks`` (default: all Nq x Nk tiles of every example and head).
+
+        For sparseattn's reported block density pass the allowed tile count of
+        ``sparseattn.sparsity.block_counts``; the default is what a kernel pays relative to dense attention
+        over the padded length."""
+        kept = self.kept.sum().item()
+        if allowed_blocks is None:
+            allowed_blocks = self.code.numel()
+        allowed_blocks = int(allowed_blocks.sum()) if isinstance(allowed_blocks, torch.Tensor) else int(allowed_blocks)
+        return kept / max(1, allowed_blocks)
+
+    def to_dense(self) -> torch.Tensor:
+        """(B', H', q_len, kv_len) bool: the keep-mask back (for tests and drawings)."""
+        B, H, Nq, Nk = self.code.shape
+        bs = self.block_size
+        tiles = unpack_bits(self.bits, bs)[self.code.clamp(min=0)]  # (B, H, Nq, Nk, bs, bs)
+        tiles = torch.where(self.full[..., None, None], True, tiles & self.partial[..., None, None])
+        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(B, H, Nq * bs, Nk * bs)
+        return dense[:, :, :self.q_len, :self.kv_len]
+
+    def nbytes(self) -> int:
+        return self.code.numel() * 4 + self.bits.numel() * 4
+
+    def __repr__(self) -> str:
+        B, H, Nq, Nk = self.code.shape
+        return (f"BlockLayout({B}x{H} of {Nq}x{Nk} tiles of {self.block_size}, {int(self.full.sum())} full, "
+                f"{int(self.partial.sum())} partial ({self.bits.shape[0]} distinct), density {self.density():.1%})")
+
+    # -- FlexAttention ------------------------------------------------------------------------
+    def mask_mod(self):
+        """The token mask as a FlexAttention ``mask_mod``: exact at every pair (FULL -> True, EMPTY -> False,
+        partial -> the stored bit), so it is correct wherever it is evaluated; the kernel, told which tiles
+        are full, evaluates it only on partial tiles."""
+        code, bits, bs = self.code, self.bits, self.block_size
+        W = _bits_per_word(bs)
+        per_example, per_head = code.shape[0] > 1, code.shape[1] > 1
+
+        def block_layout_mask(b, h, q_idx, kv_idx):
+            c = code[b if per_example else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
+            kv_in = kv_idx % bs
+            word = bits[c.clamp(min=0), q_idx % bs, kv_in // W]
+            bit = (word >> (kv_in % W)) & 1
+            return (c == FULL) | ((c >= 0) & (bit == 1))
+
+        return block_layout_mask
+
+    def flex_block_mask(self):
+        """A FlexAttention BlockMask built directly from the tiles (no per-element mask evaluation):
+        full tiles go to full_kv_*, partial tiles to kv_* with ``mask_mod`` reading their bits."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        num, idx = kv_lists(self.partial)
+        full_num, full_idx = kv_lists(self.full)
+        bs = self.block_size
+        return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=self.mask_mod(),
+                                        seq_lengths=(self.num_q_blocks * bs, self.num_kv_blocks * bs))

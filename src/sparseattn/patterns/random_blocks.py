@@ -1,0 +1,80 @@
+"""random_blocks(r, block): each block of queries attends to r random blocks of keys (BigBird's random part).
+
+Token-level random connections scatter over nearly every block x block tile, so a block-sparse kernel
+gains nothing from them. BigBird (Zaheer et al. 2020) draws its random connections per block; this
+pattern does the same: positions are grouped into blocks of ``block`` real tokens, and every query block
+keeps all pairs with r key blocks drawn at random (besides itself), per head and per layer. With
+``block`` equal to the kernel's block size (128 for the ``block`` backend) every drawn block is a full
+tile and costs no mask evaluation at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Pattern, check_int, register
+from .random import hash_uniform
+
+
+class RandomBlocks(Pattern):
+    symmetric = False
+    per_head = True
+    per_layer = True
+
+    def __init__(self, r: int, block: int = 64, seed: int = 0):
+        self.r = check_int(r, "random_blocks degree r")
+        self.block = check_int(block, "random_blocks block", minimum=1)
+        self.seed = check_int(seed, "random_blocks seed")
+        self.name = f"random_blocks_{self.r}_block{self.block}" + (f"_seed{self.seed}" if self.seed else "")
+
+    def block_relation(self, num_blocks: torch.Tensor, *, layer: int, num_heads: int, causal: bool) -> torch.Tensor:
+        """(B, H, N, N) bool over blocks: query block i keeps key block j. ``num_blocks`` (B,): blocks of each
+        example (N = the largest); an example's draws depend on its own length only, never on its batch."""
+        device = num_blocks.device
+        N = int(num_blocks.max())
+        H = num_heads
+        qb = torch.arange(N, device=device)[None, None, :, None]
+        kb = torch.arange(N, device=device)[None, None, None, :]
+        heads = torch.arange(H, device=device)[None, :, None, None]
+        u = hash_uniform(self.seed, layer, heads, qb, kb).float()  # (1, H, N, N)
+        n = num_blocks[:, None, None, None]
+        cand = (kb != qb) & (kb < n) & (qb < n)  # other blocks of the same example
+        if causal:
+            cand = cand & (kb < qb)
+        u = torch.where(cand, u, torch.full_like(u, -1.0))  # (B, H, N, N)
+        top = u.topk(min(self.r, N), dim=-1)
+        rel = torch.zeros(u.shape, dtype=torch.bool, device=device)
+        return rel.scatter_(-1, top.indices, top.values >= 0)
+
+    def relation(self, layout, *, layer, num_heads):
+        if self.r == 0:
+            return torch.zeros(layout.batch_size, 1, layout.length, layout.length, dtype=torch.bool,
+                               device=layout.device)
+        pos = layout.positions.clamp(min=0)  # (B, L) real-token index
+        num_blocks = (layout.lengths + self.block - 1) // self.block
+        rel = self.block_relation(num_blocks, layer=layer, num_heads=num_heads, causal=layout.causal)
+        blk = pos // self.block  # (B, L)
+        b = torch.arange(layout.batch_size, device=layout.device)[:, None, None, None]
+        h = torch.arange(num_heads, device=layout.device)[None, :, None, None]
+        return rel[b, h, blk[:, None, :, None], blk[:, None, None, :]]  # (B, H, L, L)
+
+    def spec(self):
+        extra = f", seed={self.seed}" if self.seed else ""
+        return f"random_blocks({self.r}, block={self.block}{extra})"
+
+
+@register
+def random_blocks(r: int, block: int = 64, seed: int = 0) -> Pattern:
+    """r random key blocks per query block (besides its own), BigBird's block-level random attention:
+    blocks of `block` real tokens, drawn per head and per layer from a hash of (seed, layer, head, query
+    block, key block).
+
+    Use the kernel's block size (128 for the block backend) so that each drawn block is one full tile.
+    Decoders draw only earlier blocks. A query block with fewer than r other candidates keeps them all."""
+    return RandomBlocks(r, block, seed)
+
+
+if __name__ == "__main__":
+    from ..layout import TokenLayout
+
+    print(random_blocks(2, block=4).draw(TokenLayout.from_lengths([32]), path="random_blocks_2_block4.png"))
