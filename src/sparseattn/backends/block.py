@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections import Counter, OrderedDict
 
 import torch
@@ -70,9 +71,9 @@ def flex_attention_fn(compiled: bool):
 
 
 def bucket_length(n: int, block_size: int) -> int:
-    """n rounded up to a multiple of max(block_size, next power of two / 8): at most 8 buckets per octave,
-    at most 25% padding (none for multiples of the bucket)."""
-    granule = max(block_size, (1 << max(0, (n - 1).bit_length())) // 8)
+    """n rounded up to a multiple of max(block_size, 2**floor(log2 n) / 8): at most 8 buckets per octave,
+    at most 12.5% padding beyond a whole block."""
+    granule = max(block_size, (1 << max(0, n.bit_length() - 1)) // 8)
     return -(-n // granule) * granule
 
 
@@ -95,8 +96,10 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     if block_mask is None:
         block_mask = layout.flex_block_mask()
     flex = flex_attention_fn(compiled)
-    out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
-               kernel_options=kernel_options)
+    with warnings.catch_warnings():  # eager use is deliberate (CPU tests); its performance warning is noise
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
+                   kernel_options=kernel_options)
     return out[:, :, :L] if Lp > L else out
 
 

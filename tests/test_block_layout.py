@@ -1,0 +1,250 @@
+"""Block layouts on the CPU: plans compiled to tiles cover every kept pair and nothing else, full tiles are
+full, densities agree with sparseattn.sparsity; the block backend's decisions, caching and (eager
+FlexAttention) outputs against the reference backend."""
+
+import logging
+
+import pytest
+import torch
+
+from sparseattn import Plan
+from sparseattn.backends import BlockSparseBackend, ReferenceBackend, get_backend
+from sparseattn.backends.base import AttentionCall
+from sparseattn.backends.block import bucket_length
+from sparseattn.backends.block_layout import EMPTY, FULL, BlockLayout, kv_lists, pack_bits, unpack_bits
+from sparseattn.layout import TokenLayout
+from sparseattn.patterns import random_blocks
+from sparseattn.sparsity import block_counts
+
+PLANS = [
+    "all: neighbour(3)",
+    "all: neighbour(2) | global_tokens(1)",
+    "all: bigbird(1, 2, 3)",
+    "all: random_blocks(2, block=16) | neighbour(1)",
+    "all: strided(4)",
+    "heads=0,2@all: neighbour(1)",  # per-head: the other heads stay dense
+]
+LAYOUTS = {
+    "odd lengths, right padding": lambda causal: TokenLayout.from_lengths([45, 17, 1], causal=causal),
+    "no padding": lambda causal: TokenLayout.from_lengths([64, 64], causal=causal),
+    "left padding": lambda causal: TokenLayout(real=torch.arange(50)[None].expand(2, 50) >= torch.tensor([[0], [21]]),
+                                               causal=causal),
+}
+
+
+def _keep(spec, layout, heads=4, layer=1):
+    lp = Plan.parse(spec).resolve(2, heads)[layer]
+    return lp.mask(layout).expand(-1, heads, -1, -1)
+
+
+@pytest.mark.parametrize("spec", PLANS)
+@pytest.mark.parametrize("which", sorted(LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_layout_is_the_mask_exactly(spec, which, causal, block_size):
+    layout = LAYOUTS[which](causal)
+    keep = _keep(spec, layout)
+    bl = BlockLayout.from_mask(keep, block_size)
+    assert torch.equal(bl.to_dense(), keep)  # every kept pair is in a kept tile, nothing else is kept
+    # full tiles are truly full, partial tiles neither empty nor full, empty tiles empty
+    L = keep.shape[-1]
+    pad = (-L) % block_size
+    padded = torch.nn.functional.pad(keep, (0, pad, 0, pad))
+    n = padded.shape[-1] // block_size
+    tiles = padded.view(*keep.shape[:2], n, block_size, n, block_size)
+    assert torch.equal(bl.full, tiles.all(5).all(3))
+    assert torch.equal(bl.kept, tiles.any(5).any(3))
+    assert torch.equal(bl.partial, tiles.any(5).any(3) & ~tiles.all(5).all(3))
+    # per-head kept tiles = sparseattn.sparsity.block_counts (keep holds only allowed pairs)
+    kept_blocks, allowed_blocks = block_counts(keep, layout, block_size)
+    assert torch.equal(bl.kept_blocks(), kept_blocks)
+    assert bl.density(allowed_blocks) == pytest.approx(kept_blocks.sum().item() / allowed_blocks.sum().item())
+
+
+def test_flex_lists_match_tiles():
+    layout = TokenLayout.from_lengths([70, 33])
+    keep = _keep("all: neighbour(4) | random_blocks(1, block=16)", layout)
+    bl = BlockLayout.from_mask(keep, 16)
+    bm = bl.flex_block_mask()
+    for count, idx, want in ((bm.kv_num_blocks, bm.kv_indices, bl.partial),
+                             (bm.full_kv_num_blocks, bm.full_kv_indices, bl.full)):
+        rebuilt = torch.zeros_like(want)
+        B, H, Nq, _ = want.shape
+        for b in range(B):
+            for h in range(H):
+                for i in range(Nq):
+                    cols = idx[b, h, i, :count[b, h, i]].long()
+                    assert torch.all(cols[1:] > cols[:-1])  # ascending, no repeats
+                    rebuilt[b, h, i, cols] = True
+        assert torch.equal(rebuilt, want)
+    # the mask_mod is exact everywhere (FULL -> True, EMPTY -> False, partial -> its bits)
+    mm = bl.mask_mod()
+    b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in keep.shape), indexing="ij")
+    assert torch.equal(mm(b, h, q, kv), keep)
+
+
+def test_pack_bits_round_trip_and_dedupe():
+    g = torch.Generator().manual_seed(0)
+    for bs in (16, 32, 48, 64):
+        tiles = torch.rand(5, bs, bs, generator=g) < 0.5
+        tiles[0] = True  # the sign bit of every word set
+        assert torch.equal(unpack_bits(pack_bits(tiles), bs), tiles)
+    keep = torch.ones(1, 1, 256, 256, dtype=torch.bool).triu(-20).tril(20)  # a band: many equal tiles
+    bl = BlockLayout.from_mask(keep, 32)
+    assert bl.bits.shape[0] <= 3 and torch.equal(bl.to_dense(), keep)
+    padded = BlockLayout.from_mask(keep, 32, pad_tiles_to_pow2=True)
+    assert padded.bits.shape[0] in (1, 2, 4) and torch.equal(padded.to_dense(), keep)
+
+
+def test_kv_lists_order():
+    blocks = torch.tensor([[[[False, True, False, True], [False, False, False, False]]]])
+    count, idx = kv_lists(blocks)
+    assert count.tolist() == [[[2, 0]]]
+    assert idx[0, 0, 0, :2].tolist() == [1, 3]
+
+
+def test_layout_codes():
+    keep = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    keep[..., :16, :16] = True  # full
+    keep[..., 16:, :16] = torch.eye(16, dtype=torch.bool)  # partial
+    bl = BlockLayout.from_mask(keep, 16)
+    assert bl.code[0, 0].tolist() == [[FULL, EMPTY], [0, EMPTY]]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        BlockLayout.from_mask(keep, 24)
+    with pytest.raises(ValueError, match="4-D bool"):
+        BlockLayout.from_mask(keep.float(), 16)
+
+
+def test_bucket_length():
+    assert [bucket_length(n, 128) for n in (1, 128, 129, 1000, 1024, 1025, 16384, 16385)] == \
+        [128, 128, 256, 1024, 1024, 1152, 16384, 18432]
+    for n in range(1, 5000, 37):
+        b = bucket_length(n, 64)
+        assert b >= n and b % 64 == 0 and (b - n) <= max(63, n // 8)
+
+
+# -- random_blocks ------------------------------------------------------------------------------------
+def test_random_blocks_is_block_structured_and_padding_independent():
+    p = random_blocks(2, block=8)
+    alone = p.mask(TokenLayout.from_lengths([40]), layer=3, num_heads=2)
+    batched = p.mask(TokenLayout.from_lengths([40, 64, 9]), layer=3, num_heads=2)
+    assert torch.equal(batched[0, :, :40, :40], alone[0])  # same draws whatever the batch
+    rel = p.relation(TokenLayout.from_lengths([64]), layer=3, num_heads=2)[0]  # (H, L, L)
+    blocks = rel.view(2, 8, 8, 8, 8)
+    assert torch.equal(blocks.any(4).any(2), blocks.all(4).all(2))  # whole blocks or nothing
+    per_row = blocks.any(4).any(2).sum(-1)  # (H, 8) random blocks per query block
+    assert (per_row == 2).all()
+    assert not torch.equal(rel[0], rel[1])  # drawn per head
+    causal = p.relation(TokenLayout.from_lengths([64], causal=True), layer=3, num_heads=2)[0]
+    cb = causal.view(2, 8, 8, 8, 8).any(4).any(2)
+    assert not cb.triu().any()  # only earlier blocks
+    assert random_blocks(2, block=8) == Plan.parse("random_blocks(2, block=8)").rules[0].pattern
+    with pytest.raises(ValueError, match="block"):
+        random_blocks(2, block=0)
+
+
+# -- the backend -----------------------------------------------------------------------------------
+def _call(spec, layout, heads=4, dim=16, kv_heads=None, dtype=torch.float32, seed=0, layer=1):
+    g = torch.Generator().manual_seed(seed)
+    B, L = layout.batch_size, layout.length
+    kv_heads = kv_heads or heads
+    q = torch.randn(B, heads, L, dim, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, kv_heads, L, dim, generator=g, dtype=dtype) for _ in range(2))
+    lp = Plan.parse(spec).resolve(2, heads)[layer]
+    return AttentionCall(q, k, v, lp, layout, layout.allowed(), dim ** -0.5, 0.0, {})
+
+
+def _fresh(call):
+    return AttentionCall(call.query, call.key, call.value, call.layer_plan, call.layout, call.model_mask,
+                         call.scale, call.dropout_p, {})
+
+
+@pytest.mark.parametrize("spec", ["all: neighbour(3) | global_tokens(1)", "all: random_blocks(1, block=16)",
+                                  "heads=1,3@all: neighbour(0)", "all: strided(5)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backend_matches_reference_on_real_queries(spec, causal):
+    """Eager FlexAttention (the CPU's slow path) with the backend's layouts against the reference."""
+    layout = TokenLayout.from_lengths([37, 20, 1], causal=causal)
+    call = _call(spec, layout, kv_heads=2)  # grouped-query attention too
+    out, _ = BlockSparseBackend(block_size=16, force=True).attention(call)
+    ref, _ = ReferenceBackend().attention(_fresh(call))
+    real = layout.real[:, None, :, None]
+    torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+    assert (out[~layout.real[:, None, :, None].expand_as(out)] == 0).all()  # padding queries: zero
+
+
+def test_backend_caches_static_layouts_and_rebuilds_input_dependent_ones():
+    backend = BlockSparseBackend(block_size=16, force=True)
+    layout = TokenLayout.from_lengths([40, 40])
+    for _ in range(3):
+        backend.attention(_call("all: neighbour(2)", layout))
+    assert backend.stats["layout_builds"] == 1 and backend.stats["cache_hits"] == 2
+    backend.attention(_call("all: neighbour(2)", TokenLayout.from_lengths([40, 31])))  # new padding
+    assert backend.stats["layout_builds"] == 2
+    # no padding: one example's layout serves the whole batch
+    entry = next(iter(backend._layouts.values()))
+    assert entry.layout.code.shape[0] == 1
+    # input-dependent (special tokens): built per forward pass, shared by that pass's layers
+    special = TokenLayout.from_lengths([40, 40], special_first=1, special_last=1)
+    cache: dict = {}
+    for layer in (0, 1):
+        call = _call("all: global_tokens('special') | neighbour(1)", special, layer=layer)
+        call.cache = cache
+        backend.attention(call)
+    assert backend.stats["layout_builds"] == 3
+
+
+def test_backend_falls_back_and_says_so(caplog):
+    layout = TokenLayout.from_lengths([40, 30])
+    backend = BlockSparseBackend(block_size=16)  # not forced: CPU and short sequences run dense
+    with caplog.at_level(logging.INFO, logger="sparseattn"):
+        out, _ = backend.attention(_call("all: neighbour(2)", layout))
+        backend.attention(_call("all: neighbour(2)", layout))
+    ref, _ = ReferenceBackend().attention(_call("all: neighbour(2)", layout))
+    assert torch.equal(out, ref)
+    assert backend.stats["reference"] == 2
+    assert sum("block backend" in r.getMessage() for r in caplog.records) == 1  # said once
+    forced = BlockSparseBackend(block_size=16, force=True)
+    with caplog.at_level(logging.INFO, logger="sparseattn"):
+        call = _call("all: neighbour(2)", layout)
+        call.dropout_p = 0.1
+        forced.attention(call)
+    assert any("dropout" in r.getMessage() for r in caplog.records)
+    assert forced.stats["reference"] == 1
+    # a dense layer of a batch without padding: SDPA without a mask, same numbers as the reference
+    full = TokenLayout.from_lengths([32, 32], causal=True)
+    out, _ = forced.attention(_call("layers=0: neighbour(1)", full))  # layer 1 is dense
+    ref, _ = ReferenceBackend().attention(_call("layers=0: neighbour(1)", full))
+    torch.testing.assert_close(out, ref)
+    assert forced.stats["dense"] == 1
+
+
+def test_dense_tile_threshold():
+    layout = TokenLayout.from_lengths([64])
+    backend = BlockSparseBackend(block_size=16, max_density=0.5, min_length=0, force=False)
+    entry = backend._entry(_call("all: neighbour(40)", layout))
+    assert entry.density > 0.5  # a wide window keeps most tiles: this layer would run dense
+    narrow = backend._entry(_call("all: neighbour(1)", layout))
+    assert narrow.density == pytest.approx(10 / 16)  # 4 diagonal + 6 off-diagonal tiles of 16
+
+
+def test_sparsify_with_block_backend_matches_reference():
+    transformers = pytest.importorskip("transformers")
+    from sparseattn import sparsify
+
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=128, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(5, 100, (2, 50))
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 31:] = 0
+    plan = "layers=1: neighbour(3) | random_blocks(1, block=16)"
+    with torch.no_grad():
+        sparsify(model, plan, backend=BlockSparseBackend(block_size=16, force=True))
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        sparsify(model, plan, backend="reference")
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()[..., None]
+    torch.testing.assert_close(out * real, ref * real, atol=1e-5, rtol=1e-5)
+    assert isinstance(get_backend("block"), BlockSparseBackend)
