@@ -16,6 +16,7 @@ counts do not depend on the layer or head.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -233,9 +234,8 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
         if not isinstance(e.text, str) or not e.text.strip():
             raise ValueError(f"example {i} has an empty text ({e.text!r})")
     if tokenizer.pad_token is None:  # decoders often have none; padding is masked out anyway
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token
-    # Right padding: a decoder's positions then start at 0 for every example, as when run alone.
-    tokenizer.padding_side = "right"
 
     lengths = tokenize_lengths(tokenizer, examples)
     too_long = [i for i, n in enumerate(lengths) if n > length]
@@ -255,7 +255,10 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     device = next(model.parameters()).device
     acc = _Accumulator(cfg.num_hidden_layers, cfg.num_attention_heads, length, device, sum_dtype)
     # no key/value cache: it would only cost memory here
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    extra = {"use_cache": False} if "use_cache" in params else {}
+    # token_type_ids only where the model takes them (a BERT tokenizer may feed a decoder in tests)
+    inputs = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(params))
     was_training = model.training
     model.eval()
     sparsify(model, Plan.dense(), backend=RecordingBackend(acc))
@@ -267,9 +270,10 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
             for idx in batches:
                 texts = [examples[i].text for i in idx]
                 pairs = [examples[i].pair for i in idx] if examples[idx[0]].pair is not None else None
-                enc = tokenizer(texts, pairs, padding=True, truncation=longer == "truncate",
+                # right padding: a decoder's positions then start at 0 for every example, as when run alone
+                enc = tokenizer(texts, pairs, padding=True, padding_side="right", truncation=longer == "truncate",
                                 max_length=length if longer == "truncate" else None, return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                enc = {k: v.to(device) for k, v in enc.items() if k in inputs}
                 model(**enc, **extra)
                 bar.update(len(idx))
         bar.close()

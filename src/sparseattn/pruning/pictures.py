@@ -42,8 +42,7 @@ def _draw(image: np.ndarray, *, rows: list[int], cols: list[int], N: int, gap: i
 
     cell = min(1.2, 22.0 / max(len(cols), len(rows)))  # inches per panel, capped for big models
     fig, ax = plt.subplots(figsize=(1.6 + cell * len(cols) + (1.2 if colorbar else 0), 1.0 + cell * len(rows)))
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("white")
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(image), cmap=cm, norm=norm, interpolation="nearest")
     ax.set_xticks([c * (N + gap) + (N - 1) / 2 for c in range(len(cols))], [f"h{h}" for h in cols],
                   fontsize=7 if len(cols) <= 16 else 5)
