@@ -1,0 +1,1 @@
+"""GPU benchmarks of sparse attention: kernels (``attention``) and whole models (``model``)."""

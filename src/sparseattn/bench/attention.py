@@ -1,0 +1,341 @@
+"""``sparseattn bench attention``: block-sparse attention against dense attention, kernel by kernel.
+
+For each layout (sliding window, BigBird with random blocks, an AP-like arbitrary per-head layout), length,
+block sparsity and head size, times the forward and the forward+backward pass (median, CUDA events) and
+the peak memory above the inputs of:
+
+- ``dense``:     SDPA without a mask (flash attention): the baseline every speed-up is relative to;
+- ``sdpa_mask``: SDPA with the boolean keep-mask, (1, H, L, L): how the papers' masks ran;
+- ``flex_mask``: FlexAttention with a plain ``mask_mod`` as a user would write it, through
+  ``create_block_mask`` (analytic for the window, a table lookup for BigBird's random blocks and for
+  the AP-like mask);
+- ``block``:     sparseattn's block backend kernel: FlexAttention over the compiled `BlockLayout`.
+
+Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
+ideal speed-up is 1 / block density. FLOPs: a dense forward is 4 B H L^2 D (two matrix products), the
+backward 2.5 times that; a sparse kernel's "effective" rate counts only kept tiles.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..backends.block import block_sparse_attention, flex_attention_fn
+from ..backends.block_layout import BlockLayout
+
+LAYOUTS = ("sliding", "bigbird", "ap")
+METHODS = ("dense", "sdpa_mask", "flex_mask", "block")
+
+
+# -- layouts at a target block sparsity ------------------------------------------------------------------
+def _band_tiles(n: int, w: int, bs: int) -> int:
+    """Tiles of an n x n tile grid touched by the band |i - j| <= w (token units)."""
+    reach = (w + bs - 1) // bs  # tile distance the band reaches
+    return sum(n - d for d in range(1, min(reach, n - 1) + 1)) * 2 + n
+
+
+def sliding_window(L: int, sparsity: float, bs: int, device):
+    """keep |i - j| <= w with w the largest window whose block density is at most 1 - sparsity (or the
+    narrowest, w = block size, when that is denser).
+    Returns (keep (1, 1, L, L) bool, mask_mod, description)."""
+    n = L // bs
+    target = (1 - sparsity) * n * n
+    reach = 1  # tiles either side of the diagonal; any window of w >= 1 reaches one
+    while reach + 1 < n and _band_tiles(n, (reach + 1) * bs, bs) <= target:
+        reach += 1
+    w = reach * bs  # the widest window with that reach
+    keep = torch.ones(L, L, dtype=torch.bool, device=device).tril(w).triu(-w)[None, None]
+
+    def sliding_window_mask(b, h, q, kv):
+        return (q - kv).abs() <= w
+
+    return keep, sliding_window_mask, f"window {w}"
+
+
+def _random_tiles(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(H, n, n) bool: the `count` highest-scoring tiles per head."""
+    H, n, _ = scores.shape
+    flat = scores.reshape(H, -1)
+    top = flat.topk(max(0, min(count, n * n)), dim=-1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True).view(H, n, n)
+
+
+def bigbird_blocks(L: int, sparsity: float, bs: int, heads: int, device, seed: int = 0):
+    """BigBird at block level (Zaheer et al.): one global tile row and column, a window of three tiles, and
+    random tiles per query tile row, drawn per head, as many as the target density allows.
+    Returns (keep (1, H, L, L), mask_mod indexing a (H, n, n) table of random tiles, description)."""
+    n = L // bs
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    I = torch.arange(n)
+    base = (I[:, None] == 0) | (I[None, :] == 0) | ((I[:, None] - I[None, :]).abs() <= 1)
+    budget = max(0.0, (1 - sparsity) * n * n - base.sum().item())  # tiles left for random ones
+    r = int(budget // max(1, n - 1))  # random tiles per row
+    scores = torch.rand(heads, n, n, generator=g).masked_fill(base, -1.0)
+    rand = torch.zeros(heads, n, n, dtype=torch.bool)
+    if r > 0:
+        rand = scores >= scores.topk(min(r, n), dim=-1).values[..., -1:]
+        rand &= ~base
+    tiles = (base | rand).to(device)
+    keep = tiles.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[None]
+    table = rand.to(device)
+
+    def bigbird_mask(b, h, q, kv):
+        glob = (q < bs) | (kv < bs)
+        near = (q // bs - kv // bs).abs() <= 1
+        return glob | near | table[h, q // bs, kv // bs]
+
+    return keep, bigbird_mask, f"global 1 tile, window 3 tiles, {r} random tiles per row"
+
+
+def ap_like(L: int, sparsity: float, bs: int, heads: int, device, seed: int = 0):
+    """An arbitrary per-head layout like Attention Pruning's thresholded average attention: per head, tiles
+    ranked by a score (decay from the diagonal at a per-head rate, a few per-head 'sink' key columns, noise),
+    the top (1 - sparsity) kept; half of the kept off-diagonal tiles (the lower-scoring) hold a token-level
+    mask keeping about half their pairs (drawn from a bank of 64 random tiles), so the kernel meets about as
+    many partial tiles as full ones.
+    Returns (keep (1, H, L, L), mask_mod indexing the (H, L, L) table, description)."""
+    n = L // bs
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    I = torch.arange(n).float()
+    dist = (I[:, None] - I[None, :]).abs()
+    rate = 0.5 + 4 * torch.rand(heads, 1, 1, generator=g)
+    scores = torch.exp(-dist[None] / rate) + 0.3 * torch.rand(heads, n, n, generator=g)
+    sinks = torch.rand(heads, 1, n, generator=g) < 0.03
+    scores = scores + sinks * 2.0 + torch.eye(n)[None] * 10  # the diagonal always
+    kept = _random_tiles(scores, max(n, round((1 - sparsity) * n * n)))
+    ranked = torch.where(kept, scores, torch.full_like(scores, float("inf"))).reshape(heads, -1)
+    half = ranked.kthvalue(max(1, int(kept[0].sum()) // 2), dim=-1).values[:, None, None]
+    partial = kept & (scores <= half) & (dist[None] > 0)
+    bank = torch.rand(64, bs, bs, generator=g) < 0.5
+    pick = torch.randint(0, 64, (heads, n, n), generator=g)
+    keep = torch.empty(1, heads, L, L, dtype=torch.bool, device=device)
+    bank, pick, kept_d, partial_d = bank.to(device), pick.to(device), kept.to(device), partial.to(device)
+    for h in range(heads):  # one head at a time: a few bytes per pair of temporaries
+        tiles = torch.where(partial_d[h][..., None, None], bank[pick[h]], kept_d[h][..., None, None])  # (n,n,bs,bs)
+        keep[0, h] = tiles.permute(0, 2, 1, 3).reshape(L, L)
+        del tiles
+    table = keep[0]
+
+    def ap_table_mask(b, h, q, kv):
+        return table[h, q, kv]
+
+    return keep, ap_table_mask, f"{int(kept.sum()) // heads} tiles per head, {int(partial.sum()) // heads} partial"
+
+
+def make_layout(name: str, L: int, sparsity: float, bs: int, heads: int, device):
+    if name == "sliding":
+        return sliding_window(L, sparsity, bs, device)
+    if name == "bigbird":
+        return bigbird_blocks(L, sparsity, bs, heads, device)
+    if name == "ap":
+        return ap_like(L, sparsity, bs, heads, device)
+    raise ValueError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def time_ms(fn, *, warmup: int = 2, min_reps: int = 5, min_ms: float = 150.0) -> float:
+    """Median wall time of fn on the GPU (CUDA events), after warm-up; at least min_reps runs and min_ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    while len(times) < min_reps or total < min_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        total += times[-1]
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated while fn runs, above what was allocated before (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+@dataclass
+class Result:
+    layout: str
+    length: int
+    batch: int
+    heads: int
+    head_dim: int
+    target_sparsity: float
+    block_density: float
+    pair_sparsity: float
+    description: str
+    method: str
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    fwd_peak_mib: float | None = None
+    fwdbwd_peak_mib: float | None = None
+    build_ms: float | None = None
+    note: str = ""
+    speedup_fwd: float | None = None
+    speedup_fwdbwd: float | None = None
+    frac_ideal_fwd: float | None = None
+    frac_ideal_fwdbwd: float | None = None
+    tflops_fwd: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _methods(keep, mask_mod, bs, scale, device):
+    """name -> (setup() -> attention fn(q, k, v), build time in ms or None)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    flex = flex_attention_fn(True)
+    H, L = keep.shape[1], keep.shape[-1]
+
+    def dense():
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def sdpa_mask():
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+
+    def flex_mask():
+        kw = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
+        bm = create_block_mask(mask_mod, 1, H, L, L, device=device, BLOCK_SIZE=bs, **kw)
+        return lambda q, k, v: flex(q, k, v, block_mask=bm, scale=scale)
+
+    def block():
+        layout = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=True)
+        bm = layout.flex_block_mask()
+        return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale)
+
+    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_mask": flex_mask, "block": block}
+
+
+def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
+               device="cuda", dtype=torch.bfloat16, fwd_only=False, log=print) -> list[Result]:
+    bs = block_size
+    if L % bs:
+        raise ValueError(f"length {L} must be a multiple of the block size {bs}")
+    B = max(1, tokens // L)
+    keep, mask_mod, desc = make_layout(layout_name, L, sparsity, bs, heads, device)
+    tiles = keep.view(1, keep.shape[1], L // bs, bs, L // bs, bs).any(5).any(3)
+    density = tiles.sum().item() / tiles.numel()
+    pair_sparsity = 1 - keep.sum().item() / keep.numel()
+    scale = head_dim ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g)
+    flops_fwd = 4 * B * heads * L * L * head_dim
+    results = []
+    setups = _methods(keep, mask_mod, bs, scale, device)
+    for name in methods:
+        r = Result(layout_name, L, B, heads, head_dim, sparsity, density, pair_sparsity, desc, name)
+        try:
+            torch.cuda.synchronize()
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn = setups[name]()
+            t1.record()
+            t1.synchronize()
+            r.build_ms = t0.elapsed_time(t1) if name in ("flex_mask", "block") else None
+            with torch.no_grad():
+                fn(q, k, v)  # compile outside the timed and measured region
+            r.fwd_ms = time_ms(lambda: fn(q, k, v))
+            with torch.no_grad():
+                r.fwd_peak_mib = peak_mib(lambda: fn(q, k, v))
+            if not fwd_only:
+                def step():
+                    out = fn(q, k, v)
+                    torch.autograd.grad(out, (q, k, v), grad)
+                r.fwdbwd_ms = time_ms(step)
+                r.fwdbwd_peak_mib = peak_mib(step)
+        except torch.OutOfMemoryError:
+            r.note = "out of memory"
+        except Exception as e:  # a method that cannot run this config is reported, not fatal
+            r.note = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        finally:
+            fn = None
+            torch.cuda.empty_cache()
+        results.append(r)
+    dense = next((r for r in results if r.method == "dense"), None)
+    for r in results:
+        if r.fwd_ms:
+            kept_flops = flops_fwd * (density if r.method in ("block", "flex_mask") else 1.0)
+            r.tflops_fwd = kept_flops / r.fwd_ms / 1e9
+        if dense is not None and dense.fwd_ms and r.fwd_ms:
+            r.speedup_fwd = dense.fwd_ms / r.fwd_ms
+            r.frac_ideal_fwd = r.speedup_fwd * density
+        if dense is not None and dense.fwdbwd_ms and r.fwdbwd_ms:
+            r.speedup_fwdbwd = dense.fwdbwd_ms / r.fwdbwd_ms
+            r.frac_ideal_fwdbwd = r.speedup_fwdbwd * density
+    del q, k, v, grad, keep
+    torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    """One line per config: density, ideal speed-up, each method's speed-up fwd / fwd+bwd over dense, the block
+    kernel's fraction of ideal, peak memory of dense and block for fwd+bwd."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.layout, r.length, r.target_sparsity, r.head_dim), {})[r.method] = r
+    methods = [m for m in METHODS if any(m in g for g in groups.values())]
+    head = (f"{'layout':<8} {'L':>6} {'B':>3} {'D':>4} {'spars':>5} {'dens':>5} {'ideal':>5} {'dense ms':>8} "
+            + " ".join(f"{m + ' f/fb':>13}" for m in methods if m != "dense")
+            + f" {'block/ideal f/fb':>16} {'mem dense/block MiB':>20}")
+    lines = [head, "-" * len(head)]
+
+    def x(v):
+        return f"{v:5.2f}" if v is not None else "  -  "
+
+    for (lay, L, s, D), g in groups.items():
+        any_r = next(iter(g.values()))
+        d = g.get("dense")
+        cells = []
+        for m in methods:
+            if m == "dense":
+                continue
+            r = g.get(m)
+            cells.append(f"{x(r.speedup_fwd if r else None)}/{x(r.speedup_fwdbwd if r else None)}".rjust(13)
+                         if r and not r.note else f"{(r.note[:13] if r else '-'):>13}")
+        b = g.get("block")
+        frac = f"{x(b.frac_ideal_fwd)}/{x(b.frac_ideal_fwdbwd)}" if b and not b.note else "-"
+        mem = (f"{d.fwdbwd_peak_mib or 0:7.0f}/{(b.fwdbwd_peak_mib or 0) if b else 0:7.0f}" if d else "-")
+        lines.append(f"{lay:<8} {L:>6} {any_r.batch:>3} {D:>4} {s:>5.0%} {any_r.block_density:>5.1%} "
+                     f"{1 / max(any_r.block_density, 1e-9):>5.1f} {(d.fwd_ms if d and d.fwd_ms else float('nan')):>8.2f} "
+                     + " ".join(cells) + f" {frac:>16} {mem:>20}")
+    return "\n".join(lines)
+
+
+def results_to_json(results: list[Result], meta: dict) -> dict:
+    return {"meta": meta, "results": [asdict(r) for r in results]}
+
+
+def device_meta() -> dict:
+    import datetime
+    import platform
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        meta.update(device=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+        try:
+            import triton
+
+            meta["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return meta
+

@@ -1,0 +1,154 @@
+"""``sparseattn bench attention`` and ``sparseattn bench model``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+
+
+def _ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            out.append(int(part[:-1] if part.endswith("k") else part) * mult)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers (4096 or 4k), got {part!r}") from None
+    return out
+
+
+def _fractions(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        try:
+            v = float(part.strip().rstrip("%"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated sparsities (0.9 or 90), got {part!r}") from None
+        v = v / 100 if v > 1 else v
+        if not 0 <= v < 1:
+            raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (or a percentage), got {part!r}")
+        out.append(v)
+    return out
+
+
+def _names(allowed):
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}; expected some of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def _need_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OSError("the benchmarks time CUDA kernels and need a CUDA GPU; none is visible")
+
+
+def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")
+
+
+def cmd_attention(args) -> int:
+    from .attention import device_meta, format_table, results_to_json, run_config
+
+    _need_cuda()
+    results = []
+    meta = device_meta()
+    meta.update(command="sparseattn bench attention", heads=args.heads, tokens=args.tokens, block_size=args.block_size,
+                dtype="bfloat16")
+    print(f"device: {meta.get('device')}, torch {meta['torch']}, triton {meta.get('triton')}")
+    for D in args.head_dims:
+        for L in args.lengths:
+            for layout in args.layouts:
+                for s in args.sparsity:
+                    rs = run_config(layout, L, s, D, heads=args.heads, tokens=args.tokens,
+                                    block_size=args.block_size, methods=args.methods, fwd_only=args.fwd_only)
+                    results.extend(rs)
+                    print(format_table(rs).splitlines()[-1], flush=True)
+                    if args.json:  # keep what is done, whatever happens next
+                        with open(args.json, "w") as f:
+                            json.dump(results_to_json(results, meta), f, indent=1)
+    print()
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, results_to_json(results, meta))
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .attention import device_meta
+    from .model import format_table, results_to_json, run_model
+
+    _need_cuda()
+    meta = device_meta()
+    meta.update(command="sparseattn bench model", tokens=args.tokens)
+    results = []
+    for kind in args.models:
+        for L in args.lengths:
+            results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results_to_json(results, meta), f, indent=1)
+    print()
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, results_to_json(results, meta))
+    return 0
+
+
+def register(subparsers, formatter_class) -> None:
+    from .attention import LAYOUTS, METHODS
+
+    bench = subparsers.add_parser("bench", help="time sparse attention on the GPU: kernels and whole models",
+                                  formatter_class=formatter_class,
+                                  description="Benchmarks of the block backend against dense attention (CUDA).")
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+    p = sub.add_parser(
+        "attention", help="attention kernels: dense, SDPA with a mask, FlexAttention, the block backend",
+        formatter_class=formatter_class,
+        description="Forward and forward+backward median time and peak memory of one attention call (bf16) for "
+                    "sliding-window, BigBird (random blocks) and AP-like per-head layouts made at a target block "
+                    "sparsity, as speed-ups over dense SDPA and as fractions of the ideal speed-up "
+                    "(1 / block density). Configs that run out of memory are reported, not fatal.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn bench attention --lengths 8k,16k --sparsity 90 --head-dims 64
+              sparseattn bench attention --lengths 512,1k,4k,8k,16k,32k --sparsity 50,78,90,95 --json out/bench.json
+            """))
+    p.add_argument("--lengths", type=_ints, default=_ints("512,1k,4k,8k,16k,32k"), help="sequence lengths")
+    p.add_argument("--sparsity", type=_fractions, default=_fractions("50,78,90,95"), help="target block sparsities")
+    p.add_argument("--layouts", type=_names(LAYOUTS), default=list(LAYOUTS), help="sliding, bigbird, ap")
+    p.add_argument("--head-dims", type=_ints, default=[64, 128], help="head sizes")
+    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS), help="which implementations")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / length)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--fwd-only", action="store_true", help="time the forward pass only")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser(
+        "model", help="whole models: encoder training step and decoder forward, dense vs a 90%%-sparse plan",
+        formatter_class=formatter_class,
+        description="Tokens per second and peak memory of a MiniLM-shaped encoder training step and a Llama-style "
+                    "decoder forward pass, dense SDPA against a 90%%-sparse plan on the block backend.",
+        epilog="example:\n  sparseattn bench model --lengths 4k,8k,16k --json out/bench_model.json")
+    p.add_argument("--lengths", type=_ints, default=_ints("4k,8k,16k"))
+    p.add_argument("--models", type=_names(("encoder", "decoder")), default=["encoder", "decoder"])
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
+    p.add_argument("--decoder-layers", type=int, default=4)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_model)

@@ -1,0 +1,165 @@
+"""``sparseattn bench model``: whole models, dense against a 90%-sparse plan on the block backend.
+
+- encoder: a BERT-style encoder with all-MiniLM-L6-v2's shape (6 layers, 12 heads of 32, hidden 384,
+  intermediate 1536), position embeddings extended to the longest length, random weights; one training
+  step (forward, backward, AdamW) in bf16 autocast on a sequence-classification loss;
+- decoder: a Llama-style decoder (hidden 2048, 32 heads of 64, 8 key/value heads, intermediate 5632,
+  TinyLlama-1.1B's shape with fewer layers), random weights, bf16, forward only.
+
+Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
+across lengths. Dense runs the model's own SDPA attention without a mask (flash attention, causal for the
+decoder); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
+``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the allowed pairs
+(measured with sparseattn.sparsity, reported with its block density).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import sparsify
+from ..backends.block import BlockSparseBackend
+from ..layout import TokenLayout
+from ..plans.plan import Plan
+from ..sparsity import measure
+
+
+@dataclass
+class ModelResult:
+    model: str
+    length: int
+    batch: int
+    attention: str  # "dense" or the plan
+    sparsity: float | None
+    block_density: float | None
+    step_ms: float | None
+    tokens_per_s: float | None
+    peak_gib: float | None
+    speedup: float | None = None
+    note: str = ""
+
+
+def encoder(max_len: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=max_len, attention_probs_dropout_prob=0.0,
+                     hidden_dropout_prob=0.1, num_labels=2)
+    model = BertForSequenceClassification(cfg)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def decoder(max_len: int, layers: int = 4):
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=5632, max_position_embeddings=max_len)
+    model = LlamaModel(cfg)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: int = 1) -> Plan:
+    """neighbour(w) | global_tokens(g) with the smallest w whose sparsity is at most ``sparsity``'s target
+    (pairs kept about (2w + 1) L, or (w + 1) L for decoders, plus the global rows and columns)."""
+    allowed = length * (length + 1) / 2 if causal else length * length
+    per_row = (1 - sparsity) * allowed / length - 2 * globals_
+    w = max(1, int(per_row - 1) if causal else int((per_row - 1) / 2))
+    return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
+
+
+def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple[float, float]:
+    layout = TokenLayout.from_lengths([length], causal=causal, device=device)
+    rep = measure(plan.resolve(1, heads)[:1], layout, block_size=128)
+    return rep.overall, rep.block_density
+
+
+def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30
+
+
+def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
+              log=print) -> list[ModelResult]:
+    device = "cuda"
+    B = max(1, tokens // length)
+    causal = kind == "decoder"
+    torch.manual_seed(0)
+    model = (encoder(length) if kind == "encoder" else decoder(length, decoder_layers)).to(device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1000, vocab, (B, length), device=device)
+    labels = torch.randint(0, 2, (B,), device=device)
+    plan = sparse_plan(length, causal=causal)
+    sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
+    if kind == "encoder":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.train()
+    else:
+        model = model.to(torch.bfloat16).eval()
+
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+    out = []
+    for attention in ("dense", "sparse"):
+        res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
+                          None if attention == "dense" else sp, None if attention == "dense" else dens,
+                          None, None, None)
+        try:
+            if attention == "sparse":
+                backend = BlockSparseBackend()
+                sparsify(model, plan, backend=backend)
+            ms, peak = _time_steps(step, warmup, steps)
+            res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)
+            if attention == "sparse":
+                res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
+        except torch.OutOfMemoryError:
+            res.note = "out of memory"
+        torch.cuda.empty_cache()
+        out.append(res)
+        log(f"  {kind} L={length} B={B} {attention}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
+            f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak {res.peak_gib and round(res.peak_gib, 2)} GiB"
+            + (f" ({res.note})" if res.note else ""))
+    if out[0].tokens_per_s and out[1].tokens_per_s:
+        out[1].speedup = out[1].tokens_per_s / out[0].tokens_per_s
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def format_table(results: list[ModelResult]) -> str:
+    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
+            f"{'tokens/s':>10} {'peak GiB':>8} {'speed-up':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {('dense' if r.attention == 'dense' else 'sparse'):<10} "
+                     f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
+                     f"{f(r.tokens_per_s, ',.0f'):>10} {f(r.peak_gib, '.2f'):>8} {f(r.speedup, '.2f'):>8}"
+                     + (f"  {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def results_to_json(results: list[ModelResult], meta: dict) -> dict:
+    return {"meta": meta, "results": [asdict(r) for r in results]}
