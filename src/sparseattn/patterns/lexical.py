@@ -67,9 +67,12 @@ class Similar(Pattern):
         sim = v @ v.transpose(1, 2)  # (B, L, L) cosine similarity
         cand = (layout.allowed() & ~layout.diagonal())[:, 0]
         sim = torch.where(cand, sim, torch.full_like(sim, -3.0))  # below any cosine
-        top = sim.topk(min(self.top_k, L), dim=-1)
+        # a stable sort, not topk: repeated tokens tie exactly, and topk breaks ties differently per device;
+        # this way the earlier key wins, as documented
+        top = sim.sort(dim=-1, descending=True, stable=True)
+        k = min(self.top_k, L)
         rel = torch.zeros(B, L, L, dtype=torch.bool, device=layout.device)
-        rel.scatter_(-1, top.indices, top.values > -2.0)
+        rel.scatter_(-1, top.indices[..., :k], top.values[..., :k] > -2.0)
         return rel[:, None]
 
     def spec(self):
