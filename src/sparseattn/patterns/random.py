@@ -51,7 +51,8 @@ class Random(Pattern):
             return torch.zeros(B, 1, L, L, dtype=torch.bool, device=layout.device)
         qi, kj = positional_grid(layout)  # (B,1,L,1), (B,1,1,L)
         heads = torch.arange(H, device=layout.device)[None, :, None, None]
-        u = hash_uniform(self.seed, layer, heads, qi.clamp(min=0), kj.clamp(min=0)).float()  # (B,H,L,L)
+        # float64 holds the 32-bit hash exactly; float32 would make ties that topk breaks differently per device
+        u = hash_uniform(self.seed, layer, heads, qi.clamp(min=0), kj.clamp(min=0))  # (B,H,L,L)
         # candidates: allowed keys other than the query itself
         cand = layout.allowed() & ~layout.diagonal()
         u = torch.where(cand, u, torch.full_like(u, -1.0))
