@@ -248,6 +248,14 @@ def _layout_for(module, state: _State, model_mask: torch.Tensor | None, batch_si
     return layout
 
 
+def _wants_weights(module, kwargs) -> bool:
+    """Whether the model collects attention probabilities: transformers passes output_attentions down only
+    when the call names it; a model loaded with output_attentions=True has it in its config instead."""
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+
+
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The function registered as attn_implementation='sparseattn'."""
     if getattr(module, "_sparseattn_dense", False):
@@ -266,6 +274,6 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     call = AttentionCall(
         query=query, key=key, value=value, layer_plan=state.layer_plans[module.layer_idx], layout=layout,
         model_mask=attention_mask, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        dropout_p=dropout, cache=state.cache, need_weights=bool(kwargs.get("output_attentions", False)))
+        dropout_p=dropout, cache=state.cache, need_weights=_wants_weights(module, kwargs))
     out, weights = state.backend.attention(call)
     return out.transpose(1, 2).contiguous(), weights
