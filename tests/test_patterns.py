@@ -292,6 +292,20 @@ def test_similar(top_k, side, causal):
     assert torch.equal(sa.similar(top_k).mask(layout), hand_mask(real, rel, causal=causal))
 
 
+@pytest.mark.parametrize("side", SIDES)
+def test_similar_breaks_ties_towards_the_earlier_key(side):
+    # repeated tokens have equal vectors: query 0 ties between keys 1, 3 and 4 and must keep 1 and 3
+    a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8]), torch.tensor([0.0, 1.0])
+    example = torch.stack([a, b, c, b, b])
+    real = padded_real([5, 2], side, 1)
+    vectors = torch.zeros(2, 6, 2)
+    vectors[0, real[0]] = example
+    vectors[1, real[1]] = example[:2]
+    m = sa.similar(2).mask(TokenLayout(real=real, token_vectors=vectors))
+    row = m[0, 0][real[0]][0, real[0]]
+    assert row.tolist() == [True, True, False, True, False]
+
+
 def test_similar_takes_vectors_lazily():
     calls = []
 
