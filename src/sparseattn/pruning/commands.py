@@ -89,8 +89,10 @@ def cmd_collect(args) -> int:
 
 
 # -- ap mask ----------------------------------------------------------------------------------------
-def _pct_name(p: float) -> str:
-    return f"{p:g}".replace(".", "_")
+def plan_name(method: str, scope: str, percent: float, blocks: str = "none", block_size: int | None = None) -> str:
+    """The folder name `ap mask` gives a plan: ap-layer-p60, random-head-p12_5, ap-layer-p80-mass16."""
+    return (f"{method}-{scope}-p{percent:g}".replace(".", "_")
+            + (f"-{blocks}{block_size}" if blocks != "none" else ""))
 
 
 def _measure_on(plan, stats, examples, tokenizer, block_size):
@@ -154,8 +156,7 @@ def cmd_mask(args) -> int:
             variants.append(("random", random_like(keep, stats, scope=args.scope, budget=args.budget,
                                                    seed=args.seed)))
         for method, k in variants:
-            name = f"{method}-{args.scope}-p{_pct_name(p)}" + (f"-{args.blocks}{args.block_size}"
-                                                               if args.blocks != "none" else "")
+            name = plan_name(method, args.scope, p, args.blocks, args.block_size)
             plan = mask_plan(k, prefix=method)
             grid = grid_report(plan, stats, block_size=args.block_size)
             collected = data_report(k, stats)
