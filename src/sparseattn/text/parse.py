@@ -140,7 +140,8 @@ class ParseCache:
                 raise KeyError(
                     f"{len(todo)} text(s) are not in the parse cache {self.path} (pipeline {self.pipeline!r}) "
                     f"and no parser is available here; first missing text: {t[:80]!r}. Parse them where "
-                    "spaCy is installed (`sparseattn parse`) and carry the cache.")
+                    "spaCy is installed (ParseCache(path).parse_many(texts), or any command with --parse-cache) "
+                    "and carry the cache file.")
             if self._nlp is None:
                 self._nlp = load_spacy(self.parser_name)
             items = list(todo.items())
