@@ -13,10 +13,10 @@ class StaticMask(Pattern):
     def __init__(self, table: torch.Tensor, key: str):
         if not isinstance(table, torch.Tensor) or table.dim() not in (2, 3):
             raise ValueError(f"static_mask needs a (N, N) or (heads, N, N) tensor, got {getattr(table, 'shape', table)!r}")
-        if table.dim() == 2:
-            table = table[None]
         if table.shape[-1] != table.shape[-2]:
             raise ValueError(f"static_mask table must be square over positions, got {tuple(table.shape)}")
+        if table.dim() == 2:
+            table = table[None]
         if not key or not all(c.isalnum() or c in "_-." for c in key):
             raise ValueError(f"static_mask key must be a non-empty name of letters, digits, '_', '-', '.', got {key!r}")
         self.table = table.bool().contiguous()
