@@ -1,0 +1,90 @@
+"""The ``sparseattn`` command line: patterns, inspect, and errors as exit code 1 with the caret message."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparseattn.cli import main
+from sparseattn.patterns import REGISTRY
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_patterns_lists_every_registered_pattern(capsys):
+    assert main(["patterns"]) == 0
+    out = capsys.readouterr().out
+    for name, info in REGISTRY.items():
+        assert re.search(rf"^{name}\(", out, re.M), f"{name} is not listed"
+        first_words = " ".join(info.summary.split()[:4])
+        assert first_words in " ".join(out.split()), f"{name}'s description is not shown"
+
+
+def test_the_installed_entry_point_runs():
+    exe = shutil.which("sparseattn", path=str(Path(sys.executable).parent)) or shutil.which("sparseattn")
+    if exe is None:
+        pytest.skip("the sparseattn console script is not installed (pip install -e .)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # the process's exit status, not only main()'s return value
+    bad = subprocess.run([exe, "inspect", "Hi.", "--plan", "all: neigbour(2)"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 1
+    assert "sparseattn inspect: error: unknown pattern 'neigbour'" in bad.stderr
+
+
+def test_inspect_prints_sparsity_and_writes_a_png(tmp_path, capsys, tokenizer):
+    png = tmp_path / "masks" / "mask.png"
+    code = main(["inspect", "A man is playing a guitar.", "--plan", "later-half: neighbour(1) | global_tokens(1)",
+                 "--png", str(png), "--block-size", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    # 9 tokens: neighbour(1) keeps 9*3 - 2 = 25 pairs, global_tokens(1) adds 7 + 7 more: 39 of 81
+    n = len(tokenizer.tokenize("A man is playing a guitar.")) + 2
+    assert n == 9
+    layer = 1 - 39 / 81
+    assert f"sparsity overall {layer / 2:.1%}, in sparsified heads {layer:.1%}" in out
+    assert "layer 0: 0.0% (dense)" in out and f"layer 5: {layer:.1%}" in out
+    assert "block density (4x4)" in out
+    assert "playing ■ · · ■ ■ ■ · · ·" in out  # the text mask of a sparsified layer
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert f"wrote {png}" in out
+
+
+def test_inspect_a_syntax_plan_on_a_sentence_pair(tmp_path, capsys, parse_cache):
+    code = main(["inspect", "He ran.", "--pair", "He was fast.", "--plan", "layers=0: syntax(1, special='global')",
+                 "--parse-cache", str(tmp_path / "parses.sqlite")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "tokens (10): [CLS] he ran . [SEP] he was fast . [SEP]" in out
+    assert "layer 0, head 0 (syntax_1_global_special)" in out
+
+
+def test_a_bad_plan_exits_with_1_and_the_caret_message(capsys):
+    code = main(["inspect", "A man is playing a guitar.", "--plan", "later-half: neigbour(2)"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "sparseattn inspect: error: unknown pattern 'neigbour'; did you mean 'neighbour'?" in err
+    lines = err.rstrip("\n").splitlines()
+    assert lines[-2].strip() == "later-half: neigbour(2)"
+    assert lines[-1].strip() == "^" * len("neigbour")
+    assert lines[-1].index("^") == lines[-2].index("neigbour")
+
+
+def test_a_plan_that_does_not_fit_the_model_exits_with_1(capsys):
+    assert main(["inspect", "Hi.", "--plan", "layers=6: neighbour(1)"]) == 1
+    assert "layer 6 is out of range for a model with 6 layers (0-5)" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "patterns" in capsys.readouterr().out
