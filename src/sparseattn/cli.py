@@ -118,58 +118,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-# -- demo -------------------------------------------------------------------------------------------
-DEMO_PAIRS = [
-    ("A man is playing a guitar.", "A person plays a guitar."),
-    ("A man is playing a guitar.", "A woman is slicing an onion."),
-    ("The cat sat quietly on the warm windowsill.", "A cat was resting on the window ledge."),
-    ("The cat sat quietly on the warm windowsill.", "Stock markets fell sharply on Monday."),
-]
-
-
-def cmd_demo(args) -> int:
-    import torch
-
-    from . import encode, measure_sparsity, sparsify, unsparsify
-    from .integrations.hf import _as_plan
-    from .models import load_model, load_tokenizer, resolve_model
-
-    plan = _as_plan(args.plan)
-    print(f"model: {resolve_model(args.model)}")
-    ns = argparse.Namespace(text=DEMO_PAIRS[2][0], pair=None, plan=args.plan, head=0, all_layers=False,
-                            png=os.path.join(args.out, "mask.png"), block_size=4, max_length=None,
-                            model=args.model, parser=None, parse_cache=None)
-    cmd_inspect(ns)
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
-
-    def embed(texts):
-        enc = encode(tok, texts)
-        with torch.no_grad():
-            h = model(**enc).last_hidden_state
-        m = enc["attention_mask"][..., None].float()
-        e = (h * m).sum(1) / m.sum(1)  # mean pooling, as all-MiniLM-L6-v2 is trained
-        return torch.nn.functional.normalize(e, dim=-1), enc
-
-    def similarities():
-        a, enc_a = embed([p for p, _ in DEMO_PAIRS])
-        b, _ = embed([q for _, q in DEMO_PAIRS])
-        return (a * b).sum(-1), enc_a
-
-    dense, _ = similarities()
-    sparsify(model, plan, tokenizer=tok)
-    sparse, enc = similarities()
-    report = measure_sparsity(model, enc)
-    unsparsify(model)
-    print(f"\nsentence similarity (cosine of mean-pooled embeddings), dense vs {plan.spec()}")
-    print(f"{'pair':<86} {'dense':>6} {'sparse':>6}")
-    for (a, b), d, s in zip(DEMO_PAIRS, dense.tolist(), sparse.tolist()):
-        print(f"{(a + ' | ' + b)[:86]:<86} {d:6.3f} {s:6.3f}")
-    print(f"\nsparsity of the plan on these sentences: overall {report.overall:.1%}, "
-          f"in the sparsified layers {report.applied_sparsity:.1%}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseattn", formatter_class=_Formatter,
@@ -206,16 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_parse_args(p)
     p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("demo", help="the README's main job: a short, real run on the packaged model",
-                       formatter_class=_Formatter, description=(
-                           "Show a sparse plan's mask and sparsity on a sentence, and compare the dense and the "
-                           "sparsified model's predictions (sentence similarity of paraphrase pairs)."),
-                       epilog="example:\n  sparseattn demo --out out/demo")
-    p.add_argument("--out", default="out/demo", help="folder for the PNG")
-    p.add_argument("--plan", default="later-half: neighbour(2) | global_tokens(1)")
-    add_model_args(p)
-    p.set_defaults(func=cmd_demo)
 
     for mod in COMMAND_MODULES:
         if importlib.util.find_spec(mod.rsplit(".", 1)[0]) is None or importlib.util.find_spec(mod) is None:

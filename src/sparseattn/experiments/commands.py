@@ -1,0 +1,240 @@
+"""Commands: finetune, sweep, report, demo (registered into the ``sparseattn`` CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+from .finetune import FinetuneConfig
+
+_D = FinetuneConfig.__dataclass_fields__
+
+
+def _default(name):
+    return _D[name].default
+
+
+def _add_glue_args(p) -> None:
+    p.add_argument("--glue-dir", default=None,
+                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...); default: $GLUE_DIR, else the "
+                        "hub (nyu-mll/glue, needs 'datasets')")
+
+
+def _add_finetune_args(p) -> None:
+    p.add_argument("--task", default=_default("task"), help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, "
+                                                            "wnli (any spelling, e.g. SST-2)")
+    p.add_argument("--plan", default=_default("plan"), help="plan spec or a saved plan's folder")
+    p.add_argument("--model", default=None,
+                   help="hub id or local path (default: the packaged all-MiniLM-L6-v2 when installed)")
+    p.add_argument("--seed", type=int, default=_default("seed"))
+    p.add_argument("--epochs", type=int, default=_default("epochs"))
+    p.add_argument("--lr", type=float, default=_default("lr"), help="peak learning rate (AdamW)")
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    p.add_argument("--max-length", type=int, default=_default("max_length"),
+                   help="longer examples are truncated to it, counted and reported")
+    p.add_argument("--warmup", type=float, default=_default("warmup"), help="fraction of steps of linear warmup")
+    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    p.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"), help="0 turns clipping off")
+    p.add_argument("--limit-train", type=int, default=None, help="use a fixed random subset of this many train examples")
+    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split")
+    p.add_argument("--eval-split", default=_default("eval_split"), help="dev (MNLI: dev_matched / dev_mismatched)")
+    p.add_argument("--backend", default=_default("backend"), help="attention backend for sparse plans")
+    p.add_argument("--precision", default=_default("precision"), choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--parser", default=None, help="spaCy pipeline for syntax/lexical patterns")
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    cfg = FinetuneConfig(task=args.task, plan=args.plan, model=args.model, seed=args.seed, epochs=args.epochs,
+                         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup,
+                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                         limit_train=args.limit_train, limit_eval=args.limit_eval, eval_split=args.eval_split,
+                         backend=args.backend, precision=args.precision, parser=args.parser)
+    out = Path(args.out) if args.out else None
+    r = finetune(cfg, glue_dir=args.glue_dir, out_dir=out, device=args.device, progress=not args.no_progress,
+                 save_model=args.save_model, parse_cache=args.parse_cache,
+                 on_malformed="skip" if args.skip_malformed else "error")
+    d, t, sp = r["data"], r["timing"], r["sparsity"]
+    print(f"\n{r['task']} | {r['plan']} | seed {cfg.seed} on {r['device']}")
+    print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()) + f"  ({d['eval_examples']} "
+          f"{d['eval_split']} examples)")
+    print(f"  sparsity {sp['overall']:.1%} overall, {sp['applied']:.1%} in the sparsified heads")
+    print(f"  {d['train_examples']} train examples x {cfg.epochs} epoch(s) in {t['train_seconds']:.1f} s "
+          f"({t['train_examples_per_second']:.0f} examples/s)")
+    if d["train_truncated"] or d["eval_truncated"]:
+        print(f"  truncated to {d['max_length']} tokens: {d['train_truncated']} train, {d['eval_truncated']} eval")
+    if out:
+        print(f"  results: {out / 'results.json'}")
+    return 0
+
+
+def _sigterm_as_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def cmd_sweep(args) -> int:
+    from .db import ResultsDB
+    from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus
+
+    spec = load_spec(args.spec)
+    db_path = Path(args.db) if args.db else spec.db
+    if args.status:
+        if not db_path.is_file():
+            print(f"no results database at {db_path} yet")
+            return 0
+        db = ResultsDB(db_path)
+        for r in db.runs(spec.name):
+            score = f"{r['score']:.4f}" if r["score"] is not None else ""
+            print(f"{r['key'][:10]}  {r['status']:<8} x{r['attempts']}  {r['task']:<5} seed {r['seed']}  "
+                  f"{score:>7}  {r['plan']}")
+        print("\n".join(summary_lines(db, spec.name)))
+        db.close()
+        return 0
+    if not args.no_enqueue:
+        enqueue(spec, db_path, retry_failed=args.retry_failed).close()
+    if args.workers > 1:
+        gpus = visible_gpus(args.workers, args.gpus)
+        print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else ""))
+        code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
+    else:
+        if args.gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
+                   max_runs=args.max_runs, label=args.worker_label)
+        code = 0
+    if not args.no_enqueue:
+        db = ResultsDB(db_path)
+        print("\n".join(summary_lines(db, spec.name)))
+        print(f"report: sparseattn report {db_path}")
+        db.close()
+    return code
+
+
+def cmd_report(args) -> int:
+    from ..reports.report import write_report
+
+    out = args.out or str(Path(args.db).with_suffix("")) + "_report"
+    paths = write_report(args.db, out, sweep=args.sweep, title=args.title)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['markdown']}, {paths['html']} and {len(paths['plots'])} plot files under {out}/plots")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, model=args.model, glue_dir=args.glue_dir, limit_train=args.train, limit_eval=args.eval,
+             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def register(sub, formatter_class) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model on a GLUE task under a plan; evaluate; measure sparsity",
+        formatter_class=formatter_class,
+        description="Fine-tune (AdamW, linear warmup/decay, bf16 autocast on GPU, length-bucketed dynamic padding) "
+                    "on a GLUE task with a plan applied, evaluate on dev with the task's official metrics, and "
+                    "measure the plan's sparsity on that data. Writes results.json to --out.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn finetune --task sst2 --plan "later-half: neighbour(2)" --epochs 1 --out out/sst2-neigh
+              sparseattn finetune --task stsb --plan "all: bigbird(1, 2, 3)" --seed 1 --lr 1e-4 --batch-size 64
+              sparseattn finetune --task mrpc --plan dense --limit-train 200 --limit-eval 100 --epochs 2
+              sparseattn finetune --task rte --plan "layers=3-5: syntax(1, special='global')" --model bert-base-uncased
+            """))
+    _add_finetune_args(p)
+    _add_glue_args(p)
+    p.add_argument("--out", default=None, help="folder for results.json (and the model with --save-model)")
+    p.add_argument("--save-model", action="store_true", help="also save the fine-tuned model, tokenizer and plan")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
+    p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "sweep", help="run a grid of fine-tunings into an SQLite results database (resumable, multi-worker)",
+        formatter_class=formatter_class,
+        description=textwrap.dedent("""\
+            Expand SPEC (YAML: fixed options, a grid over tasks x plans x seeds x any fine-tune option, extra runs)
+            into runs keyed by a hash of their configuration, record them in the database, and run those not
+            finished. Interrupt it any time and run it again: finished runs are never redone, a run whose worker
+            died is taken up again. Failed runs keep their error; --retry-failed runs them again. Several
+            workers (one per GPU) can share a database: --workers N here, or start the command on other GPUs.
+
+            spec example:
+              name: glue-patterns
+              fixed: {epochs: 3, lr: 5.0e-5, batch_size: 32}
+              grid:
+                task: [sst2, mrpc, rte]
+                plan: ["dense", "later-half: neighbour(2)", "later-half: random(4)"]
+                seed: [0, 1, 2]"""),
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn sweep glue.yaml                      # one worker, here
+              sparseattn sweep glue.yaml --workers 4          # four workers, one GPU each
+              CUDA_VISIBLE_DEVICES=1 sparseattn sweep glue.yaml --no-enqueue   # join a running sweep
+              sparseattn sweep glue.yaml --status             # what is done, running, failed
+              sparseattn sweep glue.yaml --retry-failed
+            """))
+    p.add_argument("spec", help="the sweep's YAML file")
+    p.add_argument("--db", default=None, help="results database (default: the spec's db, or <name>.sqlite beside it)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
+    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--status", action="store_true", help="print each run's status and exit")
+    p.add_argument("--lease", type=float, default=120.0,
+                   help="seconds a worker holds a run without a heartbeat before others may take it over")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--no-enqueue", action="store_true", help="only work on runs already in the database")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--worker-label", default=None, help=textwrap.dedent("a name for this worker in the database"))
+    _add_glue_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="Markdown + HTML report with plots from a results database",
+        formatter_class=formatter_class,
+        description="Per task, each plan's metric (mean ± std over seeds), sparsity and change against the dense "
+                    "baseline; plots of metric against sparsity per task and per pattern family (PNG and SVG).",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn report glue-patterns.sqlite
+              sparseattn report out/demo/demo.sqlite --out out/demo/report --sweep demo
+            """))
+    p.add_argument("db", help="results database written by `sparseattn sweep`")
+    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report)")
+    p.add_argument("--sweep", default=None, help="only this sweep's runs")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "demo", help="the main job: dense vs neighbour vs random at matched sparsity on an SST-2 slice",
+        formatter_class=formatter_class,
+        description="Fine-tune the packaged MiniLM on a slice of SST-2 dense, with 'later-half: neighbour(2)', and "
+                    "with 'later-half: random(r)' where r is chosen so its measured sparsity matches neighbour's. "
+                    "Prints the table, writes the report and plot. Resumable (a results database under --out). "
+                    "About 5 minutes on 2 CPU cores.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn demo
+              sparseattn demo --out out/demo-big --train 8000 --epochs 2
+            """))
+    p.add_argument("--out", default="out/demo", help="folder for the database, report and plot")
+    p.add_argument("--train", type=int, default=2000, help="training examples (a fixed random slice of SST-2 train)")
+    p.add_argument("--eval", type=int, default=872, help="dev examples (872 = all)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="hub id or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_glue_args(p)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,248 @@
+"""Sweeps: a grid of fine-tuning runs, run by one or more workers into a results database.
+
+A spec (YAML):
+
+    name: breaking-bert-glue          # default: the file's name without .yaml
+    db: results.sqlite                # default: <name>.sqlite beside the spec; --db overrides
+    fixed:                            # fine-tune options every run shares (FinetuneConfig fields)
+      epochs: 3
+      lr: 5.0e-5
+      batch_size: 32
+    grid:                             # the cross product of these lists (any FinetuneConfig field)
+      task: [sst2, mrpc, rte]
+      plan: ["dense", "later-half: neighbour(2)", "later-half: random(4)"]
+      seed: [0, 1, 2]
+    runs:                             # optional: further single runs, each over `fixed`
+      - {task: cola, plan: "all: bigbird(1, 2, 3)", seed: 0}
+
+Every run is identified by the hash of its complete configuration (defaults filled in, task and plan
+canonical), so re-running a spec, or another spec that shares runs with it, never repeats a finished
+run. See ``sparseattn.experiments.db`` for how workers share the database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .db import Heartbeat, ResultsDB, WorkerId, run_key
+from .finetune import FinetuneConfig
+
+SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
+
+
+class SweepSpecError(ValueError):
+    """A sweep spec that cannot be expanded; the message names the file and the offending entry."""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    configs: list[FinetuneConfig]
+    db: Path
+    path: Path | None = None  # the YAML file, if it came from one
+    description: str = ""
+
+    def config_dicts(self) -> list[dict]:
+        return [c.to_dict() for c in self.configs]
+
+
+def _coerce(cfg: dict) -> dict:
+    """YAML 1.1 reads 5e-5 as a string; turn strings into numbers where the field is a number."""
+    types = {f.name: str(f.type) for f in fields(FinetuneConfig)}
+    out = {}
+    for k, v in cfg.items():
+        t = types.get(k, "")
+        if isinstance(v, str) and t.startswith("float"):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"{k} must be a number, got {v!r}") from None
+        elif isinstance(v, float) and t.startswith("int") and v.is_integer():
+            v = int(v)
+        out[k] = v
+    return out
+
+
+def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | None = None) -> SweepSpec:
+    if not isinstance(d, dict):
+        raise SweepSpecError(f"{where}: expected a mapping with keys {sorted(SPEC_KEYS)}, got {type(d).__name__}")
+    unknown = sorted(set(d) - SPEC_KEYS)
+    if unknown:
+        raise SweepSpecError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(SPEC_KEYS)}")
+    name = str(d.get("name") or name)
+    fixed = d.get("fixed") or {}
+    grid = d.get("grid") or {}
+    extra = d.get("runs") or []
+    if not isinstance(fixed, dict):
+        raise SweepSpecError(f"{where}: 'fixed' must be a mapping of fine-tune options")
+    if not isinstance(grid, dict):
+        raise SweepSpecError(f"{where}: 'grid' must be a mapping of option: [values]")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise SweepSpecError(f"{where}: grid.{k} must be a non-empty list, got {v!r}")
+    if not isinstance(extra, list) or not all(isinstance(r, dict) for r in extra):
+        raise SweepSpecError(f"{where}: 'runs' must be a list of mappings")
+    dicts = []
+    if grid:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            dicts.append({**fixed, **dict(zip(keys, values))})
+    dicts.extend({**fixed, **r} for r in extra)
+    if not dicts:
+        raise SweepSpecError(f"{where}: no runs; give a 'grid' and/or 'runs'")
+    configs, seen = [], set()
+    for i, c in enumerate(dicts):
+        try:
+            cfg = FinetuneConfig.from_dict(_coerce(c))
+        except (ValueError, TypeError) as e:
+            raise SweepSpecError(f"{where}: run {i} {c}: {e}") from None
+        key = run_key(cfg.to_dict())
+        if key not in seen:  # the same run listed twice is one run
+            seen.add(key)
+            configs.append(cfg)
+    db = d.get("db") or f"{name}.sqlite"
+    db = Path(db)
+    if not db.is_absolute() and base_dir is not None:
+        db = base_dir / db
+    return SweepSpec(name, configs, db, description=str(d.get("description") or ""))
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    import yaml
+
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepSpecError(f"{path}: not valid YAML: {e}") from None
+    spec = spec_from_dict(d, name=path.stem, where=str(path), base_dir=path.parent)
+    spec.path = path
+    return spec
+
+
+# -- one worker -------------------------------------------------------------------------------------------
+def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
+               progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
+    """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
+    from .finetune import finetune, package_versions
+
+    db = ResultsDB(db_path)
+    worker = WorkerId(label)
+    done = failed = 0
+    try:
+        while max_runs is None or done + failed < max_runs:
+            row = db.claim(worker, sweep, lease=lease)
+            if row is None:
+                break
+            cfg = FinetuneConfig.from_dict(json.loads(row["config"]))
+            what = f"{cfg.task} | {cfg.plan} | seed {cfg.seed}"
+            again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
+            echo(f"[{worker.name}] run {row['key'][:10]}: {what}{again}")
+            t0 = time.perf_counter()
+            try:
+                with Heartbeat(db, row["key"], worker, lease):
+                    result = finetune(cfg, glue_dir=glue_dir, progress=progress)
+            except (KeyboardInterrupt, SystemExit):
+                db.release(row["key"], worker)
+                echo(f"[{worker.name}] interrupted; run {row['key'][:10]} is pending again")
+                raise
+            except Exception as e:
+                db.fail(row["key"], worker, traceback.format_exc(), package_versions())
+                failed += 1
+                echo(f"[{worker.name}] FAILED {what}: {type(e).__name__}: {e}")
+                continue
+            if db.finish(row["key"], worker, result):
+                done += 1
+                sp = result["sparsity"]
+                echo(f"[{worker.name}] done {what}: {result['main_metric']} {result['score']:.4f}, sparsity "
+                     f"{sp['overall']:.1%} ({time.perf_counter() - t0:.1f} s)")
+            else:
+                echo(f"[{worker.name}] {what} was finished by another worker meanwhile; kept the first result")
+    finally:
+        db.close()
+    return {"done": done, "failed": failed}
+
+
+# -- a sweep: enqueue, then one worker here or several in subprocesses -------------------------------------
+def enqueue(spec: SweepSpec, db_path=None, *, retry_failed: bool = False) -> ResultsDB:
+    db = ResultsDB(db_path or spec.db)
+    new, known = db.add_runs(spec.name, spec.config_dicts())
+    again = db.retry_failed(spec.name) if retry_failed else 0
+    print(f"sweep {spec.name}: {len(spec.configs)} runs ({new} new, {known} already in {db.path}"
+          + (f", {again} failed ones to retry" if again else "") + ")")
+    return db
+
+
+def summary_lines(db: ResultsDB, sweep: str) -> list[str]:
+    c = db.counts(sweep)
+    lines = [f"sweep {sweep}: " + ", ".join(f"{n} {s}" for s, n in c.items())]
+    for r in db.runs(sweep, status="failed"):
+        last = (r["error"] or "").strip().splitlines()[-1:] or ["?"]
+        lines.append(f"  failed {r['key'][:10]} {r['task']} | {r['plan']} | seed {r['seed']}: {last[0]}")
+    if c["failed"]:
+        lines.append("  (run again with --retry-failed to retry the failed runs)")
+    return lines
+
+
+def _die_with_parent():  # Linux: a worker ends when the sweep that started it is killed
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_workers(spec_path: Path, db_path: Path, gpus: list[str | None], *, glue_dir=None, lease: float = 120.0,
+                  extra_args: list[str] = ()) -> int:
+    """Run one worker process per entry of ``gpus`` (a CUDA_VISIBLE_DEVICES value, or None to leave it)."""
+    procs = []
+    for i, gpu in enumerate(gpus):
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        cmd = [sys.executable, "-m", "sparseattn.cli", "sweep", str(spec_path), "--db", str(db_path), "--workers", "1",
+               "--no-enqueue", "--no-progress", "--lease", str(lease), "--worker-label", f"w{i}", *extra_args]
+        if glue_dir:
+            cmd += ["--glue-dir", str(glue_dir)]
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    return max(codes) if codes else 0
+
+
+def visible_gpus(workers: int, gpus: str | None) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of ``workers`` workers: from --gpus, else one visible GPU each."""
+    if gpus:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if workers > len(ids):
+            ids = [ids[i % len(ids)] for i in range(workers)]  # several workers share a GPU
+        return ids[:workers]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [g for g in visible.split(",") if g]
+    else:
+        try:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        except Exception:
+            ids = []
+    if not ids:
+        return [None] * workers
+    return [ids[i % len(ids)] for i in range(workers)]

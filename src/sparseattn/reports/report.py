@@ -1,0 +1,318 @@
+"""Reports of a results database: per task, each plan's metric (mean ± std over seeds), its sparsity and
+its change against the dense baseline, as Markdown and HTML, with plots of metric against sparsity per
+task and per pattern family (PNG and SVG).
+
+    from sparseattn.reports.report import write_report
+    paths = write_report("out/sweep.sqlite", "out/report")      # {'markdown': ..., 'html': ..., 'plots': [...]}
+
+A *group* is every finished run with the same configuration except the seed. Its baseline is the dense
+group of the same task with otherwise the same configuration. Metrics print x100, sparsity in percent.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..experiments.db import ResultsDB
+from ..experiments.glue import get_task
+
+_IGNORED = ("seed",)  # runs differing only in these are one group
+
+
+@dataclass
+class Group:
+    """Finished runs of one configuration over seeds."""
+
+    task: str
+    plan: str
+    label: str  # plan plus the options that vary within the task
+    family: str
+    config: dict  # the shared configuration (seed removed)
+    seeds: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # main metric per seed
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    sparsity: list[float] = field(default_factory=list)  # overall
+    sparsity_applied: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    baseline: "Group | None" = None
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.scores, ddof=1)) if self.n > 1 else None
+
+    @property
+    def mean_sparsity(self) -> float:
+        return float(np.mean(self.sparsity))
+
+    @property
+    def mean_applied(self) -> float:
+        return float(np.mean(self.sparsity_applied))
+
+    @property
+    def delta(self) -> float | None:
+        """Mean main metric minus the dense baseline's."""
+        return None if self.baseline is None or self.baseline is self else self.mean - self.baseline.mean
+
+    @property
+    def is_dense(self) -> bool:
+        return self.plan == "dense"
+
+
+def plan_family(plan: str) -> str:
+    """The pattern families of a plan, e.g. 'neighbour', 'global_tokens|neighbour', 'dense'."""
+    from ..integrations.hf import _as_plan
+    from ..patterns.base import _Combined
+
+    try:
+        p = _as_plan(plan)
+    except Exception:
+        return "other"
+    if not p.rules:
+        return "dense"
+
+    def leaves(pat):
+        if isinstance(pat, _Combined) and pat.spec().startswith("("):  # an anonymous | or & (not e.g. bigbird)
+            return sorted({x for q in pat.parts for x in leaves(q)})
+        return [pat.spec().split("(")[0]]
+
+    fams = sorted({("|" if isinstance(r.pattern, _Combined) and r.pattern.op == "|" else "&").join(leaves(r.pattern))
+                   for r in p.rules})
+    return "; ".join(fams)
+
+
+def summarize(runs: list[dict]) -> dict[str, list[Group]]:
+    """Group finished runs (rows of ResultsDB.runs) by task and configuration; link dense baselines."""
+    by_task: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["status"] == "done":
+            by_task.setdefault(r["task"], []).append(r)
+    out: dict[str, list[Group]] = {}
+    for task, rows in by_task.items():
+        # options (other than task, plan, seed) that vary within this task go into the label
+        keys = sorted({k for r in rows for k in r["config"]} - {"task", "plan", *_IGNORED})
+        varying = [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1]
+        groups: dict[str, Group] = {}
+        for r in rows:
+            cfg = {k: v for k, v in r["config"].items() if k not in _IGNORED}
+            gkey = repr(sorted(cfg.items()))
+            g = groups.get(gkey)
+            if g is None:
+                extra = ", ".join(f"{k}={_fmt_value(cfg.get(k))}" for k in varying)
+                g = groups[gkey] = Group(task, r["plan"], r["plan"] + (f" [{extra}]" if extra else ""),
+                                         plan_family(r["plan"]), cfg)
+            res = r["result"]
+            g.seeds.append(r["seed"])
+            g.scores.append(float(r["score"]))
+            for k, v in (r["metrics"] or {}).items():
+                g.metrics.setdefault(k, []).append(float(v))
+            g.sparsity.append(float(r["sparsity"]))
+            g.sparsity_applied.append(float(r["sparsity_applied"]))
+            g.train_seconds.append(float(res.get("timing", {}).get("train_seconds", float("nan"))))
+        dense = {repr(sorted((k, v) for k, v in g.config.items() if k != "plan")): g
+                 for g in groups.values() if g.is_dense}
+        for g in groups.values():
+            g.baseline = dense.get(repr(sorted((k, v) for k, v in g.config.items() if k != "plan")))
+        out[task] = sorted(groups.values(), key=lambda g: (not g.is_dense, g.mean_sparsity, g.label))
+    return dict(sorted(out.items()))
+
+
+def _fmt_value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.2f}"
+
+
+def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one task's table (strings)."""
+    task = get_task(groups[0].task)
+    others = [m for m in task.metrics if m != task.main_metric]
+    header = ["plan", "family", "seeds", "sparsity %", "in sparsified heads %",
+              f"{task.main_metric} (mean ± std)", "Δ vs dense"] + others
+    rows = []
+    for g in groups:
+        main = _pct(g.mean, 2) + (f" ± {_pct(g.std, 2)}" if g.std is not None else "")
+        rows.append([g.label, g.family, str(g.n), _pct(g.mean_sparsity), _pct(g.mean_applied), main,
+                     "baseline" if g.is_dense and g.baseline is g else _signed(g.delta)]
+                    + [_pct(float(np.mean(g.metrics.get(m, [float("nan")]))), 2) for m in others])
+    return header, rows
+
+
+def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict, plots: dict) -> str:
+    lines = [f"# {title}", "", _counts_line(counts), "",
+             "Metrics x100 on the evaluation split (mean ± sample std over seeds). Sparsity = 1 − kept / allowed "
+             "query-key pairs on that data (sparseattn.sparsity), overall and over the sparsified heads only. "
+             "Δ = mean minus the dense run of the same configuration.", ""]
+    for task, groups in summary.items():
+        t = get_task(task)
+        lines += [f"## {t.folder}", ""]
+        header, rows = table_rows(groups)
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+        for r in rows:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+        lines.append("")
+        if task in plots.get("task", {}):
+            lines += [f"![{t.folder}: {t.main_metric} against sparsity]({plots['task'][task]['png']})", ""]
+    if plots.get("family"):
+        lines += ["## Pattern families", ""]
+        for fam, p in plots["family"].items():
+            lines += [f"![{fam}: change against dense by sparsity]({p['png']})", ""]
+    return "\n".join(lines)
+
+
+def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, plots: dict) -> str:
+    e = html.escape
+    parts = ["<!doctype html>", "<html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px}"
+             "td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}"
+             "img{max-width:100%}</style></head><body>",
+             f"<h1>{e(title)}</h1>", f"<p>{e(_counts_line(counts))}</p>",
+             "<p>Metrics x100 on the evaluation split (mean ± sample std over seeds). Sparsity = 1 − kept / "
+             "allowed query-key pairs on that data, overall and over the sparsified heads only. Δ = mean minus "
+             "the dense run of the same configuration.</p>"]
+    for task, groups in summary.items():
+        t = get_task(task)
+        header, rows = table_rows(groups)
+        parts.append(f"<h2>{e(t.folder)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        for r in rows:
+            parts.append("<tr>" + "".join(f"<td{' class=n' if i >= 2 else ''}>{e(c)}</td>" for i, c in enumerate(r))
+                         + "</tr>")
+        parts.append("</table>")
+        if task in plots.get("task", {}):
+            parts.append(f"<img src='{e(plots['task'][task]['svg'])}' alt='{e(t.folder)} metric vs sparsity'>")
+    if plots.get("family"):
+        parts.append("<h2>Pattern families</h2>")
+        for fam, p in plots["family"].items():
+            parts.append(f"<img src='{e(p['svg'])}' alt='{e(fam)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _counts_line(counts: dict) -> str:
+    order = ("done", "running", "failed", "pending")
+    return "Runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) + "."
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "x"
+
+
+def _figure(width=6.4, height=4.4):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _save(fig, stem: Path) -> dict:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for ext in ("png", "svg"):
+        p = stem.with_suffix("." + ext)
+        fig.savefig(p, dpi=150 if ext == "png" else None)
+        paths[ext] = p
+    return paths
+
+
+def plot_task(groups: list[Group], stem: Path) -> dict:
+    """Main metric against overall sparsity for one task: a point per group (error bar = std over seeds),
+    coloured by pattern family; the dense baseline as a dashed line."""
+    task = get_task(groups[0].task)
+    fig, ax = _figure()
+    fams = sorted({g.family for g in groups if not g.is_dense})
+    colors = {f: f"C{i % 10}" for i, f in enumerate(fams)}
+    for g in groups:
+        if g.is_dense:
+            ax.axhline(100 * g.mean, ls="--", color="0.3", lw=1)
+            if g.std:
+                ax.axhspan(100 * (g.mean - g.std), 100 * (g.mean + g.std), color="0.85", zorder=0)
+    seen = set()
+    for g in groups:
+        x, y = 100 * g.mean_sparsity, 100 * g.mean
+        c = "0.3" if g.is_dense else colors[g.family]
+        lab = ("dense" if g.is_dense else g.family) if (g.family not in seen) else None
+        seen.add(g.family)
+        ax.errorbar([x], [y], yerr=[100 * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
+        if len(groups) <= 12:
+            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.margins(x=0.25, y=0.1)  # room for the labels
+    ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
+    ax.set_ylabel(f"{task.main_metric} x100 ({task.folder} dev)")
+    ax.set_title(f"{task.folder}: {task.main_metric} against sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def plot_family(family: str, summary: dict[str, list[Group]], stem: Path) -> dict:
+    """Change of the main metric against the dense baseline, by sparsity, for one pattern family; a line
+    per task."""
+    fig, ax = _figure()
+    for i, (task, groups) in enumerate(summary.items()):
+        pts = sorted((100 * g.mean_sparsity, 100 * g.delta, 100 * (g.std or 0)) for g in groups
+                     if g.family == family and g.delta is not None)
+        if not pts:
+            continue
+        x, y, s = map(list, zip(*pts))
+        ax.errorbar(x, y, yerr=s if any(s) else None, fmt="o-", color=f"C{i % 10}", capsize=3,
+                    label=get_task(task).folder)
+    ax.axhline(0, color="0.3", lw=1, ls="--")
+    ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
+    ax.set_ylabel("Δ main metric vs dense (x100)")
+    ax.set_title(f"pattern family: {family}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
+    """Write report.md, report.html and plots/ under ``out_dir`` from the database at ``db_path``."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"no results database at {db_path}")
+    db = ResultsDB(db_path)
+    try:
+        if sweep is not None and sweep not in db.sweeps():
+            raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")
+        runs = db.runs(sweep)
+        counts = db.counts(sweep)
+    finally:
+        db.close()
+    summary = summarize(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict = {"task": {}, "family": {}}
+    for task, groups in summary.items():
+        paths = plot_task(groups, out / "plots" / f"task_{_slug(task)}")
+        plots["task"][task] = {k: str(p.relative_to(out)) for k, p in paths.items()}
+    families = sorted({g.family for gs in summary.values() for g in gs if not g.is_dense and g.delta is not None})
+    for fam in families:
+        paths = plot_family(fam, summary, out / "plots" / f"family_{_slug(fam)}")
+        plots["family"][fam] = {k: str(p.relative_to(out)) for k, p in paths.items()}
+    title = title or f"sparseattn results: {sweep or db_path.name}"
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(summary, title=title, counts=counts, plots=plots) + "\n")
+    page.write_text(render_html(summary, title=title, counts=counts, plots=plots) + "\n")
+    files = [out / p for d in plots.values() for v in d.values() for p in v.values()]
+    return {"markdown": md, "html": page, "plots": files, "summary": summary}

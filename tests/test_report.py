@@ -1,0 +1,79 @@
+"""The report renders from a small results database; its plots are valid PNG and SVG files."""
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from sparseattn.experiments.db import ResultsDB, WorkerId
+from sparseattn.experiments.finetune import FinetuneConfig
+from sparseattn.reports.report import plan_family, write_report
+
+# (task, plan, seed) -> (main metric, other metric, overall sparsity, applied sparsity)
+RUNS = {
+    ("sst2", "dense", 0): (0.90, None, 0.0, 0.0),
+    ("sst2", "dense", 1): (0.88, None, 0.0, 0.0),
+    ("sst2", "later-half: neighbour(2)", 0): (0.86, None, 0.40, 0.80),
+    ("sst2", "later-half: neighbour(2)", 1): (0.85, None, 0.40, 0.80),
+    ("sst2", "later-half: random(4)", 0): (0.80, None, 0.41, 0.82),
+    ("mrpc", "dense", 0): (0.85, 0.78, 0.0, 0.0),
+    ("mrpc", "all: (neighbour(2) | global_tokens(1))", 0): (0.80, 0.70, 0.6, 0.6),  # canonical spec
+}
+
+
+def _fill(path):
+    db = ResultsDB(path)
+    cfgs = [FinetuneConfig(task=t, plan=p, seed=s, epochs=1).to_dict() for (t, p, s) in RUNS]
+    db.add_runs("small", cfgs)
+    w = WorkerId("test")
+    while (row := db.claim(w, "small")) is not None:
+        main, other, overall, applied = RUNS[row["task"], row["plan"], row["seed"]]
+        metrics = {"accuracy": main} if row["task"] == "sst2" else {"f1": main, "accuracy": other}
+        db.finish(row["key"], w, {"score": main, "metrics": metrics, "timing": {"train_seconds": 1.0},
+                                  "sparsity": {"overall": overall, "applied": applied, "per_layer": [overall] * 6}})
+    db.add_runs("small", [FinetuneConfig(task="rte", seed=0).to_dict()])  # one pending run
+    db.close()
+
+
+def test_report_tables_and_plots(tmp_path):
+    _fill(tmp_path / "r.sqlite")
+    paths = write_report(tmp_path / "r.sqlite", tmp_path / "rep", title="t")
+    md = paths["markdown"].read_text()
+    assert "7 done, 1 pending" in md.replace("Runs: ", "")
+    # SST-2 dense: mean 89.00, sample std of (90, 88) = 1.41; neighbour: 85.50 ± 0.71, delta -3.50
+    assert "| dense | dense | 2 | 0.0 | 0.0 | 89.00 ± 1.41 | baseline |" in md
+    assert "| later-half: neighbour(2) | neighbour | 2 | 40.0 | 80.0 | 85.50 ± 0.71 | -3.50 |" in md
+    assert "| later-half: random(4) | random | 1 | 41.0 | 82.0 | 80.00 | -9.00 |" in md
+    # MRPC: f1 is the main metric, accuracy listed beside it
+    assert "| all: (neighbour(2) \\| global_tokens(1)) | global_tokens\\|neighbour | 1 | 60.0 | 60.0 | 80.00 | -5.00 | 70.00 |" in md
+    html = paths["html"].read_text()
+    assert html.startswith("<!doctype html>") and "85.50 ± 0.71" in html and "<img src='plots/task_sst2.svg'" in html
+    names = sorted(p.name for p in paths["plots"])
+    assert names == sorted(["task_sst2.png", "task_sst2.svg", "task_mrpc.png", "task_mrpc.svg",
+                            "family_neighbour.png", "family_neighbour.svg", "family_random.png", "family_random.svg",
+                            "family_global_tokens_neighbour.png", "family_global_tokens_neighbour.svg"])
+    for p in paths["plots"]:
+        data = p.read_bytes()
+        if p.suffix == ".png":
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+            import matplotlib.image
+
+            img = matplotlib.image.imread(p)
+            assert img.ndim == 3 and img.shape[0] > 100 and np.ptp(img) > 0  # decodes, and is not blank
+        else:
+            assert ET.fromstring(data).tag.endswith("svg")
+
+
+def test_plan_family_names():
+    assert plan_family("dense") == "dense"
+    assert plan_family("later-half: bigbird(1, 2, 3)") == "bigbird"
+    assert plan_family("layers=0: neighbour(2); layers=1: random(3) | global_tokens(1)") == \
+        "global_tokens|random; neighbour"
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results database"):
+        write_report(tmp_path / "none.sqlite", tmp_path / "rep")
+    _fill(tmp_path / "r.sqlite")
+    with pytest.raises(ValueError, match="no sweep 'other'"):
+        write_report(tmp_path / "r.sqlite", tmp_path / "rep", sweep="other")

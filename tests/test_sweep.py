@@ -1,0 +1,152 @@
+"""Sweeps: spec expansion, atomic claims and leases, failed runs, and resuming after SIGKILL mid-run."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparseattn.experiments.db import ResultsDB, WorkerId, run_key
+from sparseattn.experiments.sweep import SweepSpecError, load_spec, run_worker, spec_from_dict
+
+from test_finetune import make_tiny_model, one_thread  # noqa: F401 (autouse fixture)
+
+GLUE_DIR = os.environ.get("GLUE_DIR")
+
+
+def test_spec_expands_grid_and_runs(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({
+        "fixed": {"epochs": 1, "lr": "5e-5"},  # YAML 1.1 reads 5e-5 as text; it still means a number
+        "grid": {"task": ["sst2", "MRPC"], "plan": ["dense", "later-half:neighbour(2)"], "seed": [0, 1]},
+        "runs": [{"task": "rte", "plan": "dense", "seed": 0}, {"task": "sst2", "plan": "dense", "seed": 0}],
+    }))
+    spec = load_spec(p)
+    assert spec.name == "s" and spec.db == tmp_path / "s.sqlite"
+    assert len(spec.configs) == 2 * 2 * 2 + 1  # the repeated sst2/dense/0 run is one run
+    c = spec.configs[0]
+    assert (c.task, c.plan, c.seed, c.lr, c.epochs) == ("sst2", "dense", 0, 5e-5, 1)
+    assert {c.plan for c in spec.configs} == {"dense", "later-half: neighbour(2)"}
+    assert len({run_key(c.to_dict()) for c in spec.configs}) == len(spec.configs)
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ({"grid": {"seed": 0}}, "grid.seed must be a non-empty list"),
+    ({"grid": {"sed": [0]}}, "unknown fine-tune option.*'sed'"),
+    ({"grids": {}}, "unknown key"),
+    ({"grid": {"plan": ["later-half: neighbor(2)"]}}, "neighbor"),
+    ({"fixed": {"epochs": 1}}, "no runs"),
+])
+def test_bad_specs_say_what_is_wrong(spec, msg):
+    with pytest.raises((SweepSpecError, ValueError), match=msg):
+        spec_from_dict(spec, name="x", where="x.yaml")
+
+
+def _configs(n):
+    return [spec_from_dict({"grid": {"seed": list(range(n))}}, name="t").configs[i].to_dict() for i in range(n)]
+
+
+def test_claims_are_exclusive_and_dead_workers_runs_are_reclaimed(tmp_path):
+    db_a, db_b = ResultsDB(tmp_path / "r.sqlite"), ResultsDB(tmp_path / "r.sqlite")
+    assert db_a.add_runs("t", _configs(3)) == (3, 0)
+    assert db_b.add_runs("t", _configs(3)) == (0, 3)  # idempotent
+    a, b = WorkerId("a"), WorkerId("b")
+    ra, rb = db_a.claim(a, "t"), db_b.claim(b, "t")
+    assert ra["key"] != rb["key"] and ra["seed"] == 0 and rb["seed"] == 1
+    rc = db_a.claim(a, "t")
+    assert db_b.claim(b, "t") is None  # all three taken, leases alive
+    # worker a's lease on rc runs out (a hung or vanished on another host): b takes it over
+    db_a.conn.execute("UPDATE runs SET lease_until=0 WHERE key=?", (rc["key"],))
+    again = db_b.claim(b, "t")
+    assert again["key"] == rc["key"] and again["attempts"] == 2
+    assert not db_a.heartbeat(rc["key"], a, 60)  # a learns it lost the run
+    # a worker process on this host that is gone: its run is taken at once, lease or not
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    db_a.conn.execute("UPDATE runs SET pid=?, worker='ghost' WHERE key=?", (int(gone.stdout), ra["key"]))
+    assert db_b.claim(b, "t")["key"] == ra["key"]
+    # first result wins; a late duplicate is not written
+    assert db_b.finish(rc["key"], b, {"score": 0.5, "metrics": {"accuracy": 0.5}, "sparsity": {}})
+    assert not db_a.finish(rc["key"], a, {"score": 0.9, "metrics": {"accuracy": 0.9}, "sparsity": {}})
+    assert db_a.runs("t", "done")[0]["score"] == 0.5
+    db_a.close()
+    db_b.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _spec(tmp_path, model, plans):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "t", "fixed": {"model": model, "task": "sst2", "epochs": 2, "limit_train": 48, "limit_eval": 16,
+                               "batch_size": 8, "max_length": 64},
+        "grid": {"plan": plans, "seed": [0, 1]}}))
+    return p
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, tiny_model):
+    from sparseattn.cli import main
+
+    spec = _spec(tmp_path, tiny_model, ["layers=5: neighbour(1)"])  # the tiny model has 2 layers
+    assert main(["sweep", str(spec), "--no-progress"]) == 0
+    db = ResultsDB(tmp_path / "t.sqlite")
+    rows = db.runs("t")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "layer 5 is out of range" in rows[0]["error"] and rows[0]["versions"]["torch"]
+    main(["sweep", str(spec), "--no-progress"])  # not retried unless asked
+    assert [r["attempts"] for r in db.runs("t")] == [1, 1]
+    main(["sweep", str(spec), "--no-progress", "--retry-failed"])
+    assert [(r["status"], r["attempts"]) for r in db.runs("t")] == [("failed", 2), ("failed", 2)]
+    db.close()
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_sigkill_mid_run_then_rerun_finishes_each_run_exactly_once(tmp_path, tiny_model):
+    from sparseattn.cli import main
+
+    spec = _spec(tmp_path, tiny_model, ["dense", "later-half: neighbour(1)"])
+    db_path = tmp_path / "t.sqlite"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "sparseattn.cli", "sweep", str(spec), "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:  # wait until one run is finished and another one is running
+            assert proc.poll() is None, "the sweep ended before it could be killed mid-run"
+            assert time.time() < deadline, "no run started within 180 s"
+            if db_path.exists():
+                try:
+                    with sqlite3.connect(db_path, timeout=5) as c:
+                        st = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+                except sqlite3.OperationalError:
+                    st = {}
+                if st.get("done", 0) >= 1 and st.get("running", 0) == 1:
+                    break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    db = ResultsDB(db_path)
+    before = {r["key"]: r for r in db.runs("t")}
+    killed = [k for k, r in before.items() if r["status"] == "running"]
+    finished = {k: r["finished"] for k, r in before.items() if r["status"] == "done"}
+    assert len(killed) == 1 and finished
+
+    assert main(["sweep", str(spec), "--no-progress"]) == 0  # run it again
+    after = {r["key"]: r for r in db.runs("t")}
+    assert len(after) == 4 and db.conn.execute("SELECT COUNT(*) FROM sweep_runs").fetchone()[0] == 4
+    assert all(r["status"] == "done" and r["score"] is not None for r in after.values())
+    for k, t in finished.items():  # finished runs were not redone
+        assert after[k]["attempts"] == 1 and after[k]["finished"] == t
+    assert after[killed[0]]["attempts"] == 2  # the killed run ran again, once
+    assert sum(r["attempts"] for r in after.values()) == 5
+    db.close()
