@@ -160,6 +160,30 @@ def test_random_is_padding_invariant(causal):
             assert torch.equal(got, a), f"example of length {n} changed under {side} padding (+{extra})"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_random_and_similar_are_the_same_on_cuda_and_cpu():
+    """"The same seed gives the same connections on any device": long rows, where float32 ties would show."""
+    lengths = [512, 300, 7]
+    for causal in (False, True):
+        layout = make_layout(lengths, "left", 0, causal=causal)
+        on_gpu = make_layout(lengths, "left", 0, causal=causal)
+        on_gpu.real = on_gpu.real.cuda()
+        for layer in range(4):
+            for r in (1, 3, 8):
+                cpu = sa.random(r, seed=layer).mask(layout, layer=layer, num_heads=12)
+                gpu = sa.random(r, seed=layer).mask(on_gpu, layer=layer, num_heads=12)
+                assert torch.equal(cpu, gpu.cpu()), (causal, layer, r)
+    # similar: repeated tokens tie exactly; both devices keep the earlier key
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.randn(20, 16, generator=g)
+    ids = torch.randint(0, 20, (3, 64), generator=g)
+    real = padded_real([64, 40, 9], "right")
+    cpu = sa.similar(3).mask(TokenLayout(real=real, token_vectors=vocab[ids]))
+    gpu = sa.similar(3).mask(TokenLayout(real=real.cuda(), token_vectors=vocab[ids].cuda()))
+    assert torch.equal(cpu, gpu.cpu())
+
+
 def test_random_draws_every_candidate_about_equally_often():
     # 256 independent draws (seeds x layers x heads) of 4 keys among 31 for the first query: each key is
     # expected 33 times; a biased draw (e.g. always the nearest keys) would fall far outside [10, 60].
