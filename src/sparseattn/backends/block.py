@@ -48,8 +48,18 @@ log = logging.getLogger("sparseattn")
 MIN_LENGTH = 1024
 # Above this block density the sparse kernel saves too little to beat SDPA with a mask.
 MAX_DENSITY = 0.9
+# FlexAttention options for GPUs whose shared memory does not hold the default tiles.
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
 
 _flex_compiled = None
+_compile_mode: str | None = None
+
+
+def set_compile_mode(mode: str | None) -> None:
+    """torch.compile mode for FlexAttention (e.g. "max-autotune-no-cudagraphs": tunes the kernel's tile
+    shapes per input shape, at a much longer first call). Takes effect for kernels compiled afterwards."""
+    global _flex_compiled, _compile_mode
+    _compile_mode, _flex_compiled = mode, None
 
 
 def flex_attention_fn(compiled: bool):
@@ -66,7 +76,7 @@ def flex_attention_fn(compiled: bool):
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(cfg, name) and getattr(cfg, name) < 64:
                 setattr(cfg, name, 64)
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        _flex_compiled = torch.compile(flex_attention, dynamic=False, mode=_compile_mode)
     return _flex_compiled
 
 
@@ -98,8 +108,16 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     flex = flex_attention_fn(compiled)
     with warnings.catch_warnings():  # eager use is deliberate (CPU tests); its performance warning is noise
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
-                   kernel_options=kernel_options)
+        try:
+            out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
+                       kernel_options=kernel_options)
+        except Exception as e:  # the default tiles need more shared memory than the GPU has: smaller ones
+            if not compiled or "out of resource" not in str(e) or kernel_options:
+                raise
+            log.warning("block backend: FlexAttention's default tiles do not fit this GPU's shared memory (%s); "
+                        "retrying with 64x64 tiles and 2 stages", str(e).splitlines()[0][:120])
+            out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
+                       kernel_options=SMALL_TILES)
     return out[:, :, :L] if Lp > L else out
 
 

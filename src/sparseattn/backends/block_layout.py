@@ -180,20 +180,31 @@ class BlockLayout:
                 f"{int(self.partial.sum())} partial ({self.bits.shape[0]} distinct), density {self.density():.1%})")
 
     # -- FlexAttention ------------------------------------------------------------------------
+    def token_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token mask as two gathers: (start (B', H', Nq, Nk) int32, tiles (T * bs * bs,) bool) with
+        keep(q, k) = tiles[start[tile of (q, k)] + (q % bs) * bs + k % bs]. Tile 0 of the table is all False
+        (EMPTY tiles), tile 1 all True (FULL tiles), the partial tiles follow."""
+        bs = self.block_size
+        partial = unpack_bits(self.bits, bs)
+        table = torch.cat([partial.new_zeros(1, bs, bs), partial.new_ones(1, bs, bs), partial]).reshape(-1)
+        if table.numel() >= 2**31:
+            raise ValueError(f"{self.bits.shape[0]} distinct partial tiles of {bs}x{bs} exceed the int32 indexing of "
+                             "the token table; use a smaller batch or block size")
+        start = torch.where(self.code >= 0, self.code + 2, torch.where(self.code == FULL, 1, 0)) * (bs * bs)
+        return start.to(torch.int32).contiguous(), table
+
     def mask_mod(self):
         """The token mask as a FlexAttention ``mask_mod``: exact at every pair (FULL -> True, EMPTY -> False,
         partial -> the stored bit), so it is correct wherever it is evaluated; the kernel, told which tiles
-        are full, evaluates it only on partial tiles."""
-        code, bits, bs = self.code, self.bits, self.block_size
-        W = _bits_per_word(bs)
-        per_example, per_head = code.shape[0] > 1, code.shape[1] > 1
+        are full, evaluates it only on partial tiles. Two plain gathers, no bit arithmetic: cheap to compile
+        into the attention kernel."""
+        start, table = self.token_table()
+        bs = self.block_size
+        per_example, per_head = start.shape[0] > 1, start.shape[1] > 1
 
         def block_layout_mask(b, h, q_idx, kv_idx):
-            c = code[b if per_example else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
-            kv_in = kv_idx % bs
-            word = bits[c.clamp(min=0), q_idx % bs, kv_in // W]
-            bit = (word >> (kv_in % W)) & 1
-            return (c == FULL) | ((c >= 0) & (bit == 1))
+            s = start[b if per_example else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
+            return table[s + (q_idx % bs) * bs + kv_idx % bs]
 
         return block_layout_mask
 

@@ -194,7 +194,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _methods(keep, mask_mod, bs, scale, device):
+def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     """name -> (setup() -> attention fn(q, k, v), build time in ms or None)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -215,13 +215,14 @@ def _methods(keep, mask_mod, bs, scale, device):
     def block():
         layout = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=True)
         bm = layout.flex_block_mask()
-        return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale)
+        return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
+                                                      kernel_options=kernel_options)
 
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_mask": flex_mask, "block": block}
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
-               device="cuda", dtype=torch.bfloat16, fwd_only=False, log=print) -> list[Result]:
+               device="cuda", dtype=torch.bfloat16, fwd_only=False, kernel_options=None) -> list[Result]:
     bs = block_size
     if L % bs:
         raise ValueError(f"length {L} must be a multiple of the block size {bs}")
@@ -237,7 +238,7 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
     grad = torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g)
     flops_fwd = 4 * B * heads * L * L * head_dim
     results = []
-    setups = _methods(keep, mask_mod, bs, scale, device)
+    setups = _methods(keep, mask_mod, bs, scale, device, kernel_options)
     for name in methods:
         r = Result(layout_name, L, B, heads, head_dim, sparsity, density, pair_sparsity, desc, name)
         try:

@@ -62,17 +62,23 @@ def cmd_attention(args) -> int:
     from .attention import device_meta, format_table, results_to_json, run_config
 
     _need_cuda()
+    if args.compile_mode:
+        from ..backends.block import set_compile_mode
+
+        set_compile_mode(args.compile_mode)
+    kernel_options = json.loads(args.kernel_options) if args.kernel_options else None
     results = []
     meta = device_meta()
     meta.update(command="sparseattn bench attention", heads=args.heads, tokens=args.tokens, block_size=args.block_size,
-                dtype="bfloat16")
+                dtype="bfloat16", compile_mode=args.compile_mode, kernel_options=kernel_options)
     print(f"device: {meta.get('device')}, torch {meta['torch']}, triton {meta.get('triton')}")
     for D in args.head_dims:
         for L in args.lengths:
             for layout in args.layouts:
                 for s in args.sparsity:
                     rs = run_config(layout, L, s, D, heads=args.heads, tokens=args.tokens,
-                                    block_size=args.block_size, methods=args.methods, fwd_only=args.fwd_only)
+                                    block_size=args.block_size, methods=args.methods, fwd_only=args.fwd_only,
+                                    kernel_options=kernel_options)
                     results.extend(rs)
                     print(format_table(rs).splitlines()[-1], flush=True)
                     if args.json:  # keep what is done, whatever happens next
@@ -136,6 +142,10 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / length)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--fwd-only", action="store_true", help="time the forward pass only")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs (slow first calls)")
+    p.add_argument("--kernel-options", default=None,
+                   help='FlexAttention kernel options for the block kernel, as JSON, e.g. \'{"USE_TMA": true}\'')
     p.add_argument("--json", default=None, help="write all results here")
     p.set_defaults(func=cmd_attention)
 

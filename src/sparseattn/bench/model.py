@@ -25,7 +25,7 @@ from .. import sparsify
 from ..backends.block import BlockSparseBackend
 from ..layout import TokenLayout
 from ..plans.plan import Plan
-from ..sparsity import measure
+from ..sparsity import measure_plan
 
 
 @dataclass
@@ -75,7 +75,7 @@ def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: i
 
 def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple[float, float]:
     layout = TokenLayout.from_lengths([length], causal=causal, device=device)
-    rep = measure(plan.resolve(1, heads)[:1], layout, block_size=128)
+    rep = measure_plan(plan.resolve(1, heads)[:1], layout, block_size=128)
     return rep.overall, rep.block_density
 
 
