@@ -92,7 +92,11 @@ def cmd_inspect(args) -> int:
                  max_length=args.max_length)
     tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
     state = model._sparseattn
-    layout = layout_of_batch(enc, special_ids=state.special_ids, embeddings=state.embeddings)
+    num_heads = state.layer_plans[0].num_heads
+    if not 0 <= args.head < num_heads:
+        raise ValueError(f"--head {args.head} is out of range for a model with {num_heads} heads (0-{num_heads - 1})")
+    causal = any(bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state"))
+    layout = layout_of_batch(enc, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
     report = measure_sparsity(model, enc, block_size=args.block_size)
     print(f"plan: {plan.spec()}")
     print(f"tokens ({len(tokens)}): {' '.join(tokens)}")
