@@ -88,3 +88,23 @@ def test_a_plan_that_does_not_fit_the_model_exits_with_1(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "patterns" in capsys.readouterr().out
+
+
+def test_a_head_out_of_range_exits_with_1(capsys):
+    assert main(["inspect", "Hi.", "--plan", "all: neighbour(1)", "--head", "12"]) == 1
+    assert "--head 12 is out of range for a model with 12 heads (0-11)" in capsys.readouterr().err
+
+
+def test_inspect_a_decoder_shows_no_future_keys(tmp_path, capsys, tokenizer):
+    from conftest import tiny_llama
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(vocab_size=tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["inspect", "A man is playing a guitar.", "--plan", "all: neighbour(2) | global_tokens(1)",
+                 "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    rows = out.split("layer 0, head 0 (or(neighbour_2,global_tokens_1))")[1].strip().splitlines()[1:10]
+    for i, row in enumerate(rows):  # row i: [CLS] keeps, then keys within 2 back, nothing after the query
+        cells = row.split()[-9:]
+        assert cells == ["■" if j == 0 or i - 2 <= j <= i else "·" for j in range(9)], row
