@@ -173,6 +173,40 @@ def test_similar_uses_the_models_input_embeddings(tokenizer):
     torch.testing.assert_close(rec["output"][0][real].double(), want[real], atol=ATOL, rtol=ATOL)
 
 
+def test_roberta_full_is_unchanged_and_neighbour_is_banded():
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, vocab_size=120, max_position_embeddings=40)).eval()
+    ids = torch.randint(3, 120, (2, 9))
+    am = torch.ones_like(ids)
+    am[1, 6:] = 0
+    ids[1, 6:] = model.config.pad_token_id
+    real = am.bool()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=am).last_hidden_state
+        sa.sparsify(model, "all: full()")
+        full = model(input_ids=ids, attention_mask=am).last_hidden_state
+        sa.sparsify(model, "all: neighbour(1)")
+        out = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    torch.testing.assert_close(full[real], dense[real], atol=1e-5, rtol=1e-5)
+    keep = hand_mask(real, lambda b, h, i, j, *_: abs(i - j) <= 1)
+    for probs in out.attentions:
+        rows = real[:, None, :].expand(-1, 4, -1)
+        assert (probs[rows][~keep.expand(-1, 4, -1, -1)[rows]] == 0).all()
+
+
+def test_positional_arguments_are_read_like_keywords(tokenizer):
+    model = tiny_bert(vocab_size=tokenizer.vocab_size)
+    sa.sparsify(model, "all: neighbour(1) | random(2)")
+    enc = encode(tokenizer, SENTENCES)
+    with torch.no_grad():
+        a = model(enc["input_ids"], enc["attention_mask"]).last_hidden_state
+        b = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    assert torch.equal(a, b)
+
+
 # -- gradients ---------------------------------------------------------------------------------------
 class HandMaskedAttention:
     """An attention function for transformers' AttentionInterface that applies given keep-masks

@@ -132,6 +132,23 @@ def test_syntax_masks_are_padding_invariant(tokenizer, parse_cache, side):
         assert torch.equal(got, a)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sentence_pairs_are_padding_invariant(tokenizer, parse_cache, side):
+    firsts, seconds = ["He ran.", WINDOWSILL[0]], ["He was fast.", "Dogs bark."]
+    alone = [sa.syntax(1).mask(layout_of_batch(sa.encode(tokenizer, [a], [b], parses=parse_cache)))[0]
+             for a, b in zip(firsts, seconds)]
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        enc = sa.encode(tokenizer, firsts, seconds, parses=parse_cache)
+    finally:
+        tokenizer.padding_side = old
+    layout = layout_of_batch(enc)
+    assert not layout.real.all()
+    for a, got in zip(alone, examples_of(sa.syntax(1).mask(layout), layout.real)):
+        assert torch.equal(got, a)
+
+
 def test_syntax_needs_parses(tokenizer):
     enc = sa.encode(tokenizer, ["Dogs bark."])  # segmented without a parser
     with pytest.raises(ValueError, match="syntax_1 needs dependency parses"):
