@@ -8,7 +8,7 @@ import torch
 
 import sparseattn as sa
 from sparseattn.plans import Plan
-from sparseattn.sparsity import SparsityReport, block_counts, measure_plan, pair_counts
+from sparseattn.sparsity import block_counts, measure_plan, pair_counts
 
 from conftest import hand_mask, make_layout, real_positions, tiny_bert, tiny_llama
 
