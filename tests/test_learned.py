@@ -124,3 +124,13 @@ def test_bad_arguments_are_named():
         LearnConfig(lam=-1.0)
     with pytest.raises(ValueError, match="layer 7 is out of range"):
         SoftNeighbourDegrees(2, 4, layers=[7])
+
+
+def test_a_head_below_zero_still_gets_gradients():
+    deg = SoftNeighbourDegrees(1, 2, init_degree=0.0, temperature=1.0)
+    with torch.no_grad():
+        deg.degree.copy_(torch.tensor([[-0.7, 2.0]]))
+    lay = sa.TokenLayout.from_lengths([12])
+    deg.expected_density(lay).backward()
+    assert deg.degree.grad[0, 0] > 0
+    assert deg.hard_degrees().tolist() == [[0, 2]]

@@ -59,7 +59,9 @@ class SoftNeighbourDegrees(nn.Module):
         return layer in self.layers
 
     def degrees(self) -> torch.Tensor:
-        """(layers, heads) current degrees, clamped at 0 (a negative radius means 'diagonal only')."""
+        """(layers, heads) current degrees, clamped at 0 for reporting (a negative radius means 'diagonal
+        only'). The window uses the raw parameter, so a head at or below 0 still gets gradients and can
+        widen again."""
         return self.degree.clamp(min=0)
 
     def window(self, layout: TokenLayout, layer: int) -> torch.Tensor:
@@ -67,7 +69,7 @@ class SoftNeighbourDegrees(nn.Module):
         0 on pairs that are not allowed (padding, a decoder's future)."""
         p = layout.positions
         dist = (p[:, None, :, None] - p[:, None, None, :]).abs().to(self.degree.dtype)  # (B, 1, L, L)
-        d = self.degrees()[layer][None, :, None, None]
+        d = self.degree[layer][None, :, None, None]
         w = torch.sigmoid((d - dist + 0.5) / self.temperature)
         fixed = layout.diagonal()
         if self.global_tokens:
@@ -94,8 +96,8 @@ class SoftNeighbourDegrees(nn.Module):
         return torch.stack(kept).sum() / (allowed * self.num_layers)
 
     def hard_degrees(self) -> torch.Tensor:
-        """(layers, heads) int64: floor(d + 1/2), the degrees of the T -> 0 limit."""
-        return (self.degrees().detach() + 0.5).floor().long()
+        """(layers, heads) int64: floor(d + 1/2), at least 0: the degrees of the T -> 0 limit."""
+        return (self.degree.detach() + 0.5).floor().clamp(min=0).long()
 
     def to_plan(self) -> Plan:
         """The T -> 0 limit as an ordinary plan: per layer, heads grouped by degree, each rule

@@ -1,0 +1,196 @@
+"""`sparseattn learn`: learn each head's neighbour degree on a GLUE task, export a hard plan, fine-tune it.
+
+Three phases, each an ordinary part of the toolkit:
+1. soft: the model trains with learnable soft windows (`attach_degrees`) on task loss + lambda x expected
+   density (or a target sparsity, by dual ascent), the temperature annealing towards hard windows;
+2. export: the degrees become an ordinary plan (`neighbour(k) | global_tokens(g)` per head group),
+   calibrated to the target when one was given, saved with `save_plan`, drawn as a heatmap;
+3. hard: `finetune` continues from the soft phase's weights under the exported plan for
+   ``hard_epochs``, so the final model runs on any backend, and its dev metric and measured sparsity
+   are what the run reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..experiments.batching import collate, encode_split, train_batches, to_device
+from ..experiments.finetune import FinetuneConfig, finetune, resolve_precision, set_seed, subset
+from ..experiments.glue import get_task, load_split
+from ..layout import TokenLayout
+from ..plans.io import save_plan
+from ..plans.spec import parse_plan
+from . import attach_degrees, detach_degrees
+from .train import LearnConfig, calibrate_offset, hard_sparsity, learn
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclass
+class LearnGlueConfig(FinetuneConfig):
+    """A FinetuneConfig (``epochs`` = soft-phase epochs) plus what learning the degrees needs."""
+
+    lam: float | None = None  # density penalty weight; or give target_sparsity
+    target_sparsity: float | None = None  # overall sparsity the exported plan should have, in [0, 1)
+    init_degree: float = 16.0
+    global_tokens: int = 1  # the first g tokens stay global, not learned
+    learn_layers: str = "all"  # layer selector of the plan grammar: all, later-half, layers=3-5, ...
+    degree_lr: float = 0.5
+    dual_lr: float = 5.0
+    t_start: float = 4.0
+    t_end: float = 0.05
+    hard_epochs: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.plan != "dense":
+            raise ValueError(f"learn starts from a dense model; plan must be 'dense', got {self.plan!r}")
+        if (self.lam is None) == (self.target_sparsity is None):
+            raise ValueError("give exactly one of lam (a density penalty) and target_sparsity")
+        LearnConfig(lam=self.lam, target_sparsity=self.target_sparsity, t_start=self.t_start, t_end=self.t_end)
+        if self.init_degree < 0 or self.global_tokens < 0:
+            raise ValueError(f"init_degree and global_tokens must be >= 0, got {self.init_degree}, "
+                             f"{self.global_tokens}")
+        if isinstance(self.hard_epochs, bool) or not isinstance(self.hard_epochs, int) or self.hard_epochs < 1:
+            raise ValueError(f"hard_epochs must be a positive integer (the hard plan is always fine-tuned), "
+                             f"got {self.hard_epochs!r}")
+        parse_plan(f"{self.learn_layers}: full()")  # a bad selector fails here, with a caret
+
+    @property
+    def label(self) -> str:
+        what = f"lam={self.lam:g}" if self.lam is not None else f"target={self.target_sparsity:g}"
+        return f"learned({what})"
+
+
+def draw_degrees(degrees: torch.Tensor, path, *, title: str = "") -> Path:
+    """Heatmap of learned degrees (layers x heads)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    d = degrees.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * d.shape[1], 1.2 + 0.5 * d.shape[0]))
+    im = ax.imshow(d, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(d):
+        ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7, color="white" if v < d.max() / 2 else "black")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(d.shape[1]))
+    ax.set_yticks(range(d.shape[0]))
+    fig.colorbar(im, ax=ax, label="neighbour degree")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
+               on_malformed: str = "error") -> dict:
+    """Run the three phases; returns the hard phase's results with a ``learned`` section added."""
+    from tqdm.auto import tqdm
+
+    from ..models import load_model, load_tokenizer
+
+    t_start = time.perf_counter()
+    task = get_task(cfg.task)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    precision = resolve_precision(cfg.precision, device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    own_tmp = tempfile.TemporaryDirectory(prefix="sparseattn-learn-") if out_dir is None else None
+    out = Path(out_dir) if out_dir is not None else Path(own_tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- 1. soft phase --------------------------------------------------------------------------------
+    train_ex = load_split(task, "train", glue_dir, on_malformed=on_malformed)
+    train_ex = [train_ex[i] for i in subset(len(train_ex), cfg.limit_train)]
+    tokenizer = load_tokenizer(cfg.model)
+    train = encode_split(tokenizer, train_ex, cfg.max_length, regression=task.is_regression,
+                         what=f"{task.folder} train")
+    set_seed(cfg.seed)
+    model = load_model(cfg.model, task="classification", num_labels=task.num_labels)
+    n_layers = model.config.num_hidden_layers
+    layers = list(parse_plan(f"{cfg.learn_layers}: full()").rules[0].resolve_layers(n_layers))
+    degrees = attach_degrees(model, init_degree=cfg.init_degree, global_tokens=cfg.global_tokens,
+                             temperature=cfg.t_start, layers=layers, tokenizer=tokenizer)
+    model.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    pad_to = 8 if device.type == "cuda" else 1
+
+    def batches():
+        for idx in train_batches(train, cfg.batch_size, rng):
+            b = collate(train, idx, pad_to_multiple_of=pad_to, pin=device.type == "cuda")
+            yield to_device({k: b[k] for k in MODEL_KEYS if k in b}, device)
+
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    soft_cfg = LearnConfig(lam=cfg.lam, target_sparsity=cfg.target_sparsity, steps=steps, lr=cfg.lr,
+                           degree_lr=cfg.degree_lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup,
+                           t_start=cfg.t_start, t_end=cfg.t_end, dual_lr=cfg.dual_lr,
+                           max_grad_norm=cfg.max_grad_norm or float("inf"), log_every=max(1, steps // 20))
+    bar = tqdm(total=steps, desc=f"{task.folder} learn degrees ({cfg.label})", disable=not progress)
+
+    def show(h):
+        bar.n = h["step"] + 1
+        bar.set_postfix(loss=f"{h['loss']:.3f}", density=f"{h['expected_density']:.3f}", T=f"{h['temperature']:.2f}",
+                        deg=f"{h['degree_mean']:.1f}")
+        bar.refresh()
+
+    soft = learn(model, degrees, batches, soft_cfg, device=device, autocast_dtype=autocast_dtype, progress=show)
+    bar.close()
+
+    # -- 2. export ----------------------------------------------------------------------------------------
+    calib_idx = np.random.default_rng(0).permutation(len(train))[:4096]
+    layouts = [TokenLayout(real=collate(train, calib_idx[i:i + 256])["attention_mask"].bool())
+               for i in range(0, len(calib_idx), 256)]
+    offset = 0.0
+    if cfg.target_sparsity is not None:
+        offset = calibrate_offset(degrees, layouts, cfg.target_sparsity, max_length=cfg.max_length)
+    learned = degrees.hard_degrees()
+    plan = degrees.to_plan()
+    plan_dir = save_plan(plan, out / "plan", num_layers=n_layers, num_heads=model.config.num_attention_heads,
+                         length=cfg.max_length, metadata={"learned": cfg.to_dict()})
+    draw_degrees(learned, out / "degrees.png", title=f"{task.name}: learned neighbour degrees, {cfg.label}")
+    train_sparsity = hard_sparsity(degrees, layouts)
+    detach_degrees(model)
+    model.save_pretrained(out / "soft_model")
+    tokenizer.save_pretrained(out / "soft_model")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # -- 3. hard phase ------------------------------------------------------------------------------------
+    base = {k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.__dataclass_fields__}
+    hard_cfg = FinetuneConfig.from_dict({**base, "plan": str(plan_dir), "model": str(out / "soft_model"),
+                                         "epochs": cfg.hard_epochs})
+    result = finetune(hard_cfg, glue_dir=glue_dir, out_dir=out / "hard", device=device, progress=progress,
+                      on_malformed=on_malformed)
+    result["config"] = cfg.to_dict()
+    result["plan_name"] = cfg.label
+    result["learned"] = {
+        "degrees": learned.tolist(),
+        "soft_history": soft.history,
+        "final_lambda": soft.final_lambda,
+        "calibration_offset": offset,
+        "train_sparsity_of_exported_plan": train_sparsity,
+        "soft_seconds": soft.seconds,
+        "plan_dir": str(plan_dir) if own_tmp is None else None,
+    }
+    result["timing"]["total_seconds"] = time.perf_counter() - t_start
+    if own_tmp is None:
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        own_tmp.cleanup()
+    return result
