@@ -189,3 +189,15 @@ def test_input_dependent_pattern_without_structure(tokenizer):
         model(input_ids=ids)
     sa.sparsify(model, "all: global_tokens('special')", tokenizer=tokenizer)
     model(input_ids=ids)  # with the tokenizer, [CLS] and [SEP] are found from the ids
+
+
+def test_roberta_positions_offset_counts_against_the_length_limit():
+    """RoBERTa numbers positions from padding_idx + 1: 20 position embeddings take 18 tokens."""
+    from transformers import RobertaConfig, RobertaModel
+
+    m = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=20, pad_token_id=1)).eval()
+    sa.sparsify(m, "all: neighbour(1)")
+    m(input_ids=torch.full((1, 18), 5))
+    with pytest.raises(ValueError, match=r"19 tokens .* at most 18 positions"):
+        m(input_ids=torch.full((1, 19), 5))

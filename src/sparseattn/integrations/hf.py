@@ -141,7 +141,7 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     state = _State(layer_plans=layer_plans, backend=get_backend(backend), plan=plan, special_ids=special_ids,
                    embeddings=model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
                    original_impl=getattr(model.config, "_attn_implementation", None),
-                   max_positions=getattr(cfg, "max_position_embeddings", None))
+                   max_positions=_max_positions(model, cfg))
     for _, m in modules:
         m._sparseattn_state = state
         state.modules.append(m)
@@ -152,6 +152,19 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     model._sparseattn = state
     model.set_attn_implementation(ATTN_NAME)
     return model
+
+
+def _max_positions(model, cfg) -> int | None:
+    """How many tokens the model can take. RoBERTa-style embeddings number positions from
+    padding_idx + 1, so they take padding_idx + 1 fewer than max_position_embeddings."""
+    n = getattr(cfg, "max_position_embeddings", None)
+    if n is None:
+        return None
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    offset = getattr(emb, "padding_idx", None)
+    if isinstance(offset, int) and hasattr(emb, "create_position_ids_from_inputs_embeds"):
+        n -= offset + 1
+    return n
 
 
 def unsparsify(model):
@@ -203,7 +216,7 @@ def _pre_hook(model, args, kwargs):
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         if state.max_positions and L + seen > state.max_positions:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
-                             f"{state.max_positions} (max_position_embeddings); truncate it explicitly")
+                             f"{state.max_positions} positions (max_position_embeddings); truncate it explicitly")
     state.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure}
     state.cache = {}
     return args, kwargs
