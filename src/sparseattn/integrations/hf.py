@@ -216,7 +216,7 @@ def _pre_hook(model, args, kwargs):
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         if state.max_positions and L + seen > state.max_positions:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
-                             f"{state.max_positions} positions (max_position_embeddings); truncate it explicitly")
+                             f"{state.max_positions} (max_position_embeddings, less any position offset); truncate it explicitly")
     state.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure}
     state.cache = {}
     return args, kwargs
