@@ -109,6 +109,14 @@ def test_layout_codes():
     keep[..., 16:, :16] = torch.eye(16, dtype=torch.bool)  # partial
     bl = BlockLayout.from_mask(keep, 16)
     assert bl.code[0, 0].tolist() == [[FULL, EMPTY], [0, EMPTY]]
+    b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in keep.shape), indexing="ij")
+    assert torch.equal(bl.mask_mod()(b, h, q, kv), keep)  # through the bit table
+    tiles_only = torch.zeros(1, 2, 48, 48, dtype=torch.bool)
+    tiles_only[:, 0, :16, 16:32] = tiles_only[:, 1, 32:, :] = True
+    full_only = BlockLayout.from_mask(tiles_only, 16)
+    assert not full_only.has_partial()
+    b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in tiles_only.shape), indexing="ij")
+    assert torch.equal(full_only.mask_mod()(b, h, q, kv), tiles_only)  # no token table needed
     with pytest.raises(ValueError, match="multiple of 16"):
         BlockLayout.from_mask(keep, 24)
     with pytest.raises(ValueError, match="4-D bool"):

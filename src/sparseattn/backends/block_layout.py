@@ -7,9 +7,12 @@ tiles padded with "not kept"). Each tile is
 - full:    every pair kept, the kernel computes it without evaluating any mask;
 - partial: some pairs kept, the kernel reads the token mask from a packed bit table.
 
-Only partial tiles store token-level bits, so memory grows with the number of partial tiles, not with
+Only partial tiles store token-level bits, so the layout grows with the number of partial tiles, not with
 length squared. Tiles with equal bits are stored once (the diagonal tiles of a sliding window are all
-the same), so positional patterns need a handful of tiles whatever the length.
+the same), so positional patterns need a handful of tiles whatever the length. For the kernel, layouts
+with partial tiles are also written out as a bit table over positions (L^2 / 8 bytes per distinct
+example and head): a kernel reads it with position-addressed loads, where a lookup through a tile index
+would be a data-dependent gather per element (measured: that made partial tiles several times slower).
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
@@ -180,33 +183,47 @@ class BlockLayout:
                 f"{int(self.partial.sum())} partial ({self.bits.shape[0]} distinct), density {self.density():.1%})")
 
     # -- FlexAttention ------------------------------------------------------------------------
-    def token_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token mask as two gathers: (start (B', H', Nq, Nk) int32, tiles (T * bs * bs,) bool) with
-        keep(q, k) = tiles[start[tile of (q, k)] + (q % bs) * bs + k % bs]. Tile 0 of the table is all False
-        (EMPTY tiles), tile 1 all True (FULL tiles), the partial tiles follow."""
+    def bit_table(self) -> torch.Tensor:
+        """(B', H', Nq * bs, Nk * bs / 8) uint8: the keep-mask as one bit per pair, bit (k % 8) of byte k // 8,
+        filled from the tiles (full tiles all ones, empty ones zero). An eighth of a bool mask's memory,
+        and addressed by position, so a kernel loads it like any tensor (a tile table addressed through a
+        tile index would be a data-dependent gather, several times slower; measured on an H100)."""
+        B, H, Nq, Nk = self.code.shape
         bs = self.block_size
-        partial = unpack_bits(self.bits, bs)
-        table = torch.cat([partial.new_zeros(1, bs, bs), partial.new_ones(1, bs, bs), partial]).reshape(-1)
-        if table.numel() >= 2**31:
-            raise ValueError(f"{self.bits.shape[0]} distinct partial tiles of {bs}x{bs} exceed the int32 indexing of "
-                             "the token table; use a smaller batch or block size")
-        start = torch.where(self.code >= 0, self.code + 2, torch.where(self.code == FULL, 1, 0)) * (bs * bs)
-        return start.to(torch.int32).contiguous(), table
+        table = torch.zeros(B, H, Nq * bs, Nk * bs // 8, dtype=torch.uint8, device=self.code.device)
+        by_tile = table.view(B, H, Nq, bs, Nk, bs // 8).permute(0, 1, 2, 4, 3, 5)  # a view: writes go through
+        by_tile[self.full] = 255
+        partial = self.partial
+        if partial.any():
+            tiles = unpack_bits(self.bits, bs).view(-1, bs, bs // 8, 8).to(torch.uint8)
+            weights = (1 << torch.arange(8, device=tiles.device)).to(torch.uint8)
+            tile_bytes = (tiles * weights).sum(-1, dtype=torch.uint8)  # (P, bs, bs / 8)
+            by_tile[partial] = tile_bytes[self.code[partial].long()]
+        return table
+
+    def has_partial(self) -> bool:
+        return bool(self.partial.any())
 
     def mask_mod(self):
-        """The token mask as a FlexAttention ``mask_mod``: exact at every pair (FULL -> True, EMPTY -> False,
-        partial -> the stored bit), so it is correct wherever it is evaluated; the kernel, told which tiles
-        are full, evaluates it only on partial tiles. Two plain gathers, no bit arithmetic: cheap to compile
-        into the attention kernel."""
-        start, table = self.token_table()
+        """The token mask as a FlexAttention ``mask_mod``, exact at every pair, so it is right wherever it is
+        evaluated; the kernel, told which tiles are full, evaluates it only on partial tiles. Layouts without
+        partial tiles need no token table: a lookup of the tile kinds serves."""
         bs = self.block_size
-        per_example, per_head = start.shape[0] > 1, start.shape[1] > 1
+        per_example, per_head = self.code.shape[0] > 1, self.code.shape[1] > 1
+        if not self.has_partial():
+            full = self.full
 
-        def block_layout_mask(b, h, q_idx, kv_idx):
-            s = start[b if per_example else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
-            return table[s + (q_idx % bs) * bs + kv_idx % bs]
+            def full_tiles_mask(b, h, q_idx, kv_idx):
+                return full[b if per_example else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
 
-        return block_layout_mask
+            return full_tiles_mask
+        table = self.bit_table()
+
+        def bit_table_mask(b, h, q_idx, kv_idx):
+            byte = table[b if per_example else 0, h if per_head else 0, q_idx, kv_idx // 8]
+            return ((byte >> (kv_idx % 8)) & 1) != 0
+
+        return bit_table_mask
 
     def flex_block_mask(self):
         """A FlexAttention BlockMask built directly from the tiles (no per-element mask evaluation):
