@@ -505,3 +505,29 @@ def test_sparsify_twice_replaces_the_plan(tokenizer):
         c = model(**enc).last_hidden_state
     assert len(model._forward_pre_hooks) == 1
     assert not torch.allclose(a, b) and torch.equal(b, c)
+
+
+def test_distilbert_without_layer_idx_maps_attention_modules_by_order():
+    """DistilBERT's attention modules carry no layer_idx: one per layer, in order, is the layer order."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    m = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
+                                         max_position_embeddings=40)).eval()
+    ids = torch.randint(3, 50, (2, 12))
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=am).last_hidden_state
+    sa.sparsify(m, "full()")
+    with torch.no_grad():
+        same = m(input_ids=ids, attention_mask=am).last_hidden_state
+    assert torch.equal(same[am.bool()], ref[am.bool()])
+    sa.sparsify(m, "layers=2: neighbour(1)")
+    with torch.no_grad():
+        att = m(input_ids=ids, attention_mask=am, output_attentions=True).attentions
+    dist = (torch.arange(12)[:, None] - torch.arange(12)[None, :]).abs()
+    assert (att[2][0][:, dist > 1] == 0).all()  # layer 2 is sparsified...
+    assert (att[1][0][:, dist > 1] > 0).any()  # ...layer 1 is not
+    rep = sa.measure_sparsity(m, {"input_ids": ids, "attention_mask": am})
+    assert rep.per_layer[:2].tolist() == [0.0, 0.0] and rep.per_layer[2] > 0.5

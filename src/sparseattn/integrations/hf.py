@@ -123,16 +123,21 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     if not modules:
         raise UnsupportedModelError(f"found no self-attention module in {type(model).__name__} that dispatches through "
                                     "transformers' ALL_ATTENTION_FUNCTIONS")
-    idx = []
-    for name, m in modules:
-        li = getattr(m, "layer_idx", None)
-        if not isinstance(li, int):
-            raise UnsupportedModelError(f"attention module {name} ({type(m).__name__}) has no integer layer_idx; "
-                                        "sparseattn needs it to apply per-layer plans")
-        idx.append(li)
+    idx = [getattr(m, "layer_idx", None) for _, m in modules]
+    if not all(isinstance(li, int) for li in idx):
+        # Some architectures (DistilBERT, ALBERT) do not number their attention modules; one module per layer,
+        # in the order the model holds them, is the layer order.
+        if any(isinstance(li, int) for li in idx) or len(modules) != num_layers:
+            name, m = next((n, m) for (n, m), li in zip(modules, idx) if not isinstance(li, int))
+            raise UnsupportedModelError(
+                f"attention module {name} ({type(m).__name__}) has no integer layer_idx and the model's "
+                f"{len(modules)} attention modules do not map one-to-one onto its {num_layers} layers")
+        idx = list(range(num_layers))
     if sorted(idx) != list(range(num_layers)):
         raise UnsupportedModelError(f"expected one self-attention module per layer 0-{num_layers - 1}, found layer "
                                     f"indices {sorted(idx)}")
+    for (_, m), li in zip(modules, idx):
+        m._sparseattn_layer = li
 
     _register()
     special_ids = None
@@ -175,7 +180,7 @@ def unsparsify(model):
     for h in state.hooks:
         h.remove()
     for m in state.modules:
-        for attr in ("_sparseattn_state", "_sparseattn_dense"):
+        for attr in ("_sparseattn_state", "_sparseattn_dense", "_sparseattn_layer"):
             if hasattr(m, attr):
                 delattr(m, attr)
     model._sparseattn = None
@@ -285,7 +290,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     kv_len = key.shape[2]
     layout = _layout_for(module, state, attention_mask, query.shape[0], kv_len, query.device)
     call = AttentionCall(
-        query=query, key=key, value=value, layer_plan=state.layer_plans[module.layer_idx], layout=layout,
+        query=query, key=key, value=value, layer_plan=state.layer_plans[module._sparseattn_layer], layout=layout,
         model_mask=attention_mask, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         dropout_p=dropout, cache=state.cache, need_weights=_wants_weights(module, kwargs))
     out, weights = state.backend.attention(call)
