@@ -134,3 +134,16 @@ def test_a_head_below_zero_still_gets_gradients():
     deg.expected_density(lay).backward()
     assert deg.degree.grad[0, 0] > 0
     assert deg.hard_degrees().tolist() == [[0, 2]]
+
+
+def test_degree_table_counts_like_measure_plan():
+    from sparseattn.learned.train import DegreeTable
+
+    lays = layouts(make_batches(2))
+    deg = SoftNeighbourDegrees(2, 4, global_tokens=2)
+    with torch.no_grad():
+        deg.degree.copy_(torch.tensor([[0.0, 1.0, 5.0, 30.0], [2.0, 3.0, 3.0, 9.0]]))
+    table = DegreeTable(lays, global_tokens=2)
+    assert abs(table.sparsity(deg.hard_degrees(), [0, 1]) - hard_sparsity(deg, lays)) < 1e-12
+    deg.layers = [1]
+    assert abs(table.sparsity(deg.hard_degrees(), [1]) - hard_sparsity(deg, lays)) < 1e-12

@@ -142,20 +142,61 @@ def hard_sparsity(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], off
     return total.overall
 
 
+class DegreeTable:
+    """Kept pairs of a window ``neighbour(k) | global_tokens(g)`` on a set of layouts, for every k at once.
+
+    A pair is kept when it is global, or when |i - j| <= k; so with r = 0 for global pairs and |i - j|
+    otherwise, kept(k) = #allowed pairs with r <= k: a cumulative histogram of r. Exact, and the same
+    counts `sparseattn.sparsity` makes (the tests check it against `measure_plan`)."""
+
+    def __init__(self, layouts: list[TokenLayout], global_tokens: int):
+        hist = torch.zeros(1, dtype=torch.long)
+        allowed = 0
+        for lay in layouts:
+            p = lay.positions
+            allow = lay.allowed()[:, 0]
+            r = (p[:, :, None] - p[:, None, :]).abs()
+            if global_tokens:
+                glob = lay.real & (p < global_tokens)
+                r = torch.where(glob[:, :, None] | glob[:, None, :], torch.zeros_like(r), r)
+            h = torch.bincount(r[allow].flatten())
+            hist = torch.nn.functional.pad(hist, (0, max(0, len(h) - len(hist))))
+            hist[:len(h)] += h
+            allowed += int(allow.sum())
+        self.kept = hist.cumsum(0)  # kept[k] for k < len; beyond, everything
+        self.allowed = allowed
+
+    def kept_at(self, k: torch.Tensor) -> torch.Tensor:
+        return self.kept[k.clamp(min=0, max=len(self.kept) - 1)]
+
+    def sparsity(self, hard_degrees: torch.Tensor, learned_layers: list[int]) -> float:
+        """Overall sparsity for (layers, heads) hard degrees; layers not learned count as dense."""
+        L, H = hard_degrees.shape
+        kept = sum(float(self.kept_at(hard_degrees[l]).sum()) if l in learned_layers else H * self.allowed
+                   for l in range(L))
+        return 1.0 - kept / (L * H * self.allowed)
+
+
 def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], target_sparsity: float,
                      *, max_length: int | None = None) -> float:
     """Shift every degree by one common offset so the hard plan's sparsity on ``layouts`` is as close as
     possible to ``target_sparsity``; applies the offset and returns it. Sparsity falls as the offset
     grows, so the offset is found by bisection over [-max degree - 1, max_length]."""
+    table = DegreeTable(layouts, degrees.global_tokens)
+    raw = degrees.degree.detach()
+
+    def sparsity_at(offset: float) -> float:
+        hard = (raw + offset + 0.5).floor().clamp(min=0).long()
+        return table.sparsity(hard, degrees.layers)
+
     hi_len = max_length or max(int(l.lengths.max()) for l in layouts)
-    lo, hi = -float(degrees.degrees().detach().max()) - 1.0, float(hi_len)
-    for _ in range(40):
+    lo, hi = -float(raw.max()) - 1.0, float(hi_len) - float(raw.min()) + 1.0
+    for _ in range(60):
         mid = (lo + hi) / 2
-        if hard_sparsity(degrees, layouts, mid) > target_sparsity:
+        if sparsity_at(mid) > target_sparsity:
             lo = mid  # too sparse: widen
         else:
             hi = mid
-    # the two neighbours of the step; take the closer
-    best = min((lo, hi), key=lambda o: abs(hard_sparsity(degrees, layouts, o) - target_sparsity))
+    best = min((lo, hi), key=lambda o: abs(sparsity_at(o) - target_sparsity))
     degrees.degree.data += best
     return best
