@@ -76,7 +76,7 @@ def cmd_collect(args) -> int:
     print(f"model: {model_name}\ndata: {what}, {len(examples)} examples\ngrid: {args.max_length} positions",
           file=sys.stderr)
     stats = collect_attention(model, tok, examples, length=args.max_length, batch_size=args.batch_size,
-                              longer=args.longer, progress=not args.quiet,
+                              longer=args.longer, progress=not args.quiet, sum_dtype=getattr(torch, args.sum_dtype),
                               metadata={"model": model_name, "data": what, "dtype": args.dtype})
     path = stats.save(args.out)
     m = stats.metadata
@@ -259,7 +259,9 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model precision (sums are float64)")
+                   help="model precision")
+    p.add_argument("--sum-dtype", default="float64", choices=("float64", "float32"),
+                   help="precision of the sums (layers x heads x L x L of them): float32 halves the memory")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--png", default=None, help="also draw the averages (layers x heads) to this PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

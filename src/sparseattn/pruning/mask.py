@@ -13,6 +13,12 @@ collected). Equal averages are broken by the flat index (layer-major, then head,
 is a deterministic function of the statistics. If a unit has fewer candidates than entries to prune,
 that is an error naming the largest fraction that is possible.
 
+What p counts (``budget``): 'grid', the allowed entries of the N x N grid, each once (the papers' way);
+or 'data', the allowed pairs of the collected examples (entry (i, j) weighs as many examples as contain
+it), so that p is the sparsity the mask actually has on that data once shorter examples are cropped.
+The two differ a lot: low averages sit at far positions that few examples reach, so a 'grid' mask
+removes far fewer real pairs than p (on SST-2, 20% of the grid is 8% of the training pairs).
+
 Block variants, for block-sparse kernels (tiles of ``block`` x ``block`` positions, aligned at 0):
 - ``expand_to_blocks``: keep every tile that holds a kept entry of a token-level mask (token sparsity
   goes down, block density is what a kernel pays);

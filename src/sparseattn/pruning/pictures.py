@@ -78,7 +78,9 @@ def draw_attention(stats: AttentionStats, path, *, layers: Sequence[int] | None 
     lo = max(float(np.percentile(positive, 1)) if positive.size else 1e-6, 1e-6)  # robust to a few tiny values
     gap = max(1, N // 16)
     meta = stats.metadata
-    title = title or (f"mean attention, {meta.get('model', 'model')} on {meta.get('data', 'data')}: "
+    model = Path(str(meta.get("model", "model")))
+    model = model.parent.name if model.name == "model" and model.parent.name else model.name  # a name, not a path
+    title = title or (f"mean attention, {model} on {meta.get('data', 'data')}: "
                       f"{stats.num_examples} examples, grid {N}")
     return _draw(_mosaic(mean, gap), rows=rows, cols=cols, N=N, gap=gap, path=path, title=title,
                  row_labels=[f"layer {i}" for i in rows], norm=LogNorm(vmin=lo, vmax=1.0),
