@@ -265,7 +265,7 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--png", default=None, help="also draw the averages (layers x heads) to this PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_collect)
+    p.set_defaults(func=cmd_collect, command="ap collect")
 
     p = sub.add_parser("mask", help="global masks (saved plans) that prune p%% of the allowed attention pairs",
                        formatter_class=formatter_class,
@@ -303,7 +303,7 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--png", action="store_true", help="draw every mask (mask.png in its plan folder)")
     _add_data_args(p, "measure-", default_split="dev")
     p.add_argument("--glue-dir", default=None, help="GLUE folder for --measure-task; unset: $GLUE_DIR")
-    p.set_defaults(func=cmd_mask)
+    p.set_defaults(func=cmd_mask, command="ap mask")
 
     p = sub.add_parser("draw", help="draw collected averages as a PNG grid (layers x heads)",
                        formatter_class=formatter_class, description="Draw `ap collect` averages, log colour scale.",
@@ -313,4 +313,4 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--layers", default=None, help="e.g. 0-2,5 (default: all)")
     p.add_argument("--heads", default=None, help="e.g. 0-3 (default: all)")
     p.add_argument("--length", type=int, default=None, help="crop the grid to this many positions")
-    p.set_defaults(func=cmd_draw)
+    p.set_defaults(func=cmd_draw, command="ap draw")
