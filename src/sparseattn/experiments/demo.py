@@ -65,8 +65,12 @@ def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir
     from ..reports.report import table_rows, write_report
     from .sweep import enqueue, run_worker, spec_from_dict, summary_lines
 
+    import transformers
+
     t0 = time.perf_counter()
     out = Path(out)
+    transformers.logging.set_verbosity_error()  # the new classification head is expected; keep the output short
+    transformers.utils.logging.disable_progress_bar()
     r, s_neigh, s_rand = matched_random_degree(NEIGHBOUR, task="sst2", model=model, max_length=max_length,
                                                limit_eval=limit_eval, glue_dir=glue_dir)
     random_plan = f"later-half: random({r})"

@@ -35,6 +35,7 @@ from .glue import get_task, load_split
 from .metrics import compute_metrics
 
 log = logging.getLogger("sparseattn")
+_ENCODED: dict = {}  # (model, task, split, ...) -> EncodedSplit, the few most recent
 
 
 @dataclass
@@ -218,10 +219,21 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     train_ex = [train_ex[i] for i in subset(len(train_ex), cfg.limit_train)]
     eval_ex = [eval_ex[i] for i in subset(len(eval_ex), cfg.limit_eval)]
     tokenizer = load_tokenizer(cfg.model)
-    train = encode_split(tokenizer, train_ex, cfg.max_length, structure=needs_structure, parses=parses,
-                         regression=task.is_regression, what=f"{task.folder} train")
-    evals = encode_split(tokenizer, eval_ex, cfg.max_length, structure=needs_structure, parses=parses,
-                         regression=task.is_regression, what=f"{task.folder} {cfg.eval_split}")
+
+    def encoded(split_name, examples, limit):
+        # runs of a sweep share their data: tokenize it once per process
+        key = (resolve_model(cfg.model), task.name, split_name, limit, cfg.max_length, needs_structure, cfg.parser,
+               hash(tuple(examples)))
+        if key not in _ENCODED:
+            _ENCODED[key] = encode_split(tokenizer, examples, cfg.max_length, structure=needs_structure,
+                                         parses=parses, regression=task.is_regression,
+                                         what=f"{task.folder} {split_name}")
+            while len(_ENCODED) > 4:
+                _ENCODED.pop(next(iter(_ENCODED)))
+        return _ENCODED[key]
+
+    train = encoded("train", train_ex, cfg.limit_train)
+    evals = encoded(cfg.eval_split, eval_ex, cfg.limit_eval)
     if not evals.has_labels:
         raise ValueError(f"{task.folder} {cfg.eval_split} has no labels (GLUE hides test labels); evaluate on dev")
     t_data = time.perf_counter() - t0
@@ -229,7 +241,8 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     # -- model --------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     set_seed(cfg.seed)
-    model = load_model(cfg.model, task="classification", num_labels=task.num_labels)
+    # fp32 master weights whatever the checkpoint's dtype (autocast does the low-precision math)
+    model = load_model(cfg.model, task="classification", num_labels=task.num_labels, dtype=torch.float32)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.max_length > max_pos:
         raise ValueError(f"max_length={cfg.max_length} is more than the model's {max_pos} positions")

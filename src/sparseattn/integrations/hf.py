@@ -252,7 +252,9 @@ def _layout_for(module, state: _State, model_mask: torch.Tensor | None, batch_si
         structure = structure.to(device) if structure.word_ids.device != device else structure
         special = real & (structure.word_ids < 0)
     elif input_ids is not None and state.special_ids is not None:
-        special = real & torch.isin(input_ids.to(device), state.special_ids.to(device))
+        if state.special_ids.device != device:  # move once: a host-to-device copy each pass would sync the stream
+            state.special_ids = state.special_ids.to(device)
+        special = real & torch.isin(input_ids.to(device), state.special_ids)
     vectors = None
     if input_ids is not None and state.embeddings is not None:
         emb, ids = state.embeddings, input_ids
