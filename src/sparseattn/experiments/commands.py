@@ -19,7 +19,7 @@ def _default(name):
 
 def _add_glue_args(p) -> None:
     p.add_argument("--glue-dir", default=None,
-                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...); default: $GLUE_DIR, else the "
+                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...); None: $GLUE_DIR if set, else the "
                         "hub (nyu-mll/glue, needs 'datasets')")
 
 
@@ -28,7 +28,7 @@ def _add_finetune_args(p) -> None:
                                                             "wnli (any spelling, e.g. SST-2)")
     p.add_argument("--plan", default=_default("plan"), help="plan spec or a saved plan's folder")
     p.add_argument("--model", default=None,
-                   help="hub id or local path (default: the packaged all-MiniLM-L6-v2 when installed)")
+                   help="hub id or local path; None: the packaged all-MiniLM-L6-v2 when installed")
     p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument("--epochs", type=int, default=_default("epochs"))
     p.add_argument("--lr", type=float, default=_default("lr"), help="peak learning rate (AdamW)")
@@ -153,7 +153,7 @@ def register(sub, formatter_class) -> None:
     _add_glue_args(p)
     p.add_argument("--out", default=None, help="folder for results.json (and the model with --save-model)")
     p.add_argument("--save-model", action="store_true", help="also save the fine-tuned model, tokenizer and plan")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")
     p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
     p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -185,9 +185,9 @@ def register(sub, formatter_class) -> None:
               sparseattn sweep glue.yaml --retry-failed
             """))
     p.add_argument("spec", help="the sweep's YAML file")
-    p.add_argument("--db", default=None, help="results database (default: the spec's db, or <name>.sqlite beside it)")
+    p.add_argument("--db", default=None, help="results database; None: the spec's db, or <name>.sqlite beside the spec")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
-    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3; None: all visible")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--status", action="store_true", help="print each run's status and exit")
     p.add_argument("--lease", type=float, default=120.0,
@@ -195,7 +195,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     p.add_argument("--no-enqueue", action="store_true", help="only work on runs already in the database")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--worker-label", default=None, help=textwrap.dedent("a name for this worker in the database"))
+    p.add_argument("--worker-label", default=None, help="a name for this worker in the database")
     _add_glue_args(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -210,7 +210,7 @@ def register(sub, formatter_class) -> None:
               sparseattn report out/demo/demo.sqlite --out out/demo/report --sweep demo
             """))
     p.add_argument("db", help="results database written by `sparseattn sweep`")
-    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report)")
+    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/; None: <db>_report")
     p.add_argument("--sweep", default=None, help="only this sweep's runs")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_report)
@@ -228,13 +228,13 @@ def register(sub, formatter_class) -> None:
               sparseattn demo --out out/demo-big --train 8000 --epochs 2
             """))
     p.add_argument("--out", default="out/demo", help="folder for the database, report and plot")
-    p.add_argument("--train", type=int, default=2000, help="training examples (a fixed random slice of SST-2 train)")
+    p.add_argument("--train", type=int, default=4000, help="training examples (a fixed random slice of SST-2 train)")
     p.add_argument("--eval", type=int, default=872, help="dev examples (872 = all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="hub id or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=None, help="hub id or local path; None: the packaged all-MiniLM-L6-v2")
     p.add_argument("--no-progress", action="store_true")
     _add_glue_args(p)
     p.set_defaults(func=cmd_demo)
