@@ -147,3 +147,34 @@ def test_degree_table_counts_like_measure_plan():
     assert abs(table.sparsity(deg.hard_degrees(), [0, 1]) - hard_sparsity(deg, lays)) < 1e-12
     deg.layers = [1]
     assert abs(table.sparsity(deg.hard_degrees(), [1]) - hard_sparsity(deg, lays)) < 1e-12
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("GLUE_DIR"), reason="GLUE_DIR not set")
+@pytest.mark.parametrize("task,ask", [("mrpc", {"lam": 0.05}), ("stsb", {"target_sparsity": 0.5})])
+def test_learn_glue_end_to_end(tmp_path, task, ask):
+    """sparseattn learn on a GLUE slice with a tiny model: soft phase, export, hard fine-tune, results."""
+    import json
+
+    from test_finetune import make_tiny_model
+
+    from sparseattn.learned.glue import LearnGlueConfig, learn_glue
+
+    torch.set_num_threads(1)
+    model = make_tiny_model(tmp_path / "tiny")
+    cfg = LearnGlueConfig(task=task, model=model, epochs=1, batch_size=16, max_length=64, limit_train=96,
+                          limit_eval=48, init_degree=6.0, lr=1e-3, **ask)
+    r = learn_glue(cfg, out_dir=tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert (out / "degrees.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["plan_name"] == cfg.label and len(saved["learned"]["degrees"]) == 2
+    plan = sa.load_plan(out / "plan")
+    hard = torch.tensor(r["learned"]["degrees"])
+    # the reported degrees are the exported plan's windows
+    for lp in plan.resolve(2, 4):
+        for heads, pat in lp.entries:
+            for h in (range(4) if heads is None else heads):
+                assert pat.spec() == f"(neighbour({int(hard[lp.layer, h])}) | global_tokens(1))"
+    assert 0.0 < r["sparsity"]["overall"] < 1.0 and r["main_metric"] in r["metrics"]
+    if "target_sparsity" in ask:
+        assert abs(r["learned"]["train_sparsity_of_exported_plan"] - ask["target_sparsity"]) < 0.05
