@@ -5,6 +5,10 @@ head: empty tiles are skipped, full tiles run without any mask, and only partial
 bits. The tiles feed FlexAttention's BlockMask directly (``BlockMask.from_kv_blocks``), so no mask is
 evaluated element by element to find them.
 
+Memory: the kernel's activations grow with the kept tiles (FlexAttention never forms the L x L scores);
+a layout with partial tiles also holds its mask as a bool table over positions (L^2 bytes per distinct
+example and head, shared by the layers with the same pattern), the price of fast partial tiles.
+
 Semantics are the reference backend's for real (non-padding) queries. Padding queries attend to
 nothing and get a zero output (as in flash-attention's unpadded path); their output is ignored
 downstream, and no gradient flows through it.

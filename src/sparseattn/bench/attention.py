@@ -200,6 +200,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
 
     flex = flex_attention_fn(True)
     H, L = keep.shape[1], keep.shape[-1]
+    info = {}  # what a method's setup wants reported
 
     def dense():
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -215,10 +216,11 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def block():
         layout = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=True)
         bm = layout.flex_block_mask()
+        info["mask_table_mib"] = layout.mask_table_nbytes() / 2**20
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_mask": flex_mask, "block": block}
+    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_mask": flex_mask, "block": block}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -238,7 +240,7 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
     grad = torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g)
     flops_fwd = 4 * B * heads * L * L * head_dim
     results = []
-    setups = _methods(keep, mask_mod, bs, scale, device, kernel_options)
+    setups, info = _methods(keep, mask_mod, bs, scale, device, kernel_options)
     for name in methods:
         r = Result(layout_name, L, B, heads, head_dim, sparsity, density, pair_sparsity, desc, name)
         try:
@@ -250,6 +252,8 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
             t1.record()
             t1.synchronize()
             r.build_ms = t0.elapsed_time(t1) if name in ("flex_mask", "block") else None
+            r.extra.update(info)
+            info.clear()
             with torch.no_grad():
                 fn(q, k, v)  # compile outside the timed and measured region
             r.fwd_ms = time_ms(lambda: fn(q, k, v))
