@@ -228,7 +228,7 @@ def register(sub, formatter_class) -> None:
               sparseattn demo --out out/demo-big --train 8000 --epochs 2
             """))
     p.add_argument("--out", default="out/demo", help="folder for the database, report and plot")
-    p.add_argument("--train", type=int, default=4000, help="training examples (a fixed random slice of SST-2 train)")
+    p.add_argument("--train", type=int, default=6000, help="training examples (a fixed random slice of SST-2 train)")
     p.add_argument("--eval", type=int, default=872, help="dev examples (872 = all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)

@@ -59,7 +59,7 @@ def matched_random_degree(target_plan: str, *, task: str, model: str | None, max
     return best[0], target, best[1]
 
 
-def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir=None, limit_train: int = 4000,
+def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir=None, limit_train: int = 6000,
              limit_eval: int = 872, epochs: int = 1, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
              max_length: int = 128, progress: bool = True) -> dict:
     from ..reports.report import table_rows, write_report

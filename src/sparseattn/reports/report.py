@@ -257,6 +257,7 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
         if len(groups) <= 12:
             ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.margins(x=0.25, y=0.1)  # room for the labels
+    ax.set_xlim(left=max(ax.get_xlim()[0], -2.0))  # sparsity is never negative
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
     ax.set_ylabel(f"{task.main_metric} x100 ({task.folder} dev)")
     ax.set_title(f"{task.folder}: {task.main_metric} against sparsity")
