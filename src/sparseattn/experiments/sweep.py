@@ -135,6 +135,11 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
     from .finetune import finetune, package_versions
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # every run loads a new classification head: expected, not news
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     db = ResultsDB(db_path)
     worker = WorkerId(label)
     done = failed = 0
