@@ -83,6 +83,22 @@ def test_flex_lists_match_tiles():
     assert torch.equal(mm(b, h, q, kv), keep)
 
 
+def test_large_layouts_read_packed_bits(monkeypatch):
+    """Above the kernels' 32-bit indexing the mask_mod reads the bit table: the same mask."""
+    import sparseattn.backends.block_layout as bl_mod
+
+    layout = TokenLayout.from_lengths([70, 33])
+    keep = _keep("all: neighbour(4) | random_blocks(1, block=16)", layout)
+    bl = BlockLayout.from_mask(keep, 16)
+    b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in keep.shape), indexing="ij")
+    monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", keep.numel() // 2)
+    assert bl.mask_mod().__name__ == "bit_table_mask"
+    assert torch.equal(bl.mask_mod()(b, h, q, kv), keep)
+    monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", keep.numel() // 64)
+    with pytest.raises(ValueError, match="32-bit indexing"):
+        bl.mask_mod()
+
+
 def test_pack_bits_round_trip_and_dedupe():
     g = torch.Generator().manual_seed(0)
     for bs in (16, 32, 48, 64):

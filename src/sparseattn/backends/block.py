@@ -196,7 +196,11 @@ class BlockSparseBackend(Backend):
             if L < self.min_length:
                 return self._run_reference(call, ("short", L), f"{L} tokens < min_length {self.min_length}: "
                                            "dense SDPA with the mask runs (faster at this length)")
-        entry = self._entry(call)
+        try:
+            entry = self._entry(call)
+        except ValueError as e:  # a mask table beyond the kernel's indexing: say why, stay correct
+            return self._run_reference(call, ("too-large", lp.layer), f"{where}: {e}; the reference path runs",
+                                       level=logging.WARNING)
         if not self.force and entry.density > self.max_density:
             return self._run_reference(call, ("dense-tiles", lp.layer),
                                        f"{where}: block density {entry.density:.0%} > max_density "
