@@ -150,3 +150,45 @@ def test_sigkill_mid_run_then_rerun_finishes_each_run_exactly_once(tmp_path, tin
     assert after[killed[0]]["attempts"] == 2  # the killed run ran again, once
     assert sum(r["attempts"] for r in after.values()) == 5
     db.close()
+
+
+def test_a_saved_plan_is_identified_by_its_contents(tmp_path):
+    """A rewritten plan folder is a different run, and a queued run whose folder changed fails loudly."""
+    import sparseattn as sa
+    from sparseattn.experiments.finetune import FinetuneConfig
+
+    folder = tmp_path / "plan"
+    sa.save_plan(sa.Plan.parse("later-half: neighbour(2)"), folder)
+    first = FinetuneConfig(task="sst2", plan=str(folder))
+    assert first.plan_digest is not None
+    sa.save_plan(sa.Plan.parse("later-half: neighbour(3)"), folder)  # same path, other plan
+    second = FinetuneConfig(task="sst2", plan=str(folder))
+    assert run_key(first.to_dict()) != run_key(second.to_dict())
+    with pytest.raises(ValueError, match="changed since this run was configured"):
+        FinetuneConfig.from_dict(first.to_dict())
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_learn_is_a_sweep_axis_and_reports_as_its_own_family(tmp_path):
+    from sparseattn.reports.report import summarize
+
+    model = make_tiny_model(tmp_path / "tiny")
+    fixed = {"task": "mrpc", "model": model, "epochs": 1, "batch_size": 16, "max_length": 64, "limit_train": 64,
+             "limit_eval": 32, "lr": 1e-3}
+    spec = spec_from_dict({"fixed": fixed, "runs": [
+        {"plan": "dense"},
+        {"method": "learn", "lam": 0.05, "init_degree": 4.0},
+        {"method": "learn", "target_sparsity": 0.5, "init_degree": 4.0},
+    ]}, name="lrn", base_dir=tmp_path)
+    assert [c.display_plan for c in spec.configs] == ["dense", "learned(lam=0.05)", "learned(target=0.5)"]
+    from sparseattn.experiments.sweep import enqueue
+
+    enqueue(spec).close()
+    assert run_worker(spec.db, "lrn", progress=False, echo=lambda *_: None) == {"done": 3, "failed": 0}
+    db = ResultsDB(spec.db)
+    rows = db.runs("lrn")
+    db.close()
+    groups = summarize(rows)["mrpc"]
+    learned = [g for g in groups if g.family == "learned"]
+    assert len(learned) == 2 and all(g.baseline is not None and g.baseline.is_dense for g in learned)
+    assert all(0 < g.mean_sparsity < 1 for g in learned)

@@ -117,16 +117,18 @@ class ResultsDB:
         c.execute("COMMIT")
 
     # -- filling -----------------------------------------------------------------------------------
-    def add_runs(self, sweep: str, configs: list[dict]) -> tuple[int, int]:
-        """Register a sweep's runs (idempotent). Returns (new runs, runs already known)."""
+    def add_runs(self, sweep: str, configs: list[dict], plans: list[str] | None = None) -> tuple[int, int]:
+        """Register a sweep's runs (idempotent). Returns (new runs, runs already known). ``plans``: how tables
+        name each run's plan (default its config's plan; learned runs name their method and penalty)."""
         now = time.time()
         new = 0
+        plans = plans or [cfg["plan"] for cfg in configs]
         with self.transaction() as c:
-            for pos, cfg in enumerate(configs):
+            for pos, (cfg, plan) in enumerate(zip(configs, plans)):
                 key = run_key(cfg)
                 cur = c.execute("INSERT OR IGNORE INTO runs (key, task, plan, seed, config, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?)",
-                                (key, cfg["task"], cfg["plan"], cfg["seed"], json.dumps(cfg, sort_keys=True), now))
+                                (key, cfg["task"], plan, cfg["seed"], json.dumps(cfg, sort_keys=True), now))
                 new += cur.rowcount
                 c.execute("INSERT OR IGNORE INTO sweep_runs (sweep, key, position) VALUES (?, ?, ?)",
                           (sweep, key, pos))

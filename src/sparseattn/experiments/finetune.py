@@ -59,11 +59,21 @@ class FinetuneConfig:
     backend: str = "reference"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     parser: str | None = None  # spaCy pipeline for syntax / lexical patterns (default when the plan needs one)
+    plan_digest: str | None = None  # for a saved plan's folder: a hash of its files (filled in; part of the run key)
+    method: str = "finetune"  # what a sweep runs for this config: "finetune", or "learn" (LearnGlueConfig)
 
     def __post_init__(self):
         t = get_task(self.task)
         self.task = t.name
         self.plan = canonical_plan(self.plan)
+        digest = plan_digest(self.plan)
+        if self.plan_digest is not None and self.plan_digest != digest:
+            raise ValueError(f"the plan folder {self.plan} changed since this run was configured (its files hash to "
+                             f"{digest}, the run was made for {self.plan_digest}); queue the run again")
+        self.plan_digest = digest
+        if self.method != type(self).method_name:
+            raise ValueError(f"method {self.method!r} does not fit {type(self).__name__}; use "
+                             "sparseattn.experiments.sweep.config_from_dict to build a run of any method")
         for name in ("epochs", "batch_size", "max_length", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and name != "seed") or v < 0:
@@ -91,6 +101,13 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    method_name = "finetune"  # class attribute: the method this config class runs
+
+    @property
+    def display_plan(self) -> str:
+        """How results tables name this run's plan."""
+        return self.plan
+
 
 def canonical_plan(plan: str) -> str:
     """The plan's canonical spec (so 'later-half:neighbour(2)' and 'later-half: neighbour(2)' are one
@@ -103,6 +120,24 @@ def canonical_plan(plan: str) -> str:
     if is_plan_path(plan):
         return plan
     return Plan.parse(plan).spec()
+
+
+def plan_digest(plan: str) -> str | None:
+    """A hash of a saved plan folder's files, so a sweep never mistakes a rewritten folder for the same run;
+    None for a plan spec (the spec is its own identity)."""
+    import hashlib
+
+    from ..plans.io import is_plan_path
+
+    if not is_plan_path(plan):
+        return None
+    folder = Path(plan) if Path(plan).is_dir() else Path(plan).parent
+    h = hashlib.sha256()
+    for name in ("plan.json", "masks.safetensors"):
+        f = folder / name
+        if f.exists():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def set_seed(seed: int) -> None:

@@ -55,9 +55,36 @@ class SweepSpec:
         return [c.to_dict() for c in self.configs]
 
 
+def config_class(method: str):
+    """The config class of a run method: FinetuneConfig for "finetune", LearnGlueConfig for "learn"."""
+    if method == "finetune":
+        return FinetuneConfig
+    if method == "learn":
+        from ..learned.glue import LearnGlueConfig
+
+        return LearnGlueConfig
+    raise ValueError(f"unknown method {method!r}; expected 'finetune' or 'learn'")
+
+
+def config_from_dict(d: dict) -> FinetuneConfig:
+    """A run's config of whichever method ``d['method']`` names (default finetune)."""
+    return config_class(d.get("method", "finetune")).from_dict(_coerce(d))
+
+
+def run_config(cfg: FinetuneConfig, **kw) -> dict:
+    """Run one config with its method; returns the results dict."""
+    if cfg.method == "learn":
+        from ..learned.glue import learn_glue
+
+        return learn_glue(cfg, **kw)
+    from .finetune import finetune
+
+    return finetune(cfg, **kw)
+
+
 def _coerce(cfg: dict) -> dict:
     """YAML 1.1 reads 5e-5 as a string; turn strings into numbers where the field is a number."""
-    types = {f.name: str(f.type) for f in fields(FinetuneConfig)}
+    types = {f.name: str(f.type) for f in fields(config_class(cfg.get("method", "finetune")))}
     out = {}
     for k, v in cfg.items():
         t = types.get(k, "")
@@ -102,7 +129,7 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
     configs, seen = [], set()
     for i, c in enumerate(dicts):
         try:
-            cfg = FinetuneConfig.from_dict(_coerce(c))
+            cfg = config_from_dict(c)
         except (ValueError, TypeError) as e:
             raise SweepSpecError(f"{where}: run {i} {c}: {e}") from None
         key = run_key(cfg.to_dict())
@@ -133,7 +160,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
                progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
-    from .finetune import finetune, package_versions
+    from .finetune import package_versions
 
     import transformers
 
@@ -148,14 +175,14 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
             row = db.claim(worker, sweep, lease=lease)
             if row is None:
                 break
-            cfg = FinetuneConfig.from_dict(json.loads(row["config"]))
-            what = f"{cfg.task} | {cfg.plan} | seed {cfg.seed}"
+            cfg = config_from_dict(json.loads(row["config"]))
+            what = f"{cfg.task} | {cfg.display_plan} | seed {cfg.seed}"
             again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
             echo(f"[{worker.name}] run {row['key'][:10]}: {what}{again}")
             t0 = time.perf_counter()
             try:
                 with Heartbeat(db, row["key"], worker, lease):
-                    result = finetune(cfg, glue_dir=glue_dir, progress=progress)
+                    result = run_config(cfg, glue_dir=glue_dir, progress=progress)
             except (KeyboardInterrupt, SystemExit):
                 db.release(row["key"], worker)
                 echo(f"[{worker.name}] interrupted; run {row['key'][:10]} is pending again")
@@ -180,7 +207,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
 # -- a sweep: enqueue, then one worker here or several in subprocesses -------------------------------------
 def enqueue(spec: SweepSpec, db_path=None, *, retry_failed: bool = False) -> ResultsDB:
     db = ResultsDB(db_path or spec.db)
-    new, known = db.add_runs(spec.name, spec.config_dicts())
+    new, known = db.add_runs(spec.name, spec.config_dicts(), plans=[c.display_plan for c in spec.configs])
     again = db.retry_failed(spec.name) if retry_failed else 0
     print(f"sweep {spec.name}: {len(spec.configs)} runs ({new} new, {known} already in {db.path}"
           + (f", {again} failed ones to retry" if again else "") + ")")

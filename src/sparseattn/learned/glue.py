@@ -48,6 +48,9 @@ class LearnGlueConfig(FinetuneConfig):
     t_start: float = 4.0
     t_end: float = 0.05
     hard_epochs: int = 1
+    method: str = "learn"
+
+    method_name = "learn"
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +71,10 @@ class LearnGlueConfig(FinetuneConfig):
     def label(self) -> str:
         what = f"lam={self.lam:g}" if self.lam is not None else f"target={self.target_sparsity:g}"
         return f"learned({what})"
+
+    @property
+    def display_plan(self) -> str:
+        return self.label
 
 
 def draw_degrees(degrees: torch.Tensor, path, *, title: str = "") -> Path:
@@ -172,7 +179,8 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
         torch.cuda.empty_cache()
 
     # -- 3. hard phase ------------------------------------------------------------------------------------
-    base = {k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.__dataclass_fields__}
+    base = {k: v for k, v in cfg.to_dict().items()
+            if k in FinetuneConfig.__dataclass_fields__ and k not in ("method", "plan_digest")}
     hard_cfg = FinetuneConfig.from_dict({**base, "plan": str(plan_dir), "model": str(out / "soft_model"),
                                          "epochs": cfg.hard_epochs})
     result = finetune(hard_cfg, glue_dir=glue_dir, out_dir=out / "hard", device=device, progress=progress,

@@ -77,6 +77,8 @@ def plan_family(plan: str) -> str:
     from ..integrations.hf import _as_plan
     from ..patterns.base import _Combined
 
+    if plan.startswith("learned("):
+        return "learned"
     try:
         p = _as_plan(plan)
     except Exception:
@@ -122,12 +124,20 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
             g.sparsity.append(float(r["sparsity"]))
             g.sparsity_applied.append(float(r["sparsity_applied"]))
             g.train_seconds.append(float(res.get("timing", {}).get("train_seconds", float("nan"))))
-        dense = {repr(sorted((k, v) for k, v in g.config.items() if k != "plan")): g
-                 for g in groups.values() if g.is_dense}
+        dense = {_baseline_key(g.config): g for g in groups.values() if g.is_dense}
         for g in groups.values():
-            g.baseline = dense.get(repr(sorted((k, v) for k, v in g.config.items() if k != "plan")))
+            g.baseline = dense.get(_baseline_key(g.config))
         out[task] = sorted(groups.values(), key=lambda g: (not g.is_dense, g.mean_sparsity, g.label))
     return dict(sorted(out.items()))
+
+
+def _baseline_key(config: dict) -> str:
+    """What a run shares with its dense baseline: the fine-tuning options other than the plan (a learned
+    run's own options, such as its penalty, are not fine-tuning options)."""
+    from ..experiments.finetune import FinetuneConfig
+
+    shared = set(FinetuneConfig.__dataclass_fields__) - {"plan", "plan_digest", "method"}
+    return repr(sorted((k, v) for k, v in config.items() if k in shared))
 
 
 def _fmt_value(v) -> str:
