@@ -77,3 +77,11 @@ def test_report_errors(tmp_path):
     _fill(tmp_path / "r.sqlite")
     with pytest.raises(ValueError, match="no sweep 'other'"):
         write_report(tmp_path / "r.sqlite", tmp_path / "rep", sweep="other")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from sparseattn.reports.report import pareto_front
+
+    pts = [(0.1, 0.90), (0.5, 0.85), (0.5, 0.80), (0.6, 0.86), (0.9, 0.70), (0.3, 0.84), (0.9, 0.70)]
+    assert pareto_front(pts) == [(0.1, 0.90), (0.6, 0.86), (0.9, 0.70)]
+    assert pareto_front([]) == []

@@ -245,9 +245,21 @@ def _save(fig, stem: Path) -> dict:
     return paths
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (sparsity, metric) points no other point beats on both (at least as sparse and at least as
+    good, better in one), sorted by sparsity."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
+
+
 def plot_task(groups: list[Group], stem: Path) -> dict:
     """Main metric against overall sparsity for one task: a point per group (error bar = std over seeds),
-    coloured by pattern family; the dense baseline as a dashed line."""
+    coloured by pattern family, each family's Pareto front as a step line; the dense baseline as a dashed
+    line."""
     task = get_task(groups[0].task)
     fig, ax = _figure()
     fams = sorted({g.family for g in groups if not g.is_dense})
@@ -266,6 +278,11 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
         ax.errorbar([x], [y], yerr=[100 * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
         if len(groups) <= 12:
             ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for fam in fams:
+        front = pareto_front([(100 * g.mean_sparsity, 100 * g.mean) for g in groups if g.family == fam])
+        if len(front) > 1:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color=colors[fam], lw=1, alpha=0.7)
     ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.set_xlim(left=max(ax.get_xlim()[0], -2.0))  # sparsity is never negative
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
