@@ -59,6 +59,8 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def cmd_attention(args) -> int:
+    import torch
+
     from .attention import device_meta, format_table, results_to_json, run_config
 
     _need_cuda()
@@ -80,6 +82,7 @@ def cmd_attention(args) -> int:
                                     block_size=args.block_size, methods=args.methods, fwd_only=args.fwd_only,
                                     kernel_options=kernel_options)
                     results.extend(rs)
+                    torch.cuda.empty_cache()  # the config's inputs and masks are gone: return their memory
                     print(format_table(rs).splitlines()[-1], flush=True)
                     if args.json:  # keep what is done, whatever happens next
                         with open(args.json, "w") as f:
@@ -92,6 +95,8 @@ def cmd_attention(args) -> int:
 
 
 def cmd_model(args) -> int:
+    import torch
+
     from .attention import device_meta
     from .model import format_table, results_to_json, run_model
 
@@ -102,6 +107,7 @@ def cmd_model(args) -> int:
     for kind in args.models:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers))
+            torch.cuda.empty_cache()
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results_to_json(results, meta), f, indent=1)

@@ -143,8 +143,6 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
             + (f" ({res.note})" if res.note else ""))
     if out[0].tokens_per_s and out[1].tokens_per_s:
         out[1].speedup = out[1].tokens_per_s / out[0].tokens_per_s
-    del model
-    torch.cuda.empty_cache()
     return out
 
 
