@@ -272,3 +272,30 @@ def test_sparsify_with_block_backend_matches_reference():
     real = mask.bool()[..., None]
     torch.testing.assert_close(out * real, ref * real, atol=1e-5, rtol=1e-5)
     assert isinstance(get_backend("block"), BlockSparseBackend)
+
+
+# -- the benchmark's layouts and arguments ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sliding", "bigbird", "ap"])
+def test_bench_layouts_meet_their_block_density_and_mask_mod(name):
+    from sparseattn.bench.attention import make_layout
+
+    L, bs = 4096, 128
+    keep, mask_mod, _ = make_layout(name, L, 0.78, bs, 4, "cpu")
+    n = L // bs
+    density = keep.view(1, keep.shape[1], n, bs, n, bs).any(5).any(3).float().mean().item()
+    assert density <= 0.22 + 1e-9 and density > 0.1  # at most the target, not far below it
+    g = torch.Generator().manual_seed(0)
+    h, q, kv = (torch.randint(0, m, (5000,), generator=g) for m in (keep.shape[1], L, L))
+    assert torch.equal(mask_mod(torch.zeros_like(h), h, q, kv), keep[0, h, q, kv])  # the plain mask_mod agrees
+
+
+def test_bench_arguments():
+    import argparse
+
+    from sparseattn.bench.commands import _fractions, _ints, _names
+
+    assert _ints("512,1k,16K") == [512, 1024, 16384]
+    assert _fractions("50,0.9,95%") == [0.5, 0.9, 0.95]
+    for bad, parse in (("4x", _ints), ("100", _fractions), ("abc", _fractions), ("window", _names(("sliding",)))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
