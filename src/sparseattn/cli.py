@@ -41,25 +41,12 @@ def parse_cache_for(plan, args):
     """A ParseCache when the plan needs dependency parses or lemmas (or --parser was given), else None."""
     from .text.parse import DEFAULT_PARSER, ParseCache
 
-    if args.parser is None and not _needs_parser(plan):
+    if args.parser is None and not plan.needs_parser:
         return None
     name = args.parser or DEFAULT_PARSER
     if name == "none":
         return ParseCache(args.parse_cache, parser=None)
     return ParseCache(args.parse_cache, parser=name)
-
-
-def _needs_parser(plan) -> bool:
-    from .patterns.base import _Combined
-    from .patterns.lexical import Lexical
-    from .patterns.syntax import Syntax
-
-    def walk(p):
-        if isinstance(p, _Combined):
-            return any(walk(q) for q in p.parts)
-        return isinstance(p, Syntax) or (isinstance(p, Lexical) and p.by != "lower")
-
-    return any(walk(r.pattern) for r in plan.rules)
 
 
 # -- patterns ---------------------------------------------------------------------------------------

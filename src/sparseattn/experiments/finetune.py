@@ -242,7 +242,7 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     dense = not plan.rules
     needs_structure = plan.input_dependent
     parses = None
-    if _needs_parses(plan):
+    if plan.needs_parser:
         from ..text.parse import DEFAULT_PARSER, ParseCache
 
         parses = ParseCache(parse_cache, parser=cfg.parser or DEFAULT_PARSER)
@@ -412,15 +412,3 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
             save_plan(plan, out / "plan")
     return result
 
-
-def _needs_parses(plan) -> bool:
-    from ..patterns.base import _Combined
-    from ..patterns.lexical import Lexical
-    from ..patterns.syntax import Syntax
-
-    def walk(p):
-        if isinstance(p, _Combined):
-            return any(walk(q) for q in p.parts)
-        return isinstance(p, Syntax) or (isinstance(p, Lexical) and p.by != "lower")
-
-    return any(walk(r.pattern) for r in plan.rules)

@@ -26,6 +26,7 @@ class Pattern:
     name: str = "pattern"
     symmetric: bool = True  # relation(i, j) == relation(j, i) for every layout
     input_dependent: bool = False  # needs structure / token vectors, not just positions
+    needs_parser: bool = False  # needs dependency parses or lemmas (a spaCy pipeline, or a parse cache)
     per_head: bool = False  # differs across heads
     per_layer: bool = False  # differs across layers (e.g. random draws per layer)
 
@@ -91,6 +92,7 @@ class _Combined(Pattern):
         self.name = f"{self.word}(" + ",".join(p.name for p in self.parts) + ")"
         self.symmetric = all(p.symmetric for p in self.parts)
         self.input_dependent = any(p.input_dependent for p in self.parts)
+        self.needs_parser = any(p.needs_parser for p in self.parts)
         self.per_head = any(p.per_head for p in self.parts)
         self.per_layer = any(p.per_layer for p in self.parts)
         self.tensors()  # refuse two different stored tables under one key now, not when saving

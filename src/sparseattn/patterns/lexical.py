@@ -18,6 +18,7 @@ class Lexical(Pattern):
         if by not in _BY:
             raise ValueError(f"lexical(by=...) must be one of {_BY}, got {by!r}")
         self.by = by
+        self.needs_parser = by != "lower"  # lemmas come from the parser
         self.special = check_special(special)
         self.name = "lexical" + ("" if by == "any" else f"_{by}") + ("_global_special" if special == "global" else "")
 

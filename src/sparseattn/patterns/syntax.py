@@ -9,6 +9,7 @@ from .base import Pattern, check_int, register
 class Syntax(Pattern):
     symmetric = True
     input_dependent = True
+    needs_parser = True
 
     def __init__(self, hops: int = 1, special: str = "self"):
         self.hops = check_int(hops, "syntax hops")

@@ -212,6 +212,11 @@ class Plan:
     def input_dependent(self) -> bool:
         return any(r.pattern.input_dependent for r in self.rules)
 
+    @property
+    def needs_parser(self) -> bool:
+        """Whether inputs need dependency parses or lemmas (syntax, lexical by lemma)."""
+        return any(r.pattern.needs_parser for r in self.rules)
+
     # -- binding to a model shape ---------------------------------------------------------------
     def resolve(self, num_layers: int, num_heads: int) -> list[LayerPlan]:
         """One LayerPlan per layer; raises PlanError for out-of-range layers/heads or overlapping rules."""
