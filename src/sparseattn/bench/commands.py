@@ -51,11 +51,12 @@ def _need_cuda():
         raise OSError("the benchmarks time CUDA kernels and need a CUDA GPU; none is visible")
 
 
-def _write_json(path: str, data: dict) -> None:
+def _write_json(path: str, data: dict, *, quiet: bool = False) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def cmd_attention(args) -> int:
@@ -85,8 +86,7 @@ def cmd_attention(args) -> int:
                     torch.cuda.empty_cache()  # the config's inputs and masks are gone: return their memory
                     print(format_table(rs).splitlines()[-1], flush=True)
                     if args.json:  # keep what is done, whatever happens next
-                        with open(args.json, "w") as f:
-                            json.dump(results_to_json(results, meta), f, indent=1)
+                        _write_json(args.json, results_to_json(results, meta), quiet=True)
     print()
     print(format_table(results))
     if args.json:
@@ -108,9 +108,8 @@ def cmd_model(args) -> int:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers))
             torch.cuda.empty_cache()
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results_to_json(results, meta), f, indent=1)
+            if args.json:  # keep what is done, whatever happens next
+                _write_json(args.json, results_to_json(results, meta), quiet=True)
     print()
     print(format_table(results))
     if args.json:
