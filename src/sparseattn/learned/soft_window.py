@@ -83,17 +83,20 @@ class SoftNeighbourDegrees(nn.Module):
         w = self.window(layout, layer)
         return torch.log(w.clamp(min=torch.finfo(w.dtype).tiny)).masked_fill(w == 0, float("-inf"))
 
-    def expected_density(self, layout: TokenLayout) -> torch.Tensor:
-        """Scalar: the expected fraction of allowed pairs kept, over all layers and heads (dense layers
-        count as density 1), differentiable in the degrees."""
+    def expected_kept(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expected kept pairs, allowed pairs) over all layers and heads of this batch, the first
+        differentiable in the degrees; dense layers keep all their allowed pairs."""
         allowed = layout.allowed().sum().to(self.degree.dtype)
         kept = []
         for layer in range(self.num_layers):
-            if self.learns(layer):
-                kept.append(self.window(layout, layer).sum() / self.num_heads)
-            else:
-                kept.append(allowed)
-        return torch.stack(kept).sum() / (allowed * self.num_layers)
+            kept.append(self.window(layout, layer).sum() / self.num_heads if self.learns(layer) else allowed)
+        return torch.stack(kept).sum(), allowed * self.num_layers
+
+    def expected_density(self, layout: TokenLayout) -> torch.Tensor:
+        """Scalar: the expected fraction of this batch's allowed pairs kept, over all layers and heads (dense
+        layers count as density 1), differentiable in the degrees."""
+        kept, allowed = self.expected_kept(layout)
+        return kept / allowed
 
     def hard_degrees(self) -> torch.Tensor:
         """(layers, heads) int64: floor(d + 1/2), at least 0: the degrees of the T -> 0 limit."""

@@ -1,5 +1,11 @@
 """Training learnable degrees jointly with the model: task loss + lambda * expected density.
 
+The penalty is the batch's expected kept pairs over a running mean of allowed pairs per batch, so every
+pair weighs the same whatever the length of its sentence (sparsity is a ratio of sums over the data, not
+a mean of per-batch ratios: a batch of 4-token phrases cannot be 80% sparse, since its diagonal and
+global token alone keep 60% of its pairs). The dual update compares the running ratio of sums with the
+target.
+
 Two ways to ask for sparsity:
 - a fixed ``lam`` (a lambda sweep traces an accuracy/sparsity curve), or
 - a ``target_sparsity``: lambda becomes a Lagrange multiplier updated by dual ascent,
@@ -35,7 +41,8 @@ class LearnConfig:
     warmup_ratio: float = 0.06
     t_start: float = 4.0
     t_end: float = 0.05
-    dual_lr: float = 5.0  # dual ascent step for the multiplier in target mode
+    dual_lr: float = 1.0  # dual ascent step for the multiplier in target mode
+    ema: float = 0.95  # decay of the running pair counts the penalty and the dual update use
     max_grad_norm: float = 1.0
     log_every: int = 50
 
@@ -92,6 +99,8 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
     t0 = time.time()
     model.train()
     step = 0
+    run_kept = run_allowed = torch.zeros((), device=device)
+    lam = torch.tensor(lam, device=device)
     while step < cfg.steps:
         for batch in batches():
             if step >= cfg.steps:
@@ -104,24 +113,31 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 out = model(**batch)
-            density = degrees.expected_density(_layout(batch, causal))
+            kept, allowed = degrees.expected_kept(_layout(batch, causal))
+            # running pair counts (bias-corrected EMAs; device tensors, no host sync): the data's density is
+            # their ratio
+            run_kept = cfg.ema * run_kept + (1 - cfg.ema) * kept.detach()
+            run_allowed = cfg.ema * run_allowed + (1 - cfg.ema) * allowed
+            density = kept / (run_allowed / (1 - cfg.ema ** (step + 1)))
+            running_density = run_kept / run_allowed
             loss = out.loss.float() + lam * density
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
             opt.step()
             if target_density is not None:
-                lam = max(0.0, lam + cfg.dual_lr * (density.item() - target_density))
+                lam = (lam + cfg.dual_lr * (running_density - target_density)).clamp(min=0.0)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 d = degrees.degrees().detach()
-                result.history.append({"step": step, "loss": out.loss.item(), "expected_density": density.item(),
-                                       "lambda": lam, "temperature": degrees.temperature,
+                result.history.append({"step": step, "loss": out.loss.item(),
+                                       "expected_density": running_density.item(),
+                                       "lambda": float(lam), "temperature": degrees.temperature,
                                        "degree_mean": d.mean().item(), "degree_min": d.min().item(),
                                        "degree_max": d.max().item()})
                 if progress is not None:
                     progress(result.history[-1])
             step += 1
-    result.final_lambda = lam
+    result.final_lambda = float(lam)
     result.seconds = time.time() - t0
     return result
 

@@ -23,6 +23,8 @@ from ..experiments.db import ResultsDB
 from ..experiments.glue import get_task
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
+# shown by the plan's label already: the method, a saved plan's digest, a learned run's penalty or target
+_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity")
 
 
 @dataclass
@@ -105,15 +107,17 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
     out: dict[str, list[Group]] = {}
     for task, rows in by_task.items():
         # options (other than task, plan, seed) that vary within this task go into the label
-        keys = sorted({k for r in rows for k in r["config"]} - {"task", "plan", *_IGNORED})
-        varying = [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1]
+        keys = sorted({k for r in rows for k in r["config"]} - {"task", "plan", *_IGNORED, *_IN_PLAN_LABEL})
+        # an option varies when the runs that set it (a learned run's options are None in a fine-tune run's
+        # config, and absent from older ones) disagree on it
+        varying = [k for k in keys if len({repr(r["config"][k]) for r in rows if r["config"].get(k) is not None}) > 1]
         groups: dict[str, Group] = {}
         for r in rows:
             cfg = {k: v for k, v in r["config"].items() if k not in _IGNORED}
             gkey = repr(sorted(cfg.items()))
             g = groups.get(gkey)
             if g is None:
-                extra = ", ".join(f"{k}={_fmt_value(cfg.get(k))}" for k in varying)
+                extra = ", ".join(f"{k}={_fmt_value(cfg.get(k))}" for k in varying if cfg.get(k) is not None)
                 g = groups[gkey] = Group(task, r["plan"], r["plan"] + (f" [{extra}]" if extra else ""),
                                          plan_family(r["plan"]), cfg)
             res = r["result"]
