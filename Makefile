@@ -23,7 +23,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The papers' studies (issue 7): long; meant for a GPU machine (see studies/README.md).
+reproduce: $(VENV)/.installed
+	$(VENV)/bin/sparseattn parse --task sst2 mrpc rte cola stsb
+	$(VENV)/bin/sparseattn sweep studies/pattern_ablation.yaml
+	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_sst2.yaml
+	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_small.yaml
+	$(PY) studies/ap_glue.py --out out/ap_glue
+	$(VENV)/bin/sparseattn report studies/pattern_ablation.sqlite --out out/reports/pattern_ablation
+	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_sst2.sqlite --out out/reports/learned_vs_bigbird_sst2
+	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_small.sqlite --out out/reports/learned_vs_bigbird_small
+
 clean:
 	rm -rf $(VENV) out runs
 
-.PHONY: install demo test clean
+.PHONY: install demo test reproduce clean

@@ -201,3 +201,14 @@ def test_roberta_positions_offset_counts_against_the_length_limit():
     m(input_ids=torch.full((1, 18), 5))
     with pytest.raises(ValueError, match=r"19 tokens .* at most 18 \(max_position_embeddings, less any position offset\)"):
         m(input_ids=torch.full((1, 19), 5))
+
+
+def test_default_model_can_be_pointed_elsewhere(monkeypatch, tmp_path):
+    """On a machine without the packaged model, SPARSEATTN_DEFAULT_MODEL names a copy of it."""
+    from sparseattn.models import DEFAULT_HUB_ID, resolve_model
+
+    monkeypatch.setenv("SPARSEATTN_DEFAULT_MODEL", str(tmp_path))
+    assert resolve_model(None) == str(tmp_path)
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
+    monkeypatch.delenv("SPARSEATTN_DEFAULT_MODEL")
+    assert resolve_model(None) != str(tmp_path) and resolve_model(None) in (DEFAULT_HUB_ID, resolve_model("default"))

@@ -18,8 +18,10 @@ def packaged_model_path() -> str | None:
 
 
 def default_model() -> str:
-    """The packaged MiniLM when installed, else its hub id."""
-    return packaged_model_path() or DEFAULT_HUB_ID
+    """$SPARSEATTN_DEFAULT_MODEL when set (a copy of the same model elsewhere, e.g. the device bundle's
+    .bundle/model on a GPU machine without the package), else the packaged MiniLM when installed, else its
+    hub id."""
+    return os.environ.get("SPARSEATTN_DEFAULT_MODEL") or packaged_model_path() or DEFAULT_HUB_ID
 
 
 def resolve_model(name: str | None) -> str:
