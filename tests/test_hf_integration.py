@@ -531,3 +531,40 @@ def test_distilbert_without_layer_idx_maps_attention_modules_by_order():
     assert (att[1][0][:, dist > 1] > 0).any()  # ...layer 1 is not
     rep = sa.measure_sparsity(m, {"input_ids": ids, "attention_mask": am})
     assert rep.per_layer[:2].tolist() == [0.0, 0.0] and rep.per_layer[2] > 0.5
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_gradient_checkpointing_recomputes_each_layer_with_its_own_batch(arch):
+    """Two forward passes (different padding), then their backward passes in reverse order, with gradient
+    checkpointing: recomputation must use each pass's own layout, not the latest one."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        if arch == "bert":
+            m = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        else:
+            m = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        sa.sparsify(m, "all: neighbour(1) | global_tokens(1)")
+        g = torch.Generator().manual_seed(1)
+        ids1, ids2 = torch.randint(3, 50, (2, 10), generator=g), torch.randint(3, 50, (2, 10), generator=g)
+        am1, am2 = torch.ones_like(ids1), torch.ones_like(ids2)
+        am1[1, :4] = 0 if arch == "llama" else 1  # left padding for the decoder,
+        am1[1, 4:] = 1 if arch == "llama" else 0  # right padding for the encoder
+        am2[0, 6:] = 0 if arch == "bert" else 1
+        am2[0, :3] = 0 if arch == "llama" else 1
+        out1 = m(input_ids=ids1, attention_mask=am1).last_hidden_state
+        out2 = m(input_ids=ids2, attention_mask=am2).last_hidden_state
+        out2[am2.bool()].sum().backward()
+        out1[am1.bool()].pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -24,6 +24,7 @@ log = logging.getLogger("sparseattn")
 
 ATTN_NAME = "sparseattn"
 STRUCTURE_KWARG = "sparse_structure"
+BATCH_KWARG = "sparseattn_batch"  # the pre-hook's per-call context, passed down to the attention layers
 _registered = False
 
 
@@ -64,8 +65,8 @@ class _State:
     embeddings: torch.nn.Module | None
     original_impl: str | None
     hooks: list = field(default_factory=list)
-    batch: dict = field(default_factory=dict)  # inputs of the current forward pass
-    cache: dict = field(default_factory=dict)  # masks shared by the layers of the current forward pass
+    batch: dict = field(default_factory=dict)  # inputs of the latest forward pass (fallback, see _pre_hook)
+    kwargs_reach_attention: bool = False  # whether the model's forward passes **kwargs down to attention
     max_positions: int | None = None
     modules: list = field(default_factory=list)
 
@@ -153,6 +154,8 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     for _, m in cross:
         m._sparseattn_dense = True  # cross-attention stays dense
         state.modules.append(m)
+    state.kwargs_reach_attention = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                       for p in inspect.signature(model.forward).parameters.values())
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     model._sparseattn = state
     model.set_attn_implementation(ATTN_NAME)
@@ -222,17 +225,21 @@ def _pre_hook(model, args, kwargs):
         if state.max_positions and L + seen > state.max_positions:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
                              f"{state.max_positions} (max_position_embeddings, less any position offset); truncate it explicitly")
-    state.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure}
-    state.cache = {}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure, "cache": {}}
+    state.batch = batch
+    if state.kwargs_reach_attention:
+        # The batch travels with the call's kwargs into every attention layer, so gradient checkpointing,
+        # which saves and replays a layer's kwargs, recomputes a layer with its own batch even when other
+        # forward passes ran in between. Models that drop kwargs on the way use state.batch instead.
+        kwargs[BATCH_KWARG] = batch
     return args, kwargs
 
 
-def _layout_for(module, state: _State, model_mask: torch.Tensor | None, batch_size: int, kv_len: int,
+def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | None, batch_size: int, kv_len: int,
                 device) -> TokenLayout:
     key = ("layout", kv_len, bool(getattr(module, "is_causal", False)))
-    if key in state.cache:
-        return state.cache[key]
-    batch = state.batch
+    if key in batch["cache"]:
+        return batch["cache"][key]
     am = batch.get("attention_mask")
     if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] == kv_len:
         real = am.to(device=device).bool()
@@ -264,7 +271,7 @@ def _layout_for(module, state: _State, model_mask: torch.Tensor | None, batch_si
                 return emb(ids.to(device)).float()
     layout = TokenLayout(real=real, special=special, structure=structure, input_ids=input_ids,
                          token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)))
-    state.cache[key] = layout
+    batch["cache"][key] = layout
     return layout
 
 
@@ -289,11 +296,14 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
                            "sparsified; call sparseattn.sparsify(model, plan)")
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive -> boolean
+    batch = kwargs.pop(BATCH_KWARG, None) or state.batch
+    if not batch:
+        batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
     kv_len = key.shape[2]
-    layout = _layout_for(module, state, attention_mask, query.shape[0], kv_len, query.device)
+    layout = _layout_for(module, state, batch, attention_mask, query.shape[0], kv_len, query.device)
     call = AttentionCall(
         query=query, key=key, value=value, layer_plan=state.layer_plans[module._sparseattn_layer], layout=layout,
         model_mask=attention_mask, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        dropout_p=dropout, cache=state.cache, need_weights=_wants_weights(module, kwargs))
+        dropout_p=dropout, cache=batch["cache"], need_weights=_wants_weights(module, kwargs))
     out, weights = state.backend.attention(call)
     return out.transpose(1, 2).contiguous(), weights
