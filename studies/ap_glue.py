@@ -9,10 +9,12 @@ For every task:
   5. write results.csv, table.md and metric_vs_sparsity.png under --out.
 
 Every step is skipped when its output exists, so the script resumes where it stopped. Run folders carry
-the budget and scope in their names, so changing them never reuses stale results.
+the budget and scope in their names, so changing them never reuses stale results. Fine-tunes of a phase
+run in --jobs processes at once (the small model leaves one GPU mostly idle at batch 32, so several
+processes share it well).
 
-    # the study (GPU; about 20 minutes for the five tasks with the packaged MiniLM on one H100)
-    python studies/ap_glue.py --out out/ap_glue
+    # the study (GPU): SST-2 one epoch, the others three, eight fine-tunes at a time on one H100
+    python studies/ap_glue.py --out out/ap_glue --task-epochs sst2=1 --jobs 8
     # the CPU demonstration in docs/attention-pruning.md
     python studies/ap_glue.py --out out/ap_demo --tasks sst2 --percents 60 --epochs 1 --limit-train 2000 \\
         --collect-limit 2000
@@ -34,14 +36,54 @@ def log(msg: str) -> None:
     print(f"[ap_glue] {msg}", file=sys.stderr, flush=True)
 
 
-def run_finetune(cfg, out_dir: Path, *, save_model: bool = False) -> dict:
+def run_finetune(cfg, out_dir: Path, save_model: bool = False) -> dict:
     from sparseattn.experiments.finetune import finetune
 
     done = out_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
     log(f"fine-tune {cfg.task} plan={cfg.plan} -> {out_dir}")
-    return finetune(cfg, out_dir=out_dir, save_model=save_model, progress=False)
+    res = finetune(cfg, out_dir=out_dir, save_model=save_model, progress=False)
+    log(f"done {cfg.task} plan={Path(str(cfg.plan)).name}: {res['main_metric']} {res['score']:.4f} "
+        f"in {res['timing']['total_seconds']:.0f}s")
+    return res
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_all(jobs: list[tuple], n: int) -> list[dict]:
+    """Run fine-tunes ``(cfg, out_dir, save_model)``, ``n`` processes at a time; results in order.
+    A failed run is logged and left out (its folder has no results.json, so a rerun tries it again)."""
+    todo = [j for j in jobs if not (j[1] / "results.json").exists()]
+    if n <= 1 or len(todo) <= 1:
+        out = []
+        for j in jobs:
+            out.append(run_finetune(*j))
+        return out
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 2) // n)
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(run_finetune, *j) for j in jobs]
+        results = []
+        failed = 0
+        for j, f in zip(jobs, futures):
+            try:
+                results.append(f.result())
+            except Exception as e:  # keep the others; the summary says how many failed
+                failed += 1
+                log(f"FAILED {j[0].task} plan={j[0].plan}: {type(e).__name__}: {e}")
+                results.append(None)
+    if failed:
+        raise SystemExit(f"{failed} fine-tune(s) failed (see above); rerun to retry them, finished runs are kept")
+    return results
 
 
 def collect(task: str, model_dir: Path, out: Path, args) -> Path:
@@ -79,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--collect-from", choices=("finetuned", "pretrained"), default="finetuned")
     p.add_argument("--collect-limit", type=int, default=None, help="collect over this many train examples")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--task-epochs", nargs="*", default=[], metavar="TASK=N",
+                   help="epochs for some tasks, e.g. sst2=1 (the others get --epochs)")
+    p.add_argument("--jobs", type=int, default=1, help="fine-tunes run at once (processes)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -98,47 +143,64 @@ def main(argv=None) -> int:
     if args.collect_limit is None:
         args.collect_limit = args.limit_train  # collect over the examples fine-tuning sees
     # one folder, one configuration: resuming with other settings would mix stale results in
-    fixed = {k: v for k, v in vars(args).items() if k not in ("tasks", "percents", "report_only", "out", "budget",
+    fixed = {k: v for k, v in vars(args).items() if k not in ("tasks", "percents", "report_only", "out", "budget", "jobs",
                                                                "scope")}
     cfg_file = out / "config.json"
     if cfg_file.exists() and json.loads(cfg_file.read_text()) != fixed:
         raise SystemExit(f"{cfg_file} holds another configuration ({cfg_file.read_text().strip()}); use another --out")
     out.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(json.dumps(fixed, indent=1) + "\n")
-    common = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                  limit_train=args.limit_train, limit_eval=args.limit_eval, seed=args.seed)
+    task_epochs = {}
+    for item in args.task_epochs:
+        task, _, n = item.partition("=")
+        if task not in TASKS or not n.isdigit() or int(n) < 1:
+            p.error(f"--task-epochs wants TASK=N with TASK in {TASKS} and N >= 1; got {item!r}")
+        task_epochs[task] = int(n)
+
+    def common(task):
+        return dict(epochs=task_epochs.get(task, args.epochs), lr=args.lr, batch_size=args.batch_size,
+                    max_length=args.max_length, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                    seed=args.seed)
+
     variant = f"{args.budget}-{args.scope}"
-    rows = []
-    for task in args.tasks:
+    names = {(m, pc): plan_name(m, args.scope, pc) for pc in args.percents for m in ("ap", "random")}
+
+    # phase 1: the dense runs (p = 0), whose checkpoints the averages are collected from
+    dense_jobs = [(FinetuneConfig(task=t, plan="dense", **common(t)), out / t / "dense", True) for t in args.tasks
+                  if not args.report_only or (out / t / "dense" / "results.json").exists()]
+    dense = dict(zip([j[0].task for j in dense_jobs], run_all(dense_jobs, args.jobs)))
+
+    # phase 2: averages and masks, per task
+    sparse_jobs = []
+    for task in dense:
         tdir = out / task
-        dense_dir = tdir / "dense"
-        if args.report_only and not (dense_dir / "results.json").exists():
-            continue
-        dense = run_finetune(FinetuneConfig(task=task, plan="dense", **common), dense_dir, save_model=True)
-        rows.append(_row(task, "dense", 0.0, dense))
-        if args.report_only:
-            stats_file = tdir / f"attention-{args.collect_from}.safetensors"
-        else:
-            stats_file = collect(task, dense_dir / "model", tdir / f"attention-{args.collect_from}.safetensors", args)
         plans = tdir / f"plans-{args.collect_from}-{variant}"
-        names = {(m, pc): plan_name(m, args.scope, pc) for pc in args.percents for m in ("ap", "random")}
-        for pc in args.percents:
-            if args.report_only or (plans / names["ap", pc] / "plan.json").exists():
-                continue
-            rc = cli(["ap", "mask", str(stats_file), "--prune", f"{pc:g}", "--random", "--scope", args.scope,
-                      "--budget", args.budget, "--block-size", "16", "--seed", str(args.seed), "--out", str(plans / "tmp")])
-            if rc:  # e.g. more than the off-diagonal pairs: the error says how much is possible
-                log(f"{task}: no mask at p={pc:g}% (see the error above); skipped")
-                continue
-            for m in ("ap", "random"):
-                (plans / "tmp" / names[m, pc]).rename(plans / names[m, pc])
-            (plans / "tmp" / "summary.json").rename(plans / f"summary-p{pc:g}.json")
+        if not args.report_only:
+            stats_file = tdir / f"attention-{args.collect_from}.safetensors"
+            missing = [pc for pc in args.percents if not (plans / names["ap", pc] / "plan.json").exists()]
+            if missing:
+                collect(task, tdir / "dense" / "model", stats_file, args)
+            for pc in missing:
+                rc = cli(["ap", "mask", str(stats_file), "--prune", f"{pc:g}", "--random", "--scope", args.scope,
+                          "--budget", args.budget, "--block-size", "16", "--seed", str(args.seed),
+                          "--out", str(plans / "tmp")])
+                if rc:  # e.g. more than the off-diagonal pairs: the error says how much is possible
+                    log(f"{task}: no mask at p={pc:g}% (see the error above); skipped")
+                    continue
+                for m in ("ap", "random"):
+                    (plans / "tmp" / names[m, pc]).rename(plans / names[m, pc])
+                (plans / "tmp" / "summary.json").rename(plans / f"summary-p{pc:g}.json")
         for (method, pc), name in names.items():
             run_dir = tdir / f"runs-{args.collect_from}-{variant}" / name
             if not (plans / name / "plan.json").exists() or (args.report_only and not (run_dir / "results.json").exists()):
                 continue
-            res = run_finetune(FinetuneConfig(task=task, plan=str(plans / name), **common), run_dir)
-            rows.append(_row(task, method, pc, res))
+            sparse_jobs.append(((task, method, pc), (FinetuneConfig(task=task, plan=str(plans / name), **common(task)),
+                                                     run_dir, False)))
+
+    # phase 3: re-fine-tune the pretrained model under every mask
+    results = run_all([j for _, j in sparse_jobs], args.jobs)
+    rows = [_row(t, "dense", 0.0, r) for t, r in dense.items()]
+    rows += [_row(t, m, pc, r) for ((t, m, pc), _), r in zip(sparse_jobs, results)]
     if not rows:
         log("no results yet")
         return 1
