@@ -1,11 +1,13 @@
 """Learned neighbour degrees: gradients, penalty behaviour, export to a hard plan, target sparsity."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import sparseattn as sa
 from sparseattn.learned import SoftNeighbourDegrees, attach_degrees, detach_degrees
+from sparseattn.layout import TokenLayout
 from sparseattn.learned.train import LearnConfig, calibrate_offset, hard_sparsity, learn
 
 V, L = 60, 24
@@ -178,3 +180,41 @@ def test_learn_glue_end_to_end(tmp_path, task, ask):
     assert 0.0 < r["sparsity"]["overall"] < 1.0 and r["main_metric"] in r["metrics"]
     if "target_sparsity" in ask:
         assert abs(r["learned"]["train_sparsity_of_exported_plan"] - ask["target_sparsity"]) < 0.05
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("GLUE_DIR"), reason="GLUE_DIR not set")
+def test_learn_glue_trains_fp32_master_weights_from_an_fp16_checkpoint(tmp_path):
+    """The device bundle stores the model in fp16. Learning degrees must upcast it, as finetune does: trained
+    in fp16, every gradient was NaN from the second step (found on the H100, all lambda runs failed)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import BertConfig, BertModel
+
+    from sparseattn.learned.glue import LearnGlueConfig, learn_glue
+    from sparseattn.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).half().save_pretrained(tmp_path / "fp16")
+    tok.save_pretrained(tmp_path / "fp16")
+    run = LearnGlueConfig(task="mrpc", model=str(tmp_path / "fp16"), epochs=1, batch_size=16, max_length=64,
+                          limit_train=64, limit_eval=32, init_degree=6.0, lr=1e-3, lam=0.05)
+    r = learn_glue(run, out_dir=tmp_path / "out", progress=False)
+    with safe_open(str(tmp_path / "out" / "soft_model" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert all(np.isfinite(h["loss"]) for h in r["learned"]["soft_history"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["score"] == r["score"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibration_with_degrees_on_the_gpu():
+    """The kept-pairs table lives on the CPU; degrees on the GPU must still calibrate (failed on the H100)."""
+    lays = [TokenLayout(real=torch.tensor([[True] * 20 + [False] * 4, [True] * 24]))]
+    deg = SoftNeighbourDegrees(2, 4, init_degree=6.0, global_tokens=1).cuda()
+    calibrate_offset(deg, lays, 0.7)
+    assert abs(hard_sparsity(deg, lays) - 0.7) < 0.05

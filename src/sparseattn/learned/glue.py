@@ -128,7 +128,9 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     train = encode_split(tokenizer, train_ex, cfg.max_length, regression=task.is_regression,
                          what=f"{task.folder} train")
     set_seed(cfg.seed)
-    model = load_model(cfg.model, task="classification", num_labels=task.num_labels)
+    # fp32 master weights whatever the checkpoint's dtype, as finetune does (autocast does the low-precision
+    # math); an fp16 checkpoint trained in fp16 turns NaN on its second step
+    model = load_model(cfg.model, task="classification", num_labels=task.num_labels, dtype=torch.float32)
     n_layers = model.config.num_hidden_layers
     layers = list(parse_plan(f"{cfg.learn_layers}: full()").rules[0].resolve_layers(n_layers))
     degrees = attach_degrees(model, init_degree=cfg.init_degree, global_tokens=cfg.global_tokens,

@@ -19,6 +19,7 @@ windows; the exported plan is `SoftNeighbourDegrees.to_plan()`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -129,6 +130,11 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                 lam = (lam + cfg.dual_lr * (running_density - target_density)).clamp(min=0.0)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 d = degrees.degrees().detach()
+                if not (torch.isfinite(d).all() and math.isfinite(out.loss.item())):
+                    raise FloatingPointError(
+                        f"learning degrees: non-finite {'degrees' if not torch.isfinite(d).all() else 'loss'} at "
+                        f"step {step} of {cfg.steps} (temperature {degrees.temperature:.3g}, lambda {float(lam):.3g});"
+                        f" check the model weights are fp32 (autocast does the low precision) and the learning rates")
                 result.history.append({"step": step, "loss": out.loss.item(),
                                        "expected_density": running_density.item(),
                                        "lambda": float(lam), "temperature": degrees.temperature,
@@ -183,7 +189,7 @@ class DegreeTable:
         self.allowed = allowed
 
     def kept_at(self, k: torch.Tensor) -> torch.Tensor:
-        return self.kept[k.clamp(min=0, max=len(self.kept) - 1)]
+        return self.kept[k.to(self.kept.device).clamp(min=0, max=len(self.kept) - 1)]
 
     def sparsity(self, hard_degrees: torch.Tensor, learned_layers: list[int]) -> float:
         """Overall sparsity for (layers, heads) hard degrees; layers not learned count as dense."""
@@ -199,7 +205,7 @@ def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], 
     possible to ``target_sparsity``; applies the offset and returns it. Sparsity falls as the offset
     grows, so the offset is found by bisection over [-max degree - 1, max_length]."""
     table = DegreeTable(layouts, degrees.global_tokens)
-    raw = degrees.degree.detach()
+    raw = degrees.degree.detach().cpu()  # the table lives on the CPU
 
     def sparsity_at(offset: float) -> float:
         hard = (raw + offset + 0.5).floor().clamp(min=0).long()
