@@ -119,6 +119,45 @@ def test_target_sparsity_is_met_after_calibration():
     assert abs(measured - target) < 0.05, measured
 
 
+def test_target_mode_follows_the_exported_plan_and_keeps_degrees_revivable():
+    """The target is a budget on the exported (hard) plan: the multiplier follows the hard density, so it
+    relaxes to 0 once the hard plan is sparser than asked (here the tiny model's own loss narrows the
+    windows further), and degrees stay >= -1 so a head can widen again when it does."""
+    from sparseattn.learned.train import TARGET_MODE_DEGREE_FLOOR
+
+    target = 0.6
+    _, deg, data, res = _train(target=target, steps=80)
+    assert deg.degree.min().item() >= TARGET_MODE_DEGREE_FLOOR
+    last = res.history[-1]
+    assert abs((1 - last["hard_density"]) - hard_sparsity(deg, layouts(data))) < 0.05
+    assert last["hard_density"] < 1 - target and last["lambda"] == 0.0
+    assert max(h["lambda"] for h in res.history) > 0.0
+
+
+def test_hard_kept_is_the_exported_plans_measured_density():
+    m = tiny_model()
+    deg = attach_degrees(m, init_degree=6.0, global_tokens=1)
+    with torch.no_grad():
+        deg.degree.copy_(torch.tensor([[0.2, 1.6, -3.0, 30.0], [2.4, 2.6, 9.0, -0.4]]))
+    for lay in layouts(make_batches()) + [sa.TokenLayout.from_lengths([7, 19, 3])]:
+        kept, allowed = deg.hard_kept(lay)
+        assert abs((1 - kept / allowed).item() - hard_sparsity(deg, [lay])) < 1e-6
+
+
+def test_unreachable_target_is_refused_with_the_reachable_maximum():
+    from sparseattn.learned.train import DegreeTable, check_reachable, max_sparsity
+
+    deg = SoftNeighbourDegrees(2, 4, init_degree=3.0, global_tokens=1)
+    lays = [sa.TokenLayout.from_lengths([6, 10, 4])]
+    top = max_sparsity(DegreeTable(lays, 1), deg)
+    with torch.no_grad():
+        deg.degree.fill_(-5.0)
+    assert abs(top - hard_sparsity(deg, lays)) < 1e-12  # every degree 0: itself and the global token
+    check_reachable(DegreeTable(lays, 1), deg, top)  # the maximum itself is fine
+    with pytest.raises(ValueError, match=rf"target_sparsity 0.95 cannot be reached on .*is {top:.4f} sparse"):
+        calibrate_offset(deg, lays, 0.95)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="target_sparsity must be in"):
         LearnConfig(target_sparsity=1.5)

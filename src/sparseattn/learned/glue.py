@@ -29,7 +29,7 @@ from ..layout import TokenLayout
 from ..plans.io import save_plan
 from ..plans.spec import parse_plan
 from . import attach_degrees, detach_degrees
-from .train import LearnConfig, calibrate_offset, hard_sparsity, learn
+from .train import DegreeTable, LearnConfig, calibrate_offset, check_reachable, hard_sparsity, learn
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -136,6 +136,13 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     degrees = attach_degrees(model, init_degree=cfg.init_degree, global_tokens=cfg.global_tokens,
                              temperature=cfg.t_start, layers=layers, tokenizer=tokenizer)
     model.to(device)
+    # the data the exported plan is calibrated and measured on (train examples, as padded in batches)
+    calib_idx = np.random.default_rng(0).permutation(len(train))[:4096]
+    layouts = [TokenLayout(real=collate(train, calib_idx[i:i + 256])["attention_mask"].bool())
+               for i in range(0, len(calib_idx), 256)]
+    if cfg.target_sparsity is not None:  # refuse an unreachable target before the soft phase, not after
+        check_reachable(DegreeTable(layouts, degrees.global_tokens), degrees, cfg.target_sparsity,
+                        what=f"{task.folder} train ({len(calib_idx)} examples)")
     rng = np.random.default_rng(cfg.seed)
     pad_to = 8 if device.type == "cuda" else 1
 
@@ -161,9 +168,6 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     bar.close()
 
     # -- 2. export ----------------------------------------------------------------------------------------
-    calib_idx = np.random.default_rng(0).permutation(len(train))[:4096]
-    layouts = [TokenLayout(real=collate(train, calib_idx[i:i + 256])["attention_mask"].bool())
-               for i in range(0, len(calib_idx), 256)]
     offset = 0.0
     if cfg.target_sparsity is not None:
         offset = calibrate_offset(degrees, layouts, cfg.target_sparsity, max_length=cfg.max_length)

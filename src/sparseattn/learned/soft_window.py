@@ -92,6 +92,28 @@ class SoftNeighbourDegrees(nn.Module):
             kept.append(self.window(layout, layer).sum() / self.num_heads if self.learns(layer) else allowed)
         return torch.stack(kept).sum(), allowed * self.num_layers
 
+    def hard_kept(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, allowed) pairs of this batch under the exported plan (the T -> 0 windows of the current
+        degrees), in ``expected_kept``'s units (heads averaged, layers summed), as device tensors (no host
+        sync); not differentiable."""
+        p = layout.positions
+        dist = (p[:, None, :, None] - p[:, None, None, :]).abs()  # (B, 1, L, L)
+        allowed_mask = layout.allowed()
+        allowed = allowed_mask.sum().to(self.degree.dtype)
+        fixed = layout.diagonal()
+        if self.global_tokens:
+            glob = layout.real & (p < self.global_tokens)
+            fixed = fixed | glob[:, None, :, None] | glob[:, None, None, :]
+        hard = self.hard_degrees()
+        kept = []
+        for layer in range(self.num_layers):
+            if self.learns(layer):
+                keep = (dist <= hard[layer][None, :, None, None]) | fixed
+                kept.append((keep & allowed_mask).sum().to(self.degree.dtype) / self.num_heads)
+            else:
+                kept.append(allowed)
+        return torch.stack(kept).sum(), allowed * self.num_layers
+
     def expected_density(self, layout: TokenLayout) -> torch.Tensor:
         """Scalar: the expected fraction of this batch's allowed pairs kept, over all layers and heads (dense
         layers count as density 1), differentiable in the degrees."""

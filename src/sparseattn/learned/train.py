@@ -31,6 +31,9 @@ from ..sparsity import measure_plan
 from .soft_window import SoftNeighbourDegrees, annealed_temperature
 
 
+TARGET_MODE_DEGREE_FLOOR = -1.0
+
+
 @dataclass
 class LearnConfig:
     lam: float | None = 0.0  # density penalty weight (ignored when target_sparsity is set)
@@ -100,7 +103,7 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
     t0 = time.time()
     model.train()
     step = 0
-    run_kept = run_allowed = torch.zeros((), device=device)
+    run_kept = run_allowed = run_hard = torch.zeros((), device=device)
     lam = torch.tensor(lam, device=device)
     while step < cfg.steps:
         for batch in batches():
@@ -127,7 +130,20 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
             torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
             opt.step()
             if target_density is not None:
-                lam = (lam + cfg.dual_lr * (running_density - target_density)).clamp(min=0.0)
+                # the multiplier follows the density of the plan that will be exported (hard windows), not
+                # the soft one: at high temperature the soft tails keep the soft density far above it, and
+                # a multiplier driven by them kept growing until every degree had collapsed
+                # a head the multiplier pushed far below zero gets no gradient at low temperature and could
+                # never widen again once the multiplier relaxes: in target mode degrees stay >= -1
+                with torch.no_grad():
+                    degrees.degree.clamp_(min=TARGET_MODE_DEGREE_FLOOR)
+                # this batch's excess of kept pairs over the target, in units of the mean batch's allowed
+                # pairs (a ratio of sums over steps, without the lag of a running average)
+                hard_kept, _ = degrees.hard_kept(_layout(batch, causal))
+                run_hard = cfg.ema * run_hard + (1 - cfg.ema) * hard_kept
+                hard_density = run_hard / run_allowed
+                mean_allowed = run_allowed / (1 - cfg.ema ** (step + 1))
+                lam = (lam + cfg.dual_lr * (hard_kept - target_density * allowed) / mean_allowed).clamp(min=0.0)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 d = degrees.degrees().detach()
                 if not (torch.isfinite(d).all() and math.isfinite(out.loss.item())):
@@ -137,6 +153,8 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                         f" check the model weights are fp32 (autocast does the low precision) and the learning rates")
                 result.history.append({"step": step, "loss": out.loss.item(),
                                        "expected_density": running_density.item(),
+                                       **({"hard_density": hard_density.item()} if target_density is not None
+                                          else {}),
                                        "lambda": float(lam), "temperature": degrees.temperature,
                                        "degree_mean": d.mean().item(), "degree_min": d.min().item(),
                                        "degree_max": d.max().item()})
@@ -199,6 +217,24 @@ class DegreeTable:
         return 1.0 - kept / (L * H * self.allowed)
 
 
+def max_sparsity(table: "DegreeTable", degrees: SoftNeighbourDegrees) -> float:
+    """The sparsest plan learning can export on the table's data: every learned degree 0, so each token
+    keeps itself and the global tokens."""
+    return table.sparsity(torch.zeros(degrees.num_layers, degrees.num_heads, dtype=torch.long), degrees.layers)
+
+
+def check_reachable(table: "DegreeTable", degrees: SoftNeighbourDegrees, target_sparsity: float,
+                    what: str = "the calibration data") -> None:
+    """Refuse a target sparsity no plan of neighbour windows can reach on this data."""
+    top = max_sparsity(table, degrees)
+    if target_sparsity > top + 1e-9:
+        raise ValueError(
+            f"target_sparsity {target_sparsity:g} cannot be reached on {what}: with global_tokens="
+            f"{degrees.global_tokens} and {len(degrees.layers)} of {degrees.num_layers} layers learned, the sparsest "
+            f"plan (every degree 0: each token keeps itself and the global tokens) is {top:.4f} sparse; ask for at "
+            f"most that, use global_tokens=0, or learn more layers")
+
+
 def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], target_sparsity: float,
                      *, max_length: int | None = None) -> float:
     """Shift every degree by one common offset so the hard plan's sparsity on ``layouts`` is as close as
@@ -206,6 +242,7 @@ def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], 
     grows, so the offset is found by bisection over [-max degree - 1, max_length]."""
     table = DegreeTable(layouts, degrees.global_tokens)
     raw = degrees.degree.detach().cpu()  # the table lives on the CPU
+    check_reachable(table, degrees, target_sparsity)
 
     def sparsity_at(offset: float) -> float:
         hard = (raw + offset + 0.5).floor().clamp(min=0).long()
