@@ -44,7 +44,7 @@ class LearnGlueConfig(FinetuneConfig):
     global_tokens: int = 1  # the first g tokens stay global, not learned
     learn_layers: str = "all"  # layer selector of the plan grammar: all, later-half, layers=3-5, ...
     degree_lr: float = 0.5
-    dual_lr: float = 5.0
+    dual_lr: float = 0.01  # target mode's multiplier step (see learned/train.py); lambda mode ignores it
     t_start: float = 4.0
     t_end: float = 0.05
     hard_epochs: int = 1

@@ -288,7 +288,7 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color=colors[fam], lw=1, alpha=0.7)
     ax.margins(x=0.25, y=0.1)  # room for the labels
-    ax.set_xlim(left=max(ax.get_xlim()[0], -2.0))  # sparsity is never negative
+    ax.set_xlim(left=max(ax.get_xlim()[0], -2.0), right=min(ax.get_xlim()[1], 102.0))  # sparsity is in [0, 100]
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
     ax.set_ylabel(f"{task.main_metric} x100 ({task.folder} dev)")
     ax.set_title(f"{task.folder}: {task.main_metric} against sparsity")
