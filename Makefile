@@ -29,7 +29,7 @@ reproduce: $(VENV)/.installed
 	$(VENV)/bin/sparseattn sweep studies/pattern_ablation.yaml
 	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_sst2.yaml
 	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_small.yaml
-	$(PY) studies/ap_glue.py --out out/ap_glue
+	$(PY) studies/ap_glue.py --out out/ap_glue --task-epochs sst2=1
 	$(VENV)/bin/sparseattn report studies/pattern_ablation.sqlite --out out/reports/pattern_ablation
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_sst2.sqlite --out out/reports/learned_vs_bigbird_sst2
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_small.sqlite --out out/reports/learned_vs_bigbird_small

@@ -257,3 +257,23 @@ def test_calibration_with_degrees_on_the_gpu():
     deg = SoftNeighbourDegrees(2, 4, init_degree=6.0, global_tokens=1).cuda()
     calibrate_offset(deg, lays, 0.7)
     assert abs(hard_sparsity(deg, lays) - 0.7) < 0.05
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("GLUE_DIR"), reason="GLUE_DIR not set")
+def test_learn_command_takes_lambda_as_the_issue_spells_it(tmp_path, capsys):
+    """`sparseattn learn --task ... --lambda ...` (and --lam), printing the degrees and writing the plan."""
+    from test_finetune import make_tiny_model
+
+    from sparseattn.cli import main
+
+    torch.set_num_threads(1)
+    model = make_tiny_model(tmp_path / "tiny")
+    rc = main(["learn", "--task", "rte", "--lambda", "0.05", "--model", model, "--epochs", "1", "--batch-size", "16",
+               "--max-length", "64", "--limit-train", "32", "--limit-eval", "16", "--init-degree", "4",
+               "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "learned(lam=0.05)" in out and "layer 1:" in out
+    assert (tmp_path / "out" / "plan" / "plan.json").exists()
+    with pytest.raises(SystemExit):  # one of --lambda and --target-sparsity, not both
+        main(["learn", "--task", "rte", "--lambda", "0.1", "--target-sparsity", "0.5", "--out", str(tmp_path / "x")])

@@ -14,7 +14,7 @@ def cmd_learn(args) -> int:
                           limit_eval=args.limit_eval, precision=args.precision, lam=args.lam,
                           target_sparsity=args.target_sparsity, init_degree=args.init_degree,
                           global_tokens=args.global_tokens, learn_layers=args.layers, degree_lr=args.degree_lr,
-                          t_start=args.t_start, t_end=args.t_end, hard_epochs=args.hard_epochs)
+                          dual_lr=args.dual_lr, t_start=args.t_start, t_end=args.t_end, hard_epochs=args.hard_epochs)
     r = learn_glue(cfg, glue_dir=args.glue_dir, out_dir=args.out, device=args.device, progress=not args.no_progress)
     sp, le = r["sparsity"], r["learned"]
     print(f"\n{r['task']} | {cfg.label} | seed {cfg.seed} on {r['device']}")
@@ -40,9 +40,9 @@ def register(sub, formatter_class) -> None:
                     "briefly under it. Writes the plan, a heatmap of the degrees and results.json.",
         epilog=textwrap.dedent("""\
             examples:
-              sparseattn learn --task sst2 --lam 0.5 --out runs/learn-sst2-lam0.5
+              sparseattn learn --task sst2 --lambda 0.5 --out runs/learn-sst2-lam0.5
               sparseattn learn --task mrpc --target-sparsity 0.8 --epochs 3 --out runs/learn-mrpc-80
-              sparseattn learn --task stsb --lam 1 --layers later-half --limit-train 500 --out runs/tiny
+              sparseattn learn --task stsb --lambda 1 --layers later-half --limit-train 500 --out runs/tiny
             """))
     from ..experiments.finetune import FinetuneConfig
     from .glue import LearnGlueConfig
@@ -50,7 +50,7 @@ def register(sub, formatter_class) -> None:
     F, D = FinetuneConfig.__dataclass_fields__, LearnGlueConfig.__dataclass_fields__
     p.add_argument("--task", default=F["task"].default, help="GLUE task (any spelling)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--lam", type=float, default=None, help="density penalty weight lambda")
+    group.add_argument("--lambda", "--lam", dest="lam", type=float, default=None, help="density penalty weight lambda")
     group.add_argument("--target-sparsity", type=float, default=None, help="overall sparsity to reach, in [0, 1)")
     p.add_argument("--model", default=None, help="hub id or path (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +59,8 @@ def register(sub, formatter_class) -> None:
                    help="epochs of fine-tuning under the exported hard plan")
     p.add_argument("--lr", type=float, default=F["lr"].default)
     p.add_argument("--degree-lr", type=float, default=D["degree_lr"].default, help="learning rate of the degrees")
+    p.add_argument("--dual-lr", type=float, default=D["dual_lr"].default,
+                   help="target mode: step of the multiplier's dual ascent")
     p.add_argument("--init-degree", type=float, default=D["init_degree"].default)
     p.add_argument("--global-tokens", type=int, default=D["global_tokens"].default,
                    help="the first g tokens stay global (not learned)")
