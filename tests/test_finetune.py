@@ -135,3 +135,30 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown fine-tune option.*'learning_rate'"):
         FinetuneConfig.from_dict({"learning_rate": 1e-4})
     assert FinetuneConfig(plan="later-half:neighbour(2)").plan == "later-half: neighbour(2)"
+
+
+@needs_glue
+def test_a_plan_that_isolates_cls_in_every_layer_is_flagged(tiny_model, caplog):
+    """[CLS] keeping only itself in every layer makes a classifier's input constant: finetune warns and
+    records it (the pattern ablation's syntax(1)/lexical() arms with special='self' did exactly this)."""
+    from sparseattn.experiments.finetune import readout_isolated_layers
+    from sparseattn.models import load_model, load_tokenizer
+    from sparseattn.plans.spec import parse_plan
+
+    common = dict(task="rte", model=tiny_model, epochs=1, batch_size=8, limit_train=16, limit_eval=16, max_length=48)
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        r = finetune(FinetuneConfig(plan="all: neighbour(0)", **common), progress=False, device="cpu")
+    assert r["readout_isolated"] is True
+    assert any("cannot depend on the input" in m for m in caplog.messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        r = finetune(FinetuneConfig(plan="all: neighbour(0) | global_tokens(1)", **common), progress=False,
+                     device="cpu")
+    assert r["readout_isolated"] is False and not any("cannot depend" in m for m in caplog.messages)
+    # per layer: a later-half plan isolates [CLS] only in the later layer of a 2-layer model
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, task="classification", num_labels=2)
+    enc = tok(["a b c d", "e f"], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert readout_isolated_layers(parse_plan("later-half: neighbour(0)"), model, batch, tok) == [1]
+    assert readout_isolated_layers(parse_plan("all: random(2)"), model, batch, tok) == []

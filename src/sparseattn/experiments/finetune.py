@@ -195,6 +195,27 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch
     return F.cross_entropy(logits.float(), labels)
 
 
+def readout_isolated_layers(plan, model, batch: dict, tokenizer=None) -> list[int]:
+    """Layers in which, for every example of ``batch``, the first real token (BERT's [CLS], which a
+    sequence classifier reads) keeps only itself in every head under ``plan``. If that is every layer,
+    the classifier's input does not depend on the sentence."""
+    from ..measure import layout_of_batch
+
+    cfg_text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    special_ids = torch.tensor(tokenizer.all_special_ids) if tokenizer is not None else None
+    layout = layout_of_batch(batch, special_ids=special_ids, embeddings=model.get_input_embeddings())
+    first = layout.real.float().argmax(-1)  # (B,) index of each example's first real token
+    rows = torch.arange(layout.batch_size)
+    cache: dict = {}
+    isolated = []
+    for lp in plan.resolve(cfg_text.num_hidden_layers, cfg_text.num_attention_heads):
+        keep = lp.mask(layout, cache)  # (B, H or 1, L, L)
+        kept = keep[rows, :, first, :].sum(-1)  # (B, H) keys the first token keeps
+        if bool((kept <= 1).all()):
+            isolated.append(lp.layer)
+    return isolated
+
+
 def _model_inputs(batch: dict, pass_structure: bool) -> dict:
     keys = ["input_ids", "attention_mask", "token_type_ids"] + (["sparse_structure"] if pass_structure else [])
     return {k: batch[k] for k in keys if k in batch}
@@ -285,6 +306,16 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
         sparsify(model, plan, backend=cfg.backend, tokenizer=tokenizer)
     model.to(device)
     t_model = time.perf_counter() - t0
+    readout_isolated = False
+    if not dense and not getattr(model.config, "is_decoder", False):
+        probe = collate(train, np.arange(min(len(train), 256)))
+        layers = readout_isolated_layers(plan, model, probe, tokenizer)
+        readout_isolated = len(layers) == model.config.num_hidden_layers
+        if readout_isolated:
+            log.warning("%s: in every layer the plan %r lets the first token ([CLS], which the classifier reads) "
+                        "attend only to itself, so the model's predictions cannot depend on the input; give it "
+                        "other keys (e.g. `| global_tokens(1)`, or special='global' for syntax and lexical)",
+                        task.folder, plan.spec())
 
     if precision == "bf16":
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -383,6 +414,7 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
         "epochs": epochs,
         "train_loss_curve": {"window_steps": window, "values": curve},
         "sparsity": report.to_dict(),
+        "readout_isolated": readout_isolated,
         "data": {
             "source": str(glue_dir) if glue_dir else (os.environ.get("GLUE_DIR") or "hub: nyu-mll/glue"),
             "train_examples": len(train), "eval_examples": len(evals), "eval_split": cfg.eval_split,
