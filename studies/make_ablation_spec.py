@@ -3,9 +3,20 @@
 Breaking BERT removes every attention connection but those of one pattern (syntax, lexical, neighbour,
 random) and compares the patterns at matched sparsity, applied to all layers or to the later half only.
 Syntax and lexical have no degree to tune, so they set the sparsity: per task, the target is the measured
-sparsity of ``syntax(1)`` on the dev data, but at least 78% (the paper's "at least 78% sparse");
-``neighbour(k)`` and ``random(r)`` take the degree whose measured sparsity is closest to the target
-among those at least 78% sparse (ties: the sparser). Lexical keeps its own sparsity, reported beside.
+sparsity of ``syntax(1)`` on the dev data; ``neighbour(k)`` and ``random(r)`` take the degree whose
+measured sparsity is closest to it (ties: the sparser). Lexical keeps its own sparsity, reported beside.
+The paper's "at least 78% sparse" is a finding about its setting, not a constraint here: on CoLA's short
+sentences syntax(1) with a global [CLS] is 67% sparse, and a 78% floor would force neighbour(0) (no
+neighbours at all, the same plan as random(0)).
+
+[CLS] is a global token in every pattern (``--special cls``, the default: ``| global_tokens(1)`` on each),
+so the classifier's input can depend on the sentence whatever the pattern. ``--special global`` makes
+every special token global instead (syntax and lexical with ``special='global'``, neighbour and random
+with ``| global_tokens('special')``); on short sentences that alone keeps so many pairs that 78% is out
+of reach (CoLA: 67% with neighbour(0)). With ``--special self`` syntax and lexical leave [CLS] only itself, so in ``all:`` plans a classifier's input
+cannot depend on the sentence (the first run of this study: SST-2 at the majority class, STS-B at 0, zero
+spread over seeds), while neighbour and random still give [CLS] its window: the comparison then measures
+the readout, not the pattern.
 
 Sparsity is `sparseattn.sparsity`'s (over the sparsified heads, on the dev split at the run's max
 length). Parses come from the parse cache (``sparseattn parse``), so run this where spaCy is installed.
@@ -21,7 +32,6 @@ from pathlib import Path
 
 TASKS = ["sst2", "mrpc", "rte", "cola", "stsb"]
 EPOCHS = {"sst2": 1}  # small tasks: 3 (the issue's sizing)
-FLOOR = 0.78
 
 
 def measured(spec_body: str, layouts, shape) -> float:
@@ -36,13 +46,10 @@ def measured(spec_body: str, layouts, shape) -> float:
 
 
 def closest_degree(make, target: float, layouts, shape, max_degree: int = 128) -> tuple[int, float]:
-    """The degree whose pattern's sparsity is closest to ``target`` among those at least FLOOR sparse
-    (sparsity falls as the degree grows); degree 0 if none is."""
+    """The degree whose pattern's sparsity is closest to ``target`` (sparsity falls as the degree grows)."""
     best = (0, measured(make(0), layouts, shape))
     for d in range(1, max_degree + 1):
         s = measured(make(d), layouts, shape)
-        if s < FLOOR:
-            break
         if abs(s - target) < abs(best[1] - target):
             best = (d, s)
         if s < target:  # further degrees are only further below
@@ -76,26 +83,40 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--glue-dir", default=None)
     ap.add_argument("--parse-cache", default=None, help="default: $SPARSEATTN_CACHE/parses.sqlite")
+    ap.add_argument("--special", choices=("cls", "global", "self"), default="cls",
+                    help="[CLS] global in every pattern (cls), every special token global (global), or special "
+                         "tokens keeping only themselves in syntax and lexical (self)")
     args = ap.parse_args(argv)
+    if args.special == "cls":
+        syn_p, lex_p = "syntax(1) | global_tokens(1)", "lexical() | global_tokens(1)"
+        nb_p, rn_p = (lambda d: f"neighbour({d}) | global_tokens(1)", lambda d: f"random({d}) | global_tokens(1)")
+    elif args.special == "global":
+        syn_p, lex_p = "syntax(1, special='global')", "lexical(special='global')"
+        nb_p, rn_p = (lambda d: f"neighbour({d}) | global_tokens('special')",
+                      lambda d: f"random({d}) | global_tokens('special')")
+    else:
+        syn_p, lex_p = "syntax(1)", "lexical()"
+        nb_p, rn_p = (lambda d: f"neighbour({d})", lambda d: f"random({d})")
 
     lines = ["# Breaking BERT, study 1: pattern ablation at matched sparsity, all layers vs the later half.",
-             f"# Written by studies/make_ablation_spec.py (degrees matched on each task's dev data; floor {FLOOR:.0%}).",
+             "# Written by studies/make_ablation_spec.py (degrees matched to syntax(1) on each task's dev data;",
+             f"# special tokens: {args.special}).",
              "name: pattern_ablation", "db: pattern_ablation.sqlite", "fixed:", "  batch_size: 32", "  lr: 5.0e-5",
              f"  max_length: {args.max_length}", "runs:"]
     for task in args.tasks:
         layouts, shape = task_layouts(task, args.max_length, args.glue_dir, args.parse_cache)
-        syn = measured("syntax(1)", layouts, shape)
-        lex = measured("lexical()", layouts, shape)
-        target = max(FLOOR, syn)
-        k, sk = closest_degree(lambda d: f"neighbour({d})", target, layouts, shape)
-        r, sr = closest_degree(lambda d: f"random({d})", target, layouts, shape)
-        print(f"{task}: syntax(1) {syn:.1%}, lexical {lex:.1%}; target {target:.1%}: neighbour({k}) {sk:.1%}, "
-              f"random({r}) {sr:.1%}")
-        lines.append(f"  # {task}: syntax(1) {syn:.1%}, lexical() {lex:.1%}, neighbour({k}) {sk:.1%}, random({r}) {sr:.1%}"
+        syn = measured(syn_p, layouts, shape)
+        lex = measured(lex_p, layouts, shape)
+        target = syn
+        k, sk = closest_degree(nb_p, target, layouts, shape)
+        r, sr = closest_degree(rn_p, target, layouts, shape)
+        print(f"{task}: {syn_p} {syn:.1%}, {lex_p} {lex:.1%}; target {target:.1%}: {nb_p(k)} {sk:.1%}, "
+              f"{rn_p(r)} {sr:.1%}")
+        lines.append(f"  # {task}: {syn_p} {syn:.1%}, {lex_p} {lex:.1%}, {nb_p(k)} {sk:.1%}, {rn_p(r)} {sr:.1%}"
                      " (sparsity in the sparsified layers, dev)")
         epochs = EPOCHS.get(task, 3)
         plans = ["dense"] + [f"{sel}: {p}" for sel in ("all", "later-half")
-                             for p in (f"neighbour({k})", f"random({r})", "syntax(1)", "lexical()")]
+                             for p in (nb_p(k), rn_p(r), syn_p, lex_p)]
         for plan in plans:
             for seed in args.seeds:
                 lines.append(f'  - {{task: {task}, plan: "{plan}", seed: {seed}, epochs: {epochs}}}')
