@@ -64,17 +64,23 @@ class SoftNeighbourDegrees(nn.Module):
         widen again."""
         return self.degree.clamp(min=0)
 
-    def window(self, layout: TokenLayout, layer: int) -> torch.Tensor:
-        """(B, H, L, L) soft keep-weights in [0, 1] for one layer: 1 on the diagonal and for global tokens,
-        0 on pairs that are not allowed (padding, a decoder's future)."""
+    def _distances_and_fixed(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, L, L) |i - j| over real-token positions, and the pairs every window keeps: the diagonal
+        and the global tokens' rows and columns."""
         p = layout.positions
-        dist = (p[:, None, :, None] - p[:, None, None, :]).abs().to(self.degree.dtype)  # (B, 1, L, L)
-        d = self.degree[layer][None, :, None, None]
-        w = torch.sigmoid((d - dist + 0.5) / self.temperature)
+        dist = (p[:, None, :, None] - p[:, None, None, :]).abs()
         fixed = layout.diagonal()
         if self.global_tokens:
             glob = layout.real & (p < self.global_tokens)
             fixed = fixed | glob[:, None, :, None] | glob[:, None, None, :]
+        return dist, fixed
+
+    def window(self, layout: TokenLayout, layer: int) -> torch.Tensor:
+        """(B, H, L, L) soft keep-weights in [0, 1] for one layer: 1 on the diagonal and for global tokens,
+        0 on pairs that are not allowed (padding, a decoder's future)."""
+        dist, fixed = self._distances_and_fixed(layout)
+        d = self.degree[layer][None, :, None, None]
+        w = torch.sigmoid((d - dist.to(self.degree.dtype) + 0.5) / self.temperature)
         w = torch.where(fixed, torch.ones_like(w), w)
         return w * layout.allowed()
 
@@ -96,14 +102,9 @@ class SoftNeighbourDegrees(nn.Module):
         """(kept, allowed) pairs of this batch under the exported plan (the T -> 0 windows of the current
         degrees), in ``expected_kept``'s units (heads averaged, layers summed), as device tensors (no host
         sync); not differentiable."""
-        p = layout.positions
-        dist = (p[:, None, :, None] - p[:, None, None, :]).abs()  # (B, 1, L, L)
+        dist, fixed = self._distances_and_fixed(layout)
         allowed_mask = layout.allowed()
         allowed = allowed_mask.sum().to(self.degree.dtype)
-        fixed = layout.diagonal()
-        if self.global_tokens:
-            glob = layout.real & (p < self.global_tokens)
-            fixed = fixed | glob[:, None, :, None] | glob[:, None, None, :]
         hard = self.hard_degrees()
         kept = []
         for layer in range(self.num_layers):
