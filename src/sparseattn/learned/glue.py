@@ -140,9 +140,10 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     calib_idx = np.random.default_rng(0).permutation(len(train))[:4096]
     layouts = [TokenLayout(real=collate(train, calib_idx[i:i + 256])["attention_mask"].bool())
                for i in range(0, len(calib_idx), 256)]
+    table = None
     if cfg.target_sparsity is not None:  # refuse an unreachable target before the soft phase, not after
-        check_reachable(DegreeTable(layouts, degrees.global_tokens), degrees, cfg.target_sparsity,
-                        what=f"{task.folder} train ({len(calib_idx)} examples)")
+        table = DegreeTable(layouts, degrees.global_tokens)
+        check_reachable(table, degrees, cfg.target_sparsity, what=f"{task.folder} train ({len(calib_idx)} examples)")
     rng = np.random.default_rng(cfg.seed)
     pad_to = 8 if device.type == "cuda" else 1
 
@@ -170,7 +171,7 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     # -- 2. export ----------------------------------------------------------------------------------------
     offset = 0.0
     if cfg.target_sparsity is not None:
-        offset = calibrate_offset(degrees, layouts, cfg.target_sparsity, max_length=cfg.max_length)
+        offset = calibrate_offset(degrees, layouts, cfg.target_sparsity, max_length=cfg.max_length, table=table)
     learned = degrees.hard_degrees()
     plan = degrees.to_plan()
     plan_dir = save_plan(plan, out / "plan", num_layers=n_layers, num_heads=model.config.num_attention_heads,

@@ -135,15 +135,15 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
             torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
             opt.step()
             if target_density is not None:
-                # the multiplier follows the density of the plan that will be exported (hard windows), not
-                # the soft one: at high temperature the soft tails keep the soft density far above it, and
-                # a multiplier driven by them kept growing until every degree had collapsed
                 # a head the multiplier pushed far below zero gets no gradient at low temperature and could
                 # never widen again once the multiplier relaxes: in target mode degrees stay >= -1
                 with torch.no_grad():
                     degrees.degree.clamp_(min=TARGET_MODE_DEGREE_FLOOR)
-                # this batch's excess of kept pairs over the target, in units of the mean batch's allowed
-                # pairs (a ratio of sums over steps, without the lag of a running average)
+                # the multiplier follows the density of the plan that will be exported (hard windows), not
+                # the soft one: at high temperature the soft tails keep the soft density far above it, and
+                # a multiplier driven by them kept growing until every degree had collapsed. The step is this
+                # batch's excess of kept pairs over the target, in units of the mean batch's allowed pairs (a
+                # ratio of sums over steps, without the lag of a running average)
                 hard_kept, _ = degrees.hard_kept(_layout(batch, causal))
                 run_hard = cfg.ema * run_hard + (1 - cfg.ema) * hard_kept
                 hard_density = run_hard / run_allowed
@@ -241,11 +241,12 @@ def check_reachable(table: "DegreeTable", degrees: SoftNeighbourDegrees, target_
 
 
 def calibrate_offset(degrees: SoftNeighbourDegrees, layouts: list[TokenLayout], target_sparsity: float,
-                     *, max_length: int | None = None) -> float:
+                     *, max_length: int | None = None, table: DegreeTable | None = None) -> float:
     """Shift every degree by one common offset so the hard plan's sparsity on ``layouts`` is as close as
     possible to ``target_sparsity``; applies the offset and returns it. Sparsity falls as the offset
-    grows, so the offset is found by bisection over [-max degree - 1, max_length]."""
-    table = DegreeTable(layouts, degrees.global_tokens)
+    grows, so the offset is found by bisection over [-max degree - 1, max_length]. ``table``: the
+    layouts' DegreeTable, if the caller has built it already."""
+    table = table if table is not None else DegreeTable(layouts, degrees.global_tokens)
     raw = degrees.degree.detach().cpu()  # the table lives on the CPU
     check_reachable(table, degrees, target_sparsity)
 
