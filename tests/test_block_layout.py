@@ -299,3 +299,23 @@ def test_bench_arguments():
     for bad, parse in (("4x", _ints), ("100", _fractions), ("abc", _fractions), ("window", _names(("sliding",)))):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
+
+
+def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
+    from sparseattn.bench.attention import Result, add_ratios, format_table
+
+    def r(method, fwd, fb, note=""):
+        return Result("sliding", 8192, 4, 12, 64, 0.9, 0.1, 0.9, "window", method, fwd_ms=fwd, fwdbwd_ms=fb, note=note)
+
+    dense, full, block = r("dense", 2.0, 8.0), r("flex_full", 4.0, 16.0), r("block", 0.8, 4.0)
+    failed = r("flex_mask", None, None, note="out of memory")
+    results = [dense, full, failed, block]
+    add_ratios(results, density=0.1, flops_fwd=4e12)
+    assert block.speedup_fwd == pytest.approx(2.5) and block.speedup_fwdbwd == pytest.approx(2.0)
+    assert block.frac_ideal_fwd == pytest.approx(0.25) and block.frac_ideal_fwdbwd == pytest.approx(0.2)
+    # against the same kernel's dense speed: 4.0 ms x 0.1 / 0.8 ms
+    assert block.frac_kernel_ideal_fwd == pytest.approx(0.5) and block.frac_kernel_ideal_fwdbwd == pytest.approx(0.4)
+    assert block.tflops_fwd == pytest.approx(4e12 * 0.1 / 0.8 / 1e9) and dense.tflops_fwd == pytest.approx(2000)
+    assert failed.speedup_fwd is None and full.frac_kernel_ideal_fwd is None
+    line = format_table(results).splitlines()[-1]
+    assert "0.25/ 0.20" in line and "0.50/ 0.40" in line and "out of memory" in line

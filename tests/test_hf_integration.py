@@ -568,3 +568,56 @@ def test_gradient_checkpointing_recomputes_each_layer_with_its_own_batch(arch):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- the model's mask: skipped where the layout knows its structure ----------------------------------
+class _MaskSpy(sa.backends.ReferenceBackend):
+    """The reference backend, recording whether each call came with a materialized mask."""
+
+    def __init__(self):
+        self.masks = []
+
+    def attention(self, call):
+        self.masks.append(None if call.model_mask is None else tuple(call.model_mask.shape))
+        return super().attention(call)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_unpadded_batches_get_no_materialized_mask_and_the_same_outputs(arch):
+    plan = "all: neighbour(1) | global_tokens(1) | random(1)"
+    model = tiny_bert() if arch == "bert" else tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 11), generator=g)
+    spy = _MaskSpy()
+    sa.sparsify(model, plan, backend=spy)
+    assert model.config._attn_implementation == "sparseattn"
+    with torch.no_grad():
+        lean = model(input_ids=ids)[0]
+        assert spy.masks and all(m is None for m in spy.masks)  # no L x L mask for an unpadded batch
+        spy.masks.clear()
+        padded = model(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))[0]
+        assert spy.masks and all(m is not None for m in spy.masks)  # padding: the model's mask is passed on
+        model.set_attn_implementation("sparseattn_full_mask")  # the same plan with the mask always materialized
+        spy.masks.clear()
+        full = model(input_ids=ids)[0]
+        assert all(m == (2, 1, 11, 11) for m in spy.masks)
+    torch.testing.assert_close(lean, full, atol=1e-6, rtol=1e-6)  # causality (llama) kept without the mask
+    assert not torch.allclose(lean[:, 1:], padded[:, 1:], atol=1e-4)  # the padding mask did change something
+
+
+def test_modules_that_do_not_say_whether_they_are_causal_always_get_the_mask():
+    model = tiny_bert()
+    for m in bert_attention_modules(model):
+        del m.is_causal
+    sa.sparsify(model, "all: neighbour(1)")
+    assert model.config._attn_implementation == "sparseattn_full_mask"
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    ref_model = tiny_bert()
+    sa.sparsify(ref_model, "all: neighbour(1)")
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    sa.unsparsify(model)
+    assert model.config._attn_implementation != "sparseattn_full_mask"

@@ -6,13 +6,17 @@ the peak memory above the inputs of:
 
 - ``dense``:     SDPA without a mask (flash attention): the baseline every speed-up is relative to;
 - ``sdpa_mask``: SDPA with the boolean keep-mask, (1, H, L, L): how the papers' masks ran;
+- ``flex_full``: FlexAttention with no block mask (every tile computed, no mask evaluated): the same
+  Triton kernel's dense speed, the ceiling a block-sparse run of it approaches (its rate per tile);
 - ``flex_mask``: FlexAttention with a plain ``mask_mod`` as a user would write it, through
   ``create_block_mask`` (analytic for the window, a table lookup for BigBird's random blocks and for
   the AP-like mask);
 - ``block``:     sparseattn's block backend kernel: FlexAttention over the compiled `BlockLayout`.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
-ideal speed-up is 1 / block density. FLOPs: a dense forward is 4 B H L^2 D (two matrix products), the
+ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
+dense SDPA: flex_full time x density / block time, the fraction of the ideal that the sparse iteration
+reaches, apart from how fast the underlying kernel computes a tile. FLOPs: a dense forward is 4 B H L^2 D (two matrix products), the
 backward 2.5 times that; a sparse kernel's "effective" rate counts only kept tiles.
 """
 
@@ -29,7 +33,7 @@ from ..backends.block import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
-METHODS = ("dense", "sdpa_mask", "flex_mask", "block")
+METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block")
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -190,6 +194,8 @@ class Result:
     speedup_fwdbwd: float | None = None
     frac_ideal_fwd: float | None = None
     frac_ideal_fwdbwd: float | None = None
+    frac_kernel_ideal_fwd: float | None = None  # block only: against flex_full x density
+    frac_kernel_ideal_fwdbwd: float | None = None
     tflops_fwd: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -208,6 +214,9 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def sdpa_mask():
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
 
+    def flex_full():
+        return lambda q, k, v: flex(q, k, v, scale=scale, kernel_options=kernel_options)
+
     def flex_mask():
         kw = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
         bm = create_block_mask(mask_mod, 1, H, L, L, device=device, BLOCK_SIZE=bs, **kw)
@@ -220,7 +229,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_mask": flex_mask, "block": block}, info
+    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -273,6 +282,12 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
             fn = None
             torch.cuda.empty_cache()
         results.append(r)
+    add_ratios(results, density, flops_fwd)
+    return results  # the inputs and masks go with this frame; the next config's empty_cache returns them
+
+
+def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
+    """Fill in one config's speed-ups over dense, fractions of the ideal and effective TFLOP/s."""
     dense = next((r for r in results if r.method == "dense"), None)
     for r in results:
         if r.fwd_ms:
@@ -284,7 +299,13 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
         if dense is not None and dense.fwdbwd_ms and r.fwdbwd_ms:
             r.speedup_fwdbwd = dense.fwdbwd_ms / r.fwdbwd_ms
             r.frac_ideal_fwdbwd = r.speedup_fwdbwd * density
-    return results  # the inputs and masks go with this frame; the next config's empty_cache returns them
+    full = next((r for r in results if r.method == "flex_full" and not r.note), None)
+    for r in results:
+        if r.method == "block" and full is not None:
+            if r.fwd_ms and full.fwd_ms:
+                r.frac_kernel_ideal_fwd = full.fwd_ms * density / r.fwd_ms
+            if r.fwdbwd_ms and full.fwdbwd_ms:
+                r.frac_kernel_ideal_fwdbwd = full.fwdbwd_ms * density / r.fwdbwd_ms
 
 
 def format_table(results: list[Result]) -> str:
@@ -296,7 +317,7 @@ def format_table(results: list[Result]) -> str:
     methods = [m for m in METHODS if any(m in g for g in groups.values())]
     head = (f"{'layout':<8} {'L':>6} {'B':>3} {'D':>4} {'spars':>5} {'dens':>5} {'ideal':>5} {'dense ms':>8} "
             + " ".join(f"{m + ' f/fb':>13}" for m in methods if m != "dense")
-            + f" {'block/ideal f/fb':>16} {'mem dense/block MiB':>20}")
+            + f" {'block/ideal f/fb':>16} {'kernel/ideal f/fb':>17} {'mem dense/block MiB':>20}")
     lines = [head, "-" * len(head)]
 
     def x(v):
@@ -314,10 +335,12 @@ def format_table(results: list[Result]) -> str:
                          if r and not r.note else f"{(r.note[:13] if r else '-'):>13}")
         b = g.get("block")
         frac = f"{x(b.frac_ideal_fwd)}/{x(b.frac_ideal_fwdbwd)}" if b and not b.note else "-"
+        kfrac = (f"{x(b.frac_kernel_ideal_fwd)}/{x(b.frac_kernel_ideal_fwdbwd)}"
+                 if b and b.frac_kernel_ideal_fwd is not None else "-")
         mem = (f"{d.fwdbwd_peak_mib or 0:7.0f}/{(b.fwdbwd_peak_mib or 0) if b else 0:7.0f}" if d else "-")
         lines.append(f"{lay:<8} {L:>6} {any_r.batch:>3} {D:>4} {s:>5.0%} {any_r.block_density:>5.1%} "
                      f"{1 / max(any_r.block_density, 1e-9):>5.1f} {(d.fwd_ms if d and d.fwd_ms else float('nan')):>8.2f} "
-                     + " ".join(cells) + f" {frac:>16} {mem:>20}")
+                     + " ".join(cells) + f" {frac:>16} {kfrac:>17} {mem:>20}")
     return "\n".join(lines)
 
 

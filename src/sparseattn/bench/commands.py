@@ -101,12 +101,19 @@ def cmd_model(args) -> int:
     from .model import format_table, results_to_json, run_model
 
     _need_cuda()
+    if args.compile_mode:
+        from ..backends.block import set_compile_mode
+
+        set_compile_mode(args.compile_mode)
+    kernel_options = json.loads(args.kernel_options) if args.kernel_options else None
     meta = device_meta()
-    meta.update(command="sparseattn bench model", tokens=args.tokens)
+    meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
+                kernel_options=kernel_options)
     results = []
     for kind in args.models:
         for L in args.lengths:
-            results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers))
+            results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
+                                     kernel_options=kernel_options))
             torch.cuda.empty_cache()
             if args.json:  # keep what is done, whatever happens next
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
@@ -165,5 +172,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--decoder-layers", type=int, default=4)
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
+    p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the block kernel, as JSON")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_model)

@@ -94,7 +94,7 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
-              log=print) -> list[ModelResult]:
+              kernel_options: dict | None = None, log=print) -> list[ModelResult]:
     device = "cuda"
     B = max(1, tokens // length)
     causal = kind == "decoder"
@@ -128,7 +128,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
                           None, None, None)
         try:
             if attention == "sparse":
-                backend = BlockSparseBackend()
+                backend = BlockSparseBackend(kernel_options=kernel_options)
                 sparsify(model, plan, backend=backend)
             ms, peak = _time_steps(step, warmup, steps)
             res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)

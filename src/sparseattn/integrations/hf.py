@@ -32,9 +32,22 @@ class UnsupportedModelError(TypeError):
     """The model cannot be sparsified; the message names what is missing."""
 
 
+ATTN_NAME_FULL_MASK = "sparseattn_full_mask"
+
+
 def _mask_function(*args, **kwargs):
-    """transformers' SDPA mask, always materialized: our attention needs the padding and causal structure
-    even where SDPA itself could skip the mask."""
+    """transformers' SDPA mask with its own choices: no mask at all (None) for a batch without padding whose
+    mask would be plain causal or plain bidirectional. The layout then rebuilds that structure from the
+    attention module's ``is_causal``, so the L x L boolean mask is never materialized for such batches
+    (at 16k tokens it is 256 MiB per example); used when every sparsified module declares ``is_causal``."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def _full_mask_function(*args, **kwargs):
+    """transformers' SDPA mask, always materialized: for models whose attention modules do not say whether
+    they are causal, the padding and causal structure must come from the mask itself."""
     from transformers.masking_utils import sdpa_mask
 
     kwargs["allow_is_causal_skip"] = False
@@ -49,8 +62,9 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTN_NAME, _attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, _mask_function)
+    for name, mask_fn in ((ATTN_NAME, _mask_function), (ATTN_NAME_FULL_MASK, _full_mask_function)):
+        AttentionInterface.register(name, _attention_forward)
+        AttentionMaskInterface.register(name, mask_fn)
     _registered = True
 
 
@@ -158,7 +172,10 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
                                        for p in inspect.signature(model.forward).parameters.values())
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     model._sparseattn = state
-    model.set_attn_implementation(ATTN_NAME)
+    # Where every sparsified module says whether it is causal, transformers may skip the mask of unpadded
+    # batches (the layout knows their structure); otherwise the mask is always materialized.
+    declared = all(isinstance(getattr(m, "is_causal", None), bool) for _, m in modules)
+    model.set_attn_implementation(ATTN_NAME if declared else ATTN_NAME_FULL_MASK)
     return model
 
 
