@@ -48,6 +48,16 @@ def test_report_tables_and_plots(tmp_path):
     assert "| all: (neighbour(2) \\| global_tokens(1)) | global_tokens\\|neighbour | 1 | 60.0 | 60.0 | 80.00 | -5.00 | 70.00 |" in md
     html = paths["html"].read_text()
     assert html.startswith("<!doctype html>") and "85.50 ± 0.71" in html and "<img src='plots/task_sst2.svg'" in html
+    import csv
+
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 8 and sum(r["status"] == "done" for r in rows) == 7  # every run, the pending one too
+    nb = [r for r in rows if r["plan"] == "later-half: neighbour(2)" and r["seed"] == "1"][0]
+    assert (float(nb["score"]), float(nb["sparsity"]), float(nb["sparsity_applied"])) == (0.85, 0.40, 0.80)
+    assert nb["main_metric"] == "accuracy" and nb["train_seconds"] == "1.0"
+    import json
+
+    assert json.loads(nb["config"])["plan"] == "later-half: neighbour(2)" and len(json.loads(nb["sparsity_per_layer"])) == 6
     names = sorted(p.name for p in paths["plots"])
     assert names == sorted(["task_sst2.png", "task_sst2.svg", "task_mrpc.png", "task_mrpc.svg",
                             "family_neighbour.png", "family_neighbour.svg", "family_random.png", "family_random.svg",

@@ -122,7 +122,8 @@ def cmd_report(args) -> int:
     out = args.out or str(Path(args.db).with_suffix("")) + "_report"
     paths = write_report(args.db, out, sweep=args.sweep, title=args.title)
     print(paths["markdown"].read_text())
-    print(f"wrote {paths['markdown']}, {paths['html']} and {len(paths['plots'])} plot files under {out}/plots")
+    print(f"wrote {paths['markdown']}, {paths['html']}, {paths['csv']} (every run) and {len(paths['plots'])} plot files "
+          f"under {out}/plots")
     return 0
 
 
@@ -258,7 +259,8 @@ def register(sub, formatter_class) -> None:
         "report", help="Markdown + HTML report with plots from a results database",
         formatter_class=formatter_class,
         description="Per task, each plan's metric (mean ± std over seeds), sparsity and change against the dense "
-                    "baseline; plots of metric against sparsity per task and per pattern family (PNG and SVG).",
+                    "baseline; plots of metric against sparsity per task and per pattern family (PNG and SVG); every run as "
+                    "results.csv.",
         epilog=textwrap.dedent("""\
             examples:
               sparseattn report glue-patterns.sqlite

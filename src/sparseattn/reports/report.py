@@ -1,9 +1,9 @@
 """Reports of a results database: per task, each plan's metric (mean ± std over seeds), its sparsity and
 its change against the dense baseline, as Markdown and HTML, with plots of metric against sparsity per
-task and per pattern family (PNG and SVG).
+task and per pattern family (PNG and SVG), and every run of the sweep as ``results.csv`` for re-plotting.
 
     from sparseattn.reports.report import write_report
-    paths = write_report("out/sweep.sqlite", "out/report")      # {'markdown': ..., 'html': ..., 'plots': [...]}
+    paths = write_report("out/sweep.sqlite", "out/report")  # {'markdown': ..., 'html': ..., 'csv': ..., 'plots': [...]}
 
 A *group* is every finished run with the same configuration except the seed. Its baseline is the dense
 group of the same task with otherwise the same configuration. Metrics print x100, sparsity in percent.
@@ -11,7 +11,9 @@ group of the same task with otherwise the same configuration. Metrics print x100
 
 from __future__ import annotations
 
+import csv
 import html
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -318,8 +320,32 @@ def plot_family(family: str, summary: dict[str, list[Group]], stem: Path) -> dic
     return _save(fig, stem)
 
 
+CSV_COLUMNS = ("task", "plan", "seed", "status", "main_metric", "score", "metrics", "sparsity", "sparsity_applied",
+               "sparsity_per_layer", "epochs", "train_seconds", "wall_seconds", "device", "key", "config")
+
+
+def write_csv(runs: list[dict], path) -> Path:
+    """Every run, one row each (pending and failed ones too, with their status): the task's main metric and
+    all metrics (JSON), sparsity overall / in the sparsified heads / per layer (fractions), the full
+    configuration (JSON) and its key in the database."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in runs:
+            cfg, res = r.get("config") or {}, r.get("result") or {}
+            w.writerow([
+                r["task"], r["plan"], r["seed"], r["status"], get_task(r["task"]).main_metric, r.get("score"),
+                json.dumps(r["metrics"], sort_keys=True) if r.get("metrics") is not None else "",
+                r.get("sparsity"), r.get("sparsity_applied"),
+                json.dumps(r["sparsity_per_layer"]) if r.get("sparsity_per_layer") is not None else "",
+                cfg.get("epochs"), (res.get("timing") or {}).get("train_seconds"), r.get("wall_seconds"),
+                res.get("device", ""), r["key"], json.dumps(cfg, sort_keys=True)])
+    return path
+
+
 def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
-    """Write report.md, report.html and plots/ under ``out_dir`` from the database at ``db_path``."""
+    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``."""
     db_path = Path(db_path)
     if not db_path.is_file():
         raise FileNotFoundError(f"no results database at {db_path}")
@@ -346,5 +372,6 @@ def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | Non
     md, page = out / "report.md", out / "report.html"
     md.write_text(render_markdown(summary, title=title, counts=counts, plots=plots) + "\n")
     page.write_text(render_html(summary, title=title, counts=counts, plots=plots) + "\n")
+    table = write_csv(runs, out / "results.csv")
     files = [out / p for d in plots.values() for v in d.values() for p in v.values()]
-    return {"markdown": md, "html": page, "plots": files, "summary": summary}
+    return {"markdown": md, "html": page, "csv": table, "plots": files, "summary": summary}
