@@ -31,6 +31,7 @@ reproduce: $(VENV)/.installed
 	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_small.yaml
 	$(PY) studies/ap_glue.py --out out/ap_glue --task-epochs sst2=1
 	$(VENV)/bin/sparseattn report studies/pattern_ablation.sqlite --out out/reports/pattern_ablation
+	$(PY) studies/ablation_summary.py out/reports/pattern_ablation/results.csv --plot out/reports/pattern_ablation/delta_by_pattern.png
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_sst2.sqlite --out out/reports/learned_vs_bigbird_sst2
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_small.sqlite --out out/reports/learned_vs_bigbird_small
 

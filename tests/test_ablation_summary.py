@@ -1,0 +1,49 @@
+"""studies/ablation_summary.py: study 1's table of changes against dense, from a report's results.csv."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ablation_summary", ROOT / "studies" / "ablation_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "plan", "seed", "status", "score", "sparsity_applied"])
+        w.writerows(rows)
+
+
+def test_changes_against_dense_with_spread_and_sparsity(tmp_path):
+    mod = _module()
+    _write(tmp_path / "r.csv", [
+        ("sst2", "dense", 0, "done", 0.90, 0.0), ("sst2", "dense", 1, "done", 0.88, 0.0),
+        ("sst2", "all: (neighbour(1) | global_tokens(1))", 0, "done", 0.86, 0.80),
+        ("sst2", "all: (neighbour(1) | global_tokens(1))", 1, "done", 0.84, 0.82),
+        ("sst2", "later-half: (syntax(1) | global_tokens(1))", 0, "done", 0.89, 0.81),
+        ("sst2", "later-half: (lexical() | global_tokens(1))", 0, "pending", "", ""),  # not finished: left out
+    ])
+    text = mod.table(mod.load(tmp_path / "r.csv"))
+    assert "| SST-2 acc (89.00 ± 1.41) | later-half | - | - | +0.00 ± 0.00 @ 81% | - |" in text
+    assert "|  | all | -4.00 ± 1.41 @ 81% | - | - | - |" in text
+    mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_plan_outside_the_study_and_a_broken_row_are_named(tmp_path):
+    mod = _module()
+    _write(tmp_path / "a.csv", [("sst2", "all: bigbird(1, 1, 1)", 0, "done", 0.8, 0.9)])
+    with pytest.raises(ValueError, match="bigbird"):
+        mod.load(tmp_path / "a.csv")
+    _write(tmp_path / "b.csv", [("sst2", "dense", 0, "done", 0.8, 0.0), ("sst2", "dense", 1, "done", "n/a", 0.0)])
+    with pytest.raises(ValueError, match=r"b\.csv:3.*'n/a'"):
+        mod.load(tmp_path / "b.csv")
