@@ -89,6 +89,37 @@ def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, head
         assert err <= 2 * base + 1e-5, f"{name} {dtype}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
 
 
+@pytest.mark.parametrize("mode", ["split by heads", "packed bits"])
+def test_mask_tables_beyond_32_bit_indexing(mode, monkeypatch):
+    """Large per-head tables, made large by lowering the limit: split into groups of whole key/value head
+    groups (bool tables), or, where one group does not fit, read as packed bits; outputs and gradients as
+    the other cases."""
+    import sparseattn.backends.block_layout as bl_mod
+
+    heads, kv_heads, lengths = 8, 2, [1100, 903]
+    lp = Plan.everywhere(static_mask(_per_head_table(heads, 1300, 1), key="ap")).resolve(1, heads)[0]
+    layout, q, k, v, grad = _inputs(lengths, False, heads, kv_heads, 64, seed=3)
+    per_head = 2 * 1152 * 1152  # examples x padded length^2 (a per-example table: padding differs)
+    monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 4 * per_head if mode == "split by heads" else per_head)
+    backend = BlockSparseBackend(force=True)
+    got = _run(backend, lp, layout, q, k, v, grad, torch.bfloat16)
+    (entry,) = backend._layouts.values()
+    groups = [(a, b) for a, b, _ in entry.block_mask]
+    names = {m.mask_mod.__name__ for _, _, m in entry.block_mask}
+    if mode == "split by heads":
+        assert groups == [(0, 4), (4, 8)] and names == {"mask_table_mask"}
+    else:
+        assert groups == [(0, 8)] and names == {"bit_table_mask"}
+    ref32 = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.float32)
+    torch_lp = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.bfloat16, need_weights=True)
+    real_q = layout.real[:, None, :, None]
+    for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref32, torch_lp):
+        if what in ("out", "dq"):
+            a, r, p = a * real_q, r * real_q, p * real_q
+        err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{mode}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
+
+
 def test_static_plan_builds_once_and_does_not_recompile():
     import torch._dynamo.utils as dyn
 

@@ -99,6 +99,35 @@ def test_large_layouts_read_packed_bits(monkeypatch):
         bl.mask_mod()
 
 
+def test_tables_beyond_32_bit_indexing_are_split_by_heads(monkeypatch):
+    """A per-head layout whose bool table would exceed the kernels' indexing runs as groups of heads (whole
+    key/value groups), each reading its own bool table: the same outputs and gradients as the reference."""
+    import sparseattn.backends.block_layout as bl_mod
+
+    layout = TokenLayout.from_lengths([45, 30])
+    call = _call("heads=0@all: neighbour(2); heads=1,2@all: random(3); heads=3@all: strided(4)", layout,
+                 kv_heads=2)
+    keep = call.keep_mask() & layout.real[:, None, :, None]
+    per_head = 2 * 48 * 48  # B x padded L^2
+    monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 2 * per_head + 5)  # two heads fit, not four
+    bl = BlockLayout.from_mask(keep, 16)
+    assert bl.head_groups() == [(0, 2), (2, 4)] and bl.head_groups(multiple=2) == [(0, 2), (2, 4)]
+    assert bl.head_groups(multiple=4) == [(0, 4)]  # a whole key/value group does not fit: one call on bits
+    monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 3 * per_head)
+    assert bl.head_groups() == [(0, 3), (3, 4)] and bl.head_groups(multiple=2) == [(0, 2), (2, 4)]
+    groups = bl.flex_block_masks(multiple=2)
+    assert [(a, b) for a, b, _ in groups] == [(0, 2), (2, 4)]
+    assert all(m.mask_mod.__name__ == "mask_table_mask" for _, _, m in groups)  # bool tables, not bits
+    from sparseattn.backends.block import block_sparse_attention
+
+    out = block_sparse_attention(call.query, call.key, call.value, bl, scale=call.scale, compiled=False)
+    real = layout.real[:, None, :, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(  # gradients: tests/test_block_gpu.py (no CPU backward)
+        call.query, call.key.repeat_interleave(2, 1), call.value.repeat_interleave(2, 1),
+        attn_mask=keep | ~real, scale=call.scale)
+    torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+
+
 def test_pack_bits_round_trip_and_dedupe():
     g = torch.Generator().manual_seed(0)
     for bs in (16, 32, 48, 64):

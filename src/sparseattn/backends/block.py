@@ -98,7 +98,9 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
     query: (B, H, L, D); key, value: (B, H_kv, L, D) with H % H_kv == 0; layout: over (B or 1, H or 1)
     and L' >= L tokens padded to whole tiles (the extra positions are padding); block_mask: the layout's
-    FlexAttention BlockMask if already built. Returns (B, H, L, D); rows without a kept key are zero.
+    ``flex_block_masks(H // H_kv)`` (or one FlexAttention BlockMask) if already built. Returns (B, H, L, D);
+    rows without a kept key are zero. A layout whose mask table is split by heads runs one kernel call per
+    group of heads.
     """
     B, H, L, D = query.shape
     Lp = layout.num_q_blocks * layout.block_size
@@ -107,22 +109,33 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     if Lp > L:  # pad to the layout's length (a bucket): padding keys are never kept
         pad = (0, 0, 0, Lp - L)
         query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
+    rep = H // key.shape[1]
     if block_mask is None:
-        block_mask = layout.flex_block_mask()
+        block_mask = layout.flex_block_masks(rep)
+    groups = block_mask if isinstance(block_mask, list) else [(0, layout.code.shape[1], block_mask)]
+    if len(groups) == 1:
+        out = _flex(query, key, value, groups[0][2], scale, compiled, kernel_options)
+    else:  # heads a..b-1 read key/value heads a/rep..b/rep-1 (groups are whole multiples of rep)
+        out = torch.cat([_flex(query[:, a:b], key[:, a // rep:b // rep], value[:, a // rep:b // rep], bm, scale,
+                               compiled, kernel_options) for a, b, bm in groups], dim=1)
+    return out[:, :, :L] if Lp > L else out
+
+
+def _flex(query, key, value, block_mask, scale, compiled, kernel_options):
     flex = flex_attention_fn(compiled)
+    gqa = key.shape[1] != query.shape[1]
     with warnings.catch_warnings():  # eager use is deliberate (CPU tests); its performance warning is noise
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         try:
-            out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
-                       kernel_options=kernel_options)
+            return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                        kernel_options=kernel_options)
         except Exception as e:  # the default tiles need more shared memory than the GPU has: smaller ones
             if not compiled or "out of resource" not in str(e) or kernel_options:
                 raise
             log.warning("block backend: FlexAttention's default tiles do not fit this GPU's shared memory (%s); "
                         "retrying with 64x64 tiles and 2 stages", str(e).splitlines()[0][:120])
-            out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != H,
-                       kernel_options=SMALL_TILES)
-    return out[:, :, :L] if Lp > L else out
+            return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                        kernel_options=SMALL_TILES)
 
 
 class _Entry:
@@ -309,7 +322,8 @@ class BlockSparseBackend(Backend):
         del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
-        return _Entry(layout, layout.flex_block_mask(), density, pins=lp.patterns)
+        rep = call.query.shape[1] // call.key.shape[1]
+        return _Entry(layout, layout.flex_block_masks(rep), density, pins=lp.patterns)
 
     def _allowed_tiles(self, lay: TokenLayout, layout: BlockLayout) -> int:
         """Tiles holding at least one allowed pair, counted like sparseattn.sparsity.block_counts but from

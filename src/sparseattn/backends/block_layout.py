@@ -13,6 +13,7 @@ the same), so positional patterns need a handful of tiles whatever the length. F
 with partial tiles are also written out as a bool table over positions (L^2 bytes per distinct example
 and head; none for block-aligned layouts such as BigBird's random blocks): FlexAttention evaluates
 partial tiles 4x faster from it than from packed bits or through a tile index (measured on an H100).
+Tables beyond the kernels' 32-bit indexing are split by heads (one kernel call per group of heads).
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
@@ -228,6 +229,28 @@ class BlockLayout:
     def has_partial(self) -> bool:
         return bool(self.partial.any())
 
+    def head_groups(self, multiple: int = 1) -> list[tuple[int, int]]:
+        """Ranges of heads whose bool mask tables each stay within ``MAX_TABLE_ELEMENTS``, so that the kernel
+        reads partial tiles from the fast bool table instead of packed bits: [(0, H')] when the whole table
+        fits (or the heads share one layout, H' = 1); otherwise consecutive groups of whole multiples of
+        ``multiple`` heads (the query heads that share a key/value head). Where even one such group would not
+        fit, [(0, H')]: ``mask_mod`` then reads bits."""
+        B, H, Nq, Nk = self.code.shape
+        per_head = B * Nq * Nk * self.block_size ** 2
+        if H == 1 or not self.has_partial() or per_head * H <= MAX_TABLE_ELEMENTS:
+            return [(0, H)]
+        size = MAX_TABLE_ELEMENTS // per_head // multiple * multiple
+        if size == 0:
+            return [(0, H)]
+        return [(h, min(H, h + size)) for h in range(0, H, size)]
+
+    def select_heads(self, start: int, stop: int) -> "BlockLayout":
+        """The layout of heads start..stop-1 (the partial tiles' bits are shared, not copied)."""
+        if self.code.shape[1] == 1:
+            return self
+        return BlockLayout(code=self.code[:, start:stop].contiguous(), bits=self.bits, block_size=self.block_size,
+                           q_len=self.q_len, kv_len=self.kv_len)
+
     def mask_mod(self):
         """The token mask as a FlexAttention ``mask_mod``, exact at every pair, so it is right wherever it is
         evaluated; the kernel, told which tiles are full, evaluates it only on partial tiles. Layouts without
@@ -272,6 +295,14 @@ class BlockLayout:
                 return table[b, h if per_head else 0, q_idx, kv_idx]
 
         return mask_table_mask
+
+    def flex_block_masks(self, multiple: int = 1) -> list[tuple[int, int, object]]:
+        """[(first head, end head, BlockMask)] over ``head_groups(multiple)``: one BlockMask for all heads
+        unless the bool mask table must be split to stay within the kernels' 32-bit indexing."""
+        groups = self.head_groups(multiple)
+        if len(groups) == 1:
+            return [(*groups[0], self.flex_block_mask())]
+        return [(a, b, self.select_heads(a, b).flex_block_mask()) for a, b in groups]
 
     def flex_block_mask(self):
         """A FlexAttention BlockMask built directly from the tiles (no per-element mask evaluation):

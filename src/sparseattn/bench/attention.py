@@ -224,7 +224,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
 
     def block():
         layout = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=True)
-        bm = layout.flex_block_mask()
+        bm = layout.flex_block_masks()
         info["mask_table_mib"] = layout.mask_table_nbytes() / 2**20
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
