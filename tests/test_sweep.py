@@ -192,3 +192,43 @@ def test_learn_is_a_sweep_axis_and_reports_as_its_own_family(tmp_path):
     learned = [g for g in groups if g.family == "learned"]
     assert len(learned) == 2 and all(g.baseline is not None and g.baseline.is_dense for g in learned)
     assert all(0 < g.mean_sparsity < 1 for g in learned)
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_attention_pruning_is_a_sweep_method_sharing_one_dense_checkpoint(tmp_path):
+    """prune runs: p = 0 is the dense fine-tune, whose checkpoint, averages and masks the other runs share
+    (made once, under <db>.work); AP and random masks prune what they say on the training data, and the
+    report links them to the dense baseline as their own families."""
+    from sparseattn.experiments.sweep import enqueue, work_dir_of
+    from sparseattn.reports.report import summarize
+
+    model = make_tiny_model(tmp_path / "tiny")
+    fixed = {"method": "prune", "task": "rte", "model": model, "epochs": 1, "batch_size": 16, "max_length": 64,
+             "limit_train": 48, "limit_eval": 32, "lr": 1e-3}
+    spec = spec_from_dict({"fixed": fixed, "grid": [{"prune": [0], "mask": ["ap", "random"]},  # one run
+                                                    {"prune": [50], "mask": ["ap", "random"]}]},
+                          name="ap", base_dir=tmp_path)
+    assert [c.display_plan for c in spec.configs] == ["dense", "attention_pruning(50%, layer)",
+                                                      "random_pruning(50%, layer)"]
+    enqueue(spec).close()
+    assert run_worker(spec.db, "ap", progress=False, echo=lambda *_: None) == {"done": 3, "failed": 0}
+    work = work_dir_of(spec.db)
+    (root,) = [p for p in work.iterdir() if p.is_dir()]
+    assert (root / "dense" / "model" / "config.json").exists() and not list(root.rglob("*.partial"))
+    assert len(list(root.glob("attention-*.safetensors"))) == 1 and len(list(root.glob("plans-*/*/plan.json"))) == 2
+    db = ResultsDB(spec.db)
+    rows = {r["plan"]: r for r in db.runs("ap")}
+    db.close()
+    for name in ("attention_pruning(50%, layer)", "random_pruning(50%, layer)"):
+        pr = rows[name]["result"]["pruning"]
+        assert pr["train_sparsity"] == pytest.approx(0.5, abs=0.02)  # the data budget: 50% of the pairs seen
+        assert 0.3 < rows[name]["sparsity"] < 0.7  # measured on dev by the fine-tune
+    groups = {g.family: g for g in summarize(list(rows.values()))["rte"]}
+    assert set(groups) == {"dense", "attention_pruning", "random_pruning"}
+    assert groups["attention_pruning"].baseline is groups["dense"]
+    with pytest.raises(SweepSpecError, match="prune is a percentage"):
+        spec_from_dict({"fixed": fixed, "runs": [{"prune": 100}]}, name="bad", base_dir=tmp_path)
+    with pytest.raises(SweepSpecError, match="mask must be one of ap, random"):
+        spec_from_dict({"fixed": fixed, "runs": [{"prune": 50, "mask": "bigbird"}]}, name="bad", base_dir=tmp_path)
+    with pytest.raises(SweepSpecError, match=r"grid\[1\].prune must be a non-empty list"):
+        spec_from_dict({"fixed": fixed, "grid": [{"prune": [0]}, {"prune": 5}]}, name="bad", base_dir=tmp_path)

@@ -12,6 +12,7 @@ A spec (YAML):
       task: [sst2, mrpc, rte]
       plan: ["dense", "later-half: neighbour(2)", "later-half: random(4)"]
       seed: [0, 1, 2]
+                                      # (or a list of such grids, each expanded on its own)
     runs:                             # optional: further single runs, each over `fixed`
       - {task: cola, plan: "all: bigbird(1, 2, 3)", seed: 0}
 
@@ -56,14 +57,19 @@ class SweepSpec:
 
 
 def config_class(method: str):
-    """The config class of a run method: FinetuneConfig for "finetune", LearnGlueConfig for "learn"."""
+    """The config class of a run method: FinetuneConfig for "finetune", LearnGlueConfig for "learn",
+    PruneGlueConfig for "prune" (Attention Pruning)."""
     if method == "finetune":
         return FinetuneConfig
     if method == "learn":
         from ..learned.glue import LearnGlueConfig
 
         return LearnGlueConfig
-    raise ValueError(f"unknown method {method!r}; expected 'finetune' or 'learn'")
+    if method == "prune":
+        from ..pruning.glue import PruneGlueConfig
+
+        return PruneGlueConfig
+    raise ValueError(f"unknown method {method!r}; expected 'finetune', 'learn' or 'prune'")
 
 
 def config_from_dict(d: dict) -> FinetuneConfig:
@@ -71,8 +77,13 @@ def config_from_dict(d: dict) -> FinetuneConfig:
     return config_class(d.get("method", "finetune")).from_dict(_coerce(d))
 
 
-def run_config(cfg: FinetuneConfig, **kw) -> dict:
-    """Run one config with its method; returns the results dict."""
+def run_config(cfg: FinetuneConfig, *, work_dir=None, **kw) -> dict:
+    """Run one config with its method; returns the results dict. work_dir: where prune runs share their
+    dense checkpoints, attention averages and masks."""
+    if cfg.method == "prune":
+        from ..pruning.glue import prune_glue
+
+        return prune_glue(cfg, work_dir=work_dir, **kw)
     if cfg.method == "learn":
         from ..learned.glue import learn_glue
 
@@ -111,17 +122,22 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
     extra = d.get("runs") or []
     if not isinstance(fixed, dict):
         raise SweepSpecError(f"{where}: 'fixed' must be a mapping of fine-tune options")
-    if not isinstance(grid, dict):
-        raise SweepSpecError(f"{where}: 'grid' must be a mapping of option: [values]")
-    for k, v in grid.items():
-        if not isinstance(v, list) or not v:
-            raise SweepSpecError(f"{where}: grid.{k} must be a non-empty list, got {v!r}")
+    grids = grid if isinstance(grid, list) else [grid]
+    for i, g in enumerate(grids):
+        at = "grid" if not isinstance(grid, list) else f"grid[{i}]"
+        if not isinstance(g, dict):
+            raise SweepSpecError(f"{where}: '{at}' must be a mapping of option: [values]")
+        for k, v in g.items():
+            if not isinstance(v, list) or not v:
+                raise SweepSpecError(f"{where}: {at}.{k} must be a non-empty list, got {v!r}")
     if not isinstance(extra, list) or not all(isinstance(r, dict) for r in extra):
         raise SweepSpecError(f"{where}: 'runs' must be a list of mappings")
     dicts = []
-    if grid:
-        keys = list(grid)
-        for values in itertools.product(*(grid[k] for k in keys)):
+    for g in grids:
+        if not g:
+            continue
+        keys = list(g)
+        for values in itertools.product(*(g[k] for k in keys)):
             dicts.append({**fixed, **dict(zip(keys, values))})
     dicts.extend({**fixed, **r} for r in extra)
     if not dicts:
@@ -157,6 +173,12 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 
 
 # -- one worker -------------------------------------------------------------------------------------------
+def work_dir_of(db_path) -> Path:
+    """Where a database's runs keep what they share (prune runs: dense checkpoints, averages, masks)."""
+    p = Path(db_path)
+    return p.with_name(p.name + ".work")
+
+
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
                progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
@@ -168,6 +190,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     db = ResultsDB(db_path)
+    work_dir = work_dir_of(db_path)
     worker = WorkerId(label)
     done = failed = 0
     try:
@@ -182,7 +205,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
             t0 = time.perf_counter()
             try:
                 with Heartbeat(db, row["key"], worker, lease):
-                    result = run_config(cfg, glue_dir=glue_dir, progress=progress)
+                    result = run_config(cfg, glue_dir=glue_dir, progress=progress, work_dir=work_dir)
             except (KeyboardInterrupt, SystemExit):
                 db.release(row["key"], worker)
                 echo(f"[{worker.name}] interrupted; run {row['key'][:10]} is pending again")

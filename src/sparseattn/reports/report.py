@@ -26,7 +26,7 @@ from ..experiments.glue import get_task
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
 # shown by the plan's label already: the method, a saved plan's digest, a learned run's penalty or target
-_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity")
+_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity", "prune", "mask", "scope")
 
 
 @dataclass
@@ -83,6 +83,8 @@ def plan_family(plan: str) -> str:
 
     if plan.startswith("learned("):
         return "learned"
+    if plan.startswith(("attention_pruning(", "random_pruning(")):
+        return plan.split("(")[0]
     try:
         p = _as_plan(plan)
     except Exception:

@@ -166,6 +166,6 @@ class ParseCache:
 
 
 def default_cache_path() -> Path:
-    base = os.environ.get("SPARSEATTN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparseattn")
-    return Path(base) / "parses.sqlite"
+    from ..paths import cache_dir
+
+    return cache_dir() / "parses.sqlite"

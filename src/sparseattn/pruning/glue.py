@@ -1,0 +1,180 @@
+"""Attention Pruning on a GLUE task as one sweep run (``method: prune``).
+
+A run with ``prune = p`` (percent) and ``mask = 'ap'`` or ``'random'``:
+
+1. fine-tunes the dense model on the task (the p = 0 run; its checkpoint is shared by every run with the
+   same training options and made once, whichever worker gets there first);
+2. averages that model's attention over the task's training examples (``collect_attention``, at the
+   fine-tuning max_length, longer examples truncated as fine-tuning does), also made once;
+3. keeps the pairs of highest average attention, pruning p% of the allowed pairs per layer (``scope``,
+   ``budget`` as in ``sparseattn ap mask``), or, for ``mask = 'random'``, as many uniformly drawn ones;
+4. re-fine-tunes the pretrained model under that mask and returns its results, with a ``pruning`` section.
+
+The shared checkpoint, averages and masks live in ``work_dir`` (a sweep uses ``<database>.work/``),
+under a hash of the dense run's configuration, written atomically and guarded by a file lock, so
+concurrent workers and killed runs never leave half-made files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..experiments.db import run_key
+from ..experiments.finetune import FinetuneConfig, finetune, subset
+
+MASKS = ("ap", "random")
+SCOPES = ("layer", "head")
+BUDGETS = ("data", "grid")
+COLLECT_FROM = ("finetuned", "pretrained")
+
+
+@dataclass
+class PruneGlueConfig(FinetuneConfig):
+    """A FinetuneConfig (the training of the dense and the pruned model alike) plus the mask to make."""
+
+    prune: float = 0.0  # percent of the allowed pairs pruned, in [0, 100); 0 is the dense run itself
+    mask: str = "ap"  # ap (lowest average attention pruned) or random (as many, uniformly drawn)
+    scope: str = "layer"  # one threshold per layer (heads pooled) or per head
+    budget: str = "data"  # p% of the training examples' allowed pairs (data) or of the grid's entries (grid)
+    collect_from: str = "finetuned"  # whose attention is averaged: the dense fine-tuned model or the pretrained
+    collect_limit: int | None = None  # average over this many training examples (default: those trained on)
+    method: str = "prune"
+
+    method_name = "prune"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.plan != "dense":
+            raise ValueError(f"a prune run makes its own mask; plan must be 'dense', got {self.plan!r}")
+        if isinstance(self.prune, bool) or not isinstance(self.prune, (int, float)) or not 0 <= self.prune < 100:
+            raise ValueError(f"prune is a percentage in [0, 100), got {self.prune!r}")
+        self.prune = float(self.prune)
+        for name, allowed in (("mask", MASKS), ("scope", SCOPES), ("budget", BUDGETS),
+                              ("collect_from", COLLECT_FROM)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.collect_limit is not None and (isinstance(self.collect_limit, bool)
+                                               or not isinstance(self.collect_limit, int) or self.collect_limit < 1):
+            raise ValueError(f"collect_limit must be a positive integer or None, got {self.collect_limit!r}")
+        if self.prune == 0:  # the dense run: the mask options mean nothing, so every p = 0 run is one run
+            self.mask, self.scope, self.budget = "ap", "layer", "data"
+
+    def dense_config(self) -> FinetuneConfig:
+        """The dense fine-tune this run starts from (its p = 0 run)."""
+        shared = {f: getattr(self, f) for f in FinetuneConfig.__dataclass_fields__ if f not in ("method", "plan_digest")}
+        return FinetuneConfig(**{**shared, "plan": "dense"})
+
+    @property
+    def display_plan(self) -> str:
+        if self.prune == 0:
+            return "dense"
+        what = "attention_pruning" if self.mask == "ap" else "random_pruning"
+        return f"{what}({self.prune:g}%, {self.scope})"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock held while the block runs; the OS drops it if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fresh(path: Path) -> Path:
+    """A clean temporary sibling of ``path`` (left-overs of a killed attempt are removed)."""
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    return tmp
+
+
+def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True) -> dict:
+    """Make (or find) the dense checkpoint, the attention averages and this run's mask; returns the paths
+    {'dense': folder with results.json and model/, 'stats': file, 'plan': saved plan folder or None}."""
+    import torch
+
+    from ..experiments.glue import load_split
+    from ..models import load_model, load_tokenizer, resolve_model
+    from ..plans.io import save_plan
+    from .collect import AttentionStats, Example, collect_attention
+    from .mask import attention_pruning_mask, data_report, grid_report, mask_plan, random_like
+
+    dense_cfg = cfg.dense_config()
+    root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
+    dense_dir = root / "dense"
+    with _locked(root / ".lock"):
+        if not (dense_dir / "results.json").exists():
+            tmp = _fresh(dense_dir)
+            finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
+            os.replace(tmp, dense_dir)
+        (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
+        if cfg.prune == 0:
+            return {"dense": dense_dir, "stats": None, "plan": None}
+        limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
+        stats_file = root / f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors"
+        if not stats_file.exists():
+            train = load_split(cfg.task, "train", glue_dir)
+            train = [train[i] for i in subset(len(train), limit)]  # the examples fine-tuning uses
+            source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
+            dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                               else "cpu")
+            model = load_model(source, task="base").to(dev)
+            stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
+                                      length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
+                                      metadata={"model": source, "data": f"GLUE {cfg.task} train"})
+            del model
+            tmp = _fresh(stats_file)
+            stats.save(tmp)
+            os.replace(tmp, stats_file)
+        name = f"{cfg.mask}-{cfg.scope}-{cfg.budget}-p{cfg.prune:g}" + (f"-seed{cfg.seed}" if cfg.mask == "random" else "")
+        plan_dir = root / f"plans-{stats_file.stem}" / name
+        if not (plan_dir / "plan.json").exists():
+            stats = AttentionStats.load(stats_file)
+            keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
+            if cfg.mask == "random":
+                keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
+            plan = mask_plan(keep, prefix=cfg.mask)
+            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
+                    "stats_file": stats_file.name, "stats": stats.metadata,
+                    "grid_sparsity": grid_report(plan, stats).overall,
+                    "collected_sparsity": data_report(keep, stats).overall}
+            tmp = _fresh(plan_dir)
+            save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
+                      metadata=meta)
+            os.replace(tmp, plan_dir)
+    return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
+
+
+def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=None, progress: bool = True,
+               out_dir=None) -> dict:
+    """Run one Attention Pruning configuration; returns the fine-tune's results with a ``pruning`` section.
+    work_dir: where shared checkpoints, averages and masks go (default: <cache>/prune)."""
+    from ..paths import cache_dir
+    from ..plans.io import plan_metadata
+
+    work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune"
+    made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress)
+    if made["plan"] is None:  # p = 0: the dense fine-tune is this run
+        result = json.loads((made["dense"] / "results.json").read_text())
+        result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}
+    else:
+        run_cfg = FinetuneConfig(**{**{f: getattr(cfg.dense_config(), f) for f in FinetuneConfig.__dataclass_fields__
+                                       if f != "plan_digest"}, "plan": str(made["plan"])})
+        result = finetune(run_cfg, glue_dir=glue_dir, out_dir=out_dir, device=device, progress=progress)
+        meta = plan_metadata(made["plan"])["metadata"]
+        result["pruning"] = {"prune_percent": cfg.prune, "mask": cfg.mask, "scope": cfg.scope, "budget": cfg.budget,
+                             "collect_from": cfg.collect_from, "plan_folder": str(made["plan"]),
+                             "grid_sparsity": meta.get("grid_sparsity"),
+                             "train_sparsity": meta.get("collected_sparsity")}
+    result["config"] = cfg.to_dict()
+    return result
