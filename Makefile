@@ -29,11 +29,13 @@ reproduce: $(VENV)/.installed
 	$(VENV)/bin/sparseattn sweep studies/pattern_ablation.yaml
 	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_sst2.yaml
 	$(VENV)/bin/sparseattn sweep studies/learned_vs_bigbird_small.yaml
-	$(PY) studies/ap_glue.py --out out/ap_glue --task-epochs sst2=1
+	$(VENV)/bin/sparseattn sweep studies/attention_pruning.yaml
 	$(VENV)/bin/sparseattn report studies/pattern_ablation.sqlite --out out/reports/pattern_ablation
 	$(PY) studies/ablation_summary.py out/reports/pattern_ablation/results.csv --plot out/reports/pattern_ablation/delta_by_pattern.png
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_sst2.sqlite --out out/reports/learned_vs_bigbird_sst2
 	$(VENV)/bin/sparseattn report studies/learned_vs_bigbird_small.sqlite --out out/reports/learned_vs_bigbird_small
+	$(VENV)/bin/sparseattn report studies/attention_pruning.sqlite --out out/reports/attention_pruning
+	$(PY) studies/ap_summary.py out/reports/attention_pruning/results.csv --plot out/reports/attention_pruning/metric_vs_sparsity.png
 
 clean:
 	rm -rf $(VENV) out runs

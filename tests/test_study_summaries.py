@@ -1,4 +1,5 @@
-"""studies/ablation_summary.py: study 1's table of changes against dense, from a report's results.csv."""
+"""studies/ablation_summary.py and studies/ap_summary.py: the studies' tables and figures, from the
+results.csv that `sparseattn report` writes."""
 
 import csv
 import importlib.util
@@ -9,8 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("ablation_summary", ROOT / "studies" / "ablation_summary.py")
+def _module(name="ablation_summary"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "studies" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -46,4 +47,34 @@ def test_a_plan_outside_the_study_and_a_broken_row_are_named(tmp_path):
         mod.load(tmp_path / "a.csv")
     _write(tmp_path / "b.csv", [("sst2", "dense", 0, "done", 0.8, 0.0), ("sst2", "dense", 1, "done", "n/a", 0.0)])
     with pytest.raises(ValueError, match=r"b\.csv:3.*'n/a'"):
+        mod.load(tmp_path / "b.csv")
+
+
+def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
+    import json
+
+    mod = _module("ap_summary")
+
+    def row(p, mask, score, sp, status="done"):
+        cfg = {"method": "prune", "task": "stsb", "prune": p, "mask": mask}
+        return {"task": "stsb", "plan": "x", "status": status, "main_metric": "pearson", "score": score,
+                "sparsity": sp, "config": json.dumps(cfg)}
+
+    rows = [row(0.0, "ap", 0.84, 0.0), row(60.0, "ap", 0.82, 0.62), row(60.0, "random", 0.49, 0.60),
+            row(80.0, "ap", "", "", status="pending")]
+    with (tmp_path / "r.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    text = mod.table(mod.load(tmp_path / "r.csv"))
+    assert "| stsb (pearson) | ap | 0.8400 | 0.8200 (62%) |" in text
+    assert "| stsb (pearson) | random | 0.8400 | 0.4900 (60%) |" in text
+    mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    other = dict(rows[0], config=json.dumps({"method": "finetune", "task": "stsb"}))
+    with (tmp_path / "b.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(other))
+        w.writeheader()
+        w.writerow(other)
+    with pytest.raises(ValueError, match=r"b\.csv:2: a 'finetune' run"):
         mod.load(tmp_path / "b.csv")
