@@ -59,17 +59,22 @@ def _write_json(path: str, data: dict, *, quiet: bool = False) -> None:
         print(f"wrote {path}")
 
 
+def _kernel_settings(args) -> dict | None:
+    """Apply --compile-mode to the block kernel; return --kernel-options as a dict (or None)."""
+    if args.compile_mode:
+        from ..backends.block import set_compile_mode
+
+        set_compile_mode(args.compile_mode)
+    return json.loads(args.kernel_options) if args.kernel_options else None
+
+
 def cmd_attention(args) -> int:
     import torch
 
     from .attention import device_meta, format_table, results_to_json, run_config
 
     _need_cuda()
-    if args.compile_mode:
-        from ..backends.block import set_compile_mode
-
-        set_compile_mode(args.compile_mode)
-    kernel_options = json.loads(args.kernel_options) if args.kernel_options else None
+    kernel_options = _kernel_settings(args)
     results = []
     meta = device_meta()
     meta.update(command="sparseattn bench attention", heads=args.heads, tokens=args.tokens, block_size=args.block_size,
@@ -101,11 +106,7 @@ def cmd_model(args) -> int:
     from .model import format_table, results_to_json, run_model
 
     _need_cuda()
-    if args.compile_mode:
-        from ..backends.block import set_compile_mode
-
-        set_compile_mode(args.compile_mode)
-    kernel_options = json.loads(args.kernel_options) if args.kernel_options else None
+    kernel_options = _kernel_settings(args)
     meta = device_meta()
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
                 kernel_options=kernel_options)
