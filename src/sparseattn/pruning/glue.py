@@ -22,7 +22,7 @@ import fcntl
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..experiments.db import run_key
@@ -168,8 +168,7 @@ def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=Non
         result = json.loads((made["dense"] / "results.json").read_text())
         result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}
     else:
-        run_cfg = FinetuneConfig(**{**{f: getattr(cfg.dense_config(), f) for f in FinetuneConfig.__dataclass_fields__
-                                       if f != "plan_digest"}, "plan": str(made["plan"])})
+        run_cfg = replace(cfg.dense_config(), plan=str(made["plan"]), plan_digest=None)  # the mask's folder
         result = finetune(run_cfg, glue_dir=glue_dir, out_dir=out_dir, device=device, progress=progress)
         meta = plan_metadata(made["plan"])["metadata"]
         result["pruning"] = {"prune_percent": cfg.prune, "mask": cfg.mask, "scope": cfg.scope, "budget": cfg.budget,
