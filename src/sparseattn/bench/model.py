@@ -15,6 +15,7 @@ decoder); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. T
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -80,9 +81,14 @@ def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple
 
 
 def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Median step time (ms) and peak memory allocated (GiB) during the timed steps, which includes the
+    model, its optimizer state and the inputs; whatever earlier configs left is collected first (a
+    sparsified model's hooks form reference cycles that only the garbage collector frees)."""
     for _ in range(warmup):
         step()
+    gc.collect()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -96,6 +102,8 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, log=print) -> list[ModelResult]:
     device = "cuda"
+    gc.collect()  # the previous config's models, before this one allocates
+    torch.cuda.empty_cache()
     B = max(1, tokens // length)
     causal = kind == "decoder"
     torch.manual_seed(0)
