@@ -134,6 +134,28 @@ def test_static_plan_builds_once_and_does_not_recompile():
     assert frames[-1] == frames[0], f"recompiled: unique graphs went {frames}"
 
 
+def test_position_masks_match_reference_and_share_one_kernel_per_bucket():
+    """Unpadded batches of a positional plan: partial tiles evaluate positions (no table); lengths within one
+    bucket (1536) reuse one compiled kernel although each length gets its own layout."""
+    import torch._dynamo.utils as dyn
+
+    lp = Plan.parse("all: neighbour(100) | global_tokens(2)").resolve(1, 8)[0]
+    backend = BlockSparseBackend(force=True)
+    frames = []
+    for n in (1500, 1450, 1411):
+        layout, q, k, v, grad = _inputs([n, n], True, 8, 2, 64, n)  # causal, grouped-query heads
+        got = _run(backend, lp, layout, q, k, v, grad, torch.bfloat16)
+        ref32 = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.float32)
+        torch_lp = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.bfloat16, need_weights=True)
+        for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref32, torch_lp):
+            err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
+            assert err <= 2 * base + 1e-5, f"{n}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
+        frames.append(dyn.counters["stats"]["unique_graphs"])
+    assert backend.stats["analytic_masks"] == 3 and backend.stats["layout_builds"] == 3
+    assert all(m.mask_mod.__name__ == "position_mask" for e in backend._layouts.values() for _, _, m in e.block_mask)
+    assert frames[-1] == frames[0], f"recompiled per length: unique graphs went {frames}"
+
+
 def test_automatic_choice_on_gpu():
     lp = Plan.parse("all: neighbour(16)").resolve(1, 4)[0]
     backend = BlockSparseBackend()  # defaults: min_length, max_density

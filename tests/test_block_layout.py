@@ -226,6 +226,56 @@ def test_backend_matches_reference_on_real_queries(spec, causal):
     assert (out[~layout.real[:, None, :, None].expand_as(out)] == 0).all()  # padding queries: zero
 
 
+POSITIONAL = ["all: neighbour(3) | global_tokens(1)", "all: strided(5) | global_tokens(2)",
+              "all: neighbour(6) & strided(2)", "all: causal() | neighbour(2)", "all: full()"]
+
+
+@pytest.mark.parametrize("spec", POSITIONAL)
+@pytest.mark.parametrize("causal", [False, True])
+def test_positional_layers_of_unpadded_batches_evaluate_positions_not_a_table(spec, causal):
+    """A layer whose pattern is a function of positions, on a batch without padding, gets a mask_mod computed
+    from the indices (checked on every partial tile), and no L x L table; outputs equal the reference."""
+    layout = TokenLayout.from_lengths([45, 45], causal=causal)  # 45: the last tile is cut by the bucket
+    call = _call(spec, layout, kv_heads=2)
+    backend = BlockSparseBackend(block_size=16, force=True)
+    out, _ = backend.attention(call)
+    ref, _ = ReferenceBackend().attention(_fresh(call))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    (entry,) = backend._layouts.values()
+    if entry.layout.has_partial():
+        assert backend.stats["analytic_masks"] == 1
+        assert [m.mask_mod.__name__ for _, _, m in entry.block_mask] == ["position_mask"]
+
+
+def test_positions_are_not_used_where_they_would_be_wrong(monkeypatch, caplog):
+    """Padding, a pattern without index_relation, or an index_relation that disagrees with the pattern's
+    mask: the stored table serves (the last with a warning), and the outputs stay right."""
+    from sparseattn.patterns.neighbour import Neighbour
+
+    padded = TokenLayout.from_lengths([45, 30])
+    for spec, layout in (("all: neighbour(3)", padded), ("all: random(2)", TokenLayout.from_lengths([45]))):
+        backend = BlockSparseBackend(block_size=16, force=True)
+        call = _call(spec, layout)
+        out, _ = backend.attention(call)
+        assert backend.stats["analytic_masks"] == 0
+    from sparseattn.patterns.base import positional_grid
+
+    def relation(self, layout, *, layer, num_heads):  # the mask as it is ...
+        qi, kj = positional_grid(layout)
+        return (qi - kj).abs() <= self.k
+
+    monkeypatch.setattr(Neighbour, "relation", relation)  # ... and positions that say one more
+    monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
+    layout = TokenLayout.from_lengths([45])
+    call = _call("all: neighbour(3)", layout)
+    backend = BlockSparseBackend(block_size=16, force=True)
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        out, _ = backend.attention(call)
+    assert backend.stats["analytic_masks"] == 0 and "disagrees with its mask" in caplog.text
+    ref, _ = ReferenceBackend().attention(_fresh(call))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
 def test_backend_caches_static_layouts_and_rebuilds_input_dependent_ones():
     backend = BlockSparseBackend(block_size=16, force=True)
     layout = TokenLayout.from_lengths([40, 40])

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseattn as sa
+from sparseattn.layout import TokenLayout
 from sparseattn.plans.spec import parse_pattern
 from sparseattn.sparsity import mask_sparsity, measure_plan
 
@@ -140,3 +141,23 @@ def test_left_and_right_padding_give_the_same_examples(pattern, lengths, extra, 
     for n, a, b in zip(lengths, masks["right"], masks["left"]):
         alone = pattern.mask(make_layout([n], causal=causal), layer=2, num_heads=num_heads)[0]
         assert torch.equal(a, b) and torch.equal(a, alone)
+
+
+@pytest.mark.parametrize("spec", ["neighbour(0)", "neighbour(3)", "strided(4)", "causal()", "full()",
+                                  "global_tokens(2)", "neighbour(2) | global_tokens(1)", "neighbour(5) & strided(2)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_index_relation_is_the_relation_on_unpadded_examples(spec, causal):
+    from sparseattn.patterns.base import positional_grid
+
+    p = parse_pattern(spec)
+    layout = TokenLayout.from_lengths([23, 23], causal=causal)
+    rel = p.index_relation()
+    assert rel is not None
+    want = p.relation(layout, layer=0, num_heads=1)
+    got = rel(*positional_grid(layout))
+    assert torch.equal(got.expand_as(want), want)
+
+
+@pytest.mark.parametrize("spec", ["random(2)", "global_tokens('special')", "syntax(1)", "neighbour(2) | random(1)"])
+def test_patterns_beyond_positions_have_no_index_relation(spec):
+    assert parse_pattern(spec).index_relation() is None

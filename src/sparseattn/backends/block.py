@@ -322,8 +322,40 @@ class BlockSparseBackend(Backend):
         del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
+        analytic = self._analytic_mask(call, layout) if batch_invariant and layout.has_partial() else None
+        if analytic is not None:  # partial tiles evaluate positions: no L x L table
+            self.stats["analytic_masks"] += 1
+            return _Entry(layout, [(0, layout.code.shape[1], layout.flex_block_mask(analytic))], density,
+                          pins=lp.patterns)
         rep = call.query.shape[1] // call.key.shape[1]
         return _Entry(layout, layout.flex_block_masks(rep), density, pins=lp.patterns)
+
+    def _analytic_mask(self, call: AttentionCall, layout: BlockLayout):
+        """For a layer whose one pattern (on every head) is a function of positions (``index_relation``),
+        on a batch without padding: a mask_mod computing the keep-mask from the indices, checked against
+        the layout on every partial tile. None where that does not hold."""
+        lp = call.layer_plan
+        if len(lp.entries) != 1 or lp.entries[0][0] is not None:
+            return None
+        rel = lp.entries[0][1].index_relation()
+        if rel is None:
+            return None
+        # a tensor, not a Python int, so that lengths within one bucket share one compiled kernel
+        length = torch.tensor(call.q_len, device=layout.code.device)
+        causal = call.layout.causal
+
+        def position_mask(b, h, q_idx, kv_idx):
+            keep = rel(q_idx, kv_idx) & (q_idx < length) & (kv_idx < length)
+            if causal:
+                keep = keep & (kv_idx <= q_idx)
+            return keep | ((q_idx == kv_idx) & (q_idx < length))
+
+        if not layout.agrees_on_partial_tiles(position_mask):
+            self._say(("analytic-mismatch", lp.layer), f"layer {lp.layer}: {lp.entries[0][1].spec()}'s "
+                      "index_relation disagrees with its mask; partial tiles read the stored table",
+                      level=logging.WARNING)
+            return None
+        return position_mask
 
     def _allowed_tiles(self, lay: TokenLayout, layout: BlockLayout) -> int:
         """Tiles holding at least one allowed pair, counted like sparseattn.sparsity.block_counts but from

@@ -304,13 +304,30 @@ class BlockLayout:
             return [(*groups[0], self.flex_block_mask())]
         return [(a, b, self.select_heads(a, b).flex_block_mask()) for a, b in groups]
 
-    def flex_block_mask(self):
+    def flex_block_mask(self, mask_mod=None):
         """A FlexAttention BlockMask built directly from the tiles (no per-element mask evaluation):
-        full tiles go to full_kv_*, partial tiles to kv_* with ``mask_mod`` reading their bits."""
+        full tiles go to full_kv_*, partial tiles to kv_* with ``mask_mod`` (default: this layout's,
+        reading the stored bits) evaluated on them. A given mask_mod must agree with the layout on every
+        partial tile (see ``agrees_on_partial_tiles``)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         num, idx = kv_lists(self.partial)
         full_num, full_idx = kv_lists(self.full)
         bs = self.block_size
-        return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=self.mask_mod(),
+        return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=bs,
+                                        mask_mod=mask_mod if mask_mod is not None else self.mask_mod(),
                                         seq_lengths=(self.num_q_blocks * bs, self.num_kv_blocks * bs))
+
+    def agrees_on_partial_tiles(self, mask_mod) -> bool:
+        """Whether ``mask_mod(b, h, q, kv)`` gives this layout's bits on every partial tile (the only pairs
+        a kernel evaluates it on): O(partial tiles x block_size^2), no L x L tensor."""
+        where = self.partial.nonzero()  # (P, 4): example, head, query tile, key tile
+        if where.shape[0] == 0:
+            return True
+        bs = self.block_size
+        r = torch.arange(bs, device=self.code.device)
+        b, h = where[:, 0, None, None], where[:, 1, None, None]
+        q = where[:, 2, None, None] * bs + r[None, :, None]
+        kv = where[:, 3, None, None] * bs + r[None, None, :]
+        want = unpack_bits(self.bits, bs)[self.code[self.partial].long()]
+        return bool(torch.equal(mask_mod(b, h, q, kv).expand_as(want), want))

@@ -33,6 +33,13 @@ class Pattern:
     def relation(self, layout: TokenLayout, *, layer: int, num_heads: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def index_relation(self):
+        """The relation as a function of positions alone, ``rel(q, kv) -> bool`` over broadcasting integer
+        tensors, for kernels that evaluate it pair by pair instead of reading a stored mask; None when the
+        pattern needs more than positions (draws, tables, the input). Equal to ``relation`` on examples
+        without padding, where a token's position is its index."""
+        return None
+
     def mask(self, layout: TokenLayout, *, layer: int = 0, num_heads: int = 1) -> torch.Tensor:
         """Keep-mask (B, H', L, L) bool with H' = num_heads if ``per_head`` else 1."""
         rel = self.relation(layout, layer=layer, num_heads=num_heads)
@@ -115,6 +122,18 @@ class _Combined(Pattern):
 class Union(_Combined):
     op, word = "|", "or"
 
+    def index_relation(self):
+        rels = [p.index_relation() for p in self.parts]
+        if any(r is None for r in rels):
+            return None
+
+        def any_of(q, kv):
+            out = rels[0](q, kv)
+            for r in rels[1:]:
+                out = out | r(q, kv)
+            return out
+        return any_of
+
     def relation(self, layout, *, layer, num_heads):
         rel = None
         for p in self.parts:
@@ -125,6 +144,18 @@ class Union(_Combined):
 
 class Intersection(_Combined):
     op, word = "&", "and"
+
+    def index_relation(self):
+        rels = [p.index_relation() for p in self.parts]
+        if any(r is None for r in rels):
+            return None
+
+        def all_of(q, kv):
+            out = rels[0](q, kv)
+            for r in rels[1:]:
+                out = out & r(q, kv)
+            return out
+        return all_of
 
     def relation(self, layout, *, layer, num_heads):
         rel = None

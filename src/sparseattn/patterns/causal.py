@@ -10,8 +10,10 @@ class Causal(Pattern):
     symmetric = False
 
     def relation(self, layout, *, layer, num_heads):
-        qi, kj = positional_grid(layout)
-        return kj <= qi
+        return self.index_relation()(*positional_grid(layout))
+
+    def index_relation(self):
+        return lambda q, kv: kv <= q
 
     def spec(self):
         return "causal()"

@@ -28,6 +28,12 @@ class GlobalTokens(Pattern):
             glob = layout.real & (layout.positions < self.g)
         return glob[:, None, :, None] | glob[:, None, None, :]
 
+    def index_relation(self):
+        if self.g == "special":
+            return None
+        g = self.g
+        return lambda q, kv: (q < g) | (kv < g)
+
     def spec(self):
         return "global_tokens('special')" if self.g == "special" else f"global_tokens({self.g})"
 

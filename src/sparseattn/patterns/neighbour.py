@@ -13,8 +13,11 @@ class Neighbour(Pattern):
         self.name = f"neighbour_{self.k}"
 
     def relation(self, layout, *, layer, num_heads):
-        qi, kj = positional_grid(layout)
-        return (qi - kj).abs() <= self.k
+        return self.index_relation()(*positional_grid(layout))
+
+    def index_relation(self):
+        k = self.k
+        return lambda q, kv: (q - kv).abs() <= k
 
     def spec(self):
         return f"neighbour({self.k})"

@@ -13,8 +13,11 @@ class Strided(Pattern):
         self.name = f"strided_{self.s}"
 
     def relation(self, layout, *, layer, num_heads):
-        qi, kj = positional_grid(layout)
-        return (qi - kj).remainder(self.s) == 0
+        return self.index_relation()(*positional_grid(layout))
+
+    def index_relation(self):
+        s = self.s
+        return lambda q, kv: (q - kv).remainder(s) == 0
 
     def spec(self):
         return f"strided({self.s})"
