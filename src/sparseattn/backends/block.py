@@ -5,9 +5,12 @@ head: empty tiles are skipped, full tiles run without any mask, and only partial
 bits. The tiles feed FlexAttention's BlockMask directly (``BlockMask.from_kv_blocks``), so no mask is
 evaluated element by element to find them.
 
-Memory: the kernel's activations grow with the kept tiles (FlexAttention never forms the L x L scores);
-a layout with partial tiles also holds its mask as a bool table over positions (L^2 bytes per distinct
-example and head, shared by the layers with the same pattern), the price of fast partial tiles.
+Memory: the kernel's activations grow with the kept tiles (FlexAttention never forms the L x L scores).
+Partial tiles need the token mask: a layer whose pattern is a function of positions (neighbour, strided,
+causal, global_tokens(g), full, and their combinations: ``Pattern.index_relation``) on a batch without
+padding computes it from the indices, checked against the layout on every partial tile; any other layout
+with partial tiles holds its mask as a bool table over positions (L^2 bytes per distinct example and head,
+shared by the layers with the same pattern), the price of fast partial tiles.
 
 Semantics are the reference backend's for real (non-padding) queries. Padding queries attend to
 nothing and get a zero output (as in flash-attention's unpadded path); their output is ignored

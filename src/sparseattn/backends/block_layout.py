@@ -13,7 +13,8 @@ the same), so positional patterns need a handful of tiles whatever the length. F
 with partial tiles are also written out as a bool table over positions (L^2 bytes per distinct example
 and head; none for block-aligned layouts such as BigBird's random blocks): FlexAttention evaluates
 partial tiles 4x faster from it than from packed bits or through a tile index (measured on an H100).
-Tables beyond the kernels' 32-bit indexing are split by heads (one kernel call per group of heads).
+Tables beyond the kernels' 32-bit indexing are split by heads (one kernel call per group of heads). Where
+the mask is a function of positions, the backend passes its own mask_mod and no table is made.
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
