@@ -107,6 +107,20 @@ class _Combined(Pattern):
     def spec(self) -> str:
         return "(" + f" {self.op} ".join(p.spec() for p in self.parts) + ")"
 
+    def index_relation(self):
+        """The parts' index relations combined with this operator (| or &); None if any part has none."""
+        rels = [p.index_relation() for p in self.parts]
+        if any(r is None for r in rels):
+            return None
+        combine = (lambda a, b: a | b) if self.op == "|" else (lambda a, b: a & b)
+
+        def combined(q, kv):
+            out = rels[0](q, kv)
+            for r in rels[1:]:
+                out = combine(out, r(q, kv))
+            return out
+        return combined
+
     def tensors(self):
         out = {}
         for p in self.parts:
@@ -122,18 +136,6 @@ class _Combined(Pattern):
 class Union(_Combined):
     op, word = "|", "or"
 
-    def index_relation(self):
-        rels = [p.index_relation() for p in self.parts]
-        if any(r is None for r in rels):
-            return None
-
-        def any_of(q, kv):
-            out = rels[0](q, kv)
-            for r in rels[1:]:
-                out = out | r(q, kv)
-            return out
-        return any_of
-
     def relation(self, layout, *, layer, num_heads):
         rel = None
         for p in self.parts:
@@ -144,18 +146,6 @@ class Union(_Combined):
 
 class Intersection(_Combined):
     op, word = "&", "and"
-
-    def index_relation(self):
-        rels = [p.index_relation() for p in self.parts]
-        if any(r is None for r in rels):
-            return None
-
-        def all_of(q, kv):
-            out = rels[0](q, kv)
-            for r in rels[1:]:
-                out = out & r(q, kv)
-            return out
-        return all_of
 
     def relation(self, layout, *, layer, num_heads):
         rel = None
