@@ -7,11 +7,13 @@ export GLUE_DIR
 
 # torch is pinned in the install step (a CPU build on these machines); the package itself asks only torch>=2.5.
 TORCH_SPEC ?= torch==2.13.0
+# Triton, pinned with torch: CPU builds of torch do not bring it, and the tests run its kernel in Triton's interpreter.
+TRITON_SPEC ?= triton==3.6.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,syntax,model]"
 	touch $@
 

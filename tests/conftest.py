@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on the CPU (before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from sparseattn.layout import TokenLayout  # noqa: E402
 
 

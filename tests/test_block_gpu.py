@@ -70,11 +70,12 @@ def _run(backend, lp, layout, q, k, v, grad, dtype, need_weights=False):
 
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype):
+@pytest.mark.parametrize("kernel", BlockSparseBackend.KERNELS)
+def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel):
     plan = spec(heads) if callable(spec) else Plan.parse(spec)
     lp = plan.resolve(1, heads)[0]
     layout, q, k, v, grad = _inputs(lengths, causal, heads, kv_heads, dim, seed=len(name))
-    backend = BlockSparseBackend(force=True)
+    backend = BlockSparseBackend(force=True, kernel=kernel)
     got = _run(backend, lp, layout, q, k, v, grad, dtype)
     assert backend.stats["block"] == 1
     ref32 = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.float32)
@@ -86,7 +87,7 @@ def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, head
         assert torch.isfinite(a).all(), f"{name}: {what} has non-finite values"
         err = (a - r).abs().max().item()
         base = (p - r).abs().max().item()
-        assert err <= 2 * base + 1e-5, f"{name} {dtype}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
+        assert err <= 2 * base + 1e-5, f"{name} {dtype} {kernel}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
 
 
 @pytest.mark.parametrize("mode", ["split by heads", "packed bits"])

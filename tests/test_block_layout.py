@@ -397,4 +397,4 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
     assert block.tflops_fwd == pytest.approx(4e12 * 0.1 / 0.8 / 1e9) and dense.tflops_fwd == pytest.approx(2000)
     assert failed.speedup_fwd is None and full.frac_kernel_ideal_fwd is None
     line = format_table(results).splitlines()[-1]
-    assert "0.25/ 0.20" in line and "0.50/ 0.40" in line and "out of memory" in line
+    assert "0.25/ 0.20" in line and "out of memory" in line

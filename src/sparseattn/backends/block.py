@@ -142,12 +142,14 @@ def _flex(query, key, value, block_mask, scale, compiled, kernel_options):
 
 
 class _Entry:
-    """A compiled layer layout: the tiles, the BlockMask made from them, and what they were made for."""
+    """A compiled layer layout: the tiles, what the kernel takes (FlexAttention BlockMasks, or the Triton
+    kernel's tile lists) and what they were made for."""
 
-    __slots__ = ("layout", "block_mask", "density", "pins")
+    __slots__ = ("layout", "block_mask", "density", "pins", "lists")
 
-    def __init__(self, layout: BlockLayout, block_mask, density: float, pins):
+    def __init__(self, layout: BlockLayout, block_mask, density: float, pins, lists=None):
         self.layout, self.block_mask, self.density, self.pins = layout, block_mask, density, pins
+        self.lists = lists
 
 
 def _layer_key(call: AttentionCall):
@@ -169,14 +171,28 @@ class BlockSparseBackend(Backend):
     compile: compile FlexAttention (default: on CUDA only; eager FlexAttention is a slow reference).
     cache_size: how many compiled layer layouts to keep (least recently used go first).
     kernel_options: passed to FlexAttention (tile shapes, warps, stages).
+    kernel: "flex" (FlexAttention over the layout's BlockMask) or "triton" (sparseattn's own Triton kernel,
+        ``backends.triton_kernel``: partial tiles read packed bits, so no layout holds an L x L table).
     """
+
+    KERNELS = ("flex", "triton")
 
     name = "block"
 
     def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float = MAX_DENSITY,
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
-                 kernel_options: dict | None = None):
+                 kernel_options: dict | None = None, kernel: str = "flex"):
         self.block_size = check_block_size(block_size)
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
+        if kernel == "triton":
+            from . import triton_kernel
+
+            if not triton_kernel.available():
+                raise ValueError("kernel='triton' needs the triton package, which is not installed")
+            if self.block_size % 32 or self.block_size & (self.block_size - 1):
+                raise ValueError(f"kernel='triton' needs a power-of-two block_size >= 32, got {block_size}")
+        self.kernel = kernel
         if min_length < 0:
             raise ValueError(f"min_length must be >= 0, got {min_length}")
         if not 0.0 <= max_density <= 1.0:
@@ -222,6 +238,11 @@ class BlockSparseBackend(Backend):
                                        f"{where}: block density {entry.density:.0%} > max_density "
                                        f"{self.max_density:.0%}: dense SDPA with the mask runs")
         self.stats["block"] += 1
+        if entry.lists is not None:
+            from .triton_kernel import block_sparse_attention_triton
+
+            return block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
+                                                 scale=call.scale), None
         compiled = self.compile if self.compile is not None else call.query.device.type == "cuda"
         out = block_sparse_attention(call.query, call.key, call.value, entry.layout, scale=call.scale,
                                      block_mask=entry.block_mask, compiled=compiled,
@@ -325,6 +346,10 @@ class BlockSparseBackend(Backend):
         del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
+        if self.kernel == "triton":  # the kernel reads the partial tiles' bits: nothing more to build
+            from .triton_kernel import TileLists
+
+            return _Entry(layout, None, density, pins=lp.patterns, lists=TileLists.from_layout(layout))
         analytic = self._analytic_mask(call, layout) if batch_invariant and layout.has_partial() else None
         if analytic is not None:  # partial tiles evaluate positions: no L x L table
             self.stats["analytic_masks"] += 1

@@ -11,7 +11,9 @@ the peak memory above the inputs of:
 - ``flex_mask``: FlexAttention with a plain ``mask_mod`` as a user would write it, through
   ``create_block_mask`` (analytic for the window, a table lookup for BigBird's random blocks and for
   the AP-like mask);
-- ``block``:     sparseattn's block backend kernel: FlexAttention over the compiled `BlockLayout`.
+- ``block``:     the block backend's FlexAttention kernel: FlexAttention over the compiled `BlockLayout`;
+- ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
+  partial tiles read packed bits, no L x L table; tile shapes autotuned per head size and length.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -33,7 +35,8 @@ from ..backends.block import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
-METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block")
+METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton")
+SPARSE = ("block", "flex_mask", "triton")  # methods that pay for kept tiles only
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -235,7 +238,16 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block}, info
+    def triton():
+        from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
+
+        lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+        info["mask_table_mib"] = 0.0
+        info["tile_lists_mib"] = lists.nbytes() / 2**20
+        return lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+
+    return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
+            "triton": triton}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -266,7 +278,7 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
             fn = setups[name]()
             t1.record()
             t1.synchronize()
-            r.build_ms = t0.elapsed_time(t1) if name in ("flex_mask", "block") else None
+            r.build_ms = t0.elapsed_time(t1) if name in SPARSE else None
             r.extra.update(info)
             info.clear()
             with torch.no_grad():
@@ -280,6 +292,10 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
                     torch.autograd.grad(out, (q, k, v), grad)
                 r.fwdbwd_ms = time_ms(step)
                 r.fwdbwd_peak_mib = peak_mib(step)
+            if name == "triton":
+                from ..backends.triton_kernel import tuned_configs
+
+                r.extra["tuned_configs"] = tuned_configs()
         except torch.OutOfMemoryError:
             r.note = "out of memory"
         except Exception as e:  # a method that cannot run this config is reported, not fatal
@@ -297,7 +313,7 @@ def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
     dense = next((r for r in results if r.method == "dense"), None)
     for r in results:
         if r.fwd_ms:
-            kept_flops = flops_fwd * (density if r.method in ("block", "flex_mask") else 1.0)
+            kept_flops = flops_fwd * (density if r.method in SPARSE else 1.0)
             r.tflops_fwd = kept_flops / r.fwd_ms / 1e9
         if dense is not None and dense.fwd_ms and r.fwd_ms:
             r.speedup_fwd = dense.fwd_ms / r.fwd_ms
@@ -307,7 +323,7 @@ def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
             r.frac_ideal_fwdbwd = r.speedup_fwdbwd * density
     full = next((r for r in results if r.method == "flex_full" and not r.note), None)
     for r in results:
-        if r.method == "block" and full is not None:
+        if r.method in ("block", "triton") and full is not None:
             if r.fwd_ms and full.fwd_ms:
                 r.frac_kernel_ideal_fwd = full.fwd_ms * density / r.fwd_ms
             if r.fwdbwd_ms and full.fwdbwd_ms:
@@ -315,15 +331,18 @@ def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
 
 
 def format_table(results: list[Result]) -> str:
-    """One line per config: density, ideal speed-up, each method's speed-up fwd / fwd+bwd over dense, the block
-    kernel's fraction of ideal, peak memory of dense and block for fwd+bwd."""
+    """One line per config: density, ideal speed-up, each method's speed-up fwd / fwd+bwd over dense; for each
+    block kernel (``block``: FlexAttention, ``triton``: sparseattn's own) its fraction of the ideal; peak
+    fwd+bwd memory of dense and of the block kernels."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r.layout, r.length, r.target_sparsity, r.head_dim), {})[r.method] = r
     methods = [m for m in METHODS if any(m in g for g in groups.values())]
+    kernels = [m for m in ("block", "triton") if m in methods]
     head = (f"{'layout':<8} {'L':>6} {'B':>3} {'D':>4} {'spars':>5} {'dens':>5} {'ideal':>5} {'dense ms':>8} "
             + " ".join(f"{m + ' f/fb':>13}" for m in methods if m != "dense")
-            + f" {'block/ideal f/fb':>16} {'kernel/ideal f/fb':>17} {'mem dense/block MiB':>20}")
+            + "".join(f" {m + '/ideal f/fb':>17}" for m in kernels)
+            + f" {'mem MiB ' + '/'.join(['dense', *kernels]):>26}")
     lines = [head, "-" * len(head)]
 
     def x(v):
@@ -339,14 +358,14 @@ def format_table(results: list[Result]) -> str:
             r = g.get(m)
             cells.append(f"{x(r.speedup_fwd if r else None)}/{x(r.speedup_fwdbwd if r else None)}".rjust(13)
                          if r and not r.note else f"{(r.note[:13] if r else '-'):>13}")
-        b = g.get("block")
-        frac = f"{x(b.frac_ideal_fwd)}/{x(b.frac_ideal_fwdbwd)}" if b and not b.note else "-"
-        kfrac = (f"{x(b.frac_kernel_ideal_fwd)}/{x(b.frac_kernel_ideal_fwdbwd)}"
-                 if b and b.frac_kernel_ideal_fwd is not None else "-")
-        mem = (f"{d.fwdbwd_peak_mib or 0:7.0f}/{(b.fwdbwd_peak_mib or 0) if b else 0:7.0f}" if d else "-")
+        fracs = ""
+        for m in kernels:
+            b = g.get(m)
+            fracs += f" {(f'{x(b.frac_ideal_fwd)}/{x(b.frac_ideal_fwdbwd)}' if b and not b.note else '-'):>17}"
+        mem = "/".join(f"{(g[m].fwdbwd_peak_mib or 0) if m in g else 0:.0f}" for m in ["dense", *kernels])
         lines.append(f"{lay:<8} {L:>6} {any_r.batch:>3} {D:>4} {s:>5.0%} {any_r.block_density:>5.1%} "
                      f"{1 / max(any_r.block_density, 1e-9):>5.1f} {(d.fwd_ms if d and d.fwd_ms else float('nan')):>8.2f} "
-                     + " ".join(cells) + f" {frac:>16} {kfrac:>17} {mem:>20}")
+                     + " ".join(cells) + fracs + f" {mem:>26}")
     return "\n".join(lines)
 
 

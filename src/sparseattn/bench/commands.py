@@ -94,6 +94,12 @@ def cmd_attention(args) -> int:
                         _write_json(args.json, results_to_json(results, meta), quiet=True)
     print()
     print(format_table(results))
+    tuned = next((r.extra["tuned_configs"] for r in reversed(results) if "tuned_configs" in r.extra), None)
+    if tuned:
+        print("\nTriton kernel configurations chosen by the autotuner (key: head size, length, precision):")
+        for name, by_key in tuned.items():
+            for key, config in by_key.items():
+                print(f"  {name} {key}: {config}")
     if args.json:
         _write_json(args.json, results_to_json(results, meta))
     return 0
@@ -114,7 +120,7 @@ def cmd_model(args) -> int:
     for kind in args.models:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
-                                     kernel_options=kernel_options))
+                                     kernel_options=kernel_options, kernels=args.kernels))
             torch.cuda.empty_cache()
             if args.json:  # keep what is done, whatever happens next
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
@@ -176,5 +182,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the block kernel, as JSON")
+    p.add_argument("--kernels", type=_names(("flex", "triton")), default=["flex", "triton"],
+                   help="the block backend's kernels to run the sparse plan with (flex: FlexAttention; triton: "
+                        "sparseattn's Triton kernel)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_model)

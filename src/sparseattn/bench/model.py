@@ -42,6 +42,7 @@ class ModelResult:
     peak_gib: float | None
     speedup: float | None = None
     note: str = ""
+    kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
 
 
 def encoder(max_len: int):
@@ -100,7 +101,7 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
-              kernel_options: dict | None = None, log=print) -> list[ModelResult]:
+              kernel_options: dict | None = None, kernels=("flex",), log=print) -> list[ModelResult]:
     device = "cuda"
     gc.collect()  # the previous config's models, before this one allocates
     torch.cuda.empty_cache()
@@ -130,17 +131,17 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
     out = []
-    for attention in ("dense", "sparse"):
+    for attention in ("dense", *kernels):
         res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
                           None if attention == "dense" else sp, None if attention == "dense" else dens,
-                          None, None, None)
+                          None, None, None, kernel=None if attention == "dense" else attention)
         try:
-            if attention == "sparse":
-                backend = BlockSparseBackend(kernel_options=kernel_options)
+            if attention != "dense":
+                backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
                 sparsify(model, plan, backend=backend)
             ms, peak = _time_steps(step, warmup, steps)
             res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)
-            if attention == "sparse":
+            if attention != "dense":
                 res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
         except torch.OutOfMemoryError:
             res.note = "out of memory"
@@ -149,8 +150,9 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
         log(f"  {kind} L={length} B={B} {attention}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
             f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak {res.peak_gib and round(res.peak_gib, 2)} GiB"
             + (f" ({res.note})" if res.note else ""))
-    if out[0].tokens_per_s and out[1].tokens_per_s:
-        out[1].speedup = out[1].tokens_per_s / out[0].tokens_per_s
+    for r in out[1:]:
+        if out[0].tokens_per_s and r.tokens_per_s:
+            r.speedup = r.tokens_per_s / out[0].tokens_per_s
     return out
 
 
@@ -160,7 +162,7 @@ def format_table(results: list[ModelResult]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {('dense' if r.attention == 'dense' else 'sparse'):<10} "
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>10} {f(r.peak_gib, '.2f'):>8} {f(r.speedup, '.2f'):>8}"
                      + (f"  {r.note}" if r.note else ""))

@@ -1,0 +1,468 @@
+"""sparseattn's own block-sparse attention kernel, in Triton: forward and backward over a `BlockLayout`.
+
+The kernel visits only the kept tiles of a layout, per example and head, from index lists:
+
+- forward and dQ: one program per (query tile, example x head) walks that tile row's kept key tiles;
+- dK and dV: one program per (key tile, example x head) walks that tile column's kept query tiles.
+
+Each list comes in two parts: partial tiles first, whose token mask is read from a table of the layout's
+distinct partial tiles (a byte a pair, block_size^2 bytes a tile), then full tiles, computed without any mask.
+Nothing of size L x L exists at any point, so memory grows with the kept tiles: the lists hold
+(rows x the longest row) indices and the table holds the distinct partial tiles.
+
+The math is flash attention's (online softmax in base 2, the log-sum-exp saved for the backward pass, which
+recomputes the probabilities tile by tile); rows without a kept key give zero output and zero gradients.
+`sparseattn.backends.reference` is the specification it is tested against (outputs and gradients, fp32
+reference, odd lengths, padding, per-head layouts, GQA).
+
+Runs on CUDA through Triton; under ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which the CPU tests
+use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, length, precision) on the GPU
+(a few seconds of compiling per new head size); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .block_layout import FULL, BlockLayout, unpack_bits
+
+try:  # an optional dependency: the CPU-only install has no Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is missing
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _mend_interpreter() -> None:
+    """Triton 3.6's interpreter holds scalars as one-element arrays and turns them into loop bounds with
+    ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension: every loop whose length is read
+    from memory (all of this kernel's) fails on the CPU. Take the element instead. Interpreter only."""
+    from triton.runtime import interpreter as ti
+
+    original = ti._patch_lang_tensor
+    if getattr(original, "_sparseattn_mended", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._sparseattn_mended = True
+    ti._patch_lang_tensor = patch_lang_tensor
+
+
+# -- the layout as index lists ------------------------------------------------------------------------
+def _lists(sel: torch.Tensor, code: torch.Tensor | None):
+    """(B', H', N, M) bool -> counts (B', H', N) int32, indices (B', H', N, K) int32 (selected first, in
+    ascending order; K = the longest list, at least 1), and the selected tiles' codes (or None)."""
+    count = sel.sum(-1, dtype=torch.int32)
+    K = max(1, int(count.max())) if count.numel() else 1
+    idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)[..., :K]
+    tile = code.gather(-1, idx).to(torch.int32).contiguous() if code is not None else None
+    return count.contiguous(), idx.to(torch.int32).contiguous(), tile
+
+
+@dataclass
+class TileLists:
+    """A BlockLayout in the form the kernel walks: per tile row (forward, dQ) and per tile column (dK, dV),
+    the partial tiles with their bit-table entries, then the full tiles."""
+
+    row_full: tuple  # (count (B',H',Nq), index (B',H',Nq,K))
+    row_part: tuple  # (count, index, partial tile id into ``tiles``)
+    col_full: tuple  # (count (B',H',Nk), index (B',H',Nk,K))
+    col_part: tuple
+    tiles: torch.Tensor  # (P, bs, bs) uint8: the distinct partial tiles' token masks, a byte a pair
+    block_size: int
+    num_q_blocks: int
+    num_kv_blocks: int
+    batch_broadcast: bool  # B' == 1: every example shares the layout
+    head_broadcast: bool  # H' == 1: every head shares the layout
+    heads: int  # H' (1 or the number of query heads)
+
+    @classmethod
+    def from_layout(cls, layout: BlockLayout) -> "TileLists":
+        bs = layout.block_size
+        if bs % 32 or bs & (bs - 1) or bs < 32:
+            raise ValueError(f"the Triton kernel needs a power-of-two block size of at least 32, got {bs}")
+        # a byte a pair: rows of a tile load as contiguous runs (packed bits made partial tiles 2x slower
+        # than full ones on an H100); still one entry per distinct partial tile, none for full or empty ones
+        tiles = unpack_bits(layout.bits, bs).to(torch.uint8).contiguous()
+        code = layout.code
+        full, part = code == FULL, code >= 0
+        codeT = code.transpose(-1, -2)
+        rf = _lists(full, None)[:2]
+        rp = _lists(part, code)
+        cf = _lists(full.transpose(-1, -2), None)[:2]
+        cp = _lists(part.transpose(-1, -2), codeT)
+        return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
+                   block_size=bs, num_q_blocks=layout.num_q_blocks, num_kv_blocks=layout.num_kv_blocks,
+                   batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
+
+    def nbytes(self) -> int:
+        ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def to(self, device) -> "TileLists":
+        mv = lambda tup: tuple(t.to(device) for t in tup)  # noqa: E731
+        return TileLists(mv(self.row_full), mv(self.row_part), mv(self.col_full), mv(self.col_part),
+                         self.tiles.to(device), self.block_size, self.num_q_blocks, self.num_kv_blocks,
+                         self.batch_broadcast, self.head_broadcast, self.heads)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_keep(TILES, tile, rows, cols, BS: tl.constexpr):
+        """keep[r, c] for rows/cols within partial tile ``tile`` (any broadcastable shapes)."""
+        return tl.load(TILES + tile * (BS * BS) + rows * BS + cols) != 0
+
+    @triton.jit
+    def _delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, N_CTX,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """delta[b, h, i] = sum_d o * do in fp32, without materializing the product."""
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        o = tl.load(O + b * sob + h * soh + offs[:, None] * sol + offs_d[None, :]).to(tl.float32)
+        do = tl.load(DO + b * sdob + h * sdoh + offs[:, None] * sdol + offs_d[None, :]).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * N_CTX + offs, tl.sum(o * do, 1))
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, qk_scale,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   PREC: tl.constexpr):
+        SUB: tl.constexpr = BS // BLOCK_N
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_j = tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, BS)
+        for t in range(0, count * SUB):
+            blk = tl.load(IDX + t // SUB)
+            col0 = (t % SUB) * BLOCK_N
+            offs_n = blk * BS + col0 + offs_j
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
+            qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+            if MASKED:
+                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vbase + offs_n[:, None] * stride_vl + offs_d[None, :])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE,
+                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                    FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                    scb, sch, K_FULL, K_PART,
+                    H, REP, N_CTX, qk_scale,
+                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        m_blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = m_blk * BS + tl.arange(0, BS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
+        kbase = K + b * skb + (h // REP) * skh
+        vbase = V + b * svb + (h // REP) * svh
+        cnt = b * scb + h * sch + m_blk
+        m_i = tl.full([BS], float("-inf"), tl.float32)
+        l_i = tl.zeros([BS], tl.float32)
+        acc = tl.zeros([BS, HEAD_DIM], tl.float32)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, PIDX + cnt * K_PART,
+                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, True, PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, FIDX + cnt * K_FULL,
+                                   FIDX, TILES, tl.load(FCNT + cnt), qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, False, PREC)
+        empty = l_i == 0.0
+        l_use = tl.where(empty, 1.0, l_i)
+        o = acc / l_use[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty))
+        tl.store(LSE + bh.to(tl.int64) * N_CTX + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)))
+
+    @triton.jit
+    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, IDX, TILE, TILES, count,
+                    qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, PREC: tl.constexpr):
+        SUB: tl.constexpr = BS // BLOCK_M
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_i = tl.arange(0, BLOCK_M)
+        kcols = tl.arange(0, BS)
+        for t in range(0, count * SUB):
+            blk = tl.load(IDX + t // SUB)
+            row0 = (t % SUB) * BLOCK_M
+            offs_m = blk * BS + row0 + offs_i
+            qT = tl.load(qbase + offs_m[None, :] * stride_ql + offs_d[:, None])
+            lse = tl.load(LSE_bh + offs_m)
+            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
+            if MASKED:
+                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
+                pT = tl.where(keep, pT, 0.0)
+            do = tl.load(dobase + offs_m[:, None] * stride_dol + offs_d[None, :])
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+            delta = tl.load(DELTA_bh + offs_m)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+        return dk, dv
+
+    @triton.jit
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
+                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                     scb, sch, K_FULL, K_PART,
+                     H, REP, N_CTX, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+        n_blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_n = n_blk * BS + tl.arange(0, BS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
+        v = tl.load(V + b * svb + (h // REP) * svh + offs_n[:, None] * svl + offs_d[None, :])
+        qbase = Q + b * sqb + h * sqh
+        dobase = DO + b * sdob + h * sdoh
+        LSE_bh = LSE + bh.to(tl.int64) * N_CTX
+        DELTA_bh = DELTA + bh.to(tl.int64) * N_CTX
+        dk = tl.zeros([BS, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BS, HEAD_DIM], tl.float32)
+        cnt = b * scb + h * sch + n_blk
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
+                             PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_M,
+                             True, PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
+                             FIDX, TILES, tl.load(FCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC)
+        out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
+        tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
+        tl.store(DV + out, dv.to(DV.dtype.element_ty))
+
+    @triton.jit
+    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, qk_scale,
+                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  PREC: tl.constexpr):
+        SUB: tl.constexpr = BS // BLOCK_N
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_j = tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, BS)
+        for t in range(0, count * SUB):
+            blk = tl.load(IDX + t // SUB)
+            col0 = (t % SUB) * BLOCK_N
+            offs_n = blk * BS + col0 + offs_j
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
+            vT = tl.load(vbase + offs_n[None, :] * stride_vl + offs_d[:, None])
+            p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
+            if MASKED:
+                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, vT, input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+        return dq
+
+    @triton.jit
+    def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+                   FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                   scb, sch, K_FULL, K_PART,
+                   H, REP, N_CTX, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        m_blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = m_blk * BS + tl.arange(0, BS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :])
+        lse = tl.load(LSE + bh.to(tl.int64) * N_CTX + offs_m)
+        delta = tl.load(DELTA + bh.to(tl.int64) * N_CTX + offs_m)
+        kbase = K + b * skb + (h // REP) * skh
+        vbase = V + b * svb + (h // REP) * svh
+        dq = tl.zeros([BS, HEAD_DIM], tl.float32)
+        cnt = b * scb + h * sch + m_blk
+        dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
+                       TILES, tl.load(PCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC)
+        dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
+                       TILES, tl.load(FCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC)
+        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+# -- launch configurations ------------------------------------------------------------------------------
+# Each kernel's loop step computes one sub-tile of a layout tile: BLOCK_N keys (forward, dQ) or BLOCK_M queries
+# (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
+_SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
+_FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
+_CANDIDATES = {"fwd": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2)],
+               "dkdv": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2)],
+               "dq": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2)]}
+
+
+def autotuning() -> bool:
+    return os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+_TUNED: dict = {}
+
+
+def _kernel(name: str, bs: int):
+    """(kernel, launch keywords): autotuned per (head size, length, precision) on the GPU, where each new
+    head size compiles the candidates once and each new length re-times them; the fixed choice under the
+    interpreter or with SPARSEATTN_TRITON_AUTOTUNE=0."""
+    raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
+    if interpreted():
+        _mend_interpreter()
+        return raw, {_SUB[name]: min(32, bs)}
+    if not autotuning():
+        sub, warps, stages = _FIXED[name]
+        return raw, {_SUB[name]: min(sub, bs), "num_warps": warps, "num_stages": stages}
+    key = (name, bs)
+    if key not in _TUNED:
+        seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
+        configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC"])(raw)
+    return _TUNED[key], {}
+
+
+def tuned_configs() -> dict:
+    """What the autotuner chose so far: {kernel name: {tuning key: config}} (for benchmark reports)."""
+    out = {}
+    for (name, bs), tuner in _TUNED.items():
+        out[f"{name} (block {bs})"] = {str(k): str(c) for k, c in getattr(tuner, "cache", {}).items()}
+    return out
+
+
+def _list_args(lists: TileLists, full: tuple, part: tuple):
+    """Pointers and strides of one direction's lists. Counts are (B', H', N) and index arrays (B', H', N, K),
+    so one (example, head) stride in rows serves both (0 where the layout is shared)."""
+    fc, fi = full
+    pc, pi, pt = part
+    scb = 0 if lists.batch_broadcast else fc.stride(0)
+    sch = 0 if lists.head_broadcast else fc.stride(1)
+    return (fc, fi, pc, pi, pt, lists.tiles, scb, sch, fi.shape[-1], pi.shape[-1])
+
+
+def _check(q, k, v, lists: TileLists):
+    B, H, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D or H % k.shape[1]:
+        raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}: expected "
+                         "(B, H, L, D) and two (B, H_kv, L, D) with H a multiple of H_kv")
+    if L != lists.num_q_blocks * lists.block_size:
+        raise ValueError(f"length {L} is not the layout's padded length {lists.num_q_blocks * lists.block_size}")
+    if not lists.head_broadcast and lists.heads != H:
+        raise ValueError(f"the layout has {lists.heads} heads, the query {H}")
+    if not lists.batch_broadcast and lists.row_full[0].shape[0] != B:
+        raise ValueError(f"the layout has {lists.row_full[0].shape[0]} examples, the batch {B}")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head size {D}: the kernel takes powers of two >= 16 (pad the head; "
+                         "block_sparse_attention_triton does)")
+
+
+def _prec(dtype):
+    """fp32 inputs get exact fp32 products (Triton's default for them would be tf32); 16-bit ones the default."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _forward(q, k, v, lists: TileLists, scale: float):
+    B, H, L, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    kernel, extra = _kernel("fwd", lists.block_size)
+    grid = (lists.num_q_blocks, B * H)
+    kernel[grid](q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                 *_list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L, scale * LOG2E,
+                 HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype), **extra)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
+    B, H, L, D = q.shape
+    Hk = k.shape[1]
+    rep = H // Hk
+    do = do.contiguous()
+    delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    _delta_kernel[(L // lists.block_size, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
+                                                  HEAD_DIM=D, BLOCK=lists.block_size)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
+    dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
+    bs = lists.block_size
+    kernel, extra = _kernel("dkdv", bs)
+    kernel[(lists.num_kv_blocks, B * H)](
+        q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *_list_args(lists, lists.col_full, lists.col_part), H, rep, L, scale * LOG2E, scale,
+        HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)
+    kernel, extra = _kernel("dq", bs)
+    kernel[(lists.num_q_blocks, B * H)](
+        q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *_list_args(lists, lists.row_full, lists.row_part), H, rep, L, scale * LOG2E, scale,
+        HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)
+    if rep > 1:  # query heads that share a key/value head add their gradients
+        dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(k.dtype)
+        dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(v.dtype)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lists, scale):
+        o, lse = _forward(q, k, v, lists, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lists, ctx.scale = lists, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  lists: TileLists, *, scale: float | None = None) -> torch.Tensor:
+    """Attention over the kept tiles of a layout, with sparseattn's Triton kernel (differentiable).
+
+    query: (B, H, L, D); key, value: (B, H_kv, L, D), H a multiple of H_kv; lists: ``TileLists.from_layout``
+    of a layout over L' >= L tokens (the extra positions are padding, never kept). Any head size: heads that
+    are not a power of two are zero-padded for the kernel. Returns (B, H, L, D); rows without a kept key are 0.
+    """
+    if triton is None:
+        raise RuntimeError("the Triton block kernel needs the triton package (pip install triton; it comes with "
+                           "CUDA builds of PyTorch)")
+    B, H, L, D = query.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    Lp = lists.num_q_blocks * lists.block_size
+    if L > Lp or lists.num_kv_blocks != lists.num_q_blocks:
+        raise ValueError(f"the layout covers {Lp} x {lists.num_kv_blocks * lists.block_size} tokens, the input has {L}")
+    Dp = max(16, 1 << (D - 1).bit_length())
+    q, k, v = query, key, value
+    if Lp > L or Dp > D:  # zeros: padding keys are never kept, padded head dims add nothing to q.k or the output
+        pad = (0, Dp - D, 0, Lp - L)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    _check(q, k, v, lists)
+    out = _BlockSparseAttention.apply(q, k, v, lists, scale)
+    return out[:, :, :L, :D] if (Lp > L or Dp > D) else out

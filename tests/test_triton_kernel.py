@@ -1,0 +1,159 @@
+"""sparseattn's Triton block-sparse kernel on the CPU, through Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py where there is no GPU): outputs and all gradients against an fp64 softmax over the kept keys, at
+odd lengths, with padding, per-head and per-example layouts, grouped-query heads, empty rows, head sizes that
+are not powers of two; the tile lists; and the block backend running it. The same kernel compiled for the
+GPU is tested in test_block_gpu.py. (The interpreter has no bf16 arithmetic: 16-bit is tested as fp16 here
+and as bf16 and fp16 on the GPU.)"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from sparseattn import Plan  # noqa: E402
+from sparseattn.backends import BlockSparseBackend, ReferenceBackend  # noqa: E402
+from sparseattn.backends.base import AttentionCall  # noqa: E402
+from sparseattn.backends.block_layout import BlockLayout  # noqa: E402
+from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton  # noqa: E402
+from sparseattn.layout import TokenLayout  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU; "
+                                "test_block_gpu.py covers the compiled kernel")
+
+
+def _reference(q, k, v, keep, scale):
+    """fp64 softmax over the kept keys (rows with none: zero), repeated key/value heads for GQA."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+def _lists(keep, bs):
+    L = keep.shape[-1]
+    Lp = -(-L // bs) * bs
+    return TileLists.from_layout(BlockLayout.from_mask(F.pad(keep, (0, Lp - L, 0, Lp - L)), bs))
+
+
+def _keep(B, H, L, seed):
+    """Per-example, per-head masks mixing the tile kinds: a random mask (partial tiles), a band (full and
+    partial), a block of full tiles with rows that keep nothing."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, H, L, L, generator=g) < 0.3
+    band = torch.ones(L, L, dtype=torch.bool).tril(L // 4).triu(-L // 4)
+    if H > 1:
+        keep[:, 1] = band
+    if H > 2:
+        keep[:, 2] = False
+        keep[:, 2, : L // 2, : L // 2] = True
+        keep[:, 2, L - 5:, 3] = True  # rows L/2 .. L-6 of head 2 keep nothing
+    return keep
+
+
+CASES = [
+    # B, H, H_kv, L, D, block, layout examples, layout heads
+    (2, 3, 3, 150, 16, 32, 2, 3),  # per example and head, odd length, empty rows
+    (2, 4, 2, 70, 24, 32, 1, 4),  # grouped-query heads, head size 24 (padded to 32 for the kernel)
+    (1, 2, 1, 64, 32, 64, 1, 1),  # one layout for every head, block 64, no padding
+    (3, 2, 2, 97, 16, 32, 3, 1),  # per example, shared by the heads
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,L,D,bs,Bl,Hl", CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}L{c[3]}D{c[4]}bs{c[5]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype):
+    keep = _keep(Bl, Hl, L, seed=L)
+    lists = _lists(keep, bs)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, Hk, L, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(B, H, L, D, generator=g).to(dtype)
+    scale = 0.7 * D ** -0.5
+    out = block_sparse_attention_triton(q, k, v, lists, scale=scale)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    full_keep = keep.expand(B, H, L, L)
+    ref = _reference(q, k, v, full_keep, scale)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad.double())]
+    if dtype == torch.float16:  # PyTorch's own fp16 math of the same softmax sets the bar (x2)
+        qh, kh, vh = (t.detach().requires_grad_() for t in (q, k, v))
+        rep = H // Hk
+        s = (qh @ kh.repeat_interleave(rep, 1).transpose(-1, -2)).float() * scale
+        p = torch.softmax(s.masked_fill(~full_keep, float("-inf")), -1).nan_to_num(0.0).to(dtype)
+        o16 = p @ vh.repeat_interleave(rep, 1)
+        torch16 = [o16, *torch.autograd.grad(o16, (qh, kh, vh), grad)]
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        a, r = got[i].double(), want[i]
+        assert got[i].dtype == dtype and torch.isfinite(a).all(), what
+        err = (a - r).abs().max().item()
+        bar = 1e-5 if dtype == torch.float32 else 2 * (torch16[i].double() - r).abs().max().item() + 1e-4
+        assert err <= bar, f"{what}: error {err:.3g} > {bar:.3g}"
+    empty = ~full_keep.any(-1)  # rows that keep nothing: zero output, zero query gradient
+    assert empty.any() == (Hl > 2)
+    assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
+
+
+def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_tiles():
+    keep = _keep(1, 3, 150, seed=0)
+    layout = BlockLayout.from_mask(F.pad(keep, (0, 10, 0, 10)), 32)
+    lists = TileLists.from_layout(layout)
+    for (fc, fi), (pc, pi, pt), code in ((lists.row_full, lists.row_part, layout.code),
+                                         (lists.col_full, lists.col_part, layout.code.transpose(-1, -2))):
+        for h in range(3):
+            for r in range(code.shape[2]):
+                full = [int(j) for j in fi[0, h, r, : fc[0, h, r]]]
+                part = [int(j) for j in pi[0, h, r, : pc[0, h, r]]]
+                assert full == sorted(j for j in range(code.shape[3]) if code[0, h, r, j] == -1)
+                assert part == sorted(j for j in range(code.shape[3]) if code[0, h, r, j] >= 0)
+                assert [int(t) for t in pt[0, h, r, : pc[0, h, r]]] == [int(code[0, h, r, j]) for j in part]
+
+    def lists_bytes(L):  # a window of 256 either side, one layout for the heads
+        keep = torch.ones(L, L, dtype=torch.bool).tril(256).triu(-256)[None, None]
+        return TileLists.from_layout(BlockLayout.from_mask(keep, 128)).nbytes()
+
+    # kept tiles grow linearly with length for a window: so do the lists (and the distinct partial tiles stay few)
+    small, large = lists_bytes(2048), lists_bytes(8192)
+    assert large < 4.5 * small
+    assert large < 8192 * 8192 / 64  # far below even a bit per pair
+
+
+def test_bad_inputs_name_the_problem():
+    lists = _lists(_keep(1, 3, 64, seed=0), 32)
+    q = torch.randn(1, 3, 64, 16)
+    with pytest.raises(ValueError, match="layout has 3 heads, the query 2"):
+        block_sparse_attention_triton(q[:, :2], q[:, :2], q[:, :2], lists)
+    with pytest.raises(ValueError, match="covers 64 x 64 tokens, the input has 65"):
+        x = torch.randn(1, 3, 65, 16)
+        block_sparse_attention_triton(x, x, x, lists)
+    with pytest.raises(ValueError, match="H a multiple of H_kv"):
+        block_sparse_attention_triton(q, q[:, :2], q[:, :2], lists)
+    with pytest.raises(ValueError, match="power-of-two block size"):
+        TileLists.from_layout(BlockLayout.from_mask(torch.ones(1, 1, 48, 48, dtype=torch.bool), 48))
+    with pytest.raises(ValueError, match="kernel must be one of flex, triton, got 'cuda'"):
+        BlockSparseBackend(kernel="cuda")
+
+
+@pytest.mark.parametrize("spec", ["all: neighbour(3) | global_tokens(1)", "heads=1,3@all: neighbour(0)"])
+def test_block_backend_runs_the_triton_kernel(spec):
+    """BlockSparseBackend(kernel="triton") against the reference backend on real queries, with padding and
+    grouped-query heads; padding queries get zero."""
+    layout = TokenLayout.from_lengths([37, 20, 1])
+    g = torch.Generator().manual_seed(0)
+    B, L, heads = layout.batch_size, layout.length, 4
+    q = torch.randn(B, heads, L, 16, generator=g)
+    k, v = (torch.randn(B, 2, L, 16, generator=g) for _ in range(2))
+    lp = Plan.parse(spec).resolve(1, heads)[0]
+
+    def call():
+        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
+
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    out, _ = backend.attention(call())
+    ref, _ = ReferenceBackend().attention(call())
+    real = layout.real[:, None, :, None]
+    torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+    assert (out[~real.expand_as(out)] == 0).all()
+    assert backend.stats["block"] == 1
+    (entry,) = backend._layouts.values()
+    assert entry.lists is not None and entry.block_mask is None  # tile lists, no FlexAttention mask or table
