@@ -102,7 +102,7 @@ def test_mask_tables_beyond_32_bit_indexing(mode, monkeypatch):
     layout, q, k, v, grad = _inputs(lengths, False, heads, kv_heads, 64, seed=3)
     per_head = 2 * 1152 * 1152  # examples x padded length^2 (a per-example table: padding differs)
     monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 4 * per_head if mode == "split by heads" else per_head)
-    backend = BlockSparseBackend(force=True)
+    backend = BlockSparseBackend(force=True, kernel="flex")  # FlexAttention's tables (the Triton kernel has none)
     got = _run(backend, lp, layout, q, k, v, grad, torch.bfloat16)
     (entry,) = backend._layouts.values()
     groups = [(a, b) for a, b, _ in entry.block_mask]
@@ -121,11 +121,12 @@ def test_mask_tables_beyond_32_bit_indexing(mode, monkeypatch):
         assert err <= 2 * base + 1e-5, f"{mode}: {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
 
 
-def test_static_plan_builds_once_and_does_not_recompile():
+@pytest.mark.parametrize("kernel", BlockSparseBackend.KERNELS)
+def test_static_plan_builds_once_and_does_not_recompile(kernel):
     import torch._dynamo.utils as dyn
 
     lp = Plan.parse("all: neighbour(64) | random_blocks(1, block=128)").resolve(1, 4)[0]
-    backend = BlockSparseBackend(force=True)
+    backend = BlockSparseBackend(force=True, kernel=kernel)
     frames = []
     for seed in range(4):  # new data, same lengths: the cached layout and the compiled kernel serve
         layout, q, k, v, grad = _inputs([1500, 1200], False, 4, 4, 64, seed)
@@ -141,7 +142,7 @@ def test_position_masks_match_reference_and_share_one_kernel_per_bucket():
     import torch._dynamo.utils as dyn
 
     lp = Plan.parse("all: neighbour(100) | global_tokens(2)").resolve(1, 8)[0]
-    backend = BlockSparseBackend(force=True)
+    backend = BlockSparseBackend(force=True, kernel="flex")  # position mask_mods are FlexAttention's
     frames = []
     for n in (1500, 1450, 1411):
         layout, q, k, v, grad = _inputs([n, n], True, 8, 2, 64, n)  # causal, grouped-query heads
@@ -171,7 +172,8 @@ def test_automatic_choice_on_gpu():
     assert backend.stats["reference"] == 2
 
 
-def test_tiny_bert_sparsified_with_block_matches_reference():
+@pytest.mark.parametrize("kernel", BlockSparseBackend.KERNELS)
+def test_tiny_bert_sparsified_with_block_matches_reference(kernel):
     transformers = pytest.importorskip("transformers")
     from sparseattn import sparsify
 
@@ -185,7 +187,7 @@ def test_tiny_bert_sparsified_with_block_matches_reference():
     mask[1, 450:] = 0
     plan = "layers=1: neighbour(20) | random_blocks(1, block=128) | global_tokens(1)"
     results = {}
-    for name, backend in (("block", BlockSparseBackend(force=True)), ("reference", "reference")):
+    for name, backend in (("block", BlockSparseBackend(force=True, kernel=kernel)), ("reference", "reference")):
         sparsify(model, plan, backend=backend)
         model.zero_grad()
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state

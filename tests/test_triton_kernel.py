@@ -108,6 +108,16 @@ def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_ti
                 assert part == sorted(j for j in range(code.shape[3]) if code[0, h, r, j] >= 0)
                 assert [int(t) for t in pt[0, h, r, : pc[0, h, r]]] == [int(code[0, h, r, j]) for j in part]
 
+    for (fc, _), (pc, _, _), order in ((lists.row_full, lists.row_part, lists.row_order),
+                                        (lists.col_full, lists.col_part, lists.col_order)):
+        total = fc + pc  # programs start with the longest lists; ties keep their order
+        for h in range(3):
+            assert sorted(order[0, h].tolist()) == list(range(order.shape[-1]))
+            ranked = total[0, h][order[0, h].long()].tolist()
+            assert ranked == sorted(ranked, reverse=True)
+            ties = [[int(r) for r in order[0, h] if total[0, h, r] == n] for n in set(ranked)]
+            assert all(t == sorted(t) for t in ties)
+
     def lists_bytes(L):  # a window of 256 either side, one layout for the heads
         keep = torch.ones(L, L, dtype=torch.bool).tril(256).triu(-256)[None, None]
         return TileLists.from_layout(BlockLayout.from_mask(keep, 128)).nbytes()
@@ -130,7 +140,7 @@ def test_bad_inputs_name_the_problem():
         block_sparse_attention_triton(q, q[:, :2], q[:, :2], lists)
     with pytest.raises(ValueError, match="power-of-two block size"):
         TileLists.from_layout(BlockLayout.from_mask(torch.ones(1, 1, 48, 48, dtype=torch.bool), 48))
-    with pytest.raises(ValueError, match="kernel must be one of flex, triton, got 'cuda'"):
+    with pytest.raises(ValueError, match="kernel must be one of flex, triton or auto, got .cuda."):
         BlockSparseBackend(kernel="cuda")
 
 
@@ -157,3 +167,9 @@ def test_block_backend_runs_the_triton_kernel(spec):
     assert backend.stats["block"] == 1
     (entry,) = backend._layouts.values()
     assert entry.lists is not None and entry.block_mask is None  # tile lists, no FlexAttention mask or table
+
+
+def test_auto_kernel_is_triton_where_installed_and_block_size_fits():
+    assert BlockSparseBackend().kernel == "triton"
+    assert BlockSparseBackend(block_size=48).kernel == "flex"  # not a power of two: FlexAttention takes it
+    assert BlockSparseBackend(kernel="flex").kernel == "flex"

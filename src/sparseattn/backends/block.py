@@ -2,15 +2,20 @@
 
 Each layer's keep-mask (the reference backend's, for real queries) is compiled to a `BlockLayout` per
 head: empty tiles are skipped, full tiles run without any mask, and only partial tiles read their token
-bits. The tiles feed FlexAttention's BlockMask directly (``BlockMask.from_kv_blocks``), so no mask is
-evaluated element by element to find them.
+mask. Two kernels run the tiles:
 
-Memory: the kernel's activations grow with the kept tiles (FlexAttention never forms the L x L scores).
-Partial tiles need the token mask: a layer whose pattern is a function of positions (neighbour, strided,
-causal, global_tokens(g), full, and their combinations: ``Pattern.index_relation``) on a batch without
-padding computes it from the indices, checked against the layout on every partial tile; any other layout
-with partial tiles holds its mask as a bool table over positions (L^2 bytes per distinct example and head,
-shared by the layers with the same pattern), the price of fast partial tiles.
+- ``triton`` (the default where Triton is installed): sparseattn's own kernel (``backends.triton_kernel``),
+  walking per-row and per-column tile lists, longest first; partial tiles read a table of the layout's
+  distinct partial tiles. Nothing of size L x L is ever held, whatever the layout.
+- ``flex``: FlexAttention with a BlockMask built directly from the tiles (``BlockMask.from_kv_blocks``), so
+  no mask is evaluated element by element to find them. Partial tiles need the token mask: a layer whose
+  pattern is a function of positions (neighbour, strided, causal, global_tokens(g), full, and their
+  combinations: ``Pattern.index_relation``) on a batch without padding computes it from the indices,
+  checked against the layout on every partial tile; any other layout with partial tiles holds its mask as
+  a bool table over positions (L^2 bytes per distinct example and head, shared by the layers with the same
+  pattern), the price of fast partial tiles in FlexAttention.
+
+Memory: both kernels' activations grow with the kept tiles (neither forms the L x L scores).
 
 Semantics are the reference backend's for real (non-padding) queries. Padding queries attend to
 nothing and get a zero output (as in flash-attention's unpadded path); their output is ignored
@@ -171,8 +176,10 @@ class BlockSparseBackend(Backend):
     compile: compile FlexAttention (default: on CUDA only; eager FlexAttention is a slow reference).
     cache_size: how many compiled layer layouts to keep (least recently used go first).
     kernel_options: passed to FlexAttention (tile shapes, warps, stages).
-    kernel: "flex" (FlexAttention over the layout's BlockMask) or "triton" (sparseattn's own Triton kernel,
-        ``backends.triton_kernel``: partial tiles read packed bits, so no layout holds an L x L table).
+    kernel: "triton" (sparseattn's own Triton kernel, ``backends.triton_kernel``: partial tiles read a table of
+        the distinct partial tiles, so no layout holds an L x L table; faster than FlexAttention in most of
+        docs/benchmarks.md, by 2-4x on arbitrary per-head layouts), "flex" (FlexAttention over the layout's
+        BlockMask), or "auto" (default): triton where the triton package is installed, else flex.
     """
 
     KERNELS = ("flex", "triton")
@@ -181,13 +188,15 @@ class BlockSparseBackend(Backend):
 
     def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float = MAX_DENSITY,
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
-                 kernel_options: dict | None = None, kernel: str = "flex"):
+                 kernel_options: dict | None = None, kernel: str = "auto"):
         self.block_size = check_block_size(block_size)
-        if kernel not in self.KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
-        if kernel == "triton":
-            from . import triton_kernel
+        if kernel not in (*self.KERNELS, "auto"):
+            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)} or auto, got {kernel!r}")
+        from . import triton_kernel
 
+        if kernel == "auto":
+            kernel = "triton" if triton_kernel.available() and self.block_size in (32, 64, 128, 256) else "flex"
+        if kernel == "triton":
             if not triton_kernel.available():
                 raise ValueError("kernel='triton' needs the triton package, which is not installed")
             if self.block_size % 32 or self.block_size & (self.block_size - 1):

@@ -86,6 +86,8 @@ class TileLists:
     col_full: tuple  # (count (B',H',Nk), index (B',H',Nk,K))
     col_part: tuple
     tiles: torch.Tensor  # (P, bs, bs) uint8: the distinct partial tiles' token masks, a byte a pair
+    row_order: torch.Tensor  # (B', H', Nq) int32: tile rows, longest list first (the order programs start in)
+    col_order: torch.Tensor  # (B', H', Nk) int32: tile columns, longest first
     block_size: int
     num_q_blocks: int
     num_kv_blocks: int
@@ -108,18 +110,26 @@ class TileLists:
         rp = _lists(part, code)
         cf = _lists(full.transpose(-1, -2), None)[:2]
         cp = _lists(part.transpose(-1, -2), codeT)
+        # Longest lists first: a row or column that keeps many tiles (a global token's) starts early instead of
+        # running alone at the end of the launch; ties keep their order, so neighbouring rows run together
+        # and share their key/value tiles in L2.
+        def longest_first(full, part):
+            return torch.argsort(full[0] + part[0], dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+
         return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
+                   row_order=longest_first(rf, rp), col_order=longest_first(cf, cp),
                    block_size=bs, num_q_blocks=layout.num_q_blocks, num_kv_blocks=layout.num_kv_blocks,
                    batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
 
     def nbytes(self) -> int:
-        ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles]
+        ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
+              self.col_order]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def to(self, device) -> "TileLists":
         mv = lambda tup: tuple(t.to(device) for t in tup)  # noqa: E731
         return TileLists(mv(self.row_full), mv(self.row_part), mv(self.col_full), mv(self.col_part),
-                         self.tiles.to(device), self.block_size, self.num_q_blocks, self.num_kv_blocks,
+                         self.tiles.to(device), self.row_order.to(device), self.col_order.to(device), self.block_size, self.num_q_blocks, self.num_kv_blocks,
                          self.batch_broadcast, self.head_broadcast, self.heads)
 
 
@@ -173,14 +183,14 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                    FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                    FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                     scb, sch, K_FULL, K_PART,
                     H, REP, N_CTX, qk_scale,
                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        m_blk = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
+        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
@@ -231,14 +241,14 @@ if triton is not None:
     @triton.jit
     def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                      scb, sch, K_FULL, K_PART,
                      H, REP, N_CTX, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-        n_blk = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
+        n_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
         offs_n = n_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
@@ -285,14 +295,14 @@ if triton is not None:
     @triton.jit
     def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
-                   FCNT, FIDX, PCNT, PIDX, PTILE, TILES,
+                   FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                    scb, sch, K_FULL, K_PART,
                    H, REP, N_CTX, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        m_blk = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
+        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
@@ -362,7 +372,8 @@ def _list_args(lists: TileLists, full: tuple, part: tuple):
     pc, pi, pt = part
     scb = 0 if lists.batch_broadcast else fc.stride(0)
     sch = 0 if lists.head_broadcast else fc.stride(1)
-    return (fc, fi, pc, pi, pt, lists.tiles, scb, sch, fi.shape[-1], pi.shape[-1])
+    order = lists.row_order if full is lists.row_full else lists.col_order
+    return (fc, fi, pc, pi, pt, lists.tiles, order, scb, sch, fi.shape[-1], pi.shape[-1])
 
 
 def _check(q, k, v, lists: TileLists):
@@ -391,7 +402,7 @@ def _forward(q, k, v, lists: TileLists, scale: float):
     o = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     kernel, extra = _kernel("fwd", lists.block_size)
-    grid = (lists.num_q_blocks, B * H)
+    grid = (B * H, lists.num_q_blocks)
     kernel[grid](q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                  *_list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L, scale * LOG2E,
                  HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype), **extra)
@@ -411,12 +422,12 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
     dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
     bs = lists.block_size
     kernel, extra = _kernel("dkdv", bs)
-    kernel[(lists.num_kv_blocks, B * H)](
+    kernel[(B * H, lists.num_kv_blocks)](
         q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *_list_args(lists, lists.col_full, lists.col_part), H, rep, L, scale * LOG2E, scale,
         HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)
     kernel, extra = _kernel("dq", bs)
-    kernel[(lists.num_q_blocks, B * H)](
+    kernel[(B * H, lists.num_q_blocks)](
         q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *_list_args(lists, lists.row_full, lists.row_part), H, rep, L, scale * LOG2E, scale,
         HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)

@@ -12,6 +12,7 @@ the peak memory above the inputs of:
   ``create_block_mask`` (analytic for the window, a table lookup for BigBird's random blocks and for
   the AP-like mask);
 - ``block``:     the block backend's FlexAttention kernel: FlexAttention over the compiled `BlockLayout`;
+- ``triton_full``: the Triton kernel over a layout of all-full tiles: its own dense speed;
 - ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
   partial tiles read packed bits, no L x L table; tile shapes autotuned per head size and length.
 
@@ -35,7 +36,7 @@ from ..backends.block import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
-METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton")
+METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton")
 SPARSE = ("block", "flex_mask", "triton")  # methods that pay for kept tiles only
 
 
@@ -246,8 +247,14 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         info["tile_lists_mib"] = lists.nbytes() / 2**20
         return lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
 
+    def triton_full():
+        from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
+
+        lists = TileLists.from_layout(BlockLayout.from_mask(torch.ones(1, 1, L, L, dtype=torch.bool, device=device), bs))
+        return lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
-            "triton": triton}, info
+            "triton_full": triton_full, "triton": triton}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -321,9 +328,10 @@ def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
         if dense is not None and dense.fwdbwd_ms and r.fwdbwd_ms:
             r.speedup_fwdbwd = dense.fwdbwd_ms / r.fwdbwd_ms
             r.frac_ideal_fwdbwd = r.speedup_fwdbwd * density
-    full = next((r for r in results if r.method == "flex_full" and not r.note), None)
-    for r in results:
-        if r.method in ("block", "triton") and full is not None:
+    for kernel, dense_name in (("block", "flex_full"), ("triton", "triton_full")):
+        full = next((r for r in results if r.method == dense_name and not r.note), None)
+        r = next((r for r in results if r.method == kernel), None)
+        if r is not None and full is not None:
             if r.fwd_ms and full.fwd_ms:
                 r.frac_kernel_ideal_fwd = full.fwd_ms * density / r.fwd_ms
             if r.fwdbwd_ms and full.fwdbwd_ms:
