@@ -94,15 +94,19 @@ def cmd_attention(args) -> int:
                         _write_json(args.json, results_to_json(results, meta), quiet=True)
     print()
     print(format_table(results))
-    tuned = next((r.extra["tuned_configs"] for r in reversed(results) if "tuned_configs" in r.extra), None)
-    if tuned:
-        print("\nTriton kernel configurations chosen by the autotuner (key: head size, length, precision):")
-        for name, by_key in tuned.items():
-            for key, config in by_key.items():
-                print(f"  {name} {key}: {config}")
+    _print_tuned(next((r.extra["tuned_configs"] for r in reversed(results) if "tuned_configs" in r.extra), None))
     if args.json:
         _write_json(args.json, results_to_json(results, meta))
     return 0
+
+
+def _print_tuned(tuned: dict | None) -> None:
+    """The Triton kernel's autotuned configurations, if it ran (key: head size, length, precision, dtypes)."""
+    if tuned:
+        print("\nTriton kernel configurations chosen by the autotuner:")
+        for name, by_key in tuned.items():
+            for key, config in by_key.items():
+                print(f"  {name} {key.split(', ')[:2]}: {config}")
 
 
 def cmd_model(args) -> int:
@@ -126,6 +130,10 @@ def cmd_model(args) -> int:
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
     print()
     print(format_table(results))
+    if "triton" in args.kernels:
+        from ..backends.triton_kernel import autotuning, tuned_configs
+
+        _print_tuned(tuned_configs() if autotuning() else None)
     if args.json:
         _write_json(args.json, results_to_json(results, meta))
     return 0
