@@ -128,9 +128,13 @@ def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_ti
     assert large < 8192 * 8192 / 64  # far below even a bit per pair
 
 
-def test_bad_inputs_name_the_problem():
+def test_bad_inputs_name_the_problem(monkeypatch):
     lists = _lists(_keep(1, 3, 64, seed=0), 32)
     q = torch.randn(1, 3, 64, 16)
+    with monkeypatch.context() as m:  # outside the interpreter, CPU tensors are refused by name
+        m.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="runs on CUDA tensors, got cpu ones"):
+            block_sparse_attention_triton(q, q, q, lists)
     with pytest.raises(ValueError, match="layout has 3 heads, the query 2"):
         block_sparse_attention_triton(q[:, :2], q[:, :2], q[:, :2], lists)
     with pytest.raises(ValueError, match="covers 64 x 64 tokens, the input has 65"):

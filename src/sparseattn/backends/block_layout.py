@@ -9,12 +9,14 @@ tiles padded with "not kept"). Each tile is
 
 Only partial tiles store token-level bits, so the layout grows with the number of partial tiles, not with
 length squared. Tiles with equal bits are stored once (the diagonal tiles of a sliding window are all
-the same), so positional patterns need a handful of tiles whatever the length. For the kernel, layouts
-with partial tiles are also written out as a bool table over positions (L^2 bytes per distinct example
-and head; none for block-aligned layouts such as BigBird's random blocks): FlexAttention evaluates
-partial tiles 4x faster from it than from packed bits or through a tile index (measured on an H100).
-Tables beyond the kernels' 32-bit indexing are split by heads (one kernel call per group of heads). Where
-the mask is a function of positions, the backend passes its own mask_mod and no table is made.
+the same), so positional patterns need a handful of tiles whatever the length. Kernels take the layout
+in their own form: sparseattn's Triton kernel as per-row and per-column tile lists with a byte table of
+the distinct partial tiles (``triton_kernel.TileLists``: nothing L x L); FlexAttention as a BlockMask
+whose partial tiles read a bool table over positions (L^2 bytes per distinct example and head; none for
+block-aligned layouts such as BigBird's random blocks), which it evaluates 4x faster than packed bits or
+a tile index (measured on an H100). Tables beyond the kernels' 32-bit indexing are split by heads (one
+FlexAttention call per group of heads). Where the mask is a function of positions, the backend gives
+FlexAttention its own mask_mod and no table is made.
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()

@@ -463,6 +463,11 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
     if triton is None:
         raise RuntimeError("the Triton block kernel needs the triton package (pip install triton; it comes with "
                            "CUDA builds of PyTorch)")
+    if query.device.type != "cuda" and not interpreted():
+        raise ValueError(f"the Triton block kernel runs on CUDA tensors, got {query.device.type} ones (on the CPU "
+                         "it runs only in Triton's interpreter: TRITON_INTERPRET=1 before sparseattn is imported)")
+    if lists.tiles.device != query.device:
+        raise ValueError(f"the tile lists are on {lists.tiles.device}, the query on {query.device}")
     B, H, L, D = query.shape
     scale = D ** -0.5 if scale is None else float(scale)
     Lp = lists.num_q_blocks * lists.block_size

@@ -172,7 +172,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None,
-                   help='FlexAttention kernel options for the block kernel, as JSON, e.g. \'{"USE_TMA": true}\'')
+                   help='FlexAttention kernel options for the block (FlexAttention) method, as JSON, e.g. '
+                        '\'{"USE_TMA": true}\'; the triton method autotunes its own (SPARSEATTN_TRITON_AUTOTUNE=0: fixed)')
     p.add_argument("--json", default=None, help="write all results here")
     p.set_defaults(func=cmd_attention)
 
@@ -189,7 +190,7 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--decoder-layers", type=int, default=4)
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
-    p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the block kernel, as JSON")
+    p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the flex kernel, as JSON")
     p.add_argument("--kernels", type=_names(("flex", "triton")), default=["flex", "triton"],
                    help="the block backend's kernels to run the sparse plan with (flex: FlexAttention; triton: "
                         "sparseattn's Triton kernel)")
