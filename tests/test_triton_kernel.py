@@ -177,3 +177,33 @@ def test_auto_kernel_is_triton_where_installed_and_block_size_fits():
     assert BlockSparseBackend().kernel == "triton"
     assert BlockSparseBackend(block_size=48).kernel == "flex"  # not a power of two: FlexAttention takes it
     assert BlockSparseBackend(kernel="flex").kernel == "flex"
+
+
+def test_backend_switches_to_flexattention_when_the_triton_kernel_does_not_fit(monkeypatch, caplog):
+    """A GPU whose shared memory holds none of the kernel's tile shapes: Triton says "out of resource"; the
+    backend says so once and runs FlexAttention (eager here) from then on, with the same results."""
+    import logging
+
+    import sparseattn.backends.triton_kernel as tk
+
+    def no_fit(*args, **kwargs):
+        raise triton.runtime.errors.OutOfResources(232448, 101376, "shared memory")
+
+    monkeypatch.setattr(tk, "block_sparse_attention_triton", no_fit)
+    layout = TokenLayout.from_lengths([37, 20])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, layout.length, 16, generator=g) for _ in range(3))
+    lp = Plan.parse("all: neighbour(3) | global_tokens(1)").resolve(1, 4)[0]
+
+    def call():
+        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
+
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        out, _ = backend.attention(call())
+        backend.attention(call())
+    assert backend.kernel == "flex" and backend.stats["block"] == 2
+    assert sum("does not fit this GPU" in r.message for r in caplog.records) == 1
+    ref, _ = ReferenceBackend().attention(call())
+    real = layout.real[:, None, :, None]
+    torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)

@@ -248,10 +248,20 @@ class BlockSparseBackend(Backend):
                                        f"{self.max_density:.0%}: dense SDPA with the mask runs")
         self.stats["block"] += 1
         if entry.lists is not None:
-            from .triton_kernel import block_sparse_attention_triton
+            from . import triton_kernel
 
-            return block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
-                                                 scale=call.scale), None
+            try:
+                return triton_kernel.block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
+                                                                   scale=call.scale), None
+            except Exception as e:  # no candidate fits this GPU's shared memory: FlexAttention from now on
+                if not triton_kernel.is_resource_error(e):
+                    raise
+                self._say("triton-resources", f"the Triton kernel does not fit this GPU ({e}); switching to "
+                          "kernel='flex'", level=logging.WARNING)
+                self.kernel = "flex"
+                self._layouts.clear()
+                self.stats["block"] -= 1
+                return self.attention(call)
         compiled = self.compile if self.compile is not None else call.query.device.type == "cuda"
         out = block_sparse_attention(call.query, call.key, call.value, entry.layout, scale=call.scale,
                                      block_mask=entry.block_mask, compiled=compiled,

@@ -43,6 +43,11 @@ def available() -> bool:
     return triton is not None
 
 
+def is_resource_error(error: BaseException) -> bool:
+    """Whether ``error`` is Triton's "out of resource" (a kernel's tiles exceed the GPU's shared memory)."""
+    return triton is not None and isinstance(error, triton.runtime.errors.OutOfResources)
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -326,9 +331,11 @@ if triton is not None:
 # (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
 _FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
-_CANDIDATES = {"fwd": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2)],
-               "dkdv": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2)],
-               "dq": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2)]}
+# The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
+# (consumer cards); the autotuner skips candidates that do not fit.
+_CANDIDATES = {"fwd": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2), (32, 4, 2)],
+               "dkdv": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)],
+               "dq": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)]}
 
 
 def autotuning() -> bool:
