@@ -84,7 +84,7 @@ def _lists(sel: torch.Tensor, code: torch.Tensor | None):
 @dataclass
 class TileLists:
     """A BlockLayout in the form the kernel walks: per tile row (forward, dQ) and per tile column (dK, dV),
-    the partial tiles with their bit-table entries, then the full tiles."""
+    the partial tiles with their entries in ``tiles``, then the full tiles."""
 
     row_full: tuple  # (count (B',H',Nq), index (B',H',Nq,K))
     row_part: tuple  # (count, index, partial tile id into ``tiles``)
@@ -130,12 +130,6 @@ class TileLists:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
               self.col_order]
         return sum(t.numel() * t.element_size() for t in ts)
-
-    def to(self, device) -> "TileLists":
-        mv = lambda tup: tuple(t.to(device) for t in tup)  # noqa: E731
-        return TileLists(mv(self.row_full), mv(self.row_part), mv(self.col_full), mv(self.col_part),
-                         self.tiles.to(device), self.row_order.to(device), self.col_order.to(device), self.block_size, self.num_q_blocks, self.num_kv_blocks,
-                         self.batch_broadcast, self.head_broadcast, self.heads)
 
 
 if triton is not None:
