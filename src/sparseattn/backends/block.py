@@ -195,11 +195,12 @@ class BlockSparseBackend(Backend):
         from . import triton_kernel
 
         if kernel == "auto":
-            kernel = "triton" if triton_kernel.available() and self.block_size in (32, 64, 128, 256) else "flex"
+            kernel = ("triton" if triton_kernel.available() and triton_kernel.supports_block_size(self.block_size)
+                      else "flex")
         if kernel == "triton":
             if not triton_kernel.available():
                 raise ValueError("kernel='triton' needs the triton package, which is not installed")
-            if self.block_size % 32 or self.block_size & (self.block_size - 1):
+            if not triton_kernel.supports_block_size(self.block_size):
                 raise ValueError(f"kernel='triton' needs a power-of-two block_size >= 32, got {block_size}")
         self.kernel = kernel
         if min_length < 0:
@@ -246,22 +247,23 @@ class BlockSparseBackend(Backend):
             return self._run_reference(call, ("dense-tiles", lp.layer),
                                        f"{where}: block density {entry.density:.0%} > max_density "
                                        f"{self.max_density:.0%}: dense SDPA with the mask runs")
-        self.stats["block"] += 1
         if entry.lists is not None:
             from . import triton_kernel
 
             try:
-                return triton_kernel.block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
-                                                                   scale=call.scale), None
+                out = triton_kernel.block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
+                                                                  scale=call.scale)
             except Exception as e:  # no candidate fits this GPU's shared memory: FlexAttention from now on
                 if not triton_kernel.is_resource_error(e):
                     raise
                 self._say("triton-resources", f"the Triton kernel does not fit this GPU ({e}); switching to "
                           "kernel='flex'", level=logging.WARNING)
                 self.kernel = "flex"
-                self._layouts.clear()
-                self.stats["block"] -= 1
+                self._layouts.clear()  # entries hold tile lists, not BlockMasks
                 return self.attention(call)
+            self.stats["block"] += 1
+            return out, None
+        self.stats["block"] += 1
         compiled = self.compile if self.compile is not None else call.query.device.type == "cuda"
         out = block_sparse_attention(call.query, call.key, call.value, entry.layout, scale=call.scale,
                                      block_mask=entry.block_mask, compiled=compiled,
@@ -365,7 +367,7 @@ class BlockSparseBackend(Backend):
         del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
-        if self.kernel == "triton":  # the kernel reads the partial tiles' bits: nothing more to build
+        if self.kernel == "triton":  # tile lists and the distinct partial tiles: nothing more to build
             from .triton_kernel import TileLists
 
             return _Entry(layout, None, density, pins=lp.patterns, lists=TileLists.from_layout(layout))

@@ -43,6 +43,11 @@ def available() -> bool:
     return triton is not None
 
 
+def supports_block_size(block_size: int) -> bool:
+    """Tiles the kernel takes: a power of two of at least 32 (tile rows are whole arange ranges)."""
+    return block_size >= 32 and block_size & (block_size - 1) == 0
+
+
 def is_resource_error(error: BaseException) -> bool:
     """Whether ``error`` is Triton's "out of resource" (a kernel's tiles exceed the GPU's shared memory)."""
     return triton is not None and isinstance(error, triton.runtime.errors.OutOfResources)
@@ -103,7 +108,7 @@ class TileLists:
     @classmethod
     def from_layout(cls, layout: BlockLayout) -> "TileLists":
         bs = layout.block_size
-        if bs % 32 or bs & (bs - 1) or bs < 32:
+        if not supports_block_size(bs):
             raise ValueError(f"the Triton kernel needs a power-of-two block size of at least 32, got {bs}")
         # a byte a pair: rows of a tile load as contiguous runs (packed bits made partial tiles 2x slower
         # than full ones on an H100); still one entry per distinct partial tile, none for full or empty ones

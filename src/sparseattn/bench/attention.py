@@ -14,7 +14,8 @@ the peak memory above the inputs of:
 - ``block``:     the block backend's FlexAttention kernel: FlexAttention over the compiled `BlockLayout`;
 - ``triton_full``: the Triton kernel over a layout of all-full tiles: its own dense speed;
 - ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
-  partial tiles read packed bits, no L x L table; tile shapes autotuned per head size and length.
+  partial tiles read a table of the distinct partial tiles, no L x L table; sub-tile shapes autotuned per
+  head size and length.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -239,19 +240,20 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    def triton():
+    def triton_on(mask):
         from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
 
-        lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+        lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs))
+        return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+
+    def triton():
+        lists, fn = triton_on(keep)
         info["mask_table_mib"] = 0.0
         info["tile_lists_mib"] = lists.nbytes() / 2**20
-        return lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+        return fn
 
     def triton_full():
-        from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
-
-        lists = TileLists.from_layout(BlockLayout.from_mask(torch.ones(1, 1, L, L, dtype=torch.bool, device=device), bs))
-        return lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+        return triton_on(torch.ones(1, 1, L, L, dtype=torch.bool, device=device))[1]
 
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
             "triton_full": triton_full, "triton": triton}, info
