@@ -70,8 +70,15 @@ def _run(backend, lp, layout, q, k, v, grad, dtype, need_weights=False):
 
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel", BlockSparseBackend.KERNELS)
-def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel):
+@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split"])
+def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
+                                               monkeypatch):
+    if kernel == "triton-split":  # the backward walks every list in one-tile chunks that add atomically
+        from sparseattn.backends import triton_kernel
+
+        monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+        monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+        kernel = "triton"
     plan = spec(heads) if callable(spec) else Plan.parse(spec)
     lp = plan.resolve(1, heads)[0]
     layout, q, k, v, grad = _inputs(lengths, causal, heads, kv_heads, dim, seed=len(name))
@@ -199,3 +206,56 @@ def test_tiny_bert_sparsified_with_block_matches_reference(kernel):
     torch.testing.assert_close(hb, hr, atol=2e-4, rtol=1e-3)
     for n in gr:
         torch.testing.assert_close(gb[n], gr[n], atol=1e-4, rtol=2e-3, msg=lambda m: f"{n}: {m}")
+
+
+def _tiny_bert(layers=2):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=200, max_position_embeddings=2048,
+                                  attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).to(DEVICE)
+
+
+def test_training_step_captured_as_a_cuda_graph_matches_eager():
+    """An unpadded batch without an attention mask: after one eager step builds the layouts, forward and
+    backward capture as one CUDA graph; replayed on new ids it gives the eager step's outputs and gradients.
+    A batch with an attention mask cannot be captured (its padding is read from the GPU): the error says so."""
+    from sparseattn import sparsify
+
+    model = _tiny_bert()
+    backend = BlockSparseBackend(force=True, kernel="triton")
+    sparsify(model, "all: neighbour(20) | global_tokens(1)", backend=backend)
+    ids = torch.randint(5, 200, (2, 1100), device=DEVICE)
+
+    def step(**kw):
+        h = model(input_ids=ids, **kw).last_hidden_state
+        (h.float() ** 2).mean().backward()
+        return h
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # layouts are built here, eagerly
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h_static = step()
+    builds = backend.stats["layout_builds"]
+    ids.copy_(torch.randint(5, 200, (2, 1100), device=DEVICE))
+    graph.replay()
+    got = h_static.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want = step(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert got[1].keys() == want[1].keys() and len(want[1]) > 10
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    assert backend.stats["layout_builds"] == builds == 1  # capture and replay built nothing
+
+    mask = torch.ones_like(ids)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="block backend under CUDA graph capture: .*attention.mask"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(attention_mask=mask)

@@ -15,6 +15,7 @@ from sparseattn import Plan  # noqa: E402
 from sparseattn.backends import BlockSparseBackend, ReferenceBackend  # noqa: E402
 from sparseattn.backends.base import AttentionCall  # noqa: E402
 from sparseattn.backends.block_layout import BlockLayout  # noqa: E402
+from sparseattn.backends import triton_kernel  # noqa: E402
 from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton  # noqa: E402
 from sparseattn.layout import TokenLayout  # noqa: E402
 
@@ -63,9 +64,16 @@ CASES = [
 
 @pytest.mark.parametrize("B,H,Hk,L,D,bs,Bl,Hl", CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}L{c[3]}D{c[4]}bs{c[5]}" for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, monkeypatch):
+    """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
+    sizes only lists far longer than the mean, a global token's, are split)."""
     keep = _keep(Bl, Hl, L, seed=L)
+    if split:
+        monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+        monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
     lists = _lists(keep, bs)
+    assert lists.split_rows == lists.split_cols == (split and lists.num_q_blocks > 1)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_()
     k, v = (torch.randn(B, Hk, L, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
@@ -108,15 +116,42 @@ def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_ti
                 assert part == sorted(j for j in range(code.shape[3]) if code[0, h, r, j] >= 0)
                 assert [int(t) for t in pt[0, h, r, : pc[0, h, r]]] == [int(code[0, h, r, j]) for j in part]
 
-    for (fc, _), (pc, _, _), order in ((lists.row_full, lists.row_part, lists.row_order),
-                                        (lists.col_full, lists.col_part, lists.col_order)):
-        total = fc + pc  # programs start with the longest lists; ties keep their order
-        for h in range(3):
-            assert sorted(order[0, h].tolist()) == list(range(order.shape[-1]))
-            ranked = total[0, h][order[0, h].long()].tolist()
-            assert ranked == sorted(ranked, reverse=True)
-            ties = [[int(r) for r in order[0, h] if total[0, h, r] == n] for n in set(ranked)]
-            assert all(t == sorted(t) for t in ties)
+    order, total = lists.row_order, lists.row_full[0] + lists.row_part[0]
+    for h in range(3):  # forward programs start with the longest lists; ties keep their order
+        assert sorted(order[0, h].tolist()) == list(range(order.shape[-1]))
+        ranked = total[0, h][order[0, h].long()].tolist()
+        assert ranked == sorted(ranked, reverse=True)
+        ties = [[int(r) for r in order[0, h] if total[0, h, r] == n] for n in set(ranked)]
+        assert all(t == sorted(t) for t in ties)
+
+
+def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
+    """A global token keeps a whole row and column: the backward walks those lists in chunks of about
+    twice the mean list (each chunk flagged for atomic adds), every other list whole; longest first."""
+    L, bs = 2048, 32
+    keep = torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)
+    keep[:, :3] = keep[:3, :] = True  # tokens 0-2 are global: tile row and column 0 keep all 64 tiles
+    keep = torch.stack([keep, torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)])[None]  # head 1: band only
+    lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+    assert lists.split_rows and lists.split_cols
+    for prog, (fc, pc) in ((lists.row_prog, (lists.row_full[0], lists.row_part[0])),
+                           (lists.col_prog, (lists.col_full[0], lists.col_part[0]))):
+        length = (fc + pc)[0]  # (H, N)
+        limit = max(triton_kernel.SPLIT_MIN, triton_kernel.SPLIT_FACTOR * -(-int(length.sum()) // length.numel()))
+        for h in range(2):
+            table = prog[0, h].tolist()
+            real = [p for p in table if p[0] >= 0]
+            assert all(p == [-1, 0, 0, 0] for p in table[len(real):])  # padding programs last
+            spans = [end - first for _, first, end, _ in real]
+            assert spans == sorted(spans, reverse=True)
+            for n in range(length.shape[1]):
+                chunks = sorted((first, end, split) for blk, first, end, split in real if blk == n)
+                ln = int(length[h, n])
+                bounds = [c[0] for c in chunks] + [chunks[-1][1]]
+                assert bounds[0] == 0 and bounds[-1] == ln and bounds == sorted(bounds)  # cover 0..ln once
+                assert all(split == (len(chunks) > 1) for _, _, split in chunks)
+                assert (len(chunks) > 1) == (ln > limit) and all(end - first <= limit for first, end, _ in chunks)
+        assert any(p[3] for p in prog[0, 0].tolist()) and not any(p[3] for p in prog[0, 1].tolist())
 
     def lists_bytes(L):  # a window of 256 either side, one layout for the heads
         keep = torch.ones(L, L, dtype=torch.bool).tril(256).triu(-256)[None, None]

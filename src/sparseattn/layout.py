@@ -29,6 +29,9 @@ class TokenLayout:
     token_vectors: (B, L, E) float tensor, or a zero-argument callable producing it lazily (unit
         vectors of the model's input embeddings, for `similar`), or None.
     causal: True for decoders: keys after the query are not allowed.
+    unpadded: True when the caller knows, without reading ``real``, that every token is real (the model
+        got no attention mask): GPU code can then skip reading ``real`` back, a device sync that CUDA
+        graph capture does not allow. False means "not known", not "padded".
     """
 
     real: torch.Tensor
@@ -37,6 +40,7 @@ class TokenLayout:
     input_ids: torch.Tensor | None = None
     token_vectors: torch.Tensor | Callable[[], torch.Tensor] | None = None
     causal: bool = False
+    unpadded: bool = False
 
     def __post_init__(self):
         if self.real.dim() != 2 or self.real.dtype != torch.bool:

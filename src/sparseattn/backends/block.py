@@ -30,6 +30,11 @@ What runs where (each decision is logged once per backend):
   attention dropout or returned attention weights (the kernel supports neither), incremental decoding,
   and devices other than CUDA.
 
+CUDA graphs: once a static plan's layouts are built (one eager step per shape), a forward and backward
+pass on an unpadded batch given without an attention mask reads nothing back from the GPU, so the whole
+training step can be captured (``torch.cuda.graph``); where capture meets a step that would read the GPU,
+the error says which.
+
 Caching: a plan whose patterns depend on positions only (everything but syntax, lexical, similar and
 special-token globals) gets its layouts cached across batches, keyed by the layer's patterns and the
 batch's padding; batches without padding share one layout over the batch. Input-dependent patterns get
@@ -155,6 +160,13 @@ class _Entry:
     def __init__(self, layout: BlockLayout, block_mask, density: float, pins, lists=None):
         self.layout, self.block_mask, self.density, self.pins = layout, block_mask, density, pins
         self.lists = lists
+
+
+def _no_sync_while_capturing(call: AttentionCall, why: str) -> None:
+    """Raise a clear error where the next step reads a GPU value back (a sync) during CUDA graph capture,
+    which would otherwise fail with CUDA's "operation not permitted when stream is capturing"."""
+    if call.query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"block backend under CUDA graph capture: {why}")
 
 
 def _layer_key(call: AttentionCall):
@@ -298,7 +310,13 @@ class BlockSparseBackend(Backend):
     def _all_real(self, call) -> bool:
         key = ("block.all_real", call.layout.length)
         if key not in call.cache:
-            call.cache[key] = bool(call.layout.real.all())
+            if call.layout.unpadded:
+                call.cache[key] = True
+            else:
+                _no_sync_while_capturing(call, "the batch came with an attention mask, and whether it holds "
+                                         "padding is read from the GPU; capture unpadded batches without an "
+                                         "attention_mask")
+                call.cache[key] = bool(call.layout.real.all())
         return call.cache[key]
 
     def _mask_is_layout(self, call) -> bool:
@@ -309,6 +327,9 @@ class BlockSparseBackend(Backend):
             return True
         key = ("block.mask_is_layout", mm.data_ptr(), tuple(mm.shape))
         if key not in call.cache:
+            _no_sync_while_capturing(call, "the model passed its own attention mask, which is compared with "
+                                     "the batch's padding on the GPU; capture unpadded batches without an "
+                                     "attention_mask")
             lay = call.layout
             allowed = lay.allowed()[:, :, -call.q_len:, :]
             real_q = lay.real[:, None, -call.q_len:, None]
@@ -336,6 +357,8 @@ class BlockSparseBackend(Backend):
         if not static:  # input-dependent: per forward pass, shared by layers with the same patterns
             key = ("block.layout", layer_key, self.block_size)
             if key not in call.cache:
+                _no_sync_while_capturing(call, f"layer {lp.layer}'s patterns depend on the input, so its block "
+                                         "layout is built from every batch on the GPU")
                 call.cache[key] = self._build(call, batch_invariant=False)
             return call.cache[key]
         key = (layer_key, self._padding_key(call), self.block_size, str(call.query.device))
@@ -344,6 +367,8 @@ class BlockSparseBackend(Backend):
             self._layouts.move_to_end(key)
             self.stats["cache_hits"] += 1
             return entry
+        _no_sync_while_capturing(call, f"layer {lp.layer}'s block layout for {call.q_len} tokens is not built "
+                                 "yet (building reads the GPU); run one step with the same shapes before capture")
         entry = self._build(call, batch_invariant=self._all_real(call))
         self._layouts[key] = entry
         while len(self._layouts) > self.cache_size:

@@ -5,6 +5,10 @@ The kernel visits only the kept tiles of a layout, per example and head, from in
 - forward and dQ: one program per (query tile, example x head) walks that tile row's kept key tiles;
 - dK and dV: one program per (key tile, example x head) walks that tile column's kept query tiles.
 
+In the backward pass a list much longer than the layout's mean (a global token's row or column, which
+keeps every tile) is split into chunks walked by programs of their own, whose partial gradients are
+added with atomics into fp32 buffers: otherwise one such program runs alone long after the others end.
+
 Each list comes in two parts: partial tiles first, whose token mask is read from a table of the layout's
 distinct partial tiles (a byte a pair, block_size^2 bytes a tile), then full tiles, computed without any mask.
 Nothing of size L x L exists at any point, so memory grows with the kept tiles: the lists hold
@@ -86,6 +90,39 @@ def _lists(sel: torch.Tensor, code: torch.Tensor | None):
     return count.contiguous(), idx.to(torch.int32).contiguous(), tile
 
 
+# Backward lists longer than max(SPLIT_MIN, SPLIT_FACTOR x the mean list) are split into chunks about that long.
+SPLIT_MIN = 16
+SPLIT_FACTOR = 2
+
+
+def _programs(length: torch.Tensor, limit: int) -> torch.Tensor:
+    """The backward kernels' programs for lists of ``length`` (G, N) tiles: (G, P, 4) int32 rows of (tile
+    index, first, end, split) over the list's concatenated partial-then-full entries; a list longer than
+    ``limit`` becomes ceil(length / limit) chunks of near-equal size (split = 1: their results are added
+    atomically). Longest first, per group; groups with fewer programs than P end with (-1, 0, 0, 0)."""
+    G, N = length.shape
+    dev = length.device
+    length = length.long()
+    chunks = torch.where(length > limit, (length + limit - 1) // limit, torch.ones_like(length)).reshape(-1)
+    total = chunks.view(G, N).sum(1)
+    P = int(total.max())
+    n = int(chunks.sum())
+    group = torch.arange(G, device=dev).repeat_interleave(N).repeat_interleave(chunks)
+    block = torch.arange(N, device=dev).repeat(G).repeat_interleave(chunks)
+    size = length.reshape(-1).repeat_interleave(chunks)
+    parts = chunks.repeat_interleave(chunks)
+    index = torch.arange(n, device=dev)
+    part = index - (torch.cumsum(chunks, 0) - chunks).repeat_interleave(chunks)  # chunk number within its list
+    slot = index - (torch.cumsum(total, 0) - total)[group]  # position within its group
+    table = torch.zeros(G, P, 4, dtype=torch.long, device=dev)
+    table[..., 0] = -1
+    table[group, slot] = torch.stack([block, part * size // parts, (part + 1) * size // parts,
+                                      (parts > 1).long()], dim=-1)
+    span = torch.where(table[..., 0] >= 0, table[..., 2] - table[..., 1], torch.full_like(table[..., 0], -1))
+    order = torch.argsort(span, dim=1, descending=True, stable=True)
+    return table.gather(1, order[..., None].expand(-1, -1, 4)).to(torch.int32).contiguous()
+
+
 @dataclass
 class TileLists:
     """A BlockLayout in the form the kernel walks: per tile row (forward, dQ) and per tile column (dK, dV),
@@ -96,14 +133,17 @@ class TileLists:
     col_full: tuple  # (count (B',H',Nk), index (B',H',Nk,K))
     col_part: tuple
     tiles: torch.Tensor  # (P, bs, bs) uint8: the distinct partial tiles' token masks, a byte a pair
-    row_order: torch.Tensor  # (B', H', Nq) int32: tile rows, longest list first (the order programs start in)
-    col_order: torch.Tensor  # (B', H', Nk) int32: tile columns, longest first
+    row_order: torch.Tensor  # (B', H', Nq) int32: tile rows, longest list first (the forward's program order)
+    row_prog: torch.Tensor  # (B', H', P, 4) int32: dQ programs (row, first, end, split), `_programs`
+    col_prog: torch.Tensor  # (B', H', P', 4) int32: dK/dV programs over tile columns
     block_size: int
     num_q_blocks: int
     num_kv_blocks: int
     batch_broadcast: bool  # B' == 1: every example shares the layout
     head_broadcast: bool  # H' == 1: every head shares the layout
     heads: int  # H' (1 or the number of query heads)
+    split_rows: bool  # some dQ program covers part of a row (dQ then adds into an fp32 buffer)
+    split_cols: bool  # some dK/dV program covers part of a column
 
     @classmethod
     def from_layout(cls, layout: BlockLayout) -> "TileLists":
@@ -123,17 +163,26 @@ class TileLists:
         # Longest lists first: a row or column that keeps many tiles (a global token's) starts early instead of
         # running alone at the end of the launch; ties keep their order, so neighbouring rows run together
         # and share their key/value tiles in L2.
-        def longest_first(full, part):
-            return torch.argsort(full[0] + part[0], dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+        row_len, col_len = rf[0] + rp[0], cf[0] + cp[0]
+        row_order = torch.argsort(row_len, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+        # the backward's long lists are split (the mean over all lists: each tile is in one row and one column)
+        limit = max(SPLIT_MIN, SPLIT_FACTOR * -(-int(row_len.sum()) // max(1, row_len.numel())))
 
+        def programs(length):
+            Bp, Hp, N = length.shape
+            table = _programs(length.reshape(Bp * Hp, N), limit)
+            return table.view(Bp, Hp, *table.shape[1:])
+
+        row_prog, col_prog = programs(row_len), programs(col_len)
         return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
-                   row_order=longest_first(rf, rp), col_order=longest_first(cf, cp),
+                   row_order=row_order, row_prog=row_prog, col_prog=col_prog,
+                   split_rows=bool((row_prog[..., 3] != 0).any()), split_cols=bool((col_prog[..., 3] != 0).any()),
                    block_size=bs, num_q_blocks=layout.num_q_blocks, num_kv_blocks=layout.num_kv_blocks,
                    batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
 
     def nbytes(self) -> int:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
-              self.col_order]
+              self.row_prog, self.col_prog]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -217,14 +266,27 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * N_CTX + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)))
 
     @triton.jit
-    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, IDX, TILE, TILES, count,
+    def _write(ptrs, value, prog, SPLIT: tl.constexpr):
+        """Store a program's result; with SPLIT the output is an fp32 buffer, and the chunks of a split
+        list add theirs atomically."""
+        if SPLIT:
+            if tl.load(prog + 3) != 0:
+                tl.atomic_add(ptrs, value, sem="relaxed")
+            else:
+                tl.store(ptrs, value)
+        else:
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+
+    @triton.jit
+    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi,
                     qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, PREC: tl.constexpr):
+        """Entries lo..hi-1 of a column's list."""
         SUB: tl.constexpr = BS // BLOCK_M
         offs_d = tl.arange(0, HEAD_DIM)
         offs_i = tl.arange(0, BLOCK_M)
         kcols = tl.arange(0, BS)
-        for t in range(0, count * SUB):
+        for t in range(lo * SUB, hi * SUB):
             blk = tl.load(IDX + t // SUB)
             row0 = (t % SUB) * BLOCK_M
             offs_m = blk * BS + row0 + offs_i
@@ -245,14 +307,20 @@ if triton is not None:
     @triton.jit
     def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
-                     scb, sch, K_FULL, K_PART,
+                     FIDX, PCNT, PIDX, PTILE, TILES, PROG,
+                     scb, sch, spb, sph, K_FULL, K_PART,
                      H, REP, N_CTX, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+                     SPLIT: tl.constexpr):
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        n_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
+        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4  # (column, first, end, split), longest first
+        n_blk = tl.load(prog)
+        if n_blk < 0:  # this example and head have fewer programs than the launch
+            return
+        first = tl.load(prog + 1)
+        end = tl.load(prog + 2)
         offs_n = n_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
@@ -264,24 +332,27 @@ if triton is not None:
         dk = tl.zeros([BS, HEAD_DIM], tl.float32)
         dv = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
+        pc = tl.load(PCNT + cnt)  # entries first..end-1 of partial-then-full
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
-                             PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_M,
-                             True, PREC)
+                             PTILE + cnt * K_PART, TILES, tl.minimum(first, pc), tl.minimum(end, pc), qk_scale,
+                             HEAD_DIM, BS, BLOCK_M, True, PREC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
-                             FIDX, TILES, tl.load(FCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC)
+                             FIDX, TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale,
+                             HEAD_DIM, BS, BLOCK_M, False, PREC)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
-        tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
-        tl.store(DV + out, dv.to(DV.dtype.element_ty))
+        _write(DK + out, dk * sm_scale, prog, SPLIT)
+        _write(DV + out, dv, prog, SPLIT)
 
     @triton.jit
-    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, qk_scale,
+    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, qk_scale,
                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   PREC: tl.constexpr):
+        """Entries lo..hi-1 of a row's list."""
         SUB: tl.constexpr = BS // BLOCK_N
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BS)
-        for t in range(0, count * SUB):
+        for t in range(lo * SUB, hi * SUB):
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
             offs_n = blk * BS + col0 + offs_j
@@ -298,15 +369,21 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
-                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
-                   FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
-                   scb, sch, K_FULL, K_PART,
+                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
+                   FIDX, PCNT, PIDX, PTILE, TILES, PROG,
+                   scb, sch, spb, sph, K_FULL, K_PART,
                    H, REP, N_CTX, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                   SPLIT: tl.constexpr):
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
+        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4  # (row, first, end, split), longest first
+        m_blk = tl.load(prog)
+        if m_blk < 0:
+            return
+        first = tl.load(prog + 1)
+        end = tl.load(prog + 2)
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
@@ -317,18 +394,21 @@ if triton is not None:
         vbase = V + b * svb + (h // REP) * svh
         dq = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + m_blk
+        pc = tl.load(PCNT + cnt)  # entries first..end-1 of partial-then-full
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
-                       TILES, tl.load(PCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC)
+                       TILES, tl.minimum(first, pc), tl.minimum(end, pc), qk_scale, HEAD_DIM, BS, BLOCK_N, True,
+                       PREC)
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
-                       TILES, tl.load(FCNT + cnt), qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC)
-        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty))
+                       TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale, HEAD_DIM, BS,
+                       BLOCK_N, False, PREC)
+        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, prog, SPLIT)
 
 
 # -- launch configurations ------------------------------------------------------------------------------
 # Each kernel's loop step computes one sub-tile of a layout tile: BLOCK_N keys (forward, dQ) or BLOCK_M queries
 # (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
+_ZEROED = {"dkdv": ["DK", "DV"], "dq": ["DQ"]}
 _FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
 # The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
@@ -359,7 +439,9 @@ def _kernel(name: str, bs: int):
     if key not in _TUNED:
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC"])(raw)
+        # outputs that split lists add into start from zero, also after the autotuner's trial runs
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT"],
+                                      reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
 
 
@@ -372,14 +454,25 @@ def tuned_configs() -> dict:
 
 
 def _list_args(lists: TileLists, full: tuple, part: tuple):
-    """Pointers and strides of one direction's lists. Counts are (B', H', N) and index arrays (B', H', N, K),
-    so one (example, head) stride in rows serves both (0 where the layout is shared)."""
+    """Pointers and strides of the rows' lists for the forward. Counts are (B', H', N) and index arrays
+    (B', H', N, K), so one (example, head) stride in rows serves both (0 where the layout is shared)."""
     fc, fi = full
     pc, pi, pt = part
     scb = 0 if lists.batch_broadcast else fc.stride(0)
     sch = 0 if lists.head_broadcast else fc.stride(1)
-    order = lists.row_order if full is lists.row_full else lists.col_order
-    return (fc, fi, pc, pi, pt, lists.tiles, order, scb, sch, fi.shape[-1], pi.shape[-1])
+    return (fc, fi, pc, pi, pt, lists.tiles, lists.row_order, scb, sch, fi.shape[-1], pi.shape[-1])
+
+
+def _program_args(lists: TileLists, full: tuple, part: tuple, prog: torch.Tensor):
+    """The backward kernels' list arguments: index arrays, partial counts, the program table and strides
+    (full counts are not needed: a program's range ends within its list)."""
+    fc, fi = full
+    pc, pi, pt = part
+    scb = 0 if lists.batch_broadcast else fc.stride(0)
+    sch = 0 if lists.head_broadcast else fc.stride(1)
+    spb = 0 if lists.batch_broadcast else prog.stride(0)
+    sph = 0 if lists.head_broadcast else prog.stride(1)
+    return (fi, pc, pi, pt, lists.tiles, prog, scb, sch, spb, sph, fi.shape[-1], pi.shape[-1])
 
 
 def _check(q, k, v, lists: TileLists):
@@ -423,24 +516,28 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     _delta_kernel[(L // lists.block_size, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
                                                   HEAD_DIM=D, BLOCK=lists.block_size)
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
-    dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
+    # split lists add their chunks into fp32 buffers (zeroed), converted at the end
+    f32 = torch.float32
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=f32) if lists.split_rows else torch.empty_like(q)
+    kv_shape = (B, H, L, D) if rep > 1 else tuple(k.shape)
+    new = torch.zeros if lists.split_cols else torch.empty
+    dk = new(kv_shape, device=q.device, dtype=f32 if lists.split_cols else k.dtype)
+    dv = new(kv_shape, device=q.device, dtype=f32 if lists.split_cols else v.dtype)
     bs = lists.block_size
     kernel, extra = _kernel("dkdv", bs)
-    kernel[(B * H, lists.num_kv_blocks)](
+    kernel[(B * H, lists.col_prog.shape[2])](
         q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *_list_args(lists, lists.col_full, lists.col_part), H, rep, L, scale * LOG2E, scale,
-        HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)
+        *dk.stride()[:3], *_program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
+        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, **extra)
     kernel, extra = _kernel("dq", bs)
-    kernel[(B * H, lists.num_q_blocks)](
+    kernel[(B * H, lists.row_prog.shape[2])](
         q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *_list_args(lists, lists.row_full, lists.row_part), H, rep, L, scale * LOG2E, scale,
-        HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), **extra)
+        *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, rep, L,
+        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
     if rep > 1:  # query heads that share a key/value head add their gradients
-        dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(k.dtype)
-        dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(v.dtype)
-    return dq, dk, dv
+        dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=f32)
+        dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=f32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _BlockSparseAttention(torch.autograd.Function):

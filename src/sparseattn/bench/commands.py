@@ -124,7 +124,7 @@ def cmd_model(args) -> int:
     for kind in args.models:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
-                                     kernel_options=kernel_options, kernels=args.kernels))
+                                     kernel_options=kernel_options, kernels=args.kernels, graphs=args.graphs))
             torch.cuda.empty_cache()
             if args.json:  # keep what is done, whatever happens next
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
@@ -194,5 +194,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--kernels", type=_names(("flex", "triton")), default=["flex", "triton"],
                    help="the block backend's kernels to run the sparse plan with (flex: FlexAttention; triton: "
                         "sparseattn's Triton kernel)")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time each configuration's whole step captured as one CUDA graph (no per-kernel "
+                        "launch cost on the host; dense and sparse compared within a mode)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_model)

@@ -6,8 +6,14 @@
 - decoder: a Llama-style decoder (hidden 2048, 32 heads of 64, 8 key/value heads, intermediate 5632,
   TinyLlama-1.1B's shape with fewer layers), random weights, bf16, forward only.
 
+Steps run eagerly and, with ``graphs``, also as one captured CUDA graph per configuration (forward,
+backward and optimizer step replayed without Python): at 16k tokens the eager sparse step is bound by the
+host's launch time (the GPU idles between kernels), so the graph mode shows what the GPU work itself costs.
+Dense and sparse are compared within one mode.
+
 Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
-across lengths. Dense runs the model's own SDPA attention without a mask (flash attention, causal for the
+across lengths. Dense runs transformers' SDPA attention without a mask (``use_dense_sdpa``: also under
+graph capture) (flash attention, causal for the
 decoder); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
 ``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the allowed pairs
 (measured with sparseattn.sparsity, reported with its block density).
@@ -24,6 +30,7 @@ import torch
 
 from .. import sparsify
 from ..backends.block import BlockSparseBackend
+from ..integrations.hf import use_dense_sdpa
 from ..layout import TokenLayout
 from ..plans.plan import Plan
 from ..sparsity import measure_plan
@@ -43,6 +50,7 @@ class ModelResult:
     speedup: float | None = None
     note: str = ""
     kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
+    mode: str = "eager"  # "eager", or "graph": the whole step captured once and replayed as a CUDA graph
 
 
 def encoder(max_len: int):
@@ -52,7 +60,7 @@ def encoder(max_len: int):
                      intermediate_size=1536, max_position_embeddings=max_len, attention_probs_dropout_prob=0.0,
                      hidden_dropout_prob=0.1, num_labels=2)
     model = BertForSequenceClassification(cfg)
-    model.set_attn_implementation("sdpa")
+    use_dense_sdpa(model)
     return model
 
 
@@ -62,7 +70,7 @@ def decoder(max_len: int, layers: int = 4):
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
                       num_key_value_heads=8, intermediate_size=5632, max_position_embeddings=max_len)
     model = LlamaModel(cfg)
-    model.set_attn_implementation("sdpa")
+    use_dense_sdpa(model)
     return model
 
 
@@ -81,16 +89,23 @@ def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple
     return rep.overall, rep.block_density
 
 
-def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
-    """Median step time (ms) and peak memory allocated (GiB) during the timed steps, which includes the
-    model, its optimizer state and the inputs; whatever earlier configs left is collected first (a
-    sparsified model's hooks form reference cycles that only the garbage collector frees)."""
-    for _ in range(warmup):
-        step()
+def _fresh_peak() -> None:
+    """Collect what earlier configs left (a sparsified model's hooks form reference cycles that only the
+    garbage collector frees) and start counting the peak afresh."""
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True) -> tuple[float, float]:
+    """Median step time (ms) and peak memory allocated (GiB) during the timed steps, which includes the
+    model, its optimizer state and the inputs. reset_peak=False keeps the peak counted so far: a graph's
+    replays reuse the memory its capture allocated, so its peak is the capture's."""
+    for _ in range(warmup):
+        step()
+    if reset_peak:
+        _fresh_peak()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -100,8 +115,24 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30
 
 
+def _graphed(body, warmup: int):
+    """``body`` captured as one CUDA graph (after warm-up on a side stream, as torch.cuda.graph requires):
+    returns the graph and its replay function."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph, graph.replay
+
+
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
-              kernel_options: dict | None = None, kernels=("flex",), log=print) -> list[ModelResult]:
+              kernel_options: dict | None = None, kernels=("flex",), graphs: bool = False,
+              log=print) -> list[ModelResult]:
     device = "cuda"
     gc.collect()  # the previous config's models, before this one allocates
     torch.cuda.empty_cache()
@@ -115,14 +146,23 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
     plan = sparse_plan(length, causal=causal)
     sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
     if kind == "encoder":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        def train(zero_grad: bool = True):
+            # no autocast cache: cast weights are re-made each step, as graph capture needs
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            if zero_grad:
+                opt.zero_grad(set_to_none=True)
+
+        def capture():
+            opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients afresh each replay
+            return _graphed(lambda: train(zero_grad=False), warmup)
+
+        step = train
         model.train()
     else:
         model = model.to(torch.bfloat16).eval()
@@ -130,39 +170,60 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
         def step():
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
+
+        def capture():
+            return _graphed(step, warmup)
     out = []
     for attention in ("dense", *kernels):
-        res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
-                          None if attention == "dense" else sp, None if attention == "dense" else dens,
-                          None, None, None, kernel=None if attention == "dense" else attention)
-        try:
-            if attention != "dense":
-                backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
-                sparsify(model, plan, backend=backend)
-            ms, peak = _time_steps(step, warmup, steps)
-            res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)
-            if attention != "dense":
-                res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
-        except torch.OutOfMemoryError:
-            res.note = "out of memory"
-        torch.cuda.empty_cache()
-        out.append(res)
-        log(f"  {kind} L={length} B={B} {attention}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
-            f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak {res.peak_gib and round(res.peak_gib, 2)} GiB"
-            + (f" ({res.note})" if res.note else ""))
-    for r in out[1:]:
-        if out[0].tokens_per_s and r.tokens_per_s:
-            r.speedup = r.tokens_per_s / out[0].tokens_per_s
+        if attention != "dense":
+            backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
+            sparsify(model, plan, backend=backend)
+        for mode in ("eager", "graph") if graphs else ("eager",):
+            res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
+                              None if attention == "dense" else sp, None if attention == "dense" else dens,
+                              None, None, None, kernel=None if attention == "dense" else attention, mode=mode)
+            graph = None
+            try:
+                run = step
+                if mode == "graph":
+                    step()  # layouts and autotuning happen eagerly, before capture
+                    _fresh_peak()
+                    graph, run = capture()
+                ms, peak = _time_steps(run, warmup, steps, reset_peak=mode == "eager")
+                res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)
+                if attention != "dense":
+                    res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
+            except torch.OutOfMemoryError as e:
+                res.note = f"out of memory: {str(e).splitlines()[0][:160]}"
+            except RuntimeError as e:  # a capture that fails is a result to report, not the end of the run
+                if mode != "graph":
+                    raise
+                res.note = f"graph capture failed: {str(e).splitlines()[0][:160]}"
+                torch.cuda.synchronize()
+            del graph
+            for p in model.parameters():  # gradients captured in the graph's memory pool go with it
+                p.grad = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            out.append(res)
+            log(f"  {kind} L={length} B={B} {attention} {mode}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
+                f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak "
+                f"{res.peak_gib and round(res.peak_gib, 2)} GiB" + (f" ({res.note})" if res.note else ""))
+    for mode in ("eager", "graph"):  # speed-ups against dense in the same mode
+        dense = next((r for r in out if r.mode == mode and r.kernel is None), None)
+        for r in out:
+            if r.mode == mode and r.kernel is not None and dense and dense.tokens_per_s and r.tokens_per_s:
+                r.speedup = r.tokens_per_s / dense.tokens_per_s
     return out
 
 
 def format_table(results: list[ModelResult]) -> str:
-    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
+    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'mode':<6} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
             f"{'tokens/s':>10} {'peak GiB':>8} {'speed-up':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} "
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} {r.mode:<6} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>10} {f(r.peak_gib, '.2f'):>8} {f(r.speedup, '.2f'):>8}"
                      + (f"  {r.note}" if r.note else ""))

@@ -23,6 +23,7 @@ from ..plans.plan import LayerPlan, Plan, PlanError
 log = logging.getLogger("sparseattn")
 
 ATTN_NAME = "sparseattn"
+DENSE_ATTN_NAME = "sparseattn_sdpa"  # transformers' SDPA attention with sparseattn's mask choices (use_dense_sdpa)
 STRUCTURE_KWARG = "sparse_structure"
 BATCH_KWARG = "sparseattn_batch"  # the pre-hook's per-call context, passed down to the attention layers
 _registered = False
@@ -39,10 +40,24 @@ def _mask_function(*args, **kwargs):
     """transformers' SDPA mask with its own choices: no mask at all (None) for a batch without padding whose
     mask would be plain causal or plain bidirectional. The layout then rebuilds that structure from the
     attention module's ``is_causal``, so the L x L boolean mask is never materialized for such batches
-    (at 16k tokens it is 256 MiB per example); used when every sparsified module declares ``is_causal``."""
-    from transformers.masking_utils import sdpa_mask
+    (at 16k tokens it is 256 MiB per example); used when every sparsified module declares ``is_causal``.
 
-    return sdpa_mask(*args, **kwargs)
+    Some transformers versions never skip the mask during CUDA graph capture, even for a batch that came
+    without any padding mask (nothing to read from the GPU): the materialized mask then sends SDPA off its
+    fast kernels and the block backend off its sync-free path. Such a call is skipped here, where it is
+    plainly bidirectional or plainly causal over equal lengths, as transformers does outside capture."""
+    from transformers import masking_utils as mu
+
+    if (not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+            and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        fn = kwargs.get("mask_function", mu.causal_mask_function)
+        q_len, kv_len, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
+        if fn is getattr(mu, "bidirectional_mask_function", None) and kwargs.get("allow_is_bidirectional_skip"):
+            return None
+        if (fn is mu.causal_mask_function and kwargs.get("allow_is_causal_skip", True) and q_len == kv_len
+                and isinstance(q_offset, int) and q_offset == 0 and kwargs.get("kv_offset", 0) == 0):
+            return None
+    return mu.sdpa_mask(*args, **kwargs)
 
 
 def _full_mask_function(*args, **kwargs):
@@ -60,12 +75,23 @@ def _register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
     for name, mask_fn in ((ATTN_NAME, _mask_function), (ATTN_NAME_FULL_MASK, _full_mask_function)):
         AttentionInterface.register(name, _attention_forward)
         AttentionMaskInterface.register(name, mask_fn)
+    AttentionInterface.register(DENSE_ATTN_NAME, sdpa_attention_forward)
+    AttentionMaskInterface.register(DENSE_ATTN_NAME, _mask_function)
     _registered = True
+
+
+def use_dense_sdpa(model) -> None:
+    """Switch a (not sparsified) model to transformers' own SDPA attention with the mask choices of
+    ``_mask_function``: the same computation as attn_implementation="sdpa", but an unpadded batch given
+    without an attention mask runs mask-free under CUDA graph capture too (a fair dense baseline there)."""
+    _register()
+    model.set_attn_implementation(DENSE_ATTN_NAME)
 
 
 @dataclass
@@ -264,6 +290,7 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
         real = model_mask.any(dim=-2)[:, 0] if model_mask.shape[1] == 1 else model_mask.any(dim=-2).any(dim=1)
     else:  # no padding information at all: every token is real
         real = torch.ones(batch_size, kv_len, dtype=torch.bool, device=device)
+    unpadded = am is None and model_mask is None
     structure = batch.get("structure")
     input_ids = batch.get("input_ids")
     if input_ids is not None and input_ids.shape[1] != kv_len:
@@ -287,7 +314,8 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
             with torch.no_grad():
                 return emb(ids.to(device)).float()
     layout = TokenLayout(real=real, special=special, structure=structure, input_ids=input_ids,
-                         token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)))
+                         token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)),
+                         unpadded=unpadded)
     batch["cache"][key] = layout
     return layout
 
