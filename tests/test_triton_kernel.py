@@ -152,6 +152,10 @@ def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
                 assert all(split == (len(chunks) > 1) for _, _, split in chunks)
                 assert (len(chunks) > 1) == (ln > limit) and all(end - first <= limit for first, end, _ in chunks)
         assert any(p[3] for p in prog[0, 0].tolist()) and not any(p[3] for p in prog[0, 1].tolist())
+    whole = TileLists.from_layout(BlockLayout.from_mask(keep, bs), split=False)  # the bench's triton_whole
+    assert not whole.split_rows and not whole.split_cols
+    for prog in (whole.row_prog, whole.col_prog):
+        assert prog.shape[2] == L // bs and sorted(prog[0, 0, :, 0].tolist()) == list(range(L // bs))
 
     def lists_bytes(L):  # a window of 256 either side, one layout for the heads
         keep = torch.ones(L, L, dtype=torch.bool).tril(256).triu(-256)[None, None]

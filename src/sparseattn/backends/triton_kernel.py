@@ -146,7 +146,8 @@ class TileLists:
     split_cols: bool  # some dK/dV program covers part of a column
 
     @classmethod
-    def from_layout(cls, layout: BlockLayout) -> "TileLists":
+    def from_layout(cls, layout: BlockLayout, *, split: bool = True) -> "TileLists":
+        """split=False: the backward walks every list whole, one program each, however long (for comparison)."""
         bs = layout.block_size
         if not supports_block_size(bs):
             raise ValueError(f"the Triton kernel needs a power-of-two block size of at least 32, got {bs}")
@@ -167,6 +168,8 @@ class TileLists:
         row_order = torch.argsort(row_len, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
         # the backward's long lists are split (the mean over all lists: each tile is in one row and one column)
         limit = max(SPLIT_MIN, SPLIT_FACTOR * -(-int(row_len.sum()) // max(1, row_len.numel())))
+        if not split:
+            limit = max(1, layout.num_q_blocks, layout.num_kv_blocks)
 
         def programs(length):
             Bp, Hp, N = length.shape

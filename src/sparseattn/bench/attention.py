@@ -15,7 +15,9 @@ the peak memory above the inputs of:
 - ``triton_full``: the Triton kernel over a layout of all-full tiles: its own dense speed;
 - ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
   partial tiles read a table of the distinct partial tiles, no L x L table; sub-tile shapes autotuned per
-  head size and length.
+  head size and length; the backward splits lists far longer than the mean (global tokens');
+- ``triton_whole``: the same kernel with every backward list walked whole by one program (as before the
+  split): what splitting long lists gains.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -37,8 +39,8 @@ from ..backends.block import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
-METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton")
-SPARSE = ("block", "flex_mask", "triton")  # methods that pay for kept tiles only
+METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_whole")
+SPARSE = ("block", "flex_mask", "triton", "triton_whole")  # methods that pay for kept tiles only
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -240,10 +242,10 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    def triton_on(mask):
+    def triton_on(mask, split=True):
         from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
 
-        lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs))
+        lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs), split=split)
         return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
 
     def triton():
@@ -255,8 +257,11 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def triton_full():
         return triton_on(torch.ones(1, 1, L, L, dtype=torch.bool, device=device))[1]
 
+    def triton_whole():
+        return triton_on(keep, split=False)[1]
+
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
-            "triton_full": triton_full, "triton": triton}, info
+            "triton_full": triton_full, "triton": triton, "triton_whole": triton_whole}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
