@@ -127,31 +127,34 @@ def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_ti
 
 def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
     """A global token keeps a whole row and column: the backward walks those lists in chunks of about
-    twice the mean list (each chunk flagged for atomic adds), every other list whole; longest first."""
+    twice the mean list (sharing one scratch slot, where they add up), every other list whole; longest
+    first."""
     L, bs = 2048, 32
     keep = torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)
     keep[:, :3] = keep[:3, :] = True  # tokens 0-2 are global: tile row and column 0 keep all 64 tiles
     keep = torch.stack([keep, torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)])[None]  # head 1: band only
     lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
     assert lists.split_rows and lists.split_cols
-    for prog, (fc, pc) in ((lists.row_prog, (lists.row_full[0], lists.row_part[0])),
-                           (lists.col_prog, (lists.col_full[0], lists.col_part[0]))):
+    for prog, slots, (fc, pc) in ((lists.row_prog, lists.row_slots, (lists.row_full[0], lists.row_part[0])),
+                                  (lists.col_prog, lists.col_slots, (lists.col_full[0], lists.col_part[0]))):
         length = (fc + pc)[0]  # (H, N)
         limit = max(triton_kernel.SPLIT_MIN, triton_kernel.SPLIT_FACTOR * -(-int(length.sum()) // length.numel()))
         for h in range(2):
             table = prog[0, h].tolist()
             real = [p for p in table if p[0] >= 0]
-            assert all(p == [-1, 0, 0, 0] for p in table[len(real):])  # padding programs last
+            assert all(p == [-1, 0, 0, -1] for p in table[len(real):])  # padding programs last
             spans = [end - first for _, first, end, _ in real]
             assert spans == sorted(spans, reverse=True)
+            slot_of = {n: i for i, n in enumerate(slots[0, h].tolist()) if n >= 0}
             for n in range(length.shape[1]):
-                chunks = sorted((first, end, split) for blk, first, end, split in real if blk == n)
+                chunks = sorted((first, end, slot) for blk, first, end, slot in real if blk == n)
                 ln = int(length[h, n])
                 bounds = [c[0] for c in chunks] + [chunks[-1][1]]
                 assert bounds[0] == 0 and bounds[-1] == ln and bounds == sorted(bounds)  # cover 0..ln once
-                assert all(split == (len(chunks) > 1) for _, _, split in chunks)
+                want_slot = slot_of[n] if len(chunks) > 1 else -1  # a split list's chunks share its slot
+                assert all(slot == want_slot for _, _, slot in chunks)
                 assert (len(chunks) > 1) == (ln > limit) and all(end - first <= limit for first, end, _ in chunks)
-        assert any(p[3] for p in prog[0, 0].tolist()) and not any(p[3] for p in prog[0, 1].tolist())
+        assert slots[0, 0].tolist() == [0] and slots[0, 1].tolist() == [-1]  # head 0: tile 0 split; head 1: none
     whole = TileLists.from_layout(BlockLayout.from_mask(keep, bs), split=False)  # the bench's triton_whole
     assert not whole.split_rows and not whole.split_cols
     for prog in (whole.row_prog, whole.col_prog):

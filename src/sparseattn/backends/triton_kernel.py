@@ -6,8 +6,10 @@ The kernel visits only the kept tiles of a layout, per example and head, from in
 - dK and dV: one program per (key tile, example x head) walks that tile column's kept query tiles.
 
 In the backward pass a list much longer than the layout's mean (a global token's row or column, which
-keeps every tile) is split into chunks walked by programs of their own, whose partial gradients are
-added with atomics into fp32 buffers: otherwise one such program runs alone long after the others end.
+keeps every tile) is split into chunks walked by programs of their own: otherwise one such program runs
+alone long after the others end. The chunks add their partial gradients with atomics into an fp32
+scratch tile per split list, copied into the gradient afterwards; every other tile row or column stores
+its gradient directly.
 
 Each list comes in two parts: partial tiles first, whose token mask is read from a table of the layout's
 distinct partial tiles (a byte a pair, block_size^2 bytes a tile), then full tiles, computed without any mask.
@@ -95,11 +97,14 @@ SPLIT_MIN = 16
 SPLIT_FACTOR = 2
 
 
-def _programs(length: torch.Tensor, limit: int) -> torch.Tensor:
-    """The backward kernels' programs for lists of ``length`` (G, N) tiles: (G, P, 4) int32 rows of (tile
-    index, first, end, split) over the list's concatenated partial-then-full entries; a list longer than
-    ``limit`` becomes ceil(length / limit) chunks of near-equal size (split = 1: their results are added
-    atomically). Longest first, per group; groups with fewer programs than P end with (-1, 0, 0, 0)."""
+def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernels' programs for lists of ``length`` (G, N) tiles.
+
+    Returns (G, P, 4) int32 rows of (tile index, first, end, slot) over the list's concatenated
+    partial-then-full entries, longest first per group; groups with fewer programs than P end with
+    (-1, 0, 0, -1). A list longer than ``limit`` becomes ceil(length / limit) chunks of near-equal size
+    that share a scratch slot (their results add up there); slot -1 marks a list walked whole. Also
+    returns the slots' tile indices, (G, S) int32 (-1 where a group has fewer than S split lists)."""
     G, N = length.shape
     dev = length.device
     length = length.long()
@@ -114,13 +119,22 @@ def _programs(length: torch.Tensor, limit: int) -> torch.Tensor:
     index = torch.arange(n, device=dev)
     part = index - (torch.cumsum(chunks, 0) - chunks).repeat_interleave(chunks)  # chunk number within its list
     slot = index - (torch.cumsum(total, 0) - total)[group]  # position within its group
+    # scratch slots: the split lists of each group, numbered in tile order
+    split = (chunks > 1).view(G, N)
+    slot_of = torch.cumsum(split.long(), 1) - 1  # (G, N): a split list's slot within its group
+    S = int(split.sum(1).max()) if G else 0
+    slots = torch.full((G, S), -1, dtype=torch.long, device=dev)
+    g_idx, n_idx = split.nonzero(as_tuple=True)
+    slots[g_idx, slot_of[g_idx, n_idx]] = n_idx
     table = torch.zeros(G, P, 4, dtype=torch.long, device=dev)
     table[..., 0] = -1
+    table[..., 3] = -1
     table[group, slot] = torch.stack([block, part * size // parts, (part + 1) * size // parts,
-                                      (parts > 1).long()], dim=-1)
+                                      torch.where(parts > 1, slot_of[group, block], -1)], dim=-1)
     span = torch.where(table[..., 0] >= 0, table[..., 2] - table[..., 1], torch.full_like(table[..., 0], -1))
     order = torch.argsort(span, dim=1, descending=True, stable=True)
-    return table.gather(1, order[..., None].expand(-1, -1, 4)).to(torch.int32).contiguous()
+    table = table.gather(1, order[..., None].expand(-1, -1, 4))
+    return table.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
 
 
 @dataclass
@@ -134,16 +148,25 @@ class TileLists:
     col_part: tuple
     tiles: torch.Tensor  # (P, bs, bs) uint8: the distinct partial tiles' token masks, a byte a pair
     row_order: torch.Tensor  # (B', H', Nq) int32: tile rows, longest list first (the forward's program order)
-    row_prog: torch.Tensor  # (B', H', P, 4) int32: dQ programs (row, first, end, split), `_programs`
+    row_prog: torch.Tensor  # (B', H', P, 4) int32: dQ programs (row, first, end, scratch slot), `_programs`
     col_prog: torch.Tensor  # (B', H', P', 4) int32: dK/dV programs over tile columns
+    row_slots: torch.Tensor  # (B', H', S) int32: the split rows' tile indices (-1: unused slot)
+    col_slots: torch.Tensor  # (B', H', S') int32: the split columns'
     block_size: int
     num_q_blocks: int
     num_kv_blocks: int
     batch_broadcast: bool  # B' == 1: every example shares the layout
     head_broadcast: bool  # H' == 1: every head shares the layout
     heads: int  # H' (1 or the number of query heads)
-    split_rows: bool  # some dQ program covers part of a row (dQ then adds into an fp32 buffer)
-    split_cols: bool  # some dK/dV program covers part of a column
+
+    @property
+    def split_rows(self) -> bool:
+        """Some dQ program covers part of a row (its chunks add up in fp32 scratch)."""
+        return self.row_slots.shape[-1] > 0
+
+    @property
+    def split_cols(self) -> bool:
+        return self.col_slots.shape[-1] > 0
 
     @classmethod
     def from_layout(cls, layout: BlockLayout, *, split: bool = True) -> "TileLists":
@@ -173,19 +196,19 @@ class TileLists:
 
         def programs(length):
             Bp, Hp, N = length.shape
-            table = _programs(length.reshape(Bp * Hp, N), limit)
-            return table.view(Bp, Hp, *table.shape[1:])
+            table, slots = _programs(length.reshape(Bp * Hp, N), limit)
+            return table.view(Bp, Hp, *table.shape[1:]), slots.view(Bp, Hp, -1)
 
-        row_prog, col_prog = programs(row_len), programs(col_len)
+        (row_prog, row_slots), (col_prog, col_slots) = programs(row_len), programs(col_len)
         return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
-                   row_order=row_order, row_prog=row_prog, col_prog=col_prog,
-                   split_rows=bool((row_prog[..., 3] != 0).any()), split_cols=bool((col_prog[..., 3] != 0).any()),
+                   row_order=row_order, row_prog=row_prog, col_prog=col_prog, row_slots=row_slots,
+                   col_slots=col_slots,
                    block_size=bs, num_q_blocks=layout.num_q_blocks, num_kv_blocks=layout.num_kv_blocks,
                    batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
 
     def nbytes(self) -> int:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
-              self.row_prog, self.col_prog]
+              self.row_prog, self.col_prog, self.row_slots, self.col_slots]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -269,16 +292,35 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * N_CTX + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)))
 
     @triton.jit
-    def _write(ptrs, value, prog, SPLIT: tl.constexpr):
-        """Store a program's result; with SPLIT the output is an fp32 buffer, and the chunks of a split
-        list add theirs atomically."""
+    def _write(ptrs, value, SCRATCH, bh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
+        """Store a program's (BS, HEAD_DIM) result; the chunks of a split list (slot >= 0) add theirs
+        atomically into their fp32 scratch tile instead (SCRATCH: (B x H, S, BS, HEAD_DIM))."""
         if SPLIT:
-            if tl.load(prog + 3) != 0:
-                tl.atomic_add(ptrs, value, sem="relaxed")
+            if slot >= 0:
+                tile = SCRATCH + (bh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
+                offs = tl.arange(0, BS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+                tl.atomic_add(tile + offs, value, sem="relaxed")
             else:
-                tl.store(ptrs, value)
+                tl.store(ptrs, value.to(ptrs.dtype.element_ty))
         else:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+
+    @triton.jit
+    def _scratch_kernel(SCRATCH, OUT, SLOTS, sob, soh, sol, ssb, ssh, H, S,
+                        HEAD_DIM: tl.constexpr, BS: tl.constexpr):
+        """Copy the split lists' summed scratch tiles into the gradient (grid: B x H, S)."""
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        blk = tl.load(SLOTS + b * ssb + h * ssh + tl.program_id(1))
+        if blk < 0:
+            return
+        rows = tl.arange(0, BS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        tile = SCRATCH + (bh.to(tl.int64) * S + tl.program_id(1)) * (BS * HEAD_DIM)
+        x = tl.load(tile + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        tl.store(OUT + b * sob + h * soh + (blk * BS + rows[:, None]) * sol + offs_d[None, :],
+                 x.to(OUT.dtype.element_ty))
 
     @triton.jit
     def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi,
@@ -308,7 +350,7 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                      scb, sch, spb, sph, K_FULL, K_PART,
@@ -343,8 +385,9 @@ if triton is not None:
                              FIDX, TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale,
                              HEAD_DIM, BS, BLOCK_M, False, PREC)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
-        _write(DK + out, dk * sm_scale, prog, SPLIT)
-        _write(DV + out, dv, prog, SPLIT)
+        slot = tl.load(prog + 3)
+        _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
+        _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
 
     @triton.jit
     def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, qk_scale,
@@ -371,7 +414,7 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+    def _dq_kernel(Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA,
                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
                    FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                    scb, sch, spb, sph, K_FULL, K_PART,
@@ -404,14 +447,15 @@ if triton is not None:
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
                        TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale, HEAD_DIM, BS,
                        BLOCK_N, False, PREC)
-        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, prog, SPLIT)
+        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh,
+               tl.load(prog + 3), S, HEAD_DIM, BS, SPLIT)
 
 
 # -- launch configurations ------------------------------------------------------------------------------
 # Each kernel's loop step computes one sub-tile of a layout tile: BLOCK_N keys (forward, dQ) or BLOCK_M queries
 # (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
-_ZEROED = {"dkdv": ["DK", "DV"], "dq": ["DQ"]}
+_ZEROED = {"dkdv": ["SCR_K", "SCR_V"], "dq": ["SCR_Q"]}
 _FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
 # The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
@@ -442,7 +486,7 @@ def _kernel(name: str, bs: int):
     if key not in _TUNED:
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
-        # outputs that split lists add into start from zero, also after the autotuner's trial runs
+        # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
         _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT"],
                                       reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
@@ -519,28 +563,37 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     _delta_kernel[(L // lists.block_size, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
                                                   HEAD_DIM=D, BLOCK=lists.block_size)
-    # split lists add their chunks into fp32 buffers (zeroed), converted at the end
-    f32 = torch.float32
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=f32) if lists.split_rows else torch.empty_like(q)
-    kv_shape = (B, H, L, D) if rep > 1 else tuple(k.shape)
-    new = torch.zeros if lists.split_cols else torch.empty
-    dk = new(kv_shape, device=q.device, dtype=f32 if lists.split_cols else k.dtype)
-    dv = new(kv_shape, device=q.device, dtype=f32 if lists.split_cols else v.dtype)
     bs = lists.block_size
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
+    dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
+    # split lists add their chunks into an fp32 scratch tile per list (B x H, S, bs, D), copied in afterwards
+    Sk, Sq = lists.col_slots.shape[-1], lists.row_slots.shape[-1]
+    scr_k, scr_v = (torch.zeros(B * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
+                    for _ in range(2))
+    scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
     kernel, extra = _kernel("dkdv", bs)
     kernel[(B * H, lists.col_prog.shape[2])](
-        q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3],
         *dk.stride()[:3], *_program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, **extra)
     kernel, extra = _kernel("dq", bs)
     kernel[(B * H, lists.row_prog.shape[2])](
-        q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, rep, L,
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
+    for scratch, out, slots in ((scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots),
+                                (scr_q, dq, lists.row_slots)):
+        if slots.shape[-1]:
+            ssb = 0 if lists.batch_broadcast else slots.stride(0)
+            ssh = 0 if lists.head_broadcast else slots.stride(1)
+            _scratch_kernel[(B * H, slots.shape[-1])](scratch, out, slots, *out.stride()[:3], ssb, ssh, H,
+                                                      slots.shape[-1], HEAD_DIM=D, BS=bs)
     if rep > 1:  # query heads that share a key/value head add their gradients
-        dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=f32)
-        dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=f32)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(k.dtype)
+        dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(v.dtype)
+    return dq, dk, dv
 
 
 class _BlockSparseAttention(torch.autograd.Function):
