@@ -292,6 +292,13 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * N_CTX + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)))
 
     @triton.jit
+    def _program(PROG, b, h, spb, sph):
+        """This program's row of the table ``_programs`` made: (tile, first, end, scratch slot); programs
+        start longest first."""
+        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4
+        return tl.load(prog), tl.load(prog + 1), tl.load(prog + 2), tl.load(prog + 3)
+
+    @triton.jit
     def _write(ptrs, value, SCRATCH, bh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
         """Store a program's (BS, HEAD_DIM) result; the chunks of a split list (slot >= 0) add theirs
         atomically into their fp32 scratch tile instead (SCRATCH: (B x H, S, BS, HEAD_DIM))."""
@@ -360,12 +367,9 @@ if triton is not None:
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4  # (column, first, end, split), longest first
-        n_blk = tl.load(prog)
+        n_blk, first, end, slot = _program(PROG, b, h, spb, sph)  # a tile column, or a chunk of its list
         if n_blk < 0:  # this example and head have fewer programs than the launch
             return
-        first = tl.load(prog + 1)
-        end = tl.load(prog + 2)
         offs_n = n_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
@@ -385,7 +389,6 @@ if triton is not None:
                              FIDX, TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale,
                              HEAD_DIM, BS, BLOCK_M, False, PREC)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
-        slot = tl.load(prog + 3)
         _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
         _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
 
@@ -424,12 +427,9 @@ if triton is not None:
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4  # (row, first, end, split), longest first
-        m_blk = tl.load(prog)
+        m_blk, first, end, slot = _program(PROG, b, h, spb, sph)  # a tile row, or a chunk of its list
         if m_blk < 0:
             return
-        first = tl.load(prog + 1)
-        end = tl.load(prog + 2)
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
@@ -447,8 +447,8 @@ if triton is not None:
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
                        TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale, HEAD_DIM, BS,
                        BLOCK_N, False, PREC)
-        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh,
-               tl.load(prog + 3), S, HEAD_DIM, BS, SPLIT)
+        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh, slot,
+               S, HEAD_DIM, BS, SPLIT)
 
 
 # -- launch configurations ------------------------------------------------------------------------------
