@@ -12,9 +12,8 @@ host's launch time (the GPU idles between kernels), so the graph mode shows what
 Dense and sparse are compared within one mode.
 
 Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
-across lengths. Dense runs transformers' SDPA attention without a mask (``use_dense_sdpa``: also under
-graph capture) (flash attention, causal for the
-decoder); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
+across lengths. Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
+for the decoder; through ``use_dense_sdpa``, so it stays mask-free under graph capture); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
 ``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the allowed pairs
 (measured with sparseattn.sparsity, reported with its block density).
 """
