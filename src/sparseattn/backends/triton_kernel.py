@@ -299,6 +299,13 @@ if triton is not None:
         return tl.load(prog), tl.load(prog + 1), tl.load(prog + 2), tl.load(prog + 3)
 
     @triton.jit
+    def _ranges(first, end, n_part):
+        """Entries first..end-1 of a partial-then-full list, as ranges into its partial list (which holds
+        n_part) and into its full list."""
+        return (tl.minimum(first, n_part), tl.minimum(end, n_part),
+                tl.maximum(first, n_part) - n_part, tl.maximum(end, n_part) - n_part)
+
+    @triton.jit
     def _write(ptrs, value, SCRATCH, bh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
         """Store a program's (BS, HEAD_DIM) result; the chunks of a split list (slot >= 0) add theirs
         atomically into their fp32 scratch tile instead (SCRATCH: (B x H, S, BS, HEAD_DIM))."""
@@ -381,13 +388,11 @@ if triton is not None:
         dk = tl.zeros([BS, HEAD_DIM], tl.float32)
         dv = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
-        pc = tl.load(PCNT + cnt)  # entries first..end-1 of partial-then-full
+        p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
-                             PTILE + cnt * K_PART, TILES, tl.minimum(first, pc), tl.minimum(end, pc), qk_scale,
-                             HEAD_DIM, BS, BLOCK_M, True, PREC)
+                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
-                             FIDX, TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale,
-                             HEAD_DIM, BS, BLOCK_M, False, PREC)
+                             FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
         _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
         _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
@@ -440,13 +445,11 @@ if triton is not None:
         vbase = V + b * svb + (h // REP) * svh
         dq = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + m_blk
-        pc = tl.load(PCNT + cnt)  # entries first..end-1 of partial-then-full
+        p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
-                       TILES, tl.minimum(first, pc), tl.minimum(end, pc), qk_scale, HEAD_DIM, BS, BLOCK_N, True,
-                       PREC)
+                       TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC)
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
-                       TILES, tl.maximum(first, pc) - pc, tl.maximum(end, pc) - pc, qk_scale, HEAD_DIM, BS,
-                       BLOCK_N, False, PREC)
+                       TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC)
         _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh, slot,
                S, HEAD_DIM, BS, SPLIT)
 
