@@ -6,6 +6,8 @@ precision (the reference's explicit softmax path in bf16 minus the fp32 referenc
 tests do. Only real (non-padding) queries count: the block backend gives padding queries no keys.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -70,14 +72,20 @@ def _run(backend, lp, layout, q, k, v, grad, dtype, need_weights=False):
 
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split"])
+@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
-    if kernel == "triton-split":  # the backward walks every list in one-tile chunks that add atomically
+    """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
+    pass; -split: the backward walks every list in one-tile chunks that add atomically."""
+    if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 
-        monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
-        monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+        if kernel.endswith("split"):
+            monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+            monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+        if "fused" in kernel:
+            monkeypatch.setattr(triton_kernel, "block_sparse_attention_triton",
+                                functools.partial(triton_kernel.block_sparse_attention_triton, backward="fused"))
         kernel = "triton"
     plan = spec(heads) if callable(spec) else Plan.parse(spec)
     lp = plan.resolve(1, heads)[0]
@@ -259,3 +267,37 @@ def test_training_step_captured_as_a_cuda_graph_matches_eager():
     with pytest.raises(RuntimeError, match="block backend under CUDA graph capture: .*attention.mask"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             step(attention_mask=mask)
+
+
+def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch):
+    """Split lists (and the fused backward) add with atomics, in an order that varies; under
+    torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the
+    default ones within rounding."""
+    from sparseattn.backends import triton_kernel
+    from sparseattn.backends.block_layout import BlockLayout
+
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)  # every backward list split into one-tile chunks
+    L, H, D = 2048, 4, 64
+    keep = torch.ones(L, L, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
+    keep[:, :2] = keep[:2, :] = True
+    lists = triton_kernel.TileLists.from_layout(BlockLayout.from_mask(keep[None, None], 128))
+    assert lists.split_rows and lists.split_cols
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, grad = (torch.randn(2, H, L, D, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))
+
+    def grads():
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = triton_kernel.block_sparse_attention_triton(*qkv, lists)
+        return torch.autograd.grad(out, qkv, grad)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    default = grads()
+    for what, a, b, f in zip(("dq", "dk", "dv"), first, second, default):
+        assert torch.equal(a, b), f"{what} differs between two deterministic runs"
+        assert torch.allclose(a.float(), f.float(), atol=2e-2, rtol=2e-2), what

@@ -65,9 +65,11 @@ CASES = [
 @pytest.mark.parametrize("B,H,Hk,L,D,bs,Bl,Hl", CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}L{c[3]}D{c[4]}bs{c[5]}" for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
-def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, monkeypatch):
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
+def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, monkeypatch):
     """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
-    sizes only lists far longer than the mean, a global token's, are split)."""
+    sizes only lists far longer than the mean, a global token's, are split). fused: dQ is added atomically
+    by the dK/dV pass; two-pass: a pass over the rows computes it."""
     keep = _keep(Bl, Hl, L, seed=L)
     if split:
         monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
@@ -79,7 +81,7 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
     k, v = (torch.randn(B, Hk, L, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
     grad = torch.randn(B, H, L, D, generator=g).to(dtype)
     scale = 0.7 * D ** -0.5
-    out = block_sparse_attention_triton(q, k, v, lists, scale=scale)
+    out = block_sparse_attention_triton(q, k, v, lists, scale=scale, backward=backward)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
     full_keep = keep.expand(B, H, L, L)
     ref = _reference(q, k, v, full_keep, scale)
@@ -168,6 +170,34 @@ def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
     small, large = lists_bytes(2048), lists_bytes(8192)
     assert large < 4.5 * small
     assert large < 8192 * 8192 / 64  # far below even a bit per pair
+
+
+def test_deterministic_algorithms_run_two_passes_over_whole_lists(monkeypatch):
+    """Atomics add in a varying order: under torch.use_deterministic_algorithms(True), backward="auto" runs
+    the two passes over the lists' unsplit form, whose every program stores its own tile."""
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+    lists = _lists(_keep(1, 3, 150, seed=2), 32)
+    assert lists.split_rows and lists.split_cols
+    assert not lists.whole.split_rows and not lists.whole.split_cols and lists.whole.whole is lists.whole
+    assert torch.equal(lists.whole.row_full[1], lists.row_full[1])  # the same tiles, walked whole
+    seen = []
+    backward = triton_kernel._backward
+    monkeypatch.setattr(triton_kernel, "_backward", lambda *a: seen.append(a[-1]) or backward(*a))
+    q = torch.randn(1, 3, 150, 16, requires_grad=True)
+    ref = None
+    for deterministic in (False, True):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            grad, = torch.autograd.grad(block_sparse_attention_triton(q, q, q, lists).sum(), q)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        ref = grad if ref is None else ref
+        assert torch.allclose(grad, ref, atol=1e-5)
+    assert seen == ["two-pass", "deterministic"]
+    with pytest.raises(ValueError, match="backward='fast'.*auto, fused, two-pass"):
+        block_sparse_attention_triton(q, q, q, lists, backward="fast")
 
 
 def test_bad_inputs_name_the_problem(monkeypatch):

@@ -158,6 +158,12 @@ class TileLists:
     batch_broadcast: bool  # B' == 1: every example shares the layout
     head_broadcast: bool  # H' == 1: every head shares the layout
     heads: int  # H' (1 or the number of query heads)
+    unsplit: "TileLists | None" = None  # the same lists with no backward list split, where some are (see `whole`)
+
+    @property
+    def whole(self) -> "TileLists":
+        """These lists with every backward list walked whole by one program: no atomics (deterministic)."""
+        return self.unsplit if self.unsplit is not None else self
 
     @property
     def split_rows(self) -> bool:
@@ -191,25 +197,34 @@ class TileLists:
         row_order = torch.argsort(row_len, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
         # the backward's long lists are split (the mean over all lists: each tile is in one row and one column)
         limit = max(SPLIT_MIN, SPLIT_FACTOR * -(-int(row_len.sum()) // max(1, row_len.numel())))
-        if not split:
-            limit = max(1, layout.num_q_blocks, layout.num_kv_blocks)
+        no_limit = max(1, layout.num_q_blocks, layout.num_kv_blocks)
 
-        def programs(length):
+        def programs(length, limit):
             Bp, Hp, N = length.shape
             table, slots = _programs(length.reshape(Bp * Hp, N), limit)
             return table.view(Bp, Hp, *table.shape[1:]), slots.view(Bp, Hp, -1)
 
-        (row_prog, row_slots), (col_prog, col_slots) = programs(row_len), programs(col_len)
-        return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
-                   row_order=row_order, row_prog=row_prog, col_prog=col_prog, row_slots=row_slots,
-                   col_slots=col_slots,
-                   block_size=bs, num_q_blocks=layout.num_q_blocks, num_kv_blocks=layout.num_kv_blocks,
-                   batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
+        def build(limit, unsplit=None):
+            (row_prog, row_slots), (col_prog, col_slots) = programs(row_len, limit), programs(col_len, limit)
+            return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
+                       row_order=row_order, row_prog=row_prog, col_prog=col_prog, row_slots=row_slots,
+                       col_slots=col_slots, block_size=bs, num_q_blocks=layout.num_q_blocks,
+                       num_kv_blocks=layout.num_kv_blocks, batch_broadcast=code.shape[0] == 1,
+                       head_broadcast=code.shape[1] == 1, heads=code.shape[1], unsplit=unsplit)
+
+        whole = build(no_limit)
+        if not split:
+            return whole
+        lists = build(limit, whole)
+        # built now, not at a deterministic backward pass: that may run inside a CUDA graph capture
+        return lists if lists.split_rows or lists.split_cols else whole
 
     def nbytes(self) -> int:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
               self.row_prog, self.col_prog, self.row_slots, self.col_slots]
-        return sum(t.numel() * t.element_size() for t in ts)
+        extra = 0 if self.unsplit is None else sum(t.numel() * t.element_size() for t in
+                                                   (self.unsplit.row_prog, self.unsplit.col_prog))
+        return extra + sum(t.numel() * t.element_size() for t in ts)
 
 
 if triton is not None:
@@ -245,13 +260,14 @@ if triton is not None:
             col0 = (t % SUB) * BLOCK_N
             offs_n = blk * BS + col0 + offs_j
             kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
-            qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+            qk = tl.dot(q, kT, input_precision=PREC)
             if MASKED:
                 keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
                 qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # the scale (> 0) goes on the row maxima and into the exponent's multiply-add, not on every score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
-            p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vbase + offs_n[:, None] * stride_vl + offs_d[None, :])
@@ -337,10 +353,11 @@ if triton is not None:
                  x.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi,
-                    qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PREC: tl.constexpr):
-        """Entries lo..hi-1 of a column's list."""
+    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE, TILES,
+                    lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr):
+        """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
+        the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
         SUB: tl.constexpr = BS // BLOCK_M
         offs_d = tl.arange(0, HEAD_DIM)
         offs_i = tl.arange(0, BLOCK_M)
@@ -361,16 +378,19 @@ if triton is not None:
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+            if FUSED:
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)
+                tl.atomic_add(DQ_bh + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
         return dk, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA,
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                      scb, sch, spb, sph, K_FULL, K_PART,
                      H, REP, N_CTX, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-                     SPLIT: tl.constexpr):
+                     SPLIT: tl.constexpr, FUSED: tl.constexpr):
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -385,14 +405,16 @@ if triton is not None:
         dobase = DO + b * sdob + h * sdoh
         LSE_bh = LSE + bh.to(tl.int64) * N_CTX
         DELTA_bh = DELTA + bh.to(tl.int64) * N_CTX
+        DQ_bh = DQ_ACC + bh.to(tl.int64) * N_CTX * HEAD_DIM
         dk = tl.zeros([BS, HEAD_DIM], tl.float32)
         dv = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
         p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
-                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
-                             FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, PIDX + cnt * K_PART,
+                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC,
+                             FUSED)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, FIDX + cnt * K_FULL,
+                             FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
         _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
         _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
@@ -458,7 +480,7 @@ if triton is not None:
 # Each kernel's loop step computes one sub-tile of a layout tile: BLOCK_N keys (forward, dQ) or BLOCK_M queries
 # (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
-_ZEROED = {"dkdv": ["SCR_K", "SCR_V"], "dq": ["SCR_Q"]}
+_ZEROED = {"dkdv": ["SCR_K", "SCR_V", "DQ_ACC"], "dq": ["SCR_Q"]}
 _FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
 # The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
@@ -490,7 +512,7 @@ def _kernel(name: str, bs: int):
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT"],
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT", "FUSED"],
                                       reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
 
@@ -558,7 +580,28 @@ def _forward(q, k, v, lists: TileLists, scale: float):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
+BACKWARDS = ("auto", "fused", "two-pass")
+
+
+def _backward_mode(backward: str) -> str:
+    """"auto": two passes, over whole lists where torch.use_deterministic_algorithms is on (split lists and the
+    fused pass add up with atomics, whose order varies from run to run). Fused is not the default: on an H100
+    it was 0.8x of two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory
+    (docs/benchmarks.md, fifth round)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward={backward!r}: expected one of {', '.join(BACKWARDS)}")
+    if backward == "auto":
+        return "deterministic" if torch.are_deterministic_algorithms_enabled() else "two-pass"
+    return backward
+
+
+def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "fused"):
+    """mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32); "two-pass": a
+    second pass over tile rows computes dQ (recomputing the probabilities); "deterministic": two passes over
+    whole lists, no atomics."""
+    if mode == "deterministic":
+        lists, mode = lists.whole, "two-pass"
+    fused = mode == "fused"
     B, H, L, D = q.shape
     Hk = k.shape[1]
     rep = H // Hk
@@ -567,28 +610,32 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
     _delta_kernel[(L // lists.block_size, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
                                                   HEAD_DIM=D, BLOCK=lists.block_size)
     bs = lists.block_size
-    dq = torch.empty_like(q)
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
     dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
     dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
     # split lists add their chunks into an fp32 scratch tile per list (B x H, S, bs, D), copied in afterwards
     Sk, Sq = lists.col_slots.shape[-1], lists.row_slots.shape[-1]
     scr_k, scr_v = (torch.zeros(B * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
                     for _ in range(2))
-    scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
+    scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq and not fused else dq
     kernel, extra = _kernel("dkdv", bs)
     kernel[(B * H, lists.col_prog.shape[2])](
-        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3],
         *dk.stride()[:3], *_program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
-        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, **extra)
-    kernel, extra = _kernel("dq", bs)
-    kernel[(B * H, lists.row_prog.shape[2])](
-        q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, rep, L,
-        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
+        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
+        **extra)
+    if fused:
+        dq = dq.mul_(scale).to(q.dtype)
+    else:
+        kernel, extra = _kernel("dq", bs)
+        kernel[(B * H, lists.row_prog.shape[2])](
+            q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
+            H, rep, L, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
     for scratch, out, slots in ((scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots),
                                 (scr_q, dq, lists.row_slots)):
-        if slots.shape[-1]:
+        if slots.shape[-1] and not (fused and out is dq):
             ssb = 0 if lists.batch_broadcast else slots.stride(0)
             ssh = 0 if lists.head_broadcast else slots.stride(1)
             _scratch_kernel[(B * H, slots.shape[-1])](scratch, out, slots, *out.stride()[:3], ssb, ssh, H,
@@ -601,27 +648,33 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float):
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lists, scale):
+    def forward(ctx, q, k, v, lists, scale, backward):
         o, lse = _forward(q, k, v, lists, scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lists, ctx.scale = lists, scale
+        ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale, _backward_mode(ctx.mode))
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                  lists: TileLists, *, scale: float | None = None) -> torch.Tensor:
+                                  lists: TileLists, *, scale: float | None = None,
+                                  backward: str = "auto") -> torch.Tensor:
     """Attention over the kept tiles of a layout, with sparseattn's Triton kernel (differentiable).
 
     query: (B, H, L, D); key, value: (B, H_kv, L, D), H a multiple of H_kv; lists: ``TileLists.from_layout``
     of a layout over L' >= L tokens (the extra positions are padding, never kept). Any head size: heads that
     are not a power of two are zero-padded for the kernel. Returns (B, H, L, D); rows without a kept key are 0.
+
+    backward: "two-pass" (dK/dV over tile columns, then dQ over tile rows, recomputing the probabilities),
+    "fused" (one pass over the columns computes dK and dV and adds dQ atomically into an fp32 copy), or "auto":
+    two passes, and with no atomics at all (bitwise reproducible) where ``torch.use_deterministic_algorithms(True)``.
     """
+    _backward_mode(backward)  # a bad name fails here, not in the backward pass
     if triton is None:
         raise RuntimeError("the Triton block kernel needs the triton package (pip install triton; it comes with "
                            "CUDA builds of PyTorch)")
@@ -642,5 +695,5 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check(q, k, v, lists)
-    out = _BlockSparseAttention.apply(q, k, v, lists, scale)
+    out = _BlockSparseAttention.apply(q, k, v, lists, scale, backward)
     return out[:, :, :L, :D] if (Lp > L or Dp > D) else out

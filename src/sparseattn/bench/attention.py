@@ -15,9 +15,12 @@ the peak memory above the inputs of:
 - ``triton_full``: the Triton kernel over a layout of all-full tiles: its own dense speed;
 - ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
   partial tiles read a table of the distinct partial tiles, no L x L table; sub-tile shapes autotuned per
-  head size and length; the backward splits lists far longer than the mean (global tokens');
-- ``triton_whole``: the same kernel with every backward list walked whole by one program (as before the
-  split): what splitting long lists gains.
+  head size and length; the backward splits lists far longer than the mean (global tokens') and runs two
+  passes (dK/dV over tile columns, then dQ over tile rows, recomputing the probabilities);
+- ``triton_fused``: the same kernel with the fused backward (one pass over the columns computes dK and dV
+  and adds dQ atomically in fp32): what fusing gains;
+- ``triton_whole``: two passes with every backward list walked whole by one program, no atomics (what
+  ``torch.use_deterministic_algorithms(True)`` runs): what splitting long lists gains.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -39,8 +42,9 @@ from ..backends.block import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
-METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_whole")
-SPARSE = ("block", "flex_mask", "triton", "triton_whole")  # methods that pay for kept tiles only
+METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_fused",
+           "triton_whole")
+SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole")  # methods that pay for kept tiles only
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -242,11 +246,11 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    def triton_on(mask, split=True):
+    def triton_on(mask, split=True, backward="two-pass"):
         from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
 
         lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs), split=split)
-        return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale)
+        return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale, backward=backward)
 
     def triton():
         lists, fn = triton_on(keep)
@@ -257,11 +261,15 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def triton_full():
         return triton_on(torch.ones(1, 1, L, L, dtype=torch.bool, device=device))[1]
 
+    def triton_fused():
+        return triton_on(keep, backward="fused")[1]
+
     def triton_whole():
-        return triton_on(keep, split=False)[1]
+        return triton_on(keep, split=False, backward="two-pass")[1]
 
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
-            "triton_full": triton_full, "triton": triton, "triton_whole": triton_whole}, info
+            "triton_full": triton_full, "triton": triton, "triton_fused": triton_2pass,
+            "triton_whole": triton_whole}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
