@@ -9,7 +9,9 @@ In the backward pass a list much longer than the layout's mean (a global token's
 keeps every tile) is split into chunks walked by programs of their own: otherwise one such program runs
 alone long after the others end. The chunks add their partial gradients with atomics into an fp32
 scratch tile per split list, copied into the gradient afterwards; every other tile row or column stores
-its gradient directly.
+its gradient directly. Atomics add in a varying order: under ``torch.use_deterministic_algorithms(True)``
+the backward walks every list whole instead. Optionally (``backward="fused"``) the dK/dV pass also adds
+dQ atomically, and the dQ pass is skipped.
 
 Each list comes in two parts: partial tiles first, whose token mask is read from a table of the layout's
 distinct partial tiles (a byte a pair, block_size^2 bytes a tile), then full tiles, computed without any mask.
