@@ -61,6 +61,32 @@ def test_layout_is_the_mask_exactly(spec, which, causal, block_size):
     assert bl.density(allowed_blocks) == pytest.approx(kept_blocks.sum().item() / allowed_blocks.sum().item())
 
 
+@pytest.mark.parametrize("rows_per_slab", [1, 3])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_layouts_built_a_slab_of_rows_at_a_time_equal_the_whole_masks(rows_per_slab, pow2):
+    """from_rows over slabs of 1 or 3 tile rows gives from_mask's codes and distinct tiles (stored once even
+    where they recur in several slabs), for per-example and per-head masks at odd lengths."""
+    g = torch.Generator().manual_seed(0)
+    Lq, Lk, bs = 150, 90, 16
+    keep = torch.rand(2, 3, Lq, Lk, generator=g) < 0.2
+    keep[:, 1] = torch.ones(Lq, Lk, dtype=torch.bool).tril(8).triu(-8)  # a band: recurring partial tiles
+    keep[1, 2, :64, :32] = True  # full tiles
+    whole = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=pow2)
+    asked = []
+
+    def rows(start, stop):
+        asked.append((start, stop))
+        return keep[:, :, start:stop]
+
+    sliced = BlockLayout.from_rows(rows, Lq, Lk, bs, pad_tiles_to_pow2=pow2,
+                                   slab_pairs=rows_per_slab * bs * bs * -(-Lk // bs))
+    assert [b - a for a, b in asked[:-1]] == [rows_per_slab * bs] * (len(asked) - 1) and asked[-1][1] == Lq
+    assert torch.equal(sliced.code, whole.code) and torch.equal(sliced.bits, whole.bits)
+    assert torch.equal(sliced.to_dense(), keep)
+    with pytest.raises(ValueError, match=r"rows\(0, 16\) gave torch.bool \(2, 3, 16, 89\), expected a bool \(B, H, 16, 90\)"):
+        BlockLayout.from_rows(lambda a, b: keep[:, :, a:b, :89], Lq, Lk, bs, slab_pairs=1)
+
+
 def test_flex_lists_match_tiles():
     layout = TokenLayout.from_lengths([70, 33])
     keep = _keep("all: neighbour(4) | random_blocks(1, block=16)", layout)

@@ -279,3 +279,66 @@ def test_backend_switches_to_flexattention_when_the_triton_kernel_does_not_fit(m
     ref, _ = ReferenceBackend().attention(call())
     real = layout.real[:, None, :, None]
     torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["all: neighbour(3) | global_tokens(1)", "all: strided(5) | global_tokens(2)",
+                                  "all: neighbour(6) & strided(2)", "all: full()"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_positional_layouts_are_built_from_positions_without_the_mask(spec, causal, monkeypatch):
+    """A positional layer on an unpadded batch: the Triton path builds its layout from the positions a slab
+    of rows at a time; the plan's L x L mask is made only on the first POSITION_CHECK tokens, to check the
+    pattern's index_relation. The layout is the mask's exactly; outputs equal the reference."""
+    from sparseattn.plans.plan import LayerPlan
+
+    L, heads = 301, 4  # bucketed to 320 with block 32: a cut last tile
+    layout = TokenLayout.from_lengths([L, L], causal=causal)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, L, 16, generator=g)
+    k, v = (torch.randn(2, 2, L, 16, generator=g) for _ in range(2))
+    lp = Plan.parse(spec).resolve(1, heads)[0]
+
+    def call():
+        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
+
+    masked = []
+    mask = LayerPlan.mask
+    monkeypatch.setattr(LayerPlan, "mask", lambda self, lay, cache=None: masked.append(lay.length) or mask(self, lay, cache))
+    monkeypatch.setattr(BlockSparseBackend, "POSITION_CHECK", 64)
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    out, _ = backend.attention(call())
+    assert backend.stats["position_builds"] == 1 and masked == [64]
+    (entry,) = backend._layouts.values()
+    keep = mask(lp, TokenLayout.from_lengths([L], causal=causal))
+    want = BlockLayout.from_mask(F.pad(keep, (0, 320 - L, 0, 320 - L)), 32, pad_tiles_to_pow2=True)
+    assert torch.equal(entry.layout.code, want.code) and torch.equal(entry.layout.bits, want.bits)
+    ref, _ = ReferenceBackend().attention(call())
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_positions_that_disagree_with_the_mask_are_not_used(monkeypatch, caplog):
+    """An index_relation that says more than the pattern's mask: the check catches it, says so, and the
+    layout is built from the mask."""
+    import logging
+
+    from sparseattn.patterns.base import positional_grid
+    from sparseattn.patterns.neighbour import Neighbour
+
+    def relation(self, layout, *, layer, num_heads):  # the mask as it is ...
+        qi, kj = positional_grid(layout)
+        return (qi - kj).abs() <= self.k
+
+    monkeypatch.setattr(Neighbour, "relation", relation)  # ... and positions that say one more
+    monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
+    layout = TokenLayout.from_lengths([100])
+    q = torch.randn(1, 2, 100, 16)
+    lp = Plan.parse("all: neighbour(3)").resolve(1, 2)[0]
+
+    def call():
+        return AttentionCall(q, q, q, lp, layout, layout.allowed(), 0.25, 0.0, {})
+
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    with caplog.at_level(logging.WARNING, logger="sparseattn"):
+        out, _ = backend.attention(call())
+    assert backend.stats["position_builds"] == 0 and "disagrees with its mask on 100 tokens" in caplog.text
+    ref, _ = ReferenceBackend().attention(call())
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

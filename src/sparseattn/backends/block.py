@@ -380,16 +380,21 @@ class BlockSparseBackend(Backend):
         padding, positional patterns), so one example's mask serves the batch."""
         self.stats["layout_builds"] += 1
         lp, lay, L = call.layer_plan, call.layout, call.q_len
-        if batch_invariant:
-            one = TokenLayout(real=lay.real[:1], causal=lay.causal)
-            keep = lp.mask(one)
-        else:
-            keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
         Lp = bucket_length(L, self.block_size)
-        if Lp > L:
-            keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
-        layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
-        del keep
+        rows = self._position_rows(call, Lp) if batch_invariant and self.kernel == "triton" else None
+        if rows is not None:  # slabs of rows computed from positions: no L x L mask at any point
+            self.stats["position_builds"] += 1
+            layout = BlockLayout.from_rows(rows, Lp, Lp, self.block_size, pad_tiles_to_pow2=True)
+        else:
+            if batch_invariant:
+                one = TokenLayout(real=lay.real[:1], causal=lay.causal)
+                keep = lp.mask(one)
+            else:
+                keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
+            if Lp > L:
+                keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
+            layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+            del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
         if self.kernel == "triton":  # tile lists and the distinct partial tiles: nothing more to build
@@ -403,6 +408,41 @@ class BlockSparseBackend(Backend):
                           pins=lp.patterns)
         rep = call.query.shape[1] // call.key.shape[1]
         return _Entry(layout, layout.flex_block_masks(rep), density, pins=lp.patterns)
+
+    # positions a pattern's index_relation is checked on against its mask before the layout is built from it
+    POSITION_CHECK = 512
+
+    def _position_rows(self, call: AttentionCall, length: int):
+        """For a layer whose one pattern (on every head) is a function of positions, on a batch without
+        padding: ``rows(start, stop)``, the layer's keep-mask for queries start..stop-1 over ``length``
+        (bucketed) keys, from the positions alone, for `BlockLayout.from_rows`. The relation is first
+        checked against the pattern's own mask on the first POSITION_CHECK positions (a disagreement is
+        logged and the mask is used). None where this does not apply."""
+        lp, L, causal = call.layer_plan, call.q_len, call.layout.causal
+        if len(lp.entries) != 1 or lp.entries[0][0] is not None:
+            return None
+        pattern = lp.entries[0][1]
+        rel = pattern.index_relation()
+        if rel is None:
+            return None
+        device = call.query.device
+
+        def rows(start, stop, n=L):
+            q = torch.arange(start, stop, device=device)[:, None]
+            kv = torch.arange(length, device=device)[None, :]
+            keep = torch.broadcast_to(rel(q, kv), (stop - start, length)) & (q < n) & (kv < n)
+            if causal:
+                keep = keep & (kv <= q)
+            return (keep | ((q == kv) & (q < n)))[None, None]
+
+        n = min(L, self.POSITION_CHECK)
+        small = TokenLayout.from_lengths([n], causal=causal, device=device)
+        if not torch.equal(rows(0, n, n)[..., :n], lp.mask(small)):
+            self._say(("position-mismatch", lp.layer), f"layer {lp.layer}: {pattern.spec()}'s index_relation "
+                      f"disagrees with its mask on {n} tokens; the layout is built from the mask",
+                      level=logging.WARNING)
+            return None
+        return rows
 
     def _analytic_mask(self, call: AttentionCall, layout: BlockLayout):
         """For a layer whose one pattern (on every head) is a function of positions (``index_relation``),

@@ -107,31 +107,60 @@ class BlockLayout:
         check_block_size(block_size)
         if keep.dtype != torch.bool or keep.dim() != 4:
             raise ValueError(f"keep-mask must be a 4-D bool tensor (B, H, Lq, Lk), got {keep.dtype} {tuple(keep.shape)}")
-        B, H, Lq, Lk = keep.shape
+        return cls.from_rows(lambda start, stop: keep[:, :, start:stop], keep.shape[2], keep.shape[3], block_size,
+                             dedupe=dedupe, pad_tiles_to_pow2=pad_tiles_to_pow2)
+
+    @classmethod
+    def from_rows(cls, rows, q_len: int, kv_len: int, block_size: int = 128, *, dedupe: bool = True,
+                  pad_tiles_to_pow2: bool = False, slab_pairs: int = 2**24) -> "BlockLayout":
+        """Compile a keep-mask given a slab of query rows at a time: ``rows(start, stop)`` returns the
+        (B', H', stop - start, kv_len) bool mask of queries start..stop-1 (slabs of whole tile rows, about
+        ``slab_pairs`` pairs each). Only one slab exists at a time, so a mask computed from positions never
+        exists at L x L. Codes and distinct partial tiles are those of ``from_mask`` on the whole mask."""
+        check_block_size(block_size)
         bs = block_size
-        pq, pk = (-Lq) % bs, (-Lk) % bs
-        if pq or pk:
-            keep = torch.nn.functional.pad(keep, (0, pk, 0, pq))
-        Nq, Nk = (Lq + pq) // bs, (Lk + pk) // bs
-        tiles = keep.view(B, H, Nq, bs, Nk, bs)
-        n_kept = tiles.sum(dim=(3, 5), dtype=torch.int32)
-        full = n_kept == bs * bs
-        partial = (n_kept > 0) & ~full
-        code = torch.full((B, H, Nq, Nk), EMPTY, dtype=torch.int32, device=keep.device)
-        code[full] = FULL
-        part_tiles = tiles.permute(0, 1, 2, 4, 3, 5)[partial]  # (P, bs, bs), row-major order of `partial`
-        words = pack_bits(part_tiles)
-        if dedupe and words.shape[0] > 1:
+        Nq, Nk = -(-q_len // bs), -(-kv_len // bs)
+        step = max(1, slab_pairs // (bs * bs * max(1, Nk)))  # tile rows per slab
+        codes, words, shape, stored = [], [], None, 0
+        for t0 in range(0, max(1, Nq), step):  # one (empty) slab for an empty mask
+            start, stop = t0 * bs, min(q_len, (t0 + step) * bs)
+            keep = rows(start, stop)
+            if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[2:] != (stop - start, kv_len):
+                raise ValueError(f"rows({start}, {stop}) gave {keep.dtype} {tuple(keep.shape)}, expected a bool "
+                                 f"(B, H, {stop - start}, {kv_len}) mask")
+            if shape is not None and keep.shape[:2] != shape:
+                raise ValueError(f"rows({start}, {stop}) gave {tuple(keep.shape[:2])} examples x heads, earlier "
+                                 f"slabs {tuple(shape)}")
+            shape = keep.shape[:2]
+            B, H = shape
+            n = -(-(stop - start) // bs)
+            keep = torch.nn.functional.pad(keep, (0, Nk * bs - kv_len, 0, n * bs - (stop - start)))
+            tiles = keep.view(B, H, n, bs, Nk, bs)
+            n_kept = tiles.sum(dim=(3, 5), dtype=torch.int32)
+            full = n_kept == bs * bs
+            partial = (n_kept > 0) & ~full
+            code = torch.full((B, H, n, Nk), EMPTY, dtype=torch.int32, device=keep.device)
+            code[full] = FULL
+            w = pack_bits(tiles.permute(0, 1, 2, 4, 3, 5)[partial])  # (P, bs, bs // W), row-major order of `partial`
+            if dedupe and w.shape[0] > 1:
+                w, inverse = torch.unique(w.reshape(w.shape[0], -1), dim=0, return_inverse=True)
+                w = w.reshape(-1, bs, bs // _bits_per_word(bs))
+                code[partial] = inverse.to(torch.int32) + stored
+            else:
+                code[partial] = torch.arange(w.shape[0], dtype=torch.int32, device=keep.device) + stored
+            stored += w.shape[0]
+            codes.append(code)
+            words.append(w)
+        code, words = torch.cat(codes, dim=2), torch.cat(words)
+        if dedupe and len(codes) > 1 and words.shape[0] > 1:  # tiles that recur in several slabs: stored once
             words, inverse = torch.unique(words.reshape(words.shape[0], -1), dim=0, return_inverse=True)
             words = words.reshape(-1, bs, bs // _bits_per_word(bs))
-            code[partial] = inverse.to(torch.int32)
-        else:
-            code[partial] = torch.arange(words.shape[0], dtype=torch.int32, device=keep.device)
+            code = torch.where(code >= 0, inverse.to(torch.int32)[code.clamp(min=0).long()], code)
         P = words.shape[0]
         target = max(1, P) if not pad_tiles_to_pow2 else 1 << max(0, (max(1, P) - 1).bit_length())
         if target > P:
             words = torch.cat([words, words.new_zeros(target - P, *words.shape[1:])])
-        return cls(code=code, bits=words.contiguous(), block_size=bs, q_len=Lq, kv_len=Lk)
+        return cls(code=code, bits=words.contiguous(), block_size=bs, q_len=q_len, kv_len=kv_len)
 
     # -- what it holds ------------------------------------------------------------------------
     @property
