@@ -16,7 +16,8 @@ whose partial tiles read a bool table over positions (L^2 bytes per distinct exa
 block-aligned layouts such as BigBird's random blocks), which it evaluates 4x faster than packed bits or
 a tile index (measured on an H100). Tables beyond the kernels' 32-bit indexing are split by heads (one
 FlexAttention call per group of heads). Where the mask is a function of positions, the backend gives
-FlexAttention its own mask_mod and no table is made.
+FlexAttention its own mask_mod and no table is made. Compiling goes a slab of query rows at a time
+(``BlockLayout.from_rows``), so a mask that is a function of positions never exists at L x L.
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
