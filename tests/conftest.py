@@ -138,6 +138,21 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
 
 
+@pytest.fixture
+def neighbour_positions_off_by_one(monkeypatch):
+    """neighbour(k) whose mask is as it is but whose index_relation says k + 1: a pattern whose positions
+    disagree with its mask, which backends must catch rather than trust."""
+    from sparseattn.patterns.base import positional_grid
+    from sparseattn.patterns.neighbour import Neighbour
+
+    def relation(self, layout, *, layer, num_heads):
+        qi, kj = positional_grid(layout)
+        return (qi - kj).abs() <= self.k
+
+    monkeypatch.setattr(Neighbour, "relation", relation)
+    monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The packaged all-MiniLM-L6-v2 tokenizer (BERT uncased WordPiece)."""

@@ -273,25 +273,15 @@ def test_positional_layers_of_unpadded_batches_evaluate_positions_not_a_table(sp
         assert [m.mask_mod.__name__ for _, _, m in entry.block_mask] == ["position_mask"]
 
 
-def test_positions_are_not_used_where_they_would_be_wrong(monkeypatch, caplog):
+def test_positions_are_not_used_where_they_would_be_wrong(neighbour_positions_off_by_one, caplog):
     """Padding, a pattern without index_relation, or an index_relation that disagrees with the pattern's
     mask: the stored table serves (the last with a warning), and the outputs stay right."""
-    from sparseattn.patterns.neighbour import Neighbour
-
     padded = TokenLayout.from_lengths([45, 30])
     for spec, layout in (("all: neighbour(3)", padded), ("all: random(2)", TokenLayout.from_lengths([45]))):
         backend = BlockSparseBackend(block_size=16, force=True)
         call = _call(spec, layout)
         out, _ = backend.attention(call)
         assert backend.stats["analytic_masks"] == 0
-    from sparseattn.patterns.base import positional_grid
-
-    def relation(self, layout, *, layer, num_heads):  # the mask as it is ...
-        qi, kj = positional_grid(layout)
-        return (qi - kj).abs() <= self.k
-
-    monkeypatch.setattr(Neighbour, "relation", relation)  # ... and positions that say one more
-    monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
     layout = TokenLayout.from_lengths([45])
     call = _call("all: neighbour(3)", layout)
     backend = BlockSparseBackend(block_size=16, force=True)

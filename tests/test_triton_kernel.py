@@ -220,20 +220,23 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         BlockSparseBackend(kernel="cuda")
 
 
+def _calls(spec, layout, heads=4, kv_heads=2):
+    """A function returning fresh AttentionCalls (their caches empty) of one layer of ``spec`` on random
+    q, k, v (head size 16)."""
+    g = torch.Generator().manual_seed(0)
+    B, L = layout.batch_size, layout.length
+    q = torch.randn(B, heads, L, 16, generator=g)
+    k, v = (torch.randn(B, kv_heads, L, 16, generator=g) for _ in range(2))
+    lp = Plan.parse(spec).resolve(1, heads)[0]
+    return lambda: AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
+
+
 @pytest.mark.parametrize("spec", ["all: neighbour(3) | global_tokens(1)", "heads=1,3@all: neighbour(0)"])
 def test_block_backend_runs_the_triton_kernel(spec):
     """BlockSparseBackend(kernel="triton") against the reference backend on real queries, with padding and
     grouped-query heads; padding queries get zero."""
     layout = TokenLayout.from_lengths([37, 20, 1])
-    g = torch.Generator().manual_seed(0)
-    B, L, heads = layout.batch_size, layout.length, 4
-    q = torch.randn(B, heads, L, 16, generator=g)
-    k, v = (torch.randn(B, 2, L, 16, generator=g) for _ in range(2))
-    lp = Plan.parse(spec).resolve(1, heads)[0]
-
-    def call():
-        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
-
+    call = _calls(spec, layout)
     backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
     out, _ = backend.attention(call())
     ref, _ = ReferenceBackend().attention(call())
@@ -263,13 +266,7 @@ def test_backend_switches_to_flexattention_when_the_triton_kernel_does_not_fit(m
 
     monkeypatch.setattr(tk, "block_sparse_attention_triton", no_fit)
     layout = TokenLayout.from_lengths([37, 20])
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, layout.length, 16, generator=g) for _ in range(3))
-    lp = Plan.parse("all: neighbour(3) | global_tokens(1)").resolve(1, 4)[0]
-
-    def call():
-        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
-
+    call = _calls("all: neighbour(3) | global_tokens(1)", layout, kv_heads=4)
     backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
     with caplog.at_level(logging.WARNING, logger="sparseattn"):
         out, _ = backend.attention(call())
@@ -290,16 +287,10 @@ def test_positional_layouts_are_built_from_positions_without_the_mask(spec, caus
     pattern's index_relation. The layout is the mask's exactly; outputs equal the reference."""
     from sparseattn.plans.plan import LayerPlan
 
-    L, heads = 301, 4  # bucketed to 320 with block 32: a cut last tile
+    L = 301  # bucketed to 320 with block 32: a cut last tile
     layout = TokenLayout.from_lengths([L, L], causal=causal)
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, heads, L, 16, generator=g)
-    k, v = (torch.randn(2, 2, L, 16, generator=g) for _ in range(2))
-    lp = Plan.parse(spec).resolve(1, heads)[0]
-
-    def call():
-        return AttentionCall(q, k, v, lp, layout, layout.allowed(), 0.25, 0.0, {})
-
+    call = _calls(spec, layout)
+    lp = call().layer_plan
     masked = []
     mask = LayerPlan.mask
     monkeypatch.setattr(LayerPlan, "mask", lambda self, lay, cache=None: masked.append(lay.length) or mask(self, lay, cache))
@@ -315,27 +306,12 @@ def test_positional_layouts_are_built_from_positions_without_the_mask(spec, caus
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-def test_positions_that_disagree_with_the_mask_are_not_used(monkeypatch, caplog):
+def test_positions_that_disagree_with_the_mask_are_not_used(neighbour_positions_off_by_one, caplog):
     """An index_relation that says more than the pattern's mask: the check catches it, says so, and the
     layout is built from the mask."""
     import logging
 
-    from sparseattn.patterns.base import positional_grid
-    from sparseattn.patterns.neighbour import Neighbour
-
-    def relation(self, layout, *, layer, num_heads):  # the mask as it is ...
-        qi, kj = positional_grid(layout)
-        return (qi - kj).abs() <= self.k
-
-    monkeypatch.setattr(Neighbour, "relation", relation)  # ... and positions that say one more
-    monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
-    layout = TokenLayout.from_lengths([100])
-    q = torch.randn(1, 2, 100, 16)
-    lp = Plan.parse("all: neighbour(3)").resolve(1, 2)[0]
-
-    def call():
-        return AttentionCall(q, q, q, lp, layout, layout.allowed(), 0.25, 0.0, {})
-
+    call = _calls("all: neighbour(3)", TokenLayout.from_lengths([100]))
     backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
     with caplog.at_level(logging.WARNING, logger="sparseattn"):
         out, _ = backend.attention(call())
