@@ -419,10 +419,7 @@ class BlockSparseBackend(Backend):
         checked against the pattern's own mask on the first POSITION_CHECK positions (a disagreement is
         logged and the mask is used). None where this does not apply."""
         lp, L, causal = call.layer_plan, call.q_len, call.layout.causal
-        if len(lp.entries) != 1 or lp.entries[0][0] is not None:
-            return None
-        pattern = lp.entries[0][1]
-        rel = pattern.index_relation()
+        rel = _index_relation(lp)
         if rel is None:
             return None
         device = call.query.device
@@ -430,16 +427,14 @@ class BlockSparseBackend(Backend):
         def rows(start, stop, n=L):
             q = torch.arange(start, stop, device=device)[:, None]
             kv = torch.arange(length, device=device)[None, :]
-            keep = torch.broadcast_to(rel(q, kv), (stop - start, length)) & (q < n) & (kv < n)
-            if causal:
-                keep = keep & (kv <= q)
-            return (keep | ((q == kv) & (q < n)))[None, None]
+            keep = _keep_from_positions(rel, q, kv, n, causal)
+            return torch.broadcast_to(keep, (stop - start, length))[None, None]
 
         n = min(L, self.POSITION_CHECK)
         small = TokenLayout.from_lengths([n], causal=causal, device=device)
         if not torch.equal(rows(0, n, n)[..., :n], lp.mask(small)):
-            self._say(("position-mismatch", lp.layer), f"layer {lp.layer}: {pattern.spec()}'s index_relation "
-                      f"disagrees with its mask on {n} tokens; the layout is built from the mask",
+            self._say(("position-mismatch", lp.layer), f"layer {lp.layer}: {lp.entries[0][1].spec()}'s "
+                      f"index_relation disagrees with its mask on {n} tokens; the layout is built from the mask",
                       level=logging.WARNING)
             return None
         return rows
@@ -449,9 +444,7 @@ class BlockSparseBackend(Backend):
         on a batch without padding: a mask_mod computing the keep-mask from the indices, checked against
         the layout on every partial tile. None where that does not hold."""
         lp = call.layer_plan
-        if len(lp.entries) != 1 or lp.entries[0][0] is not None:
-            return None
-        rel = lp.entries[0][1].index_relation()
+        rel = _index_relation(lp)
         if rel is None:
             return None
         # a tensor, not a Python int, so that lengths within one bucket share one compiled kernel
@@ -459,10 +452,7 @@ class BlockSparseBackend(Backend):
         causal = call.layout.causal
 
         def position_mask(b, h, q_idx, kv_idx):
-            keep = rel(q_idx, kv_idx) & (q_idx < length) & (kv_idx < length)
-            if causal:
-                keep = keep & (kv_idx <= q_idx)
-            return keep | ((q_idx == kv_idx) & (q_idx < length))
+            return _keep_from_positions(rel, q_idx, kv_idx, length, causal)
 
         if not layout.agrees_on_partial_tiles(position_mask):
             self._say(("analytic-mismatch", lp.layer), f"layer {lp.layer}: {lp.entries[0][1].spec()}'s "
@@ -484,6 +474,24 @@ class BlockSparseBackend(Backend):
             tiles = tiles & (i[None, None, :] <= i[None, :, None])
         heads = layout.code.shape[1]
         return int(tiles.sum()) * heads * (lay.batch_size if layout.code.shape[0] > 1 else 1) // lay.batch_size
+
+
+def _index_relation(lp):
+    """The index relation of a layer whose one pattern covers every head, or None (several entries, some
+    heads only, or a pattern that needs more than positions)."""
+    if len(lp.entries) != 1 or lp.entries[0][0] is not None:
+        return None
+    return lp.entries[0][1].index_relation()
+
+
+def _keep_from_positions(rel, q, kv, length, causal: bool):
+    """What Pattern.mask keeps on an unpadded example of ``length`` tokens, from positions q and kv
+    (broadcasting integer tensors, possibly beyond ``length``: those pairs are not kept): the relation on
+    allowed pairs, and each real query's own position."""
+    keep = rel(q, kv) & (q < length) & (kv < length)
+    if causal:
+        keep = keep & (kv <= q)
+    return keep | ((q == kv) & (q < length))
 
 
 def _register():
