@@ -588,7 +588,7 @@ BACKWARDS = ("auto", "fused", "two-pass")
 def _backward_mode(backward: str) -> str:
     """"auto": two passes, over whole lists where torch.use_deterministic_algorithms is on (split lists and the
     fused pass add up with atomics, whose order varies from run to run). Fused is not the default: on an H100
-    it was 0.8x of two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory
+    it ran at 0.79-0.89x of two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory
     (docs/benchmarks.md, fifth round)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r}: expected one of {', '.join(BACKWARDS)}")
