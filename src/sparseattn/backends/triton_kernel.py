@@ -597,7 +597,7 @@ def _backward_mode(backward: str) -> str:
     return backward
 
 
-def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "fused"):
+def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass"):
     """mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32); "two-pass": a
     second pass over tile rows computes dQ (recomputing the probabilities); "deterministic": two passes over
     whole lists, no atomics."""
@@ -616,10 +616,10 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "
     dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
     dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
     # split lists add their chunks into an fp32 scratch tile per list (B x H, S, bs, D), copied in afterwards
-    Sk, Sq = lists.col_slots.shape[-1], lists.row_slots.shape[-1]
+    Sk = lists.col_slots.shape[-1]
     scr_k, scr_v = (torch.zeros(B * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
                     for _ in range(2))
-    scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq and not fused else dq
+    copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
     kernel, extra = _kernel("dkdv", bs)
     kernel[(B * H, lists.col_prog.shape[2])](
         q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -630,14 +630,16 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "
     if fused:
         dq = dq.mul_(scale).to(q.dtype)
     else:
+        Sq = lists.row_slots.shape[-1]
+        scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
+        copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
         kernel[(B * H, lists.row_prog.shape[2])](
             q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
             H, rep, L, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
-    for scratch, out, slots in ((scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots),
-                                (scr_q, dq, lists.row_slots)):
-        if slots.shape[-1] and not (fused and out is dq):
+    for scratch, out, slots in copies:
+        if slots.shape[-1]:
             ssb = 0 if lists.batch_broadcast else slots.stride(0)
             ssh = 0 if lists.head_broadcast else slots.stride(1)
             _scratch_kernel[(B * H, slots.shape[-1])](scratch, out, slots, *out.stride()[:3], ssb, ssh, H,
