@@ -227,6 +227,7 @@ class BlockSparseBackend(Backend):
         self._said: set = set()
 
     # -- entry point ----------------------------------------------------------------------------
+    @torch.compiler.disable
     def attention(self, call: AttentionCall):
         lp = call.layer_plan
         where = f"layer {lp.layer}"

@@ -119,12 +119,13 @@ def cmd_model(args) -> int:
     kernel_options = _kernel_settings(args)
     meta = device_meta()
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
-                kernel_options=kernel_options)
+                kernel_options=kernel_options, torch_compile=args.torch_compile)
     results = []
     for kind in args.models:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
-                                     kernel_options=kernel_options, kernels=args.kernels, graphs=args.graphs))
+                                     kernel_options=kernel_options, kernels=args.kernels, graphs=args.graphs,
+                                     compile_model=args.torch_compile))
             torch.cuda.empty_cache()
             if args.json:  # keep what is done, whatever happens next
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
@@ -197,5 +198,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--graphs", action="store_true",
                    help="also time each configuration's whole step captured as one CUDA graph (no per-kernel "
                         "launch cost on the host; dense and sparse compared within a mode)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="run each model under torch.compile (Inductor, default mode), dense and sparse alike: the "
+                        "layers' other work is fused; the block backend's attention runs between compiled regions")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_model)

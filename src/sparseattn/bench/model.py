@@ -11,6 +11,11 @@ backward and optimizer step replayed without Python): at 16k tokens the eager sp
 host's launch time (the GPU idles between kernels), so the graph mode shows what the GPU work itself costs.
 Dense and sparse are compared within one mode.
 
+With ``compile_model``, the model is wrapped in ``torch.compile`` (Inductor, default mode) for dense and sparse
+alike, so the layers' other work (projections, layer norms, GELU, dropout, residuals) runs as fused kernels
+in both; the block backend's attention stays outside the compiled graphs (one graph break per call), dense
+SDPA is traced with the rest.
+
 Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
 across lengths. Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
 for the decoder; through ``use_dense_sdpa``, so it stays mask-free under graph capture); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
@@ -50,6 +55,7 @@ class ModelResult:
     note: str = ""
     kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
     mode: str = "eager"  # "eager", or "graph": the whole step captured once and replayed as a CUDA graph
+    compiled: bool = False  # the model ran under torch.compile (dense and sparse alike)
 
 
 def encoder(max_len: int):
@@ -131,7 +137,7 @@ def _graphed(body, warmup: int):
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("flex",), graphs: bool = False,
-              log=print) -> list[ModelResult]:
+              compile_model: bool = False, log=print) -> list[ModelResult]:
     device = "cuda"
     gc.collect()  # the previous config's models, before this one allocates
     torch.cuda.empty_cache()
@@ -151,7 +157,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
         def train(zero_grad: bool = True):
             # no autocast cache: cast weights are re-made each step, as graph capture needs
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = model(input_ids=ids, labels=labels).loss
+                loss = forward(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             if zero_grad:
@@ -168,19 +174,25 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
         def step():
             with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+                forward(input_ids=ids, use_cache=False)
 
         def capture():
             return _graphed(step, warmup)
+    forward = model
     out = []
     for attention in ("dense", *kernels):
         if attention != "dense":
             backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
             sparsify(model, plan, backend=backend)
+        forward = model
+        if compile_model:
+            torch._dynamo.reset()  # nothing traced for the previous attention is reused
+            forward = torch.compile(model)
         for mode in ("eager", "graph") if graphs else ("eager",):
             res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
                               None if attention == "dense" else sp, None if attention == "dense" else dens,
-                              None, None, None, kernel=None if attention == "dense" else attention, mode=mode)
+                              None, None, None, kernel=None if attention == "dense" else attention, mode=mode,
+                              compiled=compile_model)
             graph = None
             try:
                 run = step
@@ -205,7 +217,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
             gc.collect()
             torch.cuda.empty_cache()
             out.append(res)
-            log(f"  {kind} L={length} B={B} {attention} {mode}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
+            log(f"  {kind} L={length} B={B} {attention} {mode}{' compiled' if compile_model else ''}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
                 f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak "
                 f"{res.peak_gib and round(res.peak_gib, 2)} GiB" + (f" ({res.note})" if res.note else ""))
     for mode in ("eager", "graph"):  # speed-ups against dense in the same mode
@@ -217,12 +229,13 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
 
 def format_table(results: list[ModelResult]) -> str:
-    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'mode':<6} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
+    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'mode':<14} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
             f"{'tokens/s':>10} {'peak GiB':>8} {'speed-up':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} {r.mode:<6} "
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} "
+                     f"{r.mode + (' compiled' if r.compiled else ''):<14} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>10} {f(r.peak_gib, '.2f'):>8} {f(r.speedup, '.2f'):>8}"
                      + (f"  {r.note}" if r.note else ""))
