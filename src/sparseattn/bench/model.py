@@ -178,7 +178,6 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
         def capture():
             return _graphed(step, warmup)
-    forward = model
     out = []
     for attention in ("dense", *kernels):
         if attention != "dense":
