@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sparseattn demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The papers' studies (issue 7): long; meant for a GPU machine (see studies/README.md).

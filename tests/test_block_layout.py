@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparseattn import Plan
 from sparseattn.backends import BlockSparseBackend, ReferenceBackend, get_backend
@@ -382,6 +383,33 @@ def test_bench_layouts_meet_their_block_density_and_mask_mod(name):
     g = torch.Generator().manual_seed(0)
     h, q, kv = (torch.randint(0, m, (5000,), generator=g) for m in (keep.shape[1], L, L))
     assert torch.equal(mask_mod(torch.zeros_like(h), h, q, kv), keep[0, h, q, kv])  # the plain mask_mod agrees
+
+
+@pytest.mark.parametrize("name", ["sliding", "ap"])
+def test_every_bench_method_computes_the_layouts_attention(name, monkeypatch):
+    """Each method the attention bench times, set up as the bench does, gives the attention it stands for:
+    the layout's masked softmax, or unmasked softmax for the dense and the *_full methods (FlexAttention
+    eager and the Triton kernel in its interpreter, on the CPU)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the Triton methods run in the interpreter only where there is no GPU")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparseattn.bench import attention as bench
+
+    monkeypatch.setattr(bench, "flex_attention_fn", lambda compiled: flex_attention)
+    L, bs, H, D = 256, 128, 2, 16
+    keep, mask_mod, _ = bench.make_layout(name, L, 0.5, bs, H, "cpu")
+    setups, _ = bench._methods(keep, mask_mod, bs, D ** -0.5, "cpu")
+    assert set(setups) == set(bench.METHODS)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    full = F.scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(masked, full, atol=1e-3)
+    for method, setup in setups.items():
+        want = full if method in ("dense", "flex_full", "triton_full") else masked
+        torch.testing.assert_close(setup()(q, k, v), want, atol=2e-5, rtol=1e-4, msg=method)
 
 
 def test_bench_arguments():

@@ -14,7 +14,7 @@ each example's allowed region that hold at least one allowed pair, the fraction 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -268,7 +268,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return triton_on(keep, split=False, backward="two-pass")[1]
 
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
-            "triton_full": triton_full, "triton": triton, "triton_fused": triton_2pass,
+            "triton_full": triton_full, "triton": triton, "triton_fused": triton_fused,
             "triton_whole": triton_whole}, info
 
 

@@ -18,7 +18,7 @@ import torch
 from ..backends import Backend, get_backend
 from ..backends.base import AttentionCall
 from ..layout import TokenLayout
-from ..plans.plan import LayerPlan, Plan, PlanError
+from ..plans.plan import LayerPlan, Plan
 
 log = logging.getLogger("sparseattn")
 

@@ -129,7 +129,7 @@ def cmd_mask(args) -> int:
     unobserved = int((stats.allowed() & (stats.counts == 0)).sum())
     print(f"{args.stats}: {stats.num_examples} examples of {stats.metadata.get('data', '?')}, "
           f"{'decoder' if stats.causal else 'encoder'}; mask grid {N} x {N}"
-          + (f" (the longest collected example)" if args.length is None else ""))
+          + (" (the longest collected example)" if args.length is None else ""))
     if unobserved:
         print(f"note: {unobserved} allowed grid pairs were never observed (positions beyond the longest example); "
               "they are kept, never pruned")
