@@ -605,6 +605,42 @@ def test_unpadded_batches_get_no_materialized_mask_and_the_same_outputs(arch):
     assert not torch.allclose(lean[:, 1:], padded[:, 1:], atol=1e-4)  # the padding mask did change something
 
 
+class _EagerMaskSpy(_MaskSpy):
+    """_MaskSpy run outside torch.compile's graphs, as the block backend is."""
+
+    @torch.compiler.disable
+    def attention(self, call):
+        return super().attention(call)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_unpadded_batches_get_no_materialized_mask_under_torch_compile(arch, monkeypatch):
+    """Under torch.compile, transformers materializes the L x L mask even for a batch given without one where
+    dynamo reads torch.compiler.is_exporting() as True (torch before 2.14, emulated here whatever the version):
+    the sparsified model's mask function skips it, as outside compile, so the block backend keeps its
+    sync-free unpadded path; a padded batch still gets its mask."""
+    import torch._dynamo
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "is_torchdynamo_exporting", lambda: torch.compiler.is_compiling())
+
+    model = tiny_bert() if arch == "bert" else tiny_llama()
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    spy = _EagerMaskSpy()
+    sa.sparsify(model, "all: neighbour(1) | global_tokens(1)", backend=spy)
+    with torch.no_grad():
+        eager = model(input_ids=ids)[0]
+        torch._dynamo.reset()
+        compiled_model = torch.compile(model)
+        spy.masks.clear()
+        compiled = compiled_model(input_ids=ids)[0]
+        assert spy.masks and all(m is None for m in spy.masks)
+        spy.masks.clear()
+        compiled_model(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
+        assert spy.masks and all(m is not None for m in spy.masks)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_modules_that_do_not_say_whether_they_are_causal_always_get_the_mask():
     model = tiny_bert()
     for m in bert_attention_modules(model):

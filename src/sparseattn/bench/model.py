@@ -209,6 +209,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
                 if mode != "graph":
                     raise
                 res.note = f"graph capture failed: {str(e).splitlines()[0][:160]}"
+                log(f"  graph capture of {kind} L={length} {attention} failed:\n{e}")
                 torch.cuda.synchronize()
             del graph
             for p in model.parameters():  # gradients captured in the graph's memory pool go with it

@@ -42,14 +42,17 @@ def _mask_function(*args, **kwargs):
     attention module's ``is_causal``, so the L x L boolean mask is never materialized for such batches
     (at 16k tokens it is 256 MiB per example); used when every sparsified module declares ``is_causal``.
 
-    Some transformers versions never skip the mask during CUDA graph capture, even for a batch that came
+    Some transformers versions never skip the mask during CUDA graph capture or under torch.compile (with
+    torch before 2.14, dynamo reads torch.compiler.is_exporting() as True), even for a batch that came
     without any padding mask (nothing to read from the GPU): the materialized mask then sends SDPA off its
-    fast kernels and the block backend off its sync-free path. Such a call is skipped here, where it is
-    plainly bidirectional or plainly causal over equal lengths, as transformers does outside capture."""
+    fast kernels (at 16k tokens, a 6 GiB mask) and the block backend off its sync-free path. Such a call is
+    skipped here, where it is plainly bidirectional or plainly causal over equal lengths, as transformers
+    does outside capture and compile."""
     from transformers import masking_utils as mu
 
     if (not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            and (torch.compiler.is_compiling()
+                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))):
         fn = kwargs.get("mask_function", mu.causal_mask_function)
         q_len, kv_len, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
         if fn is getattr(mu, "bidirectional_mask_function", None) and kwargs.get("allow_is_bidirectional_skip"):
