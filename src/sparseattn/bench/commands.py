@@ -199,7 +199,7 @@ def register(subparsers, formatter_class) -> None:
                    help="also time each configuration's whole step captured as one CUDA graph (no per-kernel "
                         "launch cost on the host; dense and sparse compared within a mode)")
     p.add_argument("--torch-compile", action="store_true",
-                   help="run each model under torch.compile (Inductor, default mode), dense and sparse alike: the "
-                        "layers' other work is fused; the block backend's attention runs between compiled regions")
+                   help="torch.compile (Inductor, default mode) every submodule outside the attention modules, "
+                        "dense and sparse alike: the layers' other work runs fused, attention as it is")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_model)

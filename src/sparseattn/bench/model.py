@@ -11,10 +11,11 @@ backward and optimizer step replayed without Python): at 16k tokens the eager sp
 host's launch time (the GPU idles between kernels), so the graph mode shows what the GPU work itself costs.
 Dense and sparse are compared within one mode.
 
-With ``compile_model``, the model is wrapped in ``torch.compile`` (Inductor, default mode) for dense and sparse
-alike, so the layers' other work (projections, layer norms, GELU, dropout, residuals) runs as fused kernels
-in both; the block backend's attention stays outside the compiled graphs (one graph break per call), dense
-SDPA is traced with the rest.
+With ``compile_model``, every largest submodule that holds no attention module (embeddings, each layer's
+attention output, intermediate and output blocks, the head) is compiled with ``torch.compile`` (Inductor,
+default mode), for dense and sparse alike: the layers' other work (layer norms, GELU, dropout, residuals)
+then runs as fused kernels in both, and the attention modules (their projections and the attention itself)
+run as they are, so both paths compile exactly the same code.
 
 Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
 across lengths. Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
@@ -88,6 +89,30 @@ def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: i
     return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
 
 
+def compile_outside_attention(model: torch.nn.Module) -> int:
+    """``Module.compile()`` (in place) on every largest submodule holding no attention module and some
+    parameters; returns how many were compiled."""
+    from ..integrations.hf import _attention_modules
+
+    found, cross = _attention_modules(model)
+    attention = {id(m) for _, m in found + cross}
+    compiled = 0
+
+    def visit(module):
+        nonlocal compiled
+        for child in module.children():
+            if id(child) in attention:
+                continue
+            if any(id(m) in attention for m in child.modules()):
+                visit(child)
+            elif next(child.parameters(), None) is not None:
+                child.compile()
+                compiled += 1
+
+    visit(model)
+    return compiled
+
+
 def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple[float, float]:
     layout = TokenLayout.from_lengths([length], causal=causal, device=device)
     rep = measure_plan(plan.resolve(1, heads)[:1], layout, block_size=128)
@@ -157,7 +182,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
         def train(zero_grad: bool = True):
             # no autocast cache: cast weights are re-made each step, as graph capture needs
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = forward(input_ids=ids, labels=labels).loss
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             if zero_grad:
@@ -174,7 +199,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
         def step():
             with torch.no_grad():
-                forward(input_ids=ids, use_cache=False)
+                model(input_ids=ids, use_cache=False)
 
         def capture():
             return _graphed(step, warmup)
@@ -183,10 +208,8 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
         if attention != "dense":
             backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
             sparsify(model, plan, backend=backend)
-        forward = model
-        if compile_model:
-            torch._dynamo.reset()  # nothing traced for the previous attention is reused
-            forward = torch.compile(model)
+        if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
+            log(f"  compiled {compile_outside_attention(model)} submodules outside attention")
         for mode in ("eager", "graph") if graphs else ("eager",):
             res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
                               None if attention == "dense" else sp, None if attention == "dense" else dens,
