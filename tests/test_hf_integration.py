@@ -641,6 +641,34 @@ def test_unpadded_batches_get_no_materialized_mask_under_torch_compile(arch, mon
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_compile_outside_attention_leaves_attention_modules_alone_and_outputs_unchanged(arch):
+    import torch._dynamo
+
+    model = tiny_bert("classify") if arch == "bert" else tiny_llama()
+    ids = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(0))
+    sa.sparsify(model, "all: neighbour(2) | global_tokens(1)")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    names_before = [n for n, _ in model.named_parameters()]
+    torch._dynamo.reset()
+    compiled = sa.compile_outside_attention(model)
+    is_compiled = {n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert set(compiled) == is_compiled
+    attention = {n for n, m in model.named_modules() if type(m).__name__ in ("BertSelfAttention", "LlamaAttention")}
+    assert attention and not any(a == c or a.startswith(c + ".") or c.startswith(a + ".")
+                                 for a in attention for c in compiled)  # nothing holding or held by attention
+    expected = ({"bert.embeddings", "bert.pooler", "classifier", "bert.encoder.layer.0.intermediate",
+                 "bert.encoder.layer.1.output", "bert.encoder.layer.0.attention.output"} if arch == "bert"
+                else {"model.embed_tokens", "model.norm", "lm_head", "model.layers.0.mlp",
+                      "model.layers.1.input_layernorm"})
+    assert expected <= set(compiled)
+    assert [n for n, _ in model.named_parameters()] == names_before
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_modules_that_do_not_say_whether_they_are_causal_always_get_the_mask():
     model = tiny_bert()
     for m in bert_attention_modules(model):

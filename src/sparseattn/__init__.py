@@ -10,7 +10,7 @@
 
 __version__ = "0.1.0"
 
-from .integrations.hf import UnsupportedModelError, plan_of, sparsify, unsparsify  # noqa: E402
+from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify  # noqa: E402
 from .layout import TokenLayout  # noqa: E402
 from .patterns import (  # noqa: E402
     Pattern, bigbird, causal, full, global_tokens, intersection, lexical, neighbour, random, similar,
@@ -27,6 +27,6 @@ __all__ = [
     "lexical", "similar", "static_mask", "union", "intersection",
     "Plan", "Rule", "PlanError", "PlanSpecError", "parse_pattern", "save_plan", "load_plan",
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
-    "sparsify", "unsparsify", "plan_of", "UnsupportedModelError",
+    "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention",
     "encode", "BatchStructure", "ParseCache",
 ]

@@ -35,7 +35,7 @@ import torch
 
 from .. import sparsify
 from ..backends.block import BlockSparseBackend
-from ..integrations.hf import use_dense_sdpa
+from ..integrations.hf import compile_outside_attention, use_dense_sdpa
 from ..layout import TokenLayout
 from ..plans.plan import Plan
 from ..sparsity import measure_plan
@@ -87,30 +87,6 @@ def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: i
     per_row = (1 - sparsity) * allowed / length - 2 * globals_
     w = max(1, int(per_row - 1) if causal else int((per_row - 1) / 2))
     return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
-
-
-def compile_outside_attention(model: torch.nn.Module) -> int:
-    """``Module.compile()`` (in place) on every largest submodule holding no attention module and some
-    parameters; returns how many were compiled."""
-    from ..integrations.hf import _attention_modules
-
-    found, cross = _attention_modules(model)
-    attention = {id(m) for _, m in found + cross}
-    compiled = 0
-
-    def visit(module):
-        nonlocal compiled
-        for child in module.children():
-            if id(child) in attention:
-                continue
-            if any(id(m) in attention for m in child.modules()):
-                visit(child)
-            elif next(child.parameters(), None) is not None:
-                child.compile()
-                compiled += 1
-
-    visit(model)
-    return compiled
 
 
 def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple[float, float]:
@@ -209,7 +185,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
             backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
             sparsify(model, plan, backend=backend)
         if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
-            log(f"  compiled {compile_outside_attention(model)} submodules outside attention")
+            log(f"  compiled {len(compile_outside_attention(model))} submodules outside attention")
         for mode in ("eager", "graph") if graphs else ("eager",):
             res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
                               None if attention == "dense" else sp, None if attention == "dense" else dens,

@@ -135,6 +135,32 @@ def _attention_modules(model: torch.nn.Module):
     return found, cross
 
 
+def compile_outside_attention(model: torch.nn.Module, **compile_kwargs) -> list[str]:
+    """``Module.compile(**compile_kwargs)``, in place, on every largest submodule that holds no attention module
+    and has parameters (for BERT: the embeddings, each layer's attention output, intermediate and output
+    blocks, the pooler and the head); returns their names. The attention modules (their projections and the
+    attention itself) run as they are, whatever backend they use, so the block backend needs no graph
+    break and a dense and a sparsified model compile exactly the same code. Works before or after
+    ``sparsify``; parameter names and state dicts are unchanged."""
+    found, cross = _attention_modules(model)
+    attention = {id(m) for _, m in found + cross}
+    compiled = []
+
+    def visit(module, prefix):
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if id(child) in attention:
+                continue
+            if any(id(m) in attention for m in child.modules()):
+                visit(child, path + ".")
+            elif next(child.parameters(), None) is not None:
+                child.compile(**compile_kwargs)
+                compiled.append(path)
+
+    visit(model, "")
+    return compiled
+
+
 def _text_config(model):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
