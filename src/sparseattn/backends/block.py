@@ -61,9 +61,10 @@ from .reference import ReferenceBackend
 log = logging.getLogger("sparseattn")
 
 # Below this many key tokens the dense path wins (launch and guard overheads dominate a sparse kernel);
-# measured on an H100, see docs/benchmarks.md ("dense fallback threshold").
+# measured on an H100 for FlexAttention (first round) and the Triton kernel (sixth round), docs/benchmarks.md.
 MIN_LENGTH = 1024
-# Above this block density the sparse kernel saves too little to beat SDPA with a mask.
+# Above this block density the sparse kernel saves too little to beat SDPA with a mask. Conservative for the
+# Triton kernel, which still won at 88-90% density (sixth round); the range above was not measured.
 MAX_DENSITY = 0.9
 # FlexAttention options for GPUs whose shared memory does not hold the default tiles.
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
