@@ -56,7 +56,7 @@ class ModelResult:
     note: str = ""
     kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
     mode: str = "eager"  # "eager", or "graph": the whole step captured once and replayed as a CUDA graph
-    compiled: bool = False  # the model ran under torch.compile (dense and sparse alike)
+    compiled: bool = False  # the submodules outside attention ran compiled (dense and sparse alike)
 
 
 def encoder(max_len: int):
@@ -216,7 +216,8 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
             gc.collect()
             torch.cuda.empty_cache()
             out.append(res)
-            log(f"  {kind} L={length} B={B} {attention} {mode}{' compiled' if compile_model else ''}: {res.step_ms and round(res.step_ms, 1)} ms/step, "
+            log(f"  {kind} L={length} B={B} {attention} {mode}{' compiled' if compile_model else ''}: "
+                f"{res.step_ms and round(res.step_ms, 1)} ms/step, "
                 f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak "
                 f"{res.peak_gib and round(res.peak_gib, 2)} GiB" + (f" ({res.note})" if res.note else ""))
     for mode in ("eager", "graph"):  # speed-ups against dense in the same mode

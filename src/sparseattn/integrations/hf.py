@@ -45,9 +45,9 @@ def _mask_function(*args, **kwargs):
     Some transformers versions never skip the mask during CUDA graph capture or under torch.compile (with
     torch before 2.14, dynamo reads torch.compiler.is_exporting() as True), even for a batch that came
     without any padding mask (nothing to read from the GPU): the materialized mask then sends SDPA off its
-    fast kernels (at 16k tokens, a 6 GiB mask) and the block backend off its sync-free path. Such a call is
-    skipped here, where it is plainly bidirectional or plainly causal over equal lengths, as transformers
-    does outside capture and compile."""
+    fast kernels and the block backend off its sync-free path. Such a call is skipped here, where it is
+    plainly bidirectional or plainly causal over equal lengths, as transformers does outside capture and
+    compile."""
     from transformers import masking_utils as mu
 
     if (not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
