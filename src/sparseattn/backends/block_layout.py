@@ -46,6 +46,12 @@ def _bits_per_word(block_size: int) -> int:
     return 32 if block_size % 32 == 0 else 16
 
 
+def _distinct_tiles(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct packed tiles of ``words`` (P, bs, bs // W), sorted, and each input tile's index among them."""
+    distinct, inverse = torch.unique(words.reshape(words.shape[0], -1), dim=0, return_inverse=True)
+    return distinct.reshape(-1, *words.shape[1:]), inverse
+
+
 def check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size % 16:
         raise ValueError(f"block_size must be a multiple of 16 (16, 32, 64, 128, ...), got {block_size!r}")
@@ -144,8 +150,7 @@ class BlockLayout:
             code[full] = FULL
             w = pack_bits(tiles.permute(0, 1, 2, 4, 3, 5)[partial])  # (P, bs, bs // W), row-major order of `partial`
             if dedupe and w.shape[0] > 1:
-                w, inverse = torch.unique(w.reshape(w.shape[0], -1), dim=0, return_inverse=True)
-                w = w.reshape(-1, bs, bs // _bits_per_word(bs))
+                w, inverse = _distinct_tiles(w)
                 code[partial] = inverse.to(torch.int32) + stored
             else:
                 code[partial] = torch.arange(w.shape[0], dtype=torch.int32, device=keep.device) + stored
@@ -154,8 +159,7 @@ class BlockLayout:
             words.append(w)
         code, words = torch.cat(codes, dim=2), torch.cat(words)
         if dedupe and len(codes) > 1 and words.shape[0] > 1:  # tiles that recur in several slabs: stored once
-            words, inverse = torch.unique(words.reshape(words.shape[0], -1), dim=0, return_inverse=True)
-            words = words.reshape(-1, bs, bs // _bits_per_word(bs))
+            words, inverse = _distinct_tiles(words)
             code = torch.where(code >= 0, inverse.to(torch.int32)[code.clamp(min=0).long()], code)
         P = words.shape[0]
         target = max(1, P) if not pad_tiles_to_pow2 else 1 << max(0, (max(1, P) - 1).bit_length())
