@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sparseattn demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks studies
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The papers' studies (issue 7): long; meant for a GPU machine (see studies/README.md).

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         batches = train_batches(split, bs, np.random.default_rng(0))[: args.steps + 10]
 
-        def run(phase, idxs):
+        def run(phase, idxs, model=model, opt=opt):  # bound now: the loop deletes both at its end
             for idx in idxs:
                 b = to_device(collate(split, idx, pad_to_multiple_of=8, pin=cuda), dev)
                 if phase == 0:
