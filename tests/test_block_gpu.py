@@ -14,6 +14,7 @@ import torch
 from sparseattn import Plan
 from sparseattn.backends import BlockSparseBackend, ReferenceBackend
 from sparseattn.backends.base import AttentionCall
+from sparseattn.backends.block import DENSE_TILES_LENGTH
 from sparseattn.layout import TokenLayout
 from sparseattn.patterns import static_mask
 
@@ -185,6 +186,10 @@ def test_automatic_choice_on_gpu():
     wide = Plan.parse("all: neighbour(4000)").resolve(1, 4)[0]  # nearly every tile kept
     _run(backend, wide, *long, torch.bfloat16)
     assert backend.stats["reference"] == 2
+    if backend.kernel == "triton":  # from DENSE_TILES_LENGTH tokens it beats SDPA with a mask at any density
+        longer = _inputs([DENSE_TILES_LENGTH], False, 4, 4, 64, 0)
+        _run(backend, wide, *longer, torch.bfloat16)
+        assert backend.stats["block"] == 2 and backend.stats["reference"] == 2
 
 
 @pytest.mark.parametrize("kernel", BlockSparseBackend.KERNELS)

@@ -348,6 +348,22 @@ def test_dense_tile_threshold():
     assert narrow.density == pytest.approx(10 / 16)  # 4 diagonal + 6 off-diagonal tiles of 16
 
 
+def test_max_density_default_depends_on_kernel_and_length():
+    from sparseattn.backends import block as block_module
+    from sparseattn.backends import triton_kernel
+
+    flex = BlockSparseBackend(kernel="flex")
+    assert flex.max_density_for(512) == flex.max_density_for(32768) == block_module.MAX_DENSITY
+    with pytest.raises(ValueError, match="max_density must be in"):
+        BlockSparseBackend(max_density=1.5)
+    if not triton_kernel.available():
+        pytest.skip("the Triton kernel's thresholds need the triton package")
+    tri = BlockSparseBackend(kernel="triton")
+    assert tri.max_density_for(block_module.DENSE_TILES_LENGTH - 128) == block_module.MAX_DENSITY
+    assert tri.max_density_for(block_module.DENSE_TILES_LENGTH) == 1.0  # no layer falls back for density there
+    assert BlockSparseBackend(kernel="triton", max_density=0.5).max_density_for(32768) == 0.5  # the user's value
+
+
 def test_sparsify_with_block_backend_matches_reference():
     transformers = pytest.importorskip("transformers")
     from sparseattn import sparsify

@@ -63,9 +63,12 @@ log = logging.getLogger("sparseattn")
 # Below this many key tokens the dense path wins (launch and guard overheads dominate a sparse kernel);
 # measured on an H100 for FlexAttention (first round) and the Triton kernel (sixth round), docs/benchmarks.md.
 MIN_LENGTH = 1024
-# Above this block density the sparse kernel saves too little to beat SDPA with a mask. Conservative for the
-# Triton kernel, which still won at 88-90% density (sixth round); the range above was not measured.
+# Above this block density the sparse kernel saves too little to beat SDPA with a mask (FlexAttention; the Triton
+# kernel below DENSE_TILES_LENGTH tokens, where it ties SDPA with a mask at 97-98% density, seventh round).
 MAX_DENSITY = 0.9
+# From this many tokens the Triton kernel beats SDPA with a mask at any density (at 94-98% density on an H100:
+# 1.15-1.36x forward+backward at 4k, 1.34-1.80x at 16k, seventh round), so no layer falls back for its density.
+DENSE_TILES_LENGTH = 4096
 # FlexAttention options for GPUs whose shared memory does not hold the default tiles.
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
 
@@ -184,7 +187,9 @@ class BlockSparseBackend(Backend):
 
     block_size: tile size (128 suits FlexAttention's kernels; 64 gives finer layouts at some speed).
     min_length: sequences shorter than this (key tokens) run dense.
-    max_density: layers whose kept-tile fraction is above this run dense.
+    max_density: layers whose kept-tile fraction is above this run dense (SDPA with the mask). Default: 0.9, except
+        for the Triton kernel on sequences of at least 4096 tokens, where no density falls back (it beats SDPA
+        with a mask at every density measured there); ``max_density_for(length)`` says which applies.
     force: always run the block kernel where it can express the call (tests; benchmarks of the kernel).
     compile: compile FlexAttention (default: on CUDA only; eager FlexAttention is a slow reference).
     cache_size: how many compiled layer layouts to keep (least recently used go first).
@@ -199,7 +204,7 @@ class BlockSparseBackend(Backend):
 
     name = "block"
 
-    def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float = MAX_DENSITY,
+    def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float | None = None,
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
                  kernel_options: dict | None = None, kernel: str = "auto"):
         self.block_size = check_block_size(block_size)
@@ -218,14 +223,20 @@ class BlockSparseBackend(Backend):
         self.kernel = kernel
         if min_length < 0:
             raise ValueError(f"min_length must be >= 0, got {min_length}")
-        if not 0.0 <= max_density <= 1.0:
-            raise ValueError(f"max_density must be in [0, 1], got {max_density}")
+        if max_density is not None and not 0.0 <= max_density <= 1.0:
+            raise ValueError(f"max_density must be in [0, 1] or None (the measured default), got {max_density}")
         self.min_length, self.max_density, self.force = min_length, max_density, force
         self.compile, self.cache_size, self.kernel_options = compile, cache_size, kernel_options
         self.reference = ReferenceBackend()
         self.stats: Counter = Counter()  # calls per path, layout builds and cache hits
         self._layouts: OrderedDict = OrderedDict()
         self._said: set = set()
+
+    def max_density_for(self, length: int) -> float:
+        """The block density above which a layer of ``length`` tokens runs dense (SDPA with the mask)."""
+        if self.max_density is not None:
+            return self.max_density
+        return 1.0 if self.kernel == "triton" and length >= DENSE_TILES_LENGTH else MAX_DENSITY
 
     # -- entry point ----------------------------------------------------------------------------
     @torch.compiler.disable
@@ -257,10 +268,10 @@ class BlockSparseBackend(Backend):
         except ValueError as e:  # a mask table beyond the kernel's indexing: say why, stay correct
             return self._run_reference(call, ("too-large", lp.layer), f"{where}: {e}; the reference path runs",
                                        level=logging.WARNING)
-        if not self.force and entry.density > self.max_density:
+        if not self.force and entry.density > self.max_density_for(L):
             return self._run_reference(call, ("dense-tiles", lp.layer),
                                        f"{where}: block density {entry.density:.0%} > max_density "
-                                       f"{self.max_density:.0%}: dense SDPA with the mask runs")
+                                       f"{self.max_density_for(L):.0%} at {L} tokens: dense SDPA with the mask runs")
         if entry.lists is not None:
             from . import triton_kernel
 
