@@ -63,11 +63,12 @@ log = logging.getLogger("sparseattn")
 # Below this many key tokens the dense path wins (launch and guard overheads dominate a sparse kernel);
 # measured on an H100 for FlexAttention (first round) and the Triton kernel (sixth round), docs/benchmarks.md.
 MIN_LENGTH = 1024
-# Above this block density the sparse kernel saves too little to beat SDPA with a mask (FlexAttention; the Triton
-# kernel below DENSE_TILES_LENGTH tokens, where it ties SDPA with a mask at 97-98% density, seventh round).
+# Above this block density the sparse kernel saves too little to beat SDPA with a mask: FlexAttention, and the
+# Triton kernel below DENSE_TILES_LENGTH tokens (at 1k and 91-98% density it ran 0.93-1.03x of SDPA with a mask).
 MAX_DENSITY = 0.9
-# From this many tokens the Triton kernel beats SDPA with a mask at any density (at 94-98% density on an H100:
-# 1.15-1.36x forward+backward at 4k, 1.34-1.80x at 16k, seventh round), so no layer falls back for its density.
+# From this many tokens the Triton kernel beats SDPA with a mask at any density (at 94-98% block density on an
+# H100: 1.15-1.36x forward+backward at 4k, 1.34-1.77x at 16k; docs/benchmarks.md, seventh round), so no layer
+# falls back for its density there.
 DENSE_TILES_LENGTH = 4096
 # FlexAttention options for GPUs whose shared memory does not hold the default tiles.
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
