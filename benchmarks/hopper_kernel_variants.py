@@ -100,9 +100,11 @@ def fwd_kernel(desc_q, desc_k, desc_v, desc_o, LSE, FCNT, FIDX, PCNT, PIDX, PTIL
 
 
 @triton.jit
-def dkdv_tiles(dk, dv, k, v, desc_q, desc_do, b, h, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi, qk_scale,
+def dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi, qk_scale,
                HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               WS: tl.constexpr):
+               WS: tl.constexpr, FUSED: tl.constexpr, TRANS: tl.constexpr):
+    """FUSED: also add each sub-tile's dQ (unscaled) into fp32 through ``desc_dq`` with a TMA reduce-add;
+    TRANS: compute it as dQ^T (head dim x queries) into a transposed buffer."""
     SUB: tl.constexpr = BS // BLOCK_M
     offs_i = tl.arange(0, BLOCK_M)
     kcols = tl.arange(0, BS)
@@ -121,16 +123,22 @@ def dkdv_tiles(dk, dv, k, v, desc_q, desc_do, b, h, LSE_bh, DELTA_bh, IDX, TILE,
         dv = tl.dot(pT.to(do.dtype), do, dv)
         delta = tl.load(DELTA_bh + offs_m)
         dpT = tl.dot(v, do.T)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk)
+        if FUSED:
+            if TRANS:
+                desc_dq.atomic_add([b, h, 0, m0], tl.dot(k.T, dsT).reshape(1, 1, HEAD_DIM, BLOCK_M))
+            else:
+                desc_dq.atomic_add([b, h, m0, 0], tl.dot(dsT.T, k).reshape(1, 1, BLOCK_M, HEAD_DIM))
     return dk, dv
 
 
 @triton.jit
-def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, DELTA, sdkb, sdkh, sdkl,
+def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DK, DV, LSE, DELTA, sdkb, sdkh, sdkl,
                 FIDX, PCNT, PIDX, PTILE, TILES, PROG, scb, sch, spb, sph, K_FULL, K_PART,
                 H, REP, N_CTX, qk_scale, sm_scale,
-                HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, WS: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, WS: tl.constexpr,
+                FUSED: tl.constexpr, TRANS: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -146,10 +154,11 @@ def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, DELTA, sdkb, sdkh,
     dv = tl.zeros([BS, HEAD_DIM], tl.float32)
     cnt = b * scb + h * sch + n_blk
     p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
-    dk, dv = dkdv_tiles(dk, dv, k, v, desc_q, desc_do, b, h, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
-                        PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, WS)
-    dk, dv = dkdv_tiles(dk, dv, k, v, desc_q, desc_do, b, h, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
-                        FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, WS)
+    dk, dv = dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
+                        PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, WS, FUSED,
+                        TRANS)
+    dk, dv = dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
+                        FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, WS, FUSED, TRANS)
     offs_n = n_blk * BS + tl.arange(0, BS)
     offs_d = tl.arange(0, HEAD_DIM)
     out = b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
@@ -209,72 +218,6 @@ def dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, DELTA, sdqb, sdqh, sdql,
     tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
-@triton.jit
-def fdkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, IDX, TILE, TILES, lo, hi, qk_scale,
-                HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                TRANS: tl.constexpr):
-    SUB: tl.constexpr = BS // BLOCK_M
-    offs_i = tl.arange(0, BLOCK_M)
-    kcols = tl.arange(0, BS)
-    for t in tl.range(lo * SUB, hi * SUB):
-        blk = tl.load(IDX + t // SUB)
-        row0 = (t % SUB) * BLOCK_M
-        m0 = blk * BS + row0
-        offs_m = m0 + offs_i
-        q = desc_q.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
-        lse = tl.load(LSE_bh + offs_m)
-        pT = tl.math.exp2(tl.dot(k, q.T) * qk_scale - lse[None, :])
-        if MASKED:
-            keep = _tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
-            pT = tl.where(keep, pT, 0.0)
-        do = desc_do.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        delta = tl.load(DELTA_bh + offs_m)
-        dpT = tl.dot(v, do.T)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-        dk = tl.dot(dsT, q, dk)
-        if TRANS:
-            dqT = tl.dot(k.T, dsT)
-            desc_dq.atomic_add([b, h, 0, m0], dqT.reshape(1, 1, HEAD_DIM, BLOCK_M))
-        else:
-            dq = tl.dot(dsT.T, k)
-            desc_dq.atomic_add([b, h, m0, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    return dk, dv
-
-
-@triton.jit
-def fdkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DK, DV, LSE, DELTA, sdkb, sdkh, sdkl,
-                 FIDX, PCNT, PIDX, PTILE, TILES, PROG, scb, sch, spb, sph, K_FULL, K_PART,
-                 H, REP, N_CTX, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, TRANS: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    hk = h // REP
-    n_blk, first, end, slot = _program(PROG, b, h, spb, sph)
-    if n_blk < 0:
-        return
-    k = desc_k.load([b, hk, n_blk * BS, 0]).reshape(BS, HEAD_DIM)
-    v = desc_v.load([b, hk, n_blk * BS, 0]).reshape(BS, HEAD_DIM)
-    LSE_bh = LSE + bh.to(tl.int64) * N_CTX
-    DELTA_bh = DELTA + bh.to(tl.int64) * N_CTX
-    dk = tl.zeros([BS, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BS, HEAD_DIM], tl.float32)
-    cnt = b * scb + h * sch + n_blk
-    p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
-    dk, dv = fdkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
-                         PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, TRANS)
-    dk, dv = fdkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, FIDX + cnt * K_FULL,
-                         FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, TRANS)
-    offs_n = n_blk * BS + tl.arange(0, BS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    out = b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + out, dv.to(DV.dtype.element_ty))
-
-
-
-
 # -- launches -------------------------------------------------------------------------------------------
 def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A 4-D descriptor over (B, H, L, D) loading [1, 1, rows, D] blocks."""
@@ -310,10 +253,11 @@ def tma_backward(do, q, k, v, o, lse, lists, scale, cfg_kv, cfg_q):
     delta = _delta(o, do, bs)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bm, warps, stages, ws = cfg_kv
+    q_desc = _desc(q, bm)
     dkdv_kernel[(B * H, lists.col_prog.shape[2])](
-        _desc(q, bm), _desc(k, bs), _desc(v, bs), _desc(do, bm), dk, dv, lse, delta, *dk.stride()[:3],
+        q_desc, _desc(k, bs), _desc(v, bs), _desc(do, bm), q_desc, dk, dv, lse, delta, *dk.stride()[:3],
         *tk._program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
-        HEAD_DIM=D, BS=bs, BLOCK_M=bm, WS=ws, num_warps=warps, num_stages=stages)
+        HEAD_DIM=D, BS=bs, BLOCK_M=bm, WS=ws, FUSED=False, TRANS=False, num_warps=warps, num_stages=stages)
     bn, warps, stages, ws = cfg_q
     dq_kernel[(B * H, lists.row_prog.shape[2])](
         _desc(q, bs), _desc(k, bn), _desc(v, bn), _desc(do, bs), dq, lse, delta, *dq.stride()[:3],
@@ -334,10 +278,10 @@ def fused_backward(do, q, k, v, o, lse, lists, scale, cfg):
         torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32)
     dq_desc = TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()),
                                block_shape=[1, 1, D, bm] if trans else [1, 1, bm, D])
-    fdkdv_kernel[(B * H, lists.col_prog.shape[2])](
+    dkdv_kernel[(B * H, lists.col_prog.shape[2])](
         _desc(q, bm), _desc(k, bs), _desc(v, bs), _desc(do, bm), dq_desc, dk, dv, lse, delta, *dk.stride()[:3],
         *tk._program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
-        HEAD_DIM=D, BS=bs, BLOCK_M=bm, TRANS=trans, num_warps=warps, num_stages=stages)
+        HEAD_DIM=D, BS=bs, BLOCK_M=bm, WS=False, FUSED=True, TRANS=trans, num_warps=warps, num_stages=stages)
     dq = (acc.transpose(-1, -2) if trans else acc).mul(scale).to(q.dtype)
     return dq, dk, dv
 
