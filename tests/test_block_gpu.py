@@ -73,18 +73,14 @@ def _run(backend, lp, layout, q, k, v, grad, dtype, need_weights=False):
 
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split",
-                                    "triton-pointers"])
+@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
     """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
-    pass; -split: the backward walks every list in one-tile chunks that add atomically; -pointers: the backward
-    loads its tiles by pointer, as on GPUs without TMA (the others use TMA descriptors on Hopper)."""
+    pass; -split: the backward walks every list in one-tile chunks that add atomically."""
     if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 
-        if kernel == "triton-pointers":
-            monkeypatch.setenv("SPARSEATTN_TRITON_TMA", "0")
         if kernel.endswith("split"):
             monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
             monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)

@@ -43,10 +43,6 @@ try:  # an optional dependency: the CPU-only install has no Triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised where Triton is missing
     triton = None
-try:  # host-side TMA descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older or missing Triton: the backward loads tiles by pointer
-    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
@@ -359,13 +355,11 @@ if triton is not None:
                  x.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _dkdv_tiles(dk, dv, k, v, qsrc, dosrc, b, h, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE,
-                    TILES, lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, TMA: tl.constexpr):
+    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE, TILES,
+                    lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr):
         """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
-        the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities.
-        TMA: qsrc and dosrc are (B, H, L, D) descriptors of [1, 1, BLOCK_M, D] blocks (example b, head h);
-        otherwise pointers to this example and head's rows."""
+        the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
         SUB: tl.constexpr = BS // BLOCK_M
         offs_d = tl.arange(0, HEAD_DIM)
         offs_i = tl.arange(0, BLOCK_M)
@@ -374,19 +368,13 @@ if triton is not None:
             blk = tl.load(IDX + t // SUB)
             row0 = (t % SUB) * BLOCK_M
             offs_m = blk * BS + row0 + offs_i
-            if TMA:
-                qT = tl.trans(qsrc.load([b, h, blk * BS + row0, 0]).reshape(BLOCK_M, HEAD_DIM))
-            else:
-                qT = tl.load(qsrc + offs_m[None, :] * stride_ql + offs_d[:, None])
+            qT = tl.load(qbase + offs_m[None, :] * stride_ql + offs_d[:, None])
             lse = tl.load(LSE_bh + offs_m)
             pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
             if MASKED:
                 keep = _tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
                 pT = tl.where(keep, pT, 0.0)
-            if TMA:
-                do = dosrc.load([b, h, blk * BS + row0, 0]).reshape(BLOCK_M, HEAD_DIM)
-            else:
-                do = tl.load(dosrc + offs_m[:, None] * stride_dol + offs_d[None, :])
+            do = tl.load(dobase + offs_m[:, None] * stride_dol + offs_d[None, :])
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
             delta = tl.load(DELTA_bh + offs_m)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -404,7 +392,7 @@ if triton is not None:
                      scb, sch, spb, sph, K_FULL, K_PART,
                      H, REP, N_CTX, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-                     SPLIT: tl.constexpr, FUSED: tl.constexpr, TMA: tl.constexpr):
+                     SPLIT: tl.constexpr, FUSED: tl.constexpr):
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -415,13 +403,8 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
         v = tl.load(V + b * svb + (h // REP) * svh + offs_n[:, None] * svl + offs_d[None, :])
-        if TMA:  # Q and DO are descriptors: the loop loads their tiles with the copy engine
-            qsrc = Q
-            dosrc = DO
-        else:
-            qsrc = Q + b * sqb + h * sqh
-            dosrc = DO + b * sdob + h * sdoh
-        b32, h32 = b.to(tl.int32), h.to(tl.int32)
+        qbase = Q + b * sqb + h * sqh
+        dobase = DO + b * sdob + h * sdoh
         LSE_bh = LSE + bh.to(tl.int64) * N_CTX
         DELTA_bh = DELTA + bh.to(tl.int64) * N_CTX
         DQ_bh = DQ_ACC + bh.to(tl.int64) * N_CTX * HEAD_DIM
@@ -429,22 +412,20 @@ if triton is not None:
         dv = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
         p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qsrc, dosrc, b32, h32, sql, sdol, LSE_bh, DELTA_bh, DQ_bh,
-                             PIDX + cnt * K_PART, PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS,
-                             BLOCK_M, True, PREC, FUSED, TMA)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qsrc, dosrc, b32, h32, sql, sdol, LSE_bh, DELTA_bh, DQ_bh,
-                             FIDX + cnt * K_FULL, FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False,
-                             PREC, FUSED, TMA)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, PIDX + cnt * K_PART,
+                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC,
+                             FUSED)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, FIDX + cnt * K_FULL,
+                             FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED)
         out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
         _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
         _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
 
     @triton.jit
-    def _dq_tiles(dq, q, do, lse, delta, ksrc, vsrc, b, hk, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi,
-                  qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PREC: tl.constexpr, TMA: tl.constexpr):
-        """Entries lo..hi-1 of a row's list. TMA: ksrc and vsrc are (B, H_kv, L, D) descriptors of
-        [1, 1, BLOCK_N, D] blocks (example b, key/value head hk); otherwise pointers to that head's rows."""
+    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, qk_scale,
+                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  PREC: tl.constexpr):
+        """Entries lo..hi-1 of a row's list."""
         SUB: tl.constexpr = BS // BLOCK_N
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
@@ -453,12 +434,8 @@ if triton is not None:
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
             offs_n = blk * BS + col0 + offs_j
-            if TMA:
-                kT = tl.trans(ksrc.load([b, hk, blk * BS + col0, 0]).reshape(BLOCK_N, HEAD_DIM))
-                vT = tl.trans(vsrc.load([b, hk, blk * BS + col0, 0]).reshape(BLOCK_N, HEAD_DIM))
-            else:
-                kT = tl.load(ksrc + offs_n[None, :] * stride_kl + offs_d[:, None])
-                vT = tl.load(vsrc + offs_n[None, :] * stride_vl + offs_d[:, None])
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
+            vT = tl.load(vbase + offs_n[None, :] * stride_vl + offs_d[:, None])
             p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
             if MASKED:
                 keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
@@ -475,7 +452,7 @@ if triton is not None:
                    scb, sch, spb, sph, K_FULL, K_PART,
                    H, REP, N_CTX, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr, TMA: tl.constexpr):
+                   SPLIT: tl.constexpr):
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -488,20 +465,15 @@ if triton is not None:
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :])
         lse = tl.load(LSE + bh.to(tl.int64) * N_CTX + offs_m)
         delta = tl.load(DELTA + bh.to(tl.int64) * N_CTX + offs_m)
-        if TMA:  # K and V are descriptors: the loop loads their tiles with the copy engine
-            ksrc = K
-            vsrc = V
-        else:
-            ksrc = K + b * skb + (h // REP) * skh
-            vsrc = V + b * svb + (h // REP) * svh
-        b32, hk32 = b.to(tl.int32), (h // REP).to(tl.int32)
+        kbase = K + b * skb + (h // REP) * skh
+        vbase = V + b * svb + (h // REP) * svh
         dq = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + m_blk
         p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
-        dq = _dq_tiles(dq, q, do, lse, delta, ksrc, vsrc, b32, hk32, skl, svl, PIDX + cnt * K_PART,
-                       PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC, TMA)
-        dq = _dq_tiles(dq, q, do, lse, delta, ksrc, vsrc, b32, hk32, skl, svl, FIDX + cnt * K_FULL, FIDX,
-                       TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC, TMA)
+        dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
+                       TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC)
+        dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
+                       TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC)
         _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh, slot,
                S, HEAD_DIM, BS, SPLIT)
 
@@ -511,27 +483,12 @@ if triton is not None:
 # (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
 _ZEROED = {"dkdv": ["SCR_K", "SCR_V", "DQ_ACC"], "dq": ["SCR_Q"]}
-# Arguments the backward kernels' loops load through TMA descriptors, where the GPU has the copy engine (`_tma`).
-_TMA_ARGS = {"dkdv": ("Q", "DO"), "dq": ("K", "V")}
 _FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
 # The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
 _CANDIDATES = {"fwd": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2), (32, 4, 2)],
                "dkdv": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)],
                "dq": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)]}
-
-
-def _fit_descriptors(name: str):
-    """A pre-launch hook: the descriptors a kernel loads through get blocks of its configuration's sub-tile."""
-    sub = _SUB[name]
-
-    def fit(nargs):
-        for arg in _TMA_ARGS.get(name, ()):
-            desc = nargs[arg]
-            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
-                desc.block_shape = [1, 1, nargs[sub], desc.shape[-1]]
-
-    return fit
 
 
 def autotuning() -> bool:
@@ -555,11 +512,9 @@ def _kernel(name: str, bs: int):
     key = (name, bs)
     if key not in _TUNED:
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
-        hook = _fit_descriptors(name) if name in _TMA_ARGS else None
-        configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st, pre_hook=hook)
-                   for sub, w, st in sorted(seen)]
+        configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT", "FUSED", "TMA"],
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT", "FUSED"],
                                       reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
 
@@ -610,37 +565,6 @@ def _check(q, k, v, lists: TileLists):
                          "block_sparse_attention_triton does)")
 
 
-def _tma(*tensors: torch.Tensor, want: bool | None = None) -> bool:
-    """Whether the backward's loops load their tiles through TMA descriptors (Hopper's copy engine), for tensors
-    whose last dimension is contiguous and whose start and other strides are multiples of 16 bytes (others load
-    by pointer). want=None: on GPUs of compute capability 9 or newer with Triton's host descriptors, unless the
-    environment says otherwise (SPARSEATTN_TRITON_TMA=0: never; =1: wherever the tensors allow, also in the
-    interpreter, which the CPU tests use); True: wherever the tensors allow; False: never. On an H100 the
-    descriptors made the backward 1.0-1.26x faster on sparse layouts (docs/benchmarks.md, seventh round)."""
-    mode = os.environ.get("SPARSEATTN_TRITON_TMA", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"SPARSEATTN_TRITON_TMA={mode!r}: expected auto, 0 or 1")
-    if want is None:
-        want = {"0": False, "1": True}.get(mode)
-    if want is False or TensorDescriptor is None:
-        return False
-    if want is None and (interpreted() or not tensors[0].is_cuda
-                         or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
-        return False
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
-
-
-def _descriptors(name: str, tensors: dict, extra: dict) -> dict:
-    """``tensors`` as TMA descriptors (blocks set by the configuration: here for a fixed one, by the autotuner's
-    pre-launch hook otherwise)."""
-    out = {arg: TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[1, 1, 1, t.shape[-1]])
-           for arg, t in tensors.items()}
-    if _SUB[name] in extra:
-        _fit_descriptors(name)({**out, _SUB[name]: extra[_SUB[name]]})
-    return out
-
-
 def _prec(dtype):
     """fp32 inputs get exact fp32 products (Triton's default for them would be tf32); 16-bit ones the default."""
     return "ieee" if dtype == torch.float32 else None
@@ -673,10 +597,10 @@ def _backward_mode(backward: str) -> str:
     return backward
 
 
-def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass", tma: bool | None = None):
+def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass"):
     """mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32); "two-pass": a
     second pass over tile rows computes dQ (recomputing the probabilities); "deterministic": two passes over
-    whole lists, no atomics. tma: load the loops' tiles through TMA descriptors (`_tma`)."""
+    whole lists, no atomics."""
     if mode == "deterministic":
         lists, mode = lists.whole, "two-pass"
     fused = mode == "fused"
@@ -696,15 +620,13 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "
     scr_k, scr_v = (torch.zeros(B * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
                     for _ in range(2))
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
-    tma = _tma(q, k, v, do, want=tma)
     kernel, extra = _kernel("dkdv", bs)
-    loads = _descriptors("dkdv", {"Q": q, "DO": do}, extra) if tma else {"Q": q, "DO": do}
     kernel[(B * H, lists.col_prog.shape[2])](
-        loads["Q"], k, v, loads["DO"], dk, dv, scr_k, scr_v, Sk, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3],
+        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3],
         *dk.stride()[:3], *_program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
-        TMA=tma, **extra)
+        **extra)
     if fused:
         dq = dq.mul_(scale).to(q.dtype)
     else:
@@ -712,12 +634,10 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "
         scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
         copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
-        loads = _descriptors("dq", {"K": k, "V": v}, extra) if tma else {"K": k, "V": v}
         kernel[(B * H, lists.row_prog.shape[2])](
-            q, loads["K"], loads["V"], do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, rep, L, scale * LOG2E, scale,
-            HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, TMA=tma, **extra)
+            q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
+            H, rep, L, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
     for scratch, out, slots in copies:
         if slots.shape[-1]:
             ssb = 0 if lists.batch_broadcast else slots.stride(0)
@@ -732,22 +652,22 @@ def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lists, scale, backward, tma):
+    def forward(ctx, q, k, v, lists, scale, backward):
         o, lse = _forward(q, k, v, lists, scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lists, ctx.scale, ctx.mode, ctx.tma = lists, scale, backward, tma
+        ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale, _backward_mode(ctx.mode), ctx.tma)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale, _backward_mode(ctx.mode))
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   lists: TileLists, *, scale: float | None = None,
-                                  backward: str = "auto", tma: bool | None = None) -> torch.Tensor:
+                                  backward: str = "auto") -> torch.Tensor:
     """Attention over the kept tiles of a layout, with sparseattn's Triton kernel (differentiable).
 
     query: (B, H, L, D); key, value: (B, H_kv, L, D), H a multiple of H_kv; lists: ``TileLists.from_layout``
@@ -757,10 +677,6 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
     backward: "two-pass" (dK/dV over tile columns, then dQ over tile rows, recomputing the probabilities),
     "fused" (one pass over the columns computes dK and dV and adds dQ atomically into an fp32 copy), or "auto":
     two passes, and with no atomics at all (bitwise reproducible) where ``torch.use_deterministic_algorithms(True)``.
-
-    tma: whether the backward's loops load tiles through TMA descriptors: None (default) on GPUs of compute
-    capability 9 or newer (SPARSEATTN_TRITON_TMA=0 or 1 overrides), True or False to choose. Either way tensors
-    the copy engine cannot address (starts or strides not multiples of 16 bytes) load by pointer.
     """
     _backward_mode(backward)  # a bad name fails here, not in the backward pass
     if triton is None:
@@ -783,5 +699,5 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check(q, k, v, lists)
-    out = _BlockSparseAttention.apply(q, k, v, lists, scale, backward, tma)
+    out = _BlockSparseAttention.apply(q, k, v, lists, scale, backward)
     return out[:, :, :L, :D] if (Lp > L or Dp > D) else out

@@ -20,9 +20,7 @@ the peak memory above the inputs of:
 - ``triton_fused``: the same kernel with the fused backward (one pass over the columns computes dK and dV
   and adds dQ atomically in fp32): what fusing gains;
 - ``triton_whole``: two passes with every backward list walked whole by one program, no atomics (what
-  ``torch.use_deterministic_algorithms(True)`` runs): what splitting long lists gains;
-- ``triton_pointers``: ``triton`` with the backward loading its tiles by pointer instead of through TMA
-  descriptors (which ``triton`` uses on Hopper GPUs): what the copy engine gains.
+  ``torch.use_deterministic_algorithms(True)`` runs): what splitting long lists gains.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -45,9 +43,8 @@ from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
 METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_fused",
-           "triton_whole", "triton_pointers")
-# methods that pay for kept tiles only
-SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole", "triton_pointers")
+           "triton_whole")
+SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole")  # methods that pay for kept tiles only
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -249,12 +246,11 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
                                                       kernel_options=kernel_options)
 
-    def triton_on(mask, split=True, backward="two-pass", tma=None):
+    def triton_on(mask, split=True, backward="two-pass"):
         from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
 
         lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs), split=split)
-        return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale, backward=backward,
-                                                                    tma=tma)
+        return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale, backward=backward)
 
     def triton():
         lists, fn = triton_on(keep)
@@ -271,12 +267,9 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def triton_whole():
         return triton_on(keep, split=False, backward="two-pass")[1]
 
-    def triton_pointers():
-        return triton_on(keep, tma=False)[1]
-
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
             "triton_full": triton_full, "triton": triton, "triton_fused": triton_fused,
-            "triton_whole": triton_whole, "triton_pointers": triton_pointers}, info
+            "triton_whole": triton_whole}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
