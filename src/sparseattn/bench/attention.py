@@ -31,7 +31,6 @@ backward 2.5 times that; a sparse kernel's "effective" rate counts only kept til
 
 from __future__ import annotations
 
-import inspect
 import statistics
 from dataclasses import asdict, dataclass, field
 
@@ -235,8 +234,9 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
         return lambda q, k, v: flex(q, k, v, scale=scale, kernel_options=kernel_options)
 
     def flex_mask():
-        kw = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
-        bm = create_block_mask(mask_mod, 1, H, L, L, device=device, BLOCK_SIZE=bs, **kw)
+        # compiled, as PyTorch advises (what create_block_mask(_compile=True) does, deprecated since torch 2.6):
+        # eager, it evaluates the mask_mod over all L x L pairs at once
+        bm = torch.compile(create_block_mask)(mask_mod, 1, H, L, L, device=device, BLOCK_SIZE=bs)
         return lambda q, k, v: flex(q, k, v, block_mask=bm, scale=scale)
 
     def block():
