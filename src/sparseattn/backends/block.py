@@ -269,10 +269,11 @@ class BlockSparseBackend(Backend):
         except ValueError as e:  # a mask table beyond the kernel's indexing: say why, stay correct
             return self._run_reference(call, ("too-large", lp.layer), f"{where}: {e}; the reference path runs",
                                        level=logging.WARNING)
-        if not self.force and entry.density > self.max_density_for(L):
+        limit = self.max_density_for(L)
+        if not self.force and entry.density > limit:
             return self._run_reference(call, ("dense-tiles", lp.layer),
                                        f"{where}: block density {entry.density:.0%} > max_density "
-                                       f"{self.max_density_for(L):.0%} at {L} tokens: dense SDPA with the mask runs")
+                                       f"{limit:.0%} at {L} tokens: dense SDPA with the mask runs")
         if entry.lists is not None:
             from . import triton_kernel
 
