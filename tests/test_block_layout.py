@@ -416,16 +416,37 @@ def test_every_bench_method_computes_the_layouts_attention(name, monkeypatch):
     monkeypatch.setattr(bench, "flex_attention_fn", lambda compiled: flex_attention)
     L, bs, H, D = 256, 128, 2, 16
     keep, mask_mod, _ = bench.make_layout(name, L, 0.5, bs, H, "cpu")
-    setups, _ = bench._methods(keep, mask_mod, bs, D ** -0.5, "cpu")
-    assert set(setups) == set(bench.METHODS)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    tiles = keep.view(1, keep.shape[1], L // bs, bs, L // bs, bs).any(5).any(3)
+    setups, _ = bench._methods(keep, mask_mod, bs, D ** -0.5, "cpu", tiles=tiles, like=q)
+    assert set(setups) == set(bench.METHODS)
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     full = F.scaled_dot_product_attention(q, k, v)
     assert not torch.allclose(masked, full, atol=1e-3)
     for method, setup in setups.items():
-        want = full if method in ("dense", "flex_full", "triton_full") else masked
+        want = full if method in ("dense", "flex_full", "triton_full", "dense_packed") else masked
         torch.testing.assert_close(setup()(q, k, v), want, atol=2e-5, rtol=1e-4, msg=method)
+
+
+def test_bench_packed_ceiling_holds_the_layouts_kept_tiles_in_rows_of_its_mean_length():
+    from sparseattn.bench.attention import make_layout, packed_shape
+
+    L, bs, H, B = 8192, 128, 12, 4
+    for name in ("sliding", "bigbird", "ap"):
+        keep, _, _ = make_layout(name, L, 0.9, bs, H, "cpu")
+        n = L // bs
+        tiles = keep.view(1, keep.shape[1], n, bs, n, bs).any(5).any(3)  # the window: one head for all
+        sequences, length, scale = packed_shape(tiles, B, H, bs)
+        kept = B * int(tiles.expand(1, H, n, n).sum())
+        row = kept / (B * H * n)  # mean kept tiles per query tile row
+        assert length % bs == 0 and abs(length // bs - row) <= 0.5, name
+        packed = sequences * H * (length // bs) ** 2
+        assert scale == pytest.approx(kept / packed) and 0.9 < scale < 1.1, name  # rounding only
+    # a layout keeping one tile per row packs into one-tile sequences, one per kept tile
+    diagonal = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
+    assert packed_shape(diagonal, 3, 2, 64) == (12, 64, 1.0)
+    assert packed_shape(diagonal[:, :1], 3, 2, 64) == (12, 64, 1.0)  # one head standing for both
 
 
 def test_bench_arguments():
@@ -458,3 +479,10 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
     assert failed.speedup_fwd is None and full.frac_kernel_ideal_fwd is None
     line = format_table(results).splitlines()[-1]
     assert "0.25/ 0.20" in line and "out of memory" in line
+    # the packed ceiling: its own fraction of the ideal, and the block kernel's fraction of it
+    packed = r("dense_packed", 0.4, 2.0)
+    add_ratios(results + [packed], density=0.1, flops_fwd=4e12)
+    assert packed.frac_ideal_fwd == pytest.approx(0.5) and packed.frac_ideal_fwdbwd == pytest.approx(0.4)
+    table = format_table(results + [packed])
+    assert "dense_packed/ideal" in table and "block/packed" in table
+    assert " 0.50/ 0.40" in table.splitlines()[-1]  # block 0.8 / 4.0 ms against packed 0.4 / 2.0 ms

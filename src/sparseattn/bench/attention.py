@@ -20,7 +20,14 @@ the peak memory above the inputs of:
 - ``triton_fused``: the same kernel with the fused backward (one pass over the columns computes dK and dV
   and adds dQ atomically in fp32): what fusing gains;
 - ``triton_whole``: two passes with every backward list walked whole by one program, no atomics (what
-  ``torch.use_deterministic_algorithms(True)`` runs): what splitting long lists gains.
+  ``torch.use_deterministic_algorithms(True)`` runs): what splitting long lists gains;
+- ``dense_packed``: not sparse attention but its ceiling. Dense SDPA (the same cuDNN/flash kernel as
+  ``dense``) over the kept tiles' *count*, arranged as many short sequences whose rows are as long as the
+  layout's mean row (kept tiles per query tile row, rounded to whole tiles); its time is scaled to exactly
+  the layout's number of kept tiles. A block-sparse kernel with the dense kernel's rate per tile and
+  nothing lost to walking tile lists would take this long: rows of a few tiles pay the dense kernel's own
+  per-row cost (loading Q, the epilogue) over fewer tiles, which no layout avoids. Its fraction of the
+  ideal is what the fastest dense kernel reaches on the same work.
 
 Layouts are made at a target *block* sparsity (1 - kept tiles / all tiles, tiles of ``block_size``); the
 ideal speed-up is 1 / block density. "kernel / ideal" compares the block kernel with ``flex_full`` instead of
@@ -42,8 +49,9 @@ from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
 METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_fused",
-           "triton_whole")
-SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole")  # methods that pay for kept tiles only
+           "triton_whole", "dense_packed")
+SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole",
+          "dense_packed")  # methods that pay for kept tiles only
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -216,8 +224,23 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
-    """name -> (setup() -> attention fn(q, k, v), build time in ms or None)."""
+def packed_shape(tiles: torch.Tensor, batch: int, heads: int, bs: int) -> tuple[int, int, float]:
+    """The dense stand-in for a layout's kept tiles (``dense_packed``): ``(sequences, length, time_scale)``.
+    tiles: (1, heads or 1, n, n) bool, the layout's kept tiles for one batch element (one head standing for
+    all). The sequences, of ``heads`` heads, are as long as the mean row (kept tiles per query tile row,
+    rounded, at least one tile), and as many as hold the same number of tiles as ``batch`` copies of the
+    layout; ``time_scale`` (kept / packed tiles) corrects a measured time for the rounding."""
+    n = tiles.shape[2]
+    kept = batch * int(tiles.sum()) * (heads // tiles.shape[1])
+    row = max(1, round(kept / (batch * heads * n)))  # mean kept tiles per query tile row
+    sequences = max(1, round(kept / (heads * row * row)))
+    return sequences, row * bs, kept / (sequences * heads * row * row)
+
+
+def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=None, like=None):
+    """name -> (setup() -> attention fn(q, k, v), build time in ms or None). ``dense_packed`` needs the
+    layout's tiles and an input to copy shape and dtype from (``like``, (B, H, L, D)); its setup leaves its
+    own inputs (q, k, v, grad) in ``info["inputs"]`` and its time correction in ``info["time_scale"]``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     flex = flex_attention_fn(True)
@@ -267,9 +290,19 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None):
     def triton_whole():
         return triton_on(keep, split=False, backward="two-pass")[1]
 
+    def dense_packed():
+        sequences, length, time_scale = packed_shape(tiles, like.shape[0], like.shape[1], bs)
+        g = torch.Generator(device=device).manual_seed(1)
+        shape = (sequences, like.shape[1], length, like.shape[-1])
+        q, k, v = (torch.randn(shape, device=device, dtype=like.dtype, generator=g).requires_grad_()
+                   for _ in range(3))
+        info.update(inputs=(q, k, v, torch.randn(shape, device=device, dtype=like.dtype, generator=g)),
+                    time_scale=time_scale, packed=f"{sequences} x {length} tokens")
+        return dense()
+
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
             "triton_full": triton_full, "triton": triton, "triton_fused": triton_fused,
-            "triton_whole": triton_whole}, info
+            "triton_whole": triton_whole, "dense_packed": dense_packed}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -289,7 +322,7 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
     grad = torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g)
     flops_fwd = 4 * B * heads * L * L * head_dim
     results = []
-    setups, info = _methods(keep, mask_mod, bs, scale, device, kernel_options)
+    setups, info = _methods(keep, mask_mod, bs, scale, device, kernel_options, tiles=tiles, like=q)
     for name in methods:
         r = Result(layout_name, L, B, heads, head_dim, sparsity, density, pair_sparsity, desc, name)
         try:
@@ -301,18 +334,21 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
             t1.record()
             t1.synchronize()
             r.build_ms = t0.elapsed_time(t1) if name in SPARSE else None
+            inputs = info.pop("inputs", (q, k, v, grad))  # dense_packed brings its own
+            time_scale = info.pop("time_scale", 1.0)
             r.extra.update(info)
             info.clear()
+            a, b, c, dout = inputs
             with torch.no_grad():
-                fn(q, k, v)  # compile outside the timed and measured region
-            r.fwd_ms = time_ms(lambda: fn(q, k, v))
+                fn(a, b, c)  # compile outside the timed and measured region
+            r.fwd_ms = time_ms(lambda: fn(a, b, c)) * time_scale
             with torch.no_grad():
-                r.fwd_peak_mib = peak_mib(lambda: fn(q, k, v))
+                r.fwd_peak_mib = peak_mib(lambda: fn(a, b, c))
             if not fwd_only:
                 def step():
-                    out = fn(q, k, v)
-                    torch.autograd.grad(out, (q, k, v), grad)
-                r.fwdbwd_ms = time_ms(step)
+                    out = fn(a, b, c)
+                    torch.autograd.grad(out, (a, b, c), dout)
+                r.fwdbwd_ms = time_ms(step) * time_scale
                 r.fwdbwd_peak_mib = peak_mib(step)
             if name == "triton":
                 from ..backends.triton_kernel import tuned_configs
@@ -323,7 +359,7 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
         except Exception as e:  # a method that cannot run this config is reported, not fatal
             r.note = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         finally:
-            fn = None
+            fn = inputs = a = b = c = dout = None
             torch.cuda.empty_cache()
         results.append(r)
     add_ratios(results, density, flops_fwd)
@@ -353,6 +389,10 @@ def add_ratios(results: list[Result], density: float, flops_fwd: float) -> None:
                 r.frac_kernel_ideal_fwdbwd = full.fwdbwd_ms * density / r.fwdbwd_ms
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def format_table(results: list[Result]) -> str:
     """One line per config: density, ideal speed-up, each method's speed-up fwd / fwd+bwd over dense; for each
     block kernel (``block``: FlexAttention, ``triton``: sparseattn's own) its fraction of the ideal; peak
@@ -362,9 +402,12 @@ def format_table(results: list[Result]) -> str:
         groups.setdefault((r.layout, r.length, r.target_sparsity, r.head_dim), {})[r.method] = r
     methods = [m for m in METHODS if any(m in g for g in groups.values())]
     kernels = [m for m in ("block", "triton") if m in methods]
+    ideal_fracs = [*kernels, *(["dense_packed"] if "dense_packed" in methods else [])]
+    ceiling = [m for m in kernels if "dense_packed" in methods]  # kernels compared with the packed ceiling
     head = (f"{'layout':<8} {'L':>6} {'B':>3} {'D':>4} {'spars':>5} {'dens':>5} {'ideal':>5} {'dense ms':>8} "
             + " ".join(f"{m + ' f/fb':>13}" for m in methods if m != "dense")
-            + "".join(f" {m + '/ideal f/fb':>17}" for m in kernels)
+            + "".join(f" {m + '/ideal f/fb':>17}" for m in ideal_fracs)
+            + "".join(f" {m + '/packed f/fb':>18}" for m in ceiling)
             + f" {'mem MiB ' + '/'.join(['dense', *kernels]):>26}")
     lines = [head, "-" * len(head)]
 
@@ -382,9 +425,14 @@ def format_table(results: list[Result]) -> str:
             cells.append(f"{x(r.speedup_fwd if r else None)}/{x(r.speedup_fwdbwd if r else None)}".rjust(13)
                          if r and not r.note else f"{(r.note[:13] if r else '-'):>13}")
         fracs = ""
-        for m in kernels:
+        for m in ideal_fracs:
             b = g.get(m)
             fracs += f" {(f'{x(b.frac_ideal_fwd)}/{x(b.frac_ideal_fwdbwd)}' if b and not b.note else '-'):>17}"
+        p = g.get("dense_packed")
+        for m in ceiling:
+            b = g.get(m)
+            ok = b and p and not b.note and not p.note
+            fracs += f" {(f'{x(_ratio(p.fwd_ms, b.fwd_ms))}/{x(_ratio(p.fwdbwd_ms, b.fwdbwd_ms))}' if ok else '-'):>18}"
         mem = "/".join(f"{(g[m].fwdbwd_peak_mib or 0) if m in g else 0:.0f}" for m in ["dense", *kernels])
         lines.append(f"{lay:<8} {L:>6} {any_r.batch:>3} {D:>4} {s:>5.0%} {any_r.block_density:>5.1%} "
                      f"{1 / max(any_r.block_density, 1e-9):>5.1f} {(d.fwd_ms if d and d.fwd_ms else float('nan')):>8.2f} "
