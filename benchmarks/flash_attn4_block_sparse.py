@@ -75,6 +75,11 @@ def fa4_block_sparse(full: torch.Tensor, partial: torch.Tensor, batch: int, *, t
                                    full_block_idx=full_idx, block_size=(BS, BS))
 
 
+def is_dense(method: str) -> bool:
+    """A method that computes every tile (no fraction of the ideal applies)."""
+    return method == "cudnn" or method.endswith("_dense")
+
+
 def run(layout: str, L: int, D: int, heads: int, tokens: int) -> list[dict]:
     B = max(1, tokens // L)
     n = L // BS
@@ -151,8 +156,7 @@ def run(layout: str, L: int, D: int, heads: int, tokens: int) -> list[dict]:
         for key in ("fwd_ms", "fwdbwd_ms"):
             if r.get(key) and base.get(key):
                 r["speedup_" + key[:-3]] = base[key] / r[key]
-                r["ideal_" + key[:-3]] = base[key] / r[key] * (density if r["method"] != "cudnn" and
-                                                               not r["method"].endswith("_dense") else 1.0)
+                r["ideal_" + key[:-3]] = base[key] / r[key] * (1.0 if is_dense(r["method"]) else density)
     return rows
 
 
@@ -165,8 +169,7 @@ def format_rows(rows: list[dict]) -> str:
             lines.append(f"{r['layout']:<8} {r['length']:>6} {r['head_dim']:>4} {r['block_density']:>6.1%} "
                          f"{r['method']:<13} {r['error']}")
             continue
-        dense = r["method"] == "cudnn" or r["method"].endswith("_dense")
-        ideal = "" if dense else f"{r['ideal_fwd']:.2f}/{r['ideal_fwdbwd']:.2f}"
+        ideal = "" if is_dense(r["method"]) else f"{r['ideal_fwd']:.2f}/{r['ideal_fwdbwd']:.2f}"
         err = ", ".join(f"{e:.1e}" for e in r.get("max_err", []))
         lines.append(f"{r['layout']:<8} {r['length']:>6} {r['head_dim']:>4} {r['block_density']:>6.1%} "
                      f"{r['method']:<13} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} "
