@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
 
 from sparseattn.backends import triton_kernel as tk
 from sparseattn.backends.block_layout import BlockLayout
-from sparseattn.backends.triton_kernel import LOG2E, TileLists, _program, _ranges, _tile_keep
+from sparseattn.backends.triton_kernel import LOG2E, TileLists, list_ranges, read_program, tile_keep
 from sparseattn.bench.attention import make_layout, time_ms
 
 
@@ -60,7 +60,7 @@ def fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, b, hk, IDX, TILE, TILES, count, 
         k = desc_k.load([b, hk, n0, 0]).reshape(BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, k.T)
         if MASKED:
-            keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
+            keep = tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -117,7 +117,7 @@ def dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, I
         lse = tl.load(LSE_bh + offs_m)
         pT = tl.math.exp2(tl.dot(k, q.T) * qk_scale - lse[None, :])
         if MASKED:
-            keep = _tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
+            keep = tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
             pT = tl.where(keep, pT, 0.0)
         do = desc_do.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
         dv = tl.dot(pT.to(do.dtype), do, dv)
@@ -143,7 +143,7 @@ def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DK, DV, LSE, DELTA, sd
     b = bh // H
     h = bh % H
     hk = h // REP
-    n_blk, first, end, slot = _program(PROG, b, h, spb, sph)
+    n_blk, first, end, slot = read_program(PROG, b, h, spb, sph)
     if n_blk < 0:
         return
     k = desc_k.load([b, hk, n_blk * BS, 0]).reshape(BS, HEAD_DIM)
@@ -153,7 +153,7 @@ def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DK, DV, LSE, DELTA, sd
     dk = tl.zeros([BS, HEAD_DIM], tl.float32)
     dv = tl.zeros([BS, HEAD_DIM], tl.float32)
     cnt = b * scb + h * sch + n_blk
-    p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
+    p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
     dk, dv = dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, b, h, LSE_bh, DELTA_bh, PIDX + cnt * K_PART,
                         PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, WS, FUSED,
                         TRANS)
@@ -181,7 +181,7 @@ def dq_tiles(dq, q, do, lse, delta, desc_k, desc_v, b, hk, IDX, TILE, TILES, lo,
         v = desc_v.load([b, hk, n0, 0]).reshape(BLOCK_N, HEAD_DIM)
         p = tl.math.exp2(tl.dot(q, k.T) * qk_scale - lse[:, None])
         if MASKED:
-            keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
+            keep = tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, v.T)
         ds = p * (dp - delta[:, None])
@@ -198,7 +198,7 @@ def dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, DELTA, sdqb, sdqh, sdql,
     b = bh // H
     h = bh % H
     hk = h // REP
-    m_blk, first, end, slot = _program(PROG, b, h, spb, sph)
+    m_blk, first, end, slot = read_program(PROG, b, h, spb, sph)
     if m_blk < 0:
         return
     offs_m = m_blk * BS + tl.arange(0, BS)
@@ -208,7 +208,7 @@ def dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, DELTA, sdqb, sdqh, sdql,
     delta = tl.load(DELTA + bh.to(tl.int64) * N_CTX + offs_m)
     dq = tl.zeros([BS, HEAD_DIM], tl.float32)
     cnt = b * scb + h * sch + m_blk
-    p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
+    p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
     dq = dq_tiles(dq, q, do, lse, delta, desc_k, desc_v, b, hk, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
                   TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, True, WS)
     dq = dq_tiles(dq, q, do, lse, delta, desc_k, desc_v, b, hk, FIDX + cnt * K_FULL, FIDX,
@@ -233,7 +233,7 @@ def tma_forward(q, k, v, lists, scale, cfg):
     bs = lists.block_size
     fwd_kernel[(B * H, lists.num_q_blocks)](
         _desc(q, bs), _desc(k, bn), _desc(v, bn), _desc(o, bs), lse,
-        *tk._list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L, scale * LOG2E,
+        *tk.list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L, scale * LOG2E,
         HEAD_DIM=D, BS=bs, BLOCK_N=bn, WS=ws, num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -256,12 +256,12 @@ def tma_backward(do, q, k, v, o, lse, lists, scale, cfg_kv, cfg_q):
     q_desc = _desc(q, bm)
     dkdv_kernel[(B * H, lists.col_prog.shape[2])](
         q_desc, _desc(k, bs), _desc(v, bs), _desc(do, bm), q_desc, dk, dv, lse, delta, *dk.stride()[:3],
-        *tk._program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
+        *tk.program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
         HEAD_DIM=D, BS=bs, BLOCK_M=bm, WS=ws, FUSED=False, TRANS=False, num_warps=warps, num_stages=stages)
     bn, warps, stages, ws = cfg_q
     dq_kernel[(B * H, lists.row_prog.shape[2])](
         _desc(q, bs), _desc(k, bn), _desc(v, bn), _desc(do, bs), dq, lse, delta, *dq.stride()[:3],
-        *tk._program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, 1, L, scale * LOG2E, scale,
+        *tk.program_args(lists, lists.row_full, lists.row_part, lists.row_prog), H, 1, L, scale * LOG2E, scale,
         HEAD_DIM=D, BS=bs, BLOCK_N=bn, WS=ws, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
@@ -280,7 +280,7 @@ def fused_backward(do, q, k, v, o, lse, lists, scale, cfg):
                                block_shape=[1, 1, D, bm] if trans else [1, 1, bm, D])
     dkdv_kernel[(B * H, lists.col_prog.shape[2])](
         _desc(q, bm), _desc(k, bs), _desc(v, bs), _desc(do, bm), dq_desc, dk, dv, lse, delta, *dk.stride()[:3],
-        *tk._program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
+        *tk.program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, 1, L, scale * LOG2E, scale,
         HEAD_DIM=D, BS=bs, BLOCK_M=bm, WS=False, FUSED=True, TRANS=trans, num_warps=warps, num_stages=stages)
     dq = (acc.transpose(-1, -2) if trans else acc).mul(scale).to(q.dtype)
     return dq, dk, dv
@@ -355,8 +355,8 @@ def main(argv=None) -> int:
         lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
         kept = int(lists.row_full[0].sum()) + int(lists.row_part[0].sum())
         density = kept / (lists.row_full[0].numel() * lists.num_kv_blocks)
-        o, lse = tk._forward(q, k, v, lists, scale)
-        grads = tk._backward(do, q, k, v, o, lse, lists, scale, "deterministic")
+        o, lse = tk.forward_pass(q, k, v, lists, scale)
+        grads = tk.backward_pass(do, q, k, v, o, lse, lists, scale, "deterministic")
         if lname == "full" and args.sweep:
             log = lambda s: print(s, flush=True)  # noqa: E731
             cfg["fwd"] = _fastest("fwd", FWD, lambda c: tma_forward(q, k, v, lists, scale, c),
@@ -375,8 +375,8 @@ def main(argv=None) -> int:
                                     log)
             print(f"configurations: {cfg}", flush=True)
         variants = {
-            "current": (lambda: tk._forward(q, k, v, lists, scale),
-                        lambda: tk._backward(do, q, k, v, o, lse, lists, scale, "two-pass")),
+            "current": (lambda: tk.forward_pass(q, k, v, lists, scale),
+                        lambda: tk.backward_pass(do, q, k, v, o, lse, lists, scale, "two-pass")),
             "tma": (lambda: tma_forward(q, k, v, lists, scale, cfg["fwd"]),
                     lambda: tma_backward(do, q, k, v, o, lse, lists, scale, cfg["dkdv"], cfg["dq"])),
             "tma+ws": (lambda: tma_forward(q, k, v, lists, scale, cfg["fwd_ws"]), None),

@@ -30,8 +30,11 @@ use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, len
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +224,13 @@ class TileLists:
         # built now, not at a deterministic backward pass: that may run inside a CUDA graph capture
         return lists if lists.split_rows or lists.split_cols else whole
 
+    def tile_lists(self, length: int, device) -> "TileLists":
+        """These lists, as the source of `register_source` (they serve any length up to theirs)."""
+        if length > self.num_q_blocks * self.block_size:
+            raise ValueError(f"the layout covers {self.num_q_blocks * self.block_size} x "
+                             f"{self.num_kv_blocks * self.block_size} tokens, the input has {length}")
+        return self
+
     def nbytes(self) -> int:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
               self.row_prog, self.col_prog, self.row_slots, self.col_slots]
@@ -232,9 +242,26 @@ class TileLists:
 if triton is not None:
 
     @triton.jit
-    def _tile_keep(TILES, tile, rows, cols, BS: tl.constexpr):
+    def tile_keep(TILES, tile, rows, cols, BS: tl.constexpr):
         """keep[r, c] for rows/cols within partial tile ``tile`` (any broadcastable shapes)."""
         return tl.load(TILES + tile * (BS * BS) + rows * BS + cols) != 0
+
+    @triton.jit
+    def segment_of(SEG, sh, H, N_CTX, VARLEN: tl.constexpr):
+        """(row, head, first token, token count) of a program's ``sh`` = segment x H + head. Without VARLEN a
+        segment is a whole row; with it, SEG holds (row, first token, token count) per segment (an example
+        of a padded batch, or a document of a packed row), and positions count from its first token."""
+        s = sh // H
+        h = (sh % H).to(tl.int64)
+        if VARLEN:
+            b = tl.load(SEG + s * 3).to(tl.int64)
+            start = tl.load(SEG + s * 3 + 1).to(tl.int64)
+            n = tl.load(SEG + s * 3 + 2)
+        else:
+            b = s.to(tl.int64)
+            start = tl.zeros([], tl.int64)
+            n = N_CTX
+        return b, h, start, n
 
     @triton.jit
     def _delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, N_CTX,
@@ -245,237 +272,321 @@ if triton is not None:
         h = (bh % H).to(tl.int64)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
-        o = tl.load(O + b * sob + h * soh + offs[:, None] * sol + offs_d[None, :]).to(tl.float32)
-        do = tl.load(DO + b * sdob + h * sdoh + offs[:, None] * sdol + offs_d[None, :]).to(tl.float32)
-        tl.store(DELTA + bh.to(tl.int64) * N_CTX + offs, tl.sum(o * do, 1))
+        inside = offs < N_CTX
+        o = tl.load(O + b * sob + h * soh + offs[:, None] * sol + offs_d[None, :], mask=inside[:, None], other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs[:, None] * sdol + offs_d[None, :], mask=inside[:, None],
+                     other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * N_CTX + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=inside)
 
     @triton.jit
-    def _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, qk_scale,
-                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   PREC: tl.constexpr):
-        SUB: tl.constexpr = BS // BLOCK_N
+    def _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, n, qk_scale,
+                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  PREC: tl.constexpr, VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BS)
+        offs_n = blk * BS + col0 + offs_j
+        if VARLEN:  # keys past the segment's end load as zeros and are dropped from the softmax
+            inside = offs_n < n
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None], mask=inside[None, :], other=0.0)
+        else:
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
+        qk = tl.dot(q, kT, input_precision=PREC)
+        if MASKED:
+            keep = tile_keep(TILES, tl.load(TILE + t // (BS // BLOCK_N)), rows[:, None], (col0 + offs_j)[None, :], BS)
+            qk = tl.where(keep, qk, float("-inf"))
+        if VARLEN:
+            qk = tl.where(inside[None, :], qk, float("-inf"))
+        # the scale (> 0) goes on the row maxima and into the exponent's multiply-add, not on every score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if VARLEN:
+            v = tl.load(vbase + offs_n[:, None] * stride_vl + offs_d[None, :], mask=inside[:, None], other=0.0)
+        else:
+            v = tl.load(vbase + offs_n[:, None] * stride_vl + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, n, qk_scale,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   PREC: tl.constexpr, VARLEN: tl.constexpr):
+        SUB: tl.constexpr = BS // BLOCK_N
         for t in range(0, count * SUB):
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
-            offs_n = blk * BS + col0 + offs_j
-            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
-            qk = tl.dot(q, kT, input_precision=PREC)
-            if MASKED:
-                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
-                qk = tl.where(keep, qk, float("-inf"))
-            # the scale (> 0) goes on the row maxima and into the exponent's multiply-add, not on every score
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vbase + offs_n[:, None] * stride_vl + offs_d[None, :])
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-            m_i = m_new
+            if VARLEN:
+                if blk * BS + col0 < n:  # sub-tiles wholly past the segment's end are skipped
+                    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
+                                              blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+            else:
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
+                                          blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
         return acc, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE,
+    def _fwd_kernel(Q, K, V, O, LSE, SEG,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                     scb, sch, K_FULL, K_PART,
-                    H, REP, N_CTX, qk_scale,
-                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+                    H, REP, N_CTX, N_TILES, qk_scale,
+                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                    VARLEN: tl.constexpr):
+        b, h, start, n = segment_of(SEG, tl.program_id(0), H, N_CTX, VARLEN)
         m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
+        if m_blk * BS >= n:  # a tile row past the segment's end (its rows belong to others, or are padding)
+            return
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
-        kbase = K + b * skb + (h // REP) * skh
-        vbase = V + b * svb + (h // REP) * svh
+        rows_in = offs_m < n
+        q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :], mask=rows_in[:, None],
+                    other=0.0)
+        kbase = K + b * skb + (h // REP) * skh + start * skl
+        vbase = V + b * svb + (h // REP) * svh + start * svl
         cnt = b * scb + h * sch + m_blk
         m_i = tl.full([BS], float("-inf"), tl.float32)
         l_i = tl.zeros([BS], tl.float32)
         acc = tl.zeros([BS, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, PIDX + cnt * K_PART,
-                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), qk_scale,
-                                   HEAD_DIM, BS, BLOCK_N, True, PREC)
+                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), n, qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, True, PREC, VARLEN)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, FIDX + cnt * K_FULL,
-                                   FIDX, TILES, tl.load(FCNT + cnt), qk_scale,
-                                   HEAD_DIM, BS, BLOCK_N, False, PREC)
+                                   FIDX, TILES, tl.load(FCNT + cnt), n, qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, False, PREC, VARLEN)
         empty = l_i == 0.0
         l_use = tl.where(empty, 1.0, l_i)
         o = acc / l_use[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty))
-        tl.store(LSE + bh.to(tl.int64) * N_CTX + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)))
+        tl.store(O + b * sob + h * soh + (start + offs_m)[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=rows_in[:, None])
+        tl.store(LSE + (b * H + h) * N_CTX + start + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)),
+                 mask=rows_in)
 
     @triton.jit
-    def _program(PROG, b, h, spb, sph):
+    def read_program(PROG, b, h, spb, sph):
         """This program's row of the table ``_programs`` made: (tile, first, end, scratch slot); programs
         start longest first."""
         prog = PROG + b * spb + h * sph + tl.program_id(1) * 4
         return tl.load(prog), tl.load(prog + 1), tl.load(prog + 2), tl.load(prog + 3)
 
     @triton.jit
-    def _ranges(first, end, n_part):
+    def list_ranges(first, end, n_part):
         """Entries first..end-1 of a partial-then-full list, as ranges into its partial list (which holds
         n_part) and into its full list."""
         return (tl.minimum(first, n_part), tl.minimum(end, n_part),
                 tl.maximum(first, n_part) - n_part, tl.maximum(end, n_part) - n_part)
 
     @triton.jit
-    def _write(ptrs, value, SCRATCH, bh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
-        """Store a program's (BS, HEAD_DIM) result; the chunks of a split list (slot >= 0) add theirs
-        atomically into their fp32 scratch tile instead (SCRATCH: (B x H, S, BS, HEAD_DIM))."""
+    def _write(ptrs, value, rows_in, SCRATCH, sh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
+               SPLIT: tl.constexpr):
+        """Store a program's (BS, HEAD_DIM) result (rows where ``rows_in``); the chunks of a split list (slot >= 0)
+        add theirs atomically into their fp32 scratch tile instead (SCRATCH: (segments x H, S, BS, HEAD_DIM))."""
         if SPLIT:
             if slot >= 0:
-                tile = SCRATCH + (bh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
+                tile = SCRATCH + (sh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
                 offs = tl.arange(0, BS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
                 tl.atomic_add(tile + offs, value, sem="relaxed")
             else:
-                tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+                tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_in[:, None])
         else:
-            tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_in[:, None])
 
     @triton.jit
-    def _scratch_kernel(SCRATCH, OUT, SLOTS, sob, soh, sol, ssb, ssh, H, S,
-                        HEAD_DIM: tl.constexpr, BS: tl.constexpr):
-        """Copy the split lists' summed scratch tiles into the gradient (grid: B x H, S)."""
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+    def _scratch_kernel(SCRATCH, OUT, SLOTS, SEG, sob, soh, sol, ssb, ssh, H, S, N_CTX,
+                        HEAD_DIM: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
+        """Copy the split lists' summed scratch tiles into the gradient (grid: segments x H, S)."""
+        sh = tl.program_id(0)
+        b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         blk = tl.load(SLOTS + b * ssb + h * ssh + tl.program_id(1))
         if blk < 0:
             return
         rows = tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
-        tile = SCRATCH + (bh.to(tl.int64) * S + tl.program_id(1)) * (BS * HEAD_DIM)
+        tile = SCRATCH + (sh.to(tl.int64) * S + tl.program_id(1)) * (BS * HEAD_DIM)
         x = tl.load(tile + rows[:, None] * HEAD_DIM + offs_d[None, :])
-        tl.store(OUT + b * sob + h * soh + (blk * BS + rows[:, None]) * sol + offs_d[None, :],
-                 x.to(OUT.dtype.element_ty))
+        pos = blk * BS + rows
+        tl.store(OUT + b * sob + h * soh + (start + pos[:, None]) * sol + offs_d[None, :],
+                 x.to(OUT.dtype.element_ty), mask=(pos < n)[:, None])
 
     @triton.jit
-    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE, TILES,
-                    lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr):
-        """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
-        the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
-        SUB: tl.constexpr = BS // BLOCK_M
+    def _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, TILE, TILES, t,
+                   blk, row0, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_i = tl.arange(0, BLOCK_M)
         kcols = tl.arange(0, BS)
-        for t in range(lo * SUB, hi * SUB):
-            blk = tl.load(IDX + t // SUB)
-            row0 = (t % SUB) * BLOCK_M
-            offs_m = blk * BS + row0 + offs_i
+        offs_m = blk * BS + row0 + offs_i
+        if VARLEN:  # queries past the segment's end: zero q and dO, and lse = inf makes their probabilities 0
+            inside = offs_m < n
+            qT = tl.load(qbase + offs_m[None, :] * stride_ql + offs_d[:, None], mask=inside[None, :], other=0.0)
+            lse = tl.load(LSE_bh + offs_m, mask=inside, other=float("inf"))
+        else:
             qT = tl.load(qbase + offs_m[None, :] * stride_ql + offs_d[:, None])
             lse = tl.load(LSE_bh + offs_m)
-            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
-            if MASKED:
-                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), (row0 + offs_i)[None, :], kcols[:, None], BS)
-                pT = tl.where(keep, pT, 0.0)
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
+        if MASKED:
+            keep = tile_keep(TILES, tl.load(TILE + t // (BS // BLOCK_M)), (row0 + offs_i)[None, :], kcols[:, None], BS)
+            pT = tl.where(keep, pT, 0.0)
+        if VARLEN:
+            do = tl.load(dobase + offs_m[:, None] * stride_dol + offs_d[None, :], mask=inside[:, None], other=0.0)
+            delta = tl.load(DELTA_bh + offs_m, mask=inside, other=0.0)
+        else:
             do = tl.load(dobase + offs_m[:, None] * stride_dol + offs_d[None, :])
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
             delta = tl.load(DELTA_bh + offs_m)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
-            if FUSED:
-                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+        if FUSED:  # keys past the segment's end hold zeros, so they add nothing to dQ
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)
+            if VARLEN:
+                tl.atomic_add(DQ_bh + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=inside[:, None],
+                              sem="relaxed")
+            else:
                 tl.atomic_add(DQ_bh + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
         return dk, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC,
+    def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE, TILES,
+                    lo, hi, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
+        """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
+        the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
+        SUB: tl.constexpr = BS // BLOCK_M
+        for t in range(lo * SUB, hi * SUB):
+            blk = tl.load(IDX + t // SUB)
+            row0 = (t % SUB) * BLOCK_M
+            if VARLEN:
+                if blk * BS + row0 < n:
+                    dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
+                                        TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
+                                        FUSED, VARLEN)
+            else:
+                dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
+                                    TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
+                                    FUSED, VARLEN)
+        return dk, dv
+
+    @triton.jit
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC, SEG,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                      scb, sch, spb, sph, K_FULL, K_PART,
-                     H, REP, N_CTX, qk_scale, sm_scale,
+                     H, REP, N_CTX, N_TILES, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-                     SPLIT: tl.constexpr, FUSED: tl.constexpr):
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        n_blk, first, end, slot = _program(PROG, b, h, spb, sph)  # a tile column, or a chunk of its list
+                     SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
+        sh = tl.program_id(0)
+        b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
+        n_blk, first, end, slot = read_program(PROG, b, h, spb, sph)  # a tile column, or a chunk of its list
         if n_blk < 0:  # this example and head have fewer programs than the launch
+            return
+        if n_blk * BS >= n:
             return
         offs_n = n_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
-        k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
-        v = tl.load(V + b * svb + (h // REP) * svh + offs_n[:, None] * svl + offs_d[None, :])
-        qbase = Q + b * sqb + h * sqh
-        dobase = DO + b * sdob + h * sdoh
-        LSE_bh = LSE + bh.to(tl.int64) * N_CTX
-        DELTA_bh = DELTA + bh.to(tl.int64) * N_CTX
-        DQ_bh = DQ_ACC + bh.to(tl.int64) * N_CTX * HEAD_DIM
+        keys_in = offs_n < n
+        k = tl.load(K + b * skb + (h // REP) * skh + (start + offs_n)[:, None] * skl + offs_d[None, :],
+                    mask=keys_in[:, None], other=0.0)
+        v = tl.load(V + b * svb + (h // REP) * svh + (start + offs_n)[:, None] * svl + offs_d[None, :],
+                    mask=keys_in[:, None], other=0.0)
+        qbase = Q + b * sqb + h * sqh + start * sql
+        dobase = DO + b * sdob + h * sdoh + start * sdol
+        row = (b * H + h) * N_CTX + start
+        LSE_bh = LSE + row
+        DELTA_bh = DELTA + row
+        DQ_bh = DQ_ACC + row * HEAD_DIM
         dk = tl.zeros([BS, HEAD_DIM], tl.float32)
         dv = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
-        p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
+        p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, PIDX + cnt * K_PART,
-                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC,
-                             FUSED)
+                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC,
+                             FUSED, VARLEN)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, FIDX + cnt * K_FULL,
-                             FIDX, TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED)
-        out = b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :]
-        _write(DK + out, dk * sm_scale, SCR_K, bh, slot, S, HEAD_DIM, BS, SPLIT)
-        _write(DV + out, dv, SCR_V, bh, slot, S, HEAD_DIM, BS, SPLIT)
+                             FIDX, TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED, VARLEN)
+        out = b * sdkb + h * sdkh + (start + offs_n)[:, None] * sdkl + offs_d[None, :]
+        _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, HEAD_DIM, BS, SPLIT)
+        _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, HEAD_DIM, BS, SPLIT)
 
     @triton.jit
-    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, qk_scale,
-                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PREC: tl.constexpr):
-        """Entries lo..hi-1 of a row's list."""
-        SUB: tl.constexpr = BS // BLOCK_N
+    def _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, n, qk_scale,
+                 HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 PREC: tl.constexpr, VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BS)
+        offs_n = blk * BS + col0 + offs_j
+        if VARLEN:  # keys past the segment's end: zero k and v, so their (meaningless) probabilities add nothing
+            inside = offs_n < n
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None], mask=inside[None, :], other=0.0)
+            vT = tl.load(vbase + offs_n[None, :] * stride_vl + offs_d[:, None], mask=inside[None, :], other=0.0)
+        else:
+            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
+            vT = tl.load(vbase + offs_n[None, :] * stride_vl + offs_d[:, None])
+        p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = tile_keep(TILES, tl.load(TILE + t // (BS // BLOCK_N)), rows[:, None], (col0 + offs_j)[None, :], BS)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+
+    @triton.jit
+    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, n, qk_scale,
+                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  PREC: tl.constexpr, VARLEN: tl.constexpr):
+        """Entries lo..hi-1 of a row's list."""
+        SUB: tl.constexpr = BS // BLOCK_N
         for t in range(lo * SUB, hi * SUB):
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
-            offs_n = blk * BS + col0 + offs_j
-            kT = tl.load(kbase + offs_n[None, :] * stride_kl + offs_d[:, None])
-            vT = tl.load(vbase + offs_n[None, :] * stride_vl + offs_d[:, None])
-            p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
-            if MASKED:
-                keep = _tile_keep(TILES, tl.load(TILE + t // SUB), rows[:, None], (col0 + offs_j)[None, :], BS)
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, vT, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+            if VARLEN:
+                if blk * BS + col0 < n:
+                    dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk,
+                                  col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+            else:
+                dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0,
+                              n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
         return dq
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA,
+    def _dq_kernel(Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA, SEG,
                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
                    FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                    scb, sch, spb, sph, K_FULL, K_PART,
-                   H, REP, N_CTX, qk_scale, sm_scale,
+                   H, REP, N_CTX, N_TILES, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr):
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        m_blk, first, end, slot = _program(PROG, b, h, spb, sph)  # a tile row, or a chunk of its list
+                   SPLIT: tl.constexpr, VARLEN: tl.constexpr):
+        sh = tl.program_id(0)
+        b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
+        m_blk, first, end, slot = read_program(PROG, b, h, spb, sph)  # a tile row, or a chunk of its list
         if m_blk < 0:
+            return
+        if m_blk * BS >= n:
             return
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :])
-        lse = tl.load(LSE + bh.to(tl.int64) * N_CTX + offs_m)
-        delta = tl.load(DELTA + bh.to(tl.int64) * N_CTX + offs_m)
-        kbase = K + b * skb + (h // REP) * skh
-        vbase = V + b * svb + (h // REP) * svh
+        rows_in = offs_m < n
+        q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :], mask=rows_in[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + (start + offs_m)[:, None] * sdol + offs_d[None, :],
+                     mask=rows_in[:, None], other=0.0)
+        row = (b * H + h) * N_CTX + start
+        lse = tl.load(LSE + row + offs_m, mask=rows_in, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=rows_in, other=0.0)
+        kbase = K + b * skb + (h // REP) * skh + start * skl
+        vbase = V + b * svb + (h // REP) * svh + start * svl
         dq = tl.zeros([BS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + m_blk
-        p_lo, p_hi, f_lo, f_hi = _ranges(first, end, tl.load(PCNT + cnt))
+        p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
-                       TILES, p_lo, p_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC)
+                       TILES, p_lo, p_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC, VARLEN)
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
-                       TILES, f_lo, f_hi, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC)
-        _write(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq * sm_scale, SCR_Q, bh, slot,
-               S, HEAD_DIM, BS, SPLIT)
+                       TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC, VARLEN)
+        _write(DQ + b * sdqb + h * sdqh + (start + offs_m)[:, None] * sdql + offs_d[None, :], dq * sm_scale, rows_in,
+               SCR_Q, sh, slot, S, HEAD_DIM, BS, SPLIT)
 
 
 # -- launch configurations ------------------------------------------------------------------------------
@@ -499,8 +610,9 @@ _TUNED: dict = {}
 
 
 def _kernel(name: str, bs: int):
-    """(kernel, launch keywords): autotuned per (head size, length, precision) on the GPU, where each new
-    head size compiles the candidates once and each new length re-times them; the fixed choice under the
+    """(kernel, launch keywords): autotuned per (head size, layout length, precision) on the GPU, where each new
+    head size compiles the candidates once and each new layout length (a bucket: padded batches of any length
+    within it share it) re-times them; the fixed choice under the
     interpreter or with SPARSEATTN_TRITON_AUTOTUNE=0."""
     raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
     if interpreted():
@@ -514,7 +626,7 @@ def _kernel(name: str, bs: int):
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_CTX", "PREC", "SPLIT", "FUSED"],
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_TILES", "PREC", "SPLIT", "FUSED", "VARLEN"],
                                       reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
 
@@ -527,7 +639,7 @@ def tuned_configs() -> dict:
     return out
 
 
-def _list_args(lists: TileLists, full: tuple, part: tuple):
+def list_args(lists: TileLists, full: tuple, part: tuple):
     """Pointers and strides of the rows' lists for the forward. Counts are (B', H', N) and index arrays
     (B', H', N, K), so one (example, head) stride in rows serves both (0 where the layout is shared)."""
     fc, fi = full
@@ -537,7 +649,7 @@ def _list_args(lists: TileLists, full: tuple, part: tuple):
     return (fc, fi, pc, pi, pt, lists.tiles, lists.row_order, scb, sch, fi.shape[-1], pi.shape[-1])
 
 
-def _program_args(lists: TileLists, full: tuple, part: tuple, prog: torch.Tensor):
+def program_args(lists: TileLists, full: tuple, part: tuple, prog: torch.Tensor):
     """The backward kernels' list arguments: index arrays, partial counts, the program table and strides
     (full counts are not needed: a program's range ends within its list)."""
     fc, fi = full
@@ -549,20 +661,36 @@ def _program_args(lists: TileLists, full: tuple, part: tuple, prog: torch.Tensor
     return (fi, pc, pi, pt, lists.tiles, prog, scb, sch, spb, sph, fi.shape[-1], pi.shape[-1])
 
 
-def _check(q, k, v, lists: TileLists):
+def check_inputs(q, k, v, lists: TileLists, segments: torch.Tensor | None) -> None:
+    """Shapes the kernel takes; errors name what was given and what was expected."""
     B, H, L, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D or H % k.shape[1]:
         raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}: expected "
                          "(B, H, L, D) and two (B, H_kv, L, D) with H a multiple of H_kv")
-    if L != lists.num_q_blocks * lists.block_size:
-        raise ValueError(f"length {L} is not the layout's padded length {lists.num_q_blocks * lists.block_size}")
+    Lp = lists.num_q_blocks * lists.block_size
+    if L > Lp or lists.num_kv_blocks != lists.num_q_blocks:
+        raise ValueError(f"the layout covers {Lp} x {lists.num_kv_blocks * lists.block_size} tokens, the input "
+                         f"has {L}")
     if not lists.head_broadcast and lists.heads != H:
         raise ValueError(f"the layout has {lists.heads} heads, the query {H}")
     if not lists.batch_broadcast and lists.row_full[0].shape[0] != B:
         raise ValueError(f"the layout has {lists.row_full[0].shape[0]} examples, the batch {B}")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head size {D}: the kernel takes powers of two >= 16 (pad the head; "
-                         "block_sparse_attention_triton does)")
+    if segments is not None:
+        if segments.dim() != 2 or segments.shape[1] != 3 or segments.dtype != torch.int32:
+            raise ValueError(f"segments must be an (S, 3) int32 tensor of (row, first token, token count), got "
+                             f"{segments.dtype} {tuple(segments.shape)}")
+        if segments.device != q.device:
+            raise ValueError(f"segments are on {segments.device}, the query on {q.device}")
+    elif L != Lp:
+        raise ValueError(f"length {L} is not the layout's padded length {Lp}; pass segments")
+
+
+def whole_rows(batch: int, length: int, device) -> torch.Tensor:
+    """Segments (row, 0, length) for every row of a batch: attention over whole rows shorter than the layout."""
+    seg = torch.zeros(batch, 3, dtype=torch.int32, device=device)
+    seg[:, 0] = torch.arange(batch, dtype=torch.int32, device=device)
+    seg[:, 2] = length
+    return seg
 
 
 def _prec(dtype):
@@ -570,26 +698,29 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def _forward(q, k, v, lists: TileLists, scale: float):
+def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
+    """(output, log-sum-exp in base 2 (B, H, L) fp32) of attention over the kept tiles. q: (B, H, L, D) with D a
+    power of two >= 16; segments: see ``block_sparse_attention_triton``. Rows outside every segment are zero."""
     B, H, L, D = q.shape
-    o = torch.empty_like(q)
+    varlen = segments is not None
+    o = torch.zeros_like(q) if varlen else torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     kernel, extra = _kernel("fwd", lists.block_size)
-    grid = (B * H, lists.num_q_blocks)
-    kernel[grid](q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                 *_list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L, scale * LOG2E,
-                 HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype), **extra)
+    grid = ((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
+    kernel[grid](q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                 *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L,
+                 lists.num_q_blocks, scale * LOG2E, HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype),
+                 VARLEN=varlen, **extra)
     return o, lse
 
 
 BACKWARDS = ("auto", "fused", "two-pass")
 
 
-def _backward_mode(backward: str) -> str:
+def backward_mode(backward: str) -> str:
     """"auto": two passes, over whole lists where torch.use_deterministic_algorithms is on (split lists and the
-    fused pass add up with atomics, whose order varies from run to run). Fused is not the default: on an H100
-    it ran at 0.79-0.89x of two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory
-    (docs/benchmarks.md, fifth round)."""
+    fused pass add up with atomics, whose order varies from run to run). Fused is not the default: it was slower
+    than two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory (docs/benchmarks.md)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r}: expected one of {', '.join(BACKWARDS)}")
     if backward == "auto":
@@ -597,88 +728,197 @@ def _backward_mode(backward: str) -> str:
     return backward
 
 
-def _backward(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass"):
-    """mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32); "two-pass": a
-    second pass over tile rows computes dQ (recomputing the probabilities); "deterministic": two passes over
-    whole lists, no atomics."""
+def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass",
+             segments: torch.Tensor | None = None):
+    """(dq, dk, dv). mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32);
+    "two-pass": a second pass over tile rows computes dQ (recomputing the probabilities); "deterministic": two
+    passes over whole lists, no atomics."""
     if mode == "deterministic":
         lists, mode = lists.whole, "two-pass"
     fused = mode == "fused"
+    varlen = segments is not None
+    seg = segments if varlen else q  # a placeholder pointer where there are no segments
     B, H, L, D = q.shape
+    S = segments.shape[0] if varlen else B
     Hk = k.shape[1]
     rep = H // Hk
-    do = do.contiguous()
+    do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    _delta_kernel[(L // lists.block_size, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
-                                                  HEAD_DIM=D, BLOCK=lists.block_size)
     bs = lists.block_size
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
-    dk = torch.empty(B, H, L, D, device=q.device, dtype=k.dtype) if rep > 1 else torch.empty_like(k)
-    dv = torch.empty(B, H, L, D, device=q.device, dtype=v.dtype) if rep > 1 else torch.empty_like(v)
-    # split lists add their chunks into an fp32 scratch tile per list (B x H, S, bs, D), copied in afterwards
+    _delta_kernel[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, HEAD_DIM=D,
+                                               BLOCK=bs)
+    new = torch.zeros if varlen else torch.empty  # rows outside every segment get zero gradients
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else new(q.shape, device=q.device,
+                                                                                          dtype=q.dtype)
+    dk = new((B, H, L, D) if rep > 1 else k.shape, device=q.device, dtype=k.dtype)
+    dv = new((B, H, L, D) if rep > 1 else v.shape, device=q.device, dtype=v.dtype)
+    # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
     Sk = lists.col_slots.shape[-1]
-    scr_k, scr_v = (torch.zeros(B * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
+    scr_k, scr_v = (torch.zeros(S * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
                     for _ in range(2))
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
     kernel, extra = _kernel("dkdv", bs)
-    kernel[(B * H, lists.col_prog.shape[2])](
-        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3],
-        *dk.stride()[:3], *_program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
+    kernel[(S * H, lists.col_prog.shape[2])](
+        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+        *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L, lists.num_q_blocks,
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
-        **extra)
+        VARLEN=varlen, **extra)
     if fused:
         dq = dq.mul_(scale).to(q.dtype)
     else:
         Sq = lists.row_slots.shape[-1]
-        scr_q = torch.zeros(B * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
+        scr_q = torch.zeros(S * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
         copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
-        kernel[(B * H, lists.row_prog.shape[2])](
-            q, k, v, do, dq, scr_q, Sq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dq.stride()[:3], *_program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
-            H, rep, L, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_rows, **extra)
+        kernel[(S * H, lists.row_prog.shape[2])](
+            q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
+            H, rep, L, lists.num_q_blocks, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
+            SPLIT=lists.split_rows, VARLEN=varlen, **extra)
     for scratch, out, slots in copies:
         if slots.shape[-1]:
             ssb = 0 if lists.batch_broadcast else slots.stride(0)
             ssh = 0 if lists.head_broadcast else slots.stride(1)
-            _scratch_kernel[(B * H, slots.shape[-1])](scratch, out, slots, *out.stride()[:3], ssb, ssh, H,
-                                                      slots.shape[-1], HEAD_DIM=D, BS=bs)
+            _scratch_kernel[(S * H, slots.shape[-1])](scratch, out, slots, seg, *out.stride()[:3], ssb, ssh, H,
+                                                      slots.shape[-1], L, HEAD_DIM=D, BS=bs, VARLEN=varlen)
     if rep > 1:  # query heads that share a key/value head add their gradients
         dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(k.dtype)
         dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(v.dtype)
     return dq, dk, dv
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lists, scale, backward):
-        o, lse = _forward(q, k, v, lists, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
-        return o
+# -- the operator: what torch.compile and autograd see ------------------------------------------------------
+# The kernel runs as the custom operators sparseattn::block_attention and sparseattn::block_attention_backward,
+# so that torch.compile traces a model through them (no graph break) and CUDA graphs capture them. Tile lists are
+# not tensors a graph can hold (their sizes depend on the layout), so an operator names them by an integer
+# handle and finds them at run time: a registered `TileLists`, or a source that builds lists for a length on
+# first use (a static plan's layer: built once per length bucket, outside any trace).
+_SOURCES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_next_handle = itertools.count(1)
+_WHOLE_ROWS: dict = {}
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.lists, ctx.scale, _backward_mode(ctx.mode))
-        return dq, dk, dv, None, None, None
+
+def register_source(source) -> int:
+    """A handle for ``source``, an object with ``tile_lists(length, device) -> TileLists`` (lists over at least
+    ``length`` tokens). Held weakly: the handle is valid while the source lives. A `TileLists` is its own source."""
+    handle = getattr(source, "_sparseattn_handle", None)
+    if handle is None or _SOURCES.get(handle) is not source:
+        handle = next(_next_handle)
+        _SOURCES[handle] = source
+        source._sparseattn_handle = handle
+    return handle
+
+
+def lists_for(handle: int, length: int, device) -> TileLists:
+    source = _SOURCES.get(handle)
+    if source is None:
+        raise RuntimeError(f"no tile lists are registered under handle {handle} (their owner was freed); "
+                           "register them with triton_kernel.register_source")
+    return source.tile_lists(length, device)
+
+
+def _whole_rows_cached(batch: int, length: int, device) -> torch.Tensor:
+    key = (batch, length, str(device))
+    if key not in _WHOLE_ROWS:
+        _WHOLE_ROWS[key] = whole_rows(batch, length, device)
+    return _WHOLE_ROWS[key]
+
+
+def _padded_head(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _pad_head(t: torch.Tensor, Dp: int) -> torch.Tensor:
+    return F.pad(t, (0, Dp - t.shape[-1])) if Dp > t.shape[-1] else t
+
+
+def _stride_ready(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("sparseattn::block_attention", mutates_args=())
+def block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Optional[torch.Tensor],
+                       lists: int, scale: float, backward: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, L, D), log-sum-exp (B, H, L) fp32) over the kept tiles of the lists registered as ``lists``;
+    ``backward`` is the backward pass's mode (see ``block_sparse_attention_triton``)."""
+    B, H, L, D = q.shape
+    tl_ = lists_for(lists, L, q.device)
+    Dp = _padded_head(D)
+    qp, kp, vp = (_stride_ready(_pad_head(t, Dp)) for t in (q, k, v))
+    if segments is None and L != tl_.num_q_blocks * tl_.block_size:
+        segments = _whole_rows_cached(B, L, q.device)
+    check_inputs(qp, kp, vp, tl_, segments)
+    o, lse = forward_pass(qp, kp, vp, tl_, scale, segments)
+    return (o[..., :D].contiguous() if Dp > D else o), lse
+
+
+@block_attention_op.register_fake
+def _(q, k, v, segments, lists, scale, backward="auto"):
+    B, H, L, D = q.shape
+    o = torch.empty_like(q) if _padded_head(D) == D and q.stride(-1) == 1 else q.new_empty(q.shape)
+    return o, q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseattn::block_attention_backward", mutates_args=())
+def block_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                o: torch.Tensor, lse: torch.Tensor, segments: Optional[torch.Tensor], lists: int,
+                                scale: float, backward: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, for the output gradient ``do`` of ``block_attention_op``."""
+    B, H, L, D = q.shape
+    tl_ = lists_for(lists, L, q.device)
+    Dp = _padded_head(D)
+    if segments is None and L != tl_.num_q_blocks * tl_.block_size:
+        segments = _whole_rows_cached(B, L, q.device)
+    dq, dk, dv = backward_pass(*(_stride_ready(_pad_head(t, Dp)) for t in (do, q, k, v, o)), lse, tl_, scale,
+                          backward_mode(backward), segments)
+    if Dp > D:
+        dq, dk, dv = (g[..., :D].contiguous() for g in (dq, dk, dv))
+    return dq, dk, dv
+
+
+@block_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, segments, lists, scale, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segments, lists, scale, backward = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, segments)
+    ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
+
+
+def _backward_rule(ctx, do, dlse):
+    q, k, v, o, lse, segments = ctx.saved_tensors
+    dq, dk, dv = block_attention_backward_op(do, q, k, v, o, lse, segments, ctx.lists, ctx.scale, ctx.mode)
+    return dq, dk, dv, None, None, None, None
+
+
+block_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                  lists: TileLists, *, scale: float | None = None,
-                                  backward: str = "auto") -> torch.Tensor:
-    """Attention over the kept tiles of a layout, with sparseattn's Triton kernel (differentiable).
+                                  lists: TileLists, *, scale: float | None = None, backward: str = "auto",
+                                  segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the kept tiles of a layout, with sparseattn's Triton kernel (differentiable; the operator
+    ``sparseattn::block_attention``, which torch.compile traces without a graph break).
 
-    query: (B, H, L, D); key, value: (B, H_kv, L, D), H a multiple of H_kv; lists: ``TileLists.from_layout``
-    of a layout over L' >= L tokens (the extra positions are padding, never kept). Any head size: heads that
-    are not a power of two are zero-padded for the kernel. Returns (B, H, L, D); rows without a kept key are 0.
+    query: (B, H, L, D); key, value: (B, H_kv, L, D), H a multiple of H_kv; lists: ``TileLists.from_layout`` of a
+    layout over L' >= L tokens (the extra positions are padding, never kept). Any head size: heads that are not a
+    power of two are zero-padded for the kernel. Returns (B, H, L, D); rows without a kept key are 0.
+
+    segments: None (every row is one sequence of L tokens), or (S, 3) int32 rows of (row, first token, token
+    count), the sequences the rows hold: the examples of a padded batch (first token 0 for right padding, the
+    first real token for left padding) or the documents of a packed row. Each segment is attended to on its own,
+    its tokens numbered from 0 in the layout of its row (a per-example layout applies to every segment of its
+    row); tokens outside every segment get zero outputs and gradients.
 
     backward: "two-pass" (dK/dV over tile columns, then dQ over tile rows, recomputing the probabilities),
     "fused" (one pass over the columns computes dK and dV and adds dQ atomically into an fp32 copy), or "auto":
     two passes, and with no atomics at all (bitwise reproducible) where ``torch.use_deterministic_algorithms(True)``.
     """
-    _backward_mode(backward)  # a bad name fails here, not in the backward pass
+    backward_mode(backward)  # a bad name fails here, not in the backward pass
     if triton is None:
         raise RuntimeError("the Triton block kernel needs the triton package (pip install triton; it comes with "
                            "CUDA builds of PyTorch)")
@@ -687,17 +927,6 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
                          "it runs only in Triton's interpreter: TRITON_INTERPRET=1 before sparseattn is imported)")
     if lists.tiles.device != query.device:
         raise ValueError(f"the tile lists are on {lists.tiles.device}, the query on {query.device}")
-    B, H, L, D = query.shape
-    scale = D ** -0.5 if scale is None else float(scale)
-    Lp = lists.num_q_blocks * lists.block_size
-    if L > Lp or lists.num_kv_blocks != lists.num_q_blocks:
-        raise ValueError(f"the layout covers {Lp} x {lists.num_kv_blocks * lists.block_size} tokens, the input has {L}")
-    Dp = max(16, 1 << (D - 1).bit_length())
-    q, k, v = query, key, value
-    if Lp > L or Dp > D:  # zeros: padding keys are never kept, padded head dims add nothing to q.k or the output
-        pad = (0, Dp - D, 0, Lp - L)
-        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    _check(q, k, v, lists)
-    out = _BlockSparseAttention.apply(q, k, v, lists, scale, backward)
-    return out[:, :, :L, :D] if (Lp > L or Dp > D) else out
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = block_attention_op(query, key, value, segments, register_source(lists), scale, backward)
+    return out
