@@ -596,7 +596,8 @@ def test_unpadded_batches_get_no_materialized_mask_and_the_same_outputs(arch):
         assert spy.masks and all(m is None for m in spy.masks)  # no L x L mask for an unpadded batch
         spy.masks.clear()
         padded = model(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))[0]
-        assert spy.masks and all(m is not None for m in spy.masks)  # padding: the model's mask is passed on
+        # padding: still no L x L mask; the layout carries the padding (from the 2-D attention mask)
+        assert spy.masks and all(m is None for m in spy.masks)
         model.set_attn_implementation("sparseattn_full_mask")  # the same plan with the mask always materialized
         spy.masks.clear()
         full = model(input_ids=ids)[0]
@@ -618,7 +619,7 @@ def test_unpadded_batches_get_no_materialized_mask_under_torch_compile(arch, mon
     """Under torch.compile, transformers materializes the L x L mask even for a batch given without one where
     dynamo reads torch.compiler.is_exporting() as True (torch before 2.14, emulated here whatever the version):
     the sparsified model's mask function skips it, as outside compile, so the block backend keeps its
-    sync-free unpadded path; a padded batch still gets its mask."""
+    sync-free path; a padded batch gets none either (its layout carries the padding)."""
     import torch._dynamo
     from transformers import masking_utils
 
@@ -637,7 +638,7 @@ def test_unpadded_batches_get_no_materialized_mask_under_torch_compile(arch, mon
         assert spy.masks and all(m is None for m in spy.masks)
         spy.masks.clear()
         compiled_model(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
-        assert spy.masks and all(m is not None for m in spy.masks)
+        assert spy.masks and all(m is None for m in spy.masks)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 

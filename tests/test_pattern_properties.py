@@ -161,3 +161,22 @@ def test_index_relation_is_the_relation_on_unpadded_examples(spec, causal):
 @pytest.mark.parametrize("spec", ["random(2)", "global_tokens('special')", "syntax(1)", "neighbour(2) | random(1)"])
 def test_patterns_beyond_positions_have_no_index_relation(spec):
     assert parse_pattern(spec).index_relation() is None
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_prefix_stable_patterns_crop_to_shorter_sequences(causal):
+    """A pattern that says it is prefix-stable has, on n tokens, exactly its mask on a longer sequence cropped to
+    n; one that says it is not differs somewhere (so the flag is not merely conservative for these)."""
+    table = torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(0)) < 0.3
+    specs = ["neighbour(2)", "global_tokens(2)", "strided(3)", "full()", "causal()", "random(3)",
+             "bigbird(1, 2, 2)", "random_blocks(2, block=4)", "neighbour(1) | random(2)", "static_mask('t')"]
+    for spec in specs:
+        lp = sa.Plan.parse(f"all: {spec}", tables={"t": table}).resolve(1, 2)[0]
+        p = lp.entries[0][1]
+        long = lp.mask(TokenLayout.from_lengths([40], causal=causal))
+        same = all(torch.equal(lp.mask(TokenLayout.from_lengths([n], causal=causal)), long[..., :n, :n])
+                   for n in (5, 17, 23, 33))
+        if p.prefix_stable(causal):
+            assert same, spec
+        elif not causal and spec.startswith(("random(", "bigbird")):
+            assert not same, spec

@@ -320,35 +320,104 @@ def test_positions_that_disagree_with_the_mask_are_not_used(neighbour_positions_
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "block"])
-def test_sparsified_model_under_torch_compile_matches_eager(backend):
-    """torch.compile(model) over a sparsified model: the reference backend is traced into the graph; the block
-    backend runs its kernel eagerly between compiled regions (a graph break per call). Outputs and every
-    parameter gradient equal the eager model's, at an odd length."""
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("arch,backend", [("bert", "reference"), ("bert", "block"), ("llama", "block")])
+def test_sparsified_model_compiles_with_fullgraph_and_matches_eager(arch, backend, padded, monkeypatch):
+    """torch.compile(model, fullgraph=True) over a sparsified model: no graph break anywhere (the block backend's
+    kernel is the operator sparseattn::block_attention inside the graph, its lists found at run time). Outputs
+    and every parameter gradient equal the eager model's, at an odd length, padded or not."""
     import torch._dynamo
 
     import sparseattn as sa
-    from conftest import tiny_bert
+    from conftest import tiny_bert, tiny_llama
+
+    kernel_calls = []
+    forward_pass = triton_kernel.forward_pass
+    monkeypatch.setattr(triton_kernel, "forward_pass", lambda *a: kernel_calls.append(a[-1]) or forward_pass(*a))
 
     def run(compiled: bool):
-        model = tiny_bert("classify").train()
+        model = (tiny_bert("classify") if arch == "bert" else tiny_llama()).train()
         be = (ReferenceBackend() if backend == "reference"
               else BlockSparseBackend(block_size=32, force=True, kernel="triton"))
         sa.sparsify(model, "all: neighbour(3) | global_tokens(1)", backend=be)
         g = torch.Generator().manual_seed(0)
-        ids, labels = torch.randint(3, 120, (2, 37), generator=g), torch.tensor([0, 1])
+        ids = torch.randint(3, 120, (2, 37), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 29:] = 0
+        kw = {"attention_mask": mask} if padded else {}
+        labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
         torch._dynamo.reset()
-        fwd = torch.compile(model) if compiled else model
-        out = fwd(input_ids=ids, labels=labels)
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        out = fwd(input_ids=ids, labels=labels, **kw)
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        return out.logits.detach(), grads, getattr(be, "stats", {})
+        logits = out.logits.detach()
+        return (logits if not padded or arch == "bert" else logits[mask.bool()]), grads
 
-    eager, eager_grads, _ = run(False)
-    compiled, compiled_grads, stats = run(True)
+    eager, eager_grads = run(False)
+    eager_calls = len(kernel_calls)
+    compiled, compiled_grads = run(True)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    if backend == "block":
-        assert stats["block"] == 2  # both layers ran the block kernel, not a traced fallback
+    if backend == "block":  # every layer ran the kernel, eagerly and compiled; padded batches as segments
+        assert eager_calls == 2 and len(kernel_calls) == 4
+        counts = [sorted(seg[:, 2].tolist()) if seg is not None else [37, 37] for seg in kernel_calls]
+        assert all(c == ([29, 37] if padded else [37, 37]) for c in counts)
+
+
+SEGMENT_CASES = [
+    # name, B, L, segments (row, first token, count): every sequence is attended to alone, tokens numbered from 0
+    ("right-padded", 2, 150, [(0, 0, 150), (1, 0, 71)]),
+    ("left-padded", 2, 150, [(0, 0, 150), (1, 79, 71)]),
+    ("packed", 2, 150, [(0, 0, 40), (0, 40, 97), (0, 137, 13), (1, 0, 150)]),
+    ("packed-and-padded", 1, 150, [(0, 0, 33), (0, 33, 65), (0, 98, 31)]),  # the last 21 tokens are padding
+]
+
+
+@pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
+def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, monkeypatch):
+    """Padded and packed rows: each segment's outputs and gradients equal the kernel's on that sequence alone
+    (the fp64 softmax over its own keep-mask), grouped-query heads, per-head layout, split backward lists; tokens
+    outside every segment get zero outputs and gradients."""
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+    H, Hk, D, bs = 4, 2, 16, 32
+    Lp = 160
+    keep = _keep(1, H, Lp, seed=3) | torch.eye(Lp, dtype=torch.bool)  # a layout over positions, one per head
+    lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, L, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hk, L, D, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(B, H, L, D, generator=g)
+    seg = torch.tensor(segs, dtype=torch.int32)
+    out = block_sparse_attention_triton(q, k, v, lists, scale=0.3, backward=backward, segments=seg)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    want = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, q, k, v)]
+    for b, s, n in segs:
+        qs, ks, vs = (t[b:b + 1, :, s:s + n].detach().double().requires_grad_() for t in (q, k, v))
+        o = _reference(qs, ks, vs, keep[:, :, :n, :n], 0.3)
+        grads = torch.autograd.grad(o, (qs, ks, vs), grad[b:b + 1, :, s:s + n].double())
+        for w, part in zip(want, (o, *grads)):
+            w[b:b + 1, :, s:s + n] = part.detach()
+    for what, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5, f"{name} {what}: error {err:.3g}"
+
+
+def test_the_operator_passes_opcheck():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch of
+    sparseattn::block_attention, unpadded and with segments."""
+    keep = _keep(1, 2, 64, seed=1) | torch.eye(64, dtype=torch.bool)
+    lists = TileLists.from_layout(BlockLayout.from_mask(keep, 32))
+    handle = triton_kernel.register_source(lists)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 64, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 1, 64, 16, generator=g, requires_grad=True) for _ in range(2))
+    seg = torch.tensor([[0, 0, 64], [1, 3, 50]], dtype=torch.int32)
+    for segments in (None, seg):
+        torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (q, k, v, segments, handle, 0.25, "auto"))
+    x = torch.randn(2, 2, 50, 24, generator=g, requires_grad=True)  # odd length, a head size that is padded
+    torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (x, x, x, None, handle, 0.25, "two-pass"))

@@ -32,6 +32,12 @@ class TokenLayout:
     unpadded: True when the caller knows, without reading ``real``, that every token is real (the model
         got no attention mask): GPU code can then skip reading ``real`` back, a device sync that CUDA
         graph capture does not allow. False means "not known", not "padded".
+    document_ids: (B, L) int64 or None: packed rows, several documents in one row. Tokens with the same id
+        are one document (consecutive tokens; ids rise along a row); positions restart at 0 in each
+        document, and no pair across documents is allowed, so every pattern applies within each document
+        as if it were run alone. None: each row is one sequence.
+    documents: (S, 3) int32 or None: the documents as (row, first token, token count), where known without
+        reading the GPU (``from_cu_seqlens``); kernels that walk documents take them from here.
     """
 
     real: torch.Tensor
@@ -41,6 +47,8 @@ class TokenLayout:
     token_vectors: torch.Tensor | Callable[[], torch.Tensor] | None = None
     causal: bool = False
     unpadded: bool = False
+    document_ids: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.real.dim() != 2 or self.real.dtype != torch.bool:
@@ -48,6 +56,9 @@ class TokenLayout:
                              f"{self.real.dtype}")
         if self.special is not None and self.special.shape != self.real.shape:
             raise ValueError(f"TokenLayout.special has shape {tuple(self.special.shape)}, expected "
+                             f"{tuple(self.real.shape)} like .real")
+        if self.document_ids is not None and self.document_ids.shape != self.real.shape:
+            raise ValueError(f"TokenLayout.document_ids has shape {tuple(self.document_ids.shape)}, expected "
                              f"{tuple(self.real.shape)} like .real")
         self._positions = None
 
@@ -76,6 +87,35 @@ class TokenLayout:
     def from_attention_mask(cls, attention_mask: torch.Tensor, **kw) -> "TokenLayout":
         return cls(real=attention_mask.bool(), **kw)
 
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, real: torch.Tensor | None = None, **kw) -> "TokenLayout":
+        """Packed rows as transformers' flattening collator makes them: a document starts wherever
+        ``position_ids`` (B, L) is 0. Computed on the device, no sync."""
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be (batch, length), got {tuple(position_ids.shape)}")
+        # tokens before a row's first 0 belong to its first document (a row that does not start at position 0)
+        ids = ((position_ids == 0).long().cumsum(-1) - 1).clamp(min=0)
+        real = torch.ones_like(position_ids, dtype=torch.bool) if real is None else real.bool()
+        return cls(real=real, document_ids=ids, **kw)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch: int, length: int, **kw) -> "TokenLayout":
+        """Packed rows given as cumulative document lengths over the flattened (batch x length) tokens
+        (flash-attention's ``cu_seqlens``, transformers' ``cu_seq_lens_q``); documents may not cross rows, and
+        tokens after the last document are padding. Computed on the device, no sync."""
+        cu = cu_seqlens.to(torch.long)
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor of at least 2 offsets, got {tuple(cu.shape)}")
+        starts, counts = cu[:-1], cu[1:] - cu[:-1]
+        marks = torch.zeros(batch * length + 1, dtype=torch.long, device=cu.device)
+        marks.index_add_(0, starts, torch.ones_like(starts))
+        doc = marks[:-1].cumsum(0) - 1  # the document of each flattened token (the last one's for trailing padding)
+        doc = doc.clamp(min=0)
+        flat = torch.arange(batch * length, device=cu.device)
+        real = (flat < (starts + counts)[doc]) & (flat >= starts[doc])
+        documents = torch.stack([starts // length, starts % length, counts], dim=1).to(torch.int32)
+        return cls(real=real.view(batch, length), document_ids=doc.view(batch, length), documents=documents, **kw)
+
     # -- derived quantities --------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
@@ -91,14 +131,32 @@ class TokenLayout:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """(B,) real tokens per row (all its documents together)."""
         return self.real.sum(-1)
 
     @property
+    def packed(self) -> bool:
+        return self.document_ids is not None
+
+    def longest_sequence(self) -> int:
+        """Real tokens of the longest example, or of the longest document in packed rows (reads the GPU)."""
+        if not self.packed:
+            return int(self.lengths.max())
+        return int(self.positions.max()) + 1
+
+    @property
     def positions(self) -> torch.Tensor:
-        """(B, L) int64: a token's index among the real tokens of its example (-1 for padding), so
-        positional patterns mean the same under left or right padding."""
+        """(B, L) int64: a token's index among the real tokens of its example, or of its document in packed
+        rows (-1 for padding), so positional patterns mean the same under left or right padding and in
+        every document of a packed row."""
         if self._positions is None:
-            p = self.real.long().cumsum(-1) - 1
+            counted = self.real.long().cumsum(-1)
+            p = counted - 1
+            if self.packed:  # minus the real tokens before the document's first token (non-decreasing: cummax)
+                first = torch.ones_like(self.real)
+                first[:, 1:] = self.document_ids[:, 1:] != self.document_ids[:, :-1]
+                before = torch.where(first, counted - self.real.long(), torch.zeros_like(p)).cummax(-1).values
+                p = p - before
             self._positions = torch.where(self.real, p, torch.full_like(p, -1))
         return self._positions
 
@@ -113,6 +171,8 @@ class TokenLayout:
     def allowed(self) -> torch.Tensor:
         """(B, 1, L, L) bool: pairs that can carry attention before any sparsification."""
         a = self.real[:, None, :, None] & self.real[:, None, None, :]
+        if self.packed:
+            a = a & (self.document_ids[:, None, :, None] == self.document_ids[:, None, None, :])
         if self.causal:
             p = self.positions
             a = a & (p[:, None, None, :] <= p[:, None, :, None])

@@ -231,6 +231,7 @@ class BlockSparseBackend(Backend):
         self.reference = ReferenceBackend()
         self.stats: Counter = Counter()  # calls per path, layout builds and cache hits
         self._layouts: OrderedDict = OrderedDict()
+        self._static_layers: dict = {}
         self._said: set = set()
 
     def max_density_for(self, length: int) -> float:
@@ -239,8 +240,16 @@ class BlockSparseBackend(Backend):
             return self.max_density
         return 1.0 if self.kernel == "triton" and length >= DENSE_TILES_LENGTH else MAX_DENSITY
 
+    def prepare(self, layer_plans) -> None:
+        """Called by ``sparsify`` with the model's layer plans: registers, for each layer whose patterns depend on
+        positions only, the source of its tile lists (built on first use), so that a traced model finds them
+        by a constant handle."""
+        for lp in layer_plans:
+            if not lp.is_dense and self.kernel == "triton" and _static(lp):
+                for causal in (False, True):
+                    self._static_layer(lp, causal)
+
     # -- entry point ----------------------------------------------------------------------------
-    @torch.compiler.disable
     def attention(self, call: AttentionCall):
         lp = call.layer_plan
         where = f"layer {lp.layer}"
@@ -264,6 +273,20 @@ class BlockSparseBackend(Backend):
             if L < self.min_length:
                 return self._run_reference(call, ("short", L), f"{L} tokens < min_length {self.min_length}: "
                                            "dense SDPA with the mask runs (faster at this length)")
+        static = self._static_layer_for(call)
+        if static is not None:
+            segments = self._segments(call)
+            if segments is not _UNSUPPORTED:
+                return self._triton_operator(call, static, segments)
+        return self._per_batch(call)
+
+    @torch.compiler.disable
+    def _per_batch(self, call: AttentionCall):
+        """Layouts built from each batch's keep-mask (input-dependent patterns, padded or packed batches of
+        patterns that are not prefix-stable, models that pass their own masks, FlexAttention): host work per
+        batch, so it runs eagerly between compiled regions."""
+        lp, L = call.layer_plan, call.q_len
+        where = f"layer {lp.layer}"
         try:
             entry = self._entry(call)
         except ValueError as e:  # a mask table beyond the kernel's indexing: say why, stay correct
@@ -297,24 +320,152 @@ class BlockSparseBackend(Backend):
                                      kernel_options=self.kernel_options)
         return out, None
 
+    # -- the Triton operator over static layouts -------------------------------------------------------
+    def _static_layer(self, lp, causal: bool) -> "_StaticLayer":
+        key = (lp.layer, causal)
+        layer = self._static_layers.get(key)
+        if layer is None or layer.lp is not lp:
+            layer = self._static_layers[key] = _StaticLayer(self, lp, causal)
+        return layer
+
+    def _static_layer_for(self, call: AttentionCall) -> "_StaticLayer | None":
+        """The tile-list source of a call the operator can run: the Triton kernel, patterns of positions only,
+        and no mask of the model's own (the layout knows the padding, documents and causality). Under
+        torch.compile only a source registered beforehand (``prepare``) is used: registering is host work."""
+        lp, lay = call.layer_plan, call.layout
+        if self.kernel != "triton" or call.model_mask is not None or not _static(lp):
+            return None
+        layer = self._static_layers.get((lp.layer, lay.causal))
+        if layer is None or layer.lp is not lp:
+            if torch.compiler.is_compiling():
+                return None
+            layer = self._static_layer(lp, lay.causal)
+        if (not lay.unpadded or lay.packed) and not layer.prefix_stable:
+            return None  # each example's or document's mask differs from the cropped bucket's
+        return layer
+
+    def _segments(self, call: AttentionCall):
+        """The operator's segments (row, first token, token count) for this batch, shared by the layers: None for
+        an unpadded batch; the examples of a padded one, the documents of packed rows; _UNSUPPORTED where they
+        cannot be had without reading the GPU under tracing or capture, or where padding is not one run per row."""
+        lay = call.layout
+        key = ("block.segments", lay.length)
+        if key in call.cache:
+            return call.cache[key]
+        if lay.documents is not None:
+            seg = lay.documents
+        elif lay.packed:  # document ids without offsets: finding the documents reads the GPU
+            seg = _UNSUPPORTED if _tracing(call) else _documents_of(lay)
+        elif lay.unpadded:
+            seg = None
+        else:
+            real = lay.real
+            count = real.sum(-1)
+            first = real.to(torch.int8).argmax(-1)  # the first real token (0 for a row without any)
+            seg = torch.stack([torch.arange(lay.batch_size, device=real.device), first, count], 1).to(torch.int32)
+            if not _tracing(call):  # eagerly, one read per batch: all real (the faster unsegmented kernel), or holes
+                idx = torch.arange(lay.length, device=real.device)
+                runs = (idx >= first[:, None]) & (idx < (first + count)[:, None])
+                state = int(torch.where((runs == real).all(), 1 + (count == lay.length).all().int(), 0))
+                seg = _UNSUPPORTED if state == 0 else (None if state == 2 else seg)
+        call.cache[key] = seg
+        return seg
+
+    def _triton_operator(self, call: AttentionCall, layer: "_StaticLayer", segments):
+        lp, L = call.layer_plan, call.q_len
+        if not torch.compiler.is_compiling():
+            density = layer.entry(L, call.query.device).density
+        elif isinstance(L, int):  # a static length: the layout is built while tracing, so its density is known
+            density = _traced_density(layer.handle, L, str(call.query.device))
+        else:  # a dynamic length: the kernel runs whatever the density
+            density = 0.0
+        limit = self.max_density_for(L)
+        if not self.force and density > limit:
+            return self._run_reference(call, ("dense-tiles", lp.layer),
+                                       f"layer {lp.layer}: block density {density:.0%} > max_density {limit:.0%} at "
+                                       f"{L} tokens: dense SDPA with the mask runs")
+        from . import triton_kernel
+
+        self._count("block")
+        out, _ = triton_kernel.block_attention_op(call.query, call.key, call.value, segments, layer.handle,
+                                                  float(call.scale), "auto")
+        return out, None
+
+    def _build_positions(self, lp, causal: bool, n: int, length: int, device) -> _Entry:
+        """Tile lists of ``lp`` on one unpadded sequence of ``n`` real tokens, over ``length`` >= n positions (a
+        bucket; the rest are never kept)."""
+        self.stats["layout_builds"] += 1
+        rel = _index_relation(lp)
+        if rel is not None and self._relation_agrees(lp, rel, causal, device):
+            self.stats["position_builds"] += 1
+
+            def rows(start, stop):
+                q = torch.arange(start, stop, device=device)[:, None]
+                kv = torch.arange(length, device=device)[None, :]
+                return torch.broadcast_to(_keep_from_positions(rel, q, kv, n, causal), (stop - start, length))[None, None]
+
+            layout = BlockLayout.from_rows(rows, length, length, self.block_size, pad_tiles_to_pow2=True)
+        else:
+            keep = lp.mask(TokenLayout.from_lengths([n], causal=causal, device=device))
+            keep = F.pad(keep, (0, length - n, 0, length - n))
+            layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+            del keep
+        nb = -(-n // self.block_size)
+        allowed = (nb * (nb + 1) // 2 if causal else nb * nb) * layout.code.shape[1]
+        density = layout.kept.sum().item() / max(1, allowed)
+        from .triton_kernel import TileLists
+
+        return _Entry(layout, None, density, pins=lp.patterns, lists=TileLists.from_layout(layout))
+
+    def _relation_agrees(self, lp, rel, causal: bool, device) -> bool:
+        """The pattern's index_relation against its own mask on POSITION_CHECK tokens (a disagreement is logged and
+        the mask is used)."""
+        n = self.POSITION_CHECK
+        q = torch.arange(n, device=device)
+        got = _keep_from_positions(rel, q[:, None], q[None, :], n, causal)[None, None]
+        if torch.equal(got, lp.mask(TokenLayout.from_lengths([n], causal=causal, device=device))):
+            return True
+        self._say(("position-mismatch", lp.layer), f"layer {lp.layer}: {lp.entries[0][1].spec()}'s index_relation "
+                  f"disagrees with its mask on {n} tokens; the layout is built from the mask", level=logging.WARNING)
+        return False
+
+    def _cached(self, key, build):
+        entry = self._layouts.get(key)
+        if entry is not None:
+            self._layouts.move_to_end(key)
+            self.stats["cache_hits"] += 1
+            return entry
+        entry = self._layouts[key] = build()
+        while len(self._layouts) > self.cache_size:
+            self._layouts.popitem(last=False)
+        return entry
+
     # -- paths -------------------------------------------------------------------------------------
     def _say(self, key, message: str, level=logging.INFO):
+        if torch.compiler.is_compiling():  # logged by the eager calls; a traced log call would break the graph
+            return
         if key not in self._said:
             self._said.add(key)
             log.log(level, "block backend: %s", message)
 
     def _run_reference(self, call, key, message, level=logging.INFO):
         self._say(key, message, level)
-        self.stats["reference"] += 1
+        self._count("reference")
         return self.reference.attention(call)
+
+    def _count(self, what: str) -> None:
+        if not torch.compiler.is_compiling():
+            self.stats[what] += 1
 
     def _dense(self, call: AttentionCall):
         """A layer the plan leaves dense: SDPA without a mask when the batch has no padding and the model's
         mask is the plain padding/causal one; otherwise the reference (SDPA with the model's mask)."""
-        if not (self._mask_is_layout(call) and self._all_real(call)):
-            self.stats["reference"] += 1
+        lay = call.layout
+        plain = call.model_mask is None and lay.unpadded and not lay.packed
+        if not plain and (_tracing(call) or lay.packed or not (self._mask_is_layout(call) and self._all_real(call))):
+            self._count("reference")
             return self.reference.attention(call)
-        self.stats["dense"] += 1
+        self._count("dense")
         q, k, v = call.query, call.key, call.value
         kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=call.layout.causal,
@@ -367,7 +518,8 @@ class BlockSparseBackend(Backend):
     # -- layouts ---------------------------------------------------------------------------------
     def _entry(self, call: AttentionCall) -> _Entry:
         lp = call.layer_plan
-        static = not any(p.input_dependent for p in lp.patterns) and self._mask_is_layout(call)
+        # packed rows: documents are not part of the padding key, so their layouts are built per batch
+        static = _static(lp) and not call.layout.packed and self._mask_is_layout(call)
         layer_key = _layer_key(call)
         if not static:  # input-dependent: per forward pass, shared by layers with the same patterns
             key = ("block.layout", layer_key, self.block_size)
@@ -489,6 +641,74 @@ class BlockSparseBackend(Backend):
             tiles = tiles & (i[None, None, :] <= i[None, :, None])
         heads = layout.code.shape[1]
         return int(tiles.sum()) * heads * (lay.batch_size if layout.code.shape[0] > 1 else 1) // lay.batch_size
+
+
+_UNSUPPORTED = object()  # segments that cannot be had here: the per-batch path runs
+
+
+class _StaticLayer:
+    """The tile lists of one layer whose patterns depend on positions only, for one causality: the source the
+    Triton operator finds by ``handle`` (``triton_kernel.register_source``). Lists are built on first use per
+    length (per length bucket for prefix-stable patterns, whose lists serve every shorter sequence) and kept in
+    the backend's cache."""
+
+    def __init__(self, backend: "BlockSparseBackend", lp, causal: bool):
+        from . import triton_kernel
+
+        self.backend, self.lp, self.causal = backend, lp, causal
+        self.prefix_stable = all(p.prefix_stable(causal) for p in lp.patterns)
+        self.key = _plan_key(lp)
+        self.handle = triton_kernel.register_source(self)
+
+    def entry(self, length: int, device) -> _Entry:
+        b = self.backend
+        bucket = bucket_length(length, b.block_size)
+        n = bucket if self.prefix_stable else length
+        key = ("static", self.key, self.causal, n, bucket, b.block_size, str(device))
+        return b._cached(key, lambda: b._build_positions(self.lp, self.causal, n, bucket, device))
+
+    def tile_lists(self, length: int, device):
+        return self.entry(length, device).lists
+
+
+@torch._dynamo.assume_constant_result
+def _traced_density(handle: int, length: int, device: str) -> float:
+    """A static layer's block density at ``length`` tokens, computed (and its lists built) while torch.compile
+    traces, so the choice between the kernel and dense attention is made once, as eagerly."""
+    from . import triton_kernel
+
+    return triton_kernel.lists_source(handle).entry(length, torch.device(device)).density
+
+
+def _static(lp) -> bool:
+    return not any(p.input_dependent for p in lp.patterns)
+
+
+def _tracing(call: AttentionCall) -> bool:
+    """Under torch.compile or CUDA graph capture, where nothing may be read back from the GPU."""
+    return torch.compiler.is_compiling() or (call.query.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _documents_of(lay: TokenLayout) -> torch.Tensor:
+    """(S, 3) int32 (row, first token, token count) of the documents of packed rows (reads the GPU)."""
+    ids, real = lay.document_ids, lay.real
+    first = torch.ones_like(real)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    rows, starts = first.nonzero(as_tuple=True)
+    flat = rows * lay.length + starts
+    ends = torch.cat([flat[1:], flat.new_tensor([lay.batch_size * lay.length])])
+    ends = torch.minimum(ends, (rows + 1) * lay.length)
+    counts = real.reshape(-1).long().cumsum(0)
+    counted = counts[ends - 1] - torch.where(flat > 0, counts[(flat - 1).clamp(min=0)], torch.zeros_like(flat))
+    return torch.stack([rows, starts, counted], 1).to(torch.int32)
+
+
+def _plan_key(lp):
+    """What a layer's keep-mask depends on: its patterns (and the layer for per-layer draws). Stored masks are
+    keyed by identity (pinned by the cache entry)."""
+    per_layer = any(p.per_layer for p in lp.patterns)
+    entries = tuple((heads, p.spec(), tuple(id(t) for t in p.tensors().values())) for heads, p in lp.entries)
+    return (lp.num_heads, lp.layer if per_layer else None, entries)
 
 
 def _index_relation(lp):

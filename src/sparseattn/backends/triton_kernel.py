@@ -704,7 +704,9 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     B, H, L, D = q.shape
     varlen = segments is not None
     o = torch.zeros_like(q) if varlen else torch.empty_like(q)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    # rows outside every segment keep nothing: lse = inf, as for a row with no kept key
+    lse = torch.full((B, H, L), float("inf"), device=q.device, dtype=torch.float32) \
+        if varlen else torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     kernel, extra = _kernel("fwd", lists.block_size)
     grid = ((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
     kernel[grid](q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -810,12 +812,16 @@ def register_source(source) -> int:
     return handle
 
 
-def lists_for(handle: int, length: int, device) -> TileLists:
+def lists_source(handle: int):
     source = _SOURCES.get(handle)
     if source is None:
         raise RuntimeError(f"no tile lists are registered under handle {handle} (their owner was freed); "
                            "register them with triton_kernel.register_source")
-    return source.tile_lists(length, device)
+    return source
+
+
+def lists_for(handle: int, length: int, device) -> TileLists:
+    return lists_source(handle).tile_lists(length, device)
 
 
 def _whole_rows_cached(batch: int, length: int, device) -> torch.Tensor:

@@ -63,6 +63,25 @@ def _mask_function(*args, **kwargs):
     return mu.sdpa_mask(*args, **kwargs)
 
 
+def _layout_mask_function(*args, **kwargs):
+    """The mask function of the ``sparseattn`` attention: no mask (None) wherever the model's mask would be plain
+    padding and causality (or none) over a full forward pass, since the batch's layout holds exactly that (from
+    the 2-D attention mask, and the modules' ``is_causal``): nothing L x L is made, and nothing is read back from
+    the GPU to compare it with the layout. Other masks (sliding windows, custom mask functions, incremental
+    decoding) are materialized as transformers makes them."""
+    from transformers import masking_utils as mu
+
+    fn = kwargs.get("mask_function", mu.causal_mask_function)
+    plain = fn is mu.causal_mask_function or fn is getattr(mu, "bidirectional_mask_function", None)
+    am = kwargs.get("attention_mask")
+    q_len, kv_len, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
+    if (not args and plain and kwargs.get("local_size") is None and q_len is not None and q_len == kv_len
+            and isinstance(q_offset, int) and q_offset == 0 and kwargs.get("kv_offset", 0) == 0
+            and (am is None or (am.dim() == 2 and am.shape[1] == kv_len))):
+        return None
+    return _mask_function(*args, **kwargs)
+
+
 def _full_mask_function(*args, **kwargs):
     """transformers' SDPA mask, always materialized: for models whose attention modules do not say whether
     they are causal, the padding and causal structure must come from the mask itself."""
@@ -81,7 +100,7 @@ def _register() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
-    for name, mask_fn in ((ATTN_NAME, _mask_function), (ATTN_NAME_FULL_MASK, _full_mask_function)):
+    for name, mask_fn in ((ATTN_NAME, _layout_mask_function), (ATTN_NAME_FULL_MASK, _full_mask_function)):
         AttentionInterface.register(name, _attention_forward)
         AttentionMaskInterface.register(name, mask_fn)
     AttentionInterface.register(DENSE_ATTN_NAME, sdpa_attention_forward)
@@ -227,6 +246,8 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
                                        for p in inspect.signature(model.forward).parameters.values())
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     model._sparseattn = state
+    if hasattr(state.backend, "prepare"):  # e.g. the block backend registers its static layers' tile lists
+        state.backend.prepare(layer_plans)
     # Where every sparsified module says whether it is causal, transformers may skip the mask of unpadded
     # batches (the layout knows their structure); otherwise the mask is always materialized.
     declared = all(isinstance(getattr(m, "is_causal", None), bool) for _, m in modules)
@@ -297,7 +318,10 @@ def _pre_hook(model, args, kwargs):
         if state.max_positions and L + seen > state.max_positions:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
                              f"{state.max_positions} (max_position_embeddings, less any position offset); truncate it explicitly")
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure, "cache": {}}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure, "cache": {},
+             "position_ids": kwargs.get("position_ids"), "cu_seqlens": kwargs.get("cu_seq_lens_q")}
+    if not state.kwargs_reach_attention:  # a model without **kwargs would refuse it; the layout carries it
+        kwargs.pop("cu_seq_lens_q", None)
     state.batch = batch
     if state.kwargs_reach_attention:
         # The batch travels with the call's kwargs into every attention layer, so gradient checkpointing,
@@ -320,6 +344,7 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     else:  # no padding information at all: every token is real
         real = torch.ones(batch_size, kv_len, dtype=torch.bool, device=device)
     unpadded = am is None and model_mask is None
+    packed = _packed(batch, real, kv_len, am)
     structure = batch.get("structure")
     input_ids = batch.get("input_ids")
     if input_ids is not None and input_ids.shape[1] != kv_len:
@@ -342,11 +367,28 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
         def vectors():
             with torch.no_grad():
                 return emb(ids.to(device)).float()
-    layout = TokenLayout(real=real, special=special, structure=structure, input_ids=input_ids,
-                         token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)),
-                         unpadded=unpadded)
+    layout = TokenLayout(real=real & packed["real"] if packed else real, special=special, structure=structure,
+                         input_ids=input_ids, token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)),
+                         unpadded=unpadded and not packed, document_ids=packed["document_ids"] if packed else None,
+                         documents=packed["documents"] if packed else None)
     batch["cache"][key] = layout
     return layout
+
+
+def _packed(batch: dict, real: torch.Tensor, kv_len: int, attention_mask) -> dict | None:
+    """Packed rows (several documents in one row, as transformers' flattening collator makes them): from
+    ``cu_seq_lens_q`` (document offsets over the flattened batch), or from ``position_ids`` restarting at 0 in a
+    batch without an attention mask (as transformers reads them). None for rows that are one sequence each."""
+    B = real.shape[0]
+    cu = batch.get("cu_seqlens")
+    if isinstance(cu, torch.Tensor) and (B * kv_len) >= int(cu.shape[0]) - 1 >= 1:
+        lay = TokenLayout.from_cu_seqlens(cu.to(real.device), B, kv_len)
+        return {"real": lay.real, "document_ids": lay.document_ids, "documents": lay.documents}
+    pos = batch.get("position_ids")
+    if attention_mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[1] == kv_len:
+        lay = TokenLayout.from_position_ids(pos.to(real.device).expand(B, kv_len))
+        return {"real": lay.real, "document_ids": lay.document_ids, "documents": None}
+    return None
 
 
 def _wants_weights(module, kwargs) -> bool:

@@ -40,6 +40,13 @@ class Pattern:
         without padding, where a token's position is its index."""
         return None
 
+    def prefix_stable(self, causal: bool) -> bool:
+        """Whether the mask on a sequence of n tokens is the mask on any longer sequence cropped to its first n
+        positions (for decoders if ``causal``), so that one layout over a length bucket's positions serves every
+        shorter sequence: the examples of a padded batch, the documents of a packed row. True for relations of
+        positions alone; not for draws among all of an encoder example's keys, whose choice depends on n."""
+        return self.index_relation() is not None
+
     def mask(self, layout: TokenLayout, *, layer: int = 0, num_heads: int = 1) -> torch.Tensor:
         """Keep-mask (B, H', L, L) bool with H' = num_heads if ``per_head`` else 1."""
         rel = self.relation(layout, layer=layer, num_heads=num_heads)
@@ -120,6 +127,9 @@ class _Combined(Pattern):
                 out = combine(out, r(q, kv))
             return out
         return combined
+
+    def prefix_stable(self, causal: bool) -> bool:
+        return all(p.prefix_stable(causal) for p in self.parts)
 
     def tensors(self):
         out = {}

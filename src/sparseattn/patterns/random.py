@@ -62,6 +62,10 @@ class Random(Pattern):
         rel.scatter_(-1, top.indices, top.values >= 0)
         return rel
 
+    def prefix_stable(self, causal: bool) -> bool:
+        # a decoder's query draws among the keys before it, whatever follows; an encoder's among all n keys
+        return causal
+
     def spec(self):
         return f"random({self.r})" if not self.seed else f"random({self.r}, seed={self.seed})"
 

@@ -30,7 +30,7 @@ class StaticMask(Pattern):
         return self.table.shape[-1]
 
     def relation(self, layout, *, layer, num_heads):
-        n = int(layout.lengths.max())
+        n = layout.longest_sequence()
         if n > self.max_length:
             raise ValueError(f"{self.name} is defined for sequences of at most {self.max_length} tokens, but the batch "
                              f"has an example of {n}; collect the mask at a larger length")
@@ -40,6 +40,9 @@ class StaticMask(Pattern):
         p = layout.positions.clamp(min=0)
         rel = t[:, p[:, :, None], p[:, None, :]]  # (H, B, L, L)
         return rel.transpose(0, 1)
+
+    def prefix_stable(self, causal: bool) -> bool:
+        return True
 
     def spec(self):
         return f"static_mask('{self.key}')"
