@@ -118,14 +118,15 @@ def cmd_model(args) -> int:
     _need_cuda()
     kernel_options = _kernel_settings(args)
     meta = device_meta()
+    modes = list(args.modes) + (["graph"] if args.graphs and "graph" not in args.modes else [])
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
-                kernel_options=kernel_options, torch_compile=args.torch_compile)
+                kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches)
     results = []
     for kind in args.models:
         for L in args.lengths:
             results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
-                                     kernel_options=kernel_options, kernels=args.kernels, graphs=args.graphs,
-                                     compile_model=args.torch_compile))
+                                     kernel_options=kernel_options, kernels=args.kernels, modes=modes,
+                                     batches=args.batches, compile_model=args.torch_compile))
             torch.cuda.empty_cache()
             if args.json:  # keep what is done, whatever happens next
                 _write_json(args.json, results_to_json(results, meta), quiet=True)
@@ -178,26 +179,40 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--json", default=None, help="write all results here")
     p.set_defaults(func=cmd_attention)
 
+    from .model import BATCHES, MODES
+
     p = sub.add_parser(
         "model", help="whole models: encoder training step and decoder forward, dense vs a 90%%-sparse plan",
         formatter_class=formatter_class,
-        description="Tokens per second and peak memory of a MiniLM-shaped encoder training step and a Llama-style "
-                    "decoder forward pass, dense SDPA against a 90%%-sparse plan on the block backend.",
-        epilog="example:\n  sparseattn bench model --lengths 4k,8k,16k --json out/bench_model.json")
-    p.add_argument("--lengths", type=_ints, default=_ints("4k,8k,16k"))
-    p.add_argument("--models", type=_names(("encoder", "decoder")), default=["encoder", "decoder"])
+        description="Real tokens per second, peak memory and host time per attention call of a MiniLM-shaped "
+                    "encoder training step and a Llama-style decoder forward pass, dense SDPA against a "
+                    "90%%-sparse plan on the block backend, in the modes users run them (eager, "
+                    "torch.compile(model), torch.compile(model, mode='reduce-overhead'), a CUDA graph captured by "
+                    "hand) on unpadded, padded and packed batches. Speed-ups are over the fastest dense step of "
+                    "the same batch kind, whatever its mode; dense runs packed documents one per padded row.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn bench model --models encoder --lengths 16k --modes eager,compile,reduce-overhead
+              sparseattn bench model --models encoder,decoder --lengths 4k,16k --batches unpadded,padded,packed
+            """))
+    p.add_argument("--lengths", type=_ints, default=_ints("4k,8k,16k"), help="row lengths (4096 or 4k)")
+    p.add_argument("--models", type=_names(("encoder", "decoder")), default=["encoder", "decoder"],
+                   help="encoder (a training step), decoder (a forward pass), or both")
+    p.add_argument("--modes", type=_names(MODES), default=["eager"],
+                   help=f"how each step runs: {', '.join(MODES)} (graph: captured by hand)")
+    p.add_argument("--batches", type=_names(BATCHES), default=["unpadded"],
+                   help=f"batch kinds: {', '.join(BATCHES)} (padded: lengths in [L/2, L]; packed: documents of "
+                        "512-4096 tokens filling each row)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
-    p.add_argument("--decoder-layers", type=int, default=4)
+    p.add_argument("--decoder-layers", type=int, default=4, help="layers of the decoder")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the flex kernel, as JSON")
-    p.add_argument("--kernels", type=_names(("flex", "triton")), default=["flex", "triton"],
+    p.add_argument("--kernels", type=_names(("flex", "triton")), default=["triton"],
                    help="the block backend's kernels to run the sparse plan with (flex: FlexAttention; triton: "
                         "sparseattn's Triton kernel)")
-    p.add_argument("--graphs", action="store_true",
-                   help="also time each configuration's whole step captured as one CUDA graph (no per-kernel "
-                        "launch cost on the host; dense and sparse compared within a mode)")
+    p.add_argument("--graphs", action="store_true", help="add the graph mode (the same as --modes ...,graph)")
     p.add_argument("--torch-compile", action="store_true",
                    help="torch.compile (Inductor, default mode) every submodule outside the attention modules, "
                         "dense and sparse alike: the layers' other work runs fused, attention as it is")

@@ -6,19 +6,19 @@
 - decoder: a Llama-style decoder (hidden 2048, 32 heads of 64, 8 key/value heads, intermediate 5632,
   TinyLlama-1.1B's shape with fewer layers), random weights, bf16, forward only.
 
-Steps run eagerly and, with ``graphs``, also as one captured CUDA graph per configuration (forward,
-backward and optimizer step replayed without Python): at 16k tokens the eager sparse step is bound by the
-host's launch time (the GPU idles between kernels), so the graph mode shows what the GPU work itself costs.
-Dense and sparse are compared within one mode.
+Each step runs in the modes users run: ``eager``; ``compile`` (``torch.compile(model)``); ``reduce-overhead``
+(``torch.compile(model, mode="reduce-overhead")``, CUDA graphs recorded by torch.compile); and ``graph``, the
+whole step (forward, backward, optimizer) captured by hand as one CUDA graph. On ``unpadded`` batches, ``padded``
+ones (real lengths uniform in [L/2, L]) and ``packed`` rows (documents of 512-4096 tokens, with position_ids and
+cu_seq_lens_q as transformers' flattening collator makes them); dense attention cannot keep packed documents
+apart, so dense runs the same documents one per row, padded to the longest. Speed-ups are real tokens per
+second over the fastest dense step of the same batch kind, whatever its mode. Eager sparse steps also report
+the host time per attention call (the backend's Python and launches).
 
-With ``compile_model``, every largest submodule that holds no attention module (embeddings, each layer's
-attention output, intermediate and output blocks, the head) is compiled with ``torch.compile`` (Inductor,
-default mode), for dense and sparse alike: the layers' other work (layer norms, GELU, dropout, residuals)
-then runs as fused kernels in both, and the attention modules (their projections and the attention itself)
-run as they are, so both paths compile exactly the same code.
+With ``compile_model``, every largest submodule that holds no attention module is compiled with
+``compile_outside_attention``, for dense and sparse alike.
 
-Every step holds the same number of tokens (``tokens``; batch = tokens / length), so tokens/s compare
-across lengths. Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
+Every step holds the same number of positions (``tokens``; batch = tokens / length). Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
 for the decoder; through ``use_dense_sdpa``, so it stays mask-free under graph capture); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
 ``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the allowed pairs
 (measured with sparseattn.sparsity, reported with its block density).
@@ -45,7 +45,7 @@ from ..sparsity import measure_plan
 class ModelResult:
     model: str
     length: int
-    batch: int
+    batch_size: int
     attention: str  # "dense" or the plan
     sparsity: float | None
     block_density: float | None
@@ -55,8 +55,11 @@ class ModelResult:
     speedup: float | None = None
     note: str = ""
     kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
-    mode: str = "eager"  # "eager", or "graph": the whole step captured once and replayed as a CUDA graph
+    mode: str = "eager"  # eager, compile (torch.compile(model)), reduce-overhead, or graph (captured by hand)
     compiled: bool = False  # the submodules outside attention ran compiled (dense and sparse alike)
+    batch: str = "unpadded"  # unpadded, padded or packed (see make_batch)
+    host_us: float | None = None  # host time per attention call, eager sparse steps
+    baseline: str | None = None  # what the speed-up is over: the fastest dense step of the same batch kind
 
 
 def encoder(max_len: int):
@@ -136,9 +139,108 @@ def _graphed(body, warmup: int):
     return graph, graph.replay
 
 
+MODES = ("eager", "compile", "reduce-overhead", "graph")
+BATCHES = ("unpadded", "padded", "packed")
+
+
+def make_batch(batch: str, length: int, rows: int, vocab: int, device, *, seed: int = 0) -> dict:
+    """The model inputs of one step: ``rows`` rows of ``length`` tokens, as
+
+    - unpadded: every token real, no attention mask;
+    - padded: each row's real length drawn uniformly from [length / 2, length], right padding, an attention mask;
+    - packed: each row filled with documents of 512-4096 tokens (the last one cut to fit), as transformers'
+      flattening collator makes them: position_ids restarting at 0 and cu_seq_lens_q over the flattened rows.
+
+    Besides the inputs, "real" holds the number of real tokens and "documents" the (row, first token, count) of
+    every sequence, from which ``unpacked`` makes dense attention's batch over the same sequences."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (rows, length), generator=g)
+    out = {"input_ids": ids}
+    docs = []
+    if batch == "unpadded":
+        docs = [(r, 0, length) for r in range(rows)]
+    elif batch == "padded":
+        lengths = torch.randint(length // 2, length + 1, (rows,), generator=g)
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        out["attention_mask"] = mask.long()
+        docs = [(r, 0, int(n)) for r, n in enumerate(lengths)]
+    elif batch == "packed":
+        pos = torch.zeros(rows, length, dtype=torch.long)
+        for r in range(rows):
+            start = 0
+            while start < length:
+                n = min(int(torch.randint(512, 4097, (1,), generator=g)), length - start)
+                pos[r, start:start + n] = torch.arange(n)
+                docs.append((r, start, n))
+                start += n
+        cu = torch.tensor([0] + [r * length + s + n for r, s, n in docs], dtype=torch.int32)
+        out.update(position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                   max_length_q=max(n for _, _, n in docs), max_length_k=max(n for _, _, n in docs))
+    else:
+        raise ValueError(f"batch must be one of {', '.join(BATCHES)}, got {batch!r}")
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return {"inputs": out, "real": sum(n for _, _, n in docs), "documents": docs}
+
+
+def unpacked(batch: dict, device) -> dict:
+    """Dense attention's inputs over the same sequences as ``batch``: one sequence per row, right-padded to the
+    longest (what a model without packed attention trains on)."""
+    docs = batch["documents"]
+    ids = batch["inputs"]["input_ids"]
+    width = max(n for _, _, n in docs)
+    out = torch.zeros(len(docs), width, dtype=ids.dtype, device=device)
+    mask = torch.zeros(len(docs), width, dtype=torch.long, device=device)
+    for i, (r, s, n) in enumerate(docs):
+        out[i, :n] = ids[r, s:s + n]
+        mask[i, :n] = 1
+    return {"inputs": {"input_ids": out, "attention_mask": mask}, "real": batch["real"], "documents": docs}
+
+
+class _HostTimer:
+    """Host time per attention call of a backend (its Python, layout lookups and kernel launches; the GPU runs
+    asynchronously), measured around ``attention`` during eager steps."""
+
+    def __init__(self, backend):
+        self.backend, self.total, self.calls = backend, 0.0, 0
+        self._inner = backend.attention
+
+        def timed(call):
+            t0 = time.perf_counter()
+            try:
+                return self._inner(call)
+            finally:
+                self.total += time.perf_counter() - t0
+                self.calls += 1
+
+        backend.attention = timed
+
+    def reset(self):
+        self.total, self.calls = 0.0, 0
+
+    def us_per_call(self) -> float | None:
+        return self.total / self.calls * 1e6 if self.calls else None
+
+    def remove(self):
+        self.backend.attention = self._inner
+
+
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
-              kernel_options: dict | None = None, kernels=("flex",), graphs: bool = False,
+              kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
               compile_model: bool = False, log=print) -> list[ModelResult]:
+    """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``.
+    Speed-ups are real tokens per second over the fastest dense step of the same batch kind, whatever its mode."""
+    out = []
+    for batch in batches:
+        out.extend(_run_batch(kind, length, batch, tokens=tokens, warmup=warmup, steps=steps,
+                              decoder_layers=decoder_layers, kernel_options=kernel_options, kernels=kernels,
+                              modes=modes, compile_model=compile_model, log=log))
+    return out
+
+
+def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
+               compile_model, log) -> list[ModelResult]:
+    import torch._dynamo
+
     device = "cuda"
     gc.collect()  # the previous config's models, before this one allocates
     torch.cuda.empty_cache()
@@ -146,98 +248,123 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
     causal = kind == "decoder"
     torch.manual_seed(0)
     model = (encoder(length) if kind == "encoder" else decoder(length, decoder_layers)).to(device)
-    vocab = model.config.vocab_size
-    ids = torch.randint(1000, vocab, (B, length), device=device)
-    labels = torch.randint(0, 2, (B,), device=device)
+    sparse_batch = make_batch(batch_kind, length, B, model.config.vocab_size, device)
+    # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
+    dense_batch = unpacked(sparse_batch, device) if batch_kind == "packed" else sparse_batch
     plan = sparse_plan(length, causal=causal)
     sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
     if kind == "encoder":
         # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
-
-        def train(zero_grad: bool = True):
-            # no autocast cache: cast weights are re-made each step, as graph capture needs
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            if zero_grad:
-                opt.zero_grad(set_to_none=True)
-
-        def capture():
-            opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients afresh each replay
-            return _graphed(lambda: train(zero_grad=False), warmup)
-
-        step = train
         model.train()
     else:
         model = model.to(torch.bfloat16).eval()
 
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+    def make_step(fwd, inputs, mark: bool):
+        rows = inputs["input_ids"].shape[0]
+        labels = torch.randint(0, 2, (rows,), device=device)
 
-        def capture():
-            return _graphed(step, warmup)
+        def train(zero_grad: bool = True):
+            if mark:  # a new step for the CUDA graphs torch.compile records (reduce-overhead)
+                torch.compiler.cudagraph_mark_step_begin()
+            if kind == "encoder":
+                # no autocast cache: cast weights are re-made each step, as graph capture needs
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    loss = fwd(**inputs, labels=labels).loss
+                loss.backward()
+                opt.step()
+                if zero_grad:
+                    opt.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    fwd(**inputs, use_cache=False)
+        return train
+
     out = []
     for attention in ("dense", *kernels):
+        backend = timer = None
         if attention != "dense":
             backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
             sparsify(model, plan, backend=backend)
         if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
             log(f"  compiled {len(compile_outside_attention(model))} submodules outside attention")
-        for mode in ("eager", "graph") if graphs else ("eager",):
+        batch = dense_batch if attention == "dense" else sparse_batch
+        inputs = {k: v for k, v in batch["inputs"].items() if kind == "decoder" or k not in ("cu_seq_lens_k",
+                                                                                                 "max_length_k")}
+        for mode in modes:
             res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
                               None if attention == "dense" else sp, None if attention == "dense" else dens,
                               None, None, None, kernel=None if attention == "dense" else attention, mode=mode,
-                              compiled=compile_model)
+                              compiled=compile_model, batch=batch_kind)
             graph = None
+            torch._dynamo.reset()
             try:
-                run = step
+                fwd = model
+                if mode == "compile":
+                    fwd = torch.compile(model)
+                elif mode == "reduce-overhead":
+                    fwd = torch.compile(model, mode="reduce-overhead")
+                run = make_step(fwd, inputs, mark=mode == "reduce-overhead")
                 if mode == "graph":
-                    step()  # layouts and autotuning happen eagerly, before capture
+                    if kind == "encoder":
+                        opt.zero_grad(set_to_none=True)
+                    run()  # layouts and autotuning happen eagerly, before capture
                     _fresh_peak()
-                    graph, run = capture()
-                ms, peak = _time_steps(run, warmup, steps, reset_peak=mode == "eager")
-                res.step_ms, res.peak_gib, res.tokens_per_s = ms, peak, B * length / (ms / 1e3)
-                if attention != "dense":
+                    body = make_step(model, inputs, mark=False)
+                    graph, run = _graphed((lambda: body(zero_grad=False)) if kind == "encoder" else body, warmup)
+                if backend is not None and mode == "eager":
+                    timer = _HostTimer(backend)
+                ms, peak = _time_steps(run, warmup, steps, reset_peak=mode != "graph")
+                res.step_ms, res.peak_gib = ms, peak
+                res.tokens_per_s = batch["real"] / (ms / 1e3)
+                if timer is not None:
+                    res.host_us = timer.us_per_call()
+                if backend is not None:
                     res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
             except torch.OutOfMemoryError as e:
                 res.note = f"out of memory: {str(e).splitlines()[0][:160]}"
-            except RuntimeError as e:  # a capture that fails is a result to report, not the end of the run
-                if mode != "graph":
-                    raise
-                res.note = f"graph capture failed: {str(e).splitlines()[0][:160]}"
-                log(f"  graph capture of {kind} L={length} {attention} failed:\n{e}")
+            except Exception as e:  # a mode that fails is a result to report, not the end of the run
+                res.note = f"{mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log(f"  {kind} L={length} {batch_kind} {attention} {mode} failed:\n{e}")
                 torch.cuda.synchronize()
+            finally:
+                if timer is not None:
+                    timer.remove()
+                    timer = None
             del graph
-            for p in model.parameters():  # gradients captured in the graph's memory pool go with it
-                p.grad = None
+            if kind == "encoder":  # gradients captured in a graph's memory pool go with it
+                opt.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
             out.append(res)
-            log(f"  {kind} L={length} B={B} {attention} {mode}{' compiled' if compile_model else ''}: "
+            log(f"  {kind} L={length} B={B} {batch_kind} {attention} {mode}{' compiled' if compile_model else ''}: "
                 f"{res.step_ms and round(res.step_ms, 1)} ms/step, "
-                f"{res.tokens_per_s and round(res.tokens_per_s)} tok/s, peak "
-                f"{res.peak_gib and round(res.peak_gib, 2)} GiB" + (f" ({res.note})" if res.note else ""))
-    for mode in ("eager", "graph"):  # speed-ups against dense in the same mode
-        dense = next((r for r in out if r.mode == mode and r.kernel is None), None)
-        for r in out:
-            if r.mode == mode and r.kernel is not None and dense and dense.tokens_per_s and r.tokens_per_s:
-                r.speedup = r.tokens_per_s / dense.tokens_per_s
+                f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
+                f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
+                + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
+                + (f" ({res.note})" if res.note else ""))
+    torch._dynamo.reset()
+    dense = [r for r in out if r.kernel is None and r.tokens_per_s]
+    best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
+    for r in out:  # speed-ups against the fastest dense step measured, whatever its mode
+        if best and r.tokens_per_s:
+            r.speedup = r.tokens_per_s / best.tokens_per_s
+            r.baseline = f"dense {best.mode}"
     return out
 
 
 def format_table(results: list[ModelResult]) -> str:
-    head = (f"{'model':<8} {'L':>6} {'B':>3} {'attention':<10} {'mode':<14} {'sparsity':>8} {'blk dens':>8} {'ms/step':>8} "
-            f"{'tokens/s':>10} {'peak GiB':>8} {'speed-up':>8}")
+    head = (f"{'model':<8} {'L':>6} {'B':>3} {'batch':<9} {'attention':<10} {'mode':<24} {'sparsity':>8} "
+            f"{'blk dens':>8} {'ms/step':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us':>7} {'speed-up':>8} "
+            f"{'over':<22}")
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch:>3} {(r.kernel or 'dense'):<10} "
-                     f"{r.mode + (' compiled' if r.compiled else ''):<14} "
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<9} {(r.kernel or 'dense'):<10} "
+                     f"{r.mode + (' +outside compiled' if r.compiled else ''):<24} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
-                     f"{f(r.tokens_per_s, ',.0f'):>10} {f(r.peak_gib, '.2f'):>8} {f(r.speedup, '.2f'):>8}"
+                     f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {f(r.host_us, '.0f'):>7} "
+                     f"{f(r.speedup, '.2f'):>8} {r.baseline or '-':<22}"
                      + (f"  {r.note}" if r.note else ""))
     return "\n".join(lines)
 

@@ -315,7 +315,9 @@ def _pre_hook(model, args, kwargs):
             raise ValueError("the input has no tokens; every example needs at least one")
         past = kwargs.get("past_key_values")
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        if state.max_positions and L + seen > state.max_positions:
+        # packed rows number positions per document (position_ids), so a row may outgrow the model's positions
+        packed = kwargs.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
+        if state.max_positions and L + seen > state.max_positions and not packed:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
                              f"{state.max_positions} (max_position_embeddings, less any position offset); truncate it explicitly")
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure, "cache": {},
