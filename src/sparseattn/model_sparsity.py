@@ -1,4 +1,5 @@
-"""Sparsity of a sparsified model's plan on real batches (see sparseattn.sparsity for the definition)."""
+"""Sparsity of a sparsified model on real batches: the layout of a tokenized batch, and ``measure_sparsity``
+over batches. ``sparseattn.sparsity`` holds the definition, on layouts; this module applies it to a model."""
 
 from __future__ import annotations
 
