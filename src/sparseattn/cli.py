@@ -15,7 +15,7 @@ import textwrap
 import torch
 
 from .integrations.hf import UnsupportedModelError, sparsify
-from .model_sparsity import layout_of_batch, measure_sparsity
+from .model_sparsity import measure_sparsity, model_layout
 from .models import load_model, load_tokenizer
 from .patterns import REGISTRY
 from .plans.io import as_plan
@@ -81,8 +81,7 @@ def cmd_inspect(args) -> int:
     num_heads = state.layer_plans[0].num_heads
     if not 0 <= args.head < num_heads:
         raise ValueError(f"--head {args.head} is out of range for a model with {num_heads} heads (0-{num_heads - 1})")
-    causal = any(bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state"))
-    layout = layout_of_batch(enc, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
+    layout = model_layout(model, enc)
     report = measure_sparsity(model, enc, block_size=args.block_size)
     print(f"plan: {plan.spec()}")
     print(f"tokens ({len(tokens)}): {' '.join(tokens)}")

@@ -35,6 +35,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import yaml
+
 from ..reports.report import write_report_files
 from ..training.config import FinetuneConfig
 from ..training.methods import config_from_dict, run_config
@@ -110,8 +113,6 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
-    import yaml
-
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
@@ -241,8 +242,6 @@ def visible_gpus(workers: int, gpus: str | None) -> list[str | None]:
         ids = [g for g in visible.split(",") if g]
     else:
         try:
-            import torch
-
             ids = [str(i) for i in range(torch.cuda.device_count())]
         except Exception:
             ids = []
