@@ -60,9 +60,9 @@ def closest_degree(make, target: float, layouts, shape, max_degree: int = 128) -
 def task_layouts(task: str, max_length: int, glue_dir, parse_cache):
     from transformers import AutoConfig
 
-    from sparseattn.experiments.batching import collate, encode_split, eval_batches
-    from sparseattn.experiments.glue import get_task, load_split
-    from sparseattn.measure import layout_of_batch
+    from sparseattn.training.batching import collate, encode_split, eval_batches
+    from sparseattn.training.glue import get_task, load_split
+    from sparseattn.model_sparsity import layout_of_batch
     from sparseattn.models import load_tokenizer, resolve_model
     from sparseattn.text.parse import ParseCache
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparseattn.experiments.batching import collate, encode_split, train_batches
-from sparseattn.experiments.finetune import FinetuneConfig, finetune
-from sparseattn.experiments.glue import Example, get_task
+from sparseattn.training.batching import collate, encode_split, train_batches
+from sparseattn.training.finetune import FinetuneConfig, finetune
+from sparseattn.training.glue import Example, get_task
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
 needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
@@ -116,7 +116,7 @@ def test_encode_split_truncates_explicitly_and_pads_per_batch():
 
 
 def test_length_buckets_cover_every_example_once():
-    from sparseattn.experiments.batching import EncodedSplit
+    from sparseattn.training.batching import EncodedSplit
 
     lengths = np.random.default_rng(0).integers(3, 60, size=1000)
     split = EncodedSplit(np.zeros(lengths.sum(), np.int64), None, np.r_[0, np.cumsum(lengths)[:-1]], lengths,
@@ -141,9 +141,9 @@ def test_config_validation():
 def test_a_plan_that_isolates_cls_in_every_layer_is_flagged(tiny_model, caplog):
     """[CLS] keeping only itself in every layer makes a classifier's input constant: finetune warns and
     records it (the pattern ablation's syntax(1)/lexical() arms with special='self' did exactly this)."""
-    from sparseattn.experiments.finetune import readout_isolated_layers
+    from sparseattn.training.finetune import readout_isolated_layers
     from sparseattn.models import load_model, load_tokenizer
-    from sparseattn.plans.spec import parse_plan
+    from sparseattn.plans import parse_plan
 
     common = dict(task="rte", model=tiny_model, epochs=1, batch_size=8, limit_train=16, limit_eval=16, max_length=48)
     with caplog.at_level(logging.WARNING, logger="sparseattn"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sparseattn.experiments.glue import (
+from sparseattn.training.glue import (
     TASKS, Example, GlueDataError, examples_from_records, get_task, load_split, read_tsv,
 )
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from sparseattn.experiments.metrics import accuracy, compute_metrics, f1, matthews, pearson, rankdata, spearman
+from sparseattn.training.metrics import accuracy, compute_metrics, f1, matthews, pearson, rankdata, spearman
 
 PRED = [1, 1, 0, 1, 0, 0, 1, 0]
 GOLD = [1, 0, 0, 1, 1, 0, 1, 0]  # TP=3, FP=1, FN=1, TN=3

@@ -359,7 +359,7 @@ def _groups_mask(n_tokens, groups, special_rows=()):
 
 
 def _layout(enc):
-    from sparseattn.measure import layout_of_batch
+    from sparseattn.model_sparsity import layout_of_batch
 
     return layout_of_batch(enc)
 

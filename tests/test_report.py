@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from sparseattn.experiments.db import ResultsDB, WorkerId
-from sparseattn.experiments.finetune import FinetuneConfig
-from sparseattn.reports.report import plan_family, write_report
+from sparseattn.training.finetune import FinetuneConfig
+from sparseattn.experiments.sweep import write_report
+from sparseattn.reports.report import plan_family
 
 # (task, plan, seed) -> (main metric, other metric, overall sparsity, applied sparsity)
 RUNS = {

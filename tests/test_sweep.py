@@ -155,7 +155,7 @@ def test_sigkill_mid_run_then_rerun_finishes_each_run_exactly_once(tmp_path, tin
 def test_a_saved_plan_is_identified_by_its_contents(tmp_path):
     """A rewritten plan folder is a different run, and a queued run whose folder changed fails loudly."""
     import sparseattn as sa
-    from sparseattn.experiments.finetune import FinetuneConfig
+    from sparseattn.training.finetune import FinetuneConfig
 
     folder = tmp_path / "plan"
     sa.save_plan(sa.Plan.parse("later-half: neighbour(2)"), folder)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparseattn as sa
-from sparseattn.measure import layout_of_batch
+from sparseattn.model_sparsity import layout_of_batch
 from sparseattn.text.parse import ParseCache
 
 from conftest import eager_masked_attention, examples_of, tiny_bert

@@ -8,19 +8,18 @@
     sa.measure_sparsity(model, enc)     # per layer, per head, overall
 """
 
-__version__ = "0.1.0"
-
-from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify  # noqa: E402
-from .layout import TokenLayout  # noqa: E402
-from .patterns import (  # noqa: E402
+from ._version import __version__ as __version__
+from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify
+from .layout import TokenLayout
+from .model_sparsity import measure_sparsity
+from .patterns import (
     Pattern, bigbird, causal, full, global_tokens, intersection, lexical, neighbour, random, similar,
     static_mask, strided, syntax, union,
 )
-from .plans import Plan, PlanError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan  # noqa: E402
-from .sparsity import SparsityReport, mask_sparsity, measure_plan  # noqa: E402
-from .text.parse import ParseCache  # noqa: E402
-from .text.structure import BatchStructure, encode  # noqa: E402
-from .measure import measure_sparsity  # noqa: E402
+from .plans import Plan, PlanError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan
+from .sparsity import SparsityReport, mask_sparsity, measure_plan
+from .text.parse import ParseCache
+from .text.structure import BatchStructure, encode
 
 __all__ = [
     "Pattern", "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird", "syntax",

@@ -12,6 +12,17 @@ import os
 import sys
 import textwrap
 
+import torch
+
+from .integrations.hf import UnsupportedModelError, sparsify
+from .model_sparsity import measure_sparsity, model_layout
+from .models import load_model, load_tokenizer
+from .patterns import REGISTRY
+from .plans.io import as_plan
+from .reports.masks import draw_layers, mask_text
+from .text.parse import DEFAULT_PARSER, ParseCache
+from .text.structure import encode
+
 # Modules that add sub-commands; each has register(subparsers). Listed in --help order.
 COMMAND_MODULES = [
     "sparseattn.experiments.commands",  # finetune, sweep, report, demo
@@ -39,8 +50,6 @@ def add_parse_args(p: argparse.ArgumentParser) -> None:
 
 def parse_cache_for(plan, args):
     """A ParseCache when the plan needs dependency parses or lemmas (or --parser was given), else None."""
-    from .text.parse import DEFAULT_PARSER, ParseCache
-
     if args.parser is None and not plan.needs_parser:
         return None
     name = args.parser or DEFAULT_PARSER
@@ -51,8 +60,6 @@ def parse_cache_for(plan, args):
 
 # -- patterns ---------------------------------------------------------------------------------------
 def cmd_patterns(args) -> int:
-    from .patterns import REGISTRY
-
     for name in sorted(REGISTRY):
         info = REGISTRY[name]
         print(info.signature.replace(" -> 'Pattern'", "").replace("'", ""))
@@ -62,15 +69,7 @@ def cmd_patterns(args) -> int:
 
 # -- inspect ----------------------------------------------------------------------------------------
 def cmd_inspect(args) -> int:
-    import torch
-
-    from . import encode, measure_sparsity, sparsify
-    from .integrations.hf import _as_plan
-    from .measure import layout_of_batch
-    from .models import load_model, load_tokenizer
-    from .reports.masks import draw_layers, mask_text
-
-    plan = _as_plan(args.plan)
+    plan = as_plan(args.plan)
     tok = load_tokenizer(args.model)
     model = load_model(args.model).eval()
     sparsify(model, plan, tokenizer=tok)
@@ -82,8 +81,7 @@ def cmd_inspect(args) -> int:
     num_heads = state.layer_plans[0].num_heads
     if not 0 <= args.head < num_heads:
         raise ValueError(f"--head {args.head} is out of range for a model with {num_heads} heads (0-{num_heads - 1})")
-    causal = any(bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state"))
-    layout = layout_of_batch(enc, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
+    layout = model_layout(model, enc)
     report = measure_sparsity(model, enc, block_size=args.block_size)
     print(f"plan: {plan.spec()}")
     print(f"tokens ({len(tokens)}): {' '.join(tokens)}")
@@ -154,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .integrations.hf import UnsupportedModelError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)

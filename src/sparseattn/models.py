@@ -1,4 +1,5 @@
-"""Loading models: the packaged all-MiniLM-L6-v2 by default, or any hub id or local path."""
+"""Loading models: the packaged all-MiniLM-L6-v2 by default, or any hub id or local path; and the config that
+holds a model's text shape (layers, heads)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,10 @@ def load_model(name: str | None = None, *, task: str = "base", num_labels: int |
     if task == "causal-lm":
         return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
     raise ValueError(f"unknown task {task!r}; expected 'base', 'classification' or 'causal-lm'")
+
+
+def text_config(model):
+    """The config with the text model's shape (num_hidden_layers, num_attention_heads): a multimodal
+    model's text config, else the model's own."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

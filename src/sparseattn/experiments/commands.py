@@ -7,7 +7,15 @@ import signal
 import textwrap
 from pathlib import Path
 
-from .finetune import FinetuneConfig
+from tqdm.auto import tqdm
+
+from ..text.parse import DEFAULT_PARSER, ParseCache
+from ..training.config import FinetuneConfig
+from ..training.finetune import finetune
+from ..training.glue import get_task, load_split
+from .db import ResultsDB
+from .demo import run_demo
+from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus, write_report
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -47,8 +55,6 @@ def _add_finetune_args(p) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
-
     cfg = FinetuneConfig(task=args.task, plan=args.plan, model=args.model, seed=args.seed, epochs=args.epochs,
                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -77,9 +83,6 @@ def _sigterm_as_interrupt(*_):
 
 
 def cmd_sweep(args) -> int:
-    from .db import ResultsDB
-    from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus
-
     spec = load_spec(args.spec)
     db_path = Path(args.db) if args.db else spec.db
     if args.status:
@@ -116,8 +119,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..reports.report import write_report
-
     out = args.out or str(Path(args.db).with_suffix("")) + "_report"
     paths = write_report(args.db, out, sweep=args.sweep, title=args.title)
     print(paths["markdown"].read_text())
@@ -127,8 +128,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(args.out, model=args.model, glue_dir=args.glue_dir, limit_train=args.train, limit_eval=args.eval,
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
              progress=not args.no_progress)
@@ -136,11 +135,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_parse(args) -> int:
-    from tqdm.auto import tqdm
-
-    from ..text.parse import DEFAULT_PARSER, ParseCache
-    from .glue import get_task, load_split
-
     cache = ParseCache(args.parse_cache, parser=args.parser or DEFAULT_PARSER)
     texts: list[str] = []
     for task in args.task or []:
@@ -169,6 +163,11 @@ def cmd_parse(args) -> int:
 
 
 def register(sub, formatter_class) -> None:
+    for add in (_add_parse, _add_finetune, _add_sweep, _add_report, _add_demo):
+        add(sub, formatter_class)
+
+
+def _add_parse(sub, formatter_class) -> None:
     p = sub.add_parser(
         "parse", help="parse texts with spaCy into the parse cache (to carry to a machine without spaCy)",
         formatter_class=formatter_class,
@@ -191,6 +190,8 @@ def register(sub, formatter_class) -> None:
     _add_glue_args(p)
     p.set_defaults(func=cmd_parse)
 
+
+def _add_finetune(sub, formatter_class) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a model on a GLUE task under a plan; evaluate; measure sparsity",
         formatter_class=formatter_class,
@@ -214,6 +215,8 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_sweep(sub, formatter_class) -> None:
     p = sub.add_parser(
         "sweep", help="run a grid of fine-tunings into an SQLite results database (resumable, multi-worker)",
         formatter_class=formatter_class,
@@ -254,6 +257,8 @@ def register(sub, formatter_class) -> None:
     _add_glue_args(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_report(sub, formatter_class) -> None:
     p = sub.add_parser(
         "report", help="Markdown + HTML report with plots from a results database",
         formatter_class=formatter_class,
@@ -271,6 +276,8 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_report)
 
+
+def _add_demo(sub, formatter_class) -> None:
     p = sub.add_parser(
         "demo", help="the main job: dense vs neighbour vs random at matched sparsity on an SST-2 slice",
         formatter_class=formatter_class,

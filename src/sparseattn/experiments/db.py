@@ -12,7 +12,6 @@ moment. (SQLite's locking needs a local file system, not NFS.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -22,6 +21,8 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..training.record import run_key
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -56,12 +57,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 STATUSES = ("pending", "running", "done", "failed")
-
-
-def run_key(config: dict) -> str:
-    """A stable hash of a run's configuration (canonical JSON, sorted keys)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -12,6 +12,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..model_sparsity import layout_of_batch
+from ..models import load_tokenizer, resolve_model
+from ..plans.plan import Plan
+from ..reports.report import table_rows
+from ..sparsity import measure_plan
+from ..training.batching import collate, encode_split, eval_batches
+from ..training.data import load_examples
+from ..training.evaluate import sum_reports
+from ..training.glue import get_task
+from .db import ResultsDB
+from .sweep import enqueue, run_worker, spec_from_dict, summary_lines, write_report
+
 NEIGHBOUR = "later-half: neighbour(2)"
 
 
@@ -21,32 +33,19 @@ def matched_random_degree(target_plan: str, *, task: str, model: str | None, max
     """The degree r for which ``later-half: random(r)`` has the sparsity closest to ``target_plan``'s, both
     measured (sparseattn.sparsity) on the evaluation examples a fine-tuning run uses. Returns
     (r, sparsity of target, sparsity of random(r)), sparsities over the sparsified heads."""
-    from transformers import AutoConfig
-
-    from ..measure import layout_of_batch
-    from ..models import load_tokenizer, resolve_model
-    from ..plans.plan import Plan
-    from ..sparsity import measure_plan
-    from .batching import collate, encode_split, eval_batches
-    from .finetune import subset
-    from .glue import get_task, load_split
+    from transformers import AutoConfig  # here, not at the top: importing transformers takes seconds
 
     t = get_task(task)
     cfg = AutoConfig.from_pretrained(resolve_model(model))
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     shape = (cfg.num_hidden_layers, cfg.num_attention_heads)
-    ex = load_split(t, eval_split, glue_dir)
-    ex = [ex[i] for i in subset(len(ex), limit_eval)]
+    ex = load_examples(t, eval_split, limit_eval, glue_dir)
     split = encode_split(load_tokenizer(model), ex, max_length, regression=t.is_regression, what="demo eval")
     layouts = [layout_of_batch(collate(split, idx)) for idx in eval_batches(split, 256)]
 
     def sparsity(spec: str) -> float:
         lps = Plan.parse(spec).resolve(*shape)
-        rep = None
-        for lay in layouts:
-            r = measure_plan(lps, lay)
-            rep = r if rep is None else rep + r
-        return rep.applied_sparsity
+        return sum_reports(measure_plan(lps, lay) for lay in layouts).applied_sparsity
 
     target = sparsity(target_plan)
     best = None
@@ -62,10 +61,7 @@ def matched_random_degree(target_plan: str, *, task: str, model: str | None, max
 def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir=None, limit_train: int = 6000,
              limit_eval: int = 872, epochs: int = 1, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
              max_length: int = 128, progress: bool = True) -> dict:
-    from ..reports.report import table_rows, write_report
-    from .sweep import enqueue, run_worker, spec_from_dict, summary_lines
-
-    import transformers
+    import transformers  # here, not at the top: importing transformers takes seconds
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -88,8 +84,6 @@ def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir
     run_worker(out / "demo.sqlite", "demo", glue_dir=glue_dir, progress=progress)
     paths = write_report(out / "demo.sqlite", out / "report", sweep="demo",
                          title="sparseattn demo: dense vs neighbour vs random at matched sparsity (SST-2 slice)")
-    from .sweep import ResultsDB
-
     db = ResultsDB(out / "demo.sqlite")
     lines = summary_lines(db, "demo")
     db.close()

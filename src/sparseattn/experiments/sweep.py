@@ -1,10 +1,11 @@
-"""Sweeps: a grid of fine-tuning runs, run by one or more workers into a results database.
+"""Sweeps: a grid of runs (of any registered method, ``sparseattn.training.methods``), run by one or more
+workers into a results database, and the report of that database.
 
 A spec (YAML):
 
     name: breaking-bert-glue          # default: the file's name without .yaml
     db: results.sqlite                # default: <name>.sqlite beside the spec; --db overrides
-    fixed:                            # fine-tune options every run shares (FinetuneConfig fields)
+    fixed:                            # options every run shares (FinetuneConfig fields, or a method's own)
       epochs: 3
       lr: 5.0e-5
       batch_size: 32
@@ -31,11 +32,17 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from .db import Heartbeat, ResultsDB, WorkerId, run_key
-from .finetune import FinetuneConfig
+import torch
+import yaml
+
+from ..reports.report import write_report_files
+from ..training.config import FinetuneConfig
+from ..training.methods import config_from_dict, run_config
+from ..training.record import package_versions, run_key
+from .db import Heartbeat, ResultsDB, WorkerId
 
 SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
 
@@ -54,60 +61,6 @@ class SweepSpec:
 
     def config_dicts(self) -> list[dict]:
         return [c.to_dict() for c in self.configs]
-
-
-def config_class(method: str):
-    """The config class of a run method: FinetuneConfig for "finetune", LearnGlueConfig for "learn",
-    PruneGlueConfig for "prune" (Attention Pruning)."""
-    if method == "finetune":
-        return FinetuneConfig
-    if method == "learn":
-        from ..learned.glue import LearnGlueConfig
-
-        return LearnGlueConfig
-    if method == "prune":
-        from ..pruning.glue import PruneGlueConfig
-
-        return PruneGlueConfig
-    raise ValueError(f"unknown method {method!r}; expected 'finetune', 'learn' or 'prune'")
-
-
-def config_from_dict(d: dict) -> FinetuneConfig:
-    """A run's config of whichever method ``d['method']`` names (default finetune)."""
-    return config_class(d.get("method", "finetune")).from_dict(_coerce(d))
-
-
-def run_config(cfg: FinetuneConfig, *, work_dir=None, **kw) -> dict:
-    """Run one config with its method; returns the results dict. work_dir: where prune runs share their
-    dense checkpoints, attention averages and masks."""
-    if cfg.method == "prune":
-        from ..pruning.glue import prune_glue
-
-        return prune_glue(cfg, work_dir=work_dir, **kw)
-    if cfg.method == "learn":
-        from ..learned.glue import learn_glue
-
-        return learn_glue(cfg, **kw)
-    from .finetune import finetune
-
-    return finetune(cfg, **kw)
-
-
-def _coerce(cfg: dict) -> dict:
-    """YAML 1.1 reads 5e-5 as a string; turn strings into numbers where the field is a number."""
-    types = {f.name: str(f.type) for f in fields(config_class(cfg.get("method", "finetune")))}
-    out = {}
-    for k, v in cfg.items():
-        t = types.get(k, "")
-        if isinstance(v, str) and t.startswith("float"):
-            try:
-                v = float(v)
-            except ValueError:
-                raise ValueError(f"{k} must be a number, got {v!r}") from None
-        elif isinstance(v, float) and t.startswith("int") and v.is_integer():
-            v = int(v)
-        out[k] = v
-    return out
 
 
 def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | None = None) -> SweepSpec:
@@ -160,8 +113,6 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
-    import yaml
-
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
@@ -182,9 +133,7 @@ def work_dir_of(db_path) -> Path:
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
                progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
-    from .finetune import package_versions
-
-    import transformers
+    import transformers  # here, not at the top: importing transformers takes seconds
 
     transformers.logging.set_verbosity_error()  # every run loads a new classification head: expected, not news
     if not progress:
@@ -293,11 +242,27 @@ def visible_gpus(workers: int, gpus: str | None) -> list[str | None]:
         ids = [g for g in visible.split(",") if g]
     else:
         try:
-            import torch
-
             ids = [str(i) for i in range(torch.cuda.device_count())]
         except Exception:
             ids = []
     if not ids:
         return [None] * workers
     return [ids[i % len(ids)] for i in range(workers)]
+
+
+def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
+    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``
+    (its runs of ``sweep``, or all)."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"no results database at {db_path}")
+    db = ResultsDB(db_path)
+    try:
+        if sweep is not None and sweep not in db.sweeps():
+            raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")
+        runs = db.runs(sweep)
+        counts = db.counts(sweep)
+    finally:
+        db.close()
+    title = title or f"sparseattn results: {sweep or db_path.name}"
+    return write_report_files(runs, out_dir, title=title, counts=counts)

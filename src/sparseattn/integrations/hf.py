@@ -18,6 +18,8 @@ import torch
 from ..backends import Backend, get_backend
 from ..backends.base import AttentionCall
 from ..layout import TokenLayout
+from ..models import text_config
+from ..plans.io import as_plan
 from ..plans.plan import LayerPlan, Plan
 
 log = logging.getLogger("sparseattn")
@@ -180,11 +182,6 @@ def compile_outside_attention(model: torch.nn.Module, **compile_kwargs) -> list[
     return compiled
 
 
-def _text_config(model):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, tokenizer=None):
     """Run ``model`` under ``plan`` (a Plan, a spec string, or a saved plan's path). In place; returns the model.
 
@@ -200,8 +197,8 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
             "(its _supports_attention_backend is False), so its attention cannot be routed to sparseattn")
     if getattr(model, "_sparseattn", None) is not None:
         unsparsify(model)
-    plan = _as_plan(plan)
-    cfg = _text_config(model)
+    plan = as_plan(plan)
+    cfg = text_config(model)
     for attr in ("num_hidden_layers", "num_attention_heads"):
         if not hasattr(cfg, attr):
             raise UnsupportedModelError(f"{type(model).__name__}'s config has no {attr}; sparseattn needs it")
@@ -287,20 +284,6 @@ def unsparsify(model):
 def plan_of(model) -> Plan | None:
     state = getattr(model, "_sparseattn", None)
     return state.plan if state is not None else None
-
-
-def _as_plan(plan) -> Plan:
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, str):
-        from pathlib import Path
-
-        from ..plans.io import is_plan_path, load_plan
-
-        if is_plan_path(plan):
-            return load_plan(Path(plan))
-        return Plan.parse(plan)
-    raise TypeError(f"plan must be a Plan, a spec string or a saved plan's path, got {type(plan).__name__}")
 
 
 def _pre_hook(model, args, kwargs):

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from ..integrations.hf import _text_config, sparsify, unsparsify
+from ..integrations.hf import sparsify, unsparsify
+from ..models import text_config
 from ..plans.plan import Plan
 from .backend import SoftWindowBackend
 from .soft_window import SoftNeighbourDegrees, annealed_temperature
@@ -19,7 +20,7 @@ def attach_degrees(model, *, init_degree: float = 32.0, global_tokens: int = 1, 
                    layers: list[int] | None = None, tokenizer=None) -> SoftNeighbourDegrees:
     """Make ``model`` attend through learnable soft windows; returns the degrees module (also registered
     as ``model.sparseattn_degrees`` so it moves with the model). Its parameters are the degrees."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     degrees = SoftNeighbourDegrees(cfg.num_hidden_layers, cfg.num_attention_heads, init_degree=init_degree,
                                    global_tokens=global_tokens, temperature=temperature, layers=layers)
     p = next(model.parameters())

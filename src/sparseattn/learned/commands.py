@@ -5,10 +5,11 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ..training.config import FinetuneConfig
+from .glue import LearnGlueConfig, learn_glue
+
 
 def cmd_learn(args) -> int:
-    from .glue import LearnGlueConfig, learn_glue
-
     cfg = LearnGlueConfig(task=args.task, model=args.model, seed=args.seed, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, max_length=args.max_length, limit_train=args.limit_train,
                           limit_eval=args.limit_eval, precision=args.precision, lam=args.lam,
@@ -44,9 +45,6 @@ def register(sub, formatter_class) -> None:
               sparseattn learn --task mrpc --target-sparsity 0.8 --epochs 3 --out runs/learn-mrpc-80
               sparseattn learn --task stsb --lambda 1 --layers later-half --limit-train 500 --out runs/tiny
             """))
-    from ..experiments.finetune import FinetuneConfig
-    from .glue import LearnGlueConfig
-
     F, D = FinetuneConfig.__dataclass_fields__, LearnGlueConfig.__dataclass_fields__
     p.add_argument("--task", default=F["task"].default, help="GLUE task (any spelling)")
     group = p.add_mutually_exclusive_group(required=True)

@@ -12,7 +12,6 @@ Three phases, each an ordinary part of the toolkit:
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -21,17 +20,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..experiments.batching import collate, encode_split, train_batches, to_device
-from ..experiments.finetune import FinetuneConfig, finetune, resolve_precision, set_seed, subset
-from ..experiments.glue import get_task, load_split
 from ..layout import TokenLayout
+from ..models import load_tokenizer
+from ..patterns import full
 from ..plans.io import save_plan
-from ..plans.spec import parse_plan
+from ..plans.plan import Rule
+from ..plans.spec import parse_selector
+from ..training.batching import EncodedSplit, collate, encode_split, to_device, train_batches
+from ..training.config import FinetuneConfig
+from ..training.data import load_examples
+from ..training.finetune import finetune, load_classifier
+from ..training.glue import GlueTask, get_task
+from ..training.loop import AUTOCAST_DTYPES, MODEL_INPUTS, resolve_device, resolve_precision, set_seed
+from ..training.methods import Method, register_method
+from ..training.record import write_results
 from . import attach_degrees, detach_degrees
-from .train import DegreeTable, LearnConfig, calibrate_offset, check_reachable, hard_sparsity, learn
+from .soft_window import SoftNeighbourDegrees
+from .train import DegreeTable, LearnConfig, LearnResult, calibrate_offset, check_reachable, hard_sparsity, learn
 
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+MODEL_KEYS = MODEL_INPUTS + ("labels",)
 
 
 @dataclass
@@ -65,7 +74,12 @@ class LearnGlueConfig(FinetuneConfig):
         if isinstance(self.hard_epochs, bool) or not isinstance(self.hard_epochs, int) or self.hard_epochs < 1:
             raise ValueError(f"hard_epochs must be a positive integer (the hard plan is always fine-tuned), "
                              f"got {self.hard_epochs!r}")
-        parse_plan(f"{self.learn_layers}: full()")  # a bad selector fails here, with a caret
+        self.layer_rule()  # a bad selector fails here, with a caret
+
+    def layer_rule(self) -> Rule:
+        """A rule over the layers whose degrees are learned (its pattern is a placeholder)."""
+        layers, heads = parse_selector(self.learn_layers)
+        return Rule(full(), layers=layers, heads=heads)
 
     @property
     def label(self) -> str:
@@ -79,7 +93,7 @@ class LearnGlueConfig(FinetuneConfig):
 
 def draw_degrees(degrees: torch.Tensor, path, *, title: str = "") -> Path:
     """Heatmap of learned degrees (layers x heads)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: it is slow to import and only pictures need it
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -104,39 +118,33 @@ def draw_degrees(degrees: torch.Tensor, path, *, title: str = "") -> Path:
     return path
 
 
-def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
-               on_malformed: str = "error") -> dict:
-    """Run the three phases; returns the hard phase's results with a ``learned`` section added."""
-    from tqdm.auto import tqdm
+@dataclass
+class SoftPhase:
+    """What the soft phase leaves: the model with its learned degrees, and the layouts the exported plan is
+    calibrated and measured on (train examples, as padded in batches)."""
 
-    from ..models import load_model, load_tokenizer
+    model: torch.nn.Module
+    tokenizer: object
+    degrees: SoftNeighbourDegrees
+    layouts: list[TokenLayout]
+    table: DegreeTable | None
+    result: LearnResult
 
-    t_start = time.perf_counter()
-    task = get_task(cfg.task)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
-    precision = resolve_precision(cfg.precision, device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    own_tmp = tempfile.TemporaryDirectory(prefix="sparseattn-learn-") if out_dir is None else None
-    out = Path(out_dir) if out_dir is not None else Path(own_tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
 
-    # -- 1. soft phase --------------------------------------------------------------------------------
-    train_ex = load_split(task, "train", glue_dir, on_malformed=on_malformed)
-    train_ex = [train_ex[i] for i in subset(len(train_ex), cfg.limit_train)]
+def soft_phase(cfg: LearnGlueConfig, task: GlueTask, device: torch.device, *, glue_dir=None, progress: bool = True,
+               on_malformed: str = "error") -> SoftPhase:
+    """Train the model with learnable soft windows on task loss + lambda x expected density (or towards a
+    target sparsity), annealing the temperature towards hard windows."""
+    train_ex = load_examples(task, "train", cfg.limit_train, glue_dir, on_malformed=on_malformed)
     tokenizer = load_tokenizer(cfg.model)
     train = encode_split(tokenizer, train_ex, cfg.max_length, regression=task.is_regression,
                          what=f"{task.folder} train")
     set_seed(cfg.seed)
-    # fp32 master weights whatever the checkpoint's dtype, as finetune does (autocast does the low-precision
-    # math); an fp16 checkpoint trained in fp16 turns NaN on its second step
-    model = load_model(cfg.model, task="classification", num_labels=task.num_labels, dtype=torch.float32)
-    n_layers = model.config.num_hidden_layers
-    layers = list(parse_plan(f"{cfg.learn_layers}: full()").rules[0].resolve_layers(n_layers))
+    model = load_classifier(cfg.model, task, cfg.max_length)
+    layers = list(cfg.layer_rule().resolve_layers(model.config.num_hidden_layers))
     degrees = attach_degrees(model, init_degree=cfg.init_degree, global_tokens=cfg.global_tokens,
                              temperature=cfg.t_start, layers=layers, tokenizer=tokenizer)
     model.to(device)
-    # the data the exported plan is calibrated and measured on (train examples, as padded in batches)
     calib_idx = np.random.default_rng(0).permutation(len(train))[:4096]
     layouts = [TokenLayout(real=collate(train, calib_idx[i:i + 256])["attention_mask"].bool())
                for i in range(0, len(calib_idx), 256)]
@@ -144,6 +152,13 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     if cfg.target_sparsity is not None:  # refuse an unreachable target before the soft phase, not after
         table = DegreeTable(layouts, degrees.global_tokens)
         check_reachable(table, degrees, cfg.target_sparsity, what=f"{task.folder} train ({len(calib_idx)} examples)")
+    precision = resolve_precision(cfg.precision, device)
+    result = _learn(cfg, task, model, degrees, train, device, AUTOCAST_DTYPES.get(precision), progress)
+    return SoftPhase(model, tokenizer, degrees, layouts, table, result)
+
+
+def _learn(cfg: LearnGlueConfig, task: GlueTask, model, degrees, train: EncodedSplit, device, autocast_dtype,
+           progress: bool) -> LearnResult:
     rng = np.random.default_rng(cfg.seed)
     pad_to = 8 if device.type == "cuda" else 1
 
@@ -165,47 +180,78 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
                         deg=f"{h['degree_mean']:.1f}")
         bar.refresh()
 
-    soft = learn(model, degrees, batches, soft_cfg, device=device, autocast_dtype=autocast_dtype, progress=show)
+    result = learn(model, degrees, batches, soft_cfg, device=device, autocast_dtype=autocast_dtype, progress=show)
     bar.close()
+    return result
 
-    # -- 2. export ----------------------------------------------------------------------------------------
+
+@dataclass
+class Export:
+    plan_dir: Path
+    degrees: torch.Tensor  # (layers, heads) hard degrees of the exported plan
+    offset: float  # the calibration offset (0 without a target)
+    train_sparsity: float  # the exported plan's sparsity on the calibration layouts
+    soft_model: Path  # the soft phase's weights, without the degrees
+
+
+def export(cfg: LearnGlueConfig, task: GlueTask, soft: SoftPhase, out: Path) -> Export:
+    """The degrees become an ordinary plan (calibrated to the target when one was given), saved and drawn;
+    the model, back on ordinary attention, is saved for the hard phase."""
+    degrees, model = soft.degrees, soft.model
     offset = 0.0
     if cfg.target_sparsity is not None:
-        offset = calibrate_offset(degrees, layouts, cfg.target_sparsity, max_length=cfg.max_length, table=table)
+        offset = calibrate_offset(degrees, soft.layouts, cfg.target_sparsity, max_length=cfg.max_length,
+                                  table=soft.table)
     learned = degrees.hard_degrees()
-    plan = degrees.to_plan()
-    plan_dir = save_plan(plan, out / "plan", num_layers=n_layers, num_heads=model.config.num_attention_heads,
-                         length=cfg.max_length, metadata={"learned": cfg.to_dict()})
+    plan_dir = save_plan(degrees.to_plan(), out / "plan", num_layers=model.config.num_hidden_layers,
+                         num_heads=model.config.num_attention_heads, length=cfg.max_length,
+                         metadata={"learned": cfg.to_dict()})
     draw_degrees(learned, out / "degrees.png", title=f"{task.name}: learned neighbour degrees, {cfg.label}")
-    train_sparsity = hard_sparsity(degrees, layouts)
+    train_sparsity = hard_sparsity(degrees, soft.layouts)
     detach_degrees(model)
     model.save_pretrained(out / "soft_model")
-    tokenizer.save_pretrained(out / "soft_model")
-    del model
+    soft.tokenizer.save_pretrained(out / "soft_model")
+    return Export(plan_dir, learned, offset, train_sparsity, out / "soft_model")
+
+
+def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
+               on_malformed: str = "error") -> dict:
+    """Run the three phases; returns the hard phase's results with a ``learned`` section added."""
+    t_start = time.perf_counter()
+    task = get_task(cfg.task)
+    device = resolve_device(device)
+    own_tmp = tempfile.TemporaryDirectory(prefix="sparseattn-learn-") if out_dir is None else None
+    out = Path(out_dir) if out_dir is not None else Path(own_tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    soft = soft_phase(cfg, task, device, glue_dir=glue_dir, progress=progress, on_malformed=on_malformed)
+    made = export(cfg, task, soft, out)
+    soft_result = soft.result
+    del soft  # the soft model's memory, before the hard phase loads its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    # -- 3. hard phase ------------------------------------------------------------------------------------
-    base = {k: v for k, v in cfg.to_dict().items()
-            if k in FinetuneConfig.__dataclass_fields__ and k not in ("method", "plan_digest")}
-    hard_cfg = FinetuneConfig.from_dict({**base, "plan": str(plan_dir), "model": str(out / "soft_model"),
-                                         "epochs": cfg.hard_epochs})
+    # the hard phase: fine-tune the soft phase's weights under the exported plan
+    hard_cfg = FinetuneConfig.from_dict({**cfg.finetune_options(), "plan": str(made.plan_dir),
+                                         "model": str(made.soft_model), "epochs": cfg.hard_epochs})
     result = finetune(hard_cfg, glue_dir=glue_dir, out_dir=out / "hard", device=device, progress=progress,
                       on_malformed=on_malformed)
     result["config"] = cfg.to_dict()
     result["plan_name"] = cfg.label
     result["learned"] = {
-        "degrees": learned.tolist(),
-        "soft_history": soft.history,
-        "final_lambda": soft.final_lambda,
-        "calibration_offset": offset,
-        "train_sparsity_of_exported_plan": train_sparsity,
-        "soft_seconds": soft.seconds,
-        "plan_dir": str(plan_dir) if own_tmp is None else None,
+        "degrees": made.degrees.tolist(),
+        "soft_history": soft_result.history,
+        "final_lambda": soft_result.final_lambda,
+        "calibration_offset": made.offset,
+        "train_sparsity_of_exported_plan": made.train_sparsity,
+        "soft_seconds": soft_result.seconds,
+        "plan_dir": str(made.plan_dir) if own_tmp is None else None,
     }
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
     if own_tmp is None:
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_results(result, out)
     else:
         own_tmp.cleanup()
     return result
+
+
+register_method(Method("learn", LearnGlueConfig, learn_glue))

@@ -14,9 +14,8 @@ Two ways to ask for sparsity:
   degrees kept >= -1; at the end the hard degrees are shifted by one common offset so the exported plan
   meets the target on the training batches (`calibrate_offset`); the shape of the learned degree
   distribution is kept. The target is a budget: a task that prefers sparser windows may go below it
-  before calibration. dual_lr = 0.01 (chosen on GLUE dev, see docs/learned-sparsity.md): with 5.0 the
-  multiplier reached 15-70 within 50 steps, every degree fell to 0 together, and calibration then
-  widened them uniformly (STS-B at 80%: 35.5 Pearson with 0.2, 85.5 with 0.01).
+  before calibration. dual_lr = 0.01, chosen on GLUE dev (docs/learned-sparsity.md has the runs): a
+  larger step drives every degree to 0 together before the model can adapt.
 
 The temperature anneals geometrically from ``t_start`` to ``t_end`` so the soft windows become hard
 windows; the exported plan is `SoftNeighbourDegrees.to_plan()`.
@@ -78,6 +77,24 @@ def _layout(batch: dict, causal: bool) -> TokenLayout:
     return TokenLayout(real=batch["attention_mask"].bool(), causal=causal)
 
 
+def _optimizer(model, degrees: SoftNeighbourDegrees, cfg: LearnConfig):
+    """AdamW over the model's weights (decay on matrices only) and the degrees (their own learning rate, no
+    decay); returns it and the model's weights, which gradient clipping covers."""
+    degree_params = list(degrees.parameters())
+    ids = {id(p) for p in degree_params}
+    weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for p in weights if p.dim() >= 2], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": [p for p in weights if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": degree_params, "lr": cfg.degree_lr, "weight_decay": 0.0},
+    ])
+    return opt, weights
+
+
+def _degree_summary(d: torch.Tensor) -> dict:
+    return {"degree_mean": d.mean().item(), "degree_min": d.min().item(), "degree_max": d.max().item()}
+
+
 def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[dict]], cfg: LearnConfig,
           *, device=None, autocast_dtype=None, progress=None) -> LearnResult:
     """Train ``model`` (with ``degrees`` attached, see ``attach_degrees``) for ``cfg.steps`` steps.
@@ -87,16 +104,7 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
     """
     device = device or next(model.parameters()).device
     causal = bool(getattr(model.config, "is_decoder", False))
-    degree_params = list(degrees.parameters())
-    ids = {id(p) for p in degree_params}
-    weights = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
-    decay = [p for p in weights if p.dim() >= 2]
-    no_decay = [p for p in weights if p.dim() < 2]
-    opt = torch.optim.AdamW([
-        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": degree_params, "lr": cfg.degree_lr, "weight_decay": 0.0},
-    ])
+    opt, weights = _optimizer(model, degrees, cfg)
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
 
     def lr_factor(step):  # linear warmup and decay, for the weights only
@@ -141,7 +149,7 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                     degrees.degree.clamp_(min=TARGET_MODE_DEGREE_FLOOR)
                 # the multiplier follows the density of the plan that will be exported (hard windows), not
                 # the soft one: at high temperature the soft tails keep the soft density far above it, and
-                # a multiplier driven by them kept growing until every degree had collapsed. The step is this
+                # a multiplier driven by them grows until every degree collapses. The step is this
                 # batch's excess of kept pairs over the target, in units of the mean batch's allowed pairs (a
                 # ratio of sums over steps, without the lag of a running average)
                 hard_kept, _ = degrees.hard_kept(_layout(batch, causal))
@@ -161,8 +169,7 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                                        **({"hard_density": hard_density.item()} if target_density is not None
                                           else {}),
                                        "lambda": float(lam), "temperature": degrees.temperature,
-                                       "degree_mean": d.mean().item(), "degree_min": d.min().item(),
-                                       "degree_max": d.max().item()})
+                                       **_degree_summary(d)})
                 if progress is not None:
                     progress(result.history[-1])
             step += 1

@@ -78,14 +78,6 @@ class Pattern:
     def __repr__(self) -> str:
         return self.spec()
 
-    def draw(self, layout: TokenLayout | None = None, *, path=None, layer: int = 0, head: int = 0, tokens=None):
-        """Draw this pattern's mask for one example (a 16-token sequence by default) as a PNG."""
-        from ..reports.masks import draw_mask
-
-        layout = layout or TokenLayout.from_lengths([16], special_first=1, special_last=1)
-        m = self.mask(layout, layer=layer, num_heads=head + 1)
-        return draw_mask(m[0, min(head, m.shape[1] - 1)], title=self.name, path=path, tokens=tokens)
-
 
 def _same_tensors(a: Pattern, b: Pattern) -> bool:
     ta, tb = a.tensors(), b.tensors()

@@ -30,5 +30,7 @@ def bigbird(global_tokens: int, neighbour: int, random: int, seed: int = 0):
     return BigBird(global_tokens, neighbour, random, seed)
 
 
-if __name__ == "__main__":
-    print(bigbird(1, 2, 2).draw(path="bigbird_1_2_2.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.bigbird
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(bigbird(1, 2, 2), path="bigbird_1_2_2.png"))

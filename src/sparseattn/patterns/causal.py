@@ -28,5 +28,7 @@ def causal() -> Pattern:
     return Causal()
 
 
-if __name__ == "__main__":
-    print(causal().draw(path="causal.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.causal
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(causal(), path="causal.png"))

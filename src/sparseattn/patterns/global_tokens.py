@@ -45,5 +45,7 @@ def global_tokens(g=1) -> Pattern:
     return GlobalTokens(g)
 
 
-if __name__ == "__main__":
-    print(global_tokens(2).draw(path="global_tokens_2.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.global_tokens
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(global_tokens(2), path="global_tokens_2.png"))

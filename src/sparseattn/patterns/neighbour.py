@@ -32,5 +32,7 @@ def neighbour(k: int) -> Pattern:
     return Neighbour(k)
 
 
-if __name__ == "__main__":
-    print(neighbour(2).draw(path="neighbour_2.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.neighbour
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(neighbour(2), path="neighbour_2.png"))

@@ -80,5 +80,7 @@ def random(r: int, seed: int = 0) -> Pattern:
     return Random(r, seed)
 
 
-if __name__ == "__main__":
-    print(random(3).draw(path="random_3.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.random
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(random(3), path="random_3.png"))

@@ -74,7 +74,9 @@ def random_blocks(r: int, block: int = 64, seed: int = 0) -> Pattern:
     return RandomBlocks(r, block, seed)
 
 
-if __name__ == "__main__":
-    from ..layout import TokenLayout
 
-    print(random_blocks(2, block=4).draw(TokenLayout.from_lengths([32]), path="random_blocks_2_block4.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.random_blocks
+    from ..layout import TokenLayout
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(random_blocks(2, block=4), TokenLayout.from_lengths([32]), path="random_blocks_2_block4.png"))

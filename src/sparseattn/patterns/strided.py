@@ -31,5 +31,7 @@ def strided(s: int) -> Pattern:
     return Strided(s)
 
 
-if __name__ == "__main__":
-    print(strided(3).draw(path="strided_3.png"))
+if __name__ == "__main__":  # draw it: python -m sparseattn.patterns.strided
+    from ..reports.masks import draw_pattern
+
+    print(draw_pattern(strided(3), path="strided_3.png"))

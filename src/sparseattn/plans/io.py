@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from .._version import __version__
 from ..layout import TokenLayout
 from .plan import Plan
 
@@ -20,6 +20,15 @@ FORMAT = "sparseattn-plan/1"
 def is_plan_path(s: str) -> bool:
     p = Path(s)
     return (p.is_dir() and (p / "plan.json").exists()) or (p.suffix == ".json" and p.exists())
+
+
+def as_plan(plan: Plan | str) -> Plan:
+    """A Plan from a Plan, a spec string, or a saved plan's path (its folder or plan.json)."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str):
+        return load_plan(Path(plan)) if is_plan_path(plan) else Plan.parse(plan)
+    raise TypeError(f"plan must be a Plan, a spec string or a saved plan's path, got {type(plan).__name__}")
 
 
 def save_plan(plan: Plan, path, *, num_layers: int | None = None, num_heads: int | None = None,

@@ -16,12 +16,10 @@ import torch
 
 from ..layout import TokenLayout
 from ..patterns.base import Pattern
+from .errors import PlanError
+from .spec import parse_rules
 
 NAMED_LAYER_SETS = ("all", "later-half", "first-half")
-
-
-class PlanError(ValueError):
-    """A plan that does not fit the model (layers or heads out of range, overlapping rules)."""
 
 
 def _as_index_tuple(x, what: str) -> tuple[int, ...] | str | None:
@@ -164,9 +162,8 @@ class Plan:
     @classmethod
     def parse(cls, text: str, tables: dict[str, torch.Tensor] | None = None) -> "Plan":
         """Parse a text spec, e.g. ``"layers=3-5: neighbour(2) | global_tokens(1); later-half: random(4)"``."""
-        from .spec import parse_plan
-
-        return parse_plan(text, tables=tables)
+        return cls([Rule(pattern=r.pattern, layers=r.layers, heads=r.heads, source=r.source)
+                    for r in parse_rules(text, tables)])
 
     @classmethod
     def dense(cls) -> "Plan":
@@ -232,3 +229,8 @@ class Plan:
                     owner[li, h] = rule
                 layers[li].entries.append((heads, rule.pattern))
         return layers
+
+
+def parse_plan(text: str, tables: dict[str, torch.Tensor] | None = None) -> Plan:
+    """Parse a plan spec (see ``sparseattn.plans.spec`` for the grammar); the same as ``Plan.parse``."""
+    return Plan.parse(text, tables)

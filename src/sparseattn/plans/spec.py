@@ -1,4 +1,5 @@
-"""The text form of plans and patterns, as the CLI and sweep files accept them.
+"""The text form of plans and patterns, as the CLI and sweep files accept them: the one parser of plan
+specs. It turns text into rule parts; ``Plan.parse`` (plans.plan) makes the Plan of them.
 
 Grammar (rules separated by ';' or new lines; '#' starts a comment)::
 
@@ -18,25 +19,22 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from typing import NamedTuple
 
 import torch
 
 from ..patterns.base import REGISTRY, Pattern, intersection, union
-from .plan import Plan, PlanError, Rule
+from .errors import PlanSpecError
 
 
-class PlanSpecError(PlanError):
-    """A spec that cannot be parsed; the message shows where."""
+class RuleParts(NamedTuple):
+    """One rule of a spec: its pattern, layers ('all', 'later-half', 'first-half' or indices), heads (None for
+    all, 'all', or indices) and the text it came from."""
 
-    def __init__(self, message: str, text: str, start: int, end: int | None = None):
-        end = max(end if end is not None else start + 1, start + 1)
-        line_start = text.rfind("\n", 0, start) + 1
-        line_end = text.find("\n", start)
-        line_end = len(text) if line_end < 0 else line_end
-        line = text[line_start:line_end]
-        caret = " " * (start - line_start) + "^" * max(1, min(end, line_end) - start)
-        super().__init__(f"{message}\n  {line}\n  {caret}")
-        self.start, self.end = start, end
+    pattern: Pattern
+    layers: tuple[int, ...] | str
+    heads: tuple[int, ...] | str | None
+    source: str
 
 
 def _split(text: str, seps: str) -> list[tuple[int, str]]:
@@ -106,6 +104,18 @@ def _parse_selector(sel: str, text: str, at: int):
     return layers or "all", heads
 
 
+def parse_selector(text: str) -> tuple[tuple[int, ...] | str, tuple[int, ...] | str | None]:
+    """The (layers, heads) a rule's selector names, e.g. ``"later-half"`` or ``"heads=0-3@layers=2,5"``."""
+    at, sel = _strip(0, text)
+    return _parse_selector(sel, text, at)
+
+
+def parse_ranges(text: str, what: str = "indices") -> tuple[int, ...] | str:
+    """Indices written as ranges (``"0,2,4-7"``), or ``"all"``; ``what`` names them in errors."""
+    at, s = _strip(0, text)
+    return _parse_ranges(s, what, text, at)
+
+
 def _literal(node: ast.AST, text: str, at: int):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
         return node.value
@@ -162,8 +172,8 @@ def parse_pattern(text: str, tables: dict[str, torch.Tensor] | None = None, *, _
     return _build(tree.body, full, at, tables)
 
 
-def parse_plan(text: str, tables: dict[str, torch.Tensor] | None = None) -> Plan:
-    """Parse a plan spec (see the module docstring)."""
+def parse_rules(text: str, tables: dict[str, torch.Tensor] | None = None) -> list[RuleParts]:
+    """The rules of a plan spec (see the module docstring), in order; "dense" has none."""
     if not isinstance(text, str):
         raise TypeError(f"a plan spec must be a string, got {type(text).__name__}")
     # comments become blanks, so offsets into the text stay right for error carets
@@ -187,5 +197,5 @@ def parse_plan(text: str, tables: dict[str, torch.Tensor] | None = None) -> Plan
             layers, heads = "all", None
             pat_off, pat = at, chunk
         pattern = parse_pattern(pat, tables, _full=text, _at=pat_off)
-        rules.append(Rule(pattern=pattern, layers=layers, heads=heads, source=chunk))
-    return Plan(rules)
+        rules.append(RuleParts(pattern, layers, heads, chunk))
+    return rules

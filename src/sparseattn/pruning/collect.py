@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..backends.base import AttentionCall, Backend
 from ..backends.reference import ReferenceBackend
+from ..integrations.hf import sparsify, unsparsify
+from ..models import text_config
+from ..plans.plan import Plan
 
 FORMAT = "sparseattn-attention-stats/1"
 LONGER_POLICIES = ("error", "truncate", "skip")
@@ -110,8 +116,6 @@ class AttentionStats:
     # -- files --------------------------------------------------------------------------------------
     def save(self, path) -> Path:
         """Write a safetensors file with ``sums``, ``counts`` and the metadata as JSON."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         info = dict(self.metadata, format=FORMAT, causal=self.causal, length=self.length,
@@ -122,8 +126,6 @@ class AttentionStats:
 
     @classmethod
     def load(cls, path) -> "AttentionStats":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; make it with `sparseattn ap collect`")
@@ -220,9 +222,6 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     Returns AttentionStats with sums (layers, heads, L, L) and counts (L, L); the model comes back as it
     was (not sparsified).
     """
-    from ..integrations.hf import _text_config, sparsify, unsparsify
-    from ..plans.plan import Plan
-
     if longer not in LONGER_POLICIES:
         raise ValueError(f"longer must be one of {LONGER_POLICIES}, got {longer!r}")
     if length < 1:
@@ -251,7 +250,7 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     order = sorted(keep, key=lambda i: (min(lengths[i], length), i))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
-    cfg = _text_config(model)
+    cfg = text_config(model)
     device = next(model.parameters()).device
     acc = _Accumulator(cfg.num_hidden_layers, cfg.num_attention_heads, length, device, sum_dtype)
     # no key/value cache: it would only cost memory here
@@ -263,8 +262,6 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     model.eval()
     sparsify(model, Plan.dense(), backend=RecordingBackend(acc))
     try:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(order), unit="ex", desc="collecting attention", disable=not progress)
         with torch.no_grad():
             for idx in batches:

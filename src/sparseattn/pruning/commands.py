@@ -8,6 +8,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
+
+from ..layout import TokenLayout
+from ..models import load_model, load_tokenizer, resolve_model
+from ..plans.io import save_plan
+from ..plans.spec import parse_ranges
+from ..sparsity import measure_plan
+from .collect import AttentionStats, collect_attention, tokenize_lengths
+from .data import load_glue, load_hf_dataset, load_text_file
+from .mask import (attention_pruning_mask, block_mask, data_report, expand_to_blocks, grid_report, mask_plan,
+                   random_like, thresholds)
+from .pictures import draw_attention, draw_mask
 
 # -- shared arguments -------------------------------------------------------------------------------
 def _add_data_args(p: argparse.ArgumentParser, prefix: str = "", default_split: str = "train") -> None:
@@ -31,8 +43,6 @@ def _add_data_args(p: argparse.ArgumentParser, prefix: str = "", default_split: 
 
 def _load_examples(args, prefix: str = ""):
     """(examples, description) from the data arguments; None if none was given and none is required."""
-    from .data import load_glue, load_hf_dataset, load_text_file
-
     d = prefix.replace("-", "_")
     task, text_file, dataset = (getattr(args, f"{d}task"), getattr(args, f"{d}text_file"), getattr(args, f"{d}dataset"))
     split, limit = getattr(args, f"{d}split"), getattr(args, f"{d}limit")
@@ -59,12 +69,6 @@ def _load_examples(args, prefix: str = ""):
 
 # -- ap collect -------------------------------------------------------------------------------------
 def cmd_collect(args) -> int:
-    import torch
-
-    from ..models import load_model, load_tokenizer, resolve_model
-    from .collect import collect_attention
-    from .pictures import draw_attention
-
     examples, what = _load_examples(args)
     if examples is None:
         raise ValueError("ap collect needs data: --task (a GLUE task), --text-file or --dataset")
@@ -97,10 +101,6 @@ def plan_name(method: str, scope: str, percent: float, blocks: str = "none", blo
 
 def _measure_on(plan, stats, examples, tokenizer, block_size):
     """Sparsity of ``plan`` on ``examples`` (lengths only), and how many are longer than the grid."""
-    from ..layout import TokenLayout
-    from ..sparsity import measure_plan
-    from .collect import tokenize_lengths
-
     lengths = tokenize_lengths(tokenizer, examples)
     fit = sorted(n for n in lengths if n <= stats.length)  # similar lengths together: less padding to mask
     report = None
@@ -113,13 +113,6 @@ def _measure_on(plan, stats, examples, tokenizer, block_size):
 
 
 def cmd_mask(args) -> int:
-    from ..models import load_tokenizer
-    from ..plans.io import save_plan
-    from .collect import AttentionStats
-    from .mask import (attention_pruning_mask, block_mask, data_report, expand_to_blocks, grid_report, mask_plan,
-                       random_like, thresholds)
-    from .pictures import draw_mask
-
     stats = AttentionStats.load(args.stats)
     N = args.length or stats.longest
     if not 1 <= N <= stats.length:
@@ -201,20 +194,13 @@ def _print_table(rows):
 
 
 # -- ap draw ----------------------------------------------------------------------------------------
-def _index_list(s: str | None):
-    if s is None:
-        return None
-    out = []
-    for part in s.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
+def _index_list(s: str | None) -> list[int] | None:
+    """Indices written as ranges (0-2,5); None or 'all' for every one."""
+    got = None if s is None else parse_ranges(s)
+    return None if got in (None, "all") else list(got)
 
 
 def cmd_draw(args) -> int:
-    from .collect import AttentionStats
-    from .pictures import draw_attention
-
     stats = AttentionStats.load(args.stats)
     if args.length:
         stats = stats.cropped(args.length)
@@ -236,7 +222,11 @@ def register(subparsers, formatter_class) -> None:
             """))
     sub = ap.add_subparsers(dest="ap_command", metavar="AP_COMMAND")
     ap.set_defaults(func=lambda args: (ap.print_help(), 2)[1])
+    for add in (_add_collect, _add_mask, _add_draw):
+        add(sub, formatter_class)
 
+
+def _add_collect(sub, formatter_class) -> None:
     p = sub.add_parser("collect", help="average attention per (layer, head, query, key) over a data set",
                        formatter_class=formatter_class,
                        description="Run a model (pretrained, or a fine-tuned checkpoint folder) over a data set and "
@@ -267,6 +257,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_collect, command="ap collect")
 
+
+def _add_mask(sub, formatter_class) -> None:
     p = sub.add_parser("mask", help="global masks (saved plans) that prune p%% of the allowed attention pairs",
                        formatter_class=formatter_class,
                        description="From `ap collect` averages, make one plan per --prune percentage: per layer "
@@ -305,6 +297,8 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--glue-dir", default=None, help="GLUE folder for --measure-task; unset: $GLUE_DIR")
     p.set_defaults(func=cmd_mask, command="ap mask")
 
+
+def _add_draw(sub, formatter_class) -> None:
     p = sub.add_parser("draw", help="draw collected averages as a PNG grid (layers x heads)",
                        formatter_class=formatter_class, description="Draw `ap collect` averages, log colour scale.",
                        epilog="example:\n  sparseattn ap draw out/ap/sst2.safetensors --out out/ap/sst2.png --layers 0-2")

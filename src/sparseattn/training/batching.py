@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..text.structure import BatchStructure, encode
 from .glue import Example
 
 log = logging.getLogger("sparseattn")
@@ -49,8 +50,6 @@ def encode_split(tokenizer, examples: list[Example], max_length: int, *, structu
                  parses=None, regression: bool = False, what: str = "data") -> EncodedSplit:
     """Tokenize ``examples`` (text and optional pair) once. ``structure``: also make each example's
     ExampleStructure (with dependency parses from ``parses``, a ParseCache, when given)."""
-    from ..text.structure import encode
-
     if not examples:
         raise ValueError(f"{what}: no examples to tokenize")
     if not getattr(tokenizer, "is_fast", False):
@@ -147,8 +146,6 @@ def collate(split: EncodedSplit, idx: np.ndarray, *, pad_to_multiple_of: int = 1
     if pin:
         batch = {k: v.pin_memory() for k, v in batch.items()}
     if split.structures is not None:
-        from ..text.structure import BatchStructure
-
         batch["sparse_structure"] = BatchStructure.collate([split.structures[i] for i in idx], L)
     return batch
 

@@ -2,7 +2,7 @@
 
 Public, stable API (other parts of sparseattn import it):
 
-    from sparseattn.experiments.glue import TASKS, Example, get_task, load_split
+    from sparseattn.training.glue import TASKS, Example, get_task, load_split
 
     examples = load_split("sst2", "dev")                # list[Example]
     examples[0]                                          # Example(text='...', pair=None, label=1)

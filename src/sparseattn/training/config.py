@@ -1,0 +1,114 @@
+"""What a fine-tuning run does: ``FinetuneConfig``, the configuration every method's config extends.
+
+It holds everything that decides the result (a sweep's run key hashes it); where the data comes from,
+where results go and how progress shows are arguments of the run, not fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..plans.io import is_plan_path
+from ..plans.plan import Plan
+from .glue import get_task
+
+
+@dataclass
+class FinetuneConfig:
+    """What a fine-tuning run does. Every field is part of a sweep run's identity."""
+
+    task: str = "sst2"
+    plan: str = "dense"  # a plan spec, or a saved plan's folder
+    model: str | None = None  # hub id or path; None = the packaged all-MiniLM-L6-v2
+    seed: int = 0
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    warmup: float = 0.06  # fraction of the optimizer steps spent warming the learning rate up from 0
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    limit_train: int | None = None  # a fixed random subset (independent of seed) of this many train examples
+    limit_eval: int | None = None  # likewise for the evaluation split
+    eval_split: str = "dev"
+    backend: str = "reference"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    parser: str | None = None  # spaCy pipeline for syntax / lexical patterns (default when the plan needs one)
+    plan_digest: str | None = None  # for a saved plan's folder: a hash of its files (filled in; part of the run key)
+    method: str = "finetune"  # the registered method that runs this config (sparseattn.training.methods)
+
+    method_name = "finetune"  # class attribute: the method this config class runs
+
+    def __post_init__(self):
+        t = get_task(self.task)
+        self.task = t.name
+        self.plan = canonical_plan(self.plan)
+        digest = plan_digest(self.plan)
+        if self.plan_digest is not None and self.plan_digest != digest:
+            raise ValueError(f"the plan folder {self.plan} changed since this run was configured (its files hash to "
+                             f"{digest}, the run was made for {self.plan_digest}); queue the run again")
+        self.plan_digest = digest
+        if self.method != type(self).method_name:
+            raise ValueError(f"method {self.method!r} does not fit {type(self).__name__}; use "
+                             "sparseattn.training.methods.config_from_dict to build a run of any method")
+        for name in ("epochs", "batch_size", "max_length", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and name != "seed") or v < 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("limit_train", "limit_eval"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown fine-tune option(s) {', '.join(map(repr, unknown))}; expected some of "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def finetune_options(self) -> dict:
+        """The fields a plain fine-tune shares with this config (a method's own options left out)."""
+        return {f: getattr(self, f) for f in FinetuneConfig.__dataclass_fields__ if f not in ("method", "plan_digest")}
+
+    @property
+    def display_plan(self) -> str:
+        """How results tables name this run's plan."""
+        return self.plan
+
+
+def canonical_plan(plan: str) -> str:
+    """The plan's canonical spec (so 'later-half:neighbour(2)' and 'later-half: neighbour(2)' are one
+    run); a saved plan's folder stays a path."""
+    if not isinstance(plan, str):
+        raise TypeError(f"plan must be a spec string or a saved plan's folder, got {type(plan).__name__}")
+    if is_plan_path(plan):
+        return plan
+    return Plan.parse(plan).spec()
+
+
+def plan_digest(plan: str) -> str | None:
+    """A hash of a saved plan folder's files, so a sweep never mistakes a rewritten folder for the same run;
+    None for a plan spec (the spec is its own identity)."""
+    if not is_plan_path(plan):
+        return None
+    folder = Path(plan) if Path(plan).is_dir() else Path(plan).parent
+    h = hashlib.sha256()
+    for name in ("plan.json", "masks.safetensors"):
+        f = folder / name
+        if f.exists():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]

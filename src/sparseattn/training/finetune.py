@@ -1,0 +1,281 @@
+"""Fine-tune a model on a GLUE task under a plan, evaluate on dev, and measure the plan's sparsity.
+
+    from sparseattn.training.finetune import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(task="sst2", plan="later-half: neighbour(2)", epochs=1), out_dir="out/run")
+    result["metrics"], result["sparsity"]["overall"]
+
+A plain PyTorch loop, the standard recipe (see ``loop``), kept free of per-step host synchronization: the
+data is tokenized once, batches are length-bucketed and padded per batch, losses stay on the device until
+an epoch ends. The dense baseline runs the model's own attention; any other plan runs through
+``sparsify(model, plan, backend)``. ``finetune`` is its phases in order: ``setup``, ``load_data``,
+``build_model``, ``train``, then the plan's sparsity (``evaluate.eval_sparsity``) and the ``record``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..integrations.hf import sparsify, unsparsify
+from ..model_sparsity import layout_of_batch
+from ..models import load_model, load_tokenizer, resolve_model, text_config
+from ..plans.io import as_plan, save_plan
+from ..plans.plan import Plan
+from ..text.parse import DEFAULT_PARSER, ParseCache
+from .batching import EncodedSplit, collate, to_device, train_batches
+from .config import FinetuneConfig
+from .data import encoded, load_examples
+from .evaluate import eval_sparsity, evaluate
+from .glue import GlueTask, get_task
+from .loop import Optimizer, autocast_for, model_inputs, resolve_device, resolve_precision, set_seed, task_loss
+from .methods import Method, register_method
+from .record import device_description, loss_curve, package_versions, write_results
+
+log = logging.getLogger("sparseattn")
+
+__all__ = ["FinetuneConfig", "finetune", "readout_isolated_layers"]
+
+
+@dataclass
+class Run:
+    """What a run decided before it touched data or a model."""
+
+    cfg: FinetuneConfig
+    task: GlueTask
+    plan: Plan
+    device: torch.device
+    precision: str
+
+    @property
+    def dense(self) -> bool:
+        return not self.plan.rules
+
+    @property
+    def pass_structure(self) -> bool:
+        """Batches carry each example's structure to the model (input-dependent plans only)."""
+        return self.plan.input_dependent and not self.dense
+
+    @property
+    def pad_to(self) -> int:
+        return 8 if self.device.type == "cuda" else 1  # tensor-core friendly shapes
+
+
+@dataclass
+class Data:
+    tokenizer: object
+    train: EncodedSplit
+    evals: EncodedSplit
+
+
+@dataclass
+class History:
+    """What training made: one entry per epoch (loss, seconds, metrics) and every step's loss."""
+
+    epochs: list[dict] = field(default_factory=list)
+    losses: torch.Tensor | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def setup(cfg: FinetuneConfig, device=None) -> Run:
+    device = resolve_device(device)
+    return Run(cfg, get_task(cfg.task), as_plan(cfg.plan), device, resolve_precision(cfg.precision, device))
+
+
+def load_data(run: Run, glue_dir=None, *, parse_cache: str | None = None, on_malformed: str = "error") -> Data:
+    """The train and evaluation splits, tokenized (with each example's structure when the plan needs it)."""
+    cfg, task = run.cfg, run.task
+    parses = ParseCache(parse_cache, parser=cfg.parser or DEFAULT_PARSER) if run.plan.needs_parser else None
+    train_ex = load_examples(task, "train", cfg.limit_train, glue_dir, on_malformed=on_malformed)
+    eval_ex = load_examples(task, cfg.eval_split, cfg.limit_eval, glue_dir, on_malformed=on_malformed)
+    tokenizer = load_tokenizer(cfg.model)
+
+    def encode(split_name, examples, limit):
+        key = (resolve_model(cfg.model), task.name, split_name, limit, cfg.parser)
+        return encoded(tokenizer, examples, key, max_length=cfg.max_length, structure=run.plan.input_dependent,
+                       parses=parses, regression=task.is_regression, what=f"{task.folder} {split_name}")
+
+    data = Data(tokenizer, encode("train", train_ex, cfg.limit_train), encode(cfg.eval_split, eval_ex, cfg.limit_eval))
+    if not data.evals.has_labels:
+        raise ValueError(f"{task.folder} {cfg.eval_split} has no labels (GLUE hides test labels); evaluate on dev")
+    return data
+
+
+def load_classifier(model: str | None, task: GlueTask, max_length: int):
+    """The task's sequence classifier in fp32 (master weights whatever the checkpoint's dtype: autocast does
+    the low-precision math; an fp16 checkpoint trained in fp16 turns NaN on its second step)."""
+    m = load_model(model, task="classification", num_labels=task.num_labels, dtype=torch.float32)
+    max_pos = getattr(m.config, "max_position_embeddings", None)
+    if max_pos and max_length > max_pos:
+        raise ValueError(f"max_length={max_length} is more than the model's {max_pos} positions")
+    return m
+
+
+def build_model(run: Run, tokenizer):
+    """The seeded classifier, sparsified under the run's plan (unless dense), on the run's device."""
+    set_seed(run.cfg.seed)
+    model = load_classifier(run.cfg.model, run.task, run.cfg.max_length)
+    if not run.dense:
+        sparsify(model, run.plan, backend=run.cfg.backend, tokenizer=tokenizer)
+    return model.to(run.device)
+
+
+def readout_isolated_layers(plan, model, batch: dict, tokenizer=None) -> list[int]:
+    """Layers in which, for every example of ``batch``, the first real token (BERT's [CLS], which a
+    sequence classifier reads) keeps only itself in every head under ``plan``. If that is every layer,
+    the classifier's input does not depend on the sentence."""
+    cfg = text_config(model)
+    special_ids = torch.tensor(tokenizer.all_special_ids) if tokenizer is not None else None
+    layout = layout_of_batch(batch, special_ids=special_ids, embeddings=model.get_input_embeddings())
+    first = layout.real.float().argmax(-1)  # (B,) index of each example's first real token
+    rows = torch.arange(layout.batch_size)
+    cache: dict = {}
+    isolated = []
+    for lp in plan.resolve(cfg.num_hidden_layers, cfg.num_attention_heads):
+        keep = lp.mask(layout, cache)  # (B, H or 1, L, L)
+        kept = keep[rows, :, first, :].sum(-1)  # (B, H) keys the first token keeps
+        if bool((kept <= 1).all()):
+            isolated.append(lp.layer)
+    return isolated
+
+
+def readout_isolated(run: Run, model, data: Data) -> bool:
+    """Whether the plan cuts the classifier's readout token off the input in every layer (warned about)."""
+    if run.dense or getattr(model.config, "is_decoder", False):
+        return False
+    probe = collate(data.train, np.arange(min(len(data.train), 256)))
+    isolated = len(readout_isolated_layers(run.plan, model, probe, data.tokenizer)) == model.config.num_hidden_layers
+    if isolated:
+        log.warning("%s: in every layer the plan %r lets the first token ([CLS], which the classifier reads) "
+                    "attend only to itself, so the model's predictions cannot depend on the input; give it "
+                    "other keys (e.g. `| global_tokens(1)`, or special='global' for syntax and lexical)",
+                    run.task.folder, run.plan.spec())
+    return isolated
+
+
+def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
+    """``cfg.epochs`` epochs over the train split, each followed by an evaluation on the evaluation split."""
+    cfg, task, device = run.cfg, run.task, run.device
+    use_cuda = device.type == "cuda"
+    autocast = autocast_for(run.precision, device)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    opt = Optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, total_steps=total_steps,
+                    max_grad_norm=cfg.max_grad_norm, precision=run.precision, device=device)
+    rng = np.random.default_rng(cfg.seed)
+    hist = History(losses=torch.zeros(total_steps, device=device))
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        batches = train_batches(data.train, cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"{task.folder} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   dynamic_ncols=True)
+        for i, idx in enumerate(bar):
+            batch = to_device(collate(data.train, idx, pad_to_multiple_of=run.pad_to, pin=use_cuda), device)
+            with autocast():
+                logits = model(**model_inputs(batch, run.pass_structure)).logits
+            loss = task_loss(logits, batch["labels"], task.is_regression)
+            opt.step(loss)
+            hist.losses[step] = loss.detach()
+            step += 1
+            if progress and (i % 50 == 49 or i == len(batches) - 1):  # a host sync every 50 steps only
+                bar.set_postfix(loss=f"{hist.losses[max(0, step - 50):step].mean().item():.4f}")
+        bar.close()
+        if use_cuda:
+            torch.cuda.synchronize(device)
+        epoch_train = time.perf_counter() - t0
+        hist.train_seconds += epoch_train
+        t0 = time.perf_counter()
+        metrics = evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
+                           autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to,
+                           progress=progress)
+        hist.eval_seconds += time.perf_counter() - t0
+        ep_loss = float(hist.losses[step - len(batches):step].float().cpu().numpy().mean())
+        hist.epochs.append({"epoch": epoch + 1, "train_loss": ep_loss, "train_seconds": epoch_train,
+                            "metrics": metrics})
+        if progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            tqdm.write(f"{task.folder} epoch {epoch + 1}: train loss {ep_loss:.4f}, {cfg.eval_split} "
+                       f"{shown} ({epoch_train:.1f} s)")
+    return hist
+
+
+def record(run: Run, data: Data, hist: History, sparsity, *, readout_isolated: bool, glue_dir, timing: dict) -> dict:
+    """The results record of a run (what ``finetune`` returns and writes to results.json)."""
+    cfg, task, train_split, evals = run.cfg, run.task, data.train, data.evals
+    last = hist.epochs[-1]["metrics"]
+    return {
+        "config": cfg.to_dict(),
+        "task": task.name,
+        "plan": run.plan.spec(),
+        "plan_name": run.plan.name,
+        "model": resolve_model(cfg.model),
+        "main_metric": task.main_metric,
+        "metrics": last,
+        "score": last[task.main_metric],
+        "epochs": hist.epochs,
+        "train_loss_curve": loss_curve(hist.losses),
+        "sparsity": sparsity.to_dict(),
+        "readout_isolated": readout_isolated,
+        "data": {
+            "source": str(glue_dir) if glue_dir else (os.environ.get("GLUE_DIR") or "hub: nyu-mll/glue"),
+            "train_examples": len(train_split), "eval_examples": len(evals), "eval_split": cfg.eval_split,
+            "max_length": cfg.max_length, "train_truncated": train_split.truncated,
+            "eval_truncated": evals.truncated, "train_tokens": int(train_split.lengths.sum()),
+            "eval_tokens": int(evals.lengths.sum()),
+        },
+        "timing": {
+            **timing, "train_seconds": hist.train_seconds, "eval_seconds": hist.eval_seconds,
+            "train_examples_per_second": len(train_split) * cfg.epochs / max(hist.train_seconds, 1e-9),
+        },
+        "precision": run.precision,
+        "device": device_description(run.device),
+        "versions": package_versions(),
+    }
+
+
+def save_finetuned(run: Run, model, tokenizer, out_dir) -> None:
+    """The fine-tuned model (its own attention again), its tokenizer and the plan, under ``out_dir``."""
+    if not run.dense:
+        unsparsify(model)
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    save_plan(run.plan, out_dir / "plan")
+
+
+def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
+             save_model: bool = False, parse_cache: str | None = None, on_malformed: str = "error") -> dict:
+    """Run one fine-tuning and return its results (also written to ``out_dir/results.json`` if given)."""
+    t_start = time.perf_counter()
+    run = setup(config, device)
+    t0 = time.perf_counter()
+    data = load_data(run, glue_dir, parse_cache=parse_cache, on_malformed=on_malformed)
+    t_data = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = build_model(run, data.tokenizer)
+    t_model = time.perf_counter() - t0
+    isolated = readout_isolated(run, model, data)
+    hist = train(run, model, data, progress=progress)
+    t0 = time.perf_counter()
+    sparsity = eval_sparsity(model, data.evals, sparsified=not run.dense)
+    t_sparsity = time.perf_counter() - t0
+    timing = {"data_seconds": t_data, "model_seconds": t_model, "sparsity_seconds": t_sparsity}
+    result = record(run, data, hist, sparsity, readout_isolated=isolated, glue_dir=glue_dir, timing=timing)
+    result["timing"]["total_seconds"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        write_results(result, out_dir)
+        if save_model:
+            save_finetuned(run, model, data.tokenizer, Path(out_dir))
+    return result
+
+
+register_method(Method("finetune", FinetuneConfig, finetune))

@@ -1,0 +1,104 @@
+"""The training loop's phases, shared by every method: device and precision, seeding, the optimiser and
+its schedule (AdamW with decoupled weight decay, linear warmup then linear decay), and one optimiser step
+(gradient scaling for fp16, clipping). Losses stay on the device: a step never waits for the host."""
+
+from __future__ import annotations
+
+import random
+from contextlib import AbstractContextManager
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a torch.device; None: CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    return precision
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A factory of the autocast context for ``precision`` (a resolved one: fp32, bf16 or fp16)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return lambda: torch.autocast(device.type, enabled=False)
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay for weight matrices; none for biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warmup over ``warmup_steps``, then linear decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Mean squared error for regression (one score a row), else cross-entropy; in fp32."""
+    if regression:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict, pass_structure: bool) -> dict:
+    """The keys of a collated batch the model takes (``sparse_structure`` only for input-dependent plans)."""
+    keys = MODEL_INPUTS + (("sparse_structure",) if pass_structure else ())
+    return {k: batch[k] for k in keys if k in batch}
+
+
+class Optimizer:
+    """AdamW over the model's parameters with a warmup-then-decay schedule, gradient scaling (fp16 only) and
+    clipping; ``step(loss)`` runs backward and one update."""
+
+    def __init__(self, model, *, lr: float, weight_decay: float, warmup: float, total_steps: int,
+                 max_grad_norm: float, precision: str, device: torch.device):
+        self.model, self.max_grad_norm = model, max_grad_norm
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, **fused)
+        factor = warmup_linear_decay(int(warmup * total_steps), total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        if self.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
