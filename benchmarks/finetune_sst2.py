@@ -32,8 +32,8 @@ def naive_loop(model_name, glue_dir, *, batch_size=32, lr=5e-5, max_length=128, 
     """The named baseline: tokenizer padding per batch, fp32, HF's own loss, a .item() every step."""
     from transformers import get_linear_schedule_with_warmup
 
-    from sparseattn.experiments.glue import load_split
-    from sparseattn.experiments.metrics import accuracy
+    from sparseattn.training.glue import load_split
+    from sparseattn.training.metrics import accuracy
     from sparseattn.models import load_model, load_tokenizer
 
     t_all = time.perf_counter()
@@ -76,7 +76,7 @@ def naive_loop(model_name, glue_dir, *, batch_size=32, lr=5e-5, max_length=128, 
 
 
 def ours(model_name, glue_dir, plan, batch_size, lr, *, limit_train=None, device="cuda") -> dict:
-    from sparseattn.experiments.finetune import FinetuneConfig, finetune
+    from sparseattn.training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(task="sst2", plan=plan, model=model_name, epochs=1, batch_size=batch_size, lr=lr,
                          max_length=128, seed=0, limit_train=limit_train)

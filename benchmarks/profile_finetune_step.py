@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from sparseattn import sparsify
-    from sparseattn.experiments.batching import collate, encode_split, to_device, train_batches
-    from sparseattn.experiments.glue import load_split
+    from sparseattn.training.batching import collate, encode_split, to_device, train_batches
+    from sparseattn.training.glue import load_split
     from sparseattn.models import load_model, load_tokenizer
 
     transformers.logging.set_verbosity_error()

@@ -57,6 +57,7 @@ from ..layout import TokenLayout
 from .base import AttentionCall, Backend
 from .block_layout import BlockLayout, check_block_size
 from .reference import ReferenceBackend
+from .registry import register_backend
 
 log = logging.getLogger("sparseattn")
 
@@ -729,10 +730,4 @@ def _keep_from_positions(rel, q, kv, length, causal: bool):
     return keep | ((q == kv) & (q < length))
 
 
-def _register():
-    from . import register_backend
-
-    register_backend("block", BlockSparseBackend)
-
-
-_register()
+register_backend("block", BlockSparseBackend)

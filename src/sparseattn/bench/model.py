@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import sparsify
 from ..backends.block import BlockSparseBackend
-from ..integrations.hf import compile_outside_attention, use_dense_sdpa
+from ..integrations.hf import compile_outside_attention, sparsify, use_dense_sdpa
 from ..layout import TokenLayout
 from ..plans.plan import Plan
 from ..sparsity import measure_plan
