@@ -231,9 +231,9 @@ def _tiny_bert(layers=2):
 
 
 def test_training_step_captured_as_a_cuda_graph_matches_eager():
-    """An unpadded batch without an attention mask: after one eager step builds the layouts, forward and
-    backward capture as one CUDA graph; replayed on new ids it gives the eager step's outputs and gradients.
-    A batch with an attention mask cannot be captured (its padding is read from the GPU): the error says so."""
+    """An unpadded batch without an attention mask, and a padded one: after one eager step builds the layouts,
+    forward and backward capture as one CUDA graph; replayed (on new ids) it gives the eager step's outputs and
+    gradients."""
     from sparseattn import sparsify
 
     model = _tiny_bert()
@@ -267,37 +267,120 @@ def test_training_step_captured_as_a_cuda_graph_matches_eager():
         torch.testing.assert_close(got[1][n], want[1][n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
     assert backend.stats["layout_builds"] == builds == 1  # capture and replay built nothing
 
+    # a padded batch captures too: its examples are segments made on the GPU, nothing is read back
     mask = torch.ones_like(ids)
+    mask[1, 900:] = 0
     model.zero_grad(set_to_none=True)
-    with pytest.raises(RuntimeError, match="block backend under CUDA graph capture: .*attention.mask"):
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            step(attention_mask=mask)
+    step(attention_mask=mask)  # eagerly first, as any new shape
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h_static = step(attention_mask=mask)
+    graph.replay()
+    got = h_static[mask.bool()].clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want = step(attention_mask=mask)[mask.bool()], {n: p.grad for n, p in model.named_parameters()
+                                                    if p.grad is not None}
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    assert backend.stats["layout_builds"] == 1  # one layout (the bucket's) serves padded and unpadded batches
 
 
-def test_torch_compiled_model_runs_the_triton_kernel_between_compiled_regions():
-    """torch.compile over a sparsified model: the block backend runs eagerly at each graph break, and the
-    compiled step's outputs and gradients equal the uncompiled step's."""
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("batch", ["unpadded", "padded", "packed"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compiled_model_runs_the_operator_in_one_graph(arch, batch, mode, monkeypatch):
+    """torch.compile(model, fullgraph=True) over a sparsified model (mode="reduce-overhead": CUDA graphs recorded
+    by torch.compile): the Triton kernel runs as the operator inside the graph, for unpadded, padded and packed
+    batches, and the compiled step's outputs and gradients equal the eager step's."""
     import torch._dynamo
 
     from sparseattn import sparsify
+    from sparseattn.backends import triton_kernel
+    from conftest import tiny_llama
 
+    calls = []
+    forward_pass = triton_kernel.forward_pass
+    monkeypatch.setattr(triton_kernel, "forward_pass", lambda *a: calls.append(a[-1]) or forward_pass(*a))
+    g = torch.Generator(DEVICE).manual_seed(0)
+    ids = torch.randint(5, 100, (2, 1100), device=DEVICE, generator=g)
+    kw = {}
+    if batch == "padded":
+        kw["attention_mask"] = (torch.arange(1100, device=DEVICE)[None] < torch.tensor([[1100], [777]],
+                                                                                         device=DEVICE)).long()
+    elif batch == "packed":
+        docs = [300, 500, 300, 1100]
+        kw["position_ids"] = torch.cat([torch.arange(n, device=DEVICE) for n in docs]).view(2, 1100)
+        cu = torch.tensor([0, 300, 800, 1100, 2200], dtype=torch.int32, device=DEVICE)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=1100, max_length_k=1100)
     results = {}
     for compiled in (False, True):
-        model = _tiny_bert()
+        model = (_tiny_bert() if arch == "bert" else
+                 tiny_llama(max_position_embeddings=1200, hidden_size=256, num_attention_heads=4).to(DEVICE))
         backend = BlockSparseBackend(force=True, kernel="triton")
         sparsify(model, "all: neighbour(20) | global_tokens(1)", backend=backend)
         torch._dynamo.reset()
-        fwd = torch.compile(model) if compiled else model
-        ids = torch.randint(5, 200, (2, 1100), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
-        h = fwd(input_ids=ids).last_hidden_state
-        (h.float() ** 2).mean().backward()
-        results[compiled] = h.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert backend.stats["block"] == 2
+        fwd = torch.compile(model, fullgraph=True, mode=None if mode == "default" else mode) if compiled else model
+        for _ in range(2 if compiled else 1):  # reduce-overhead records its graphs on a later call
+            model.zero_grad(set_to_none=True)
+            if compiled and mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            out = fwd(input_ids=ids, **kw)
+            h = out.last_hidden_state if arch == "bert" else out.logits
+            real = h if batch != "padded" else h[kw["attention_mask"].bool()]
+            (real.float() ** 2).mean().backward()
+        results[compiled] = real.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}
     (he, ge), (hc, gc) = results[False], results[True]
     torch.testing.assert_close(hc, he, atol=1e-4, rtol=1e-4)
     assert gc.keys() == ge.keys() and len(ge) > 10
     for n in ge:
         torch.testing.assert_close(gc[n], ge[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+    assert len(calls) >= 2 * 2  # both layers, eagerly and compiled: the kernel, not a fallback
+    assert all((seg is not None) == (batch != "unpadded") for seg in calls)
+
+
+SEGMENT_CASES = [
+    ("right-padded", 2, 3000, [(0, 0, 3000), (1, 0, 1711)]),
+    ("left-padded, grouped-query heads", 2, 3000, [(0, 0, 3000), (1, 1289, 1711)]),
+    ("packed", 2, 3000, [(0, 0, 600), (0, 600, 1777), (0, 2377, 623), (1, 0, 2999)]),
+]
+
+
+@pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype):
+    """The Triton kernel over padded and packed rows (segments) against the fp32 reference of each sequence alone,
+    at most twice PyTorch's own error at the kernel's precision, outputs and every gradient."""
+    from sparseattn.backends.block_layout import BlockLayout
+    from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
+
+    H, Hk, D = 8, (2 if "grouped" in name else 8), 64
+    lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
+    keep = lp.mask(TokenLayout.from_lengths([3072], causal=True, device=DEVICE))  # causal random: prefix-stable
+    lists = TileLists.from_layout(BlockLayout.from_mask(keep, 128))
+    g = torch.Generator(DEVICE).manual_seed(1)
+    q = torch.randn(B, H, L, D, generator=g, device=DEVICE)
+    k, v = (torch.randn(B, Hk, L, D, generator=g, device=DEVICE) for _ in range(2))
+    grad = torch.randn(B, H, L, D, generator=g, device=DEVICE)
+    seg = torch.tensor(segs, dtype=torch.int32, device=DEVICE)
+    x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention_triton(*x, lists, segments=seg)
+    got = [out, *torch.autograd.grad(out, x, grad.to(dtype))]
+    for b, s, n in segs:
+        sl = (slice(b, b + 1), slice(None), slice(s, s + n))
+        parts = []
+        for prec in (torch.float32, dtype):
+            xs = [t[sl].to(prec).detach().requires_grad_() for t in (q, k, v)]
+            kk, vv = (t.repeat_interleave(H // Hk, 1) for t in xs[1:])
+            o = torch.nn.functional.scaled_dot_product_attention(xs[0], kk, vv, attn_mask=keep[:, :, :n, :n])
+            parts.append([o, *torch.autograd.grad(o, xs, grad[sl].to(prec))])
+        ref, torch_lp = parts
+        for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref, torch_lp):
+            a = a[sl].float()
+            err, base = (a - r).abs().max().item(), (p.float() - r).abs().max().item()
+            assert err <= 2 * base + 1e-5, f"{name} segment {(b, s, n)}: {what} error {err:.3g} > 2 x {base:.3g}"
 
 
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch):
