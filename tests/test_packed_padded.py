@@ -102,3 +102,32 @@ def test_packed_rows_do_not_attend_across_documents_with_plain_sdpa_either():
         pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
         got = model(input_ids=torch.cat(seqs)[None], position_ids=pos).logits[0]
     torch.testing.assert_close(got, torch.cat(want), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pack", [True, 40])
+def test_encode_pack_gives_each_example_its_own_attention(pack):
+    """sa.encode(..., pack=...) on the packaged MiniLM: every example's hidden states equal those of the usual
+    padded batch, under a plan and under the dense plan (one row of all examples, or rows of 40 tokens ending in
+    padding); one row without padding also for the model as transformers runs it (it finds the documents from
+    position_ids only where there is no attention mask)."""
+    from sparseattn.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(), load_model()
+    texts = ["The cat sat on the mat.", "A much longer sentence about sparse attention and its patterns, with commas.",
+             "Short one.", "Another example that goes on for a while, to fill the rows."]
+    for plan in ("all: neighbour(2) | global_tokens(1)", sa.Plan.dense(), None):
+        if plan is None and pack is not True:
+            continue
+        if plan is not None:
+            sa.sparsify(model, plan)
+        with torch.no_grad():
+            padded = sa.encode(tok, texts)
+            want = model(**padded).last_hidden_state
+            packed = sa.encode(tok, texts, pack=pack)
+            if pack is not True:
+                assert packed["input_ids"].shape[1] == 40 and packed["input_ids"].shape[0] > 1
+            got = model(**packed).last_hidden_state.reshape(-1, want.shape[-1])
+        for i, n in enumerate(padded["attention_mask"].sum(1).tolist()):
+            s = int(packed.example_starts[i])
+            torch.testing.assert_close(got[s:s + n], want[i, :n], atol=1e-5, rtol=1e-4)
+        sa.unsparsify(model)

@@ -150,14 +150,30 @@ def example_structure(offsets, sequence_ids, segments: list[ParsedText]) -> Exam
 
 def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, parses: ParseCache | None = None,
            max_length: int | None = None, truncation: bool = False, padding: bool | str = True,
-           structure: bool = True, return_tensors: str | None = "pt"):
+           structure: bool = True, return_tensors: str | None = "pt", pack: bool | int = False):
     """Tokenize ``texts`` (and optional second segments ``pairs``) and attach their structure.
 
     Returns the tokenizer's BatchEncoding with ``sparse_structure`` (a BatchStructure when padded to
     tensors, else a list of ExampleStructure). ``parses`` gives dependency parses (needed by
     ``syntax``); without it words are segmented by a regular expression. Over-long input is an error
     unless ``truncation=True`` is asked for explicitly; empty input is always an error.
+
+    pack: instead of one padded row per example, several examples per row, as transformers' flattening
+    collator makes them: True puts every example in one row; an integer is the row length (examples are
+    placed in order, a new row where the next does not fit; the rest of a row is padding). Returns a
+    BatchEncoding of ``input_ids`` (rows, length), ``position_ids`` restarting at 0 in each example, ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` (int32 offsets of the examples over the flattened rows), ``max_length_q`` /
+    ``max_length_k`` (and ``attention_mask`` where rows end in padding); its attribute ``example_starts`` holds
+    each example's first token in the flattened rows (where a classifier reads it). A sparsified
+    model then applies its plan within each example, as if each ran alone (its layout reads
+    ``cu_seq_lens_q``); a model that is not sparsified keeps examples apart only as transformers does, in one
+    row without an attention mask (pack=True). Patterns of positions only: packed rows carry no word structure.
     """
+    if pack:
+        if structure and parses is not None:
+            raise ValueError("encode(pack=...) makes no word structure (syntax and lexical patterns need one padded "
+                             "row per example); leave parses out, or pack=False")
+        return _packed(tokenizer, texts, pairs, pack, max_length=max_length, truncation=truncation)
     if isinstance(texts, str):
         texts = [texts]
         pairs = [pairs] if isinstance(pairs, str) else pairs
@@ -215,3 +231,62 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, parse
         else:
             enc["sparse_structure"] = examples
     return enc
+
+
+def _packed(tokenizer, texts, pairs, pack, *, max_length, truncation) -> dict:
+    if isinstance(texts, str):
+        texts, pairs = [texts], ([pairs] if isinstance(pairs, str) else pairs)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode() got no texts")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"encode() got {len(texts)} texts but {len(pairs)} second segments")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"text {i} is empty ({t!r}); every example needs at least one word")
+    if pack is not True and (isinstance(pack, bool) or not isinstance(pack, int) or pack < 1):
+        raise ValueError(f"pack must be True or a row length >= 1, got {pack!r}")
+    enc = tokenizer(texts, pairs, padding=False, truncation=truncation, max_length=max_length if truncation else None)
+    seqs = [list(ids) for ids in enc["input_ids"]]
+    width = sum(len(x) for x in seqs) if pack is True else pack
+    for i, x in enumerate(seqs):
+        if len(x) > width:
+            raise ValueError(f"example {i} is {len(x)} tokens long, more than the packed row length {width}; "
+                             "raise pack, or pass truncation=True with max_length <= pack")
+    rows, row, used = [], [], 0
+    for i, x in enumerate(seqs):  # in order; a new row where the next example does not fit
+        if row and used + len(x) > width:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += len(x)
+    rows.append(row)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    starts, bounds = [0] * len(seqs), [0]
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, at:at + n] = torch.tensor(seqs[i])
+            pos[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = 1
+            starts[i] = r * width + at
+            at += n
+            bounds.append(r * width + at)
+        if at < width:  # the row's padding: a segment of its own in the offsets, masked out as padding
+            pos[r, at:] = torch.arange(width - at)
+            bounds.append((r + 1) * width)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(len(x) for x in seqs)
+    from transformers import BatchEncoding
+
+    data = {"input_ids": ids, "position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
+    if not bool(mask.all()):
+        data["attention_mask"] = mask
+    out = BatchEncoding(data)
+    out.example_starts = torch.tensor(starts)  # not a model input: each example's first token, flattened
+    return out
