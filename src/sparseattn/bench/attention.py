@@ -49,9 +49,11 @@ from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")
 METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_fused",
-           "triton_whole", "dense_packed")
+           "triton_whole", "dense_packed", "backend")
 SPARSE = ("block", "flex_mask", "triton", "triton_fused", "triton_whole",
-          "dense_packed")  # methods that pay for kept tiles only
+          "dense_packed", "backend")  # methods that pay for kept tiles only
+# methods that compute exactly the layout's attention (the backend's choice is measured against the fastest)
+EXACT = ("sdpa_mask", "flex_mask", "block", "triton", "triton_fused", "triton_whole", "backend")
 
 
 # -- layouts at a target block sparsity ------------------------------------------------------------------
@@ -300,9 +302,34 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=No
                     time_scale=time_scale, packed=f"{sequences} x {length} tokens")
         return dense()
 
+    def backend():
+        """What sparsify(model, plan, backend="block") runs for this layout (its own choice, default thresholds):
+        the layout as a stored per-head mask, the call as a model makes it."""
+        from ..backends.base import AttentionCall
+        from ..backends.block import BlockSparseBackend
+        from ..layout import TokenLayout
+        from ..patterns import static_mask
+        from ..plans.plan import Plan
+
+        be = BlockSparseBackend()
+        lp = Plan.everywhere(static_mask(keep[0], key="bench")).resolve(1, H)[0]
+
+        def run(q, k, v):
+            lay = TokenLayout.from_lengths([L] * q.shape[0], device=q.device)
+            lay.unpadded = True
+            call = AttentionCall(query=q, key=k, value=v, layer_plan=lp, layout=lay, model_mask=None, scale=scale,
+                                 dropout_p=0.0, cache={})
+            before = dict(be.stats)
+            out = be.attention(call)[0]
+            ran = [n for n in ("block", "dense", "reference") if be.stats[n] > before.get(n, 0)]
+            info["chose"] = {"block": "triton", "dense": "dense", "reference": "sdpa_mask"}[ran[0]]
+            return out
+
+        return run
+
     return {"dense": dense, "sdpa_mask": sdpa_mask, "flex_full": flex_full, "flex_mask": flex_mask, "block": block,
             "triton_full": triton_full, "triton": triton, "triton_fused": triton_fused,
-            "triton_whole": triton_whole, "dense_packed": dense_packed}, info
+            "triton_whole": triton_whole, "dense_packed": dense_packed, "backend": backend}, info
 
 
 def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, block_size=128, methods=METHODS,
@@ -350,6 +377,8 @@ def run_config(layout_name, L, sparsity, head_dim, *, heads=12, tokens=32768, bl
                     torch.autograd.grad(out, (a, b, c), dout)
                 r.fwdbwd_ms = time_ms(step) * time_scale
                 r.fwdbwd_peak_mib = peak_mib(step)
+            if "chose" in info:
+                r.extra["chose"] = info.pop("chose")
             if name == "triton":
                 from ..backends.triton_kernel import tuned_configs
 
@@ -408,7 +437,8 @@ def format_table(results: list[Result]) -> str:
             + " ".join(f"{m + ' f/fb':>13}" for m in methods if m != "dense")
             + "".join(f" {m + '/ideal f/fb':>17}" for m in ideal_fracs)
             + "".join(f" {m + '/packed f/fb':>18}" for m in ceiling)
-            + f" {'mem MiB ' + '/'.join(['dense', *kernels]):>26}")
+            + f" {'mem MiB ' + '/'.join(['dense', *kernels]):>26}"
+            + (f" {'backend chose':<13} {'of best f+b':>11}" if "backend" in methods else ""))
     lines = [head, "-" * len(head)]
 
     def x(v):
@@ -434,9 +464,15 @@ def format_table(results: list[Result]) -> str:
             ok = b and p and not b.note and not p.note
             fracs += f" {(f'{x(_ratio(p.fwd_ms, b.fwd_ms))}/{x(_ratio(p.fwdbwd_ms, b.fwdbwd_ms))}' if ok else '-'):>18}"
         mem = "/".join(f"{(g[m].fwdbwd_peak_mib or 0) if m in g else 0:.0f}" for m in ["dense", *kernels])
+        chose = ""
+        if "backend" in methods:  # the backend's pick against the fastest exact method of this cell
+            b = g.get("backend")
+            exact = [r.fwdbwd_ms for m, r in g.items() if m in EXACT and r.fwdbwd_ms and not r.note]
+            share = _ratio(min(exact), b.fwdbwd_ms) if b and b.fwdbwd_ms and exact else None
+            chose = f" {(b.extra.get('chose', '-') if b else '-'):<13} {x(share):>11}"
         lines.append(f"{lay:<8} {L:>6} {any_r.batch:>3} {D:>4} {s:>5.0%} {any_r.block_density:>5.1%} "
                      f"{1 / max(any_r.block_density, 1e-9):>5.1f} {(d.fwd_ms if d and d.fwd_ms else float('nan')):>8.2f} "
-                     + " ".join(cells) + fracs + f" {mem:>26}")
+                     + " ".join(cells) + fracs + f" {mem:>26}" + chose)
     return "\n".join(lines)
 
 
