@@ -145,7 +145,7 @@ def test_tables_beyond_32_bit_indexing_are_split_by_heads(monkeypatch):
     groups = bl.flex_block_masks(multiple=2)
     assert [(a, b) for a, b, _ in groups] == [(0, 2), (2, 4)]
     assert all(m.mask_mod.__name__ == "mask_table_mask" for _, _, m in groups)  # bool tables, not bits
-    from sparseattn.backends.block import block_sparse_attention
+    from sparseattn.backends.flex_kernel import block_sparse_attention
 
     out = block_sparse_attention(call.query, call.key, call.value, bl, scale=call.scale, compiled=False)
     real = layout.real[:, None, :, None]

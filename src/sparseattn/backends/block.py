@@ -1,106 +1,51 @@
 """The ``block`` backend: any plan as block-sparse attention on the GPU, dense attention where that is faster.
 
-Each layer's keep-mask (the reference backend's, for real queries) is compiled to a `BlockLayout` per
-head: empty tiles are skipped, full tiles run without any mask, and only partial tiles read their token
-mask. Two kernels run the tiles:
+This module chooses; the kernels compute: ``triton_kernel`` (sparseattn's own, the default where Triton is
+installed; also a torch.library operator) and ``flex_kernel`` (FlexAttention). Semantics are the reference
+backend's for real queries; padding queries get zero outputs and no gradient.
 
-- ``triton`` (the default where Triton is installed): sparseattn's own kernel (``backends.triton_kernel``),
-  walking per-row and per-column tile lists, longest first; partial tiles read a table of the layout's
-  distinct partial tiles. Nothing of size L x L is ever held, whatever the layout.
-- ``flex``: FlexAttention with a BlockMask built directly from the tiles (``BlockMask.from_kv_blocks``), so
-  no mask is evaluated element by element to find them. Partial tiles need the token mask: a layer whose
-  pattern is a function of positions (neighbour, strided, causal, global_tokens(g), full, and their
-  combinations: ``Pattern.index_relation``) on a batch without padding computes it from the indices,
-  checked against the layout on every partial tile; any other layout with partial tiles holds its mask as
-  a bool table over positions (L^2 bytes per distinct example and head, shared by the layers with the same
-  pattern), the price of fast partial tiles in FlexAttention.
+How a sparsified layer runs, in order:
 
-Memory: both kernels' activations grow with the kept tiles (neither forms the L x L scores).
+- the reference path (SDPA with the boolean mask) for attention weights, dropout, incremental decoding, devices
+  other than CUDA, sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
+- dense SDPA without a mask for layers the plan leaves dense, on unpadded batches;
+- the Triton operator for layers whose patterns depend on positions only, when the model passes no mask of its
+  own: tile lists are built once per layer and length bucket and found by the operator at run time, so the
+  call has no host work per batch, traces under torch.compile (fullgraph) and captures in CUDA graphs. Padded
+  batches and packed rows are segments the kernel walks in each sequence's own positions, for patterns that
+  are prefix-stable (``Pattern.prefix_stable``);
+- otherwise a layout built from each batch's keep-mask, eagerly (a graph break under torch.compile):
+  input-dependent patterns, padded or packed batches of patterns that are not prefix-stable, FlexAttention.
 
-Semantics are the reference backend's for real (non-padding) queries. Padding queries attend to
-nothing and get a zero output (as in flash-attention's unpadded path); their output is ignored
-downstream, and no gradient flows through it.
-
-What runs where (each decision is logged once per backend):
-
-- the block kernel: sparsified layers of sequences of at least ``min_length`` tokens whose block density
-  is at most ``max_density``;
-- dense SDPA without a mask: dense layers of batches without padding (``is_causal`` for decoders);
-- the reference path (SDPA with the boolean mask): everything else: short sequences, dense tiles,
-  attention dropout or returned attention weights (the kernel supports neither), incremental decoding,
-  and devices other than CUDA.
-
-CUDA graphs: once a static plan's layouts are built (one eager step per shape), a forward and backward
-pass on an unpadded batch given without an attention mask reads nothing back from the GPU, so the whole
-training step can be captured (``torch.cuda.graph``); where capture meets a step that would read the GPU,
-the error says which.
-
-Caching: a plan whose patterns depend on positions only (everything but syntax, lexical, similar and
-special-token globals) gets its layouts cached across batches, keyed by the layer's patterns and the
-batch's padding; batches without padding share one layout over the batch. Input-dependent patterns get
-per-example layouts built from the dense mask in every forward pass (shared by the layers with the same
-pattern). Sequence lengths are padded to buckets (multiples of the block size, at most 8 per power of
-two) and the partial-tile tables to powers of two, so kernels compile once per bucket, not per batch.
+Each decision is logged once per backend (eagerly; not while torch.compile traces).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from collections import Counter, OrderedDict
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import TokenLayout
+from . import triton_kernel
 from .base import AttentionCall, Backend
 from .block_layout import BlockLayout, check_block_size
+from .flex_kernel import block_sparse_attention
 from .reference import ReferenceBackend
 from .registry import register_backend
+from ..layout import TokenLayout
 
 log = logging.getLogger("sparseattn")
 
-# Below this many key tokens the dense path wins (launch and guard overheads dominate a sparse kernel);
-# measured on an H100 for FlexAttention (first round) and the Triton kernel (sixth round), docs/benchmarks.md.
+# Below this many key tokens SDPA with the mask is faster than either sparse kernel (launch and setup costs).
 MIN_LENGTH = 1024
-# Above this block density the sparse kernel saves too little to beat SDPA with a mask: FlexAttention, and the
-# Triton kernel below DENSE_TILES_LENGTH tokens (at 1k and 91-98% density it ran 0.93-1.03x of SDPA with a mask).
+# Above this block density a sparse kernel saves too little to beat SDPA with a mask (FlexAttention at any
+# length, the Triton kernel below DENSE_TILES_LENGTH tokens).
 MAX_DENSITY = 0.9
-# From this many tokens the Triton kernel beats SDPA with a mask at any density (at 94-98% block density on an
-# H100: 1.15-1.36x forward+backward at 4k, 1.34-1.77x at 16k; docs/benchmarks.md, seventh round), so no layer
-# falls back for its density there.
+# From this many tokens the Triton kernel beats SDPA with a mask at every density, so no layer falls back.
 DENSE_TILES_LENGTH = 4096
-# FlexAttention options for GPUs whose shared memory does not hold the default tiles.
-SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
-
-_flex_compiled = None
-_compile_mode: str | None = None
-
-
-def set_compile_mode(mode: str | None) -> None:
-    """torch.compile mode for FlexAttention (e.g. "max-autotune-no-cudagraphs": tunes the kernel's tile
-    shapes per input shape, at a much longer first call). Takes effect for kernels compiled afterwards."""
-    global _flex_compiled, _compile_mode
-    _compile_mode, _flex_compiled = mode, None
-
-
-def flex_attention_fn(compiled: bool):
-    """FlexAttention, compiled once per process (eager on request: slow, for tests on CPU)."""
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not compiled:
-        return flex_attention
-    if _flex_compiled is None:
-        # Each (length bucket, head size, batch, dtype) is one compiled kernel; a model with several
-        # buckets exceeds dynamo's default of 8 entries and would fall back to the unfused eager path.
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name) and getattr(cfg, name) < 64:
-                setattr(cfg, name, 64)
-        _flex_compiled = torch.compile(flex_attention, dynamic=False, mode=_compile_mode)
-    return _flex_compiled
 
 
 def bucket_length(n: int, block_size: int) -> int:
@@ -108,53 +53,6 @@ def bucket_length(n: int, block_size: int) -> int:
     at most 12.5% padding beyond a whole block."""
     granule = max(block_size, (1 << max(0, n.bit_length() - 1)) // 8)
     return -(-n // granule) * granule
-
-
-def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, *,
-                           scale: float | None = None, block_mask=None, compiled: bool = True,
-                           kernel_options: dict | None = None) -> torch.Tensor:
-    """Attention over the kept tiles of ``layout``.
-
-    query: (B, H, L, D); key, value: (B, H_kv, L, D) with H % H_kv == 0; layout: over (B or 1, H or 1)
-    and L' >= L tokens padded to whole tiles (the extra positions are padding); block_mask: the layout's
-    ``flex_block_masks(H // H_kv)`` (or one FlexAttention BlockMask) if already built. Returns (B, H, L, D);
-    rows without a kept key are zero. A layout whose mask table is split by heads runs one kernel call per
-    group of heads.
-    """
-    B, H, L, D = query.shape
-    Lp = layout.num_q_blocks * layout.block_size
-    if layout.q_len < L or layout.kv_len < L:
-        raise ValueError(f"block layout covers {layout.q_len} x {layout.kv_len} tokens, the input has {L}")
-    if Lp > L:  # pad to the layout's length (a bucket): padding keys are never kept
-        pad = (0, 0, 0, Lp - L)
-        query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
-    rep = H // key.shape[1]
-    if block_mask is None:
-        block_mask = layout.flex_block_masks(rep)
-    groups = block_mask if isinstance(block_mask, list) else [(0, layout.code.shape[1], block_mask)]
-    if len(groups) == 1:
-        out = _flex(query, key, value, groups[0][2], scale, compiled, kernel_options)
-    else:  # heads a..b-1 read key/value heads a/rep..b/rep-1 (groups are whole multiples of rep)
-        out = torch.cat([_flex(query[:, a:b], key[:, a // rep:b // rep], value[:, a // rep:b // rep], bm, scale,
-                               compiled, kernel_options) for a, b, bm in groups], dim=1)
-    return out[:, :, :L] if Lp > L else out
-
-
-def _flex(query, key, value, block_mask, scale, compiled, kernel_options):
-    flex = flex_attention_fn(compiled)
-    gqa = key.shape[1] != query.shape[1]
-    with warnings.catch_warnings():  # eager use is deliberate (CPU tests); its performance warning is noise
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        try:
-            return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                        kernel_options=kernel_options)
-        except Exception as e:  # the default tiles need more shared memory than the GPU has: smaller ones
-            if not compiled or "out of resource" not in str(e) or kernel_options:
-                raise
-            log.warning("block backend: FlexAttention's default tiles do not fit this GPU's shared memory (%s); "
-                        "retrying with 64x64 tiles and 2 stages", str(e).splitlines()[0][:120])
-            return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                        kernel_options=SMALL_TILES)
 
 
 class _Entry:
@@ -212,7 +110,6 @@ class BlockSparseBackend(Backend):
         self.block_size = check_block_size(block_size)
         if kernel not in (*self.KERNELS, "auto"):
             raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)} or auto, got {kernel!r}")
-        from . import triton_kernel
 
         if kernel == "auto":
             kernel = ("triton" if triton_kernel.available() and triton_kernel.supports_block_size(self.block_size)
@@ -299,8 +196,6 @@ class BlockSparseBackend(Backend):
                                        f"{where}: block density {entry.density:.0%} > max_density "
                                        f"{limit:.0%} at {L} tokens: dense SDPA with the mask runs")
         if entry.lists is not None:
-            from . import triton_kernel
-
             try:
                 out = triton_kernel.block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
                                                                   scale=call.scale)
@@ -385,10 +280,9 @@ class BlockSparseBackend(Backend):
             return self._run_reference(call, ("dense-tiles", lp.layer),
                                        f"layer {lp.layer}: block density {density:.0%} > max_density {limit:.0%} at "
                                        f"{L} tokens: dense SDPA with the mask runs")
-        from . import triton_kernel
 
         self._count("block")
-        out, _ = triton_kernel.block_attention_op(call.query, call.key, call.value, segments, layer.handle,
+        out, _ = triton_kernel.block_attention(call.query, call.key, call.value, segments, layer.handle,
                                                   float(call.scale), "auto")
         return out, None
 
@@ -414,9 +308,7 @@ class BlockSparseBackend(Backend):
         nb = -(-n // self.block_size)
         allowed = (nb * (nb + 1) // 2 if causal else nb * nb) * layout.code.shape[1]
         density = layout.kept.sum().item() / max(1, allowed)
-        from .triton_kernel import TileLists
-
-        return _Entry(layout, None, density, pins=lp.patterns, lists=TileLists.from_layout(layout))
+        return _Entry(layout, None, density, pins=lp.patterns, lists=triton_kernel.TileLists.from_layout(layout))
 
     def _relation_agrees(self, lp, rel, causal: bool, device) -> bool:
         """The pattern's index_relation against its own mask on POSITION_CHECK tokens (a disagreement is logged and
@@ -566,9 +458,8 @@ class BlockSparseBackend(Backend):
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
         if self.kernel == "triton":  # tile lists and the distinct partial tiles: nothing more to build
-            from .triton_kernel import TileLists
-
-            return _Entry(layout, None, density, pins=lp.patterns, lists=TileLists.from_layout(layout))
+            return _Entry(layout, None, density, pins=lp.patterns,
+                          lists=triton_kernel.TileLists.from_layout(layout))
         analytic = self._analytic_mask(call, layout) if batch_invariant and layout.has_partial() else None
         if analytic is not None:  # partial tiles evaluate positions: no L x L table
             self.stats["analytic_masks"] += 1
@@ -654,7 +545,6 @@ class _StaticLayer:
     the backend's cache."""
 
     def __init__(self, backend: "BlockSparseBackend", lp, causal: bool):
-        from . import triton_kernel
 
         self.backend, self.lp, self.causal = backend, lp, causal
         self.prefix_stable = all(p.prefix_stable(causal) for p in lp.patterns)
@@ -676,7 +566,6 @@ class _StaticLayer:
 def _traced_density(handle: int, length: int, device: str) -> float:
     """A static layer's block density at ``length`` tokens, computed (and its lists built) while torch.compile
     traces, so the choice between the kernel and dense attention is made once, as eagerly."""
-    from . import triton_kernel
 
     return triton_kernel.lists_source(handle).entry(length, torch.device(device)).density
 

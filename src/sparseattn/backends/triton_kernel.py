@@ -843,11 +843,7 @@ def _stride_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("sparseattn::block_attention", mutates_args=())
-def block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Optional[torch.Tensor],
-                       lists: int, scale: float, backward: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H, L, D), log-sum-exp (B, H, L) fp32) over the kept tiles of the lists registered as ``lists``;
-    ``backward`` is the backward pass's mode (see ``block_sparse_attention_triton``)."""
+def _attention_forward(q, k, v, segments, lists: int, scale: float):
     B, H, L, D = q.shape
     tl_ = lists_for(lists, L, q.device)
     Dp = _padded_head(D)
@@ -859,6 +855,14 @@ def block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     return (o[..., :D].contiguous() if Dp > D else o), lse
 
 
+@torch.library.custom_op("sparseattn::block_attention", mutates_args=())
+def block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Optional[torch.Tensor],
+                       lists: int, scale: float, backward: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, L, D), log-sum-exp (B, H, L) fp32) over the kept tiles of the lists registered as ``lists``;
+    ``backward`` is the backward pass's mode (see ``block_sparse_attention_triton``)."""
+    return _attention_forward(q, k, v, segments, lists, scale)
+
+
 @block_attention_op.register_fake
 def _(q, k, v, segments, lists, scale, backward="auto"):
     B, H, L, D = q.shape
@@ -866,11 +870,7 @@ def _(q, k, v, segments, lists, scale, backward="auto"):
     return o, q.new_empty((B, H, L), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseattn::block_attention_backward", mutates_args=())
-def block_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                o: torch.Tensor, lse: torch.Tensor, segments: Optional[torch.Tensor], lists: int,
-                                scale: float, backward: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, for the output gradient ``do`` of ``block_attention_op``."""
+def _attention_backward(do, q, k, v, o, lse, segments, lists: int, scale: float, backward: str):
     B, H, L, D = q.shape
     tl_ = lists_for(lists, L, q.device)
     Dp = _padded_head(D)
@@ -881,6 +881,14 @@ def block_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     if Dp > D:
         dq, dk, dv = (g[..., :D].contiguous() for g in (dq, dk, dv))
     return dq, dk, dv
+
+
+@torch.library.custom_op("sparseattn::block_attention_backward", mutates_args=())
+def block_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                o: torch.Tensor, lse: torch.Tensor, segments: Optional[torch.Tensor], lists: int,
+                                scale: float, backward: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, for the output gradient ``do`` of ``block_attention_op``."""
+    return _attention_backward(do, q, k, v, o, lse, segments, lists, scale, backward)
 
 
 @block_attention_backward_op.register_fake
@@ -902,6 +910,34 @@ def _backward_rule(ctx, do, dlse):
 
 
 block_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+class _EagerBlockAttention(torch.autograd.Function):
+    """The operator's computation without the dispatcher, for eager calls (its dispatch costs tens of
+    microseconds of host time a call, which eager training steps at long lengths are bound by)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, lists, scale, backward):
+        o, lse = _attention_forward(q, k, v, segments, lists, scale)
+        ctx.save_for_backward(q, k, v, o, lse, segments)
+        ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, segments = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, segments, ctx.lists, ctx.scale, ctx.mode)
+        return dq, dk, dv, None, None, None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None, lists: int,
+                    scale: float, backward: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparseattn::block_attention``: the operator where torch.compile traces, the same computation through a
+    plain autograd function eagerly."""
+    if torch.compiler.is_compiling():
+        return block_attention_op(q, k, v, segments, lists, scale, backward)
+    return _EagerBlockAttention.apply(q, k, v, segments, lists, scale, backward)
 
 
 def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -934,5 +970,5 @@ def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value:
     if lists.tiles.device != query.device:
         raise ValueError(f"the tile lists are on {lists.tiles.device}, the query on {query.device}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = block_attention_op(query, key, value, segments, register_source(lists), scale, backward)
+    out, _ = block_attention(query, key, value, segments, register_source(lists), scale, backward)
     return out

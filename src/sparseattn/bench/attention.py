@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..backends.block import block_sparse_attention, flex_attention_fn
+from ..backends.flex_kernel import block_sparse_attention, flex_attention_fn
 from ..backends.block_layout import BlockLayout
 
 LAYOUTS = ("sliding", "bigbird", "ap")

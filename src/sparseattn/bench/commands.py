@@ -62,7 +62,7 @@ def _write_json(path: str, data: dict, *, quiet: bool = False) -> None:
 def _kernel_settings(args) -> dict | None:
     """Apply --compile-mode to the block kernel; return --kernel-options as a dict (or None)."""
     if args.compile_mode:
-        from ..backends.block import set_compile_mode
+        from ..backends.flex_kernel import set_compile_mode
 
         set_compile_mode(args.compile_mode)
     return json.loads(args.kernel_options) if args.kernel_options else None
