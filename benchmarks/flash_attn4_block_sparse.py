@@ -34,7 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from sparseattn.backends.block_layout import BlockLayout
+from sparseattn.backends.tile_mask import TileMask
 from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
 from sparseattn.bench.attention import device_meta, make_layout, packed_shape, time_ms
 
@@ -105,7 +105,7 @@ def run(layout: str, L: int, D: int, heads: int, tokens: int) -> list[dict]:
     table = keep[0].expand(heads, L, L)
     table = (table if keep.shape[1] == heads else table.contiguous()).view(torch.uint8)
     unmasked_keep = any_kept.repeat_interleave(BS, 2).repeat_interleave(BS, 3)
-    lists = TileLists.from_layout(BlockLayout.from_mask(keep, BS))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, BS))
     methods = {  # name -> (fn on (B, L, H, D), the mask it computes or None for dense, packed or not)
         "cudnn": (sdpa, None, False),
         "fa4_dense": (fa4(), None, False),

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover
     sys.exit("needs Triton with tensor descriptors (3.4 or newer)")
 
 from sparseattn.backends import triton_kernel as tk
-from sparseattn.backends.block_layout import BlockLayout
+from sparseattn.backends.tile_mask import TileMask
 from sparseattn.backends.triton_kernel import LOG2E, TileLists, list_ranges, read_program, tile_keep
 from sparseattn.bench.attention import make_layout, time_ms
 
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
           "|---|---:|---|---|---|---:|---|", flush=True)
     rows, report = [], {"dense": {"fwd_ms": dense_f, "bwd_ms": dense_b}, "layouts": {}}
     for lname, keep in layouts.items():
-        lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+        lists = TileLists.from_layout(TileMask.from_mask(keep, bs))
         kept = int(lists.row_full[0].sum()) + int(lists.row_part[0].sum())
         density = kept / (lists.row_full[0].numel() * lists.num_kv_blocks)
         o, lse = tk.forward_pass(q, k, v, lists, scale)

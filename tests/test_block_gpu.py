@@ -111,7 +111,7 @@ def test_mask_tables_beyond_32_bit_indexing(mode, monkeypatch):
     """Large per-head tables, made large by lowering the limit: split into groups of whole key/value head
     groups (bool tables), or, where one group does not fit, read as packed bits; outputs and gradients as
     the other cases."""
-    import sparseattn.backends.block_layout as bl_mod
+    import sparseattn.backends.tile_mask as bl_mod
 
     heads, kv_heads, lengths = 8, 2, [1100, 903]
     lp = Plan.everywhere(static_mask(_per_head_table(heads, 1300, 1), key="ap")).resolve(1, heads)[0]
@@ -356,13 +356,13 @@ SEGMENT_CASES = [
 def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype):
     """The Triton kernel over padded and packed rows (segments) against the fp32 reference of each sequence alone,
     at most twice PyTorch's own error at the kernel's precision, outputs and every gradient."""
-    from sparseattn.backends.block_layout import BlockLayout
+    from sparseattn.backends.tile_mask import TileMask
     from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
 
     H, Hk, D = 8, (2 if "grouped" in name else 8), 64
     lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
     keep = lp.mask(TokenLayout.from_lengths([3072], causal=True, device=DEVICE))  # causal random: prefix-stable
-    lists = TileLists.from_layout(BlockLayout.from_mask(keep, 128))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, 128))
     g = torch.Generator(DEVICE).manual_seed(1)
     q = torch.randn(B, H, L, D, generator=g, device=DEVICE)
     k, v = (torch.randn(B, Hk, L, D, generator=g, device=DEVICE) for _ in range(2))
@@ -391,14 +391,14 @@ def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch)
     torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the
     default ones within rounding."""
     from sparseattn.backends import triton_kernel
-    from sparseattn.backends.block_layout import BlockLayout
+    from sparseattn.backends.tile_mask import TileMask
 
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)  # every backward list split into one-tile chunks
     L, H, D = 2048, 4, 64
     keep = torch.ones(L, L, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
     keep[:, :2] = keep[:2, :] = True
-    lists = triton_kernel.TileLists.from_layout(BlockLayout.from_mask(keep[None, None], 128))
+    lists = triton_kernel.TileLists.from_layout(TileMask.from_mask(keep[None, None], 128))
     assert lists.split_rows and lists.split_cols
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v, grad = (torch.randn(2, H, L, D, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))

@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 from sparseattn import Plan  # noqa: E402
 from sparseattn.backends import BlockSparseBackend, ReferenceBackend  # noqa: E402
 from sparseattn.backends.base import AttentionCall  # noqa: E402
-from sparseattn.backends.block_layout import BlockLayout  # noqa: E402
+from sparseattn.backends.tile_mask import TileMask  # noqa: E402
 from sparseattn.backends import triton_kernel  # noqa: E402
 from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton  # noqa: E402
 from sparseattn.layout import TokenLayout  # noqa: E402
@@ -35,7 +35,7 @@ def _reference(q, k, v, keep, scale):
 def _lists(keep, bs):
     L = keep.shape[-1]
     Lp = -(-L // bs) * bs
-    return TileLists.from_layout(BlockLayout.from_mask(F.pad(keep, (0, Lp - L, 0, Lp - L)), bs))
+    return TileLists.from_layout(TileMask.from_mask(F.pad(keep, (0, Lp - L, 0, Lp - L)), bs))
 
 
 def _keep(B, H, L, seed):
@@ -106,7 +106,7 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
 
 def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_tiles():
     keep = _keep(1, 3, 150, seed=0)
-    layout = BlockLayout.from_mask(F.pad(keep, (0, 10, 0, 10)), 32)
+    layout = TileMask.from_mask(F.pad(keep, (0, 10, 0, 10)), 32)
     lists = TileLists.from_layout(layout)
     for (fc, fi), (pc, pi, pt), code in ((lists.row_full, lists.row_part, layout.code),
                                          (lists.col_full, lists.col_part, layout.code.transpose(-1, -2))):
@@ -135,7 +135,7 @@ def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
     keep = torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)
     keep[:, :3] = keep[:3, :] = True  # tokens 0-2 are global: tile row and column 0 keep all 64 tiles
     keep = torch.stack([keep, torch.ones(L, L, dtype=torch.bool).tril(40).triu(-40)])[None]  # head 1: band only
-    lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, bs))
     assert lists.split_rows and lists.split_cols
     for prog, slots, (fc, pc) in ((lists.row_prog, lists.row_slots, (lists.row_full[0], lists.row_part[0])),
                                   (lists.col_prog, lists.col_slots, (lists.col_full[0], lists.col_part[0]))):
@@ -157,14 +157,14 @@ def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
                 assert all(slot == want_slot for _, _, slot in chunks)
                 assert (len(chunks) > 1) == (ln > limit) and all(end - first <= limit for first, end, _ in chunks)
         assert slots[0, 0].tolist() == [0] and slots[0, 1].tolist() == [-1]  # head 0: tile 0 split; head 1: none
-    whole = TileLists.from_layout(BlockLayout.from_mask(keep, bs), split=False)  # the bench's triton_whole
+    whole = TileLists.from_layout(TileMask.from_mask(keep, bs), split=False)  # the bench's triton_whole
     assert not whole.split_rows and not whole.split_cols
     for prog in (whole.row_prog, whole.col_prog):
         assert prog.shape[2] == L // bs and sorted(prog[0, 0, :, 0].tolist()) == list(range(L // bs))
 
     def lists_bytes(L):  # a window of 256 either side, one layout for the heads
         keep = torch.ones(L, L, dtype=torch.bool).tril(256).triu(-256)[None, None]
-        return TileLists.from_layout(BlockLayout.from_mask(keep, 128)).nbytes()
+        return TileLists.from_layout(TileMask.from_mask(keep, 128)).nbytes()
 
     # kept tiles grow linearly with length for a window: so do the lists (and the distinct partial tiles stay few)
     small, large = lists_bytes(2048), lists_bytes(8192)
@@ -215,7 +215,7 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="H a multiple of H_kv"):
         block_sparse_attention_triton(q, q[:, :2], q[:, :2], lists)
     with pytest.raises(ValueError, match="power-of-two block size"):
-        TileLists.from_layout(BlockLayout.from_mask(torch.ones(1, 1, 48, 48, dtype=torch.bool), 48))
+        TileLists.from_layout(TileMask.from_mask(torch.ones(1, 1, 48, 48, dtype=torch.bool), 48))
     with pytest.raises(ValueError, match="kernel must be one of flex, triton or auto, got .cuda."):
         BlockSparseBackend(kernel="cuda")
 
@@ -300,7 +300,7 @@ def test_positional_layouts_are_built_from_positions_without_the_mask(spec, caus
     assert backend.stats["position_builds"] == 1 and masked == [64]
     (entry,) = backend._layouts.values()
     keep = mask(lp, TokenLayout.from_lengths([L], causal=causal))
-    want = BlockLayout.from_mask(F.pad(keep, (0, 320 - L, 0, 320 - L)), 32, pad_tiles_to_pow2=True)
+    want = TileMask.from_mask(F.pad(keep, (0, 320 - L, 0, 320 - L)), 32, pad_tiles_to_pow2=True)
     assert torch.equal(entry.layout.code, want.code) and torch.equal(entry.layout.bits, want.bits)
     ref, _ = ReferenceBackend().attention(call())
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
@@ -387,7 +387,7 @@ def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, monk
     H, Hk, D, bs = 4, 2, 16, 32
     Lp = 160
     keep = _keep(1, H, Lp, seed=3) | torch.eye(Lp, dtype=torch.bool)  # a layout over positions, one per head
-    lists = TileLists.from_layout(BlockLayout.from_mask(keep, bs))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, bs))
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, H, L, D, generator=g, requires_grad=True)
     k, v = (torch.randn(B, Hk, L, D, generator=g, requires_grad=True) for _ in range(2))
@@ -411,7 +411,7 @@ def test_the_operator_passes_opcheck():
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch of
     sparseattn::block_attention, unpadded and with segments."""
     keep = _keep(1, 2, 64, seed=1) | torch.eye(64, dtype=torch.bool)
-    lists = TileLists.from_layout(BlockLayout.from_mask(keep, 32))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, 32))
     handle = triton_kernel.register_source(lists)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 64, 16, generator=g, requires_grad=True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import triton_kernel
 from .base import AttentionCall, Backend
-from .block_layout import BlockLayout, check_block_size
+from .tile_mask import TileMask, check_block_size
 from .flex_kernel import block_sparse_attention
 from .reference import ReferenceBackend
 from .registry import register_backend
@@ -61,7 +61,7 @@ class _Entry:
 
     __slots__ = ("layout", "block_mask", "density", "pins", "lists")
 
-    def __init__(self, layout: BlockLayout, block_mask, density: float, pins, lists=None):
+    def __init__(self, layout: TileMask, block_mask, density: float, pins, lists=None):
         self.layout, self.block_mask, self.density, self.pins = layout, block_mask, density, pins
         self.lists = lists
 
@@ -299,11 +299,11 @@ class BlockSparseBackend(Backend):
                 kv = torch.arange(length, device=device)[None, :]
                 return torch.broadcast_to(_keep_from_positions(rel, q, kv, n, causal), (stop - start, length))[None, None]
 
-            layout = BlockLayout.from_rows(rows, length, length, self.block_size, pad_tiles_to_pow2=True)
+            layout = TileMask.from_rows(rows, length, length, self.block_size, pad_tiles_to_pow2=True)
         else:
             keep = lp.mask(TokenLayout.from_lengths([n], causal=causal, device=device))
             keep = F.pad(keep, (0, length - n, 0, length - n))
-            layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+            layout = TileMask.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
             del keep
         nb = -(-n // self.block_size)
         allowed = (nb * (nb + 1) // 2 if causal else nb * nb) * layout.code.shape[1]
@@ -444,7 +444,7 @@ class BlockSparseBackend(Backend):
         rows = self._position_rows(call, Lp) if batch_invariant and self.kernel == "triton" else None
         if rows is not None:  # slabs of rows computed from positions: no L x L mask at any point
             self.stats["position_builds"] += 1
-            layout = BlockLayout.from_rows(rows, Lp, Lp, self.block_size, pad_tiles_to_pow2=True)
+            layout = TileMask.from_rows(rows, Lp, Lp, self.block_size, pad_tiles_to_pow2=True)
         else:
             if batch_invariant:
                 one = TokenLayout(real=lay.real[:1], causal=lay.causal)
@@ -453,7 +453,7 @@ class BlockSparseBackend(Backend):
                 keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
             if Lp > L:
                 keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
-            layout = BlockLayout.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+            layout = TileMask.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
             del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
@@ -474,7 +474,7 @@ class BlockSparseBackend(Backend):
     def _position_rows(self, call: AttentionCall, length: int):
         """For a layer whose one pattern (on every head) is a function of positions, on a batch without
         padding: ``rows(start, stop)``, the layer's keep-mask for queries start..stop-1 over ``length``
-        (bucketed) keys, from the positions alone, for `BlockLayout.from_rows`. The relation is first
+        (bucketed) keys, from the positions alone, for `TileMask.from_rows`. The relation is first
         checked against the pattern's own mask on the first POSITION_CHECK positions (a disagreement is
         logged and the mask is used). None where this does not apply."""
         lp, L, causal = call.layer_plan, call.q_len, call.layout.causal
@@ -498,7 +498,7 @@ class BlockSparseBackend(Backend):
             return None
         return rows
 
-    def _analytic_mask(self, call: AttentionCall, layout: BlockLayout):
+    def _analytic_mask(self, call: AttentionCall, layout: TileMask):
         """For a layer whose one pattern (on every head) is a function of positions (``index_relation``),
         on a batch without padding: a mask_mod computing the keep-mask from the indices, checked against
         the layout on every partial tile. None where that does not hold."""
@@ -520,7 +520,7 @@ class BlockSparseBackend(Backend):
             return None
         return position_mask
 
-    def _allowed_tiles(self, lay: TokenLayout, layout: BlockLayout) -> int:
+    def _allowed_tiles(self, lay: TokenLayout, layout: TileMask) -> int:
         """Tiles holding at least one allowed pair, counted like sparseattn.sparsity.block_counts but from
         the lengths (O(B x N^2) instead of O(B x L^2)); exact for right-padded batches, an upper bound
         otherwise."""

@@ -1,6 +1,6 @@
-"""FlexAttention over a `BlockLayout`: the block backend's second kernel (``kernel="flex"``).
+"""FlexAttention over a `TileMask`: the block backend's second kernel (``kernel="flex"``).
 
-What it needs: a layout's FlexAttention BlockMask (``BlockLayout.flex_block_masks``), whose partial tiles read
+What it needs: a layout's FlexAttention BlockMask (``TileMask.flex_block_masks``), whose partial tiles read
 a bool table over positions or a mask_mod computing them from positions. How it runs: ``flex_attention``,
 compiled once per process; a layout whose table would exceed 32-bit indexing runs one call per group of heads.
 """
@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .block_layout import BlockLayout
+from .tile_mask import TileMask
 
 log = logging.getLogger("sparseattn")
 
@@ -49,7 +49,7 @@ def flex_attention_fn(compiled: bool):
     return _flex_compiled
 
 
-def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, *,
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileMask, *,
                            scale: float | None = None, block_mask=None, compiled: bool = True,
                            kernel_options: dict | None = None) -> torch.Tensor:
     """Attention over the kept tiles of ``layout``.

@@ -1,4 +1,4 @@
-"""sparseattn's own block-sparse attention kernel, in Triton: forward and backward over a `BlockLayout`.
+"""sparseattn's own block-sparse attention kernel, in Triton: forward and backward over a `TileMask`.
 
 The kernel visits only the kept tiles of a layout, per example and head, from index lists:
 
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .block_layout import FULL, BlockLayout, unpack_bits
+from .tile_mask import FULL, TileMask, unpack_bits
 
 try:  # an optional dependency: the CPU-only install has no Triton
     import triton
@@ -144,7 +144,7 @@ def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class TileLists:
-    """A BlockLayout in the form the kernel walks: per tile row (forward, dQ) and per tile column (dK, dV),
+    """A TileMask in the form the kernel walks: per tile row (forward, dQ) and per tile column (dK, dV),
     the partial tiles with their entries in ``tiles``, then the full tiles."""
 
     row_full: tuple  # (count (B',H',Nq), index (B',H',Nq,K))
@@ -180,7 +180,7 @@ class TileLists:
         return self.col_slots.shape[-1] > 0
 
     @classmethod
-    def from_layout(cls, layout: BlockLayout, *, split: bool = True) -> "TileLists":
+    def from_layout(cls, layout: TileMask, *, split: bool = True) -> "TileLists":
         """split=False: the backward walks every list whole, one program each, however long (for comparison)."""
         bs = layout.block_size
         if not supports_block_size(bs):
@@ -342,8 +342,11 @@ if triton is not None:
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         rows_in = offs_m < n
-        q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :], mask=rows_in[:, None],
-                    other=0.0)
+        if VARLEN:
+            q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :],
+                        mask=rows_in[:, None], other=0.0)
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
         cnt = b * scb + h * sch + m_blk
@@ -359,10 +362,14 @@ if triton is not None:
         empty = l_i == 0.0
         l_use = tl.where(empty, 1.0, l_i)
         o = acc / l_use[:, None]
-        tl.store(O + b * sob + h * soh + (start + offs_m)[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty),
-                 mask=rows_in[:, None])
-        tl.store(LSE + (b * H + h) * N_CTX + start + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_use)),
-                 mask=rows_in)
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_use))
+        if VARLEN:
+            tl.store(O + b * sob + h * soh + (start + offs_m)[:, None] * sol + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=rows_in[:, None])
+            tl.store(LSE + (b * H + h) * N_CTX + start + offs_m, lse, mask=rows_in)
+        else:
+            tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty))
+            tl.store(LSE + (b * H + h) * N_CTX + offs_m, lse)
 
     @triton.jit
     def read_program(PROG, b, h, spb, sph):
@@ -380,7 +387,7 @@ if triton is not None:
 
     @triton.jit
     def _write(ptrs, value, rows_in, SCRATCH, sh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
-               SPLIT: tl.constexpr):
+               SPLIT: tl.constexpr, VARLEN: tl.constexpr):
         """Store a program's (BS, HEAD_DIM) result (rows where ``rows_in``); the chunks of a split list (slot >= 0)
         add theirs atomically into their fp32 scratch tile instead (SCRATCH: (segments x H, S, BS, HEAD_DIM))."""
         if SPLIT:
@@ -388,10 +395,14 @@ if triton is not None:
                 tile = SCRATCH + (sh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
                 offs = tl.arange(0, BS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
                 tl.atomic_add(tile + offs, value, sem="relaxed")
-            else:
+            elif VARLEN:
                 tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_in[:, None])
-        else:
+            else:
+                tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+        elif VARLEN:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_in[:, None])
+        else:
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty))
 
     @triton.jit
     def _scratch_kernel(SCRATCH, OUT, SLOTS, SEG, sob, soh, sol, ssb, ssh, H, S, N_CTX,
@@ -487,10 +498,14 @@ if triton is not None:
         offs_n = n_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         keys_in = offs_n < n
-        k = tl.load(K + b * skb + (h // REP) * skh + (start + offs_n)[:, None] * skl + offs_d[None, :],
-                    mask=keys_in[:, None], other=0.0)
-        v = tl.load(V + b * svb + (h // REP) * svh + (start + offs_n)[:, None] * svl + offs_d[None, :],
-                    mask=keys_in[:, None], other=0.0)
+        if VARLEN:
+            k = tl.load(K + b * skb + (h // REP) * skh + (start + offs_n)[:, None] * skl + offs_d[None, :],
+                        mask=keys_in[:, None], other=0.0)
+            v = tl.load(V + b * svb + (h // REP) * svh + (start + offs_n)[:, None] * svl + offs_d[None, :],
+                        mask=keys_in[:, None], other=0.0)
+        else:
+            k = tl.load(K + b * skb + (h // REP) * skh + offs_n[:, None] * skl + offs_d[None, :])
+            v = tl.load(V + b * svb + (h // REP) * svh + offs_n[:, None] * svl + offs_d[None, :])
         qbase = Q + b * sqb + h * sqh + start * sql
         dobase = DO + b * sdob + h * sdoh + start * sdol
         row = (b * H + h) * N_CTX + start
@@ -507,8 +522,8 @@ if triton is not None:
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, FIDX + cnt * K_FULL,
                              FIDX, TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED, VARLEN)
         out = b * sdkb + h * sdkh + (start + offs_n)[:, None] * sdkl + offs_d[None, :]
-        _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, HEAD_DIM, BS, SPLIT)
-        _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, HEAD_DIM, BS, SPLIT)
+        _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
+        _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
 
     @triton.jit
     def _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, n, qk_scale,
@@ -569,13 +584,19 @@ if triton is not None:
         offs_m = m_blk * BS + tl.arange(0, BS)
         offs_d = tl.arange(0, HEAD_DIM)
         rows_in = offs_m < n
-        q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :], mask=rows_in[:, None],
-                    other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + (start + offs_m)[:, None] * sdol + offs_d[None, :],
-                     mask=rows_in[:, None], other=0.0)
         row = (b * H + h) * N_CTX + start
-        lse = tl.load(LSE + row + offs_m, mask=rows_in, other=float("inf"))
-        delta = tl.load(DELTA + row + offs_m, mask=rows_in, other=0.0)
+        if VARLEN:
+            q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sql + offs_d[None, :],
+                        mask=rows_in[:, None], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + (start + offs_m)[:, None] * sdol + offs_d[None, :],
+                         mask=rows_in[:, None], other=0.0)
+            lse = tl.load(LSE + row + offs_m, mask=rows_in, other=float("inf"))
+            delta = tl.load(DELTA + row + offs_m, mask=rows_in, other=0.0)
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :])
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :])
+            lse = tl.load(LSE + row + offs_m)
+            delta = tl.load(DELTA + row + offs_m)
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
         dq = tl.zeros([BS, HEAD_DIM], tl.float32)
@@ -586,7 +607,7 @@ if triton is not None:
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
                        TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC, VARLEN)
         _write(DQ + b * sdqb + h * sdqh + (start + offs_m)[:, None] * sdql + offs_d[None, :], dq * sm_scale, rows_in,
-               SCR_Q, sh, slot, S, HEAD_DIM, BS, SPLIT)
+               SCR_Q, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
 
 
 # -- launch configurations ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ the peak memory above the inputs of:
 - ``flex_mask``: FlexAttention with a plain ``mask_mod`` as a user would write it, through
   ``create_block_mask`` (analytic for the window, a table lookup for BigBird's random blocks and for
   the AP-like mask);
-- ``block``:     the block backend's FlexAttention kernel: FlexAttention over the compiled `BlockLayout`;
+- ``block``:     the block backend's FlexAttention kernel: FlexAttention over the compiled `TileMask`;
 - ``triton_full``: the Triton kernel over a layout of all-full tiles: its own dense speed;
 - ``triton``:    the block backend's own Triton kernel over the same layout (``backends.triton_kernel``):
   partial tiles read a table of the distinct partial tiles, no L x L table; sub-tile shapes autotuned per
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.flex_kernel import block_sparse_attention, flex_attention_fn
-from ..backends.block_layout import BlockLayout
+from ..backends.tile_mask import TileMask
 
 LAYOUTS = ("sliding", "bigbird", "ap")
 METHODS = ("dense", "sdpa_mask", "flex_full", "flex_mask", "block", "triton_full", "triton", "triton_fused",
@@ -265,7 +265,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=No
         return lambda q, k, v: flex(q, k, v, block_mask=bm, scale=scale)
 
     def block():
-        layout = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=True)
+        layout = TileMask.from_mask(keep, bs, pad_tiles_to_pow2=True)
         bm = layout.flex_block_masks()
         info["mask_table_mib"] = layout.mask_table_nbytes() / 2**20
         return lambda q, k, v: block_sparse_attention(q, k, v, layout, block_mask=bm, scale=scale,
@@ -274,7 +274,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=No
     def triton_on(mask, split=True, backward="two-pass"):
         from ..backends.triton_kernel import TileLists, block_sparse_attention_triton
 
-        lists = TileLists.from_layout(BlockLayout.from_mask(mask, bs), split=split)
+        lists = TileLists.from_layout(TileMask.from_mask(mask, bs), split=split)
         return lists, lambda q, k, v: block_sparse_attention_triton(q, k, v, lists, scale=scale, backward=backward)
 
     def triton():

@@ -12,7 +12,7 @@ from sparseattn import Plan
 from sparseattn.backends import BlockSparseBackend, ReferenceBackend, get_backend
 from sparseattn.backends.base import AttentionCall
 from sparseattn.backends.block import bucket_length
-from sparseattn.backends.block_layout import EMPTY, FULL, BlockLayout, kv_lists, pack_bits, unpack_bits
+from sparseattn.backends.tile_mask import EMPTY, FULL, TileMask, kv_lists, pack_bits, unpack_bits
 from sparseattn.layout import TokenLayout
 from sparseattn.patterns import random_blocks
 from sparseattn.sparsity import block_counts
@@ -45,7 +45,7 @@ def _keep(spec, layout, heads=4, layer=1):
 def test_layout_is_the_mask_exactly(spec, which, causal, block_size):
     layout = LAYOUTS[which](causal)
     keep = _keep(spec, layout)
-    bl = BlockLayout.from_mask(keep, block_size)
+    bl = TileMask.from_mask(keep, block_size)
     assert torch.equal(bl.to_dense(), keep)  # every kept pair is in a kept tile, nothing else is kept
     # full tiles are truly full, partial tiles neither empty nor full, empty tiles empty
     L = keep.shape[-1]
@@ -72,26 +72,26 @@ def test_layouts_built_a_slab_of_rows_at_a_time_equal_the_whole_masks(rows_per_s
     keep = torch.rand(2, 3, Lq, Lk, generator=g) < 0.2
     keep[:, 1] = torch.ones(Lq, Lk, dtype=torch.bool).tril(8).triu(-8)  # a band: recurring partial tiles
     keep[1, 2, :64, :32] = True  # full tiles
-    whole = BlockLayout.from_mask(keep, bs, pad_tiles_to_pow2=pow2)
+    whole = TileMask.from_mask(keep, bs, pad_tiles_to_pow2=pow2)
     asked = []
 
     def rows(start, stop):
         asked.append((start, stop))
         return keep[:, :, start:stop]
 
-    sliced = BlockLayout.from_rows(rows, Lq, Lk, bs, pad_tiles_to_pow2=pow2,
+    sliced = TileMask.from_rows(rows, Lq, Lk, bs, pad_tiles_to_pow2=pow2,
                                    slab_pairs=rows_per_slab * bs * bs * -(-Lk // bs))
     assert [b - a for a, b in asked[:-1]] == [rows_per_slab * bs] * (len(asked) - 1) and asked[-1][1] == Lq
     assert torch.equal(sliced.code, whole.code) and torch.equal(sliced.bits, whole.bits)
     assert torch.equal(sliced.to_dense(), keep)
     with pytest.raises(ValueError, match=r"rows\(0, 16\) gave torch.bool \(2, 3, 16, 89\), expected a bool \(B, H, 16, 90\)"):
-        BlockLayout.from_rows(lambda a, b: keep[:, :, a:b, :89], Lq, Lk, bs, slab_pairs=1)
+        TileMask.from_rows(lambda a, b: keep[:, :, a:b, :89], Lq, Lk, bs, slab_pairs=1)
 
 
 def test_flex_lists_match_tiles():
     layout = TokenLayout.from_lengths([70, 33])
     keep = _keep("all: neighbour(4) | random_blocks(1, block=16)", layout)
-    bl = BlockLayout.from_mask(keep, 16)
+    bl = TileMask.from_mask(keep, 16)
     bm = bl.flex_block_mask()
     for count, idx, want in ((bm.kv_num_blocks, bm.kv_indices, bl.partial),
                              (bm.full_kv_num_blocks, bm.full_kv_indices, bl.full)):
@@ -112,11 +112,11 @@ def test_flex_lists_match_tiles():
 
 def test_large_layouts_read_packed_bits(monkeypatch):
     """Above the kernels' 32-bit indexing the mask_mod reads the bit table: the same mask."""
-    import sparseattn.backends.block_layout as bl_mod
+    import sparseattn.backends.tile_mask as bl_mod
 
     layout = TokenLayout.from_lengths([70, 33])
     keep = _keep("all: neighbour(4) | random_blocks(1, block=16)", layout)
-    bl = BlockLayout.from_mask(keep, 16)
+    bl = TileMask.from_mask(keep, 16)
     b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in keep.shape), indexing="ij")
     monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", keep.numel() // 2)
     assert bl.mask_mod().__name__ == "bit_table_mask"
@@ -129,7 +129,7 @@ def test_large_layouts_read_packed_bits(monkeypatch):
 def test_tables_beyond_32_bit_indexing_are_split_by_heads(monkeypatch):
     """A per-head layout whose bool table would exceed the kernels' indexing runs as groups of heads (whole
     key/value groups), each reading its own bool table: the same outputs and gradients as the reference."""
-    import sparseattn.backends.block_layout as bl_mod
+    import sparseattn.backends.tile_mask as bl_mod
 
     layout = TokenLayout.from_lengths([45, 30])
     call = _call("heads=0@all: neighbour(2); heads=1,2@all: random(3); heads=3@all: strided(4)", layout,
@@ -137,7 +137,7 @@ def test_tables_beyond_32_bit_indexing_are_split_by_heads(monkeypatch):
     keep = call.keep_mask() & layout.real[:, None, :, None]
     per_head = 2 * 48 * 48  # B x padded L^2
     monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 2 * per_head + 5)  # two heads fit, not four
-    bl = BlockLayout.from_mask(keep, 16)
+    bl = TileMask.from_mask(keep, 16)
     assert bl.head_groups() == [(0, 2), (2, 4)] and bl.head_groups(multiple=2) == [(0, 2), (2, 4)]
     assert bl.head_groups(multiple=4) == [(0, 4)]  # a whole key/value group does not fit: one call on bits
     monkeypatch.setattr(bl_mod, "MAX_TABLE_ELEMENTS", 3 * per_head)
@@ -162,9 +162,9 @@ def test_pack_bits_round_trip_and_dedupe():
         tiles[0] = True  # the sign bit of every word set
         assert torch.equal(unpack_bits(pack_bits(tiles), bs), tiles)
     keep = torch.ones(1, 1, 256, 256, dtype=torch.bool).triu(-20).tril(20)  # a band: many equal tiles
-    bl = BlockLayout.from_mask(keep, 32)
+    bl = TileMask.from_mask(keep, 32)
     assert bl.bits.shape[0] <= 3 and torch.equal(bl.to_dense(), keep)
-    padded = BlockLayout.from_mask(keep, 32, pad_tiles_to_pow2=True)
+    padded = TileMask.from_mask(keep, 32, pad_tiles_to_pow2=True)
     assert padded.bits.shape[0] in (1, 2, 4) and torch.equal(padded.to_dense(), keep)
 
 
@@ -179,20 +179,20 @@ def test_layout_codes():
     keep = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
     keep[..., :16, :16] = True  # full
     keep[..., 16:, :16] = torch.eye(16, dtype=torch.bool)  # partial
-    bl = BlockLayout.from_mask(keep, 16)
+    bl = TileMask.from_mask(keep, 16)
     assert bl.code[0, 0].tolist() == [[FULL, EMPTY], [0, EMPTY]]
     b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in keep.shape), indexing="ij")
     assert torch.equal(bl.mask_mod()(b, h, q, kv), keep)  # through the bit table
     tiles_only = torch.zeros(1, 2, 48, 48, dtype=torch.bool)
     tiles_only[:, 0, :16, 16:32] = tiles_only[:, 1, 32:, :] = True
-    full_only = BlockLayout.from_mask(tiles_only, 16)
+    full_only = TileMask.from_mask(tiles_only, 16)
     assert not full_only.has_partial()
     b, h, q, kv = torch.meshgrid(*(torch.arange(n) for n in tiles_only.shape), indexing="ij")
     assert torch.equal(full_only.mask_mod()(b, h, q, kv), tiles_only)  # no token table needed
     with pytest.raises(ValueError, match="multiple of 16"):
-        BlockLayout.from_mask(keep, 24)
+        TileMask.from_mask(keep, 24)
     with pytest.raises(ValueError, match="4-D bool"):
-        BlockLayout.from_mask(keep.float(), 16)
+        TileMask.from_mask(keep.float(), 16)
 
 
 def test_bucket_length():

@@ -1,4 +1,5 @@
-"""Block layouts: a keep-mask compiled to the tiles a block-sparse kernel visits.
+"""TileMask: a keep-mask compiled to the tiles a block-sparse kernel visits (not to be confused with a
+TokenLayout, which describes a batch: its padding, documents and special tokens).
 
 A keep-mask (B, H, Lq, Lk) is cut into block_size x block_size tiles (the last row and column of
 tiles padded with "not kept"). Each tile is
@@ -17,11 +18,11 @@ block-aligned layouts such as BigBird's random blocks), which it evaluates 4x fa
 a tile index (measured on an H100). Tables beyond the kernels' 32-bit indexing are split by heads (one
 FlexAttention call per group of heads). Where the mask is a function of positions, the backend gives
 FlexAttention its own mask_mod and no table is made. Compiling goes a slab of query rows at a time
-(``BlockLayout.from_rows``), so a mask that is a function of positions never exists at L x L.
+(``TileMask.from_rows``), so a mask that is a function of positions never exists at L x L.
 
 >>> import torch
 >>> keep = torch.ones(1, 1, 48, 48, dtype=torch.bool).tril()
->>> bl = BlockLayout.from_mask(keep, block_size=16)
+>>> bl = TileMask.from_mask(keep, block_size=16)
 >>> bl.code[0, 0].tolist()  # FULL=-1 below the diagonal, EMPTY=-2 above, one stored partial tile on it
 [[0, -2, -2], [-1, 0, -2], [-1, -1, 0]]
 >>> torch.equal(bl.to_dense(), keep)
@@ -86,7 +87,7 @@ def kv_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class BlockLayout:
+class TileMask:
     """A keep-mask over (B', H', q_len, kv_len) tokens as tiles of block_size x block_size.
 
     code: (B', H', Nq, Nk) int32: EMPTY, FULL, or (>= 0) the index of a partial tile in ``bits``.
@@ -105,7 +106,7 @@ class BlockLayout:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_mask(cls, keep: torch.Tensor, block_size: int = 128, *, dedupe: bool = True,
-                  pad_tiles_to_pow2: bool = False) -> "BlockLayout":
+                  pad_tiles_to_pow2: bool = False) -> "TileMask":
         """Compile a keep-mask (B', H', Lq, Lk) bool into tiles.
 
         pad_tiles_to_pow2: round the bit table's length up to a power of two, so that kernels compiled for
@@ -119,7 +120,7 @@ class BlockLayout:
 
     @classmethod
     def from_rows(cls, rows, q_len: int, kv_len: int, block_size: int = 128, *, dedupe: bool = True,
-                  pad_tiles_to_pow2: bool = False, slab_pairs: int = 2**24) -> "BlockLayout":
+                  pad_tiles_to_pow2: bool = False, slab_pairs: int = 2**24) -> "TileMask":
         """Compile a keep-mask given a slab of query rows at a time: ``rows(start, stop)`` returns the
         (B', H', stop - start, kv_len) bool mask of queries start..stop-1 (slabs of whole tile rows, about
         ``slab_pairs`` pairs each). Only one slab exists at a time, so a mask computed from positions never
@@ -227,7 +228,7 @@ class BlockLayout:
 
     def __repr__(self) -> str:
         B, H, Nq, Nk = self.code.shape
-        return (f"BlockLayout({B}x{H} of {Nq}x{Nk} tiles of {self.block_size}, {int(self.full.sum())} full, "
+        return (f"TileMask({B}x{H} of {Nq}x{Nk} tiles of {self.block_size}, {int(self.full.sum())} full, "
                 f"{int(self.partial.sum())} partial ({self.bits.shape[0]} distinct), density {self.density():.1%})")
 
     # -- FlexAttention ------------------------------------------------------------------------
@@ -281,11 +282,11 @@ class BlockLayout:
             return [(0, H)]
         return [(h, min(H, h + size)) for h in range(0, H, size)]
 
-    def select_heads(self, start: int, stop: int) -> "BlockLayout":
+    def select_heads(self, start: int, stop: int) -> "TileMask":
         """The layout of heads start..stop-1 (the partial tiles' bits are shared, not copied)."""
         if self.code.shape[1] == 1:
             return self
-        return BlockLayout(code=self.code[:, start:stop].contiguous(), bits=self.bits, block_size=self.block_size,
+        return TileMask(code=self.code[:, start:stop].contiguous(), bits=self.bits, block_size=self.block_size,
                            q_len=self.q_len, kv_len=self.kv_len)
 
     def mask_mod(self):
