@@ -275,9 +275,7 @@ def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | Non
     """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``
     (its runs of ``sweep``, or all)."""
     db_path = Path(db_path)
-    if not db_path.is_file():
-        raise FileNotFoundError(f"no results database at {db_path}")
-    db = ResultsDB(db_path)
+    db = ResultsDB(db_path, readonly=True)  # says so when there is none
     try:
         if sweep is not None and sweep not in db.sweeps():
             raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")
