@@ -27,6 +27,7 @@ from .text.structure import encode
 # Modules that add sub-commands; each has register(subparsers). Listed in --help order.
 COMMAND_MODULES = [
     "sparseattn.experiments.commands",  # finetune, sweep, report, demo
+    "sparseattn.training.commands",  # evaluate
     "sparseattn.pruning.commands",  # ap collect / ap mask
     "sparseattn.learned.commands",  # learn
     "sparseattn.bench.commands",  # bench attention / bench model

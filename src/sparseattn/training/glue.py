@@ -294,7 +294,7 @@ def read_tsv(task: GlueTask, path: str | os.PathLike, *, on_malformed: str = "er
         label = None
         if li is not None:
             try:
-                label = _parse_label(task, row[li])
+                label = parse_label(task, row[li])
             except ValueError as e:
                 malformed(line, str(e))
                 continue
@@ -304,7 +304,7 @@ def read_tsv(task: GlueTask, path: str | os.PathLike, *, on_malformed: str = "er
     return out
 
 
-def _parse_label(task: GlueTask, value: str):
+def parse_label(task: GlueTask, value: str):
     v = value.strip()
     if task.labels is None:
         return parse_score(value, task.label_range)
