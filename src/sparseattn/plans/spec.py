@@ -172,12 +172,36 @@ def _build(node: ast.AST, text: str, at: int, tables: dict | None) -> Pattern:
         raise PlanSpecError(f"{name}: {e} (signature {REGISTRY[name].signature})", text, *span) from None
 
 
+def _in_parentheses(src: str) -> bool:
+    """Whether ``src`` is one parenthesized expression: its first '(' closes at its last character."""
+    if not (src.startswith("(") and src.endswith(")")):
+        return False
+    depth, quote = 0, None
+    for i, c in enumerate(src):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i == len(src) - 1
+    return False
+
+
 def _parse_operand(text: str, tables: dict | None, full: str, at: int) -> Pattern:
     """One operand of the top-level | and & of a pattern: a call, or a parenthesized expression."""
     src = text.strip()
     at += len(text) - len(text.lstrip())
     if not src:
         raise PlanSpecError("missing pattern", full, at)
+    if _in_parentheses(src):  # "(a | b | ...)", as spec() writes a combination: split it here too
+        try:
+            return parse_pattern(src[1:-1], tables, _full=full, _at=at + 1)
+        except RecursionError:
+            raise PlanSpecError("cannot parse pattern: it is nested too deeply", full, at, at + len(src)) from None
     try:
         tree = ast.parse(src, mode="eval")
     except SyntaxError as e:
