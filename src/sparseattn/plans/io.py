@@ -61,9 +61,8 @@ def as_plan(plan: Plan | str) -> Plan:
 
 def table_digest(t: torch.Tensor) -> str:
     """A hash of a stored table's dtype, shape and every value."""
-    t = t.contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bool else t.numpy().tobytes())
+    h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())  # any dtype's bytes
     return h.hexdigest()[:32]
 
 
