@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 ROOT = "sparseattn"
 
 FLOORS = [
-    ["_version", "paths"],
+    ["_version", "paths", "errors"],  # errors: sparseattn's own exception types
     ["layout", "sparsity", "patterns"],
     ["plans"],  # which pattern applies where; the text form of plans
     ["backends"],  # how attention runs under a plan

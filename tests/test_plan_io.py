@@ -107,7 +107,19 @@ def test_a_tampered_static_table_is_caught_on_load(tmp_path):
     tensors = load_file(str(f))
     tensors["table/ap_l0"][2, 5, 1] = ~tensors["table/ap_l0"][2, 5, 1]
     save_file(tensors, str(f), metadata={"format": FORMAT})
-    with pytest.raises(ValueError, match="layer 0's mask differs"):
+    with pytest.raises(sa.PlanFileError, match="the table 'ap_l0' differs from the one saved"):
+        load_plan(folder)
+
+
+def test_a_table_changed_beyond_the_saved_length_is_caught(tmp_path):
+    """The materialized masks cover the reference length only; the table's digest covers all of it."""
+    plan, _, _ = _static_plan()
+    folder = save_plan(plan, tmp_path / "ap", num_layers=4, num_heads=4, length=8)
+    f = folder / "masks.safetensors"
+    tensors = load_file(str(f))
+    tensors["table/ap_l2"][0, 11, 10] = ~tensors["table/ap_l2"][0, 11, 10]  # rows and columns 8-11: past length 8
+    save_file(tensors, str(f), metadata={"format": FORMAT})
+    with pytest.raises(sa.PlanFileError, match=r"masks.safetensors: the table 'ap_l2' differs"):
         load_plan(folder)
 
 
@@ -123,11 +135,53 @@ def test_broken_files_get_clear_errors(tmp_path):
         load_plan(folder)
 
 
+@pytest.mark.parametrize("info,message", [
+    ([1, 2], "plan.json: expected a JSON object with 'format' and 'spec', got a list"),
+    ({"format": FORMAT}, "plan.json: 'spec' must be the plan's spec as a string, got '\\(none\\)'"),
+    ({"format": FORMAT, "spec": 3}, "'spec' must be the plan's spec as a string, got 3"),
+    ({"format": FORMAT, "spec": "all: neighbour(1)", "materialized_layers": [0], "num_layers": 2, "num_heads": 2,
+      "length": "9"}, "plan.json: 'length' must be a positive integer \\(the reference length\\), got '9'"),
+    ({"format": FORMAT, "spec": "all: neighbour(1)", "materialized_layers": [0], "num_layers": 2, "num_heads": 2,
+      "length": 9}, "masks.safetensors: the saved mask 'layer/0' is missing"),
+    ({"format": FORMAT, "spec": "all: neighbor(1)"}, "plan.json: 'spec': unknown pattern 'neighbor'"),
+    ({"format": FORMAT, "spec": "dense", "table_digests": {"ap": "x"}}, "the table 'ap' that plan.json lists"),
+])
+def test_malformed_plan_json(tmp_path, info, message):
+    folder = save_plan(Plan.parse("all: neighbour(1)"), tmp_path / "p")
+    (folder / "plan.json").write_text(json.dumps(info))
+    with pytest.raises(sa.PlanError, match=message):
+        load_plan(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", None])
+def test_truncated_or_garbage_masks_file(tmp_path, content):
+    plan, _, _ = _static_plan()
+    folder = save_plan(plan, tmp_path / "ap", num_layers=4, num_heads=4, length=12)
+    f = folder / "masks.safetensors"
+    f.write_bytes(f.read_bytes()[:100] if content is None else content)
+    with pytest.raises(sa.PlanFileError, match=r"ap/masks.safetensors: cannot be read as safetensors"):
+        load_plan(folder)
+
+
+def test_a_missing_plan_path_says_so(tmp_path):
+    from sparseattn.plans import as_plan
+
+    with pytest.raises(sa.NotFoundError, match="no saved plan at '.*/gone': the path does not exist"):
+        as_plan(str(tmp_path / "gone"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sa.PlanFileError, match="empty: this folder has no plan.json"):
+        as_plan(str(tmp_path / "empty"))
+    with pytest.raises(sa.PlanSpecError, match="unknown pattern"):  # not a path: still the spec's error
+        as_plan("all: neighbor(1)")
+
+
 def test_a_static_table_missing_from_the_file(tmp_path):
     plan, _, _ = _static_plan()
     folder = save_plan(plan, tmp_path / "ap")
     tensors = load_file(str(folder / "masks.safetensors"))
     del tensors["table/ap_l2"]
     save_file(tensors, str(folder / "masks.safetensors"))
-    with pytest.raises(sa.PlanSpecError, match=r"static_mask\('ap_l2'\) names a table that is not loaded"):
+    with pytest.raises(sa.PlanFileError, match=r"masks.safetensors: the table 'ap_l2' that plan.json lists is missing"):
         load_plan(folder)
+    with pytest.raises(sa.PlanSpecError, match=r"static_mask\('ap_l2'\) names a table that is not loaded"):
+        load_plan(folder, verify=False)

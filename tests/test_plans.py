@@ -39,7 +39,7 @@ def test_spec_forms_that_mean_the_same_plan():
         assert Plan.parse(text) == a, text
     assert a == Plan([Rule(sa.neighbour(2) | sa.global_tokens(1), layers=(5, 4, 3))])
     assert Plan.parse("neighbour(1)") == Plan.everywhere(sa.neighbour(1))  # no selector: every layer and head
-    assert Plan.parse("dense") == Plan.dense() == Plan.parse("")
+    assert Plan.parse("dense") == Plan.dense() == Plan.parse("none") == Plan.parse("dense # no sparsity")
     two = Plan.parse("layers=0: neighbour(1); layers=1: random(2)")
     assert two == Plan.parse("layers=0: neighbour(1)\nlayers=1: random(2)")
     assert two == Plan.parse("layers=0: neighbour(1)") + Plan.parse("layers=1: random(2)")

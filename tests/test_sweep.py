@@ -91,16 +91,31 @@ def _spec(tmp_path, model, plans):
     return p
 
 
-@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
-def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, tiny_model):
+def test_what_a_run_would_find_out_late_fails_at_sweep_time(tmp_path, tiny_model, capsys):
     from sparseattn.cli import main
 
-    spec = _spec(tmp_path, tiny_model, ["layers=5: neighbour(1)"])  # the tiny model has 2 layers
+    spec = _spec(tmp_path, tiny_model, ["dense", "layers=5: neighbour(1)"])  # the tiny model has 2 layers
+    assert main(["sweep", str(spec), "--no-progress"]) == 1
+    assert "run 2 (sst2 | layers=5: neighbour(1) | seed 0): in rule 'layers=5: neighbour(1)': layer 5 is out of " \
+           "range for a model with 2 layers" in capsys.readouterr().err
+    assert not (tmp_path / "t.sqlite").exists()  # nothing queued
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, tiny_model, monkeypatch):
+    from sparseattn.cli import main
+    from sparseattn.training import finetune
+
+    def broken(*a, **k):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(finetune, "load_classifier", broken)
+    spec = _spec(tmp_path, tiny_model, ["layers=1: neighbour(1)"])
     assert main(["sweep", str(spec), "--no-progress"]) == 0
     db = ResultsDB(tmp_path / "t.sqlite")
     rows = db.runs("t")
     assert [r["status"] for r in rows] == ["failed", "failed"]
-    assert "layer 5 is out of range" in rows[0]["error"] and rows[0]["versions"]["torch"]
+    assert "RuntimeError: the model broke" in rows[0]["error"] and rows[0]["versions"]["torch"]
     main(["sweep", str(spec), "--no-progress"])  # not retried unless asked
     assert [r["attempts"] for r in db.runs("t")] == [1, 1]
     main(["sweep", str(spec), "--no-progress", "--retry-failed"])

@@ -9,6 +9,7 @@
 """
 
 from ._version import __version__ as __version__
+from .errors import ConfigError, DataError, NotFoundError, SparseattnError, StorageError
 from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify
 from .layout import TokenLayout
 from .model_sparsity import measure_sparsity
@@ -16,7 +17,7 @@ from .patterns import (
     Pattern, bigbird, causal, full, global_tokens, intersection, lexical, neighbour, random, similar,
     static_mask, strided, syntax, union,
 )
-from .plans import Plan, PlanError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan
+from .plans import Plan, PlanError, PlanFileError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan
 from .sparsity import SparsityReport, mask_sparsity, measure_plan
 from .text.parse import ParseCache
 from .text.structure import BatchStructure, encode
@@ -24,8 +25,9 @@ from .text.structure import BatchStructure, encode
 __all__ = [
     "Pattern", "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird", "syntax",
     "lexical", "similar", "static_mask", "union", "intersection",
-    "Plan", "Rule", "PlanError", "PlanSpecError", "parse_pattern", "save_plan", "load_plan",
+    "Plan", "Rule", "PlanError", "PlanSpecError", "PlanFileError", "parse_pattern", "save_plan", "load_plan",
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
     "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention",
     "encode", "BatchStructure", "ParseCache",
+    "SparseattnError", "ConfigError", "DataError", "NotFoundError", "StorageError",
 ]

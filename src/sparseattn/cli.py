@@ -14,6 +14,7 @@ import textwrap
 
 import torch
 
+from .errors import SparseattnError
 from .integrations.hf import UnsupportedModelError, sparsify
 from .model_sparsity import measure_sparsity, model_layout
 from .models import load_model, load_tokenizer
@@ -26,6 +27,7 @@ from .text.structure import encode
 # Modules that add sub-commands; each has register(subparsers). Listed in --help order.
 COMMAND_MODULES = [
     "sparseattn.experiments.commands",  # finetune, sweep, report, demo
+    "sparseattn.training.commands",  # evaluate
     "sparseattn.pruning.commands",  # ap collect / ap mask
     "sparseattn.learned.commands",  # learn
     "sparseattn.bench.commands",  # bench attention / bench model
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, OSError, UnsupportedModelError) as e:
+    except (SparseattnError, ValueError, KeyError, OSError, UnsupportedModelError) as e:
         if os.environ.get("SPARSEATTN_DEBUG"):
             raise
         print(f"sparseattn {args.command}: error: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import ConfigTypeError, NotFoundError
+
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -26,9 +28,21 @@ def default_model() -> str:
 
 
 def resolve_model(name: str | None) -> str:
+    """The path or hub id a model name means. A name that is written as a path (it starts with '/', '.' or
+    '~', has more than one '/', or ends in a path separator) must exist: a hub id is 'name' or 'org/name'."""
     if name in (None, "", "default", "minilm", "packaged"):
         return default_model()
+    if not isinstance(name, str):
+        raise ConfigTypeError(f"model must be a hub id or a local path, got {name!r}")
+    if not os.path.exists(name) and _written_as_path(name):
+        raise NotFoundError(f"model path {name!r} does not exist (expected a local folder with config.json, or a "
+                            "hub id such as 'bert-base-uncased' or 'org/name')")
     return name
+
+
+def _written_as_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(("/", os.sep)) or \
+        (os.sep != "/" and os.sep in name)
 
 
 def load_tokenizer(name: str | None = None):

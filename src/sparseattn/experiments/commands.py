@@ -89,7 +89,7 @@ def cmd_sweep(args) -> int:
         if not db_path.is_file():
             print(f"no results database at {db_path} yet")
             return 0
-        db = ResultsDB(db_path)
+        db = ResultsDB(db_path, readonly=True)
         for r in db.runs(spec.name):
             score = f"{r['score']:.4f}" if r["score"] is not None else ""
             print(f"{r['key'][:10]}  {r['status']:<8} x{r['attempts']}  {r['task']:<5} seed {r['seed']}  "

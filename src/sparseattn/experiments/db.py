@@ -8,11 +8,20 @@ run is never run again; a failed run keeps its error and runs again only when as
 
 SQLite runs in WAL mode with synchronous=FULL: a commit survives the process being killed at any
 moment. (SQLite's locking needs a local file system, not NFS.)
+
+A finished run's result is first written to a file of its own (``<db>.kept/<key>.json``) and then taken
+into the database; the file goes once the database holds it. When the database cannot be written (the disk
+is full), the file stays and the next claim on the database takes it in, so finished work is never lost
+and never redone.
+
+``ResultsDB(path, readonly=True)`` only reads (``--status``, ``report``): it works on a database that cannot
+be written, on read-only media too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -21,8 +30,12 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
+from ..errors import NotFoundError, StorageError
 from ..training.record import run_key
+
+log = logging.getLogger("sparseattn")
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -60,33 +73,75 @@ STATUSES = ("pending", "running", "done", "failed")
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running; a zombie (ended, not yet reaped) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]  # the field after the command name
+    except (OSError, IndexError):  # no /proc (not Linux): kill's answer stands
         return True
-    return True
+    return state not in (b"Z", b"X")
 
 
 class ResultsDB:
     """One SQLite results database. Safe to open from several processes at once."""
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
-        self.conn = self._connect()
-        with self.transaction():
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    self.conn.execute(stmt)
+        self.readonly = readonly
+        if readonly:
+            self.conn = self._connect_readonly()
+            self._check_schema()
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = self._connect()
+            with self.transaction():
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+                self._check_schema(create=True)
+        except (sqlite3.Error, OSError) as e:
+            why = str(e) if isinstance(e, StorageError) else \
+                f"{self.path}: cannot open the results database for writing ({e})"
+            raise StorageError(f"{why} (--status and report only read it: they work on a read-only database)") \
+                from None
+
+    def _check_schema(self, create: bool = False) -> None:
+        try:
             row = self.conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise ValueError(f"{self.path} has results schema version {row[0]}, this sparseattn reads "
-                                 f"version {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise StorageError(f"{self.path}: not a sparseattn results database ({e})") from None
+        if row is None and create:
+            self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif row is None or str(row[0]) != str(SCHEMA_VERSION):
+            raise StorageError(f"{self.path} has results schema version {row[0] if row else None}, this sparseattn "
+                               f"reads version {SCHEMA_VERSION}")
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A connection that never writes. A WAL database needs its -shm file, which a read-only folder cannot
+        hold; then the file is opened as immutable (it must not be written meanwhile: a finished sweep)."""
+        if not self.path.is_file():
+            raise NotFoundError(f"no results database at {self.path}")
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        error = None
+        for suffix in ("", "&immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + suffix, uri=True, timeout=self.timeout, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.DatabaseError as e:
+                error = e
+                continue
+            conn.row_factory = sqlite3.Row
+            return conn
+        raise StorageError(f"{self.path}: cannot open the results database to read it ({error})")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
@@ -103,13 +158,21 @@ class ResultsDB:
     def transaction(self, conn: sqlite3.Connection | None = None):
         """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so read-then-write is atomic."""
         c = conn or self.conn
-        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StorageError(f"{self.path}: cannot write the results database ({e})") from None
         try:
             yield c
-        except BaseException:
-            c.execute("ROLLBACK")
+            c.execute("COMMIT")
+        except BaseException as e:
+            try:
+                c.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # COMMIT failed and SQLite rolled back itself
+            if isinstance(e, sqlite3.Error):  # a full disk, a read-only file, a busy database past the timeout
+                raise StorageError(f"{self.path}: cannot write the results database ({e})") from None
             raise
-        c.execute("COMMIT")
 
     # -- filling -----------------------------------------------------------------------------------
     def add_runs(self, sweep: str, configs: list[dict], plans: list[str] | None = None) -> tuple[int, int]:
@@ -141,6 +204,7 @@ class ResultsDB:
     # -- claiming and running ----------------------------------------------------------------------
     def claim(self, worker: "WorkerId", sweep: str | None = None, *, lease: float = 120.0) -> sqlite3.Row | None:
         """Atomically take the next pending run (or one whose worker died) of ``sweep``; None when none."""
+        self.take_kept()  # results finished earlier but not recorded then: never run them again
         now = time.time()
         scope = "" if sweep is None else " AND r.key IN (SELECT key FROM sweep_runs WHERE sweep=:sweep)"
         order = " ORDER BY r.rowid" if sweep is None else \
@@ -171,16 +235,76 @@ class ResultsDB:
             (now, now + lease, key, worker.name))
         return cur.rowcount == 1
 
+    # -- finished results: a file first, then the database ---------------------------------------------
+    @property
+    def kept_dir(self) -> Path:
+        """Where finished results wait until the database holds them."""
+        return self.path.with_name(self.path.name + ".kept")
+
+    def _keep(self, key: str, result: dict) -> Path | None:
+        """Write ``result`` to its own file (atomically, synced); None when that fails too (the disk is full)."""
+        path = self.kept_dir / f"{key}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            self.kept_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(result))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return path
+        except (OSError, TypeError, ValueError) as e:
+            log.warning("could not keep the result of run %s in %s: %s", key[:10], path, e)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return None
+
+    def take_kept(self) -> int:
+        """Take results waiting in ``kept_dir`` into the database (each once); returns how many."""
+        try:
+            files = sorted(self.kept_dir.glob("*.json"))
+        except OSError:
+            return 0
+        taken = 0
+        for f in files:
+            try:
+                result = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                log.warning("cannot read the kept result %s (%s); left there", f, e)
+                continue
+            try:
+                taken += self._finish(f.stem, None, result)
+            except StorageError as e:
+                raise StorageError(f"{e}; the finished result {f} waits there") from None
+            f.unlink(missing_ok=True)
+        return taken
+
     def finish(self, key: str, worker: "WorkerId", result: dict) -> bool:
         """Record a finished run. The first result of a run is kept: False (nothing written) if the run is
-        already done (another worker reclaimed it and finished first)."""
+        already done (another worker reclaimed it and finished first). The result goes to a file first; if
+        the database cannot take it (StorageError), the file stays and ``take_kept`` records it later."""
+        kept = self._keep(key, result)
+        try:
+            done = self._finish(key, worker, result)
+        except (sqlite3.Error, OSError) as e:
+            where = f"kept in {kept}; it goes into the database when the sweep runs again" if kept else \
+                f"NOT kept: {self.kept_dir} could not be written either"
+            raise StorageError(f"{self.path}: cannot record the finished run {key[:10]} ({e}); its result is "
+                               f"{where}") from None
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+        return done
+
+    def _finish(self, key: str, worker: "WorkerId | None", result: dict) -> bool:
         now = time.time()
         sp = result.get("sparsity", {})
         with self.transaction() as c:
             row = c.execute("SELECT status, started, worker FROM runs WHERE key=?", (key,)).fetchone()
             if row is None or row["status"] == "done":
                 return False
-            started = row["started"] if row["worker"] == worker.name else None
+            started = row["started"] if worker is not None and row["worker"] == worker.name else None
             c.execute("UPDATE runs SET status='done', finished=?, wall_seconds=?, score=?, metrics=?, sparsity=?, "
                       "sparsity_applied=?, sparsity_per_layer=?, result=?, versions=?, error=NULL, lease_until=NULL "
                       "WHERE key=?",

@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..errors import ConfigError, SparseattnError
 from ..reports.report import write_report_files
-from ..training.config import FinetuneConfig
+from ..training.config import FinetuneConfig, model_shape
 from ..training.methods import config_from_dict, run_config
 from ..training.record import package_versions, run_key
 from .db import Heartbeat, ResultsDB, WorkerId
@@ -47,7 +48,7 @@ from .db import Heartbeat, ResultsDB, WorkerId
 SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
 
 
-class SweepSpecError(ValueError):
+class SweepSpecError(ConfigError):
     """A sweep spec that cannot be expanded; the message names the file and the offending entry."""
 
 
@@ -66,9 +67,12 @@ class SweepSpec:
 def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | None = None) -> SweepSpec:
     if not isinstance(d, dict):
         raise SweepSpecError(f"{where}: expected a mapping with keys {sorted(SPEC_KEYS)}, got {type(d).__name__}")
-    unknown = sorted(set(d) - SPEC_KEYS)
+    unknown = sorted(map(repr, set(d) - SPEC_KEYS))
     if unknown:
-        raise SweepSpecError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(SPEC_KEYS)}")
+        raise SweepSpecError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {sorted(SPEC_KEYS)}")
+    for key, what in (("name", "a name"), ("description", "text"), ("db", "a database path")):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise SweepSpecError(f"{where}: '{key}' must be {what} (a string), got {d[key]!r}")
     name = str(d.get("name") or name)
     fixed = d.get("fixed") or {}
     grid = d.get("grid") or {}
@@ -81,6 +85,8 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
         if not isinstance(g, dict):
             raise SweepSpecError(f"{where}: '{at}' must be a mapping of option: [values]")
         for k, v in g.items():
+            if not isinstance(k, str):
+                raise SweepSpecError(f"{where}: '{at}' has the key {k!r}; expected option names")
             if not isinstance(v, list) or not v:
                 raise SweepSpecError(f"{where}: {at}.{k} must be a non-empty list, got {v!r}")
     if not isinstance(extra, list) or not all(isinstance(r, dict) for r in extra):
@@ -99,7 +105,7 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
     for i, c in enumerate(dicts):
         try:
             cfg = config_from_dict(c)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, SparseattnError) as e:
             raise SweepSpecError(f"{where}: run {i} {c}: {e}") from None
         key = run_key(cfg.to_dict())
         if key not in seen:  # the same run listed twice is one run
@@ -121,6 +127,20 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     spec = spec_from_dict(d, name=path.stem, where=str(path), base_dir=path.parent)
     spec.path = path
     return spec
+
+
+def check_runs(spec: SweepSpec) -> None:
+    """What a run would only find out when it starts, checked for every run before any is queued: the model
+    loads, max_length fits its positions, the plan's layers and heads are in range."""
+    shapes: dict = {}
+    where = spec.path or spec.name
+    for i, cfg in enumerate(spec.configs):
+        try:
+            if cfg.model not in shapes:
+                shapes[cfg.model] = model_shape(cfg.model)
+            cfg.check_model_shape(*shapes[cfg.model])
+        except SparseattnError as e:
+            raise SweepSpecError(f"{where}: run {i} ({cfg.task} | {cfg.display_plan} | seed {cfg.seed}): {e}") from None
 
 
 # -- one worker -------------------------------------------------------------------------------------------
@@ -178,6 +198,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
 
 # -- a sweep: enqueue, then one worker here or several in subprocesses -------------------------------------
 def enqueue(spec: SweepSpec, db_path=None, *, retry_failed: bool = False) -> ResultsDB:
+    check_runs(spec)
     db = ResultsDB(db_path or spec.db)
     new, known = db.add_runs(spec.name, spec.config_dicts(), plans=[c.display_plan for c in spec.configs])
     again = db.retry_failed(spec.name) if retry_failed else 0
@@ -254,9 +275,7 @@ def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | Non
     """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``
     (its runs of ``sweep``, or all)."""
     db_path = Path(db_path)
-    if not db_path.is_file():
-        raise FileNotFoundError(f"no results database at {db_path}")
-    db = ResultsDB(db_path)
+    db = ResultsDB(db_path, readonly=True)  # says so when there is none
     try:
         if sweep is not None and sweep not in db.sweeps():
             raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")

@@ -76,6 +76,10 @@ class LearnGlueConfig(FinetuneConfig):
                              f"got {self.hard_epochs!r}")
         self.layer_rule()  # a bad selector fails here, with a caret
 
+    def check_model_shape(self, num_layers: int, num_heads: int, max_positions: int | None) -> None:
+        super().check_model_shape(num_layers, num_heads, max_positions)
+        self.layer_rule().resolve_layers(num_layers)  # learn_layers in range
+
     def layer_rule(self) -> Rule:
         """A rule over the layers whose degrees are learned (its pattern is a placeholder)."""
         layers, heads = parse_selector(self.learn_layers)

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import ConfigError, ConfigTypeError
 from ..layout import TokenLayout
 
 
@@ -188,12 +189,20 @@ def register(factory: Callable[..., Pattern]) -> Callable[..., Pattern]:
     return factory
 
 
-def check_int(value, what: str, *, minimum: int = 0) -> int:
+# The largest integer a pattern argument may be: more than any sequence's length, and small enough that
+# positions, degrees and seeds stay exact in int64 arithmetic (a seed is multiplied by a 32-bit constant).
+MAX_INT = 2**31 - 1
+
+
+def check_int(value, what: str, *, minimum: int = 0, maximum: int = MAX_INT) -> int:
     """Validate a degree-like argument; errors name the value and what was expected."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+        raise ConfigTypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{what} must be >= {minimum}, got {value}")
+    if value > maximum:
+        shown = value if value.bit_length() <= 64 else f"an integer of {len(str(value))} digits"
+        raise ConfigError(f"{what} must be <= {maximum} (2**31 - 1, longer than any sequence), got {shown}")
     return value
 
 

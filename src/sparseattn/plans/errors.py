@@ -1,9 +1,12 @@
-"""The errors of plans: one that does not fit the model, and a spec that cannot be parsed."""
+"""The errors of plans: one that does not fit the model, a spec that cannot be parsed, and a saved plan's files
+that cannot be read."""
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 
-class PlanError(ValueError):
+
+class PlanError(ConfigError):
     """A plan that does not fit the model (layers or heads out of range, overlapping rules)."""
 
 
@@ -18,4 +21,9 @@ class PlanSpecError(PlanError):
         line = text[line_start:line_end]
         caret = " " * (start - line_start) + "^" * max(1, min(end, line_end) - start)
         super().__init__(f"{message}\n  {line}\n  {caret}")
-        self.start, self.end = start, end
+        self.reason, self.text, self.start, self.end = message, text, start, end
+
+
+class PlanFileError(PlanError):
+    """A saved plan (plan.json, masks.safetensors) that cannot be read or does not agree with itself; the
+    message names the file."""

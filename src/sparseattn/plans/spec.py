@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..patterns.base import REGISTRY, Pattern, intersection, union
+from ..errors import ConfigTypeError
 from .errors import PlanSpecError
 
 
@@ -61,7 +62,8 @@ def _strip(offset: int, s: str) -> tuple[int, str]:
     return offset + lead, s.strip()
 
 
-_RANGES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_RANGES = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
+MAX_INDEX = 65535  # the largest layer or head index a spec may name
 
 
 def _parse_ranges(s: str, what: str, text: str, at: int):
@@ -74,6 +76,8 @@ def _parse_ranges(s: str, what: str, text: str, at: int):
     for part in compact.split(","):
         a, _, b = part.partition("-")
         lo, hi = int(a), int(b) if b else int(a)
+        if hi > MAX_INDEX:
+            raise PlanSpecError(f"bad {what} {part!r}: indices go up to {MAX_INDEX}", text, at, at + len(s))
         if hi < lo:
             raise PlanSpecError(f"bad {what} range {part!r}: the end is before the start", text, at, at + len(s))
         vals.extend(range(lo, hi + 1))
@@ -116,20 +120,32 @@ def parse_ranges(text: str, what: str = "indices") -> tuple[int, ...] | str:
     return _parse_ranges(s, what, text, at)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _literal(node: ast.AST, text: str, at: int):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
+            and _is_number(node.operand.value):
         return -node.operand.value
     raise PlanSpecError("pattern arguments must be numbers or quoted strings", text, at + node.col_offset,
                         at + (node.end_col_offset or node.col_offset + 1))
+
+
+def _combine(parts: list[Pattern], op: str, text: str, span: tuple[int, int]) -> Pattern:
+    try:
+        return union(*parts) if op == "|" else intersection(*parts)
+    except (TypeError, ValueError) as e:  # e.g. two different stored tables under one key
+        raise PlanSpecError(str(e), text, *span) from None
 
 
 def _build(node: ast.AST, text: str, at: int, tables: dict | None) -> Pattern:
     span = (at + node.col_offset, at + (node.end_col_offset or node.col_offset + 1))
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
         a, b = _build(node.left, text, at, tables), _build(node.right, text, at, tables)
-        return union(a, b) if isinstance(node.op, ast.BitOr) else intersection(a, b)
+        return _combine([a, b], "|" if isinstance(node.op, ast.BitOr) else "&", text, span)
     if isinstance(node, ast.Name):
         node = ast.Call(func=node, args=[], keywords=[], col_offset=node.col_offset, end_col_offset=node.end_col_offset)
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
@@ -152,38 +168,84 @@ def _build(node: ast.AST, text: str, at: int, tables: dict | None) -> Pattern:
         return REGISTRY[name].factory(tables[key], key=key)
     try:
         return REGISTRY[name].factory(*args, **kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise PlanSpecError(f"{name}: {e} (signature {REGISTRY[name].signature})", text, *span) from None
+
+
+def _in_parentheses(src: str) -> bool:
+    """Whether ``src`` is one parenthesized expression: its first '(' closes at its last character."""
+    if not (src.startswith("(") and src.endswith(")")):
+        return False
+    depth, quote = 0, None
+    for i, c in enumerate(src):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i == len(src) - 1
+    return False
+
+
+def _parse_operand(text: str, tables: dict | None, full: str, at: int) -> Pattern:
+    """One operand of the top-level | and & of a pattern: a call, or a parenthesized expression."""
+    src = text.strip()
+    at += len(text) - len(text.lstrip())
+    if not src:
+        raise PlanSpecError("missing pattern", full, at)
+    if _in_parentheses(src):  # "(a | b | ...)", as spec() writes a combination: split it here too
+        try:
+            return parse_pattern(src[1:-1], tables, _full=full, _at=at + 1)
+        except RecursionError:
+            raise PlanSpecError("cannot parse pattern: it is nested too deeply", full, at, at + len(src)) from None
+    try:
+        tree = ast.parse(src, mode="eval")
+    except SyntaxError as e:
+        col = min(max((e.offset or 1) - 1, 0), len(src) - 1) if e.lineno in (None, 1) else 0
+        raise PlanSpecError(f"cannot parse pattern {src!r}: {e.msg}", full, at + col) from None
+    except (ValueError, RecursionError, MemoryError) as e:
+        what = "it is nested too deeply" if isinstance(e, (RecursionError, MemoryError)) else str(e)
+        raise PlanSpecError(f"cannot parse pattern: {what}", full, at, at + len(src)) from None
+    try:
+        return _build(tree.body, full, at, tables)
+    except RecursionError:
+        raise PlanSpecError("cannot parse pattern: it is nested too deeply", full, at, at + len(src)) from None
 
 
 def parse_pattern(text: str, tables: dict[str, torch.Tensor] | None = None, *, _full: str | None = None,
                   _at: int = 0) -> Pattern:
-    """Parse a pattern expression such as ``"neighbour(2) | global_tokens(1)"``."""
+    """Parse a pattern expression such as ``"neighbour(2) | global_tokens(1)"``.
+
+    The top-level | and & are split here (& binds tighter, as in Python), so a chain of any length parses;
+    what is inside parentheses goes to Python's expression parser."""
+    if not isinstance(text, str):
+        raise ConfigTypeError(f"a pattern spec must be a string, got {type(text).__name__}")
     full = text if _full is None else _full
-    src = text.strip()
-    at = _at + (len(text) - len(text.lstrip()))
-    if not src:
-        raise PlanSpecError("missing pattern", full, at)
-    try:
-        tree = ast.parse(src, mode="eval")
-    except SyntaxError as e:
-        col = (e.offset or 1) - 1
-        raise PlanSpecError(f"cannot parse pattern {src!r}: {e.msg}", full, at + col) from None
-    return _build(tree.body, full, at, tables)
+    span = (_at + len(text) - len(text.lstrip()), _at + len(text.rstrip()))
+    terms = []
+    for off, term in _split(text, "|"):
+        factors = [_parse_operand(f, tables, full, _at + off + off2) for off2, f in _split(term, "&")]
+        terms.append(_combine(factors, "&", full, span))
+    return _combine(terms, "|", full, span)
 
 
 def parse_rules(text: str, tables: dict[str, torch.Tensor] | None = None) -> list[RuleParts]:
     """The rules of a plan spec (see the module docstring), in order; "dense" has none."""
     if not isinstance(text, str):
-        raise TypeError(f"a plan spec must be a string, got {type(text).__name__}")
+        raise ConfigTypeError(f"a plan spec must be a string, got {type(text).__name__}")
     # comments become blanks, so offsets into the text stay right for error carets
     clean = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), text)
-    rules = []
+    rules, said_dense = [], False
     for off, chunk in _split(clean, ";\n"):
         at, chunk = _strip(off, chunk)
         if not chunk:
             continue
         if chunk in ("dense", "none"):
+            said_dense = True
             continue
         parts = _split(chunk, ":")
         if len(parts) > 2:
@@ -198,4 +260,7 @@ def parse_rules(text: str, tables: dict[str, torch.Tensor] | None = None) -> lis
             pat_off, pat = at, chunk
         pattern = parse_pattern(pat, tables, _full=text, _at=pat_off)
         rules.append(RuleParts(pattern, layers, heads, chunk))
+    if not rules and not said_dense:  # an empty spec is more likely a mistake than a wish for no sparsity
+        raise PlanSpecError("empty plan spec: expected rules such as 'later-half: neighbour(2)', or 'dense' for "
+                            "none", text, len(text) - len(text.lstrip()) if text.strip() else 0)
     return rules

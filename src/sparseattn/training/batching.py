@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..text.structure import BatchStructure, encode
 from .glue import Example
 
@@ -51,14 +52,14 @@ def encode_split(tokenizer, examples: list[Example], max_length: int, *, structu
     """Tokenize ``examples`` (text and optional pair) once. ``structure``: also make each example's
     ExampleStructure (with dependency parses from ``parses``, a ParseCache, when given)."""
     if not examples:
-        raise ValueError(f"{what}: no examples to tokenize")
+        raise DataError(f"{what}: no examples to tokenize")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; load it with use_fast=True")
     texts = [e.text for e in examples]
     has_pair = examples[0].pair is not None
     pairs = [e.pair for e in examples] if has_pair else None
     if any((e.pair is not None) != has_pair for e in examples):
-        raise ValueError(f"{what}: some examples have a second segment and some do not")
+        raise DataError(f"{what}: some examples have a second segment and some do not")
     # One pass without truncation tells which examples are too long; only those are encoded again, cut.
     full = tokenizer(texts, pairs, truncation=False, return_attention_mask=False, verbose=False)
     lengths = np.fromiter((len(x) for x in full["input_ids"]), dtype=np.int64, count=len(texts))
@@ -97,11 +98,20 @@ def encode_split(tokenizer, examples: list[Example], max_length: int, *, structu
     type_ids = None
     if type_list is not None:
         type_ids = np.fromiter((t for x in type_list for t in x), dtype=np.int64, count=int(lengths.sum()))
-    if any(e.label is None for e in examples):
+    unlabeled = sum(e.label is None for e in examples)
+    if unlabeled == len(examples):  # a split without labels (GLUE's test splits): predictions only
         labels = np.zeros(len(examples), dtype=np.float32 if regression else np.int64)
         has_labels = False
     else:
+        if unlabeled:
+            first = next(i for i, e in enumerate(examples) if e.label is None)
+            raise DataError(f"{what}: {unlabeled} of {len(examples)} examples have no label (the first is example "
+                            f"{first}); expected labels for all or none")
         labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
+        if regression and not np.isfinite(labels).all():
+            first = int(np.flatnonzero(~np.isfinite(labels))[0])
+            raise DataError(f"{what}: example {first} has the score {examples[first].label!r}; expected a finite "
+                            "number")
         has_labels = True
     return EncodedSplit(ids, type_ids, offsets, lengths, labels, structures, int(len(over)), max_length,
                         int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0), has_labels)

@@ -7,12 +7,14 @@ where results go and how progress shows are arguments of the run, not fields.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..plans.io import is_plan_path
-from ..plans.plan import Plan
-from .glue import get_task
+from ..errors import ConfigError, ConfigTypeError
+from ..models import resolve_model
+from ..plans.io import as_plan, is_plan_path
+from .glue import canonical_split, get_task
 
 
 @dataclass
@@ -42,39 +44,64 @@ class FinetuneConfig:
     method_name = "finetune"  # class attribute: the method this config class runs
 
     def __post_init__(self):
+        if not isinstance(self.task, str):
+            raise ConfigTypeError(f"task must be the name of a GLUE task, got {self.task!r}")
         t = get_task(self.task)
         self.task = t.name
         self.plan = canonical_plan(self.plan)
         digest = plan_digest(self.plan)
         if self.plan_digest is not None and self.plan_digest != digest:
-            raise ValueError(f"the plan folder {self.plan} changed since this run was configured (its files hash to "
-                             f"{digest}, the run was made for {self.plan_digest}); queue the run again")
+            raise ConfigError(f"the plan folder {self.plan} changed since this run was configured (its files hash "
+                              f"to {digest}, the run was made for {self.plan_digest}); queue the run again")
         self.plan_digest = digest
         if self.method != type(self).method_name:
-            raise ValueError(f"method {self.method!r} does not fit {type(self).__name__}; use "
-                             "sparseattn.training.methods.config_from_dict to build a run of any method")
+            raise ConfigError(f"method {self.method!r} does not fit {type(self).__name__}; use "
+                              "sparseattn.training.methods.config_from_dict to build a run of any method")
         for name in ("epochs", "batch_size", "max_length", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and name != "seed") or v < 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name, lowest in (("lr", None), ("weight_decay", 0), ("max_grad_norm", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    (v <= 0 if lowest is None else v < lowest):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if lowest is None else '>= 0'}, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("limit_train", "limit_eval"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+        canonical_split(t, self.eval_split)  # checked, kept as written (it is part of the run key)
+        from ..backends import available_backends  # here: importing the backends takes seconds
+
+        if not isinstance(self.backend, str) or self.backend not in available_backends():
+            raise ConfigError(f"unknown backend {self.backend!r}; expected one of {', '.join(available_backends())}")
+        if self.parser is not None and not isinstance(self.parser, str):
+            raise ConfigTypeError(f"parser must be the name of a spaCy pipeline or None, got {self.parser!r}")
+        resolve_model(self.model)  # a model path that does not exist fails here
+
+    def check_model_shape(self, num_layers: int, num_heads: int, max_positions: int | None) -> None:
+        """What only the model's shape can tell: max_length fits its positions, the plan's layers and heads
+        are in range (PlanError names the rule)."""
+        if max_positions and self.max_length > max_positions:
+            raise ConfigError(f"max_length={self.max_length} is more than the model's {max_positions} positions")
+        as_plan(self.plan).resolve(num_layers, num_heads)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
+        if not isinstance(d, dict):
+            raise ConfigTypeError(f"a run's options must be a mapping, got {type(d).__name__}")
+        bad = [k for k in d if not isinstance(k, str)]
+        if bad:
+            raise ConfigTypeError(f"option names must be strings, got {bad[0]!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown fine-tune option(s) {', '.join(map(repr, unknown))}; expected some of "
-                             f"{', '.join(sorted(known))}")
+            raise ConfigError(f"unknown fine-tune option(s) {', '.join(map(repr, unknown))}; expected some of "
+                              f"{', '.join(sorted(known))}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -94,10 +121,23 @@ def canonical_plan(plan: str) -> str:
     """The plan's canonical spec (so 'later-half:neighbour(2)' and 'later-half: neighbour(2)' are one
     run); a saved plan's folder stays a path."""
     if not isinstance(plan, str):
-        raise TypeError(f"plan must be a spec string or a saved plan's folder, got {type(plan).__name__}")
+        raise ConfigTypeError(f"plan must be a spec string or a saved plan's folder, got {type(plan).__name__}")
     if is_plan_path(plan):
         return plan
-    return Plan.parse(plan).spec()
+    return as_plan(plan).spec()  # a path that is not a saved plan says so
+
+
+def model_shape(model: str | None) -> tuple[int, int, int | None]:
+    """(layers, heads, max positions) of a model, from its config alone (no weights are loaded)."""
+    import transformers  # here, not at the top: importing transformers takes seconds
+
+    path = resolve_model(model)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {path!r} cannot be loaded: {e}") from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "max_position_embeddings", None)
 
 
 def plan_digest(plan: str) -> str | None:

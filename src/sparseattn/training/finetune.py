@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, DataError
 from ..integrations.hf import sparsify, unsparsify
 from ..model_sparsity import layout_of_batch
 from ..models import load_model, load_tokenizer, resolve_model, text_config
@@ -104,8 +105,10 @@ def load_data(run: Run, glue_dir=None, *, parse_cache: str | None = None, on_mal
                        parses=parses, regression=task.is_regression, what=f"{task.folder} {split_name}")
 
     data = Data(tokenizer, encode("train", train_ex, cfg.limit_train), encode(cfg.eval_split, eval_ex, cfg.limit_eval))
+    if not data.train.has_labels:
+        raise DataError(f"{task.folder} train has no labels; training needs them")
     if not data.evals.has_labels:
-        raise ValueError(f"{task.folder} {cfg.eval_split} has no labels (GLUE hides test labels); evaluate on dev")
+        raise DataError(f"{task.folder} {cfg.eval_split} has no labels (GLUE hides test labels); evaluate on dev")
     return data
 
 
@@ -115,7 +118,7 @@ def load_classifier(model: str | None, task: GlueTask, max_length: int):
     m = load_model(model, task="classification", num_labels=task.num_labels, dtype=torch.float32)
     max_pos = getattr(m.config, "max_position_embeddings", None)
     if max_pos and max_length > max_pos:
-        raise ValueError(f"max_length={max_length} is more than the model's {max_pos} positions")
+        raise ConfigError(f"max_length={max_length} is more than the model's {max_pos} positions")
     return m
 
 
