@@ -42,8 +42,7 @@ class FinetuneConfig:
     method_name = "finetune"  # class attribute: the method this config class runs
 
     def __post_init__(self):
-        t = get_task(self.task)
-        self.task = t.name
+        self.task = self.canonical_task(self.task)
         self.plan = canonical_plan(self.plan)
         digest = plan_digest(self.plan)
         if self.plan_digest is not None and self.plan_digest != digest:
@@ -67,6 +66,11 @@ class FinetuneConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+
+    @staticmethod
+    def canonical_task(task: str) -> str:
+        """The task's canonical name (a GLUE task here; a method on other data overrides this)."""
+        return get_task(task).name
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
