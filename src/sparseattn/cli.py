@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "sparseattn.experiments.commands",  # finetune, sweep, report, demo
     "sparseattn.pruning.commands",  # ap collect / ap mask
     "sparseattn.learned.commands",  # learn
+    "sparseattn.lm.commands",  # perplexity, train-lm
     "sparseattn.bench.commands",  # bench attention / bench model
 ]
 
