@@ -1,11 +1,13 @@
 """Perplexity of a causal LM, under any plan, by the standard sliding window.
 
-A document of n tokens is read in windows of ``context`` tokens that start every ``stride`` tokens
-(0, stride, 2 stride, ...; the last window ends at the document's end). Each window scores only the tokens
-that no earlier window scored, so every token but the first (which has no context) is scored exactly once,
-with between ``context - stride`` and ``context - 1`` tokens before it; stride = context gives disjoint
-windows. This is the recipe of transformers' perplexity guide, with the tokens counted exactly (the guide
-weighs each window's mean loss by its length, which miscounts by one per window):
+A document of n tokens is read in windows of ``context`` tokens that start every ``stride`` tokens (0,
+stride, 2 stride, ...; the last window ends at the document's end). Each window scores only the tokens that
+no earlier window scored, so every token but the first (which has no context) is scored exactly once, with
+at least ``context - stride`` tokens before it. A window's first token is only context, so a window starts
+at most one token before the previous one ended: with stride = context, consecutive windows share that one
+token (else the token at each boundary would go unscored). This is the recipe of transformers' perplexity
+guide with the tokens counted exactly (the guide weighs each window's mean loss by the number of its
+targets, one more than it scores, and leaves every boundary token unscored when stride = context):
 
     perplexity = exp( sum over scored tokens of -log p(token | its window before it) / (n - 1) )
 
@@ -76,7 +78,8 @@ def check_plan_for_lm(plan: Plan) -> None:
 
 # -- windows ----------------------------------------------------------------------------------------
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window over a document of ``n`` tokens."""
+    """(begin, end, first scored position) of each window over a document of ``n`` tokens: windows start
+every ``stride`` tokens, but at most one token before the previous window's end."""
     if not 1 <= stride <= context:
         raise ValueError(f"the stride must be in [1, context={context}], got {stride}")
     out, prev_end, begin = [], 0, 0
@@ -86,7 +89,7 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
         prev_end = end
         if end == n:
             return out
-        begin += stride
+        begin = min(begin + stride, end - 1)
 
 
 @dataclass

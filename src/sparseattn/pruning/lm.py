@@ -98,7 +98,8 @@ class LMPruneConfig(LMConfig):
         what = {"ap": "attention_pruning", "random": "random_pruning", "sink_window": "sink_window"}[self.mask]
         extra = "" if self.blocks == "none" else f", blocks {self.blocks} {self.block_size}"
         scope = f", {self.scope}" if self.mask != "sink_window" else f", {self.sinks} sinks"
-        return f"{what}({self.prune:g}%{scope}{extra})"
+        start = ", from dense" if self.retrain == "dense" else ""
+        return f"{what}({self.prune:g}%{scope}{extra}{start})"
 
 
 def ap_keep(stats: AttentionStats, cfg: LMPruneConfig) -> torch.Tensor:

@@ -33,7 +33,8 @@ from ..training.tasks import task_info
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
 # shown by the plan's label already: the method, a saved plan's digest, a learned run's penalty or target
-_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity", "prune", "mask", "scope")
+_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity", "prune", "mask", "scope", "blocks", "block_size",
+                  "sinks", "retrain")
 
 
 @dataclass
