@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lm.train import LMConfig
 from ..patterns.base import Intersection, Union
 from ..plans.io import as_plan
 from ..training.config import FinetuneConfig
@@ -145,9 +146,10 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
 
 
 def _baseline_key(config: dict) -> str:
-    """What a run shares with its dense baseline: the fine-tuning options other than the plan (a learned
-    run's own options, such as its penalty, are not fine-tuning options)."""
-    shared = set(FinetuneConfig.__dataclass_fields__) - {"plan", "plan_digest", "method"}
+    """What a run shares with its dense baseline: the training options other than the plan, a language
+    model's shape included (a learned run's own options, such as its penalty, are not training options)."""
+    shared = (set(FinetuneConfig.__dataclass_fields__) | set(LMConfig.__dataclass_fields__)) - {"plan", "plan_digest",
+                                                                                                 "method"}
     return repr(sorted((k, v) for k, v in config.items() if k in shared))
 
 
