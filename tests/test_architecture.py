@@ -22,7 +22,7 @@ FLOORS = [
     ["models", "text"],  # loading models and tokenizers; parses and per-example structure
     ["integrations", "model_sparsity"],  # sparsify a transformers model; its sparsity on real batches
     ["training"],  # the core every method runs on: data, batching, loop, evaluation, records, method registry
-    ["learned", "pruning"],  # methods
+    ["learned", "pruning", "lm"],  # methods
     ["reports"],  # tables and plots of rows of runs; drawing masks
     ["experiments"],  # sweeps, the results database, the demo, and their commands
     ["bench"],

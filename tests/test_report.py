@@ -96,3 +96,26 @@ def test_pareto_front_keeps_only_undominated_points():
     pts = [(0.1, 0.90), (0.5, 0.85), (0.5, 0.80), (0.6, 0.86), (0.9, 0.70), (0.3, 0.84), (0.9, 0.70)]
     assert pareto_front(pts) == [(0.1, 0.90), (0.6, 0.86), (0.9, 0.70)]
     assert pareto_front([]) == []
+
+
+def test_report_of_language_model_runs(tmp_path):
+    """Perplexity prints as is (not x100), Δ in perplexity, lower is better on the Pareto front."""
+    from sparseattn.lm.train import LMConfig
+    from sparseattn.reports.report import pareto_front
+
+    db = ResultsDB(tmp_path / "lm.sqlite")
+    runs = {("dense", 0): (30.0, 0.0), ("dense", 1): (32.0, 0.0), ("all: neighbour(8)", 0): (33.5, 0.8)}
+    db.add_runs("lm", [LMConfig(plan=p, seed=s).to_dict() for p, s in runs])
+    w = WorkerId("test")
+    while (row := db.claim(w, "lm")) is not None:
+        ppl, sp = runs[row["plan"], row["seed"]]
+        db.finish(row["key"], w, {"score": ppl, "metrics": {"perplexity": ppl, "loss": float(np.log(ppl))},
+                                  "timing": {"train_seconds": 1.0},
+                                  "sparsity": {"overall": sp, "applied": sp, "per_layer": [sp] * 6}})
+    db.close()
+    md = write_report(tmp_path / "lm.sqlite", tmp_path / "rep", title="t")["markdown"].read_text()
+    assert "## books (language modelling)" in md
+    assert "| dense | dense | 2 | 0.0 | 0.0 | 31.00 ± 1.41 | baseline | 3.43 |" in md
+    assert "| all: neighbour(8) | neighbour | 1 | 80.0 | 80.0 | 33.50 | +2.50 | 3.51 |" in md
+    assert pareto_front([(0, 30.0), (50, 29.0), (80, 35.0), (60, 40.0)], higher_is_better=False) == \
+        [(50, 29.0), (80, 35.0)]

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "sparseattn.training.commands",  # evaluate
     "sparseattn.pruning.commands",  # ap collect / ap mask
     "sparseattn.learned.commands",  # learn
+    "sparseattn.lm.commands",  # perplexity, train-lm
     "sparseattn.bench.commands",  # bench attention / bench model
 ]
 

@@ -12,10 +12,15 @@ sparsified with the dense plan and a recording backend, which adds each layer's 
 sums as the layer runs, so no more than one layer's (B, H, Lb, Lb) probabilities exist at a time.
 Memory is bounded by the sums, layers x heads x L x L (float64), plus one (L, L) int64 count table:
 counts do not depend on the layer or head.
+
+``collect_attention`` reads texts (tokenized, batched by length, padded); ``collect_attention_rows`` reads
+token rows of one length, as a language model trains on them (no padding: a batch's sum is added to the
+grid's corner directly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -162,6 +167,8 @@ class _Accumulator:
 
     def add_layer(self, layer: int, probs: torch.Tensor, layout) -> None:
         """probs: (B, H, Lb, Lb) softmax probabilities of one layer."""
+        if not layout.packed and (layout.unpadded or bool(layout.real.all())):
+            return self._add_full_rows(layer, probs, layout.causal)
         allowed, index = self.grid_index(layout)
         sel = index[allowed]  # (P,) grid cells of the allowed pairs
         p = probs.permute(1, 0, 2, 3)[:, allowed]  # (H, P)
@@ -169,6 +176,22 @@ class _Accumulator:
         if layer == 0:  # counts are the same for every layer: count each example once
             self.counts.index_add_(0, sel, torch.ones_like(sel))
             self.causal = layout.causal
+
+    def _add_full_rows(self, layer: int, probs: torch.Tensor, causal: bool) -> None:
+        """Rows without padding (a language model's training rows): every row has the same allowed pairs, at
+        the grid's first Lb positions, so the batch's sum lands on one corner of the grid with no index."""
+        B, H, Lb = probs.shape[0], probs.shape[1], probs.shape[-1]
+        if Lb > self.length:
+            raise ValueError(f"rows of {Lb} tokens do not fit the grid of {self.length} positions")
+        allowed = torch.ones(Lb, Lb, dtype=torch.bool, device=probs.device)
+        if causal:
+            allowed = allowed.tril()
+        L = self.length
+        corner = self.sums[layer].view(H, L, L)[:, :Lb, :Lb]
+        corner += torch.sum(probs, 0, dtype=self.sums.dtype) * allowed
+        if layer == 0:
+            self.counts.view(L, L)[:Lb, :Lb] += allowed.long() * B
+            self.causal = causal
 
     def stats(self, metadata: dict) -> AttentionStats:
         L = self.length
@@ -191,6 +214,26 @@ class RecordingBackend(Backend):
         out, probs = self.reference.attention(dataclasses.replace(call, need_weights=True))
         self.accumulator.add_layer(call.layer_plan.layer, probs.detach(), call.layout)
         return out, probs if call.need_weights else None
+
+
+@contextlib.contextmanager
+def recording(model, acc: _Accumulator):
+    """The model in eval mode under the dense plan with a recording backend that adds each layer's attention
+    to ``acc`` as the layer runs, without gradients; afterwards the model is as it was."""
+    was_training = model.training
+    model.eval()
+    sparsify(model, Plan.dense(), backend=RecordingBackend(acc))
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        unsparsify(model)
+        model.train(was_training)
+
+
+def _no_cache(model) -> dict:
+    """``use_cache=False`` where the model takes it: a key/value cache would only cost memory here."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 @dataclass
@@ -253,33 +296,56 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     cfg = text_config(model)
     device = next(model.parameters()).device
     acc = _Accumulator(cfg.num_hidden_layers, cfg.num_attention_heads, length, device, sum_dtype)
-    # no key/value cache: it would only cost memory here
-    params = inspect.signature(model.forward).parameters
-    extra = {"use_cache": False} if "use_cache" in params else {}
+    extra = _no_cache(model)
     # token_type_ids only where the model takes them (a BERT tokenizer may feed a decoder in tests)
-    inputs = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(params))
-    was_training = model.training
-    model.eval()
-    sparsify(model, Plan.dense(), backend=RecordingBackend(acc))
-    try:
+    inputs = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(inspect.signature(model.forward).parameters))
+    with recording(model, acc):
         bar = tqdm(total=len(order), unit="ex", desc="collecting attention", disable=not progress)
-        with torch.no_grad():
-            for idx in batches:
-                texts = [examples[i].text for i in idx]
-                pairs = [examples[i].pair for i in idx] if examples[idx[0]].pair is not None else None
-                # right padding: a decoder's positions then start at 0 for every example, as when run alone
-                enc = tokenizer(texts, pairs, padding=True, padding_side="right", truncation=longer == "truncate",
-                                max_length=length if longer == "truncate" else None, return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items() if k in inputs}
-                model(**enc, **extra)
-                bar.update(len(idx))
+        for idx in batches:
+            texts = [examples[i].text for i in idx]
+            pairs = [examples[i].pair for i in idx] if examples[idx[0]].pair is not None else None
+            # right padding: a decoder's positions then start at 0 for every example, as when run alone
+            enc = tokenizer(texts, pairs, padding=True, padding_side="right", truncation=longer == "truncate",
+                            max_length=length if longer == "truncate" else None, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items() if k in inputs}
+            model(**enc, **extra)
+            bar.update(len(idx))
         bar.close()
-    finally:
-        unsparsify(model)
-        model.train(was_training)
     n_trunc = len(too_long) if longer == "truncate" else 0
     meta = dict(metadata or {})
     meta.update(examples=len(keep), truncated=n_trunc, skipped=len(examples) - len(keep),
                 longer_policy=longer, length=length, decoder=bool(acc.causal),
                 longest_tokens=max(lengths), sum_dtype=str(sum_dtype).replace("torch.", ""))
+    return acc.stats(meta)
+
+
+def collect_attention_rows(model, rows: torch.Tensor, *, length: int | None = None, batch_size: int = 8,
+                           progress: bool = True, metadata: dict | None = None,
+                           sum_dtype=torch.float64) -> AttentionStats:
+    """Average attention of ``model`` over token rows of equal length, ``rows`` (N, L) int64: a language
+    model's training rows, each read whole (no padding). ``length``: the grid (default L, the rows' length).
+
+    Memory: the sums (layers x heads x grid x grid) and one layer's (batch, heads, L, L) probabilities at a
+    time, which are added to the sums as the layer runs (``RecordingBackend``)."""
+    rows = torch.as_tensor(rows)
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0 or rows.dtype != torch.long:
+        raise ValueError(f"collect_attention_rows needs (rows, tokens) int64 token ids, got {tuple(rows.shape)} "
+                         f"{rows.dtype}")
+    L = rows.shape[1]
+    length = L if length is None else length
+    if L > length:
+        raise ValueError(f"rows of {L} tokens do not fit the grid of {length} positions")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = text_config(model)
+    device = next(model.parameters()).device
+    acc = _Accumulator(cfg.num_hidden_layers, cfg.num_attention_heads, length, device, sum_dtype)
+    extra = _no_cache(model)
+    with recording(model, acc):
+        for s in tqdm(range(0, rows.shape[0], batch_size), unit="batch", desc="collecting attention",
+                      disable=not progress):
+            model(input_ids=rows[s:s + batch_size].to(device), **extra)
+    meta = dict(metadata or {})
+    meta.update(examples=int(rows.shape[0]), truncated=0, skipped=0, longer_policy="rows", length=length,
+                decoder=bool(acc.causal), longest_tokens=L, sum_dtype=str(sum_dtype).replace("torch.", ""))
     return acc.stats(meta)

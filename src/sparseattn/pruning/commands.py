@@ -15,7 +15,9 @@ from ..models import load_model, load_tokenizer, resolve_model
 from ..plans.io import save_plan
 from ..plans.spec import parse_ranges
 from ..sparsity import measure_plan
-from .collect import AttentionStats, collect_attention, tokenize_lengths
+from ..lm.corpus import cut_rows, encode_text, read_text
+from ..lm.perplexity import check_context
+from .collect import AttentionStats, collect_attention, collect_attention_rows, tokenize_lengths
 from .data import load_glue, load_hf_dataset, load_text_file
 from .mask import (attention_pruning_mask, block_mask, data_report, expand_to_blocks, grid_report, mask_plan,
                    random_like, thresholds)
@@ -69,9 +71,11 @@ def _load_examples(args, prefix: str = ""):
 
 # -- ap collect -------------------------------------------------------------------------------------
 def cmd_collect(args) -> int:
+    if args.corpus:
+        return _collect_rows(args)
     examples, what = _load_examples(args)
     if examples is None:
-        raise ValueError("ap collect needs data: --task (a GLUE task), --text-file or --dataset")
+        raise ValueError("ap collect needs data: --task (a GLUE task), --text-file, --dataset or --corpus")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     model_name = resolve_model(args.model)
@@ -87,6 +91,37 @@ def cmd_collect(args) -> int:
     print(f"wrote {path}: {m['examples']} examples ({m['truncated']} truncated, {m['skipped']} skipped as longer "
           f"than {args.max_length}), longest {stats.longest} tokens after that, "
           f"{'decoder (causal)' if stats.causal else 'encoder'}, {stats.num_layers} layers x {stats.num_heads} heads")
+    if args.png:
+        print(f"wrote {draw_attention(stats, args.png)}")
+    return 0
+
+
+def _collect_rows(args) -> int:
+    """ap collect --corpus: a language model's rows (the files end to end, EOS between, cut into rows of
+    --max-length tokens, as train-lm makes them), collected one layer's maps at a time."""
+    if any((args.task, args.text_file, args.dataset)):
+        raise ValueError("give --corpus or one of --task, --text-file, --dataset, not both")
+    texts = [read_text(f) for f in args.corpus]  # empty files stop here
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_name = resolve_model(args.model)
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, task="base", dtype=getattr(torch, args.dtype))
+    check_context(model, args.max_length, what=model_name)
+    docs = [encode_text(tok, t, what=str(f)) for t, f in zip(texts, args.corpus)]
+    rows = cut_rows(docs, args.max_length, tok.eos_token_id)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        rows = rows[:args.limit]
+    what = f"{len(args.corpus)} text file(s) in rows of {args.max_length} tokens"
+    print(f"model: {model_name}\ndata: {what}, {len(rows)} rows\ngrid: {args.max_length} positions", file=sys.stderr)
+    stats = collect_attention_rows(model.to(device), rows, batch_size=args.batch_size, progress=not args.quiet,
+                                   sum_dtype=getattr(torch, args.sum_dtype),
+                                   metadata={"model": model_name, "data": what, "dtype": args.dtype,
+                                             "files": [str(f) for f in args.corpus]})
+    path = stats.save(args.out)
+    print(f"wrote {path}: {len(rows)} rows of {args.max_length} tokens, {'decoder (causal)' if stats.causal else 'encoder'}, "
+          f"{stats.num_layers} layers x {stats.num_heads} heads")
     if args.png:
         print(f"wrote {draw_attention(stats, args.png)}")
     return 0
@@ -238,8 +273,13 @@ def _add_collect(sub, formatter_class) -> None:
                              sparseattn ap collect --task SST-2 --max-length 64 --out out/ap/sst2.safetensors
                              sparseattn ap collect --text-file corpus.txt --model path/to/llama --max-length 512 \\
                                  --longer skip --out out/ap/llama.safetensors --png out/ap/llama.png
+                             sparseattn ap collect --corpus ../shared/data/books/train/*.txt --model out/lm/dense/model \\
+                                 --max-length 1024 --batch-size 8 --out out/ap/lm.safetensors
                            """))
     _add_data_args(p)
+    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
+                   help="text files read as a language model trains on them: end to end, EOS between, cut into rows "
+                        "of --max-length tokens (--limit: the first N rows); each row whole, no padding")
     p.add_argument("--model", default=None,
                    help="hub id or local path, e.g. a fine-tuned checkpoint (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--max-length", type=int, required=True, help="the grid size L (tokens, special tokens included)")

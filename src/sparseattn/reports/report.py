@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lm.train import LMConfig
 from ..patterns.base import Intersection, Union
 from ..plans.io import as_plan
 from ..training.config import FinetuneConfig
-from ..training.glue import get_task
+from ..training.tasks import task_info
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
 # shown by the plan's label already: the method, a saved plan's digest, a learned run's penalty or target
-_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity", "prune", "mask", "scope")
+_IN_PLAN_LABEL = ("method", "plan_digest", "lam", "target_sparsity", "prune", "mask", "scope", "blocks", "block_size",
+                  "sinks", "retrain")
 
 
 @dataclass
@@ -87,7 +89,7 @@ def plan_family(plan: str) -> str:
     """The pattern families of a plan, e.g. 'neighbour', 'global_tokens|neighbour', 'dense'."""
     if plan.startswith("learned("):
         return "learned"
-    if plan.startswith(("attention_pruning(", "random_pruning(")):
+    if plan.startswith(("attention_pruning(", "random_pruning(", "sink_window(")):
         return plan.split("(")[0]
     try:
         p = as_plan(plan)
@@ -144,9 +146,10 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
 
 
 def _baseline_key(config: dict) -> str:
-    """What a run shares with its dense baseline: the fine-tuning options other than the plan (a learned
-    run's own options, such as its penalty, are not fine-tuning options)."""
-    shared = set(FinetuneConfig.__dataclass_fields__) - {"plan", "plan_digest", "method"}
+    """What a run shares with its dense baseline: the training options other than the plan, a language
+    model's shape included (a learned run's own options, such as its penalty, are not training options)."""
+    shared = (set(FinetuneConfig.__dataclass_fields__) | set(LMConfig.__dataclass_fields__)) - {"plan", "plan_digest",
+                                                                                                 "method"}
     return repr(sorted((k, v) for k, v in config.items() if k in shared))
 
 
@@ -158,33 +161,39 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 
 
-def _signed(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:+.2f}"
+def _signed(x: float | None, scale: float = 100.0) -> str:
+    return "–" if x is None else f"{scale * x:+.2f}"
+
+
+def _metric(x: float | None, scale: float, digits: int = 2) -> str:
+    """A metric as tables print it: x100 for GLUE's fractions, as is for perplexity."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{scale * x:.{digits}f}"
 
 
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one task's table (strings)."""
-    task = get_task(groups[0].task)
+    task = task_info(groups[0].task)
     others = [m for m in task.metrics if m != task.main_metric]
     header = ["plan", "family", "seeds", "sparsity %", "in sparsified heads %",
               f"{task.main_metric} (mean ± std)", "Δ vs dense"] + others
     rows = []
     for g in groups:
-        main = _pct(g.mean, 2) + (f" ± {_pct(g.std, 2)}" if g.std is not None else "")
+        sc = task.scale
+        main = _metric(g.mean, sc) + (f" ± {_metric(g.std, sc)}" if g.std is not None else "")
         rows.append([g.label, g.family, str(g.n), _pct(g.mean_sparsity), _pct(g.mean_applied), main,
-                     "baseline" if g.is_dense and g.baseline is g else _signed(g.delta)]
-                    + [_pct(float(np.mean(g.metrics.get(m, [float("nan")]))), 2) for m in others])
+                     "baseline" if g.is_dense and g.baseline is g else _signed(g.delta, sc)]
+                    + [_metric(float(np.mean(g.metrics.get(m, [float("nan")]))), sc) for m in others])
     return header, rows
 
 
 def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict, plots: dict) -> str:
     lines = [f"# {title}", "", _counts_line(counts), "",
-             "Metrics x100 on the evaluation split (mean ± sample std over seeds). Sparsity = 1 − kept / allowed "
+             "Metrics on the evaluation split (GLUE's x100, perplexity as is; mean ± sample std over seeds). Sparsity = 1 − kept / allowed "
              "query-key pairs on that data (sparseattn.sparsity), overall and over the sparsified heads only. "
              "Δ = mean minus the dense run of the same configuration.", ""]
     for task, groups in summary.items():
-        t = get_task(task)
-        lines += [f"## {t.folder}", ""]
+        t = task_info(task)
+        lines += [f"## {t.title}", ""]
         header, rows = table_rows(groups)
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
@@ -192,7 +201,7 @@ def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         lines.append("")
         if task in plots.get("task", {}):
-            lines += [f"![{t.folder}: {t.main_metric} against sparsity]({plots['task'][task]['png']})", ""]
+            lines += [f"![{t.title}: {t.main_metric} against sparsity]({plots['task'][task]['png']})", ""]
     if plots.get("family"):
         lines += ["## Pattern families", ""]
         for fam, p in plots["family"].items():
@@ -208,19 +217,19 @@ def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, pl
              "td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}"
              "img{max-width:100%}</style></head><body>",
              f"<h1>{e(title)}</h1>", f"<p>{e(_counts_line(counts))}</p>",
-             "<p>Metrics x100 on the evaluation split (mean ± sample std over seeds). Sparsity = 1 − kept / "
+             "<p>Metrics on the evaluation split (GLUE's x100, perplexity as is; mean ± sample std over seeds). Sparsity = 1 − kept / "
              "allowed query-key pairs on that data, overall and over the sparsified heads only. Δ = mean minus "
              "the dense run of the same configuration.</p>"]
     for task, groups in summary.items():
-        t = get_task(task)
+        t = task_info(task)
         header, rows = table_rows(groups)
-        parts.append(f"<h2>{e(t.folder)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         for r in rows:
             parts.append("<tr>" + "".join(f"<td{' class=n' if i >= 2 else ''}>{e(c)}</td>" for i, c in enumerate(r))
                          + "</tr>")
         parts.append("</table>")
         if task in plots.get("task", {}):
-            parts.append(f"<img src='{e(plots['task'][task]['svg'])}' alt='{e(t.folder)} metric vs sparsity'>")
+            parts.append(f"<img src='{e(plots['task'][task]['svg'])}' alt='{e(t.title)} metric vs sparsity'>")
     if plots.get("family"):
         parts.append("<h2>Pattern families</h2>")
         for fam, p in plots["family"].items():
@@ -255,14 +264,15 @@ def _save(fig, stem: Path) -> dict:
     return paths
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool = True) -> list[tuple[float, float]]:
     """The (sparsity, metric) points no other point beats on both (at least as sparse and at least as
-    good, better in one), sorted by sparsity."""
+    good, better in one), sorted by sparsity. ``higher_is_better=False`` for perplexity."""
+    sign = 1 if higher_is_better else -1
     front, best = [], -math.inf
-    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best:
+    for x, y in sorted(points, key=lambda p: (-p[0], -sign * p[1])):
+        if sign * y > best:
             front.append((x, y))
-            best = y
+            best = sign * y
     return sorted(front)
 
 
@@ -270,34 +280,36 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
     """Main metric against overall sparsity for one task: a point per group (error bar = std over seeds),
     coloured by pattern family, each family's Pareto front as a step line; the dense baseline as a dashed
     line."""
-    task = get_task(groups[0].task)
+    task = task_info(groups[0].task)
+    sc = task.scale
     fig, ax = _figure()
     fams = sorted({g.family for g in groups if not g.is_dense})
     colors = {f: f"C{i % 10}" for i, f in enumerate(fams)}
     for g in groups:
         if g.is_dense:
-            ax.axhline(100 * g.mean, ls="--", color="0.3", lw=1)
+            ax.axhline(sc * g.mean, ls="--", color="0.3", lw=1)
             if g.std:
-                ax.axhspan(100 * (g.mean - g.std), 100 * (g.mean + g.std), color="0.85", zorder=0)
+                ax.axhspan(sc * (g.mean - g.std), sc * (g.mean + g.std), color="0.85", zorder=0)
     seen = set()
     for g in groups:
-        x, y = 100 * g.mean_sparsity, 100 * g.mean
+        x, y = 100 * g.mean_sparsity, sc * g.mean
         c = "0.3" if g.is_dense else colors[g.family]
         lab = ("dense" if g.is_dense else g.family) if (g.family not in seen) else None
         seen.add(g.family)
-        ax.errorbar([x], [y], yerr=[100 * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
+        ax.errorbar([x], [y], yerr=[sc * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
         if len(groups) <= 12:
             ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for fam in fams:
-        front = pareto_front([(100 * g.mean_sparsity, 100 * g.mean) for g in groups if g.family == fam])
+        front = pareto_front([(100 * g.mean_sparsity, sc * g.mean) for g in groups if g.family == fam],
+                             higher_is_better=task.higher_is_better)
         if len(front) > 1:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color=colors[fam], lw=1, alpha=0.7)
     ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.set_xlim(left=max(ax.get_xlim()[0], -2.0), right=min(ax.get_xlim()[1], 102.0))  # sparsity is in [0, 100]
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
-    ax.set_ylabel(f"{task.main_metric} x100 ({task.folder} dev)")
-    ax.set_title(f"{task.folder}: {task.main_metric} against sparsity")
+    ax.set_ylabel(f"{task.main_metric}{' x100' if sc == 100 else ''} ({task.title} {task.split})")
+    ax.set_title(f"{task.title}: {task.main_metric} against sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, stem)
@@ -308,16 +320,17 @@ def plot_family(family: str, summary: dict[str, list[Group]], stem: Path) -> dic
     per task."""
     fig, ax = _figure()
     for i, (task, groups) in enumerate(summary.items()):
-        pts = sorted((100 * g.mean_sparsity, 100 * g.delta, 100 * (g.std or 0)) for g in groups
+        sc = task_info(task).scale
+        pts = sorted((100 * g.mean_sparsity, sc * g.delta, sc * (g.std or 0)) for g in groups
                      if g.family == family and g.delta is not None)
         if not pts:
             continue
         x, y, s = map(list, zip(*pts))
         ax.errorbar(x, y, yerr=s if any(s) else None, fmt="o-", color=f"C{i % 10}", capsize=3,
-                    label=get_task(task).folder)
+                    label=task_info(task).title)
     ax.axhline(0, color="0.3", lw=1, ls="--")
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
-    ax.set_ylabel("Δ main metric vs dense (x100)")
+    ax.set_ylabel("Δ main metric vs dense (x100 for GLUE fractions)")
     ax.set_title(f"pattern family: {family}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -339,7 +352,7 @@ def write_csv(runs: list[dict], path) -> Path:
         for r in runs:
             cfg, res = r.get("config") or {}, r.get("result") or {}
             w.writerow([
-                r["task"], r["plan"], r["seed"], r["status"], get_task(r["task"]).main_metric, r.get("score"),
+                r["task"], r["plan"], r["seed"], r["status"], task_info(r["task"]).main_metric, r.get("score"),
                 json.dumps(r["metrics"], sort_keys=True) if r.get("metrics") is not None else "",
                 r.get("sparsity"), r.get("sparsity_applied"),
                 json.dumps(r["sparsity_per_layer"]) if r.get("sparsity_per_layer") is not None else "",

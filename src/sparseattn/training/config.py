@@ -44,10 +44,7 @@ class FinetuneConfig:
     method_name = "finetune"  # class attribute: the method this config class runs
 
     def __post_init__(self):
-        if not isinstance(self.task, str):
-            raise ConfigTypeError(f"task must be the name of a GLUE task, got {self.task!r}")
-        t = get_task(self.task)
-        self.task = t.name
+        self.task = self.canonical_task(self.task)
         self.plan = canonical_plan(self.plan)
         digest = plan_digest(self.plan)
         if self.plan_digest is not None and self.plan_digest != digest:
@@ -74,7 +71,7 @@ class FinetuneConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
-        canonical_split(t, self.eval_split)  # checked, kept as written (it is part of the run key)
+        self.check_eval_split()
         from ..backends import available_backends  # here: importing the backends takes seconds
 
         if not isinstance(self.backend, str) or self.backend not in available_backends():
@@ -89,6 +86,17 @@ class FinetuneConfig:
         if max_positions and self.max_length > max_positions:
             raise ConfigError(f"max_length={self.max_length} is more than the model's {max_positions} positions")
         as_plan(self.plan).resolve(num_layers, num_heads)
+
+    @staticmethod
+    def canonical_task(task: str) -> str:
+        """The task's canonical name (a GLUE task here; a method on other data overrides this)."""
+        if not isinstance(task, str):
+            raise ConfigTypeError(f"task must be the name of a GLUE task, got {task!r}")
+        return get_task(task).name
+
+    def check_eval_split(self) -> None:
+        """The evaluation split names one of the task's splits; kept as written (it is part of the run key)."""
+        canonical_split(get_task(self.task), self.eval_split)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":

@@ -18,6 +18,8 @@ METHOD_MODULES = [
     "sparseattn.training.finetune",  # finetune
     "sparseattn.learned.glue",  # learn
     "sparseattn.pruning.glue",  # prune
+    "sparseattn.lm.train",  # lm (a causal language model trained under a plan)
+    "sparseattn.pruning.lm",  # prune-lm (Attention Pruning of a causal language model)
 ]
 
 
