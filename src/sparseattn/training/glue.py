@@ -14,7 +14,8 @@ Public, stable API (other parts of sparseattn import it):
 - split: "train", "dev" (alias "validation") or "test"; MNLI also "dev_matched", "dev_mismatched",
   "test_matched", "test_mismatched" ("dev" = "dev_matched").
 - Source: ``glue_dir`` if given, else the ``GLUE_DIR`` environment variable, else the Hugging Face hub
-  (``datasets.load_dataset("nyu-mll/glue", task)``). ``source="local"`` / ``"hub"`` forces one.
+  (``datasets.load_dataset("nyu-mll/glue", task)``); with none of them, ``GlueNotFoundError`` (an
+  ``OSError``: the command line prints its one line). ``source="local"`` / ``"hub"`` forces one.
 - ``Example.label``: the class index for classification tasks (in the hub's label order, whichever
   source), the similarity score (float) for STS-B, None on test splits (GLUE hides their labels).
 
@@ -111,6 +112,11 @@ _SPLIT_ALIASES = {"validation": "dev", "valid": "dev", "val": "dev"}
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test", "dev_matched": "validation_matched",
                "dev_mismatched": "validation_mismatched", "test_matched": "test_matched",
                "test_mismatched": "test_mismatched"}
+
+
+class GlueNotFoundError(FileNotFoundError):
+    """No source of GLUE data: neither ``glue_dir`` nor ``GLUE_DIR`` is set and ``datasets`` (for the hub)
+    is not installed."""
 
 
 class GlueDataError(ValueError):
@@ -260,8 +266,10 @@ def _load_hub(task: str, split: str) -> tuple[Example, ...]:
     try:
         import datasets
     except ImportError:
-        raise ImportError("loading GLUE from the hub needs the 'datasets' package (pip install 'sparseattn[hub]'); "
-                          "or set GLUE_DIR / --glue-dir to a local copy in the original GLUE layout") from None
+        raise GlueNotFoundError(
+            "no GLUE data: set GLUE_DIR (or pass --glue-dir) to a folder in the original GLUE layout "
+            "(<dir>/SST-2/train.tsv, ...), or install 'datasets' to load GLUE from the hub "
+            "(pip install 'sparseattn[hub]')") from None
     t = TASKS[task]
     ds = datasets.load_dataset("nyu-mll/glue", task, split=_HUB_SPLITS[split])
     return tuple(examples_from_records(t, ds))
