@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import sys
 import textwrap
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from ..text.parse import DEFAULT_PARSER, ParseCache
 from ..training.config import FinetuneConfig
 from ..training.finetune import finetune
 from ..training.glue import get_task, load_split
+from ..training.record import one_class_warning
 from .db import ResultsDB
 from .demo import run_demo
 from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus, write_report
@@ -73,6 +76,13 @@ def cmd_finetune(args) -> int:
     print(f"  sparsity {sp['overall']:.1%} overall, {sp['applied']:.1%} in the sparsified heads")
     print(f"  {d['train_examples']} train examples x {cfg.epochs} epoch(s) in {t['train_seconds']:.1f} s "
           f"({t['train_examples_per_second']:.0f} examples/s)")
+    warn = one_class_warning(r)
+    if warn:
+        print(f"  WARNING: {warn}")
+    ref = r.get("majority_reference")
+    if ref:
+        print(f"  reference: always '{ref['class']}' scores " + ", ".join(
+            f"{k} {100 * v:.2f}" for k, v in ref["metrics"].items()))
     if d["train_truncated"] or d["eval_truncated"]:
         print(f"  truncated to {d['max_length']} tokens: {d['train_truncated']} train, {d['eval_truncated']} eval")
     if out:
@@ -101,20 +111,31 @@ def cmd_sweep(args) -> int:
         return 0
     if not args.no_enqueue:
         enqueue(spec, db_path, retry_failed=args.retry_failed).close()
-    if args.workers > 1:
-        gpus = visible_gpus(args.workers, args.gpus)
-        print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else ""))
-        code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
-    else:
-        if args.gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-        run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
-                   max_runs=args.max_runs, label=args.worker_label)
-        code = 0
+    interrupted = False
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        if args.workers > 1:
+            gpus = visible_gpus(args.workers, args.gpus)
+            print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else "")
+                  + ": a line per run started and finished", flush=True)
+            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
+        else:
+            if args.gpus:
+                os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
+            run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
+                       max_runs=args.max_runs, label=args.worker_label)
+            code = 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary below is short; let it print
+        interrupted, code = True, 130
     if not args.no_enqueue:
         db = ResultsDB(db_path)
         print("\n".join(summary_lines(db, spec.name)))
+        if interrupted:
+            again = shlex.join(["sparseattn", *sys.argv[1:]]) if sys.argv[1:2] == ["sweep"] else \
+                f"sparseattn sweep {args.spec}"
+            print(f"interrupted: the finished runs are kept and the unfinished ones are pending again; to go on, "
+                  f"run the same command again:\n  {again}")
         print(f"report: sparseattn report {db_path}")
         db.close()
     return code

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 from ..training.config import FinetuneConfig
+from ..training.record import one_class_warning
 from .glue import LearnGlueConfig, learn_glue
 
 
@@ -20,6 +21,9 @@ def cmd_learn(args) -> int:
     sp, le = r["sparsity"], r["learned"]
     print(f"\n{r['task']} | {cfg.label} | seed {cfg.seed} on {r['device']}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()))
+    warn = one_class_warning(r)
+    if warn:
+        print(f"  WARNING: {warn}")
     print(f"  measured sparsity on {r['data']['eval_split']}: {sp['overall']:.1%} overall, {sp['applied']:.1%} in the "
           "learned heads")
     if cfg.target_sparsity is not None:
