@@ -60,6 +60,9 @@ def _add_finetune_args(p) -> None:
 
 
 def cmd_finetune(args) -> int:
+    import transformers  # here, not at the top: importing transformers takes seconds
+
+    transformers.logging.set_verbosity_error()  # the new classification head is expected, not news
     cfg = FinetuneConfig(task=args.task, plan=args.plan, model=args.model, seed=args.seed, epochs=args.epochs,
                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,

@@ -22,7 +22,7 @@ from ..training.data import load_examples
 from ..training.evaluate import sum_reports
 from ..training.glue import get_task
 from .db import ResultsDB
-from .sweep import enqueue, run_worker, spec_from_dict, summary_lines, write_report
+from .sweep import enqueue, format_duration, run_worker, spec_from_dict, summary_lines, write_report
 
 NEIGHBOUR = "later-half: neighbour(2)"
 
@@ -101,5 +101,5 @@ def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir
     for p in paths["plots"]:
         if str(p).endswith(".png"):
             print(f"plot:   {p}")
-    print(f"({time.perf_counter() - t0:.0f} s)")
+    print(f"the demo took {format_duration(time.perf_counter() - t0)} in all (run it again: finished runs are kept)")
     return paths

@@ -131,7 +131,7 @@ def work_dir_of(db_path) -> Path:
     return p.with_name(p.name + ".work")
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """45 s, 12 min, 2 h 05 min."""
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -149,7 +149,7 @@ def progress_line(db: ResultsDB, sweep: str | None) -> str:
     parts = [f"{c['done']}/{total} done"] + [f"{c[s]} {s}" for s in ("failed", "running") if c[s]]
     walls = [r["wall_seconds"] for r in db.runs(sweep, status="done") if r.get("wall_seconds")]
     if left and walls:
-        parts.append(f"about {_duration(left * sum(walls) / len(walls) / max(1, c['running']))} left")
+        parts.append(f"about {format_duration(left * sum(walls) / len(walls) / max(1, c['running']))} left")
     return ", ".join(parts)
 
 
@@ -206,7 +206,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
                 sp = result["sparsity"]
                 warn = one_class_warning(result)
                 say(f"{tag}finished {what}: {result['main_metric']} {100 * result['score']:.2f}, sparsity "
-                     f"{sp['overall']:.1%}, {_duration(seconds)}  [{progress_line(db, sweep)}]"
+                     f"{sp['overall']:.1%}, {format_duration(seconds)}  [{progress_line(db, sweep)}]"
                      + (f"\n{tag}  WARNING: {warn}" if warn else ""))
             else:
                 held = None
