@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..plans.io import is_plan_path, plan_metadata
 from ..text.parse import DEFAULT_PARSER, ParseCache
 from ..training.config import FinetuneConfig
 from ..training.finetune import finetune
@@ -73,10 +74,14 @@ def cmd_finetune(args) -> int:
                  save_model=args.save_model, parse_cache=args.parse_cache,
                  on_malformed="skip" if args.skip_malformed else "error")
     d, t, sp = r["data"], r["timing"], r["sparsity"]
-    print(f"\n{r['task']} | {r['plan']} | seed {cfg.seed} on {r['device']}")
+    print(f"\n{r['task']} | {cfg.display_plan} | seed {cfg.seed} on {r['device']}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()) + f"  ({d['eval_examples']} "
           f"{d['eval_split']} examples)")
     print(f"  sparsity {sp['overall']:.1%} overall, {sp['applied']:.1%} in the sparsified heads")
+    meta = plan_metadata(cfg.plan).get("metadata", {}) if is_plan_path(cfg.plan) else {}
+    if meta.get("grid_sparsity") is not None:  # an `ap mask` plan: its name gives the share of its grid pruned
+        print(f"  the plan prunes {meta['grid_sparsity']:.1%} of its {meta['grid_length']} x {meta['grid_length']} "
+              f"grid; these examples, most shorter than the grid, lose {sp['overall']:.1%} of their pairs")
     print(f"  {d['train_examples']} train examples x {cfg.epochs} epoch(s) in {t['train_seconds']:.1f} s "
           f"({t['train_examples_per_second']:.0f} examples/s)")
     warn = one_class_warning(r)
