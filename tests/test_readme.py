@@ -90,7 +90,7 @@ def test_readme_runs_as_typed(tmp_path):
     run, _, python = readme_commands()
     script = ["set -euo pipefail"]
     for line in run:
-        script += [f"echo {shlex.quote('>>> ' + line)}", line]
+        script += [f"echo \">>> [$SECONDS s]\" {shlex.quote(line)}", line]
     script += ["echo '>>> the Python blocks'", "python - <<'PY'", python, "PY"]
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
            "LANG": "C.UTF-8", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -98,6 +98,7 @@ def test_readme_runs_as_typed(tmp_path):
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=900)
     out = proc.stdout + proc.stderr
+    (tmp_path / "readme.log").write_text(out)  # what a user would have seen, kept for a look
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(">>> ")][-1:]
     assert proc.returncode == 0, f"README line failed: {failed}\n{out[-4000:]}"
     assert "Traceback" not in out, out[-4000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..model_sparsity import layout_of_batch
 from ..models import load_tokenizer, resolve_model
 from ..plans.plan import Plan
-from ..reports.report import table_rows
+from ..reports.report import setup_lines, table_rows
 from ..sparsity import measure_plan
 from ..training.batching import collate, encode_split, eval_batches
 from ..training.data import load_examples
@@ -96,6 +96,8 @@ def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir
         print("  ".join(header[i].ljust(w) for i, w in zip(keep, widths)))
         for row in rows:
             print("  ".join(row[i].ljust(w) for i, w in zip(keep, widths)))
+        for line in setup_lines(groups)[1:]:  # the majority-class reference; a warning for one-class runs
+            print(line)
     print("\n" + "\n".join(lines))
     print(f"\nreport: {paths['markdown']}  {paths['html']}")
     for p in paths["plots"]:

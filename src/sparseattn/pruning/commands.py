@@ -175,6 +175,10 @@ def cmd_mask(args) -> int:
             rows.append(row)
 
     _print_table(rows)
+    print(f"(a plan's name gives P, the share of the allowed pairs of the {N} x {N} grid it prunes (--budget "
+          f"{args.budget}); examples shorter than the grid hold fewer of the pruned pairs, so their sparsity, the "
+          "columns on data, is lower)" if args.budget == "grid" else "(a plan's name gives P, the share of the "
+          "collected examples' allowed pairs it prunes (--budget data); the grid columns count the full grid)")
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     last_ap = [r for r in rows if r["method"] == "ap"][-1]["plan"]
     print(f"\nwrote {len(rows)} plans and {out / 'summary.json'}; use one with --plan {out / last_ap}")
