@@ -280,7 +280,13 @@ def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, pl
 
 def _counts_line(counts: dict) -> str:
     order = ("done", "running", "failed", "pending")
-    return "Runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) + "."
+    line = "Runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) + "."
+    if counts.get("pending") or counts.get("running"):
+        line += (" The sweep is not finished (or was interrupted): run its command again, `sparseattn sweep "
+                 "SPEC.yaml`, to run the rest (finished runs are kept), then this report again.")
+    if not counts.get("done"):
+        line += " No run has finished yet, so there is nothing to tabulate."
+    return line
 
 
 def _slug(s: str) -> str:
