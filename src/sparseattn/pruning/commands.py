@@ -220,7 +220,7 @@ def register(subparsers, formatter_class) -> None:
                     "re-fine-tune with it (any command that takes --plan takes the plan folder).",
         epilog=textwrap.dedent("""\
             example:
-              sparseattn ap collect --task SST-2 --max-length 64 --out out/ap/sst2.safetensors --png out/ap/sst2.png
+              sparseattn ap collect --task SST-2 --max-length 128 --out out/ap/sst2.safetensors --png out/ap/sst2.png
               sparseattn ap mask out/ap/sst2.safetensors --prune 20 40 60 80 90 --random --out out/ap/sst2
               sparseattn finetune --task SST-2 --plan out/ap/sst2/ap-layer-p60
             """))
@@ -239,14 +239,15 @@ def _add_collect(sub, formatter_class) -> None:
                                    "future keys for decoders): sums and counts, so padding never changes the average.",
                        epilog=textwrap.dedent("""\
                            examples:
-                             sparseattn ap collect --task SST-2 --max-length 64 --out out/ap/sst2.safetensors
+                             sparseattn ap collect --task SST-2 --max-length 128 --out out/ap/sst2.safetensors
                              sparseattn ap collect --text-file corpus.txt --model path/to/llama --max-length 512 \\
                                  --longer skip --out out/ap/llama.safetensors --png out/ap/llama.png
                            """))
     _add_data_args(p)
     p.add_argument("--model", default=None,
                    help="hub id or local path, e.g. a fine-tuned checkpoint (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--max-length", type=int, required=True, help="the grid size L (tokens, special tokens included)")
+    p.add_argument("--max-length", type=int, required=True, help="the grid size L (tokens, special tokens included); SST-2's longest training sentence has 66, "
+                        "so 64 needs --longer skip or truncate")
     p.add_argument("--longer", choices=("error", "truncate", "skip"), default="error",
                    help="examples longer than --max-length: stop with an error, cut them, or leave them out "
                         "(the count is recorded)")
