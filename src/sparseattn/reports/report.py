@@ -235,7 +235,7 @@ def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict
         lines += [f"## {t.folder}", ""] + [ln for x in setup_lines(groups) for ln in (x, "")]
         header, rows = table_rows(groups)
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+        lines.append("|" + "|".join("---" if i < 2 or h == "note" else "---:" for i, h in enumerate(header)) + "|")
         for r in rows:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         lines.append("")
@@ -265,7 +265,8 @@ def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, pl
         parts.append(f"<h2>{e(t.folder)}</h2>" + "".join(f"<p>{e(x)}</p>" for x in setup_lines(groups))
                      + "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         for r in rows:
-            parts.append("<tr>" + "".join(f"<td{' class=n' if i >= 2 else ''}>{e(c)}</td>" for i, c in enumerate(r))
+            parts.append("<tr>" + "".join(f"<td{' class=n' if 2 <= i < len(r) - 1 else ''}>{e(c)}</td>"
+                                          for i, c in enumerate(r))
                          + "</tr>")
         parts.append("</table>")
         if task in plots.get("task", {}):
@@ -361,7 +362,10 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
         c = "0.3" if g.is_dense else colors[g.family]
         lab = ("dense" if g.is_dense else g.family) if (g.family not in seen) else None
         seen.add(g.family)
-        ax.errorbar([x], [y], yerr=[100 * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
+        ax.errorbar([x], [y], yerr=[100 * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab,
+                    mfc="white" if g.one_class else c)  # hollow: a run of it predicts one class only
+    if any(g.one_class for g in groups):
+        ax.plot([], [], "o", color="0.3", mfc="white", label="hollow: predicts one class")
     fronts = 0
     for fam in fams:
         front = pareto_front([(100 * g.mean_sparsity, 100 * g.mean) for g in groups if g.family == fam])
