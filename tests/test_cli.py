@@ -125,3 +125,16 @@ def test_parse_fills_a_cache_that_serves_without_a_parser(tmp_path, capsys):
     assert cat.parsed and cat.lowers[cat.heads[1]] == "sat"  # 'cat' hangs off 'sat'
     with pytest.raises(KeyError, match="not in the parse cache"):
         offline.parse("A sentence nobody parsed.")
+
+
+def test_glue_with_no_source_is_one_line(monkeypatch, capsys):
+    """No --glue-dir, no GLUE_DIR, no `datasets`: one line that says what to set, no traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("`datasets` is installed: GLUE would come from the hub")
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert main(["finetune", "--task", "sst2", "--limit-train", "8", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparseattn finetune: error: ") and "GLUE_DIR" in err and "datasets" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

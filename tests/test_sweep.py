@@ -247,3 +247,38 @@ def test_attention_pruning_is_a_sweep_method_sharing_one_dense_checkpoint(tmp_pa
         spec_from_dict({"fixed": fixed, "runs": [{"prune": 50, "mask": "bigbird"}]}, name="bad", base_dir=tmp_path)
     with pytest.raises(SweepSpecError, match=r"grid\[1\].prune must be a non-empty list"):
         spec_from_dict({"fixed": fixed, "grid": [{"prune": [0]}, {"prune": 5}]}, name="bad", base_dir=tmp_path)
+
+
+def test_progress_lines_and_ctrl_c_gives_the_run_back(tmp_path, monkeypatch):
+    """A line per run started and finished, with the sweep's count and time left; Ctrl-C during a run leaves
+    it pending (not running), the finished one done."""
+    import sparseattn.experiments.sweep as sweep
+
+    calls = []
+
+    def fake_run(cfg, **_):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"main_metric": "accuracy", "score": 0.8125, "metrics": {"accuracy": 0.8125},
+                "sparsity": {"overall": 0.25, "applied": 0.5, "per_layer": [0.25]},
+                "predicted_classes": {"negative": 0, "positive": 10},
+                "majority_reference": {"class": "positive", "metrics": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(sweep, "run_config", fake_run)
+    db = ResultsDB(tmp_path / "r.sqlite")
+    db.add_runs("t", _configs(3))
+    db.close()
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(tmp_path / "r.sqlite", "t", progress=False, echo=lines.append, label="w0")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the worker ignores a second Ctrl-C; undo that
+    assert lines[0] == "[w0] started sst2 | dense | seed 0  [0/3 done, 1 running]"
+    assert lines[1].startswith("[w0] finished sst2 | dense | seed 0: accuracy 81.25, sparsity 25.0%, ")
+    assert "[1/3 done, about " in lines[1] and " left]" in lines[1]
+    assert "WARNING: predicts 'positive' for every one of the 10 evaluation examples" in lines[1]
+    assert lines[2].startswith("[w0] started sst2 | dense | seed 1")
+    assert lines[-1] == "[w0] interrupted; its run is pending again"
+    db = ResultsDB(tmp_path / "r.sqlite")
+    assert db.counts("t") == {"pending": 2, "running": 0, "done": 1, "failed": 0}
+    db.close()

@@ -36,7 +36,14 @@ COMMAND_MODULES = [
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Descriptions and examples keep their line breaks; an option's help ends with its default unless the
+    help already says it (it mentions "default"), or there is nothing to say (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-layers", action="store_true", help="print dense layers too")
     p.add_argument("--png", default=None, help="write a PNG grid of every layer's mask here")
     p.add_argument("--block-size", type=int, default=None, help="also report block density for this block size")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="truncate the sentence to this many tokens")
     add_model_args(p)
     add_parse_args(p)
     p.set_defaults(func=cmd_inspect)

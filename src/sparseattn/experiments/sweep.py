@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..errors import ConfigError, SparseattnError
+from ..errors import ConfigError, DependencyError, SparseattnError
 from ..reports.report import write_report_files
 from ..training.config import FinetuneConfig, model_shape
 from ..training.methods import config_from_dict, run_config
-from ..training.record import package_versions, run_key
+from ..training.record import one_class_warning, package_versions, run_key
 from .db import Heartbeat, ResultsDB, WorkerId
 
 SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
@@ -150,9 +150,35 @@ def work_dir_of(db_path) -> Path:
     return p.with_name(p.name + ".work")
 
 
+def format_duration(seconds: float) -> str:
+    """45 s, 12 min, 2 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def progress_line(db: ResultsDB, sweep: str | None) -> str:
+    """Where the sweep stands, from the database (so every worker's runs count): done / total, failed, running,
+    and an estimate of the time left (the mean time of the finished runs, spread over the running workers)."""
+    c = db.counts(sweep)
+    total = sum(c.values())
+    left = c["pending"] + c["running"]
+    parts = [f"{c['done']}/{total} done"] + [f"{c[s]} {s}" for s in ("failed", "running") if c[s]]
+    walls = [r["wall_seconds"] for r in db.runs(sweep, status="done") if r.get("wall_seconds")]
+    if left and walls:
+        parts.append(f"about {format_duration(left * sum(walls) / len(walls) / max(1, c['running']))} left")
+    return ", ".join(parts)
+
+
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
                progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
-    """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}."""
+    """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}.
+
+    Prints a line when a run starts and when it ends (its metric, sparsity and time, then the whole sweep's
+    count and time left); lines start with ``[label]`` when the worker has one (several workers). Interrupted
+    (Ctrl-C, SIGTERM), it gives its run back as pending before it stops."""
     import transformers  # here, not at the top: importing transformers takes seconds
 
     transformers.logging.set_verbosity_error()  # every run loads a new classification head: expected, not news
@@ -161,36 +187,55 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
     db = ResultsDB(db_path)
     work_dir = work_dir_of(db_path)
     worker = WorkerId(label)
+    tag = f"[{label}] " if label else ""
+
+    def say(line: str) -> None:
+        echo(line)
+        sys.stdout.flush()  # several workers share the terminal: each line as soon as it is made
     done = failed = 0
+    held = None  # the key of the run this worker holds
     try:
         while max_runs is None or done + failed < max_runs:
             row = db.claim(worker, sweep, lease=lease)
             if row is None:
                 break
+            held = row["key"]
             cfg = config_from_dict(json.loads(row["config"]))
             what = f"{cfg.task} | {cfg.display_plan} | seed {cfg.seed}"
             again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
-            echo(f"[{worker.name}] run {row['key'][:10]}: {what}{again}")
+            say(f"{tag}started {what}{again}  [{progress_line(db, sweep)}]")
             t0 = time.perf_counter()
             try:
                 with Heartbeat(db, row["key"], worker, lease):
                     result = run_config(cfg, glue_dir=glue_dir, progress=progress, work_dir=work_dir)
             except (KeyboardInterrupt, SystemExit):
-                db.release(row["key"], worker)
-                echo(f"[{worker.name}] interrupted; run {row['key'][:10]} is pending again")
+                raise
+            except DependencyError:  # no data for any run: stop here, the run is not to blame
                 raise
             except Exception as e:
                 db.fail(row["key"], worker, traceback.format_exc(), package_versions())
+                held = None
                 failed += 1
-                echo(f"[{worker.name}] FAILED {what}: {type(e).__name__}: {e}")
+                say(f"{tag}FAILED {what}: {type(e).__name__}: {e}  [{progress_line(db, sweep)}]")
                 continue
+            seconds = time.perf_counter() - t0
             if db.finish(row["key"], worker, result):
+                held = None
                 done += 1
                 sp = result["sparsity"]
-                echo(f"[{worker.name}] done {what}: {result['main_metric']} {result['score']:.4f}, sparsity "
-                     f"{sp['overall']:.1%} ({time.perf_counter() - t0:.1f} s)")
+                warn = one_class_warning(result)
+                say(f"{tag}finished {what}: {result['main_metric']} {100 * result['score']:.2f}, sparsity "
+                     f"{sp['overall']:.1%}, {format_duration(seconds)}  [{progress_line(db, sweep)}]"
+                     + (f"\n{tag}  WARNING: {warn}" if warn else ""))
             else:
-                echo(f"[{worker.name}] {what} was finished by another worker meanwhile; kept the first result")
+                held = None
+                say(f"{tag}{what} was finished by another worker meanwhile; kept the first result")
+    except (KeyboardInterrupt, SystemExit, DependencyError):
+        if held is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the release short
+            db.release(held, worker)
+            say(f"{tag}interrupted; its run is pending again")
+        raise
     finally:
         db.close()
     return {"done": done, "failed": failed}
@@ -243,10 +288,19 @@ def spawn_workers(spec_path: Path, db_path: Path, gpus: list[str | None], *, glu
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
+        # Ctrl-C reached the workers too (one process group): let them give their runs back undisturbed;
+        # a worker still there after that (this process alone was interrupted) is asked, then told, to stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig, wait in ((None, 15), (signal.SIGINT, 30), (signal.SIGKILL, None)):
+            for p in procs:
+                if sig is not None and p.poll() is None:
+                    p.send_signal(sig)
+            try:
+                for p in procs:
+                    p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         raise
     return max(codes) if codes else 0
 

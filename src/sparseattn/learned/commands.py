@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 from ..training.config import FinetuneConfig
+from ..training.record import one_class_warning
 from .glue import LearnGlueConfig, learn_glue
 
 
@@ -20,6 +21,9 @@ def cmd_learn(args) -> int:
     sp, le = r["sparsity"], r["learned"]
     print(f"\n{r['task']} | {cfg.label} | seed {cfg.seed} on {r['device']}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()))
+    warn = one_class_warning(r)
+    if warn:
+        print(f"  WARNING: {warn}")
     print(f"  measured sparsity on {r['data']['eval_split']}: {sp['overall']:.1%} overall, {sp['applied']:.1%} in the "
           "learned heads")
     if cfg.target_sparsity is not None:
@@ -51,28 +55,31 @@ def register(sub, formatter_class) -> None:
     group.add_argument("--lambda", "--lam", dest="lam", type=float, default=None, help="density penalty weight lambda")
     group.add_argument("--target-sparsity", type=float, default=None, help="overall sparsity to reach, in [0, 1)")
     p.add_argument("--model", default=None, help="hub id or path (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the new head, the data order and the fine-tuning")
     p.add_argument("--epochs", type=int, default=F["epochs"].default, help="epochs of the soft phase")
     p.add_argument("--hard-epochs", type=int, default=D["hard_epochs"].default,
                    help="epochs of fine-tuning under the exported hard plan")
-    p.add_argument("--lr", type=float, default=F["lr"].default)
+    p.add_argument("--lr", type=float, default=F["lr"].default, help="peak learning rate of the model's weights")
     p.add_argument("--degree-lr", type=float, default=D["degree_lr"].default, help="learning rate of the degrees")
     p.add_argument("--dual-lr", type=float, default=D["dual_lr"].default,
                    help="target mode: step of the multiplier's dual ascent")
-    p.add_argument("--init-degree", type=float, default=D["init_degree"].default)
+    p.add_argument("--init-degree", type=float, default=D["init_degree"].default,
+                   help="every head's soft degree at the start")
     p.add_argument("--global-tokens", type=int, default=D["global_tokens"].default,
                    help="the first g tokens stay global (not learned)")
     p.add_argument("--layers", default=D["learn_layers"].default,
                    help="layers that learn a window (all, later-half, layers=3-5, ...); others stay dense")
     p.add_argument("--t-start", type=float, default=D["t_start"].default, help="initial soft-window temperature")
     p.add_argument("--t-end", type=float, default=D["t_end"].default, help="final temperature (annealed geometrically)")
-    p.add_argument("--batch-size", type=int, default=F["batch_size"].default)
-    p.add_argument("--max-length", type=int, default=F["max_length"].default)
-    p.add_argument("--limit-train", type=int, default=None, help="a fixed random subset of the train split")
-    p.add_argument("--limit-eval", type=int, default=None)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=F["batch_size"].default, help="examples per training step")
+    p.add_argument("--max-length", type=int, default=F["max_length"].default, help="longer examples are truncated")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="a fixed random subset of the train split (default: all; a small run: 500)")
+    p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation split (default: all)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--glue-dir", default=None, help="GLUE TSV folder (default: $GLUE_DIR, else the hub)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_learn)

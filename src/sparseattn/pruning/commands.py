@@ -210,6 +210,10 @@ def cmd_mask(args) -> int:
             rows.append(row)
 
     _print_table(rows)
+    print(f"(a plan's name gives P, the share of the allowed pairs of the {N} x {N} grid it prunes (--budget "
+          f"{args.budget}); examples shorter than the grid hold fewer of the pruned pairs, so their sparsity, the "
+          "columns on data, is lower)" if args.budget == "grid" else "(a plan's name gives P, the share of the "
+          "collected examples' allowed pairs it prunes (--budget data); the grid columns count the full grid)")
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     last_ap = [r for r in rows if r["method"] == "ap"][-1]["plan"]
     print(f"\nwrote {len(rows)} plans and {out / 'summary.json'}; use one with --plan {out / last_ap}")
@@ -251,7 +255,7 @@ def register(subparsers, formatter_class) -> None:
                     "re-fine-tune with it (any command that takes --plan takes the plan folder).",
         epilog=textwrap.dedent("""\
             example:
-              sparseattn ap collect --task SST-2 --max-length 64 --out out/ap/sst2.safetensors --png out/ap/sst2.png
+              sparseattn ap collect --task SST-2 --max-length 128 --out out/ap/sst2.safetensors --png out/ap/sst2.png
               sparseattn ap mask out/ap/sst2.safetensors --prune 20 40 60 80 90 --random --out out/ap/sst2
               sparseattn finetune --task SST-2 --plan out/ap/sst2/ap-layer-p60
             """))
@@ -270,7 +274,7 @@ def _add_collect(sub, formatter_class) -> None:
                                    "future keys for decoders): sums and counts, so padding never changes the average.",
                        epilog=textwrap.dedent("""\
                            examples:
-                             sparseattn ap collect --task SST-2 --max-length 64 --out out/ap/sst2.safetensors
+                             sparseattn ap collect --task SST-2 --max-length 128 --out out/ap/sst2.safetensors
                              sparseattn ap collect --text-file corpus.txt --model path/to/llama --max-length 512 \\
                                  --longer skip --out out/ap/llama.safetensors --png out/ap/llama.png
                              sparseattn ap collect --corpus ../shared/data/books/train/*.txt --model out/lm/dense/model \\
@@ -282,11 +286,12 @@ def _add_collect(sub, formatter_class) -> None:
                         "of --max-length tokens (--limit: the first N rows); each row whole, no padding")
     p.add_argument("--model", default=None,
                    help="hub id or local path, e.g. a fine-tuned checkpoint (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--max-length", type=int, required=True, help="the grid size L (tokens, special tokens included)")
+    p.add_argument("--max-length", type=int, required=True, help="the grid size L (tokens, special tokens included); SST-2's longest training sentence has 66, "
+                        "so 64 needs --longer skip or truncate")
     p.add_argument("--longer", choices=("error", "truncate", "skip"), default="error",
                    help="examples longer than --max-length: stop with an error, cut them, or leave them out "
                         "(the count is recorded)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model precision")

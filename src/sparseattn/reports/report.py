@@ -30,6 +30,7 @@ from ..lm.train import LMConfig
 from ..patterns.base import Intersection, Union
 from ..plans.io import as_plan
 from ..training.config import FinetuneConfig
+from ..training.record import one_class_warning
 from ..training.tasks import task_info
 
 _IGNORED = ("seed",)  # runs differing only in these are one group
@@ -53,6 +54,10 @@ class Group:
     sparsity: list[float] = field(default_factory=list)  # overall
     sparsity_applied: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    train_examples: list[int] = field(default_factory=list)
+    eval_examples: list[int] = field(default_factory=list)
+    one_class: int = 0  # seeds whose model gave every evaluation example the same class
+    reference: dict | None = None  # what always predicting the train split's majority class scores
     baseline: "Group | None" = None
 
     @property
@@ -138,6 +143,12 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
             g.sparsity.append(float(r["sparsity"]))
             g.sparsity_applied.append(float(r["sparsity_applied"]))
             g.train_seconds.append(float(res.get("timing", {}).get("train_seconds", float("nan"))))
+            data = res.get("data") or {}
+            if data.get("train_examples") is not None:
+                g.train_examples.append(int(data["train_examples"]))
+                g.eval_examples.append(int(data["eval_examples"]))
+            g.one_class += one_class_warning(res) is not None
+            g.reference = g.reference or res.get("majority_reference")
         dense = {_baseline_key(g.config): g for g in groups.values() if g.is_dense}
         for g in groups.values():
             g.baseline = dense.get(_baseline_key(g.config))
@@ -175,15 +186,52 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     task = task_info(groups[0].task)
     others = [m for m in task.metrics if m != task.main_metric]
     header = ["plan", "family", "seeds", "sparsity %", "in sparsified heads %",
-              f"{task.main_metric} (mean ± std)", "Δ vs dense"] + others
+              f"{task.main_metric} (mean ± std)", "Δ vs dense"] + others + ["note"]
     rows = []
     for g in groups:
         sc = task.scale
-        main = _metric(g.mean, sc) + (f" ± {_metric(g.std, sc)}" if g.std is not None else "")
+        main = _metric(g.mean, sc) + (f" ± {_metric(g.std, sc)}" if g.std is not None else " (n = 1)")
+        note = ""
+        if g.one_class:
+            note = "predicts one class" + (f" ({g.one_class} of {g.n} seeds)" if g.n > 1 else "")
         rows.append([g.label, g.family, str(g.n), _pct(g.mean_sparsity), _pct(g.mean_applied), main,
                      "baseline" if g.is_dense and g.baseline is g else _signed(g.delta, sc)]
-                    + [_metric(float(np.mean(g.metrics.get(m, [float("nan")]))), sc) for m in others])
+                    + [_metric(float(np.mean(g.metrics.get(m, [float("nan")]))), sc) for m in others] + [note])
     return header, rows
+
+
+def _values(xs) -> str:
+    """One value, or the range of several: '200', '200-3668'."""
+    xs = sorted({x for x in xs if x is not None}, key=lambda x: (str(type(x)), x))
+    if not xs:
+        return "?"
+    return _fmt_value(xs[0]) if len(xs) == 1 else f"{_fmt_value(xs[0])}-{_fmt_value(xs[-1])}"
+
+
+def setup_lines(groups: list[Group]) -> list[str]:
+    """A task's run setup, what a reader needs to weigh its numbers: model, training and evaluation sizes,
+    epochs, learning rate, batch size, maximum length and seeds; then the majority-class reference."""
+    t = task_info(groups[0].task)
+    cfg = lambda k: _values(g.config.get(k) for g in groups)  # noqa: E731
+    seeds = sorted({s for g in groups for s in g.seeds})
+    model = cfg("model")
+    lines = [f"Setup: {'the packaged all-MiniLM-L6-v2' if model in ('?', 'None') else model}; "
+             f"{_values(n for g in groups for n in g.train_examples)} training examples x {cfg('epochs')} epoch(s), "
+             f"lr {cfg('lr')}, batch {cfg('batch_size')}, max length {cfg('max_length')}; evaluated on "
+             f"{_values(n for g in groups for n in g.eval_examples)} {cfg('eval_split')} examples; "
+             f"seeds {', '.join(map(str, seeds))} ({'one run per plan: no spread' if len(seeds) == 1 else 'mean ± sample std'})."]
+    ref = next((g.reference for g in groups if g.reference), None)
+    if ref:
+        shown = ", ".join(f"{m} {_pct(v, 2)}" for m, v in ref["metrics"].items())
+        lines.append(f"Reference: always predicting the majority class '{ref['class']}' scores {shown}; a run at or "
+                     f"below that learned nothing of the input.")
+    elif t.main_metric in ("pearson", "spearman"):
+        lines.append(f"Reference: a constant prediction correlates 0 ({t.main_metric}).")
+    n_one = sum(1 for g in groups if g.one_class)
+    if n_one:
+        lines.append(f"Warning: {n_one} of {len(groups)} plans have runs that predict one class for every example "
+                     "(note column).")
+    return lines
 
 
 def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict, plots: dict) -> str:
@@ -193,10 +241,10 @@ def render_markdown(summary: dict[str, list[Group]], *, title: str, counts: dict
              "Δ = mean minus the dense run of the same configuration.", ""]
     for task, groups in summary.items():
         t = task_info(task)
-        lines += [f"## {t.title}", ""]
+        lines += [f"## {t.title}", ""] + [ln for x in setup_lines(groups) for ln in (x, "")]
         header, rows = table_rows(groups)
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+        lines.append("|" + "|".join("---" if i < 2 or h == "note" else "---:" for i, h in enumerate(header)) + "|")
         for r in rows:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         lines.append("")
@@ -223,9 +271,11 @@ def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, pl
     for task, groups in summary.items():
         t = task_info(task)
         header, rows = table_rows(groups)
-        parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts.append(f"<h2>{e(t.title)}</h2>" + "".join(f"<p>{e(x)}</p>" for x in setup_lines(groups))
+                     + "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         for r in rows:
-            parts.append("<tr>" + "".join(f"<td{' class=n' if i >= 2 else ''}>{e(c)}</td>" for i, c in enumerate(r))
+            parts.append("<tr>" + "".join(f"<td{' class=n' if 2 <= i < len(r) - 1 else ''}>{e(c)}</td>"
+                                          for i, c in enumerate(r))
                          + "</tr>")
         parts.append("</table>")
         if task in plots.get("task", {}):
@@ -240,7 +290,13 @@ def render_html(summary: dict[str, list[Group]], *, title: str, counts: dict, pl
 
 def _counts_line(counts: dict) -> str:
     order = ("done", "running", "failed", "pending")
-    return "Runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) + "."
+    line = "Runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) + "."
+    if counts.get("pending") or counts.get("running"):
+        line += (" The sweep is not finished (or was interrupted): run its command again, `sparseattn sweep "
+                 "SPEC.yaml`, to run the rest (finished runs are kept), then this report again.")
+    if not counts.get("done"):
+        line += " No run has finished yet, so there is nothing to tabulate."
+    return line
 
 
 def _slug(s: str) -> str:
@@ -276,10 +332,31 @@ def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool = 
     return sorted(front)
 
 
+def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Write each point's label beside it where it overlaps no label written before (tries eight
+    positions around the point); a label with no free position is left out (the table has every plan)."""
+    offsets = [(4, 4), (4, -10), (-4, 4), (-4, -10), (4, 12), (4, -18), (-4, 12), (-4, -18)]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lays the axes out, so that text sizes are known
+    renderer = canvas.get_renderer()
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    for x, y, text in sorted(points):
+        for dx, dy in offsets:
+            a = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                            ha="left" if dx > 0 else "right")
+            box = a.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in taken) and ax.get_window_extent(renderer).contains(box.x0, box.y0):
+                taken.append(box)
+                break
+            a.remove()
+
+
 def plot_task(groups: list[Group], stem: Path) -> dict:
     """Main metric against overall sparsity for one task: a point per group (error bar = std over seeds),
-    coloured by pattern family, each family's Pareto front as a step line; the dense baseline as a dashed
-    line."""
+    coloured by pattern family, each family's Pareto front (its best score at that sparsity or more) as a
+    step line; the dense baseline as a dashed line, the majority-class reference as a dotted one."""
     task = task_info(groups[0].task)
     sc = task.scale
     fig, ax = _figure()
@@ -296,15 +373,23 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
         c = "0.3" if g.is_dense else colors[g.family]
         lab = ("dense" if g.is_dense else g.family) if (g.family not in seen) else None
         seen.add(g.family)
-        ax.errorbar([x], [y], yerr=[sc * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab)
-        if len(groups) <= 12:
-            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.errorbar([x], [y], yerr=[sc * g.std] if g.std else None, fmt="o", color=c, capsize=3, label=lab,
+                    mfc="white" if g.one_class else c)  # hollow: a run of it predicts one class only
+    if any(g.one_class for g in groups):
+        ax.plot([], [], "o", color="0.3", mfc="white", label="hollow: predicts one class")
+    fronts = 0
     for fam in fams:
         front = pareto_front([(100 * g.mean_sparsity, sc * g.mean) for g in groups if g.family == fam],
                              higher_is_better=task.higher_is_better)
         if len(front) > 1:
             xs, ys = zip(*front)
-            ax.step(xs, ys, where="post", color=colors[fam], lw=1, alpha=0.7)
+            ax.step(xs, ys, where="post", color=colors[fam], lw=1, alpha=0.7,
+                    label=None if fronts else "a family's best at ≥ that sparsity")
+            fronts += 1
+    ref = next((g.reference for g in groups if g.reference), None)
+    if ref and task.main_metric in ref["metrics"]:
+        ax.axhline(sc * ref["metrics"][task.main_metric], ls=":", color="0.5", lw=1,
+                   label=f"always '{ref['class']}' (majority class)")
     ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.set_xlim(left=max(ax.get_xlim()[0], -2.0), right=min(ax.get_xlim()[1], 102.0))  # sparsity is in [0, 100]
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
@@ -312,23 +397,38 @@ def plot_task(groups: list[Group], stem: Path) -> dict:
     ax.set_title(f"{task.title}: {task.main_metric} against sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if len(groups) <= 16:
+        _label_points(fig, ax, [(100 * g.mean_sparsity, sc * g.mean, g.label) for g in groups])
     return _save(fig, stem)
 
 
-def plot_family(family: str, summary: dict[str, list[Group]], stem: Path) -> dict:
-    """Change of the main metric against the dense baseline, by sparsity, for one pattern family; a line
-    per task."""
-    fig, ax = _figure()
-    for i, (task, groups) in enumerate(summary.items()):
+def family_points(family: str, summary: dict[str, list[Group]]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per task, the family's (sparsity x100, Δ vs dense, std) points in the task's printed units, by sparsity."""
+    out = {}
+    for task, groups in summary.items():
         sc = task_info(task).scale
         pts = sorted((100 * g.mean_sparsity, sc * g.delta, sc * (g.std or 0)) for g in groups
                      if g.family == family and g.delta is not None)
-        if not pts:
+        if pts:
+            out[task] = pts
+    return out
+
+
+def plot_family(family: str, summary: dict[str, list[Group]], stem: Path, ylim: tuple[float, float] | None = None
+                ) -> dict:
+    """Change of the main metric against the dense baseline, by sparsity, for one pattern family; a line
+    per task. ``ylim``: the y-range every family plot of a report shares, so they compare at a glance."""
+    fig, ax = _figure()
+    points = family_points(family, summary)
+    for i, task in enumerate(summary):
+        if task not in points:
             continue
-        x, y, s = map(list, zip(*pts))
+        x, y, s = map(list, zip(*points[task]))
         ax.errorbar(x, y, yerr=s if any(s) else None, fmt="o-", color=f"C{i % 10}", capsize=3,
                     label=task_info(task).title)
     ax.axhline(0, color="0.3", lw=1, ls="--")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("sparsity (% of allowed query-key pairs removed)")
     ax.set_ylabel("Δ main metric vs dense (x100 for GLUE fractions)")
     ax.set_title(f"pattern family: {family}")
@@ -372,8 +472,14 @@ def write_report_files(runs: list[dict], out_dir, *, title: str, counts: dict) -
         paths = plot_task(groups, out / "plots" / f"task_{_slug(task)}")
         plots["task"][task] = {k: str(p.relative_to(out)) for k, p in paths.items()}
     families = sorted({g.family for gs in summary.values() for g in gs if not g.is_dense and g.delta is not None})
+    # a family plot is a curve: only families with two plans or more on some task; one y-scale for all
+    points = {fam: family_points(fam, summary) for fam in families}
+    families = [f for f in families if any(len(p) > 1 for p in points[f].values())]
+    ys = [y + d * s for f in families for pts in points[f].values() for _, y, s in pts for d in (-1, 1)] + [0.0]
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    ylim = (min(ys) - pad, max(ys) + pad)
     for fam in families:
-        paths = plot_family(fam, summary, out / "plots" / f"family_{_slug(fam)}")
+        paths = plot_family(fam, summary, out / "plots" / f"family_{_slug(fam)}", ylim=ylim)
         plots["family"][fam] = {k: str(p.relative_to(out)) for k, p in paths.items()}
     md, page = out / "report.md", out / "report.html"
     md.write_text(render_markdown(summary, title=title, counts=counts, plots=plots) + "\n")

@@ -50,7 +50,7 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--label-column", default=None, help="class names, class ids or scores; default: the task's, "
                                                         "else label")
     p.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many examples")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     p.add_argument("--max-length", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--backend", default=None, help="attention backend; default: the run's, else reference")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")

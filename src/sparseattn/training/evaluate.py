@@ -45,11 +45,34 @@ def predict(model, split: EncodedSplit, *, batch_size: int, device, autocast, pa
 
 
 def evaluate(model, split: EncodedSplit, task: GlueTask, *, batch_size: int, device, autocast: Callable,
-             pass_structure: bool, pad_to: int = 1, progress: bool = False) -> dict[str, float]:
-    """The task's metrics of the model's predictions on ``split``."""
+             pass_structure: bool, pad_to: int = 1, progress: bool = False, predictions: list | None = None
+             ) -> dict[str, float]:
+    """The task's metrics of the model's predictions on ``split`` (appended to ``predictions`` if given)."""
     pred = predict(model, split, batch_size=batch_size, device=device, autocast=autocast,
                    pass_structure=pass_structure, regression=task.is_regression, pad_to=pad_to, progress=progress)
+    if predictions is not None:
+        predictions.append(pred)
     return compute_metrics(task.metrics, pred, split.labels)
+
+
+def majority_reference(task: GlueTask, train_labels, eval_labels) -> dict | None:
+    """What predicting one class for every example scores: the train split's most frequent class, with the
+    task's metrics on the evaluation labels. None for regression (a constant score correlates 0)."""
+    if task.is_regression:
+        return None
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=task.num_labels)
+    majority = int(counts.argmax())
+    const = np.full(len(eval_labels), majority)
+    return {"class": task.labels[majority], "metrics": compute_metrics(task.metrics, const, eval_labels)}
+
+
+def prediction_counts(task: GlueTask, pred) -> dict | None:
+    """{class name: how many examples the model gave it} (None for regression). A model that gives every
+    example one class learned nothing of the input: its scores equal the majority reference at best."""
+    if task.is_regression:
+        return None
+    counts = np.bincount(np.asarray(pred, dtype=np.int64), minlength=task.num_labels)
+    return {name: int(n) for name, n in zip(task.labels, counts)}
 
 
 def sum_reports(reports) -> SparsityReport | None:

@@ -34,7 +34,7 @@ from ..text.parse import DEFAULT_PARSER, ParseCache
 from .batching import EncodedSplit, collate, to_device, train_batches
 from .config import FinetuneConfig
 from .data import encoded, load_examples
-from .evaluate import eval_sparsity, evaluate
+from .evaluate import eval_sparsity, evaluate, majority_reference, prediction_counts
 from .glue import GlueTask, get_task
 from .loop import Optimizer, autocast_for, model_inputs, resolve_device, resolve_precision, set_seed, task_loss
 from .methods import Method, register_method
@@ -84,6 +84,7 @@ class History:
     losses: torch.Tensor | None = None
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    predictions: list = field(default_factory=list)  # each epoch's predictions on the evaluation split
 
 
 def setup(cfg: FinetuneConfig, device=None) -> Run:
@@ -200,7 +201,7 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
         t0 = time.perf_counter()
         metrics = evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
                            autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to,
-                           progress=progress)
+                           progress=progress, predictions=hist.predictions)
         hist.eval_seconds += time.perf_counter() - t0
         ep_loss = float(hist.losses[step - len(batches):step].float().cpu().numpy().mean())
         hist.epochs.append({"epoch": epoch + 1, "train_loss": ep_loss, "train_seconds": epoch_train,
@@ -229,6 +230,8 @@ def record(run: Run, data: Data, hist: History, sparsity, *, readout_isolated: b
         "train_loss_curve": loss_curve(hist.losses),
         "sparsity": sparsity.to_dict(),
         "readout_isolated": readout_isolated,
+        "predicted_classes": prediction_counts(task, hist.predictions[-1]),
+        "majority_reference": majority_reference(task, train_split.labels, evals.labels),
         "data": {
             "source": str(glue_dir) if glue_dir else (os.environ.get("GLUE_DIR") or "hub: nyu-mll/glue"),
             "train_examples": len(train_split), "eval_examples": len(evals), "eval_split": cfg.eval_split,

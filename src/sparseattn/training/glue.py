@@ -14,7 +14,8 @@ Public, stable API (other parts of sparseattn import it):
 - split: "train", "dev" (alias "validation") or "test"; MNLI also "dev_matched", "dev_mismatched",
   "test_matched", "test_mismatched" ("dev" = "dev_matched").
 - Source: ``glue_dir`` if given, else the ``GLUE_DIR`` environment variable, else the Hugging Face hub
-  (``datasets.load_dataset("nyu-mll/glue", task)``). ``source="local"`` / ``"hub"`` forces one.
+  (``datasets.load_dataset("nyu-mll/glue", task)``); with none of them, a ``DependencyError`` (the
+  command line prints its one line). ``source="local"`` / ``"hub"`` forces one.
 - ``Example.label``: the class index for classification tasks (in the hub's label order, whichever
   source), the similarity score (float) for STS-B, None on test splits (GLUE hides their labels).
 
@@ -335,8 +336,10 @@ def _load_hub(task: str, split: str) -> tuple[Example, ...]:
     try:
         import datasets
     except ImportError:
-        raise DependencyError("loading GLUE from the hub needs the 'datasets' package (pip install 'sparseattn[hub]'); "
-                          "or set GLUE_DIR / --glue-dir to a local copy in the original GLUE layout") from None
+        raise DependencyError(
+            "no GLUE data: set GLUE_DIR (or pass --glue-dir) to a folder in the original GLUE layout "
+            "(<dir>/SST-2/train.tsv, ...), or install 'datasets' to load GLUE from the hub "
+            "(pip install 'sparseattn[hub]')") from None
     t = TASKS[task]
     try:
         ds = datasets.load_dataset("nyu-mll/glue", task, split=_HUB_SPLITS[split])

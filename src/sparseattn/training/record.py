@@ -52,3 +52,18 @@ def write_results(result: dict, out_dir) -> Path:
     path = out / "results.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def one_class_warning(result: dict) -> str | None:
+    """A warning when a run's model gave every evaluation example the same class (it learned nothing of the
+    input; its metrics are the majority-class reference's at best), else None."""
+    counts = result.get("predicted_classes")
+    if not counts or sum(1 for n in counts.values() if n) != 1:
+        return None
+    cls = next(c for c, n in counts.items() if n)
+    ref = result.get("majority_reference") or {}
+    main = result.get("main_metric")
+    note = ""
+    if ref and main in ref.get("metrics", {}):
+        note = f"; always '{ref['class']}' scores {main} {100 * ref['metrics'][main]:.2f}"
+    return f"predicts '{cls}' for every one of the {sum(counts.values())} evaluation examples{note}"
