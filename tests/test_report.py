@@ -126,6 +126,6 @@ def test_report_of_language_model_runs(tmp_path):
     md = write_report(tmp_path / "lm.sqlite", tmp_path / "rep", title="t")["markdown"].read_text()
     assert "## books (language modelling)" in md
     assert "| dense | dense | 2 | 0.0 | 0.0 | 31.00 ± 1.41 | baseline | 3.43 |" in md
-    assert "| all: neighbour(8) | neighbour | 1 | 80.0 | 80.0 | 33.50 | +2.50 | 3.51 |" in md
+    assert "| all: neighbour(8) | neighbour | 1 | 80.0 | 80.0 | 33.50 (n = 1) | +2.50 | 3.51 |" in md
     assert pareto_front([(0, 30.0), (50, 29.0), (80, 35.0), (60, 40.0)], higher_is_better=False) == \
         [(50, 29.0), (80, 35.0)]

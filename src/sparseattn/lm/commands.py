@@ -118,20 +118,28 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--plan", default="dense", help="plan spec or a saved plan's folder")
     p.add_argument("--model", default=None, help="start from this checkpoint (hub id or folder); default: a new Llama")
     p.add_argument("--context", type=int, default=_D["max_length"].default, help="tokens per row")
-    for name in ("seed", "epochs", "batch_size", "layers", "hidden", "heads", "vocab_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=_D[name].default)
+    int_help = {"seed": "random seed (initialisation, data order)", "epochs": "passes over the training rows",
+                "batch_size": "rows per optimizer step", "layers": "decoder layers of a new model",
+                "hidden": "hidden size of a new model", "heads": "attention heads of a new model",
+                "vocab_size": "BPE vocabulary of the trained tokenizer"}
+    for name, text in int_help.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=_D[name].default, help=text)
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 8/3 x hidden, to 64)")
-    for name in ("lr", "warmup", "weight_decay", "max_grad_norm"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=_D[name].default)
+    float_help = {"lr": "peak learning rate (AdamW)", "warmup": "share of the steps spent warming up",
+                  "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm"}
+    for name, text in float_help.items():
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=_D[name].default, help=text)
     p.add_argument("--limit-train", type=int, default=None, help="a fixed random subset of this many train rows")
     p.add_argument("--limit-eval", type=int, default=None, help="likewise for the evaluation rows")
-    p.add_argument("--eval-split", default=_D["eval_split"].default, choices=["valid", "test", "train"])
+    p.add_argument("--eval-split", default=_D["eval_split"].default, choices=["valid", "test", "train"],
+                   help="the corpus split whose perplexity is reported each epoch")
     p.add_argument("--tokenizer", default=None, help="a tokenizer (hub id or folder) instead of the trained BPE")
     p.add_argument("--backend", default="reference", help="attention backend for sparse plans")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--glue-dir", default=None, help="GLUE folder; a corpus name is also looked for beside it")
     p.add_argument("--out", default=None, help="folder for results.json (and model/ with --save-model)")
     p.add_argument("--save-model", action="store_true", help="save the model, its tokenizer and the plan under --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_lm, command="train-lm")
