@@ -78,7 +78,7 @@ def test_readme_runs_as_typed(tmp_path):
     venv = Path(sys.prefix)
     if not (venv / "bin" / "activate").is_file():
         pytest.skip("runs the README's `source .venv/bin/activate`: needs the tests to run in a virtual environment")
-    # a checkout's neighbourhood: repo/ (its studies/ and .venv) beside shared/data/glue
+    # a checkout's neighbourhood: repo/ (its studies/ and .venv) beside shared/data/glue (and books)
     repo = tmp_path / "repo"
     (repo / "studies").mkdir(parents=True)
     for spec in (REPO / "studies").glob("*.yaml"):
@@ -86,6 +86,9 @@ def test_readme_runs_as_typed(tmp_path):
     (repo / ".venv").symlink_to(venv)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "glue").symlink_to(Path(glue).resolve())
+    books = Path(glue).resolve().parent / "books"  # the books beside GLUE, as in ../shared/data
+    if books.is_dir():
+        (tmp_path / "shared" / "data" / "books").symlink_to(books)
 
     run, _, python = readme_commands()
     script = ["set -euo pipefail"]
