@@ -44,7 +44,8 @@ def _add_finetune_args(p) -> None:
                                                                         "and random patterns")
     p.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the training examples")
     p.add_argument("--lr", type=float, default=_default("lr"), help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=_default("batch_size"), help="examples per training step")
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"),
+                   help="examples per training step (per process under torchrun)")
     p.add_argument("--max-length", type=int, default=_default("max_length"),
                    help="longer examples are truncated to it, counted and reported")
     p.add_argument("--warmup", type=float, default=_default("warmup"), help="fraction of steps of linear warmup")
@@ -73,8 +74,11 @@ def cmd_finetune(args) -> int:
     r = finetune(cfg, glue_dir=args.glue_dir, out_dir=out, device=args.device, progress=not args.no_progress,
                  save_model=args.save_model, parse_cache=args.parse_cache,
                  on_malformed="skip" if args.skip_malformed else "error")
+    if int(os.environ.get("RANK", "0")) != 0 and "distributed" in r:  # under torchrun rank 0 alone reports
+        return 0
     d, t, sp = r["data"], r["timing"], r["sparsity"]
-    print(f"\n{r['task']} | {cfg.display_plan} | seed {cfg.seed} on {r['device']}")
+    where = f" x {r['distributed']['world_size']} processes" if "distributed" in r else ""
+    print(f"\n{r['task']} | {cfg.display_plan} | seed {cfg.seed} on {r['device']}{where}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()) + f"  ({d['eval_examples']} "
           f"{d['eval_split']} examples)")
     print(f"  sparsity {sp['overall']:.1%} overall, {sp['applied']:.1%} in the sparsified heads")

@@ -34,6 +34,8 @@ from ..text.parse import DEFAULT_PARSER, ParseCache
 from .batching import EncodedSplit, collate, to_device, train_batches
 from .config import FinetuneConfig
 from .data import encoded, load_examples
+from .distributed import Distributed, shard_batches
+from .distributed import from_env as distributed_from_env
 from .evaluate import eval_sparsity, evaluate, majority_reference, prediction_counts
 from .glue import GlueTask, get_task
 from .loop import Optimizer, autocast_for, model_inputs, resolve_device, resolve_precision, set_seed, task_loss
@@ -54,6 +56,7 @@ class Run:
     plan: Plan
     device: torch.device
     precision: str
+    dist: Distributed = field(default_factory=Distributed)  # data-parallel place (a single process by default)
 
     @property
     def dense(self) -> bool:
@@ -88,8 +91,11 @@ class History:
 
 
 def setup(cfg: FinetuneConfig, device=None) -> Run:
-    device = resolve_device(device)
-    return Run(cfg, get_task(cfg.task), as_plan(cfg.plan), device, resolve_precision(cfg.precision, device))
+    """The run's task, plan, device and precision; under torchrun also its rank (see ``distributed``), with
+    the device cuda:LOCAL_RANK when CUDA is used."""
+    dist = distributed_from_env()
+    device = resolve_device(dist.device(device))
+    return Run(cfg, get_task(cfg.task), as_plan(cfg.plan), device, resolve_precision(cfg.precision, device), dist)
 
 
 def load_data(run: Run, glue_dir=None, *, parse_cache: str | None = None, on_malformed: str = "error") -> Data:
@@ -166,27 +172,33 @@ def readout_isolated(run: Run, model, data: Data) -> bool:
 
 
 def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
-    """``cfg.epochs`` epochs over the train split, each followed by an evaluation on the evaluation split."""
-    cfg, task, device = run.cfg, run.task, run.device
+    """``cfg.epochs`` epochs over the train split, each followed by an evaluation on the evaluation split.
+
+    Data-parallel (``run.dist.active``): ``cfg.batch_size`` is per rank, each step's global batch is
+    ``batch_size x world_size`` examples drawn as one process would draw them, each rank trains on its slice
+    through DistributedDataParallel, losses are averaged over the ranks, and every rank evaluates."""
+    cfg, task, device, dist = run.cfg, run.task, run.device, run.dist
     use_cuda = device.type == "cuda"
     autocast = autocast_for(run.precision, device)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    global_batch = cfg.batch_size * dist.world_size
+    steps_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     opt = Optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, total_steps=total_steps,
                     max_grad_norm=cfg.max_grad_norm, precision=run.precision, device=device)
     rng = np.random.default_rng(cfg.seed)
     hist = History(losses=torch.zeros(total_steps, device=device))
+    net = dist.wrap(model)  # the model itself in a single process
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        batches = train_batches(data.train, cfg.batch_size, rng)
+        batches = shard_batches(train_batches(data.train, global_batch, rng), dist.rank, dist.world_size)
         bar = tqdm(batches, desc=f"{task.folder} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    dynamic_ncols=True)
         for i, idx in enumerate(bar):
             batch = to_device(collate(data.train, idx, pad_to_multiple_of=run.pad_to, pin=use_cuda), device)
             with autocast():
-                logits = model(**model_inputs(batch, run.pass_structure)).logits
+                logits = net(**model_inputs(batch, run.pass_structure)).logits
             loss = task_loss(logits, batch["labels"], task.is_regression)
             opt.step(loss)
             hist.losses[step] = loss.detach()
@@ -198,6 +210,8 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
             torch.cuda.synchronize(device)
         epoch_train = time.perf_counter() - t0
         hist.train_seconds += epoch_train
+        if dist.active:  # every rank's losses, averaged: the loss of each global batch
+            hist.losses[step - len(batches):step] = dist.mean(hist.losses[step - len(batches):step])
         t0 = time.perf_counter()
         metrics = evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
                            autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to,
@@ -263,6 +277,16 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     """Run one fine-tuning and return its results (also written to ``out_dir/results.json`` if given)."""
     t_start = time.perf_counter()
     run = setup(config, device)
+    run.dist.init(run.device)
+    try:
+        return _finetune(run, t_start, glue_dir=glue_dir, out_dir=out_dir, progress=progress and run.dist.is_main,
+                         save_model=save_model, parse_cache=parse_cache, on_malformed=on_malformed)
+    finally:
+        run.dist.close()
+
+
+def _finetune(run: Run, t_start: float, *, glue_dir, out_dir, progress: bool, save_model: bool,
+              parse_cache: str | None, on_malformed: str) -> dict:
     t0 = time.perf_counter()
     data = load_data(run, glue_dir, parse_cache=parse_cache, on_malformed=on_malformed)
     t_data = time.perf_counter() - t0
@@ -276,11 +300,15 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     t_sparsity = time.perf_counter() - t0
     timing = {"data_seconds": t_data, "model_seconds": t_model, "sparsity_seconds": t_sparsity}
     result = record(run, data, hist, sparsity, readout_isolated=isolated, glue_dir=glue_dir, timing=timing)
+    if run.dist.active:  # a data-parallel run says so; a single process's record is as it always was
+        result["distributed"] = {**run.dist.to_dict(), "per_rank_batch_size": run.cfg.batch_size,
+                                 "global_batch_size": run.cfg.batch_size * run.dist.world_size}
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
-    if out_dir is not None:
+    if out_dir is not None and run.dist.is_main:  # rank 0 alone writes
         write_results(result, out_dir)
         if save_model:
             save_finetuned(run, model, data.tokenizer, Path(out_dir))
+    run.dist.barrier()  # no rank returns before the results are written
     return result
 
 

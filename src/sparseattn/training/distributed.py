@@ -1,0 +1,138 @@
+"""Data-parallel training under ``torchrun``: launch detection, the process group, DDP and batch sharding.
+
+    torchrun --standalone --nproc-per-node 2 -m sparseattn.cli finetune --task sst2 --batch-size 16 ...
+
+A run is data-parallel when torchrun (or any launcher that sets ``WORLD_SIZE`` > 1, ``RANK`` and
+``LOCAL_RANK``) started it; otherwise nothing here changes the single-process path.
+
+Conventions:
+- ``batch_size`` is per rank: one optimizer step sees ``batch_size x world_size`` examples.
+- Every rank draws the same epoch order (same seed), makes global batches of ``batch_size x world_size``
+  exactly as a single process with that batch size would, and takes its own disjoint slice of each.
+- Every rank evaluates the whole evaluation split with the (identical) unwrapped model, so metrics agree on
+  every rank without a gather; only rank 0 prints and writes ``results.json``.
+- Backend: nccl on CUDA, gloo on the CPU. The process group is destroyed at the end of the run (unless the
+  caller initialized it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Distributed", "from_env", "launched", "shard_batches"]
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or a launcher like it) with more than one process."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
+@dataclass
+class Distributed:
+    """This process's place in a data-parallel run; ``world_size == 1`` means a plain single process."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    backend: str | None = None
+    owns_group: bool = False  # we initialized the process group and destroy it
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device=None) -> torch.device | None:
+        """The device of this rank: cuda:LOCAL_RANK when CUDA is asked for (or None and available)."""
+        if not self.active:
+            return device if device is None else torch.device(device)
+        dev = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", self.local_rank)
+        return dev
+
+    def init(self, device: torch.device) -> None:
+        """Join the process group (nccl on CUDA, gloo otherwise) if nobody has yet."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        if not self.is_main:  # rank 0 alone warns about the data, the plan and the run
+            import logging
+
+            logging.getLogger("sparseattn").setLevel(logging.ERROR)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if dist.is_initialized():
+            self.backend = dist.get_backend()
+            return
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size)
+        self.owns_group = True
+
+    def close(self) -> None:
+        if self.active and self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
+    def wrap(self, model):
+        """``model`` wrapped in DistributedDataParallel (inputs are already on the model's device)."""
+        if not self.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=None)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` averaged over the ranks (elementwise)."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        t = t.detach().clone().float()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.world_size, "backend": self.backend}
+
+
+def from_env() -> Distributed:
+    """The run's Distributed from torchrun's environment (a single process when not launched)."""
+    if not launched():
+        return Distributed()
+    return Distributed(world_size=int(os.environ["WORLD_SIZE"]), rank=int(os.environ["RANK"]),
+                       local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def shard_batches(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's slice of each global batch (contiguous, disjoint across ranks, sizes differing by at most
+    one). A global batch smaller than the world (only an epoch's last can be) gives the ranks left without
+    an example one of its examples again, so every rank takes every step."""
+    if world_size == 1:
+        return batches
+    out = []
+    for b in batches:
+        part = np.array_split(b, world_size)[rank]
+        out.append(part if len(part) else b[[rank % len(b)]])
+    return out
