@@ -291,7 +291,7 @@ class BlockSparseBackend(Backend):
         bucket; the rest are never kept)."""
         self.stats["layout_builds"] += 1
         rel = _index_relation(lp)
-        if rel is not None and self._relation_agrees(lp, rel, causal, device):
+        if rel is not None and self._relation_agrees(lp, rel, causal, min(n, self.POSITION_CHECK), device):
             self.stats["position_builds"] += 1
 
             def rows(start, stop):
@@ -310,10 +310,12 @@ class BlockSparseBackend(Backend):
         density = layout.kept.sum().item() / max(1, allowed)
         return _Entry(layout, None, density, pins=lp.patterns, lists=triton_kernel.TileLists.from_layout(layout))
 
-    def _relation_agrees(self, lp, rel, causal: bool, device) -> bool:
-        """The pattern's index_relation against its own mask on POSITION_CHECK tokens (a disagreement is logged and
-        the mask is used)."""
-        n = self.POSITION_CHECK
+    # positions a pattern's index_relation is checked on against its mask before the layout is built from it
+    POSITION_CHECK = 512
+
+    def _relation_agrees(self, lp, rel, causal: bool, n: int, device) -> bool:
+        """The pattern's index_relation against its own mask on ``n`` tokens (a disagreement is logged and the mask
+        is used)."""
         q = torch.arange(n, device=device)
         got = _keep_from_positions(rel, q[:, None], q[None, :], n, causal)[None, None]
         if torch.equal(got, lp.mask(TokenLayout.from_lengths([n], causal=causal, device=device))):
@@ -438,23 +440,19 @@ class BlockSparseBackend(Backend):
     def _build(self, call: AttentionCall, *, batch_invariant: bool) -> _Entry:
         """Compile the layer's keep-mask on real queries. batch_invariant: every example is the same (no
         padding, positional patterns), so one example's mask serves the batch."""
-        self.stats["layout_builds"] += 1
         lp, lay, L = call.layer_plan, call.layout, call.q_len
         Lp = bucket_length(L, self.block_size)
-        rows = self._position_rows(call, Lp) if batch_invariant and self.kernel == "triton" else None
-        if rows is not None:  # slabs of rows computed from positions: no L x L mask at any point
-            self.stats["position_builds"] += 1
-            layout = TileMask.from_rows(rows, Lp, Lp, self.block_size, pad_tiles_to_pow2=True)
+        if batch_invariant and self.kernel == "triton":  # one unpadded sequence's lists serve the batch
+            return self._build_positions(lp, lay.causal, L, Lp, call.query.device)
+        self.stats["layout_builds"] += 1
+        if batch_invariant:
+            keep = lp.mask(TokenLayout(real=lay.real[:1], causal=lay.causal))
         else:
-            if batch_invariant:
-                one = TokenLayout(real=lay.real[:1], causal=lay.causal)
-                keep = lp.mask(one)
-            else:
-                keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
-            if Lp > L:
-                keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
-            layout = TileMask.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
-            del keep
+            keep = call.keep_mask() & lay.real[:, None, :, None]  # padding queries attend to nothing
+        if Lp > L:
+            keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
+        layout = TileMask.from_mask(keep, self.block_size, pad_tiles_to_pow2=True)
+        del keep
         # density over the tiles that hold allowed pairs: what dense attention over the real tokens pays
         density = layout.kept.sum().item() / max(1, self._allowed_tiles(lay, layout))
         if self.kernel == "triton":  # tile lists and the distinct partial tiles: nothing more to build
@@ -467,36 +465,6 @@ class BlockSparseBackend(Backend):
                           pins=lp.patterns)
         rep = call.query.shape[1] // call.key.shape[1]
         return _Entry(layout, layout.flex_block_masks(rep), density, pins=lp.patterns)
-
-    # positions a pattern's index_relation is checked on against its mask before the layout is built from it
-    POSITION_CHECK = 512
-
-    def _position_rows(self, call: AttentionCall, length: int):
-        """For a layer whose one pattern (on every head) is a function of positions, on a batch without
-        padding: ``rows(start, stop)``, the layer's keep-mask for queries start..stop-1 over ``length``
-        (bucketed) keys, from the positions alone, for `TileMask.from_rows`. The relation is first
-        checked against the pattern's own mask on the first POSITION_CHECK positions (a disagreement is
-        logged and the mask is used). None where this does not apply."""
-        lp, L, causal = call.layer_plan, call.q_len, call.layout.causal
-        rel = _index_relation(lp)
-        if rel is None:
-            return None
-        device = call.query.device
-
-        def rows(start, stop, n=L):
-            q = torch.arange(start, stop, device=device)[:, None]
-            kv = torch.arange(length, device=device)[None, :]
-            keep = _keep_from_positions(rel, q, kv, n, causal)
-            return torch.broadcast_to(keep, (stop - start, length))[None, None]
-
-        n = min(L, self.POSITION_CHECK)
-        small = TokenLayout.from_lengths([n], causal=causal, device=device)
-        if not torch.equal(rows(0, n, n)[..., :n], lp.mask(small)):
-            self._say(("position-mismatch", lp.layer), f"layer {lp.layer}: {lp.entries[0][1].spec()}'s "
-                      f"index_relation disagrees with its mask on {n} tokens; the layout is built from the mask",
-                      level=logging.WARNING)
-            return None
-        return rows
 
     def _analytic_mask(self, call: AttentionCall, layout: TileMask):
         """For a layer whose one pattern (on every head) is a function of positions (``index_relation``),

@@ -924,10 +924,14 @@ def _setup_context(ctx, inputs, output):
     ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
 
 
-def _backward_rule(ctx, do, dlse):
+def _grads(ctx, do, run_backward):
     q, k, v, o, lse, segments = ctx.saved_tensors
-    dq, dk, dv = block_attention_backward_op(do, q, k, v, o, lse, segments, ctx.lists, ctx.scale, ctx.mode)
+    dq, dk, dv = run_backward(do, q, k, v, o, lse, segments, ctx.lists, ctx.scale, ctx.mode)
     return dq, dk, dv, None, None, None, None
+
+
+def _backward_rule(ctx, do, dlse):
+    return _grads(ctx, do, block_attention_backward_op)
 
 
 block_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -940,16 +944,13 @@ class _EagerBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segments, lists, scale, backward):
         o, lse = _attention_forward(q, k, v, segments, lists, scale)
-        ctx.save_for_backward(q, k, v, o, lse, segments)
-        ctx.lists, ctx.scale, ctx.mode = lists, scale, backward
+        _setup_context(ctx, (q, k, v, segments, lists, scale, backward), (o, lse))
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, segments = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, segments, ctx.lists, ctx.scale, ctx.mode)
-        return dq, dk, dv, None, None, None, None
+        return _grads(ctx, do, _attention_backward)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None, lists: int,

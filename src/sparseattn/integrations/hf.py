@@ -352,27 +352,26 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
         def vectors():
             with torch.no_grad():
                 return emb(ids.to(device)).float()
-    layout = TokenLayout(real=real & packed["real"] if packed else real, special=special, structure=structure,
+    docs = packed is not None
+    layout = TokenLayout(real=real & packed.real if docs else real, special=special, structure=structure,
                          input_ids=input_ids, token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)),
-                         unpadded=unpadded and not packed, document_ids=packed["document_ids"] if packed else None,
-                         documents=packed["documents"] if packed else None)
+                         unpadded=unpadded and not docs, document_ids=packed.document_ids if docs else None,
+                         documents=packed.documents if docs else None)
     batch["cache"][key] = layout
     return layout
 
 
-def _packed(batch: dict, real: torch.Tensor, kv_len: int, attention_mask) -> dict | None:
+def _packed(batch: dict, real: torch.Tensor, kv_len: int, attention_mask) -> TokenLayout | None:
     """Packed rows (several documents in one row, as transformers' flattening collator makes them): from
     ``cu_seq_lens_q`` (document offsets over the flattened batch), or from ``position_ids`` restarting at 0 in a
     batch without an attention mask (as transformers reads them). None for rows that are one sequence each."""
     B = real.shape[0]
     cu = batch.get("cu_seqlens")
     if isinstance(cu, torch.Tensor) and (B * kv_len) >= int(cu.shape[0]) - 1 >= 1:
-        lay = TokenLayout.from_cu_seqlens(cu.to(real.device), B, kv_len)
-        return {"real": lay.real, "document_ids": lay.document_ids, "documents": lay.documents}
+        return TokenLayout.from_cu_seqlens(cu.to(real.device), B, kv_len)
     pos = batch.get("position_ids")
     if attention_mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[1] == kv_len:
-        lay = TokenLayout.from_position_ids(pos.to(real.device).expand(B, kv_len))
-        return {"real": lay.real, "document_ids": lay.document_ids, "documents": None}
+        return TokenLayout.from_position_ids(pos.to(real.device).expand(B, kv_len))
     return None
 
 

@@ -169,22 +169,12 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, parse
     ``cu_seq_lens_q``); a model that is not sparsified keeps examples apart only as transformers does, in one
     row without an attention mask (pack=True). Patterns of positions only: packed rows carry no word structure.
     """
+    texts, pairs = _checked_texts(texts, pairs)
     if pack:
         if structure and parses is not None:
             raise ValueError("encode(pack=...) makes no word structure (syntax and lexical patterns need one padded "
                              "row per example); leave parses out, or pack=False")
         return _packed(tokenizer, texts, pairs, pack, max_length=max_length, truncation=truncation)
-    if isinstance(texts, str):
-        texts = [texts]
-        pairs = [pairs] if isinstance(pairs, str) else pairs
-    texts = list(texts)
-    if not texts:
-        raise ValueError("encode() got no texts")
-    if pairs is not None and len(pairs) != len(texts):
-        raise ValueError(f"encode() got {len(texts)} texts but {len(pairs)} second segments")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"text {i} is empty ({t!r}); every example needs at least one word")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; sparseattn needs character "
                         "offsets to map words to tokens (load with use_fast=True)")
@@ -233,9 +223,11 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, parse
     return enc
 
 
-def _packed(tokenizer, texts, pairs, pack, *, max_length, truncation) -> dict:
+def _checked_texts(texts, pairs) -> tuple[list[str], list[str] | None]:
+    """``encode``'s texts (and second segments) as lists; errors for none, a count mismatch, an empty text."""
     if isinstance(texts, str):
-        texts, pairs = [texts], ([pairs] if isinstance(pairs, str) else pairs)
+        texts = [texts]
+        pairs = [pairs] if isinstance(pairs, str) else pairs
     texts = list(texts)
     if not texts:
         raise ValueError("encode() got no texts")
@@ -244,6 +236,10 @@ def _packed(tokenizer, texts, pairs, pack, *, max_length, truncation) -> dict:
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"text {i} is empty ({t!r}); every example needs at least one word")
+    return texts, pairs
+
+
+def _packed(tokenizer, texts, pairs, pack, *, max_length, truncation) -> dict:
     if pack is not True and (isinstance(pack, bool) or not isinstance(pack, int) or pack < 1):
         raise ValueError(f"pack must be True or a row length >= 1, got {pack!r}")
     enc = tokenizer(texts, pairs, padding=False, truncation=truncation, max_length=max_length if truncation else None)
