@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from ..plans.io import as_plan, save_plan
 from ..plans.plan import Plan
 from ..training.config import FinetuneConfig
 from ..training.data import subset
+from ..training.finetune import History
 from ..training.glue import get_task
 from ..training.loop import Optimizer, autocast_for, resolve_device, resolve_precision, set_seed
 from ..training.methods import Method, register_method
@@ -172,14 +173,6 @@ def build_lm(cfg: LMConfig, tokenizer, plan: Plan, device) -> torch.nn.Module:
 
 
 # -- training ---------------------------------------------------------------------------------------
-@dataclass
-class History:
-    epochs: list[dict] = field(default_factory=list)
-    losses: torch.Tensor | None = None
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-
-
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of (B, L) rows, in fp32."""
     logits = model(input_ids=ids, use_cache=False).logits

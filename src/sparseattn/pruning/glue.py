@@ -35,7 +35,7 @@ from ..training.loop import resolve_device
 from ..training.methods import Method, register_method
 from ..training.record import run_key
 from .collect import AttentionStats, Example, collect_attention
-from .mask import attention_pruning_mask, data_report, grid_report, mask_plan, random_like
+from .mask import attention_pruning_mask, check_prune_options, data_report, grid_report, mask_plan, random_like
 
 MASKS = ("ap", "random")
 SCOPES = ("layer", "head")
@@ -59,15 +59,8 @@ class PruneGlueConfig(FinetuneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.plan != "dense":
-            raise ValueError(f"a prune run makes its own mask; plan must be 'dense', got {self.plan!r}")
-        if isinstance(self.prune, bool) or not isinstance(self.prune, (int, float)) or not 0 <= self.prune < 100:
-            raise ValueError(f"prune is a percentage in [0, 100), got {self.prune!r}")
-        self.prune = float(self.prune)
-        for name, allowed in (("mask", MASKS), ("scope", SCOPES), ("budget", BUDGETS),
-                              ("collect_from", COLLECT_FROM)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_prune_options(self, "prune", {"mask": MASKS, "scope": SCOPES, "budget": BUDGETS,
+                                            "collect_from": COLLECT_FROM})
         if self.collect_limit is not None and (isinstance(self.collect_limit, bool)
                                                or not isinstance(self.collect_limit, int) or self.collect_limit < 1):
             raise ValueError(f"collect_limit must be a positive integer or None, got {self.collect_limit!r}")

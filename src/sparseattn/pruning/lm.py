@@ -42,7 +42,8 @@ from ..lm.train import LMConfig, load_lm_data, train_lm
 from .baselines import sink_window_for_sparsity, sink_window_plan
 from .collect import AttentionStats, collect_attention_rows
 from .glue import _fresh, _locked
-from .mask import attention_pruning_mask, block_mask, expand_to_blocks, grid_report, mask_plan, random_like
+from .mask import (attention_pruning_mask, block_mask, check_prune_options, expand_to_blocks, grid_report, mask_plan,
+                   random_like)
 
 MASKS = ("ap", "random", "sink_window")
 SCOPES = ("layer", "head")
@@ -68,14 +69,7 @@ class LMPruneConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.plan != "dense":
-            raise ValueError(f"a prune-lm run makes its own mask; plan must be 'dense', got {self.plan!r}")
-        if isinstance(self.prune, bool) or not isinstance(self.prune, (int, float)) or not 0 <= self.prune < 100:
-            raise ValueError(f"prune is a percentage in [0, 100), got {self.prune!r}")
-        self.prune = float(self.prune)
-        for name, allowed in (("mask", MASKS), ("scope", SCOPES), ("blocks", BLOCKS), ("retrain", RETRAIN)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_prune_options(self, "prune-lm", {"mask": MASKS, "scope": SCOPES, "blocks": BLOCKS, "retrain": RETRAIN})
         for name in ("block_size", "collect_limit", "sinks"):
             v = getattr(self, name)
             if v is None and name == "collect_limit":

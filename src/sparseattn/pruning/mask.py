@@ -221,3 +221,16 @@ def thresholds(keep: torch.Tensor, stats: AttentionStats, scope: str = "layer") 
     mean = _units(stats.mean(), scope)
     pruned = _units(stats.allowed() & ~keep, scope)
     return [float(mean[u][pruned[u]].max()) if pruned[u].any() else None for u in range(mean.shape[0])]
+
+
+def check_prune_options(cfg, method: str, choices: dict) -> None:
+    """What every pruning method's run config shares: a dense plan (the method makes its own mask), ``prune`` a
+    percentage in [0, 100) (made a float), and each option in ``choices`` ({name: allowed values}) one of its values."""
+    if cfg.plan != "dense":
+        raise ValueError(f"a {method} run makes its own mask; plan must be 'dense', got {cfg.plan!r}")
+    if isinstance(cfg.prune, bool) or not isinstance(cfg.prune, (int, float)) or not 0 <= cfg.prune < 100:
+        raise ValueError(f"prune is a percentage in [0, 100), got {cfg.prune!r}")
+    cfg.prune = float(cfg.prune)
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
