@@ -189,3 +189,18 @@ def test_packed_finetune_trains_and_evaluates_as_unpacked(tiny_model_no_dropout,
     assert pa["train_real_tokens"] == pp["train_real_tokens"] > 0
     assert 0 < pa["train_utilisation"] <= 1 and 0 < pp["train_utilisation"] <= 1
     assert pp["eval_utilisation"] > pa["eval_utilisation"]  # 40 pairs in rows of 128 waste less than padded rows
+
+
+def test_a_sweep_spec_takes_pack_and_keeps_the_keys_of_unpacked_runs():
+    from sparseattn.experiments.sweep import spec_from_dict
+    from sparseattn.training.record import run_key
+
+    spec = spec_from_dict({"fixed": {"task": "sst2", "max_length": 64}, "grid": {"pack": [None, True, 64]}},
+                          name="packing")
+    assert [c.pack for c in spec.configs] == [None, 64]  # true is rows of max_length: the same run as 64
+    from dataclasses import asdict
+
+    # what to_dict gave before the pack field existed: every other field
+    before = {k: v for k, v in asdict(FinetuneConfig(task="sst2", max_length=64)).items() if k != "pack"}
+    assert run_key(spec.configs[0].to_dict()) == run_key(before)
+    assert run_key(spec.configs[1].to_dict()) != run_key(before)
