@@ -208,9 +208,10 @@ class BlockSparseBackend(Backend):
 
     @torch.compiler.disable
     def _per_batch(self, call: AttentionCall):
-        """Layouts built from each batch's keep-mask (input-dependent patterns, padded or packed batches of
-        patterns that are not prefix-stable, models that pass their own masks, FlexAttention): host work per
-        batch, so it runs eagerly between compiled regions."""
+        """Layouts built from each batch's keep-mask with host work (so it runs eagerly between compiled regions):
+        FlexAttention's, and, eagerly, the Triton kernel's for padded or packed batches of patterns that are not
+        prefix-stable or models that pass their own masks, cached by the batch's padding (input-dependent layers
+        and traced calls take ``_device_tiles``)."""
         lp, L = call.layer_plan, call.q_len
         where = f"layer {lp.layer}"
         try:
