@@ -285,8 +285,7 @@ def padding_record(run: Run, data: Data, hist: History) -> dict:
 
 def save_finetuned(run: Run, model, tokenizer, out_dir) -> None:
     """The fine-tuned model (its own attention again), its tokenizer and the plan, under ``out_dir``."""
-    if not run.dense:
-        unsparsify(model)
+    unsparsify(model)  # a sparse plan's, or a packed run's dense one (nothing where the model was never sparsified)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     save_plan(run.plan, out_dir / "plan")
