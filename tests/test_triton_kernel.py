@@ -551,3 +551,24 @@ def test_batch_dependent_layouts_compile_with_fullgraph_and_match_eager_and_refe
         assert got_grads.keys() == reference_grads.keys() and len(reference_grads) > 10
         for name, grad in reference_grads.items():
             torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_device_tiles_follow_each_layers_own_model_mask():
+    """Layers of one forward pass share a device-made layout only where the model passes no mask: a model whose
+    layers pass masks of their own (a sliding window in one) gets each layer's, as the reference does."""
+    layout = TokenLayout.from_lengths([70, 55], special_first=1, special_last=1)
+    lps = Plan.parse("all: global_tokens('special') | neighbour(8)").resolve(2, 2)
+    i = torch.arange(70)
+    window = (i[:, None] - i[None, :]).abs() <= 4
+    masks = [layout.allowed(), layout.allowed() & window]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 70, 16, generator=g)
+    k, v = (torch.randn(2, 2, 70, 16, generator=g) for _ in range(2))
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    cache: dict = {}
+    for lp, mask in zip(lps, masks):
+        out, _ = backend.attention(AttentionCall(q, k, v, lp, layout, mask, 0.25, 0.0, cache))
+        ref, _ = ReferenceBackend().attention(AttentionCall(q, k, v, lp, layout, mask, 0.25, 0.0, {}))
+        real = layout.real[:, None, :, None]
+        torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+    assert backend.stats["layout_builds"] == 2

@@ -191,17 +191,21 @@ class BlockSparseBackend(Backend):
         which the operator builds its lists of fixed shape. Nothing is read back from the GPU, so it traces under
         torch.compile (fullgraph), captures in CUDA graphs and never waits for the GPU eagerly; the price is a
         table as large as the mask, and no fallback to SDPA at high block density (reading the density would
-        sync). Made once per forward pass and shared by the layers with the same patterns."""
+        sync). Made once per forward pass and shared by the layers with the same patterns, unless the model passes
+        masks of its own, which may differ from layer to layer (sliding windows in some)."""
         lay, L, bs = call.layout, call.q_len, self.block_size
         key = ("block.device_tiles", _layer_key(call), bs)
-        if key not in call.cache:
+        tiles = call.cache.get(key) if call.model_mask is None else None
+        if tiles is None:
             self._count("layout_builds")
             keep = call.keep_mask() & lay.real[:, None, -L:, None]  # padding queries attend to nothing
             Lp = -(-L // bs) * bs
             if Lp > L:
                 keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
-            call.cache[key] = triton_kernel.device_tiles(keep, bs)
-        code, tiles = call.cache[key]
+            tiles = triton_kernel.device_tiles(keep, bs)
+            if call.model_mask is None:
+                call.cache[key] = tiles
+        code, tiles = tiles
         self._count("block")
         out = triton_kernel.block_attention_tiles(call.query, call.key, call.value, code, tiles, float(call.scale))
         return out, None
