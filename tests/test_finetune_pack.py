@@ -84,11 +84,16 @@ def _logits(model, split, idx, pack):
         return model(**{k: b[k] for k in keys if k in b}).logits
 
 
-@pytest.mark.parametrize("plan", ["dense", "all: neighbour(2) | global_tokens(1)", "later-half: random(3)"])
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_packed_logits_equal_one_padded_row_per_example(arch, plan):
+PACKED_CASES = [(arch, plan, "reference") for arch in ("bert", "llama")
+                for plan in ("dense", "all: neighbour(2) | global_tokens(1)", "later-half: random(3)")]
+PACKED_CASES += [("bert", "all: neighbour(2) | global_tokens(1)", "block"), ("bert", "later-half: random(3)", "block")]
+
+
+@pytest.mark.parametrize("arch,plan,backend", PACKED_CASES)
+def test_packed_logits_equal_one_padded_row_per_example(arch, plan, backend):
     """The sparsified model (under the dense plan too) on packed rows: each example's logits equal its logits in a
-    padded batch, BERT reading [CLS] (token types and positions restarting per example), a Llama its last token."""
+    padded batch, BERT reading [CLS] (token types and positions restarting per example), a Llama its last token;
+    on the reference backend and on the block backend's Triton kernel (Triton's interpreter on the CPU)."""
     if arch == "bert":
         model = tiny_bert("classify")
         split = _split(LENGTHS)
@@ -100,12 +105,21 @@ def test_packed_logits_equal_one_padded_row_per_example(arch, plan):
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
             vocab_size=120, max_position_embeddings=40, num_labels=3, pad_token_id=0)).eval()
         split = _split(LENGTHS, pairs=False)
-    sparsify(model, plan)
+    if backend == "block":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the kernel runs in Triton's interpreter where there is no GPU")
+        from sparseattn.backends import BlockSparseBackend
+
+        backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    sparsify(model, plan, backend=backend)
     idx = np.arange(len(LENGTHS))
     want = _logits(model, split, idx, None)
     for pack in (32, 64):
         got = _logits(model, split, idx, pack)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    if not isinstance(backend, str):  # the kernel ran, on padded and packed rows
+        assert backend.stats["block"] >= 3, backend.stats  # (a dense layer of packed rows runs the reference)
 
 
 def test_a_model_that_is_not_sparsified_attends_across_packed_examples():
