@@ -61,7 +61,8 @@ def _add_finetune_args(p) -> None:
     p.add_argument("--parser", default=None, help="spaCy pipeline for syntax/lexical patterns")
     p.add_argument("--pack", nargs="?", type=int, const=True, default=None, metavar="ROW_LENGTH",
                    help="several examples per row (rows of ROW_LENGTH tokens, default --max-length), each attending "
-                        "only within itself and classified from its own [CLS]; plans of positions only")
+                        "only within itself and classified from its own [CLS]; plans of positions only; saves work "
+                        "with --backend block on a GPU")
 
 
 def cmd_finetune(args) -> int:
