@@ -195,17 +195,17 @@ class BlockSparseBackend(Backend):
         masks of its own, which may differ from layer to layer (sliding windows in some)."""
         lay, L, bs = call.layout, call.q_len, self.block_size
         key = ("block.device_tiles", _layer_key(call), bs)
-        tiles = call.cache.get(key) if call.model_mask is None else None
-        if tiles is None:
+        made = call.cache.get(key) if call.model_mask is None else None
+        if made is None:
             self._count("layout_builds")
             keep = call.keep_mask() & lay.real[:, None, -L:, None]  # padding queries attend to nothing
             Lp = -(-L // bs) * bs
             if Lp > L:
                 keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
-            tiles = triton_kernel.device_tiles(keep, bs)
+            made = triton_kernel.device_tiles(keep, bs)
             if call.model_mask is None:
-                call.cache[key] = tiles
-        code, tiles = tiles
+                call.cache[key] = made
+        code, tiles = made
         self._count("block")
         out = triton_kernel.block_attention_tiles(call.query, call.key, call.value, code, tiles, float(call.scale))
         return out, None
