@@ -418,3 +418,36 @@ def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch)
     for what, a, b, f in zip(("dq", "dk", "dv"), first, second, default):
         assert torch.equal(a, b), f"{what} differs between two deterministic runs"
         assert torch.allclose(a.float(), f.float(), atol=2e-2, rtol=2e-2), what
+
+
+@pytest.mark.parametrize("spec,causal,kv_heads", [("all: global_tokens('special') | neighbour(64)", False, 4),
+                                                  ("all: global_tokens('special') | neighbour(32)", True, 2)])
+def test_input_dependent_layouts_never_wait_for_the_gpu(spec, causal, kv_heads):
+    """An input-dependent layer on the Triton kernel: its layout is made from the batch on the GPU and its lists
+    built there (``device_tiles``, ``TileLists.from_codes``), forward and backward without one read back
+    (torch.cuda.set_sync_debug_mode("error") turns any into an error); outputs and gradients as the reference's."""
+    lp = Plan.parse(spec).resolve(1, 4)[0]
+    layout, q, k, v, grad = _inputs([1500, 1211], causal, 4, kv_heads, 64, 7)
+    layout = TokenLayout.from_lengths([1500, 1211], causal=causal, device=DEVICE, special_first=1, special_last=1)
+
+    def run(backend, dtype):
+        qd, kd, vd = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        call = AttentionCall(qd, kd, vd, lp, layout, None, 64 ** -0.5, 0.0, {})
+        out, _ = backend.attention(call)
+        grads = torch.autograd.grad(out, (qd, kd, vd), grad.to(dtype))
+        return [out.float()] + [g.float() for g in grads]
+
+    backend = BlockSparseBackend(force=True, kernel="triton")
+    run(backend, torch.bfloat16)  # the kernels' first compilation and autotuning may read the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run(backend, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert backend.stats["layout_builds"] == 2 and backend.stats["block"] == 2
+    ref32 = run(ReferenceBackend(), torch.float32)
+    ref16 = run(ReferenceBackend(), torch.bfloat16)
+    for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref32, ref16):
+        err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{what}: error {err:.3g} > 2 x PyTorch's {base:.3g}"

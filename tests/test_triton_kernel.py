@@ -5,6 +5,8 @@ are not powers of two; the tile lists; and the block backend running it. The sam
 GPU is tested in test_block_gpu.py. (The interpreter has no bf16 arithmetic: 16-bit is tested as fp16 here
 and as bf16 and fp16 on the GPU.)"""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -421,3 +423,152 @@ def test_the_operator_passes_opcheck():
         torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (q, k, v, segments, handle, 0.25, "auto"))
     x = torch.randn(2, 2, 50, 24, generator=g, requires_grad=True)  # odd length, a head size that is padded
     torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (x, x, x, None, handle, 0.25, "two-pass"))
+
+
+def test_device_tiles_lists_hold_the_layouts_tiles_without_reading_counts():
+    """Lists built on the device from every tile's code (``device_tiles``, ``TileLists.from_codes``) hold, per tile
+    row and column, the same full and partial tiles as the host-built lists, in a fixed capacity; the partial
+    tiles' table entries are their token masks; the backward walks each list whole, longest first."""
+    bs, L = 32, 96
+    keep = _keep(2, 3, L, seed=4) | torch.eye(L, dtype=torch.bool)
+    code, tiles = triton_kernel.device_tiles(keep, bs)
+    dev = TileLists.from_codes(code, tiles)
+    host = TileLists.from_layout(TileMask.from_mask(keep, bs), split=False)
+    N = L // bs
+    for got, want in ((dev.row_full, host.row_full), (dev.col_full, host.col_full),
+                      (dev.row_part, host.row_part), (dev.col_part, host.col_part)):
+        assert got[1].shape[-1] == N  # capacity: every tile of the row / column
+        assert torch.equal(got[0], want[0])
+        for idx in itertools.product(*map(range, got[0].shape)):
+            n = int(got[0][idx])
+            assert got[1][idx][:n].tolist() == want[1][idx][:n].tolist()
+    pc, pi, pt = dev.row_part
+    for idx in itertools.product(*map(range, pc.shape)):  # each partial tile's table entry is its mask
+        b, h, i = idx
+        for j, t in zip(pi[idx][:int(pc[idx])].tolist(), pt[idx][:int(pc[idx])].tolist()):
+            assert torch.equal(tiles[t].bool(), keep[b, h, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs])
+    length = dev.col_full[0] + dev.col_part[0]
+    prog = dev.col_prog
+    assert prog.shape[2] == N and (prog[..., 1] == 0).all() and (prog[..., 3] == -1).all()
+    assert torch.equal(prog[..., 2], length.sort(-1, descending=True).values)
+    assert torch.equal(length.gather(-1, prog[..., 0].long()), prog[..., 2])
+    assert not dev.split_rows and not dev.split_cols
+    with pytest.raises(ValueError, match="70 x 70 tokens, expected multiples of the block size 32"):
+        triton_kernel.device_tiles(keep[..., :70, :70], bs)
+
+
+@pytest.mark.parametrize("backward", ["two-pass", "fused"])
+def test_device_tiles_attention_matches_fp64_softmax(backward):
+    """The operator over device-made lists: outputs and gradients equal the fp64 softmax over the kept keys, at an odd
+    length inside the layout, per-example and per-head layouts, grouped-query heads, rows that keep nothing."""
+    B, H, Hk, L, D, bs = 2, 4, 2, 70, 24, 32
+    keep = _keep(B, H, L, seed=1)
+    code, tiles = triton_kernel.device_tiles(F.pad(keep, (0, 96 - L, 0, 96 - L)), bs)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hk, L, D, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(B, H, L, D, generator=g)
+    out = triton_kernel.block_attention_tiles(q, k, v, code, tiles, 0.3, backward)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _reference(qd, kd, vd, keep, 0.3)
+    want = [ref, *torch.autograd.grad(ref, (qd, kd, vd), grad.double())]
+    for what, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5, f"{what}: error {err:.3g}"
+
+
+def test_the_device_tiles_operator_passes_opcheck():
+    keep = _keep(2, 2, 64, seed=2) | torch.eye(64, dtype=torch.bool)
+    code, tiles = triton_kernel.device_tiles(keep, 32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 64, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 1, 64, 16, generator=g, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.sparseattn.block_attention_tiles.default, (q, k, v, code, tiles, 0.25, "auto"))
+    x = torch.randn(2, 2, 50, 24, generator=g, requires_grad=True)  # odd length, a head size that is padded
+    torch.library.opcheck(torch.ops.sparseattn.block_attention_tiles.default,
+                          (x, x, x, code, tiles, 0.25, "two-pass"))
+
+
+BATCH_DEPENDENT = [  # plan, arch, padded: layouts that change with the batch
+    ("all: random(3)", "bert", True),  # an encoder's random keys depend on each example's length
+    ("all: global_tokens('special') | neighbour(1)", "bert", False),  # input-dependent: which tokens are special
+    ("all: global_tokens('special') | neighbour(1)", "bert", True),
+    ("all: global_tokens('special') | neighbour(2)", "llama", True),  # grouped-query heads, causal
+]
+
+
+@pytest.mark.parametrize("plan,arch,padded", BATCH_DEPENDENT)
+def test_batch_dependent_layouts_compile_with_fullgraph_and_match_eager_and_reference(plan, arch, padded,
+                                                                                      monkeypatch):
+    """Layouts made from each batch run the Triton kernel over lists built on the device: torch.compile(model,
+    fullgraph=True) traces them without a graph break (a host read of the GPU would be one), and outputs and every
+    parameter gradient equal the eager model's and the reference backend's, at an odd length, padded or not."""
+    import types
+
+    import torch._dynamo
+
+    import sparseattn as sa
+    from conftest import tiny_bert, tiny_llama
+
+    built = []
+    from_codes = TileLists.from_codes.__func__
+    monkeypatch.setattr(TileLists, "from_codes", classmethod(lambda cls, *a: built.append(1) or from_codes(cls, *a)))
+    tokenizer = types.SimpleNamespace(all_special_ids=[1, 2])  # all sparsify reads of a tokenizer
+
+    def run(backend: str, compiled: bool):
+        model = (tiny_bert("classify") if arch == "bert" else tiny_llama()).train()
+        be = ReferenceBackend() if backend == "reference" else BlockSparseBackend(block_size=32, force=True,
+                                                                                   kernel="triton")
+        sa.sparsify(model, plan, backend=be, tokenizer=tokenizer)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 120, (2, 37), generator=g)
+        ids[:, 0] = 1
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[1, 29:] = 0
+        ids[0, 36], ids[1, 28 if padded else 36] = 2, 2
+        kw = {"attention_mask": mask} if padded else {}
+        labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
+        torch._dynamo.reset()
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        out = fwd(input_ids=ids, labels=labels, **kw)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        logits = out.logits.detach()
+        return (logits if arch == "bert" else logits[mask.bool()]), grads
+
+    reference, reference_grads = run("reference", False)
+    eager, eager_grads = run("block", False)
+    # per layer a forward and a backward over device-made lists; eagerly, a padded batch of a pattern of positions
+    # runs a layout cached by its padding instead (one read of the GPU per batch keys that cache)
+    eagerly = 0 if "random" in plan else 4
+    assert len(built) == eagerly
+    compiled, compiled_grads = run("block", True)
+    assert len(built) == eagerly + 4
+    for got, got_grads in ((eager, eager_grads), (compiled, compiled_grads)):
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+        assert got_grads.keys() == reference_grads.keys() and len(reference_grads) > 10
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_device_tiles_follow_each_layers_own_model_mask():
+    """Layers of one forward pass share a device-made layout only where the model passes no mask: a model whose
+    layers pass masks of their own (a sliding window in one) gets each layer's, as the reference does."""
+    layout = TokenLayout.from_lengths([70, 55], special_first=1, special_last=1)
+    lps = Plan.parse("all: global_tokens('special') | neighbour(8)").resolve(2, 2)
+    i = torch.arange(70)
+    window = (i[:, None] - i[None, :]).abs() <= 4
+    masks = [layout.allowed(), layout.allowed() & window]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 70, 16, generator=g)
+    k, v = (torch.randn(2, 2, 70, 16, generator=g) for _ in range(2))
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    cache: dict = {}
+    for lp, mask in zip(lps, masks):
+        out, _ = backend.attention(AttentionCall(q, k, v, lp, layout, mask, 0.25, 0.0, cache))
+        ref, _ = ReferenceBackend().attention(AttentionCall(q, k, v, lp, layout, mask, 0.25, 0.0, {}))
+        real = layout.real[:, None, :, None]
+        torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
+    assert backend.stats["layout_builds"] == 2

@@ -14,8 +14,12 @@ How a sparsified layer runs, in order:
   call has no host work per batch, traces under torch.compile (fullgraph) and captures in CUDA graphs. Padded
   batches and packed rows are segments the kernel walks in each sequence's own positions, for patterns that
   are prefix-stable (``Pattern.prefix_stable``);
-- otherwise a layout built from each batch's keep-mask, eagerly (a graph break under torch.compile):
-  input-dependent patterns, padded or packed batches of patterns that are not prefix-stable, FlexAttention.
+- layouts built from each batch's keep-mask: for the Triton kernel, input-dependent patterns (and, under
+  torch.compile or CUDA graph capture, padded or packed batches of patterns that are not prefix-stable) get tile
+  codes made on the device, from which the operator ``sparseattn::block_attention_tiles`` builds lists of fixed
+  shape: no host read, no graph break, capturable; otherwise, eagerly (a graph break under torch.compile), a
+  layout cached by the batch's padding (padded or packed batches of patterns that are not prefix-stable) or
+  built for FlexAttention.
 
 Each decision is logged once per backend (eagerly; not while torch.compile traces).
 """
@@ -176,13 +180,42 @@ class BlockSparseBackend(Backend):
             segments = self._segments(call)
             if segments is not _UNSUPPORTED:
                 return self._triton_operator(call, static, segments)
+        if self.kernel == "triton" and (not _static(lp) or _tracing(call)):
+            return self._device_tiles(call)
         return self._per_batch(call)
+
+    def _device_tiles(self, call: AttentionCall):
+        """A layout that changes with the batch (input-dependent patterns; under torch.compile or capture also
+        padded or packed batches of patterns that are not prefix-stable) for the Triton kernel, made on the device
+        from the batch's keep-mask: tile codes and a table of every tile (``triton_kernel.device_tiles``), from
+        which the operator builds its lists of fixed shape. Nothing is read back from the GPU, so it traces under
+        torch.compile (fullgraph), captures in CUDA graphs and never waits for the GPU eagerly; the price is a
+        table as large as the mask, and no fallback to SDPA at high block density (reading the density would
+        sync). Made once per forward pass and shared by the layers with the same patterns, unless the model passes
+        masks of its own, which may differ from layer to layer (sliding windows in some)."""
+        lay, L, bs = call.layout, call.q_len, self.block_size
+        key = ("block.device_tiles", _layer_key(call), bs)
+        made = call.cache.get(key) if call.model_mask is None else None
+        if made is None:
+            self._count("layout_builds")
+            keep = call.keep_mask() & lay.real[:, None, -L:, None]  # padding queries attend to nothing
+            Lp = -(-L // bs) * bs
+            if Lp > L:
+                keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
+            made = triton_kernel.device_tiles(keep, bs)
+            if call.model_mask is None:
+                call.cache[key] = made
+        code, tiles = made
+        self._count("block")
+        out = triton_kernel.block_attention_tiles(call.query, call.key, call.value, code, tiles, float(call.scale))
+        return out, None
 
     @torch.compiler.disable
     def _per_batch(self, call: AttentionCall):
-        """Layouts built from each batch's keep-mask (input-dependent patterns, padded or packed batches of
-        patterns that are not prefix-stable, models that pass their own masks, FlexAttention): host work per
-        batch, so it runs eagerly between compiled regions."""
+        """Layouts built from each batch's keep-mask with host work (so it runs eagerly between compiled regions):
+        FlexAttention's, and, eagerly, the Triton kernel's for padded or packed batches of patterns that are not
+        prefix-stable or models that pass their own masks, cached by the batch's padding (input-dependent layers
+        and traced calls take ``_device_tiles``)."""
         lp, L = call.layer_plan, call.q_len
         where = f"layer {lp.layer}"
         try:

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .tile_mask import FULL, TileMask, unpack_bits
+from .tile_mask import EMPTY, FULL, TileMask, unpack_bits
 
 try:  # an optional dependency: the CPU-only install has no Triton
     import triton
@@ -87,14 +87,44 @@ def _mend_interpreter() -> None:
 
 
 # -- the layout as index lists ------------------------------------------------------------------------
-def _lists(sel: torch.Tensor, code: torch.Tensor | None):
+def _lists(sel: torch.Tensor, code: torch.Tensor | None, capacity: int | None = None):
     """(B', H', N, M) bool -> counts (B', H', N) int32, indices (B', H', N, K) int32 (selected first, in
-    ascending order; K = the longest list, at least 1), and the selected tiles' codes (or None)."""
+    ascending order; K = the longest list, at least 1, or ``capacity``: a shape known without reading the counts),
+    and the selected tiles' codes (or None)."""
     count = sel.sum(-1, dtype=torch.int32)
-    K = max(1, int(count.max())) if count.numel() else 1
+    if capacity is not None:
+        K = capacity
+    else:
+        K = max(1, int(count.max())) if count.numel() else 1
     idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)[..., :K]
     tile = code.gather(-1, idx).to(torch.int32).contiguous() if code is not None else None
     return count.contiguous(), idx.to(torch.int32).contiguous(), tile
+
+
+def _whole_programs(length: torch.Tensor) -> torch.Tensor:
+    """The backward kernels' programs (see ``_programs``) with every list walked whole: one program per tile row or
+    column of ``length`` (B', H', N) tiles, longest first, as (tile index, 0, length, no scratch slot); built on the
+    device, none of it read back."""
+    order = torch.argsort(length, dim=-1, descending=True, stable=True)
+    span = length.gather(-1, order).long()
+    return torch.stack([order, torch.zeros_like(span), span, torch.full_like(span, -1)], -1).to(torch.int32).contiguous()
+
+
+def device_tiles(keep: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A keep-mask (B, H', Lq, Lk) bool (lengths multiples of ``block_size``) as tile codes (B, H', Nq, Nk) int32
+    (EMPTY, FULL, or the tile's own index into the table) and the table of every tile's token mask
+    (B x H' x Nq x Nk, bs, bs) uint8, made on the device without reading anything back (TileMask.from_mask keeps
+    only the distinct partial tiles, which takes a host read to count them). The table is as large as the mask."""
+    B, H, Lq, Lk = keep.shape
+    bs = block_size
+    if Lq % bs or Lk % bs:
+        raise ValueError(f"the keep-mask is {Lq} x {Lk} tokens, expected multiples of the block size {bs}")
+    N, M = Lq // bs, Lk // bs
+    tiled = keep.view(B, H, N, bs, M, bs).transpose(3, 4)  # (B, H', N, M, bs, bs)
+    kept = tiled.sum((-1, -2), dtype=torch.int32)
+    ids = torch.arange(B * H * N * M, dtype=torch.int32, device=keep.device).view(B, H, N, M)
+    code = torch.where(kept == bs * bs, FULL, torch.where(kept == 0, EMPTY, ids)).to(torch.int32)
+    return code.contiguous(), tiled.reshape(-1, bs, bs).to(torch.uint8).contiguous()
 
 
 # Backward lists longer than max(SPLIT_MIN, SPLIT_FACTOR x the mean list) are split into chunks about that long.
@@ -224,6 +254,27 @@ class TileLists:
         # built now, not at a deterministic backward pass: that may run inside a CUDA graph capture
         return lists if lists.split_rows or lists.split_cols else whole
 
+    @classmethod
+    def from_codes(cls, code: torch.Tensor, tiles: torch.Tensor) -> "TileLists":
+        """Lists of a layout given as tile codes and a tile table (``device_tiles``), built on the device without
+        reading anything back, so that a traced or captured step can build them from each batch: every list has
+        room for all the tiles of its row or column (the kernels loop to the count they read from memory), and
+        the backward walks each list whole, one program per tile row or column (no split lists, no atomics)."""
+        bs = tiles.shape[-1]
+        full, part = code == FULL, code >= 0
+        N, M = code.shape[-2:]
+        rf = _lists(full, None, M)[:2]
+        rp = _lists(part, code, M)
+        cf = _lists(full.transpose(-1, -2), None, N)[:2]
+        cp = _lists(part.transpose(-1, -2), code.transpose(-1, -2), N)
+        row_len, col_len = rf[0] + rp[0], cf[0] + cp[0]
+        row_order = torch.argsort(row_len, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+        no_slots = torch.empty(*code.shape[:2], 0, dtype=torch.int32, device=code.device)
+        return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles, row_order=row_order,
+                   row_prog=_whole_programs(row_len), col_prog=_whole_programs(col_len), row_slots=no_slots,
+                   col_slots=no_slots, block_size=bs, num_q_blocks=N, num_kv_blocks=M,
+                   batch_broadcast=code.shape[0] == 1, head_broadcast=code.shape[1] == 1, heads=code.shape[1])
+
     def tile_lists(self, length: int, device) -> "TileLists":
         """These lists, as the source of `register_source` (they serve any length up to theirs)."""
         if length > self.num_q_blocks * self.block_size:
@@ -243,8 +294,9 @@ if triton is not None:
 
     @triton.jit
     def tile_keep(TILES, tile, rows, cols, BS: tl.constexpr):
-        """keep[r, c] for rows/cols within partial tile ``tile`` (any broadcastable shapes)."""
-        return tl.load(TILES + tile * (BS * BS) + rows * BS + cols) != 0
+        """keep[r, c] for rows/cols within partial tile ``tile`` (any broadcastable shapes). In 64 bits: a table of
+        every tile (``device_tiles``) holds more than 2**31 bytes at long lengths."""
+        return tl.load(TILES + tile.to(tl.int64) * (BS * BS) + rows * BS + cols) != 0
 
     @triton.jit
     def segment_of(SEG, sh, H, N_CTX, VARLEN: tl.constexpr):
@@ -865,8 +917,11 @@ def _stride_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_forward(q, k, v, segments, lists: int, scale: float):
+    return _forward_over(q, k, v, segments, lists_for(lists, q.shape[2], q.device), scale)
+
+
+def _forward_over(q, k, v, segments, tl_: TileLists, scale: float):
     B, H, L, D = q.shape
-    tl_ = lists_for(lists, L, q.device)
     Dp = _padded_head(D)
     qp, kp, vp = (_stride_ready(_pad_head(t, Dp)) for t in (q, k, v))
     if segments is None and L != tl_.num_q_blocks * tl_.block_size:
@@ -892,8 +947,11 @@ def _(q, k, v, segments, lists, scale, backward="auto"):
 
 
 def _attention_backward(do, q, k, v, o, lse, segments, lists: int, scale: float, backward: str):
+    return _backward_over(do, q, k, v, o, lse, segments, lists_for(lists, q.shape[2], q.device), scale, backward)
+
+
+def _backward_over(do, q, k, v, o, lse, segments, tl_: TileLists, scale: float, backward: str):
     B, H, L, D = q.shape
-    tl_ = lists_for(lists, L, q.device)
     Dp = _padded_head(D)
     if segments is None and L != tl_.num_q_blocks * tl_.block_size:
         segments = _whole_rows_cached(B, L, q.device)
@@ -960,6 +1018,89 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     if torch.compiler.is_compiling():
         return block_attention_op(q, k, v, segments, lists, scale, backward)
     return _EagerBlockAttention.apply(q, k, v, segments, lists, scale, backward)
+
+
+# -- the operator over lists built from each batch ------------------------------------------------------------
+# Layouts that change with every batch (input-dependent patterns; padded batches of patterns that are not
+# prefix-stable, under tracing) come to the operator as tensors: tile codes and the table of every tile
+# (``device_tiles``), from which it builds its lists on the device (``TileLists.from_codes``), forward and
+# backward alike. Nothing is read back from the GPU, so torch.compile traces it and CUDA graphs capture it.
+@torch.library.custom_op("sparseattn::block_attention_tiles", mutates_args=())
+def block_attention_tiles_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, code: torch.Tensor,
+                             tiles: torch.Tensor, scale: float, backward: str = "auto"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, L, D), log-sum-exp (B, H, L) fp32) over the kept tiles of ``code`` (B or 1, H or 1, N, N)
+    int32 and ``tiles`` (T, bs, bs) uint8 (``device_tiles``), a layout over N x bs >= L tokens."""
+    return _forward_over(q, k, v, None, TileLists.from_codes(code, tiles), scale)
+
+
+@block_attention_tiles_op.register_fake
+def _(q, k, v, code, tiles, scale, backward="auto"):
+    B, H, L, D = q.shape
+    o = torch.empty_like(q) if _padded_head(D) == D and q.stride(-1) == 1 else q.new_empty(q.shape)
+    return o, q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseattn::block_attention_tiles_backward", mutates_args=())
+def block_attention_tiles_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      o: torch.Tensor, lse: torch.Tensor, code: torch.Tensor, tiles: torch.Tensor,
+                                      scale: float, backward: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, for the output gradient ``do`` of ``block_attention_tiles_op``."""
+    return _backward_over(do, q, k, v, o, lse, None, TileLists.from_codes(code, tiles), scale, backward)
+
+
+@block_attention_tiles_backward_op.register_fake
+def _(do, q, k, v, o, lse, code, tiles, scale, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_tiles_context(ctx, inputs, output):
+    q, k, v, code, tiles, scale, backward = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, code, tiles)
+    ctx.scale, ctx.mode = scale, backward
+
+
+def _tiles_grads(ctx, do, run_backward):
+    q, k, v, o, lse, code, tiles = ctx.saved_tensors
+    dq, dk, dv = run_backward(do, q, k, v, o, lse, code, tiles, ctx.scale, ctx.mode)
+    return dq, dk, dv, None, None, None, None
+
+
+def _tiles_backward_rule(ctx, do, dlse):
+    return _tiles_grads(ctx, do, block_attention_tiles_backward_op)
+
+
+def _tiles_backward_eager(do, q, k, v, o, lse, code, tiles, scale, mode):
+    return _backward_over(do, q, k, v, o, lse, None, TileLists.from_codes(code, tiles), scale, mode)
+
+
+block_attention_tiles_op.register_autograd(_tiles_backward_rule, setup_context=_setup_tiles_context)
+
+
+class _EagerTilesAttention(torch.autograd.Function):
+    """``block_attention_tiles_op`` without the dispatcher, for eager calls (as ``_EagerBlockAttention``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, code, tiles, scale, backward):
+        o, lse = _forward_over(q, k, v, None, TileLists.from_codes(code, tiles), scale)
+        _setup_tiles_context(ctx, (q, k, v, code, tiles, scale, backward), (o, lse))
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _tiles_grads(ctx, do, _tiles_backward_eager)
+
+
+def block_attention_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, code: torch.Tensor,
+                          tiles: torch.Tensor, scale: float, backward: str = "auto") -> torch.Tensor:
+    """Attention (B, H, L, D) over the kept tiles of a layout made on the device (``device_tiles``), differentiable:
+    the operator ``sparseattn::block_attention_tiles`` where torch.compile traces, the same computation through a
+    plain autograd function eagerly. No host read at any point (the lists' sizes are the layout's, not its counts)."""
+    if torch.compiler.is_compiling():
+        return block_attention_tiles_op(q, k, v, code, tiles, scale, backward)[0]
+    return _EagerTilesAttention.apply(q, k, v, code, tiles, scale, backward)[0]
 
 
 def block_sparse_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

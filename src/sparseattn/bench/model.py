@@ -252,112 +252,170 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
                compile_model, log) -> list[ModelResult]:
+    """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind; speed-ups over the
+    fastest dense step."""
     import torch._dynamo
 
-    device = "cuda"
-    gc.collect()  # the previous config's models, before this one allocates
-    torch.cuda.empty_cache()
-    B = max(1, tokens // length)
-    causal = kind == "decoder"
-    torch.manual_seed(0)
-    model = (encoder(length) if kind == "encoder" else decoder(length, decoder_layers)).to(device)
-    sparse_batch = make_batch(batch_kind, length, B, model.config.vocab_size, device)
-    # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
-    dense_batch = unpacked(sparse_batch, device) if batch_kind == "packed" else sparse_batch
-    plan = sparse_plan(length, causal=causal)
-    sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
-    if kind == "encoder":
-        # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
-        model.train()
-    else:
-        model = model.to(torch.bfloat16).eval()
-
-    def make_step(fwd, inputs, mark: bool):
-        rows = inputs["input_ids"].shape[0]
-        labels = torch.randint(0, 2, (rows,), device=device)
-
-        def train(zero_grad: bool = True):
-            if mark:  # a new step for the CUDA graphs torch.compile records (reduce-overhead)
-                torch.compiler.cudagraph_mark_step_begin()
-            if kind == "encoder":
-                # no autocast cache: cast weights are re-made each step, as graph capture needs
-                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    loss = fwd(**inputs, labels=labels).loss
-                loss.backward()
-                opt.step()
-                if zero_grad:
-                    opt.zero_grad(set_to_none=True)
-            else:
-                with torch.no_grad():
-                    fwd(**inputs, use_cache=False)
-        return train
-
+    bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers)
     out = []
     for attention in ("dense", *kernels):
         backend = None
         if attention != "dense":
             backend = BlockSparseBackend(kernel_options=kernel_options, kernel=attention)
-            sparsify(model, plan, backend=backend)
+            sparsify(bench.model, bench.plan, backend=backend)
         if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
-            log(f"  compiled {len(compile_outside_attention(model))} submodules outside attention")
-        batch = dense_batch if attention == "dense" else sparse_batch
-        inputs = {k: v for k, v in batch["inputs"].items() if kind == "decoder" or k not in ("cu_seq_lens_k",
-                                                                                                 "max_length_k")}
+            log(f"  compiled {len(compile_outside_attention(bench.model))} submodules outside attention")
         for mode in modes:
-            res = ModelResult(kind, length, B, "dense" if attention == "dense" else plan.spec(),
-                              None if attention == "dense" else sp, None if attention == "dense" else dens,
-                              None, None, None, kernel=None if attention == "dense" else attention, mode=mode,
-                              compiled=compile_model, batch=batch_kind)
-            graph = None
-            torch._dynamo.reset()
-            try:
-                fwd = model
-                if mode == "compile":
-                    fwd = torch.compile(model)
-                elif mode == "reduce-overhead":
-                    fwd = torch.compile(model, mode="reduce-overhead")
-                run = make_step(fwd, inputs, mark=mode == "reduce-overhead")
-                if mode == "graph":
-                    if kind == "encoder":
-                        opt.zero_grad(set_to_none=True)
-                    run()  # layouts and autotuning happen eagerly, before capture
-                    _fresh_peak()
-                    body = make_step(model, inputs, mark=False)
-                    graph, run = _graphed((lambda: body(zero_grad=False)) if kind == "encoder" else body, warmup)
-                ms, peak = _time_steps(run, warmup, steps, reset_peak=mode != "graph")
-                res.step_ms, res.peak_gib = ms, peak
-                res.tokens_per_s = batch["real"] / (ms / 1e3)
-                if backend is not None and mode == "eager":
-                    res.host_us = _host_us(backend, run)
-                if backend is not None:
-                    res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
-            except torch.OutOfMemoryError as e:
-                res.note = f"out of memory: {str(e).splitlines()[0][:160]}"
-            except Exception as e:  # a mode that fails is a result to report, not the end of the run
-                res.note = f"{mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                log(f"  {kind} L={length} {batch_kind} {attention} {mode} failed:\n{e}")
-                torch.cuda.synchronize()
-            del graph
-            if kind == "encoder":  # gradients captured in a graph's memory pool go with it
-                opt.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+            res = bench.result(attention, mode, compile_model)
+            _time_mode(bench, res, backend, warmup=warmup, steps=steps, log=log)
             out.append(res)
-            log(f"  {kind} L={length} B={B} {batch_kind} {attention} {mode}{' compiled' if compile_model else ''}: "
-                f"{res.step_ms and round(res.step_ms, 1)} ms/step, "
-                f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
-                f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
-                + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
-                + (f" ({res.note})" if res.note else ""))
+            log(_result_line(res))
     torch._dynamo.reset()
-    dense = [r for r in out if r.kernel is None and r.tokens_per_s]
+    _speedups_over_best_dense(out)
+    return out
+
+
+@dataclass
+class _Bench:
+    """One model and batch kind: the model (random weights, on the GPU), its optimizer (encoder), the plan with its
+    measured sparsity and block density, and the sparse and dense batches over the same sequences."""
+
+    kind: str
+    length: int
+    batch_kind: str
+    rows: int
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer | None
+    plan: Plan
+    sparsity: float
+    block_density: float
+    sparse_batch: dict
+    dense_batch: dict
+
+    @classmethod
+    def make(cls, kind, length, batch_kind, *, tokens, decoder_layers) -> "_Bench":
+        device = "cuda"
+        gc.collect()  # the previous config's models, before this one allocates
+        torch.cuda.empty_cache()
+        B = max(1, tokens // length)
+        causal = kind == "decoder"
+        torch.manual_seed(0)
+        model = (encoder(length) if kind == "encoder" else decoder(length, decoder_layers)).to(device)
+        sparse_batch = make_batch(batch_kind, length, B, model.config.vocab_size, device)
+        # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
+        dense_batch = unpacked(sparse_batch, device) if batch_kind == "packed" else sparse_batch
+        plan = sparse_plan(length, causal=causal)
+        sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
+        opt = None
+        if kind == "encoder":
+            # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
+            model.train()
+        else:
+            model = model.to(torch.bfloat16).eval()
+        return cls(kind, length, batch_kind, B, model, opt, plan, sp, dens, sparse_batch, dense_batch)
+
+    def batch(self, attention: str) -> dict:
+        return self.dense_batch if attention == "dense" else self.sparse_batch
+
+    def inputs(self, attention: str) -> dict:
+        """The model's inputs (an encoder takes no cu_seq_lens_k / max_length_k)."""
+        return {k: v for k, v in self.batch(attention)["inputs"].items()
+                if self.kind == "decoder" or k not in ("cu_seq_lens_k", "max_length_k")}
+
+    def result(self, attention: str, mode: str, compiled: bool) -> ModelResult:
+        dense = attention == "dense"
+        return ModelResult(self.kind, self.length, self.rows, "dense" if dense else self.plan.spec(),
+                           None if dense else self.sparsity, None if dense else self.block_density, None, None, None,
+                           kernel=None if dense else attention, mode=mode, compiled=compiled, batch=self.batch_kind)
+
+    def step(self, fwd, inputs: dict, mark: bool):
+        """One step of ``fwd`` on ``inputs``: an encoder trains (forward, backward, AdamW; ``train(zero_grad=False)``
+        leaves the gradients for a captured graph), a decoder runs forward. mark: a new step for the CUDA graphs
+        torch.compile records (reduce-overhead)."""
+        rows = inputs["input_ids"].shape[0]
+        labels = torch.randint(0, 2, (rows,), device="cuda")
+
+        def train(zero_grad: bool = True):
+            if mark:
+                torch.compiler.cudagraph_mark_step_begin()
+            if self.kind == "encoder":
+                # no autocast cache: cast weights are re-made each step, as graph capture needs
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    loss = fwd(**inputs, labels=labels).loss
+                loss.backward()
+                self.opt.step()
+                if zero_grad:
+                    self.opt.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    fwd(**inputs, use_cache=False)
+        return train
+
+    def zero_grad(self) -> None:
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+
+
+def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: int, log) -> None:
+    """Time ``res``'s attention in ``res.mode`` into ``res`` (a mode that fails, or runs out of memory, is noted
+    in it, not raised)."""
+    import torch._dynamo
+
+    attention = res.kernel or "dense"
+    batch, inputs, mode = bench.batch(attention), bench.inputs(attention), res.mode
+    graph = None
+    torch._dynamo.reset()
+    try:
+        fwd = bench.model
+        if mode == "compile":
+            fwd = torch.compile(bench.model)
+        elif mode == "reduce-overhead":
+            fwd = torch.compile(bench.model, mode="reduce-overhead")
+        run = bench.step(fwd, inputs, mark=mode == "reduce-overhead")
+        if mode == "graph":
+            bench.zero_grad()
+            run()  # layouts and autotuning happen eagerly, before capture
+            _fresh_peak()
+            body = bench.step(bench.model, inputs, mark=False)
+            graph, run = _graphed((lambda: body(zero_grad=False)) if bench.kind == "encoder" else body, warmup)
+        ms, peak = _time_steps(run, warmup, steps, reset_peak=mode != "graph")
+        res.step_ms, res.peak_gib = ms, peak
+        res.tokens_per_s = batch["real"] / (ms / 1e3)
+        if backend is not None and mode == "eager":
+            res.host_us = _host_us(backend, run)
+        if backend is not None:
+            res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
+    except torch.OutOfMemoryError as e:
+        res.note = f"out of memory: {str(e).splitlines()[0][:160]}"
+    except Exception as e:  # a mode that fails is a result to report, not the end of the run
+        res.note = f"{mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        log(f"  {bench.kind} L={bench.length} {bench.batch_kind} {attention} {mode} failed:\n{e}")
+        torch.cuda.synchronize()
+    del graph
+    bench.zero_grad()  # gradients captured in a graph's memory pool go with it
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _result_line(res: ModelResult) -> str:
+    return (f"  {res.model} L={res.length} B={res.batch_size} {res.batch} {res.kernel or 'dense'} {res.mode}"
+            f"{' compiled' if res.compiled else ''}: "
+            f"{res.step_ms and round(res.step_ms, 1)} ms/step, "
+            f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
+            f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
+            + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
+            + (f" ({res.note})" if res.note else ""))
+
+
+def _speedups_over_best_dense(results: list[ModelResult]) -> None:
+    """Each result's speed-up over the fastest dense step among ``results``, whatever its mode."""
+    dense = [r for r in results if r.kernel is None and r.tokens_per_s]
     best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
-    for r in out:  # speed-ups against the fastest dense step measured, whatever its mode
+    for r in results:
         if best and r.tokens_per_s:
             r.speedup = r.tokens_per_s / best.tokens_per_s
             r.baseline = f"dense {best.mode}"
-    return out
 
 
 def format_table(results: list[ModelResult]) -> str:

@@ -59,6 +59,10 @@ def _add_finetune_args(p) -> None:
     p.add_argument("--precision", default=_default("precision"), choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--parser", default=None, help="spaCy pipeline for syntax/lexical patterns")
+    p.add_argument("--pack", nargs="?", type=int, const=True, default=None, metavar="ROW_LENGTH",
+                   help="several examples per row (rows of ROW_LENGTH tokens, default --max-length), each attending "
+                        "only within itself and classified from its own [CLS]; plans of positions only; saves work "
+                        "with --backend block on a GPU")
 
 
 def cmd_finetune(args) -> int:
@@ -69,7 +73,7 @@ def cmd_finetune(args) -> int:
                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                          limit_train=args.limit_train, limit_eval=args.limit_eval, eval_split=args.eval_split,
-                         backend=args.backend, precision=args.precision, parser=args.parser)
+                         backend=args.backend, precision=args.precision, parser=args.parser, pack=args.pack)
     out = Path(args.out) if args.out else None
     r = finetune(cfg, glue_dir=args.glue_dir, out_dir=out, device=args.device, progress=not args.no_progress,
                  save_model=args.save_model, parse_cache=args.parse_cache,
@@ -95,6 +99,10 @@ def cmd_finetune(args) -> int:
     if ref:
         print(f"  reference: always '{ref['class']}' scores " + ", ".join(
             f"{k} {100 * v:.2f}" for k, v in ref["metrics"].items()))
+    pad = r["padding"]
+    print(f"  real tokens fill {pad['train_utilisation']:.0%} of the training batches' positions, "
+          f"{pad['eval_utilisation']:.0%} of the evaluation's"
+          + (f" (packed in rows of {pad['pack']} tokens)" if pad["pack"] else ""))
     if d["train_truncated"] or d["eval_truncated"]:
         print(f"  truncated to {d['max_length']} tokens: {d['train_truncated']} train, {d['eval_truncated']} eval")
     if out:
@@ -238,6 +246,7 @@ def _add_finetune(sub, formatter_class) -> None:
               sparseattn finetune --task sst2 --plan "later-half: neighbour(2)" --epochs 1 --out out/sst2-neigh
               sparseattn finetune --task stsb --plan "all: bigbird(1, 2, 3)" --seed 1 --lr 1e-4 --batch-size 64
               sparseattn finetune --task mrpc --plan dense --limit-train 200 --limit-eval 100 --epochs 2
+              sparseattn finetune --task sst2 --plan "all: neighbour(4) | global_tokens(1)" --pack 256
               sparseattn finetune --task rte --plan "layers=3-5: syntax(1, special='global')" --model bert-base-uncased
             """))
     _add_finetune_args(p)

@@ -40,6 +40,9 @@ class FinetuneConfig:
     parser: str | None = None  # spaCy pipeline for syntax / lexical patterns (default when the plan needs one)
     plan_digest: str | None = None  # for a saved plan's folder: a hash of its files (filled in; part of the run key)
     method: str = "finetune"  # the registered method that runs this config (sparseattn.training.methods)
+    # Several examples per row, rows of this many tokens (True: max_length); None: one padded row per example.
+    # Left out of ``to_dict`` when None, so the run keys of unpacked runs are what they were before it existed.
+    pack: int | None = None
 
     method_name = "finetune"  # class attribute: the method this config class runs
 
@@ -78,7 +81,25 @@ class FinetuneConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; expected one of {', '.join(available_backends())}")
         if self.parser is not None and not isinstance(self.parser, str):
             raise ConfigTypeError(f"parser must be the name of a spaCy pipeline or None, got {self.parser!r}")
+        self.check_pack()
         resolve_model(self.model)  # a model path that does not exist fails here
+
+    def check_pack(self) -> None:
+        """``pack``: None, or a row length that holds the longest example (True stands for max_length). Only a plain
+        fine-tune packs its batches, and only for plans of positions: packed rows carry no word structure."""
+        if self.pack is None or self.pack is False:
+            self.pack = None
+            return
+        if self.pack is True:
+            self.pack = self.max_length
+        if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < self.max_length:
+            raise ConfigError(f"pack must be a row length of at least max_length={self.max_length} tokens (every "
+                              f"example must fit in a row), true (rows of max_length) or none, got {self.pack!r}")
+        if self.method != "finetune":
+            raise ConfigError(f"pack={self.pack}: method {self.method!r} does not pack its batches; only finetune does")
+        if as_plan(self.plan).input_dependent:
+            raise ConfigError(f"pack={self.pack} with the plan {self.plan!r}: packed rows carry no word structure or "
+                              "special-token marks, which its input-dependent patterns need; leave pack out")
 
     def check_model_shape(self, num_layers: int, num_heads: int, max_positions: int | None) -> None:
         """What only the model's shape can tell: max_length fits its positions, the plan's layers and heads
@@ -113,11 +134,15 @@ class FinetuneConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d.get("pack") is None:  # unpacked runs keep the keys they had before packing existed
+            d.pop("pack", None)
+        return d
 
     def finetune_options(self) -> dict:
         """The fields a plain fine-tune shares with this config (a method's own options left out)."""
-        return {f: getattr(self, f) for f in FinetuneConfig.__dataclass_fields__ if f not in ("method", "plan_digest")}
+        return {f: getattr(self, f) for f in FinetuneConfig.__dataclass_fields__
+                if f not in ("method", "plan_digest", "pack")}
 
     @property
     def display_plan(self) -> str:

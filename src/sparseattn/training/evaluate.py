@@ -22,20 +22,22 @@ from ..sparsity import SparsityReport, measure_plan
 from .batching import EncodedSplit, collate, encode_split, eval_batches, to_device
 from .files import FORMATS, read_examples
 from .glue import GlueTask, canonical_split, get_task, load_split
-from .loop import model_inputs
 from .metrics import compute_metrics
+from .packing import batch_logits, make_batch
 
 
 @torch.no_grad()
 def predict(model, split: EncodedSplit, *, batch_size: int, device, autocast, pass_structure: bool,
-            regression: bool, pad_to: int = 1, progress: bool = False) -> np.ndarray:
-    """Predictions for every example of ``split`` in its order: class ids, or scores for regression."""
+            regression: bool, pad_to: int = 1, progress: bool = False, pack: int | None = None) -> np.ndarray:
+    """Predictions for every example of ``split`` in its order: class ids, or scores for regression. pack: the
+    ``batch_size`` examples of a batch packed into rows of this many tokens (see ``packing``)."""
     model.eval()
     outs, order = [], []
     for idx in tqdm(eval_batches(split, batch_size), desc="evaluate", leave=False, disable=not progress):
-        batch = to_device(collate(split, idx, pad_to_multiple_of=pad_to, pin=device.type == "cuda"), device)
+        batch = to_device(make_batch(split, idx, pack=pack, pad_to_multiple_of=pad_to, pin=device.type == "cuda"),
+                          device)
         with autocast():
-            logits = model(**model_inputs(batch, pass_structure)).logits
+            logits = batch_logits(model, batch, pass_structure)
         outs.append(logits.squeeze(-1).float() if regression else logits.argmax(-1))
         order.append(idx)
     pred = torch.cat(outs).cpu().numpy()
@@ -45,11 +47,12 @@ def predict(model, split: EncodedSplit, *, batch_size: int, device, autocast, pa
 
 
 def evaluate(model, split: EncodedSplit, task: GlueTask, *, batch_size: int, device, autocast: Callable,
-             pass_structure: bool, pad_to: int = 1, progress: bool = False, predictions: list | None = None
-             ) -> dict[str, float]:
+             pass_structure: bool, pad_to: int = 1, progress: bool = False, predictions: list | None = None,
+             pack: int | None = None) -> dict[str, float]:
     """The task's metrics of the model's predictions on ``split`` (appended to ``predictions`` if given)."""
     pred = predict(model, split, batch_size=batch_size, device=device, autocast=autocast,
-                   pass_structure=pass_structure, regression=task.is_regression, pad_to=pad_to, progress=progress)
+                   pass_structure=pass_structure, regression=task.is_regression, pad_to=pad_to, progress=progress,
+                   pack=pack)
     if predictions is not None:
         predictions.append(pred)
     return compute_metrics(task.metrics, pred, split.labels)

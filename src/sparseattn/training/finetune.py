@@ -31,15 +31,16 @@ from ..models import load_model, load_tokenizer, resolve_model, text_config
 from ..plans.io import as_plan, save_plan
 from ..plans.plan import Plan
 from ..text.parse import DEFAULT_PARSER, ParseCache
-from .batching import EncodedSplit, collate, to_device, train_batches
+from .batching import EncodedSplit, collate, eval_batches, to_device, train_batches
 from .config import FinetuneConfig
 from .data import encoded, load_examples
 from .distributed import Distributed, shard_batches
 from .distributed import from_env as distributed_from_env
 from .evaluate import eval_sparsity, evaluate, majority_reference, prediction_counts
 from .glue import GlueTask, get_task
-from .loop import Optimizer, autocast_for, model_inputs, resolve_device, resolve_precision, set_seed, task_loss
+from .loop import Optimizer, autocast_for, resolve_device, resolve_precision, set_seed, task_loss
 from .methods import Method, register_method
+from .packing import batch_logits, make_batch, token_slots
 from .record import device_description, loss_curve, package_versions, write_results
 
 log = logging.getLogger("sparseattn")
@@ -88,6 +89,8 @@ class History:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     predictions: list = field(default_factory=list)  # each epoch's predictions on the evaluation split
+    real_tokens: int = 0  # tokens of the training examples, over every epoch
+    token_slots: int = 0  # positions of the training batches (real and padding), over every epoch
 
 
 def setup(cfg: FinetuneConfig, device=None) -> Run:
@@ -130,10 +133,12 @@ def load_classifier(model: str | None, task: GlueTask, max_length: int):
 
 
 def build_model(run: Run, tokenizer):
-    """The seeded classifier, sparsified under the run's plan (unless dense), on the run's device."""
+    """The seeded classifier, sparsified under the run's plan (unless dense), on the run's device. Packed runs
+    are sparsified under a dense plan too: the model's own attention would attend across the examples of a row,
+    sparseattn's keeps each example apart in every layer."""
     set_seed(run.cfg.seed)
     model = load_classifier(run.cfg.model, run.task, run.cfg.max_length)
-    if not run.dense:
+    if not run.dense or run.cfg.pack:
         sparsify(model, run.plan, backend=run.cfg.backend, tokenizer=tokenizer)
     return model.to(run.device)
 
@@ -196,9 +201,12 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
         bar = tqdm(batches, desc=f"{task.folder} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    dynamic_ncols=True)
         for i, idx in enumerate(bar):
-            batch = to_device(collate(data.train, idx, pad_to_multiple_of=run.pad_to, pin=use_cuda), device)
+            batch = make_batch(data.train, idx, pack=cfg.pack, pad_to_multiple_of=run.pad_to, pin=use_cuda)
+            hist.real_tokens += int(data.train.lengths[idx].sum())
+            hist.token_slots += batch["input_ids"].numel()
+            batch = to_device(batch, device)
             with autocast():
-                logits = net(**model_inputs(batch, run.pass_structure)).logits
+                logits = batch_logits(net, batch, run.pass_structure)
             loss = task_loss(logits, batch["labels"], task.is_regression)
             opt.step(loss)
             hist.losses[step] = loss.detach()
@@ -215,7 +223,7 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
         t0 = time.perf_counter()
         metrics = evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
                            autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to,
-                           progress=progress, predictions=hist.predictions)
+                           progress=progress, predictions=hist.predictions, pack=cfg.pack)
         hist.eval_seconds += time.perf_counter() - t0
         ep_loss = float(hist.losses[step - len(batches):step].float().cpu().numpy().mean())
         hist.epochs.append({"epoch": epoch + 1, "train_loss": ep_loss, "train_seconds": epoch_train,
@@ -257,16 +265,27 @@ def record(run: Run, data: Data, hist: History, sparsity, *, readout_isolated: b
             **timing, "train_seconds": hist.train_seconds, "eval_seconds": hist.eval_seconds,
             "train_examples_per_second": len(train_split) * cfg.epochs / max(hist.train_seconds, 1e-9),
         },
+        "padding": padding_record(run, data, hist),
         "precision": run.precision,
         "device": device_description(run.device),
         "versions": package_versions(),
     }
 
 
+def padding_record(run: Run, data: Data, hist: History) -> dict:
+    """How much of the batches' token positions held real tokens (the rest is padding): training as it ran, and
+    the evaluation batches; packed runs give their row length."""
+    eval_size = max(256, run.cfg.batch_size)
+    eval_slots = token_slots(data.evals, eval_batches(data.evals, eval_size), pack=run.cfg.pack,
+                             pad_to_multiple_of=run.pad_to)
+    return {"pack": run.cfg.pack, "train_real_tokens": hist.real_tokens, "train_token_slots": hist.token_slots,
+            "train_utilisation": hist.real_tokens / max(1, hist.token_slots),
+            "eval_utilisation": int(data.evals.lengths.sum()) / max(1, eval_slots)}
+
+
 def save_finetuned(run: Run, model, tokenizer, out_dir) -> None:
     """The fine-tuned model (its own attention again), its tokenizer and the plan, under ``out_dir``."""
-    if not run.dense:
-        unsparsify(model)
+    unsparsify(model)  # a sparse plan's, or a packed run's dense one (nothing where the model was never sparsified)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     save_plan(run.plan, out_dir / "plan")
