@@ -48,8 +48,9 @@ def make_tiny_model(path: Path) -> str:
     return str(path)
 
 
-def run_cli(args: list[str], nproc: int, cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+def run_cli(args: list[str], nproc: int, cwd: Path, **env_extra) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           **env_extra}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     launch = [sys.executable, "-m", "sparseattn.cli"] if nproc == 1 else \
@@ -83,3 +84,43 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for e1, e2 in zip(one["epochs"], two["epochs"]):
         assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=0.10)
     assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=0.10)
+
+
+def _word_corpus(root: Path) -> Path:
+    """Seeded random sentences over a small vocabulary: a corpus a tiny LM can learn something of."""
+    import random
+
+    rng = random.Random(0)
+    words = "the a quick brown fox dog cat jumps sat over on lazy mat and runs".split()
+    for split, n in (("train", 300), ("valid", 40), ("test", 10)):
+        (root / split).mkdir(parents=True)
+        (root / split / "a.txt").write_text(" ".join(" ".join(rng.choices(words, k=8)) + "." for _ in range(n)))
+    return root
+
+
+@needs_dist
+def test_train_lm_under_torchrun_matches_one_process_and_writes_once(tmp_path):
+    corpus = _word_corpus(tmp_path / "corpus")
+    cache = tmp_path / "cache"
+    common = ["train-lm", "--task", str(corpus), "--layers", "2", "--hidden", "32", "--heads", "2", "--vocab-size",
+              "300", "--context", "16", "--epochs", "2", "--lr", "3e-3", "--warmup", "0", "--limit-train", "48",
+              "--limit-eval", "16", "--precision", "fp32", "--device", "cpu", "--seed", "1", "--no-progress"]
+    # two processes first: rank 0 trains the BPE tokenizer into the empty cache, rank 1 loads it
+    out2 = run_cli(common + ["--batch-size", "4", "--out", str(tmp_path / "two"), "--save-model"], 2, tmp_path,
+                   SPARSEATTN_CACHE=str(cache))
+    run_cli(common + ["--batch-size", "8", "--out", str(tmp_path / "one")], 1, tmp_path, SPARSEATTN_CACHE=str(cache))
+
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["model", "plan", "results.json"]
+    assert len(list((cache / "lm-tokenizers").iterdir())) == 1  # made once: no second copy, no partial one
+    assert out2.count("results: ") == 1 and out2.count(" x 2 processes") == 1, out2  # rank 0 alone reports
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert "distributed" not in one
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "per_rank_batch_size": 4,
+                                  "global_batch_size": 8}
+    assert two["data"]["train_rows"] == one["data"]["train_rows"] == 48
+    assert len(two["train_loss_curve"]["values"]) == len(one["train_loss_curve"]["values"]) == 12  # 6 steps x 2
+    # no dropout, fp32: the same steps up to the order of the gradient sums
+    assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=1e-4)
+    assert two["metrics"]["perplexity"] == pytest.approx(one["metrics"]["perplexity"], rel=1e-4)
+    assert one["epochs"][-1]["train_loss"] < one["epochs"][0]["train_loss"]  # it learned something

@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,26 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first, the other ranks after it: what rank 0 makes and caches there (a
+        tokenizer, a checkpoint, attention averages) the others then find made."""
+        if self.active and not self.is_main:
+            self.barrier()
+        yield
+        if self.active and self.is_main:
+            self.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a decision only rank 0 can make, e.g. whether a file exists)."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend}
