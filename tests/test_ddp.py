@@ -124,3 +124,90 @@ def test_train_lm_under_torchrun_matches_one_process_and_writes_once(tmp_path):
     assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=1e-4)
     assert two["metrics"]["perplexity"] == pytest.approx(one["metrics"]["perplexity"], rel=1e-4)
     assert one["epochs"][-1]["train_loss"] < one["epochs"][0]["train_loss"]  # it learned something
+
+
+@needs_dist
+@needs_glue
+def test_ap_collect_under_torchrun_adds_up_to_one_process(tmp_path):
+    from sparseattn.pruning.collect import AttentionStats
+
+    model = make_tiny_model(tmp_path / "tiny")
+    common = ["ap", "collect", "--task", "sst2", "--model", model, "--limit", "45", "--max-length", "32", "--batch-size",
+              "4", "--longer", "truncate", "--device", "cpu", "--quiet", "--glue-dir", GLUE_DIR]
+    run_cli(common + ["--out", str(tmp_path / "one" / "stats.safetensors")], 1, tmp_path)
+    out2 = run_cli(common + ["--out", str(tmp_path / "two" / "stats.safetensors")], 2, tmp_path)  # 12 batches: 6 each
+
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["stats.safetensors"] and out2.count("wrote ") == 1
+    one, two = (AttentionStats.load(tmp_path / n / "stats.safetensors") for n in ("one", "two"))
+    assert torch.equal(two.counts, one.counts) and two.causal == one.causal
+    torch.testing.assert_close(two.sums, one.sums, rtol=1e-12, atol=1e-12)  # float64 sums, added in another order
+    assert two.metadata == one.metadata and one.metadata["examples"] == 45
+
+
+PRUNE_SCRIPT = """
+import json, sys
+import transformers
+transformers.logging.set_verbosity_error()
+from sparseattn.pruning.glue import PruneGlueConfig, prune_glue
+model, glue_dir, work, out, batch = sys.argv[1:6]
+cfg = PruneGlueConfig(task="sst2", model=model, epochs=2, lr=3e-3, warmup=0, batch_size=int(batch), max_length=32,
+                      limit_train=64, limit_eval=64, seed=1, prune=50, precision="fp32")
+r = prune_glue(cfg, glue_dir=glue_dir, work_dir=work, out_dir=out, device="cpu", progress=False)
+print("RESULT", json.dumps(r["pruning"]))
+"""
+
+
+@needs_dist
+@needs_glue
+def test_attention_pruning_under_torchrun_matches_one_process_and_writes_once(tmp_path):
+    """Dense fine-tune, attention averages, mask and re-training, each made by both ranks and written by rank 0."""
+    from sparseattn.pruning.collect import AttentionStats
+
+    model = make_tiny_model(tmp_path / "tiny")
+    script = tmp_path / "prune.py"
+    script.write_text(PRUNE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    for name, launch, batch in (("one", [sys.executable], "8"), ("two", [sys.executable, "-m", "torch.distributed.run",
+                                                                         "--standalone", "--nproc-per-node=2"], "4")):
+        p = subprocess.run(launch + [str(script), model, GLUE_DIR, str(tmp_path / name / "work"),
+                                     str(tmp_path / name / "out"), batch], env=env, capture_output=True, text=True,
+                           timeout=240)
+        assert p.returncode == 0, p.stdout + p.stderr
+    one_root, two_root = (next((tmp_path / n / "work").iterdir()) for n in ("one", "two"))
+    made = sorted(str(p.relative_to(two_root)) for p in two_root.rglob("*") if p.parent == two_root or
+                  p.parent.parent == two_root)
+    assert not [m for m in made if "partial" in m], made  # every file moved into place, none left half-made
+    assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["results.json"]
+    stats = [AttentionStats.load(next(r.glob("attention-*.safetensors"))) for r in (one_root, two_root)]
+    torch.testing.assert_close(stats[1].sums, stats[0].sums, rtol=0.10, atol=1e-3)  # averages of two dense models
+    assert torch.equal(stats[1].counts, stats[0].counts)
+    one, two = (json.loads((tmp_path / n / "out" / "results.json").read_text()) for n in ("one", "two"))
+    assert two["distributed"]["world_size"] == 2 and "distributed" not in one
+    dense = [json.loads((r / "dense" / "results.json").read_text()) for r in (one_root, two_root)]
+    assert dense[1]["distributed"]["global_batch_size"] == 8
+    assert dense[1]["train_loss_curve"]["values"] == pytest.approx(dense[0]["train_loss_curve"]["values"], rel=0.10)
+    assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=0.10)
+    assert abs(two["metrics"]["accuracy"] - one["metrics"]["accuracy"]) <= 0.05
+    assert two["sparsity"]["overall"] == pytest.approx(one["sparsity"]["overall"], abs=0.02)
+
+
+def test_what_is_not_data_parallel_refuses_under_torchrun(tmp_path, monkeypatch, capsys):
+    """Under a launcher of two processes, a command or method that would run whole in each (and write twice)
+    stops before it starts, saying why."""
+    from sparseattn.cli import main
+    from sparseattn.errors import ConfigError
+    from sparseattn.learned.glue import LearnGlueConfig, learn_glue
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for argv, what in ((["ap", "mask", str(tmp_path / "s.safetensors"), "--prune", "50", "--out", str(tmp_path)],
+                        "ap mask"), (["sweep", str(tmp_path / "s.yaml")], "sweep"), (["report", "x.sqlite"], "report")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"sparseattn {what} does not run data-parallel (finetune, train-lm and ap collect do); torchrun " \
+               "started 2 processes: run it as one process" in err, err
+    with pytest.raises(ConfigError, match=r"learn \(learned sparsity\) does not run data-parallel \(its density"):
+        learn_glue(LearnGlueConfig(task="sst2", lam=0.1))
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -269,7 +269,7 @@ def _add_finetune(sub, formatter_class) -> None:
     p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
     p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, data_parallel=True)
 
 
 def _add_sweep(sub, formatter_class) -> None:

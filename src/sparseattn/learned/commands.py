@@ -82,4 +82,4 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_learn)
+    p.set_defaults(func=cmd_learn, data_parallel=True)  # it refuses itself, with its reason

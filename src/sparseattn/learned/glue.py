@@ -31,6 +31,7 @@ from ..plans.spec import parse_selector
 from ..training.batching import EncodedSplit, collate, encode_split, to_device, train_batches
 from ..training.config import FinetuneConfig
 from ..training.data import load_examples
+from ..training.distributed import refuse_under_launcher
 from ..training.finetune import finetune, load_classifier
 from ..training.glue import GlueTask, get_task
 from ..training.loop import AUTOCAST_DTYPES, MODEL_INPUTS, resolve_device, resolve_precision, set_seed
@@ -220,7 +221,10 @@ def export(cfg: LearnGlueConfig, task: GlueTask, soft: SoftPhase, out: Path) -> 
 
 def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
                on_malformed: str = "error") -> dict:
-    """Run the three phases; returns the hard phase's results with a ``learned`` section added."""
+    """Run the three phases; returns the hard phase's results with a ``learned`` section added. One process
+    only (under torchrun: a ConfigError before anything runs)."""
+    refuse_under_launcher("learn (learned sparsity)", "its density penalty and dual update read each batch's pair "
+                          "counts, which no rank alone has; pack several learn runs on a GPU with a sweep instead")
     t_start = time.perf_counter()
     task = get_task(cfg.task)
     device = resolve_device(device)

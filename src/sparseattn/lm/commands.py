@@ -147,4 +147,4 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--out", default=None, help="folder for results.json (and model/ with --save-model)")
     p.add_argument("--save-model", action="store_true", help="save the model, its tokenizer and the plan under --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_lm, command="train-lm")
+    p.set_defaults(func=cmd_train_lm, command="train-lm", data_parallel=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Distributed", "from_env", "launched", "shard_batches"]
+__all__ = ["Distributed", "from_env", "launched", "refuse_under_launcher", "shard_batches"]
 
 
 def launched() -> bool:
@@ -33,6 +33,16 @@ def launched() -> bool:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
     except ValueError:
         return False
+
+
+def refuse_under_launcher(what: str, why: str) -> None:
+    """Stop ``what`` when torchrun started several processes: it is not data-parallel, and every process would
+    run it whole and write its files. ConfigError naming the world size and ``why``."""
+    if launched():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{what} does not run data-parallel ({why}); torchrun started {os.environ['WORLD_SIZE']} "
+                          "processes: run it as one process (without torchrun)")
 
 
 @dataclass
