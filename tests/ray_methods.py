@@ -20,6 +20,8 @@ class SleepConfig(FinetuneConfig):
     sleep: float = 0.5  # seconds the run takes
     marks: str = ""  # a folder: each execution appends "pid start end" to <seed>.log (end 0 until it ends)
     die_once: bool = False  # the first execution SIGKILLs its own process (a worker that dies mid-run)
+    meet: int = 0  # before sleeping, wait (up to 60 s) until this many runs have started: they run at once if
+    # the scheduler lets them, however long Ray takes to start its worker processes
     method: str = "sleep-test"
 
     method_name = "sleep-test"
@@ -38,6 +40,9 @@ def run_sleep(cfg: SleepConfig, *, glue_dir=None, progress: bool = True, **_) ->
         f.write(f"{os.getpid()} {time.time()} 0\n")
     if cfg.die_once and first:
         os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.time() + 60
+    while len(list(Path(cfg.marks).glob("*.log"))) < cfg.meet and time.time() < deadline:
+        time.sleep(0.05)
     time.sleep(cfg.sleep)
     lines = log.read_text().splitlines()
     lines[-1] = lines[-1].rsplit(" ", 1)[0] + f" {time.time()}"

@@ -46,12 +46,12 @@ def ray_instance():
             os.environ["PYTHONPATH"] = before
 
 
-def _sleep_spec(tmp_path, seeds, *, sleep=0.5, die_once=(), name="s"):
+def _sleep_spec(tmp_path, seeds, *, sleep=0.5, die_once=(), name="s", meet=0):
     marks = tmp_path / "marks"
     marks.mkdir(exist_ok=True)
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump({
-        "name": name, "fixed": {"method": "sleep-test", "sleep": sleep, "marks": str(marks)},
+        "name": name, "fixed": {"method": "sleep-test", "sleep": sleep, "marks": str(marks), "meet": meet},
         "runs": [{"seed": s, "die_once": s in die_once} for s in seeds]}))
     return p, marks
 
@@ -190,7 +190,7 @@ def test_ctrl_c_cancels_the_tasks_and_gives_their_runs_back(tmp_path, ray_instan
 
 
 def test_fractional_gpus_pack_runs_on_one_gpu(tmp_path, ray_instance):
-    spec_path, marks = _sleep_spec(tmp_path, range(8), sleep=2.0)
+    spec_path, marks = _sleep_spec(tmp_path, range(8), sleep=1.0, meet=4)  # the first four wait for each other
     enqueue(load_spec(spec_path), tmp_path / "s.sqlite").close()
     lines = []
     run_ray_sweep(tmp_path / "s.sqlite", "s", gpus_per_run=0.5, cpus_per_run=0.5, echo=lines.append)
@@ -207,7 +207,7 @@ def test_fractional_gpus_pack_runs_on_one_gpu(tmp_path, ray_instance):
     per_gpu = [most_at_once([(p["started"], p["ended"]) for p in placed if p["gpu_ids"][0] == gpu])
                for gpu in ("0", "1")]
     assert max(per_gpu) == 2  # two runs shared a GPU, never more
-    assert most_at_once([(p["started"], p["ended"]) for p in placed]) >= 3  # more runs at once than GPUs
+    assert most_at_once([(p["started"], p["ended"]) for p in placed]) == 4  # more runs at once than GPUs
     db.close()
 
 
@@ -215,8 +215,9 @@ def test_bad_ray_options_say_what_is_expected(tmp_path, monkeypatch, capsys):
     from sparseattn.cli import main
 
     spec_path, _ = _sleep_spec(tmp_path, [0])
-    with pytest.raises(ConfigError, match=r"--gpus-per-run must be .* got 1\.5"):
-        run_ray_sweep(tmp_path / "s.sqlite", "s", gpus_per_run=1.5)
+    for share in (1.5, 2, -0.5, float("nan")):
+        with pytest.raises(ConfigError, match=rf"--gpus-per-run must be a share of one GPU in \(0, 1\] .* got {share}"):
+            run_ray_sweep(tmp_path / "s.sqlite", "s", gpus_per_run=share)
     with pytest.raises(ConfigError, match=r"--cpus-per-run must be .* got 0"):
         run_ray_sweep(tmp_path / "s.sqlite", "s", cpus_per_run=0)
     assert main(["sweep", str(spec_path), "--ray", "--workers", "2"]) == 1

@@ -322,8 +322,8 @@ def _add_sweep(sub, formatter_class) -> None:
                           "No ADDRESS: start Ray on this machine; 'auto': join the cluster `ray start` made here; "
                           "else the head's host:port (or ray://host:10001)")
     ray.add_argument("--gpus-per-run", type=float, default=None,
-                     help="GPUs a run asks Ray for: a fraction packs several runs on a GPU (0.25: four), whole "
-                          "numbers give a run several (default: 1 when the cluster has GPUs, else 0)")
+                     help="the share of a GPU a run asks Ray for, in (0, 1]: 0.25 packs four runs on a GPU; 0 runs "
+                          "on CPUs (default: 1 when the cluster has GPUs, else 0)")
     ray.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs a run asks Ray for (a fraction too)")
     ray.add_argument("--max-retries", type=int, default=3,
                      help="times Ray runs a task again whose worker process or node died (a run that raises is "

@@ -3,7 +3,8 @@
 A run moves pending -> running -> done | failed. Workers (processes, one per GPU, possibly on several
 hosts sharing the file) claim a run in one ``BEGIN IMMEDIATE`` transaction, so no two claim the same
 run, and hold it with a lease they renew (heartbeat). A run whose worker died is claimed again: at once
-when that worker was on this host and its process is gone, else when its lease has run out. A finished
+when that worker was on this host and its process is gone, else when its lease has run out. (A Ray sweep's
+driver, ``ray_sweep``, is one such worker holding every run it has handed to Ray.) A finished
 run is never run again; a failed run keeps its error and runs again only when asked (retry_failed).
 
 SQLite runs in WAL mode with synchronous=FULL: a commit survives the process being killed at any

@@ -1,8 +1,8 @@
 """A sweep's runs as Ray tasks (``sparseattn sweep SPEC --ray [ADDRESS]``): one driver, a cluster of workers.
 
 The driver is an ordinary sweep worker of the results database that, instead of running the runs it claims,
-hands each to Ray as a task asking for its share of a GPU (``gpus_per_run``: 1, 2, ... whole GPUs, or a
-fraction such as 0.25 to pack four small fine-tunes on one GPU) and of the CPUs. It claims only as many runs
+hands each to Ray as a task asking for its share of a GPU (``gpus_per_run``: a whole GPU, or a fraction such
+as 0.25 to pack four small fine-tunes on one GPU) and of the CPUs. It claims only as many runs
 as the cluster has room for, so a run is 'running' in the database while it runs, and the sweep's progress
 lines mean what they mean in a plain sweep.
 
@@ -63,13 +63,13 @@ def import_ray():
 
 
 def check_share(gpus_per_run: float | None, cpus_per_run: float) -> None:
-    """Ray schedules a fraction of a GPU below 1, or whole GPUs: 0.25, 0.5, 1, 2, ... ."""
-    if gpus_per_run is not None:
-        g = gpus_per_run
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0 or \
-                (g > 1 and not float(g).is_integer()):
-            raise ConfigError(f"--gpus-per-run must be 0 (CPU only), a fraction of one GPU in (0, 1] or a whole number "
-                              f"of GPUs, got {gpus_per_run!r}")
+    """A run is one process on at most one GPU: its share is a fraction of a GPU in (0, 1], or 0 (CPU only)."""
+    g = gpus_per_run
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                          or not 0 <= g <= 1):
+        raise ConfigError(f"--gpus-per-run must be a share of one GPU in (0, 1] (0.25: four runs a GPU) or 0 (CPU "
+                          f"only), got {gpus_per_run!r}; a run is one process on one GPU (several GPUs for one run: "
+                          "torchrun, docs/cluster.md)")
     c = cpus_per_run
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
         raise ConfigError(f"--cpus-per-run must be a number of CPUs > 0 (a fraction too), got {cpus_per_run!r}")
