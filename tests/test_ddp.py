@@ -211,3 +211,50 @@ def test_what_is_not_data_parallel_refuses_under_torchrun(tmp_path, monkeypatch,
     with pytest.raises(ConfigError, match=r"learn \(learned sparsity\) does not run data-parallel \(its density"):
         learn_glue(LearnGlueConfig(task="sst2", lam=0.1))
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+PRUNE_LM_SCRIPT = """
+import json, sys
+from sparseattn.pruning.lm import LMPruneConfig, prune_lm
+corpus, work, out, batch = sys.argv[1:5]
+cfg = LMPruneConfig(task=corpus, layers=2, hidden=32, heads=2, vocab_size=300, max_length=16, epochs=1, lr=3e-3,
+                    warmup=0, batch_size=int(batch), limit_train=48, limit_eval=16, seed=1, precision="fp32", prune=50)
+prune_lm(cfg, work_dir=work, out_dir=out, device="cpu", progress=False)
+"""
+
+
+@needs_dist
+def test_attention_pruning_of_a_language_model_under_torchrun_matches_one_process(tmp_path):
+    from sparseattn.pruning.collect import AttentionStats
+
+    corpus = _word_corpus(tmp_path / "corpus")
+    script = tmp_path / "prune_lm.py"
+    script.write_text(PRUNE_LM_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "SPARSEATTN_CACHE": str(tmp_path / "cache")}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    for name, launch, batch in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc-per-node=2"], "4"), ("one", [sys.executable], "8")):
+        p = subprocess.run(launch + [str(script), str(corpus), str(tmp_path / name / "work"),
+                                     str(tmp_path / name / "out"), batch], env=env, capture_output=True, text=True,
+                           timeout=240)
+        assert p.returncode == 0, p.stdout + p.stderr
+    roots = [next((tmp_path / n / "work").iterdir()) for n in ("one", "two")]
+    assert not list(roots[1].rglob("*partial*")) and len(list((tmp_path / "cache" / "lm-tokenizers").iterdir())) == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["results.json"]
+    stats = [AttentionStats.load(next(r.glob("attention-*.safetensors"))) for r in roots]
+    assert torch.equal(stats[1].counts, stats[0].counts)
+    torch.testing.assert_close(stats[1].sums, stats[0].sums, rtol=1e-4, atol=1e-6)  # the same dense model's
+    from safetensors.torch import load_file
+
+    folders = [next(r.glob("plans-*/*/plan.json")).parent for r in roots]
+    plans = [json.loads((f / "plan.json").read_text()) for f in folders]
+    assert plans[1].pop("metadata")["ap_sparsity"] == pytest.approx(plans[0].pop("metadata")["ap_sparsity"])
+    assert plans[1] == plans[0]  # the same rules (the metadata names each run's own folders)
+    masks = [load_file(f / "masks.safetensors") for f in folders]
+    assert masks[1].keys() == masks[0].keys() and all(torch.equal(masks[1][k], masks[0][k]) for k in masks[0])
+    one, two = (json.loads((tmp_path / n / "out" / "results.json").read_text()) for n in ("one", "two"))
+    assert two["distributed"]["world_size"] == 2 and "distributed" not in one
+    assert two["metrics"]["perplexity"] == pytest.approx(one["metrics"]["perplexity"], rel=1e-4)
+    assert two["sparsity"]["overall"] == pytest.approx(one["sparsity"]["overall"], abs=1e-9)

@@ -155,15 +155,16 @@ def run_ray_sweep(db_path, sweep: str | None = None, *, address: str | None = No
         glue_dir = os.environ["GLUE_DIR"]
     glue_dir = str(Path(glue_dir).resolve()) if glue_dir else None
     work_dir = str(Path(work_dir or work_dir_of(db_path)).resolve())
-    connected = connect(ray, address)
     db = ResultsDB(db_path)
     worker = WorkerId(label or "ray")
+    connected = False
 
     def say(line: str) -> None:
         echo(line)
         sys.stdout.flush()
 
     try:
+        connected = connect(ray, address)
         share = _share(ray, gpus_per_run, cpus_per_run)
         remote = ray.remote(run_task).options(name=TASK_NAME, max_retries=max_retries, retry_exceptions=False, **share)
         total = ray.cluster_resources()
