@@ -31,7 +31,7 @@ PATH = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
 def ray_instance():
     """One local Ray for the module: 4 logical CPUs and 2 logical GPUs (Ray only counts them; the runs use the
     CPU). Its workers inherit PYTHONPATH, so they import this checkout and the test method."""
-    import ray
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sparseattn[ray]' (make installs it)")
 
     before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = PATH + (os.pathsep + before if before else "")
