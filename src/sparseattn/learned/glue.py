@@ -223,8 +223,9 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
                on_malformed: str = "error") -> dict:
     """Run the three phases; returns the hard phase's results with a ``learned`` section added. One process
     only (under torchrun: a ConfigError before anything runs)."""
-    refuse_under_launcher("learn (learned sparsity)", "its density penalty and dual update read each batch's pair "
-                          "counts, which no rank alone has; pack several learn runs on a GPU with a sweep instead")
+    refuse_under_launcher("learn (learned sparsity)", "not yet: its density penalty and dual update would need each "
+                          "step's pair counts added up over the ranks; pack several learn runs on a GPU with a sweep "
+                          "instead")
     t_start = time.perf_counter()
     task = get_task(cfg.task)
     device = resolve_device(device)
