@@ -197,8 +197,6 @@ def test_what_is_not_data_parallel_refuses_under_torchrun(tmp_path, monkeypatch,
     """Under a launcher of two processes, a command or method that would run whole in each (and write twice)
     stops before it starts, saying why."""
     from sparseattn.cli import main
-    from sparseattn.errors import ConfigError
-    from sparseattn.learned.glue import LearnGlueConfig, learn_glue
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -206,10 +204,8 @@ def test_what_is_not_data_parallel_refuses_under_torchrun(tmp_path, monkeypatch,
                         "ap mask"), (["sweep", str(tmp_path / "s.yaml")], "sweep"), (["report", "x.sqlite"], "report")):
         assert main(argv) == 1
         err = capsys.readouterr().err
-        assert f"sparseattn {what} does not run data-parallel (finetune, train-lm and ap collect do); torchrun " \
+        assert f"sparseattn {what} does not run data-parallel (finetune, learn, train-lm and ap collect do); torchrun " \
                "started 2 processes: run it as one process" in err, err
-    with pytest.raises(ConfigError, match=r"learn \(learned sparsity\) does not run data-parallel \(not yet: its density"):
-        learn_glue(LearnGlueConfig(task="sst2", lam=0.1))
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -258,3 +254,32 @@ def test_attention_pruning_of_a_language_model_under_torchrun_matches_one_proces
     assert two["distributed"]["world_size"] == 2 and "distributed" not in one
     assert two["metrics"]["perplexity"] == pytest.approx(one["metrics"]["perplexity"], rel=1e-4)
     assert two["sparsity"]["overall"] == pytest.approx(one["sparsity"]["overall"], abs=1e-9)
+
+
+@needs_dist
+@needs_glue
+def test_learn_under_torchrun_matches_one_process_and_writes_once(tmp_path):
+    """Learned degrees: the pair counts of the global batch on every rank, so the degrees, the penalty's
+    running density and the exported plan follow one process's; rank 0 alone writes."""
+    model = make_tiny_model(tmp_path / "tiny")
+    common = ["learn", "--task", "sst2", "--model", model, "--lambda", "0.5", "--init-degree", "4", "--epochs", "2",
+              "--hard-epochs", "1", "--lr", "3e-3", "--degree-lr", "2", "--limit-train", "64", "--limit-eval", "32",
+              "--max-length", "32", "--seed", "1", "--device", "cpu", "--no-progress", "--glue-dir", GLUE_DIR]
+    run_cli(common + ["--batch-size", "8", "--out", str(tmp_path / "one")], 1, tmp_path)
+    out2 = run_cli(common + ["--batch-size", "4", "--out", str(tmp_path / "two")], 2, tmp_path)
+
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one").iterdir()) == \
+        ["degrees.png", "hard", "plan", "results.json", "soft_model"]
+    assert out2.count("learned degrees (layers x heads)") == 1, out2  # rank 0 alone reports
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["distributed"]["global_batch_size"] == 8 and "distributed" not in one
+    h1, h2 = one["learned"]["soft_history"], two["learned"]["soft_history"]
+    assert [h["step"] for h in h2] == [h["step"] for h in h1] and len(h1) == 16  # 2 epochs x 8 global batches
+    for key in ("loss", "expected_density", "degree_mean", "degree_min", "degree_max"):
+        assert [h[key] for h in h2] == pytest.approx([h[key] for h in h1], rel=1e-3), key
+    assert h1[-1]["degree_mean"] < h1[0]["degree_mean"]  # the penalty narrowed the windows: something was learned
+    assert two["learned"]["degrees"] == one["learned"]["degrees"]
+    assert two["learned"]["train_sparsity_of_exported_plan"] == one["learned"]["train_sparsity_of_exported_plan"]
+    assert two["learned"]["plan_dir"] == str(tmp_path / "two" / "plan")
+    assert abs(two["metrics"]["accuracy"] - one["metrics"]["accuracy"]) <= 0.05

@@ -118,6 +118,16 @@ class Distributed:
         dist.all_reduce(t)
         return t / self.world_size
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` added up over the ranks (a detached copy; elementwise)."""
+        if not self.active:
+            return t.detach()
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
