@@ -320,7 +320,7 @@ def _add_sweep(sub, formatter_class) -> None:
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run each pending run as a Ray task; the database stays here, written by this process. "
                           "No ADDRESS: start Ray on this machine; 'auto': join the cluster `ray start` made here; "
-                          "else the head's host:port (or ray://host:10001)")
+                          "else the head's host:port")
     ray.add_argument("--gpus-per-run", type=float, default=None,
                      help="the share of a GPU a run asks Ray for, in (0, 1]: 0.25 packs four runs on a GPU; 0 runs "
                           "on CPUs (default: 1 when the cluster has GPUs, else 0)")

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 -m sparseattn.cli finetune --task sst2 --batch-size 16 ...
 
+Used by finetune, learn, train-lm, ap collect and the prune / prune-lm methods (docs/cluster.md).
+
 A run is data-parallel when torchrun (or any launcher that sets ``WORLD_SIZE`` > 1, ``RANK`` and
 ``LOCAL_RANK``) started it; otherwise nothing here changes the single-process path.
 
