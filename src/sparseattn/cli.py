@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if not getattr(args, "data_parallel", False):  # finetune, learn, train-lm and ap collect say they are
+            from .training.distributed import refuse_under_launcher
+
+            refuse_under_launcher(f"sparseattn {args.command}", "finetune, learn, train-lm and ap collect do")
         return int(args.func(args) or 0)
     except (SparseattnError, ValueError, KeyError, OSError, UnsupportedModelError) as e:
         if os.environ.get("SPARSEATTN_DEBUG"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..plans.io import is_plan_path, plan_metadata
 from ..text.parse import DEFAULT_PARSER, ParseCache
 from ..training.config import FinetuneConfig
@@ -129,21 +130,31 @@ def cmd_sweep(args) -> int:
         print("\n".join(summary_lines(db, spec.name)))
         db.close()
         return 0
+    if args.ray is not None:
+        check_ray_args(args)
     if not args.no_enqueue:
         enqueue(spec, db_path, retry_failed=args.retry_failed).close()
     interrupted = False
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        if args.workers > 1:
+        if args.ray is not None:
+            from .ray_sweep import run_ray_sweep  # here: the plain sweep neither needs nor imports Ray
+
+            run_ray_sweep(db_path, spec.name, address=args.ray or None, gpus_per_run=args.gpus_per_run,
+                          cpus_per_run=args.cpus_per_run, max_retries=args.max_retries, glue_dir=args.glue_dir,
+                          work_dir=args.work_dir, lease=args.lease, max_runs=args.max_runs, label=args.worker_label)
+            code = 0
+        elif args.workers > 1:
             gpus = visible_gpus(args.workers, args.gpus)
             print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else "")
                   + ": a line per run started and finished", flush=True)
-            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease)
+            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease,
+                                 extra_args=["--work-dir", str(args.work_dir)] if args.work_dir else [])
         else:
             if args.gpus:
                 os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
             run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
-                       max_runs=args.max_runs, label=args.worker_label)
+                       max_runs=args.max_runs, label=args.worker_label, work_dir=args.work_dir)
             code = 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary below is short; let it print
@@ -159,6 +170,16 @@ def cmd_sweep(args) -> int:
         print(f"report: sparseattn report {db_path}")
         db.close()
     return code
+
+
+def check_ray_args(args) -> None:
+    """Options of the local workers mean nothing under Ray, whose cluster decides where runs go."""
+    if args.workers != 1:
+        raise ConfigError(f"--workers {args.workers} with --ray: under Ray the cluster's resources decide how many runs "
+                          "run at once; give --gpus-per-run (e.g. 0.25 for four runs a GPU) instead")
+    if args.gpus:
+        raise ConfigError(f"--gpus {args.gpus} with --ray: Ray gives each run its GPUs (CUDA_VISIBLE_DEVICES); give "
+                          "--gpus-per-run instead")
 
 
 def cmd_report(args) -> int:
@@ -257,7 +278,7 @@ def _add_finetune(sub, formatter_class) -> None:
     p.add_argument("--parse-cache", default=None, help="SQLite cache of dependency parses (syntax/lexical plans)")
     p.add_argument("--skip-malformed", action="store_true", help="drop malformed TSV rows (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, data_parallel=True)
 
 
 def _add_sweep(sub, formatter_class) -> None:
@@ -285,6 +306,9 @@ def _add_sweep(sub, formatter_class) -> None:
               CUDA_VISIBLE_DEVICES=1 sparseattn sweep glue.yaml --no-enqueue   # join a running sweep
               sparseattn sweep glue.yaml --status             # what is done, running, failed
               sparseattn sweep glue.yaml --retry-failed
+              sparseattn sweep glue.yaml --ray                # a Ray instance here: one run per GPU (or CPU)
+              sparseattn sweep glue.yaml --ray auto --gpus-per-run 0.25   # join the cluster; four runs a GPU
+            (a Ray cluster, a Slurm allocation: docs/cluster.md)
             """))
     p.add_argument("spec", help="the sweep's YAML file")
     p.add_argument("--db", default=None, help="results database (default: the spec's db, or <name>.sqlite beside the spec)")
@@ -298,6 +322,21 @@ def _add_sweep(sub, formatter_class) -> None:
     p.add_argument("--no-enqueue", action="store_true", help="only work on runs already in the database")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--worker-label", default=None, help="a name for this worker in the database")
+    p.add_argument("--work-dir", default=None,
+                   help="where runs keep what they share (prune runs: dense checkpoints, averages, masks) (default: "
+                        "<db>.work beside the database; on a Ray cluster a folder every node sees)")
+    ray = p.add_argument_group("on a Ray cluster (pip install 'sparseattn[ray]'; docs/cluster.md)")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run each pending run as a Ray task; the database stays here, written by this process. "
+                          "No ADDRESS: start Ray on this machine; 'auto': join the cluster `ray start` made here; "
+                          "else the head's host:port")
+    ray.add_argument("--gpus-per-run", type=float, default=None,
+                     help="the share of a GPU a run asks Ray for, in (0, 1]: 0.25 packs four runs on a GPU; 0 runs "
+                          "on CPUs (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs a run asks Ray for (a fraction too)")
+    ray.add_argument("--max-retries", type=int, default=3,
+                     help="times Ray runs a task again whose worker process or node died (a run that raises is "
+                          "recorded as failed, not retried)")
     _add_glue_args(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -3,7 +3,8 @@
 A run moves pending -> running -> done | failed. Workers (processes, one per GPU, possibly on several
 hosts sharing the file) claim a run in one ``BEGIN IMMEDIATE`` transaction, so no two claim the same
 run, and hold it with a lease they renew (heartbeat). A run whose worker died is claimed again: at once
-when that worker was on this host and its process is gone, else when its lease has run out. A finished
+when that worker was on this host and its process is gone, else when its lease has run out. (A Ray sweep's
+driver, ``ray_sweep``, is one such worker holding every run it has handed to Ray.) A finished
 run is never run again; a failed run keeps its error and runs again only when asked (retry_failed).
 
 SQLite runs in WAL mode with synchronous=FULL: a commit survives the process being killed at any
@@ -372,23 +373,37 @@ class WorkerId:
 
 
 class Heartbeat:
-    """Renews a run's lease from a background thread (own connection) until stopped."""
+    """Renews the leases of runs from a background thread (own connection) until stopped: one run (a worker),
+    or the changing set of runs a Ray sweep's driver holds (``add`` / ``discard``)."""
 
-    def __init__(self, db: ResultsDB, key: str, worker: WorkerId, lease: float):
-        self.db, self.key, self.worker, self.lease = db, key, worker, lease
-        self.lost = False
+    def __init__(self, db: ResultsDB, key: str | None, worker: WorkerId, lease: float):
+        self.db, self.worker, self.lease = db, worker, lease
+        self.keys: set[str] = {key} if key is not None else set()
+        self.lost: set[str] = set()  # runs whose lease another worker has taken over
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{key[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{key[:8] if key else 'runs'}", daemon=True)
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self.keys.add(key)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self.keys.discard(key)
 
     def _run(self):
         conn = self.db._connect()
         try:
             while not self._stop.wait(max(0.5, self.lease / 4)):
-                try:
-                    if not self.db.heartbeat(self.key, self.worker, self.lease, conn):
-                        self.lost = True
-                except sqlite3.OperationalError:
-                    pass  # database busy for longer than the timeout: try again next beat
+                with self._lock:
+                    keys = list(self.keys)
+                for key in keys:
+                    try:
+                        if not self.db.heartbeat(key, self.worker, self.lease, conn) and key in self.keys:
+                            self.lost.add(key)  # (a run discarded meanwhile is finished, not lost)
+                    except sqlite3.OperationalError:
+                        pass  # database busy for longer than the timeout: try again next beat
         finally:
             conn.close()
 

@@ -173,7 +173,8 @@ def progress_line(db: ResultsDB, sweep: str | None) -> str:
 
 
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
-               progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None) -> dict:
+               progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None,
+               work_dir=None) -> dict:
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}.
 
     Prints a line when a run starts and when it ends (its metric, sparsity and time, then the whole sweep's
@@ -185,7 +186,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     db = ResultsDB(db_path)
-    work_dir = work_dir_of(db_path)
+    work_dir = Path(work_dir) if work_dir else work_dir_of(db_path)
     worker = WorkerId(label)
     tag = f"[{label}] " if label else ""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def cmd_learn(args) -> int:
                           global_tokens=args.global_tokens, learn_layers=args.layers, degree_lr=args.degree_lr,
                           dual_lr=args.dual_lr, t_start=args.t_start, t_end=args.t_end, hard_epochs=args.hard_epochs)
     r = learn_glue(cfg, glue_dir=args.glue_dir, out_dir=args.out, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0 and "distributed" in r:  # under torchrun rank 0 alone reports
+        return 0
     sp, le = r["sparsity"], r["learned"]
     print(f"\n{r['task']} | {cfg.label} | seed {cfg.seed} on {r['device']}")
     print("  " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items()))
@@ -71,7 +74,7 @@ def register(sub, formatter_class) -> None:
                    help="layers that learn a window (all, later-half, layers=3-5, ...); others stay dense")
     p.add_argument("--t-start", type=float, default=D["t_start"].default, help="initial soft-window temperature")
     p.add_argument("--t-end", type=float, default=D["t_end"].default, help="final temperature (annealed geometrically)")
-    p.add_argument("--batch-size", type=int, default=F["batch_size"].default, help="examples per training step")
+    p.add_argument("--batch-size", type=int, default=F["batch_size"].default, help="examples per training step (per process under torchrun)")
     p.add_argument("--max-length", type=int, default=F["max_length"].default, help="longer examples are truncated")
     p.add_argument("--limit-train", type=int, default=None,
                    help="a fixed random subset of the train split (default: all; a small run: 500)")
@@ -82,4 +85,4 @@ def register(sub, formatter_class) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_learn)
+    p.set_defaults(func=cmd_learn, data_parallel=True)

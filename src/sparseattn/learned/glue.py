@@ -31,6 +31,8 @@ from ..plans.spec import parse_selector
 from ..training.batching import EncodedSplit, collate, encode_split, to_device, train_batches
 from ..training.config import FinetuneConfig
 from ..training.data import load_examples
+from ..training.distributed import Distributed, shard_batches
+from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import finetune, load_classifier
 from ..training.glue import GlueTask, get_task
 from ..training.loop import AUTOCAST_DTYPES, MODEL_INPUTS, resolve_device, resolve_precision, set_seed
@@ -136,9 +138,10 @@ class SoftPhase:
 
 
 def soft_phase(cfg: LearnGlueConfig, task: GlueTask, device: torch.device, *, glue_dir=None, progress: bool = True,
-               on_malformed: str = "error") -> SoftPhase:
+               on_malformed: str = "error", dist: Distributed | None = None) -> SoftPhase:
     """Train the model with learnable soft windows on task loss + lambda x expected density (or towards a
-    target sparsity), annealing the temperature towards hard windows."""
+    target sparsity), annealing the temperature towards hard windows. dist: data-parallel (see ``learn``)."""
+    dist = dist or Distributed()
     train_ex = load_examples(task, "train", cfg.limit_train, glue_dir, on_malformed=on_malformed)
     tokenizer = load_tokenizer(cfg.model)
     train = encode_split(tokenizer, train_ex, cfg.max_length, regression=task.is_regression,
@@ -157,21 +160,24 @@ def soft_phase(cfg: LearnGlueConfig, task: GlueTask, device: torch.device, *, gl
         table = DegreeTable(layouts, degrees.global_tokens)
         check_reachable(table, degrees, cfg.target_sparsity, what=f"{task.folder} train ({len(calib_idx)} examples)")
     precision = resolve_precision(cfg.precision, device)
-    result = _learn(cfg, task, model, degrees, train, device, AUTOCAST_DTYPES.get(precision), progress)
+    result = _learn(cfg, task, model, degrees, train, device, AUTOCAST_DTYPES.get(precision), progress, dist)
     return SoftPhase(model, tokenizer, degrees, layouts, table, result)
 
 
 def _learn(cfg: LearnGlueConfig, task: GlueTask, model, degrees, train: EncodedSplit, device, autocast_dtype,
-           progress: bool) -> LearnResult:
+           progress: bool, dist: Distributed) -> LearnResult:
+    """``cfg.batch_size`` examples per rank: each step's global batch is drawn as one process with
+    ``batch_size x world_size`` would draw it, and each rank takes its slice (as ``finetune`` does)."""
     rng = np.random.default_rng(cfg.seed)
     pad_to = 8 if device.type == "cuda" else 1
+    global_batch = cfg.batch_size * dist.world_size
 
     def batches():
-        for idx in train_batches(train, cfg.batch_size, rng):
+        for idx in shard_batches(train_batches(train, global_batch, rng), dist.rank, dist.world_size):
             b = collate(train, idx, pad_to_multiple_of=pad_to, pin=device.type == "cuda")
             yield to_device({k: b[k] for k in MODEL_KEYS if k in b}, device)
 
-    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    steps = cfg.epochs * math.ceil(len(train) / global_batch)
     soft_cfg = LearnConfig(lam=cfg.lam, target_sparsity=cfg.target_sparsity, steps=steps, lr=cfg.lr,
                            degree_lr=cfg.degree_lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup,
                            t_start=cfg.t_start, t_end=cfg.t_end, dual_lr=cfg.dual_lr,
@@ -184,7 +190,8 @@ def _learn(cfg: LearnGlueConfig, task: GlueTask, model, degrees, train: EncodedS
                         deg=f"{h['degree_mean']:.1f}")
         bar.refresh()
 
-    result = learn(model, degrees, batches, soft_cfg, device=device, autocast_dtype=autocast_dtype, progress=show)
+    result = learn(model, degrees, batches, soft_cfg, device=device, autocast_dtype=autocast_dtype, progress=show,
+                   net=dist.wrap(model), dist=dist)
     bar.close()
     return result
 
@@ -206,7 +213,7 @@ def export(cfg: LearnGlueConfig, task: GlueTask, soft: SoftPhase, out: Path) -> 
     if cfg.target_sparsity is not None:
         offset = calibrate_offset(degrees, soft.layouts, cfg.target_sparsity, max_length=cfg.max_length,
                                   table=soft.table)
-    learned = degrees.hard_degrees()
+    learned = degrees.hard_degrees().cpu()  # (sent to the other ranks under torchrun: no device of its own)
     plan_dir = save_plan(degrees.to_plan(), out / "plan", num_layers=model.config.num_hidden_layers,
                          num_heads=model.config.num_attention_heads, length=cfg.max_length,
                          metadata={"learned": cfg.to_dict()})
@@ -220,16 +227,34 @@ def export(cfg: LearnGlueConfig, task: GlueTask, soft: SoftPhase, out: Path) -> 
 
 def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
                on_malformed: str = "error") -> dict:
-    """Run the three phases; returns the hard phase's results with a ``learned`` section added."""
+    """Run the three phases; returns the hard phase's results with a ``learned`` section added.
+
+    Under torchrun data-parallel: the soft phase as ``learn`` describes, the hard phase as ``finetune``. Every
+    rank ends the soft phase with the same weights and degrees; rank 0 alone exports them (plan, picture,
+    soft model, results) to ``out_dir`` (default: a temporary folder of its own), which every rank's hard phase
+    then reads: on several machines ``out_dir`` must be a folder they all see."""
     t_start = time.perf_counter()
     task = get_task(cfg.task)
-    device = resolve_device(device)
-    own_tmp = tempfile.TemporaryDirectory(prefix="sparseattn-learn-") if out_dir is None else None
-    out = Path(out_dir) if out_dir is not None else Path(own_tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
+    dist = distributed_from_env()
+    device = resolve_device(dist.device(device))
+    dist.init(device)
+    try:
+        return _learn_glue(cfg, task, dist, device, t_start, glue_dir=glue_dir, out_dir=out_dir,
+                           progress=progress and dist.is_main, on_malformed=on_malformed)
+    finally:
+        dist.close()
 
-    soft = soft_phase(cfg, task, device, glue_dir=glue_dir, progress=progress, on_malformed=on_malformed)
-    made = export(cfg, task, soft, out)
+
+def _learn_glue(cfg: LearnGlueConfig, task: GlueTask, dist: Distributed, device, t_start: float, *, glue_dir,
+                out_dir, progress: bool, on_malformed: str) -> dict:
+    own_tmp = tempfile.TemporaryDirectory(prefix="sparseattn-learn-") if out_dir is None and dist.is_main else None
+    out = Path(dist.broadcast(str(out_dir if own_tmp is None else own_tmp.name)))  # rank 0's folder
+    soft = soft_phase(cfg, task, device, glue_dir=glue_dir, progress=progress, on_malformed=on_malformed, dist=dist)
+    # transformers saves a model from rank 0 only (under torch.distributed), so rank 0 exports for every rank
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        made = export(cfg, task, soft, out)
+    made = dist.broadcast(made if dist.is_main else None)  # after rank 0 wrote it: every rank may read it now
     soft_result = soft.result
     del soft  # the soft model's memory, before the hard phase loads its own
     if device.type == "cuda":
@@ -248,12 +273,13 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
         "calibration_offset": made.offset,
         "train_sparsity_of_exported_plan": made.train_sparsity,
         "soft_seconds": soft_result.seconds,
-        "plan_dir": str(made.plan_dir) if own_tmp is None else None,
+        "plan_dir": str(made.plan_dir) if out_dir is not None else None,
     }
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
-    if own_tmp is None:
+    if out_dir is not None and dist.is_main:
         write_results(result, out)
-    else:
+    dist.barrier()  # every rank's hard phase is over before the temporary folder goes
+    if own_tmp is not None:
         own_tmp.cleanup()
     return result
 

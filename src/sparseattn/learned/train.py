@@ -32,6 +32,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..sparsity import measure_plan
+from ..training.distributed import Distributed
 from .soft_window import SoftNeighbourDegrees, annealed_temperature
 
 
@@ -96,12 +97,20 @@ def _degree_summary(d: torch.Tensor) -> dict:
 
 
 def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[dict]], cfg: LearnConfig,
-          *, device=None, autocast_dtype=None, progress=None) -> LearnResult:
+          *, device=None, autocast_dtype=None, progress=None, net=None, dist: Distributed | None = None) -> LearnResult:
     """Train ``model`` (with ``degrees`` attached, see ``attach_degrees``) for ``cfg.steps`` steps.
 
     batches: a callable returning a fresh iterable of model-ready batches (dicts with input_ids,
     attention_mask, labels, ...); it is called again when an epoch ends.
+
+    Data-parallel (``dist.active``; ``net`` the model wrapped in DistributedDataParallel, whose forward is
+    used): each rank's batch is its slice of the step's global batch. The pair counts are added up over the
+    ranks, so the running counts, the density, the multiplier and the logged values are the global batch's,
+    the same on every rank; each rank's penalty is its own kept pairs times world_size over the global mean of
+    allowed pairs, so that DDP's average of the ranks' gradients is the gradient of the global batch's penalty.
     """
+    dist = dist or Distributed()
+    net = net if net is not None else model
     device = device or next(model.parameters()).device
     causal = bool(getattr(model.config, "is_decoder", False))
     opt, weights = _optimizer(model, degrees, cfg)
@@ -129,13 +138,14 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                      for k, v in batch.items()}
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                out = model(**batch)
+                out = net(**batch)
             kept, allowed = degrees.expected_kept(_layout(batch, causal))
+            allowed = dist.sum(allowed)  # the global batch's (this rank's alone in a single process)
             # running pair counts (bias-corrected EMAs; device tensors, no host sync): the data's density is
             # their ratio
-            run_kept = cfg.ema * run_kept + (1 - cfg.ema) * kept.detach()
+            run_kept = cfg.ema * run_kept + (1 - cfg.ema) * dist.sum(kept)
             run_allowed = cfg.ema * run_allowed + (1 - cfg.ema) * allowed
-            density = kept / (run_allowed / (1 - cfg.ema ** (step + 1)))
+            density = kept * dist.world_size / (run_allowed / (1 - cfg.ema ** (step + 1)))
             running_density = run_kept / run_allowed
             loss = out.loss.float() + lam * density
             opt.zero_grad(set_to_none=True)
@@ -152,19 +162,20 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                 # a multiplier driven by them grows until every degree collapses. The step is this
                 # batch's excess of kept pairs over the target, in units of the mean batch's allowed pairs (a
                 # ratio of sums over steps, without the lag of a running average)
-                hard_kept, _ = degrees.hard_kept(_layout(batch, causal))
+                hard_kept = dist.sum(degrees.hard_kept(_layout(batch, causal))[0])
                 run_hard = cfg.ema * run_hard + (1 - cfg.ema) * hard_kept
                 hard_density = run_hard / run_allowed
                 mean_allowed = run_allowed / (1 - cfg.ema ** (step + 1))
                 lam = (lam + cfg.dual_lr * (hard_kept - target_density * allowed) / mean_allowed).clamp(min=0.0)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 d = degrees.degrees().detach()
-                if not (torch.isfinite(d).all() and math.isfinite(out.loss.item())):
+                task_loss = dist.mean(out.loss).item()  # every rank the same value: all raise, or none
+                if not (torch.isfinite(d).all() and math.isfinite(task_loss)):
                     raise FloatingPointError(
                         f"learning degrees: non-finite {'degrees' if not torch.isfinite(d).all() else 'loss'} at "
                         f"step {step} of {cfg.steps} (temperature {degrees.temperature:.3g}, lambda {float(lam):.3g});"
                         f" check the model weights are fp32 (autocast does the low precision) and the learning rates")
-                result.history.append({"step": step, "loss": out.loss.item(),
+                result.history.append({"step": step, "loss": task_loss,
                                        "expected_density": running_density.item(),
                                        **({"hard_density": hard_density.item()} if target_density is not None
                                           else {}),

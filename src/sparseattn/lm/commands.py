@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -63,8 +64,12 @@ def cmd_train_lm(args) -> int:
     out = Path(args.out) if args.out else None
     r = train_lm(cfg, glue_dir=args.glue_dir, out_dir=out, device=args.device, progress=not args.no_progress,
                  save_model=args.save_model)
+    if int(os.environ.get("RANK", "0")) != 0 and "distributed" in r:  # under torchrun rank 0 alone reports
+        return 0
     d, t = r["data"], r["timing"]
-    print(f"\n{r['task']} | {r['plan']} | seed {cfg.seed} on {r['device']}: {r['model']}, {r['parameters']:,} parameters")
+    where = f" x {r['distributed']['world_size']} processes" if "distributed" in r else ""
+    print(f"\n{r['task']} | {r['plan']} | seed {cfg.seed} on {r['device']}{where}: {r['model']}, "
+          f"{r['parameters']:,} parameters")
     print(f"  {d['eval_split']} perplexity {r['metrics']['perplexity']:.3f} over {d['eval_rows']} rows of "
           f"{d['context']} tokens; sparsity {r['sparsity']['overall']:.1%}")
     print(f"  {d['train_rows']} train rows x {cfg.epochs} epoch(s) in {t['train_seconds']:.1f} s "
@@ -119,7 +124,7 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--model", default=None, help="start from this checkpoint (hub id or folder); default: a new Llama")
     p.add_argument("--context", type=int, default=_D["max_length"].default, help="tokens per row")
     int_help = {"seed": "random seed (initialisation, data order)", "epochs": "passes over the training rows",
-                "batch_size": "rows per optimizer step", "layers": "decoder layers of a new model",
+                "batch_size": "rows per optimizer step (per process under torchrun)", "layers": "decoder layers of a new model",
                 "hidden": "hidden size of a new model", "heads": "attention heads of a new model",
                 "vocab_size": "BPE vocabulary of the trained tokenizer"}
     for name, text in int_help.items():
@@ -142,4 +147,4 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--out", default=None, help="folder for results.json (and model/ with --save-model)")
     p.add_argument("--save-model", action="store_true", help="save the model, its tokenizer and the plan under --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_lm, command="train-lm")
+    p.set_defaults(func=cmd_train_lm, command="train-lm", data_parallel=True)

@@ -33,6 +33,8 @@ from ..plans.io import as_plan, save_plan
 from ..plans.plan import Plan
 from ..training.config import FinetuneConfig
 from ..training.data import subset
+from ..training.distributed import Distributed, shard_batches
+from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import History
 from ..training.glue import get_task
 from ..training.loop import Optimizer, autocast_for, resolve_device, resolve_precision, set_seed
@@ -179,28 +181,39 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: str, *, progress: bool = True) -> History:
+def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: str, *, progress: bool = True,
+          dist: Distributed | None = None) -> History:
+    """``cfg.epochs`` epochs over the train rows, each followed by the evaluation rows' perplexity.
+
+    Data-parallel (``dist.active``, under torchrun): ``cfg.batch_size`` rows per rank, each step's global batch
+    the ``batch_size x world_size`` rows one process would draw, each rank training on its slice through
+    DistributedDataParallel; losses averaged over the ranks; every rank scores every evaluation row."""
+    dist = dist or Distributed()
     autocast = autocast_for(precision, device)
     use_cuda = device.type == "cuda"
     n = len(data.train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    global_batch = cfg.batch_size * dist.world_size
+    steps_per_epoch = math.ceil(n / global_batch)
     total = steps_per_epoch * cfg.epochs
     opt = Optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, total_steps=total,
                     max_grad_norm=cfg.max_grad_norm, precision=precision, device=device)
     rng = np.random.default_rng(cfg.seed)
     hist = History(losses=torch.zeros(total, device=device))
+    net = dist.wrap(model)  # the model itself in a single process
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.from_numpy(rng.permutation(n))
+        order = rng.permutation(n)  # the same on every rank: one seed
+        batches = shard_batches([order[i * global_batch:(i + 1) * global_batch] for i in range(steps_per_epoch)],
+                                dist.rank, dist.world_size)
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    dynamic_ncols=True)
         for i in bar:
-            ids = data.train[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+            ids = data.train[torch.from_numpy(batches[i])]
             ids = (ids.pin_memory() if use_cuda else ids).to(device, non_blocking=True)
             with autocast():
-                loss = lm_loss(model, ids)
+                loss = lm_loss(net, ids)
             opt.step(loss)
             hist.losses[step] = loss.detach()
             step += 1
@@ -211,6 +224,8 @@ def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: s
             torch.cuda.synchronize(device)
         epoch_train = time.perf_counter() - t0
         hist.train_seconds += epoch_train
+        if dist.active:  # every rank's losses, averaged: the loss of each global batch
+            hist.losses[step - steps_per_epoch:step] = dist.mean(hist.losses[step - steps_per_epoch:step])
         t0 = time.perf_counter()
         scored = rows_score(model, data.evals, batch_size=cfg.batch_size, autocast=autocast)
         hist.eval_seconds += time.perf_counter() - t0
@@ -238,19 +253,34 @@ def save_lm(model, tokenizer, plan: Plan, out_dir: Path, *, sparsified: bool) ->
 
 def train_lm(cfg: LMConfig, *, glue_dir=None, out_dir=None, device=None, progress: bool = True,
              save_model: bool = False) -> dict:
-    """Train one language model under the run's plan; returns its results (also out_dir/results.json)."""
+    """Train one language model under the run's plan; returns its results (also out_dir/results.json).
+
+    Under torchrun (``training.distributed``) data-parallel: rank 0 makes the tokenizer first (the others load
+    it), every rank trains on its slice of each global batch, rank 0 alone writes."""
     t_start = time.perf_counter()
-    device = resolve_device(device)
+    dist = distributed_from_env()
+    device = resolve_device(dist.device(device))
     precision = resolve_precision(cfg.precision, device)
     plan = as_plan(cfg.plan)
     check_plan_for_lm(plan)
+    dist.init(device)
+    try:
+        return _train_lm(cfg, dist, device, precision, plan, t_start, glue_dir=glue_dir, out_dir=out_dir,
+                         progress=progress and dist.is_main, save_model=save_model)
+    finally:
+        dist.close()
+
+
+def _train_lm(cfg: LMConfig, dist: Distributed, device, precision: str, plan: Plan, t_start: float, *, glue_dir,
+              out_dir, progress: bool, save_model: bool) -> dict:
     t0 = time.perf_counter()
-    data = load_lm_data(cfg, glue_dir)
+    with dist.main_first():  # a tokenizer trained on the corpus is made once, by rank 0, and cached
+        data = load_lm_data(cfg, glue_dir)
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = build_lm(cfg, data.tokenizer, plan, device)
     t_model = time.perf_counter() - t0
-    hist = train(cfg, model, data, device, precision, progress=progress)
+    hist = train(cfg, model, data, device, precision, progress=progress, dist=dist)
     tc = text_config(model)
     sparsity = plan_sparsity(plan, tc.num_hidden_layers, tc.num_attention_heads, {cfg.max_length: len(data.evals)})
     last = hist.epochs[-1]["metrics"]
@@ -284,11 +314,15 @@ def train_lm(cfg: LMConfig, *, glue_dir=None, out_dir=None, device=None, progres
         "device": device_description(device),
         "versions": package_versions(),
     }
+    if dist.active:  # a data-parallel run says so; a single process's record is as it always was
+        result["distributed"] = {**dist.to_dict(), "per_rank_batch_size": cfg.batch_size,
+                                 "global_batch_size": cfg.batch_size * dist.world_size}
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
-    if out_dir is not None:
+    if out_dir is not None and dist.is_main:  # rank 0 alone writes
         write_results(result, out_dir)
         if save_model:
             save_lm(model, data.tokenizer, plan, Path(out_dir), sparsified=bool(plan.rules))
+    dist.barrier()  # no rank returns before the results are written
     return result
 
 

@@ -40,6 +40,7 @@ from ..backends.reference import ReferenceBackend
 from ..integrations.hf import sparsify, unsparsify
 from ..models import text_config
 from ..plans.plan import Plan
+from ..training.distributed import Distributed
 
 FORMAT = "sparseattn-attention-stats/1"
 LONGER_POLICIES = ("error", "truncate", "skip")
@@ -153,6 +154,18 @@ class _Accumulator:
         self.counts = torch.zeros(length * length, dtype=torch.long, device=device)
         self.causal: bool | None = None
 
+    def reduce(self, dist: Distributed) -> None:
+        """Add up every rank's sums and counts (data-parallel collection: each rank saw its share of the data)."""
+        if not dist.active:
+            return
+        import torch.distributed as tdist
+
+        tdist.all_reduce(self.sums)
+        tdist.all_reduce(self.counts)
+        seen = torch.tensor(-1 if self.causal is None else int(self.causal), device=self.sums.device)
+        tdist.all_reduce(seen, op=tdist.ReduceOp.MAX)  # a rank left without a batch learns it from the others
+        self.causal = None if int(seen) < 0 else bool(int(seen))
+
     def grid_index(self, layout) -> tuple[torch.Tensor, torch.Tensor]:
         """(allowed (B, Lb, Lb) bool, flat grid index i * L + j of each pair (B, Lb, Lb) int64).
 
@@ -256,7 +269,7 @@ def tokenize_lengths(tokenizer, examples: Sequence[Example]) -> list[int]:
 
 def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: int, batch_size: int = 32,
                       longer: str = "error", progress: bool = True, metadata: dict | None = None,
-                      sum_dtype=torch.float64) -> AttentionStats:
+                      sum_dtype=torch.float64, dist: Distributed | None = None) -> AttentionStats:
     """Average attention of ``model`` (a transformers model, encoder or decoder) over ``examples``.
 
     length: the grid size L. Examples longer than L are an error (``longer='error'``), cut to L tokens
@@ -264,6 +277,8 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     batch_size: examples per forward pass. Examples are batched by length (less padding, same result).
     Returns AttentionStats with sums (layers, heads, L, L) and counts (L, L); the model comes back as it
     was (not sparsified).
+    dist: data-parallel (under torchrun, its process group joined): each rank runs every world_size-th batch
+        and every rank returns the sums over all of them.
     """
     if longer not in LONGER_POLICIES:
         raise ValueError(f"longer must be one of {LONGER_POLICIES}, got {longer!r}")
@@ -292,6 +307,8 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
         raise ValueError(f"every example is longer than {length} tokens; nothing to collect")
     order = sorted(keep, key=lambda i: (min(lengths[i], length), i))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    dist = dist or Distributed()
+    batches = batches[dist.rank::dist.world_size]
 
     cfg = text_config(model)
     device = next(model.parameters()).device
@@ -300,7 +317,7 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
     # token_type_ids only where the model takes them (a BERT tokenizer may feed a decoder in tests)
     inputs = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(inspect.signature(model.forward).parameters))
     with recording(model, acc):
-        bar = tqdm(total=len(order), unit="ex", desc="collecting attention", disable=not progress)
+        bar = tqdm(total=sum(map(len, batches)), unit="ex", desc="collecting attention", disable=not progress)
         for idx in batches:
             texts = [examples[i].text for i in idx]
             pairs = [examples[i].pair for i in idx] if examples[idx[0]].pair is not None else None
@@ -311,6 +328,7 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
             model(**enc, **extra)
             bar.update(len(idx))
         bar.close()
+    acc.reduce(dist)
     n_trunc = len(too_long) if longer == "truncate" else 0
     meta = dict(metadata or {})
     meta.update(examples=len(keep), truncated=n_trunc, skipped=len(examples) - len(keep),
@@ -321,12 +339,13 @@ def collect_attention(model, tokenizer, examples: Sequence[Example], *, length: 
 
 def collect_attention_rows(model, rows: torch.Tensor, *, length: int | None = None, batch_size: int = 8,
                            progress: bool = True, metadata: dict | None = None,
-                           sum_dtype=torch.float64) -> AttentionStats:
+                           sum_dtype=torch.float64, dist: Distributed | None = None) -> AttentionStats:
     """Average attention of ``model`` over token rows of equal length, ``rows`` (N, L) int64: a language
     model's training rows, each read whole (no padding). ``length``: the grid (default L, the rows' length).
 
     Memory: the sums (layers x heads x grid x grid) and one layer's (batch, heads, L, L) probabilities at a
-    time, which are added to the sums as the layer runs (``RecordingBackend``)."""
+    time, which are added to the sums as the layer runs (``RecordingBackend``). dist: data-parallel, as in
+    ``collect_attention`` (each rank every world_size-th batch, the sums of all on every rank)."""
     rows = torch.as_tensor(rows)
     if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0 or rows.dtype != torch.long:
         raise ValueError(f"collect_attention_rows needs (rows, tokens) int64 token ids, got {tuple(rows.shape)} "
@@ -341,10 +360,12 @@ def collect_attention_rows(model, rows: torch.Tensor, *, length: int | None = No
     device = next(model.parameters()).device
     acc = _Accumulator(cfg.num_hidden_layers, cfg.num_attention_heads, length, device, sum_dtype)
     extra = _no_cache(model)
+    dist = dist or Distributed()
     with recording(model, acc):
-        for s in tqdm(range(0, rows.shape[0], batch_size), unit="batch", desc="collecting attention",
-                      disable=not progress):
+        for s in tqdm(range(0, rows.shape[0], batch_size)[dist.rank::dist.world_size], unit="batch",
+                      desc="collecting attention", disable=not progress):
             model(input_ids=rows[s:s + batch_size].to(device), **extra)
+    acc.reduce(dist)
     meta = dict(metadata or {})
     meta.update(examples=int(rows.shape[0]), truncated=0, skipped=0, longer_policy="rows", length=length,
                 decoder=bool(acc.causal), longest_tokens=L, sum_dtype=str(sum_dtype).replace("torch.", ""))

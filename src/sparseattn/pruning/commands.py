@@ -15,6 +15,7 @@ from ..models import load_model, load_tokenizer, resolve_model
 from ..plans.io import save_plan
 from ..plans.spec import parse_ranges
 from ..sparsity import measure_plan
+from ..training.distributed import from_env as distributed_from_env
 from ..lm.corpus import cut_rows, encode_text, read_text
 from ..lm.perplexity import check_context
 from .collect import AttentionStats, collect_attention, collect_attention_rows, tokenize_lengths
@@ -71,38 +72,55 @@ def _load_examples(args, prefix: str = ""):
 
 # -- ap collect -------------------------------------------------------------------------------------
 def cmd_collect(args) -> int:
-    if args.corpus:
-        return _collect_rows(args)
+    """Under torchrun data-parallel: each process averages its share of the batches, the sums are added up, and
+    rank 0 alone writes the file and reports."""
+    dist = distributed_from_env()
+    device = dist.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist.init(device)
+    try:
+        return (_collect_rows if args.corpus else _collect_examples)(args, device, dist)
+    finally:
+        dist.close()
+
+
+def _say(dist, *a, **k) -> None:
+    if dist.is_main:
+        print(*a, **k)
+
+
+def _collect_examples(args, device, dist) -> int:
     examples, what = _load_examples(args)
     if examples is None:
         raise ValueError("ap collect needs data: --task (a GLUE task), --text-file, --dataset or --corpus")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     model_name = resolve_model(args.model)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, task="base", dtype=dtype).to(device)
-    print(f"model: {model_name}\ndata: {what}, {len(examples)} examples\ngrid: {args.max_length} positions",
-          file=sys.stderr)
+    where = f", {dist.world_size} processes" if dist.active else ""
+    _say(dist, f"model: {model_name}\ndata: {what}, {len(examples)} examples\ngrid: {args.max_length} positions{where}",
+         file=sys.stderr)
     stats = collect_attention(model, tok, examples, length=args.max_length, batch_size=args.batch_size,
-                              longer=args.longer, progress=not args.quiet, sum_dtype=getattr(torch, args.sum_dtype),
+                              longer=args.longer, progress=not args.quiet and dist.is_main,
+                              sum_dtype=getattr(torch, args.sum_dtype), dist=dist,
                               metadata={"model": model_name, "data": what, "dtype": args.dtype})
-    path = stats.save(args.out)
-    m = stats.metadata
-    print(f"wrote {path}: {m['examples']} examples ({m['truncated']} truncated, {m['skipped']} skipped as longer "
-          f"than {args.max_length}), longest {stats.longest} tokens after that, "
-          f"{'decoder (causal)' if stats.causal else 'encoder'}, {stats.num_layers} layers x {stats.num_heads} heads")
-    if args.png:
-        print(f"wrote {draw_attention(stats, args.png)}")
+    if dist.is_main:  # rank 0 alone writes
+        path = stats.save(args.out)
+        m = stats.metadata
+        print(f"wrote {path}: {m['examples']} examples ({m['truncated']} truncated, {m['skipped']} skipped as longer "
+              f"than {args.max_length}), longest {stats.longest} tokens after that, "
+              f"{'decoder (causal)' if stats.causal else 'encoder'}, {stats.num_layers} layers x {stats.num_heads} heads")
+        if args.png:
+            print(f"wrote {draw_attention(stats, args.png)}")
+    dist.barrier()  # no process ends before the file is written
     return 0
 
 
-def _collect_rows(args) -> int:
+def _collect_rows(args, device, dist) -> int:
     """ap collect --corpus: a language model's rows (the files end to end, EOS between, cut into rows of
     --max-length tokens, as train-lm makes them), collected one layer's maps at a time."""
     if any((args.task, args.text_file, args.dataset)):
         raise ValueError("give --corpus or one of --task, --text-file, --dataset, not both")
     texts = [read_text(f) for f in args.corpus]  # empty files stop here
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_name = resolve_model(args.model)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, task="base", dtype=getattr(torch, args.dtype))
@@ -114,16 +132,20 @@ def _collect_rows(args) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         rows = rows[:args.limit]
     what = f"{len(args.corpus)} text file(s) in rows of {args.max_length} tokens"
-    print(f"model: {model_name}\ndata: {what}, {len(rows)} rows\ngrid: {args.max_length} positions", file=sys.stderr)
-    stats = collect_attention_rows(model.to(device), rows, batch_size=args.batch_size, progress=not args.quiet,
-                                   sum_dtype=getattr(torch, args.sum_dtype),
-                                   metadata={"model": model_name, "data": what, "dtype": args.dtype,
-                                             "files": [str(f) for f in args.corpus]})
-    path = stats.save(args.out)
-    print(f"wrote {path}: {len(rows)} rows of {args.max_length} tokens, {'decoder (causal)' if stats.causal else 'encoder'}, "
-          f"{stats.num_layers} layers x {stats.num_heads} heads")
-    if args.png:
-        print(f"wrote {draw_attention(stats, args.png)}")
+    where = f", {dist.world_size} processes" if dist.active else ""
+    _say(dist, f"model: {model_name}\ndata: {what}, {len(rows)} rows\ngrid: {args.max_length} positions{where}",
+         file=sys.stderr)
+    stats = collect_attention_rows(model.to(device), rows, batch_size=args.batch_size,
+                                   progress=not args.quiet and dist.is_main, sum_dtype=getattr(torch, args.sum_dtype),
+                                   dist=dist, metadata={"model": model_name, "data": what, "dtype": args.dtype,
+                                                        "files": [str(f) for f in args.corpus]})
+    if dist.is_main:  # rank 0 alone writes
+        path = stats.save(args.out)
+        print(f"wrote {path}: {len(rows)} rows of {args.max_length} tokens, "
+              f"{'decoder (causal)' if stats.causal else 'encoder'}, {stats.num_layers} layers x {stats.num_heads} heads")
+        if args.png:
+            print(f"wrote {draw_attention(stats, args.png)}")
+    dist.barrier()
     return 0
 
 
@@ -300,7 +322,7 @@ def _add_collect(sub, formatter_class) -> None:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--png", default=None, help="also draw the averages (layers x heads) to this PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_collect, command="ap collect")
+    p.set_defaults(func=cmd_collect, command="ap collect", data_parallel=True)
 
 
 def _add_mask(sub, formatter_class) -> None:

@@ -13,6 +13,10 @@ A run with ``prune = p`` (percent) and ``mask = 'ap'`` or ``'random'``:
 The shared checkpoint, averages and masks live in ``work_dir`` (a sweep uses ``<database>.work/``),
 under a hash of the dense run's configuration, written atomically and guarded by a file lock, so
 concurrent workers and killed runs never leave half-made files behind.
+
+Under torchrun the run is data-parallel (``training.distributed``): rank 0 holds the lock for its group and
+decides what is missing, the ranks make it together (the dense fine-tune, the averages: each its share of
+the data), rank 0 alone writes it, and every rank waits until it is there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ..paths import cache_dir
 from ..plans.io import plan_metadata, save_plan
 from ..training.config import FinetuneConfig
 from ..training.data import load_examples
+from ..training.distributed import Distributed
+from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import finetune
 from ..training.loop import resolve_device
 from ..training.methods import Method, register_method
@@ -80,8 +86,12 @@ class PruneGlueConfig(FinetuneConfig):
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock held while the block runs; the OS drops it if the process dies."""
+def _locked(path: Path, dist: Distributed | None = None):
+    """An exclusive lock held while the block runs; the OS drops it if the process dies. In a data-parallel
+    group rank 0 holds it for the group (its other ranks follow rank 0's decisions, see ``_missing``)."""
+    if dist is not None and not dist.is_main:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -91,66 +101,95 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fresh(path: Path) -> Path:
-    """A clean temporary sibling of ``path`` (left-overs of a killed attempt are removed)."""
+def _missing(path: Path, dist: Distributed) -> bool:
+    """Whether ``path`` is still to be made, as rank 0 sees it (every rank of a group makes it, or none)."""
+    return dist.broadcast(not path.exists())
+
+
+def _fresh(path: Path, dist: Distributed | None = None) -> Path:
+    """A clean temporary sibling of ``path`` (left-overs of a killed attempt are removed, by rank 0 alone)."""
     tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
+    if (dist is None or dist.is_main) and tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     return tmp
 
 
-def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True) -> dict:
+def _publish(tmp: Path, path: Path, dist: Distributed) -> None:
+    """Rank 0 moves the finished ``tmp`` into place; every rank waits until it is there."""
+    if dist.is_main:
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True,
+            dist: Distributed | None = None) -> dict:
     """Make (or find) the dense checkpoint, the attention averages and this run's mask; returns the paths
-    {'dense': folder with results.json and model/, 'stats': file, 'plan': saved plan folder or None}."""
+    {'dense': folder with results.json and model/, 'stats': file, 'plan': saved plan folder or None}.
+    dist: the data-parallel group (its process group joined), whose ranks all call this."""
+    dist = dist or Distributed()
     dense_cfg = cfg.dense_config()
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
-    with _locked(root / ".lock"):
-        if not (dense_dir / "results.json").exists():
-            tmp = _fresh(dense_dir)
+    with _locked(root / ".lock", dist):
+        if _missing(dense_dir / "results.json", dist):
+            tmp = _fresh(dense_dir, dist)
             finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
-            os.replace(tmp, dense_dir)
-        (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
+            _publish(tmp, dense_dir, dist)
+        if dist.is_main:
+            (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
         if cfg.prune == 0:
             return {"dense": dense_dir, "stats": None, "plan": None}
         limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
         stats_file = root / f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors"
-        if not stats_file.exists():
+        if _missing(stats_file, dist):
             train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
             source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
-            model = load_model(source, task="base").to(resolve_device(device))
+            model = load_model(source, task="base").to(resolve_device(dist.device(device)))
             stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
                                       length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
-                                      metadata={"model": source, "data": f"GLUE {cfg.task} train"})
+                                      metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
             del model
-            tmp = _fresh(stats_file)
-            stats.save(tmp)
-            os.replace(tmp, stats_file)
+            tmp = _fresh(stats_file, dist)
+            if dist.is_main:
+                stats.save(tmp)
+            _publish(tmp, stats_file, dist)
         name = f"{cfg.mask}-{cfg.scope}-{cfg.budget}-p{cfg.prune:g}" + (f"-seed{cfg.seed}" if cfg.mask == "random" else "")
         plan_dir = root / f"plans-{stats_file.stem}" / name
-        if not (plan_dir / "plan.json").exists():
-            stats = AttentionStats.load(stats_file)
-            keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
-            if cfg.mask == "random":
-                keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
-            plan = mask_plan(keep, prefix=cfg.mask)
-            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
-                    "stats_file": stats_file.name, "stats": stats.metadata,
-                    "grid_sparsity": grid_report(plan, stats).overall,
-                    "collected_sparsity": data_report(keep, stats).overall}
-            tmp = _fresh(plan_dir)
-            save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
-                      metadata=meta)
-            os.replace(tmp, plan_dir)
+        if _missing(plan_dir / "plan.json", dist):
+            tmp = _fresh(plan_dir, dist)
+            if dist.is_main:  # cheap: rank 0 alone makes the mask
+                stats = AttentionStats.load(stats_file)
+                keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
+                if cfg.mask == "random":
+                    keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
+                plan = mask_plan(keep, prefix=cfg.mask)
+                meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
+                        "stats_file": stats_file.name, "stats": stats.metadata,
+                        "grid_sparsity": grid_report(plan, stats).overall,
+                        "collected_sparsity": data_report(keep, stats).overall}
+                save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
+                          metadata=meta)
+            _publish(tmp, plan_dir, dist)
     return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
 
 
 def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=None, progress: bool = True,
                out_dir=None) -> dict:
     """Run one Attention Pruning configuration; returns the fine-tune's results with a ``pruning`` section.
-    work_dir: where shared checkpoints, averages and masks go (default: <cache>/prune)."""
+    work_dir: where shared checkpoints, averages and masks go (default: <cache>/prune). Under torchrun
+    data-parallel: every step with all ranks, rank 0 alone writing."""
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune"
-    made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress)
+    dist = distributed_from_env()
+    dist.init(resolve_device(dist.device(device)))
+    try:
+        return _prune_glue(cfg, dist, glue_dir=glue_dir, work_dir=work_dir, device=device,
+                           progress=progress and dist.is_main, out_dir=out_dir)
+    finally:
+        dist.close()
+
+
+def _prune_glue(cfg: PruneGlueConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:
+    made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress, dist=dist)
     if made["plan"] is None:  # p = 0: the dense fine-tune is this run
         result = json.loads((made["dense"] / "results.json").read_text())
         result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}

@@ -25,7 +25,6 @@ hash of the dense run's configuration, written atomically under a file lock, as 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +34,15 @@ from ..models import load_model
 from ..paths import cache_dir
 from ..plans.io import plan_metadata, save_plan
 from ..training.data import subset
+from ..training.distributed import Distributed
+from ..training.distributed import from_env as distributed_from_env
 from ..training.loop import resolve_device
 from ..training.methods import Method, register_method
 from ..training.record import run_key
 from ..lm.train import LMConfig, load_lm_data, train_lm
 from .baselines import sink_window_for_sparsity, sink_window_plan
 from .collect import AttentionStats, collect_attention_rows
-from .glue import _fresh, _locked
+from .glue import _fresh, _locked, _missing, _publish
 from .mask import (attention_pruning_mask, block_mask, check_prune_options, expand_to_blocks, grid_report, mask_plan,
                    random_like)
 
@@ -107,56 +108,64 @@ def ap_keep(stats: AttentionStats, cfg: LMPruneConfig) -> torch.Tensor:
     return keep
 
 
-def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True) -> dict:
+def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True,
+            dist: Distributed | None = None) -> dict:
     """Make (or find) the dense model, its attention averages and this run's plan; returns
-    {'dense': folder with results.json and model/, 'stats': file or None, 'plan': plan folder or None}."""
+    {'dense': folder with results.json and model/, 'stats': file or None, 'plan': plan folder or None}.
+    dist: the data-parallel group (its process group joined), whose ranks all call this; rank 0 decides what
+    is missing and alone writes (as ``pruning.glue.prepare``)."""
+    dist = dist or Distributed()
     dense_cfg = cfg.dense_config()
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
-    with _locked(root / ".lock"):
-        if not (dense_dir / "results.json").exists():
-            tmp = _fresh(dense_dir)
+    with _locked(root / ".lock", dist):
+        if _missing(dense_dir / "results.json", dist):
+            tmp = _fresh(dense_dir, dist)
             train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
-            os.replace(tmp, dense_dir)
-        (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
+            _publish(tmp, dense_dir, dist)
+        if dist.is_main:
+            (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
         if cfg.prune == 0:
             return {"dense": dense_dir, "stats": None, "plan": None}
         stats_file = root / f"attention-{cfg.collect_limit or 'all'}.safetensors"
-        if not stats_file.exists():
+        if _missing(stats_file, dist):
             rows = load_lm_data(dense_cfg, glue_dir).train  # the rows the dense model trained on
             rows = rows[torch.from_numpy(subset(len(rows), cfg.collect_limit))]
-            model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(device))
+            model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(dist.device(device)))
             stats = collect_attention_rows(model, rows, batch_size=max(1, min(8, cfg.batch_size)), progress=progress,
                                            metadata={"model": str(dense_dir / "model"),
-                                                     "data": f"{cfg.task} train rows of {cfg.max_length} tokens"})
+                                                     "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
+                                           dist=dist)
             del model
-            tmp = _fresh(stats_file)
-            stats.save(tmp)
-            os.replace(tmp, stats_file)
+            tmp = _fresh(stats_file, dist)
+            if dist.is_main:
+                stats.save(tmp)
+            _publish(tmp, stats_file, dist)
         blocks = "" if cfg.blocks == "none" else f"-{cfg.blocks}{cfg.block_size}"
         name = f"{cfg.mask}-{cfg.scope}{blocks}-p{cfg.prune:g}"
         name += {"random": f"-seed{cfg.seed}", "sink_window": f"-g{cfg.sinks}", "ap": ""}[cfg.mask]
         plan_dir = root / f"plans-{stats_file.stem}" / name
-        if not (plan_dir / "plan.json").exists():
-            stats = AttentionStats.load(stats_file)
-            keep = ap_keep(stats, cfg)
-            ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
-            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
-                    "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
-                    "ap_sparsity": ap_sparsity}
-            if cfg.mask == "sink_window":
-                g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
-                plan = sink_window_plan(g, w)
-                meta.update(sinks=g, window=w)
-            else:
-                if cfg.mask == "random":
-                    keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
-                plan = mask_plan(keep, prefix=cfg.mask)
-                measured = grid_report(plan, stats).overall
-            meta["measured_sparsity"] = measured
-            tmp = _fresh(plan_dir)
-            save_plan(plan, tmp, metadata=meta)
-            os.replace(tmp, plan_dir)
+        if _missing(plan_dir / "plan.json", dist):
+            tmp = _fresh(plan_dir, dist)
+            if dist.is_main:  # cheap: rank 0 alone makes the plan
+                stats = AttentionStats.load(stats_file)
+                keep = ap_keep(stats, cfg)
+                ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
+                meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
+                        "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
+                        "ap_sparsity": ap_sparsity}
+                if cfg.mask == "sink_window":
+                    g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
+                    plan = sink_window_plan(g, w)
+                    meta.update(sinks=g, window=w)
+                else:
+                    if cfg.mask == "random":
+                        keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
+                    plan = mask_plan(keep, prefix=cfg.mask)
+                    measured = grid_report(plan, stats).overall
+                meta["measured_sparsity"] = measured
+                save_plan(plan, tmp, metadata=meta)
+            _publish(tmp, plan_dir, dist)
     return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
 
 
@@ -165,7 +174,17 @@ def prune_lm(cfg: LMPruneConfig, *, glue_dir=None, work_dir=None, device=None, p
     """Run one Attention Pruning configuration of a language model; returns the masked training's results with
     a ``pruning`` section. work_dir: where shared models, averages and masks go (default <cache>/prune-lm)."""
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune-lm"
-    made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress)
+    dist = distributed_from_env()
+    dist.init(resolve_device(dist.device(device)))
+    try:
+        return _prune_lm(cfg, dist, glue_dir=glue_dir, work_dir=work_dir, device=device,
+                         progress=progress and dist.is_main, out_dir=out_dir)
+    finally:
+        dist.close()
+
+
+def _prune_lm(cfg: LMPruneConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:
+    made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress, dist=dist)
     if made["plan"] is None:  # p = 0: the dense run is this run
         result = json.loads((made["dense"] / "results.json").read_text())
         result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}

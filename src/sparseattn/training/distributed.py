@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 -m sparseattn.cli finetune --task sst2 --batch-size 16 ...
 
+Used by finetune, learn, train-lm, ap collect and the prune / prune-lm methods (docs/cluster.md).
+
 A run is data-parallel when torchrun (or any launcher that sets ``WORLD_SIZE`` > 1, ``RANK`` and
 ``LOCAL_RANK``) started it; otherwise nothing here changes the single-process path.
 
@@ -18,12 +20,13 @@ Conventions:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["Distributed", "from_env", "launched", "shard_batches"]
+__all__ = ["Distributed", "from_env", "launched", "refuse_under_launcher", "shard_batches"]
 
 
 def launched() -> bool:
@@ -32,6 +35,16 @@ def launched() -> bool:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
     except ValueError:
         return False
+
+
+def refuse_under_launcher(what: str, why: str) -> None:
+    """Stop ``what`` when torchrun started several processes: it is not data-parallel, and every process would
+    run it whole and write its files. ConfigError naming the world size and ``why``."""
+    if launched():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{what} does not run data-parallel ({why}); torchrun started {os.environ['WORLD_SIZE']} "
+                          "processes: run it as one process (without torchrun)")
 
 
 @dataclass
@@ -107,11 +120,41 @@ class Distributed:
         dist.all_reduce(t)
         return t / self.world_size
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` added up over the ranks (a detached copy; elementwise)."""
+        if not self.active:
+            return t.detach()
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
 
             dist.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first, the other ranks after it: what rank 0 makes and caches there (a
+        tokenizer, a checkpoint, attention averages) the others then find made."""
+        if self.active and not self.is_main:
+            self.barrier()
+        yield
+        if self.active and self.is_main:
+            self.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a decision only rank 0 can make, e.g. whether a file exists)."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend}

@@ -1,0 +1,227 @@
+"""Sweeps on Ray (``sparseattn sweep SPEC --ray``), on a local Ray instance: the same database as a plain sweep,
+a worker killed mid-run retried by Ray (none lost, none redone), a driver killed and started again resumes,
+Ctrl-C gives runs back, fractional GPUs pack runs (Ray's logical GPUs; no GPU needed)."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ray_methods  # noqa: F401 (registers the sleep-test method here; the Ray workers import it by name)
+from ray_methods import executions
+from sparseattn.errors import ConfigError, DependencyError
+from sparseattn.experiments.db import ResultsDB
+from sparseattn.experiments.ray_sweep import run_ray_sweep
+from sparseattn.experiments.sweep import enqueue, load_spec, run_worker
+
+from test_finetune import make_tiny_model, one_thread  # noqa: F401 (autouse fixture)
+
+ROOT = Path(__file__).parents[1]
+GLUE_DIR = os.environ.get("GLUE_DIR")
+PATH = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray for the module: 4 logical CPUs and 2 logical GPUs (Ray only counts them; the runs use the
+    CPU). Its workers inherit PYTHONPATH, so they import this checkout and the test method."""
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sparseattn[ray]' (make installs it)")
+
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = PATH + (os.pathsep + before if before else "")
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def _sleep_spec(tmp_path, seeds, *, sleep=0.5, die_once=(), name="s", meet=0):
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": name, "fixed": {"method": "sleep-test", "sleep": sleep, "marks": str(marks), "meet": meet},
+        "runs": [{"seed": s, "die_once": s in die_once} for s in seeds]}))
+    return p, marks
+
+
+def _statuses(db_path):
+    try:
+        with sqlite3.connect(db_path, timeout=5) as c:
+            return dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+@pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
+def test_a_ray_sweep_writes_the_database_a_plain_sweep_writes(tmp_path, ray_instance):
+    model = make_tiny_model(tmp_path / "tiny")
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "t", "fixed": {"model": model, "task": "sst2", "epochs": 2, "limit_train": 48, "limit_eval": 16,
+                               "batch_size": 8, "max_length": 64, "lr": 1e-3},
+        "grid": {"plan": ["dense", "later-half: neighbour(1)"], "seed": [0, 1]}}))
+    spec = load_spec(p)
+    enqueue(spec, tmp_path / "plain.sqlite").close()
+    run_worker(tmp_path / "plain.sqlite", "t", progress=False)
+    enqueue(spec, tmp_path / "ray.sqlite").close()
+    lines = []
+    assert run_ray_sweep(tmp_path / "ray.sqlite", "t", echo=lines.append) == {"done": 4, "failed": 0}
+    plain, on_ray = (ResultsDB(tmp_path / f"{n}.sqlite", readonly=True) for n in ("plain", "ray"))
+    a, b = plain.runs("t"), on_ray.runs("t")
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    assert [(r["status"], r["attempts"], r["task"], r["plan"], r["seed"]) for r in a] == \
+           [(r["status"], r["attempts"], r["task"], r["plan"], r["seed"]) for r in b]
+    for x, y in zip(a, b):
+        assert y["score"] == pytest.approx(x["score"], abs=1e-6)
+        assert y["metrics"] == pytest.approx(x["metrics"], abs=1e-6)
+        assert y["sparsity"] == pytest.approx(x["sparsity"], abs=1e-9)
+        assert y["result"]["train_loss_curve"]["values"] == pytest.approx(x["result"]["train_loss_curve"]["values"],
+                                                                          rel=1e-5)  # the same training, step by step
+        assert y["result"]["predicted_classes"] == x["result"]["predicted_classes"]
+        assert y["result"]["ray"]["gpu_ids"] and y["result"]["ray"]["resources"] == {"GPU": 1.0, "CPU": 1.0}
+    assert on_ray.sweeps() == plain.sweeps() == ["t"]
+    assert sum(line.startswith("started ") for line in lines) == 4
+    assert sum(line.startswith("finished sst2 | ") for line in lines) == 4 and "4/4 done" in lines[-1]
+    plain.close()
+    on_ray.close()
+
+
+def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_redone(tmp_path, ray_instance):
+    spec_path, marks = _sleep_spec(tmp_path, range(4), die_once={2})
+    enqueue(load_spec(spec_path), tmp_path / "s.sqlite").close()
+    assert run_ray_sweep(tmp_path / "s.sqlite", "s", echo=lambda _: None) == {"done": 4, "failed": 0}
+    db = ResultsDB(tmp_path / "s.sqlite", readonly=True)
+    rows = db.runs("s")
+    assert [(r["seed"], r["status"], r["attempts"], r["score"]) for r in rows] == \
+           [(s, "done", 1, s / 10) for s in range(4)]
+    runs = {s: executions(marks, s) for s in range(4)}
+    assert [len(runs[s]) for s in range(4)] == [1, 1, 2, 1]  # the killed run ran again, once; no other did
+    assert runs[2][0][2] == 0 and runs[2][1][2] > 0  # its first execution never ended: the process died
+    assert rows[2]["result"]["ray"]["pid"] == runs[2][1][0] != runs[2][0][0]  # a new worker process ran it
+    db.close()
+
+
+def test_a_worker_that_dies_past_its_retries_is_a_failed_run(tmp_path, ray_instance):
+    spec_path, marks = _sleep_spec(tmp_path, [0, 1], die_once={1}, sleep=0.1)
+    enqueue(load_spec(spec_path), tmp_path / "s.sqlite").close()
+    lines = []
+    assert run_ray_sweep(tmp_path / "s.sqlite", "s", max_retries=0, echo=lines.append) == {"done": 1, "failed": 1}
+    db = ResultsDB(tmp_path / "s.sqlite", readonly=True)
+    failed = db.runs("s", status="failed")
+    assert [r["seed"] for r in failed] == [1] and "Ray could not run it (1 attempt(s))" in failed[0]["error"]
+    assert any(line.startswith("FAILED sst2 | dense | seed 1: Ray could not run it") for line in lines)
+    db.close()
+
+
+def _driver(spec_path, *args):
+    """A sweep driver in its own process, joining the module's Ray instance."""
+    import ray
+
+    code = "import sys, ray_methods; from sparseattn.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=PATH, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code, "sweep", str(spec_path), "--ray",
+                             ray.get_runtime_context().gcs_address, *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, db_path, ready, what, timeout=120):
+    deadline = time.time() + timeout
+    while not ready(_statuses(db_path)):
+        assert proc.poll() is None, f"the driver ended before {what}: {proc.stdout.read()}"
+        assert time.time() < deadline, f"not {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_runs(tmp_path, ray_instance):
+    spec_path, marks = _sleep_spec(tmp_path, range(5), sleep=1.5)
+    db_path = tmp_path / "s.sqlite"
+    proc = _driver(spec_path)
+    try:
+        _wait_for(proc, db_path, lambda st: st.get("done", 0) >= 2 and st.get("running", 0) >= 1,
+                  "two runs were done and one was running")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    db = ResultsDB(db_path)
+    before = {r["seed"]: r for r in db.runs("s")}
+    killed = [s for s, r in before.items() if r["status"] == "running"]
+    finished = {s: r["finished"] for s, r in before.items() if r["status"] == "done"}
+    assert killed and len(finished) >= 2
+
+    assert run_ray_sweep(db_path, "s", echo=lambda _: None)["failed"] == 0  # the same sweep, started again
+    after = {r["seed"]: r for r in db.runs("s")}
+    assert all(r["status"] == "done" and r["score"] == s / 10 for s, r in after.items()) and len(after) == 5
+    for s, t in finished.items():  # finished runs were neither redone nor rewritten
+        assert after[s]["attempts"] == 1 and after[s]["finished"] == t and len(executions(marks, s)) == 1
+    for s in killed:  # the killed runs were taken up again at once (this host, the driver's process gone)
+        assert after[s]["attempts"] == 2
+    db.close()
+
+
+def test_ctrl_c_cancels_the_tasks_and_gives_their_runs_back(tmp_path, ray_instance):
+    spec_path, marks = _sleep_spec(tmp_path, range(4), sleep=30)
+    db_path = tmp_path / "s.sqlite"
+    proc = _driver(spec_path)
+    try:
+        _wait_for(proc, db_path, lambda st: st.get("running", 0) == 2, "two runs were running")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert _statuses(db_path) == {"pending": 4}
+    assert "interrupted; its 2 running run(s) are pending again" in out and f"sparseattn sweep {spec_path}" in out
+    time.sleep(1)
+    for s in range(4):  # the cancelled tasks were stopped, not left sleeping
+        assert all(end == 0 for _, _, end in executions(marks, s))
+
+
+def test_fractional_gpus_pack_runs_on_one_gpu(tmp_path, ray_instance):
+    spec_path, marks = _sleep_spec(tmp_path, range(8), sleep=1.0, meet=4)  # the first four wait for each other
+    enqueue(load_spec(spec_path), tmp_path / "s.sqlite").close()
+    lines = []
+    run_ray_sweep(tmp_path / "s.sqlite", "s", gpus_per_run=0.5, cpus_per_run=0.5, echo=lines.append)
+    assert lines[0] == "Ray: 4 CPUs, 2 GPUs; each run takes 0.5 GPU and 0.5 CPU: 4 at once"
+    db = ResultsDB(tmp_path / "s.sqlite", readonly=True)
+    placed = [r["result"]["ray"] for r in db.runs("s", status="done")]
+    assert len(placed) == 8
+    for p in placed:  # each run got half of one GPU, and only that GPU visible
+        assert p["resources"] == {"GPU": 0.5, "CPU": 0.5} and len(p["gpu_ids"]) == 1
+        assert p["cuda_visible_devices"] == p["gpu_ids"][0]
+    def most_at_once(spans):
+        return max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+
+    per_gpu = [most_at_once([(p["started"], p["ended"]) for p in placed if p["gpu_ids"][0] == gpu])
+               for gpu in ("0", "1")]
+    assert max(per_gpu) == 2  # two runs shared a GPU, never more
+    assert most_at_once([(p["started"], p["ended"]) for p in placed]) == 4  # more runs at once than GPUs
+    db.close()
+
+
+def test_bad_ray_options_say_what_is_expected(tmp_path, monkeypatch, capsys):
+    from sparseattn.cli import main
+
+    spec_path, _ = _sleep_spec(tmp_path, [0])
+    for share in (1.5, 2, -0.5, float("nan")):
+        with pytest.raises(ConfigError, match=rf"--gpus-per-run must be a share of one GPU in \(0, 1\] .* got {share}"):
+            run_ray_sweep(tmp_path / "s.sqlite", "s", gpus_per_run=share)
+    with pytest.raises(ConfigError, match=r"--cpus-per-run must be .* got 0"):
+        run_ray_sweep(tmp_path / "s.sqlite", "s", cpus_per_run=0)
+    assert main(["sweep", str(spec_path), "--ray", "--workers", "2"]) == 1
+    assert "--workers 2 with --ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    with pytest.raises(DependencyError, match=r"pip install 'sparseattn\[ray\]'"):
+        run_ray_sweep(tmp_path / "s.sqlite", "s")
