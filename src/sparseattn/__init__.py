@@ -10,6 +10,7 @@
 
 from ._version import __version__ as __version__
 from .errors import ConfigError, DataError, NotFoundError, SparseattnError, StorageError
+from .integrations.generation import SinkWindowCache, generation_cache
 from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify
 from .layout import TokenLayout
 from .model_sparsity import measure_sparsity
@@ -28,6 +29,7 @@ __all__ = [
     "Plan", "Rule", "PlanError", "PlanSpecError", "PlanFileError", "parse_pattern", "save_plan", "load_plan",
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
     "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention",
+    "generation_cache", "SinkWindowCache",
     "encode", "BatchStructure", "ParseCache",
     "SparseattnError", "ConfigError", "DataError", "NotFoundError", "StorageError",
 ]

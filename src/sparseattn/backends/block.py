@@ -158,7 +158,7 @@ class BlockSparseBackend(Backend):
             return self._run_reference(call, "dropout", f"{where}: attention dropout {call.dropout_p} is not "
                                        "supported by the block kernel; the reference path runs (set the model's "
                                        "attention dropout to 0 for speed)", level=logging.WARNING)
-        if call.q_len != call.key.shape[2]:
+        if call.incremental:
             return self._run_reference(call, "incremental", f"{where}: {call.q_len} queries over "
                                        f"{call.key.shape[2]} keys (incremental decoding) run on the reference path")
         if lp.is_dense:
