@@ -258,16 +258,67 @@ def test_sink_window_bounds_of_patterns():
     assert (neighbour(3) | strided(2)).sink_window(True) is None
 
 
-# -- the block backend: prefill through the kernel, decoding through the row masks -----------------------
-def test_generation_on_the_block_backend_prefills_through_the_kernel():
+# -- the block backend: prefill through the block kernel, decoding through the decode kernel --------------
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", ["sink_window", "strided", "ap"])
+def test_generation_on_the_block_backend_runs_both_kernels(name, cache):
+    """In Triton's interpreter on the CPU (force=True: the kernels run at any length)."""
     pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU; the GPU test is below")
+    from sparseattn.backends.block import BlockSparseBackend
+
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan_of(name), backend=backend)
+    ids, am = prompts((9, 5))
+    out = generate(model, ids, am, 4, **({"cache_implementation": "static"} if cache == "static" else {}))
+    # the prefill through the block kernel where the cache is the queries' own keys (one call per layer); a
+    # static cache's prefill is an incremental call over its slots: the decode kernel
+    assert backend.stats["block"] == (2 if cache == "dynamic" else 0)
+    assert backend.stats["decode"] == 2 * (3 if cache == "dynamic" else 4)
+    assert backend.stats["reference"] == 0
+    assert_steps_equal(out, reference_logits(plan_of(name), out, am), ids.shape[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", ["sink_window", "strided", "ap", "per_head"])
+def test_generation_on_the_gpu_with_the_decode_kernel(name, cache):
+    from sparseattn.backends.block import BlockSparseBackend
+
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan_of(name), backend=backend)
+    ids, am = (t.cuda() for t in prompts((9, 5)))
+    out = generate(model, ids, am, 6, **({"cache_implementation": "static"} if cache == "static" else {}))
+    assert backend.stats["decode"] > 0
+    ref_model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+    sa.sparsify(ref_model, plan_of(name))
+    seq = out.sequences
+    full_am = torch.cat([am, torch.ones(2, seq.shape[1] - am.shape[1], dtype=am.dtype, device="cuda")], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=seq, attention_mask=full_am, position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    for t, step in enumerate(out.logits):
+        torch.testing.assert_close(step, ref[:, ids.shape[1] - 1 + t], atol=2e-3, rtol=2e-3, msg=f"step {t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_cache_decoding_captures_under_reduce_overhead():
+    """transformers compiles the decoding step of a static cache (mode="reduce-overhead": CUDA graphs); the decode
+    kernel's step reads nothing back, so it captures, and the logits stay the eager ones."""
     from sparseattn.backends.block import BlockSparseBackend
 
     plan = "all: global_tokens(1) | neighbour(3)"
-    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
-    backend = BlockSparseBackend(block_size=32, force=True)
-    sa.sparsify(model, plan, backend=backend)
-    ids, am = prompts((9, 5))
-    out = generate(model, ids, am, 4)
-    assert backend.stats["block"] == 2  # the prefill, one call per layer
-    assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
+    ids, am = (t.cuda() for t in prompts((9, 5)))
+    outs = []
+    for compiled in (False, True):
+        model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+        sa.sparsify(model, plan, backend=BlockSparseBackend(block_size=32, force=True))
+        if compiled:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        outs.append(generate(model, ids, am, 6, cache_implementation="static"))
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

@@ -6,8 +6,10 @@ backend's for real queries; padding queries get zero outputs and no gradient.
 
 How a sparsified layer runs, in order:
 
-- the reference path (SDPA with the boolean mask) for attention weights, dropout, incremental decoding, devices
-  other than CUDA, sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
+- the reference path (SDPA with the boolean mask) for attention weights, dropout, devices other than CUDA,
+  sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
+- incremental decoding (a KV cache): ``decode_kernel`` over the plan's rows for the new queries, reading only
+  the cache tiles they keep (on CUDA from ``min_length`` keys; else the reference path over the same rows);
 - dense SDPA without a mask for layers the plan leaves dense, on unpadded batches;
 - the Triton operator for layers whose patterns depend on positions only, when the model passes no mask of its
   own: tile lists are built once per layer and length bucket and found by the operator at run time, so the
@@ -29,7 +31,7 @@ from collections import Counter, OrderedDict
 import torch
 import torch.nn.functional as F
 
-from . import triton_kernel
+from . import decode_kernel, triton_kernel
 from .base import AttentionCall, Backend
 from .tile_mask import TileMask, check_block_size
 from .flex_kernel import block_sparse_attention
@@ -159,8 +161,7 @@ class BlockSparseBackend(Backend):
                                        "supported by the block kernel; the reference path runs (set the model's "
                                        "attention dropout to 0 for speed)", level=logging.WARNING)
         if call.incremental:
-            return self._run_reference(call, "incremental", f"{where}: {call.q_len} queries over "
-                                       f"{call.key.shape[2]} keys (incremental decoding) run on the reference path")
+            return self._incremental(call)
         if lp.is_dense:
             return self._dense(call)
         L = call.q_len
@@ -177,6 +178,24 @@ class BlockSparseBackend(Backend):
             if segments is not _UNSUPPORTED:
                 return self._triton_operator(call, static, segments)
         return self._per_batch(call)
+
+    def _incremental(self, call: AttentionCall):
+        """Decoding with a KV cache: the decode kernel over the plan's rows for the new queries (it reads only the
+        cache tiles they keep; ``decode_kernel``), on CUDA from ``min_length`` keys, for a few queries per step;
+        otherwise the reference path (masked SDPA over the rows, which reads the whole cache). Neither builds
+        anything Lk x Lk."""
+        lp, Lq, Lk = call.layer_plan, call.q_len, call.key.shape[2]
+        where = f"layer {lp.layer}"
+        if lp.is_dense or not decode_kernel.supports(call.query, call.key):
+            return self._run_reference(call, "incremental", f"{where}: {Lq} queries over {Lk} keys (incremental "
+                                       "decoding) run on the reference path (a dense layer, no Triton, or more "
+                                       f"than {decode_kernel.MAX_ROWS} query rows per key head)")
+        if not self.force and (call.query.device.type != "cuda" or Lk < self.min_length):
+            return self._run_reference(call, ("incremental-short", call.query.device.type),
+                                       f"{where}: decoding over {Lk} keys on {call.query.device.type}: the "
+                                       f"reference path runs (the decode kernel: CUDA, from {self.min_length} keys)")
+        self._count("decode")
+        return decode_kernel.decode_attention(call.query, call.key, call.value, call.keep_mask(), call.scale), None
 
     @torch.compiler.disable
     def _per_batch(self, call: AttentionCall):
