@@ -24,6 +24,7 @@ Each decision is logged once per backend (eagerly; not while torch.compile trace
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter, OrderedDict
@@ -186,6 +187,8 @@ class BlockSparseBackend(Backend):
         anything Lk x Lk."""
         lp, Lq, Lk = call.layer_plan, call.q_len, call.key.shape[2]
         where = f"layer {lp.layer}"
+        if isinstance(call.q_offset, int) and call.q_offset == 0 and not call.layout.packed:
+            return self.attention(self._first_slots(call))
         if lp.is_dense or not decode_kernel.supports(call.query, call.key):
             return self._run_reference(call, "incremental", f"{where}: {Lq} queries over {Lk} keys (incremental "
                                        "decoding) run on the reference path (a dense layer, no Triton, or more "
@@ -196,6 +199,18 @@ class BlockSparseBackend(Backend):
                                        f"reference path runs (the decode kernel: CUDA, from {self.min_length} keys)")
         self._count("decode")
         return decode_kernel.decode_attention(call.query, call.key, call.value, call.keep_mask(), call.scale), None
+
+    def _first_slots(self, call: AttentionCall) -> AttentionCall:
+        """A static cache's prefill (queries in its first Lq slots, the slots after them hold no token yet) as the
+        full pass it is: the call over the first Lq keys, whose layout is the first Lq tokens' (the padding the
+        model's slot row gave), so it runs wherever a prefill runs (the block kernel, at long lengths)."""
+        Lq, lay = call.q_len, call.layout
+        key = ("block.first_slots", lay.length, Lq, lay.causal)
+        if key not in call.cache:
+            call.cache[key] = TokenLayout(real=lay.real[:, :Lq], causal=lay.causal,
+                                          special=None if lay.special is None else lay.special[:, :Lq])
+        return dataclasses.replace(call, key=call.key[:, :, :Lq], value=call.value[:, :, :Lq],
+                                   layout=call.cache[key], model_mask=None, q_offset=None)
 
     @torch.compiler.disable
     def _per_batch(self, call: AttentionCall):

@@ -71,8 +71,9 @@ def _layout_mask_function(*args, **kwargs):
     the 2-D attention mask, and the modules' ``is_causal``): nothing L x L is made, and nothing is read back from
     the GPU to compare it with the layout. The same for incremental decoding with a dynamic KV cache under the
     plain causal mask: the layout knows the padding from the 2-D attention mask over every token seen, so
-    transformers' (B, 1, Lq, Lk) mask is not made either. Other masks (static caches, sliding windows, chunked or
-    custom mask functions) are materialized as transformers makes them."""
+    transformers' (B, 1, Lq, Lk) mask is not made either; a static cache gets one (B, 1, 1, Lk) row of the slots
+    holding tokens. Other masks (sliding windows, chunked or custom mask functions) are materialized as
+    transformers makes them."""
     from transformers import masking_utils as mu
 
     fn = kwargs.get("mask_function", mu.causal_mask_function)
@@ -90,6 +91,21 @@ def _layout_mask_function(*args, **kwargs):
         # which reports its sizes so): the layout holds it (see _kv_layout). A static cache's mask is made:
         # generate() turns the 2-D mask into it before the forward pass, so it is the only padding there is.
         return None
+    if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
+            and kwargs.get("kv_offset", 0) == 0 and (am is None or am.dim() == 2) and kv_len is not None):
+        # A cache of fixed slots (static): one (B, 1, 1, kv_len) row, the slots that hold tokens (real ones up to
+        # the last query), instead of transformers' (B, 1, Lq, kv_len) mask: the attention's layout takes the
+        # padding from it and the queries' positions from the cache; the plan's rows are causal (a static
+        # cache's prefill would otherwise make an L x max_cache_len mask).
+        device = am.device if am is not None else kwargs.get("device", "cpu")
+        slots = torch.arange(kv_len, device=device)
+        held = slots < q_offset + q_len
+        if am is not None:
+            am_b = am.bool()
+            held = held & torch.nn.functional.pad(am_b, (0, max(0, kv_len - am_b.shape[1])), value=False)[:, :kv_len]
+        else:
+            held = held[None].expand(kwargs.get("batch_size", 1), kv_len)
+        return held[:, None, None, :]
     return _mask_function(*args, **kwargs)
 
 
