@@ -362,3 +362,34 @@ def test_the_generation_path_allocates_nothing_of_context_squared(cache, monkeyp
         generate(model, ids, am, 3, **kw)
     assert backend.stats["block"] == 2 and backend.stats["decode"] == 4
     assert 0 < Largest.largest < L * L // 4
+
+
+# -- sparseattn bench generate ----------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [300, 1000])
+def test_the_bench_window_gives_the_target_sparsity(length):
+    from sparseattn.bench.generate import window_for
+
+    w = window_for(length, 0.9)
+    keep = (global_tokens(1) | neighbour(w)).mask(TokenLayout.from_lengths([length], causal=True))
+    kept, allowed = keep.sum().item(), length * (length + 1) // 2
+    assert 0.89 <= 1 - kept / allowed <= 0.91
+
+
+def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
+    import json
+
+    from sparseattn.cli import main
+
+    path = tmp_path / "gen.json"
+    assert main(["bench", "generate", "--models", "tiny", "--lengths", "40", "--batches", "1,2", "--steps", "2",
+                 "--repeats", "1", "--methods", "dense,sparse,sparse-evict", "--device", "cpu",
+                 "--json", str(path)]) == 0
+    results = json.loads(path.read_text())["results"]
+    assert [(r["batch"], r["method"]) for r in results] == [(b, m) for b in (1, 2)
+                                                            for m in ("dense", "sparse", "sparse-evict")]
+    for r in results:
+        assert r["note"] == "" and r["prefill_first_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
+    evict = next(r for r in results if r["method"] == "sparse-evict" and r["batch"] == 1)
+    sparse = next(r for r in results if r["method"] == "sparse" and r["batch"] == 1)
+    assert evict["cache_gib"] < sparse["cache_gib"]  # the window (w = 2 at 40 tokens) holds fewer keys
+    assert "x dense" in capsys.readouterr().out
