@@ -198,7 +198,14 @@ class BlockSparseBackend(Backend):
                                        f"{where}: decoding over {Lk} keys on {call.query.device.type}: the "
                                        f"reference path runs (the decode kernel: CUDA, from {self.min_length} keys)")
         self._count("decode")
-        return decode_kernel.decode_attention(call.query, call.key, call.value, call.keep_mask(), call.scale), None
+        # the layers of one step with the same patterns share the rows and their tile lists (one set per step)
+        key = ("block.decode", _layer_key(call), Lk, Lq, call.key.shape[1],
+               None if call.model_mask is None else id(call.model_mask))  # one mask object per pass
+        if key not in call.cache:
+            keep = call.keep_mask()
+            call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1])
+        keep, lists = call.cache[key]
+        return decode_kernel.decode_attention(call.query, call.key, call.value, keep, call.scale, lists), None
 
     def _first_slots(self, call: AttentionCall) -> AttentionCall:
         """A static cache's prefill (queries in its first Lq slots, the slots after them hold no token yet) as the

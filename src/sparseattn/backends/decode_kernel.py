@@ -124,7 +124,7 @@ if triton is not None:
         tl.store(L_PART + b * smpb + hk * smph + split * smps + r, lsum)
 
 
-def _decode(q, k, v, keep, scale: float) -> torch.Tensor:
+def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -133,7 +133,6 @@ def _decode(q, k, v, keep, scale: float) -> torch.Tensor:
     Dp = _padded_head(D)
     qp, kp, vp = (_pad_head(t, Dp).contiguous() for t in (q, k, v))
     keep = keep.to(torch.int8).contiguous() if keep.dtype == torch.bool else keep.contiguous()
-    tiles, count = tile_lists(keep, Hkv)
     S = num_splits(B, Hkv, tiles.shape[-1], q.device)
     o_part = torch.empty(B, Hkv, S, R, Dp, dtype=torch.float32, device=q.device)
     m_part = torch.empty(B, Hkv, S, R, dtype=torch.float32, device=q.device)
@@ -164,22 +163,24 @@ def _merge(o_part, m_part, l_part, B, H, Lq, D, rows) -> torch.Tensor:
 
 
 @torch.library.custom_op("sparseattn::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """(B, H, Lq, D): softmax over the keys ``keep`` marks, reading only their tiles of the cache."""
-    return _decode(q, k, v, keep, scale)
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, tiles: torch.Tensor,
+                        count: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, Lq, D): softmax over the keys ``keep`` marks, reading only the tiles listed in ``tiles`` / ``count``
+    (``tile_lists(keep, H_kv)``)."""
+    return _decode(q, k, v, keep, tiles, count, scale)
 
 
 @decode_attention_op.register_fake
-def _(q, k, v, keep, scale):
+def _(q, k, v, keep, tiles, count, scale):
     return q.new_empty(q.shape)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of the new queries q (B, H, Lq, D) over the cache k, v (B, H_kv, Lk, D) under ``keep`` (B, 1 or H,
     Lq, Lk) bool, reading only the tiles that hold kept keys. Rows that keep nothing give zeros. H must be a
-    multiple of H_kv, and (H / H_kv) x Lq at most MAX_ROWS."""
+    multiple of H_kv, and (H / H_kv) x Lq at most MAX_ROWS. ``lists``: ``tile_lists(keep, H_kv)`` made already
+    (layers sharing one keep-mask share them); made here if None."""
     if not available():
         raise RuntimeError("decode_attention needs the triton package, which is not installed")
     B, H, Lq, D = q.shape
@@ -199,4 +200,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
         raise ValueError(f"decode_attention runs on CUDA (or in Triton's interpreter: TRITON_INTERPRET=1 before "
                          f"sparseattn is imported); the query is on {q.device}")
     scale = D ** -0.5 if scale is None else float(scale)
-    return decode_attention_op(q, k, v, keep, scale)
+    tiles, count = tile_lists(keep, k.shape[1]) if lists is None else lists
+    return decode_attention_op(q, k, v, keep, tiles, count, scale)
