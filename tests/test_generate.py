@@ -393,3 +393,29 @@ def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
     sparse = next(r for r in results if r["method"] == "sparse" and r["batch"] == 1)
     assert evict["cache_gib"] < sparse["cache_gib"]  # the window (w = 2 at 40 tokens) holds fewer keys
     assert "x dense" in capsys.readouterr().out
+
+
+def test_a_sliding_window_model_generates_under_a_plan():
+    """Mistral's sliding-window cache holds the last keys only: their positions come from the whole 2-D mask, and
+    the model's own window mask applies with the plan."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral():
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                                max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
+
+    plan = "all: strided(2) | global_tokens(1)"
+    model = mistral()
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 6))
+    out = generate(model, ids, am, 8)
+    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # the window, not every key
+    ref_model = mistral()
+    sa.sparsify(ref_model, plan)
+    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
+                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_steps_equal(out, ref, ids.shape[1])

@@ -357,6 +357,11 @@ def _query_offset(batch: dict, q_len: int, kv_len: int):
     if cache is None or kv_len == q_len and not isinstance(batch.get("seen"), torch.Tensor):
         return None
     if getattr(cache, "is_compileable", False) and not _evicts(cache):
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+            # a static sliding-window layer rolls its slots: where the queries sit is not the tokens seen
+            raise ValueError(f"{type(cache).__name__} has sliding-window layers, whose slots roll; sparseattn "
+                             "decodes with dynamic caches, static caches without sliding layers, and "
+                             "sparseattn.generation_cache")
         return batch.get("seen", 0)
     return None
 
@@ -407,7 +412,10 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     am2 = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
     if am2 is not None and am2.shape[1] == kv_len and not _evicts(batch.get("kv_cache")):
         real = am2.to(device=device).bool()
-    elif model_mask is None and (q_len != kv_len or q_offset is not None or batch.get("kv_cache") is not None):
+    elif (am2 is not None and am2.shape[1] > kv_len) or (
+            model_mask is None and (q_len != kv_len or q_offset is not None or batch.get("kv_cache") is not None)):
+        # keys over fewer slots than tokens seen (an evicting or sliding-window cache) take their positions from
+        # the whole 2-D mask, whatever mask the model made; so do calls that came without one
         real, given_positions = _kv_layout(batch, am2, kv_len, q_len, q_offset, device)
         real = real.expand(batch_size, kv_len)
         if given_positions is not None:
