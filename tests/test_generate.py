@@ -381,16 +381,19 @@ def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
     from sparseattn.cli import main
 
     path = tmp_path / "gen.json"
-    assert main(["bench", "generate", "--models", "tiny", "--lengths", "40", "--batches", "1,2", "--steps", "2",
-                 "--repeats", "1", "--methods", "dense,sparse,sparse-evict", "--device", "cpu",
-                 "--json", str(path)]) == 0
+    assert main(["bench", "generate", "--models", "tiny", "--lengths", "40", "--batches", "2", "--steps", "2",
+                 "--repeats", "1", "--methods", "dense,sparse,sparse-evict", "--caches", "dynamic,static",
+                 "--device", "cpu", "--json", str(path)]) == 0
     results = json.loads(path.read_text())["results"]
-    assert [(r["batch"], r["method"]) for r in results] == [(b, m) for b in (1, 2)
+    assert [(r["cache"], r["method"]) for r in results] == [(c, m) for c in ("dynamic", "static")
                                                             for m in ("dense", "sparse", "sparse-evict")]
     for r in results:
+        if (r["cache"], r["method"]) == ("static", "sparse-evict"):
+            assert r["note"] == "the evicting cache is a dynamic one"
+            continue
         assert r["note"] == "" and r["prefill_first_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
-    evict = next(r for r in results if r["method"] == "sparse-evict" and r["batch"] == 1)
-    sparse = next(r for r in results if r["method"] == "sparse" and r["batch"] == 1)
+    evict = next(r for r in results if r["method"] == "sparse-evict")
+    sparse = next(r for r in results if r["method"] == "sparse")
     assert evict["cache_gib"] < sparse["cache_gib"]  # the window (w = 2 at 40 tokens) holds fewer keys
     assert "x dense" in capsys.readouterr().out
 

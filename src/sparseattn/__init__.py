@@ -10,7 +10,6 @@
 
 from ._version import __version__ as __version__
 from .errors import ConfigError, DataError, NotFoundError, SparseattnError, StorageError
-from .integrations.generation import SinkWindowCache, generation_cache
 from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify
 from .layout import TokenLayout
 from .model_sparsity import measure_sparsity
@@ -22,6 +21,18 @@ from .plans import Plan, PlanError, PlanFileError, PlanSpecError, Rule, load_pla
 from .sparsity import SparsityReport, mask_sparsity, measure_plan
 from .text.parse import ParseCache
 from .text.structure import BatchStructure, encode
+
+
+
+def __getattr__(name):
+    # the evicting cache subclasses transformers' Cache: imported when first asked for, so that
+    # ``import sparseattn`` does not import transformers
+    if name in ("generation_cache", "SinkWindowCache"):
+        from .integrations import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
+
 
 __all__ = [
     "Pattern", "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird", "syntax",

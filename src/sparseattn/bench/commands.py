@@ -161,9 +161,10 @@ def cmd_generate(args) -> int:
         raise OSError(f"the {', '.join(m for m in args.models if m != 'tiny')} model(s) are timed on a CUDA GPU; "
                       "on the CPU run --models tiny (a smoke test)")
     meta = device_meta() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
-    meta.update(command="sparseattn bench generate", sparsity=args.sparsity, steps=args.steps, repeats=args.repeats)
+    meta.update(command="sparseattn bench generate", sparsity=args.sparsity, steps=args.steps, repeats=args.repeats,
+                caches=args.caches, reduce_overhead=args.reduce_overhead)
     results = run(args.models, args.lengths, args.batches, args.methods, sparsity=args.sparsity, steps=args.steps,
-                  repeats=args.repeats, device=device)
+                  repeats=args.repeats, device=device, caches=args.caches, reduce_overhead=args.reduce_overhead)
     print()
     print(format_table(results))
     if args.json:
@@ -270,6 +271,7 @@ def register(subparsers, formatter_class) -> None:
         epilog=textwrap.dedent("""\
             examples:
               sparseattn bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 --json out/gen.json
+              sparseattn bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead
               sparseattn bench generate --models tiny --lengths 64,128 --batches 1,2 --steps 4   # CPU smoke test
             """))
     p.add_argument("--models", type=_names(tuple(GEN_MODELS)), default=["1b"], help="1b, 135m or tiny")
@@ -279,6 +281,11 @@ def register(subparsers, formatter_class) -> None:
                    help=f"which to run, of {', '.join(GEN_METHODS)}")
     p.add_argument("--sparsity", type=_fraction, default=0.9,
                    help="target sparsity of the plan's causal pairs, in percent or as a fraction")
+    p.add_argument("--caches", type=_names(("dynamic", "static")), default=["dynamic"],
+                   help="transformers' caches to decode with: dynamic, static (sparse-evict runs its own, dynamic)")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="compile the static cache's decoding steps with torch.compile(mode='reduce-overhead') (CUDA "
+                        "graphs), dense and sparse alike, as transformers does for static caches")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--repeats", type=int, default=3, help="repeated prefill calls (their median is reported)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="where to run (the GPU where there is one)")

@@ -46,6 +46,7 @@ class GenerateResult:
     batch: int
     method: str
     plan: str | None
+    cache: str = "dynamic"  # dynamic, static, or static+reduce-overhead (decode steps compiled, CUDA graphs)
     prefill_first_ms: float | None = None
     prefill_ms: float | None = None
     decode_tokens_per_s: float | None = None
@@ -92,7 +93,7 @@ def _cache_kwarg(model, cache) -> dict:
 
 
 def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float, steps: int, repeats: int,
-            device, dtype) -> GenerateResult:
+            device, dtype, cache_kind: str = "dynamic", reduce_overhead: bool = False) -> GenerateResult:
     from ..backends.block import BlockSparseBackend
     from ..integrations.generation import generation_cache
     from ..integrations.hf import sparsify
@@ -100,8 +101,13 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
     plan = None
     if method.startswith("sparse"):
         plan = f"all: global_tokens(1) | neighbour({window_for(length, sparsity)})"
-    res = GenerateResult(kind, length, batch, method, plan)
-    model = build_model(kind, length + steps + 1, method, device, dtype)
+    label = cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static" else "")
+    res = GenerateResult(kind, length, batch, method, plan, cache=label)
+    if method == "sparse-evict" and cache_kind != "dynamic":
+        res.note = "the evicting cache is a dynamic one"
+        return res
+    max_len = length + steps + 4
+    model = build_model(kind, max_len, method, device, dtype)
     if plan is not None:
         sparsify(model, plan, backend=BlockSparseBackend())
     ids = torch.randint(3, MODELS[kind]["vocab_size"], (batch, length), device=device)
@@ -109,9 +115,9 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
     def new_cache():
         if method == "sparse-evict":
             return generation_cache(model)
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        return DynamicCache()
+        return StaticCache(config=model.config, max_cache_len=max_len) if cache_kind == "static" else DynamicCache()
 
     def prefill():
         cache = new_cache()
@@ -137,14 +143,18 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
             res.prefill_ms = statistics.median(times)
-            # one untimed step (first decode call: the decode kernel's compilation), then the timed ones
-            out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            # as transformers runs a static cache's steps when it compiles them: CUDA graphs of the whole step
+            step = (torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+                    if reduce_overhead and cache_kind == "static" else model)
+            # untimed steps first (the decode kernel's compilation; torch.compile's and the graphs' recording)
+            for _ in range(3 if step is not model else 1):
+                out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             _sync(device)
             res.decode_tokens_per_s = batch * steps / (time.perf_counter() - t0)
             res.cache_gib = sum(t.numel() * t.element_size() for layer in cache.layers
@@ -157,21 +167,23 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
 
 
 def run(models, lengths, batches, methods, *, sparsity: float = 0.9, steps: int = 32, repeats: int = 3,
-        device=None, dtype=None, progress=print) -> list[GenerateResult]:
+        device=None, dtype=None, caches=("dynamic",), reduce_overhead: bool = False,
+        progress=print) -> list[GenerateResult]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     results = []
     for kind in models:
         for L in lengths:
             for B in batches:
-                for method in methods:
-                    r = run_one(kind, L, B, method, sparsity=sparsity, steps=steps, repeats=repeats, device=device,
-                                dtype=dtype)
-                    results.append(r)
-                    gc.collect()  # the model of the last run is gone: return its memory before the next
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    progress(format_table([r]).splitlines()[-1])
+                for cache_kind in caches:
+                    for method in methods:
+                        r = run_one(kind, L, B, method, sparsity=sparsity, steps=steps, repeats=repeats,
+                                    device=device, dtype=dtype, cache_kind=cache_kind, reduce_overhead=reduce_overhead)
+                        results.append(r)
+                        gc.collect()  # the model of the last run is gone: return its memory before the next
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        progress(format_table([r]).splitlines()[-1])
     return results
 
 
@@ -180,23 +192,26 @@ def _ratio(a, b):
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
 def format_table(results: list[GenerateResult]) -> str:
-    """One row per (model, length, batch, method); ratios over dense at the same (model, length, batch): prefill
+    """One row per (model, length, batch, cache, method); ratios over dense at the same (model, length, batch, cache;
+    the evicting cache against the dynamic one): prefill
     speed-ups (dense time / time) for the first and the repeated call, decode tokens/s over dense's."""
-    dense = {(r.model, r.length, r.batch): r for r in results if r.method == "dense"}
-    head = (f"{'model':<6} {'length':>7} {'batch':>5} {'method':<13} {'prefill 1st ms':>14} {'x dense':>7} "
+    dense = {(r.model, r.length, r.batch, r.cache): r for r in results if r.method == "dense"}
+    head = (f"{'model':<6} {'length':>7} {'batch':>5} {'cache':<22} {'method':<13} {'prefill 1st ms':>14} {'x dense':>7} "
             f"{'prefill ms':>10} {'x dense':>7} {'decode tok/s':>12} {'x dense':>7} {'peak GiB':>8} "
             f"{'cache GiB':>9}  note")
     lines = [head]
     for r in results:
-        d = dense.get((r.model, r.length, r.batch))
+        d = dense.get((r.model, r.length, r.batch, r.cache)) if r.method != "sparse-evict" else \
+            dense.get((r.model, r.length, r.batch, "dynamic"))
         first = _ratio(d.prefill_first_ms, r.prefill_first_ms) if d else None
         rep = _ratio(d.prefill_ms, r.prefill_ms) if d else None
         dec = _ratio(r.decode_tokens_per_s, d.decode_tokens_per_s) if d else None
-        lines.append(f"{r.model:<6} {r.length:>7} {r.batch:>5} {r.method:<13} {_fmt(r.prefill_first_ms, '14.1f')} "
+        lines.append(f"{r.model:<6} {r.length:>7} {r.batch:>5} {r.cache:<22} {r.method:<13} "
+                     f"{_fmt(r.prefill_first_ms, '14.1f')} "
                      f"{_fmt(first, '7.2f')} {_fmt(r.prefill_ms, '10.1f')} {_fmt(rep, '7.2f')} "
                      f"{_fmt(r.decode_tokens_per_s, '12.1f')} {_fmt(dec, '7.2f')} {_fmt(r.peak_gib, '8.2f')} "
                      f"{_fmt(r.cache_gib, '9.3f')}  {r.note}")

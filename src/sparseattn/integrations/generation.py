@@ -81,6 +81,8 @@ class SinkWindowCache(Cache):
     sink, window: the plan's bound (``LayerPlan.sink_window``); made by ``generation_cache(model)``.
     """
 
+    sparseattn_evicts = True  # what sparseattn's attention looks for (integrations.hf._evicts)
+
     def __init__(self, num_layers: int, sink: int, window: int):
         if sink < 0 or window < 0:
             raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")

@@ -367,9 +367,9 @@ def _query_offset(batch: dict, q_len: int, kv_len: int):
 
 
 def _evicts(cache) -> bool:
-    from .generation import SinkWindowCache
-
-    return isinstance(cache, SinkWindowCache)
+    """Whether ``cache`` is sparseattn's evicting cache (``generation.SinkWindowCache``), told by a class flag: no
+    import here (that module imports transformers' caches, which ``import sparseattn`` does not)."""
+    return getattr(cache, "sparseattn_evicts", False)
 
 
 def _kv_layout(batch: dict, am, kv_len: int, q_len: int, q_offset, device):

@@ -57,11 +57,21 @@ class StaticMask(Pattern):
                                  f"{self.max_length - 1}), but decoding reached position {last}; generate at most "
                                  f"{self.max_length} tokens in all (prompt included), or collect the mask at a larger "
                                  "length")
-        t = self.table.to(layout.device)
+        t = self._table_on(layout.device)
         n = self.max_length - 1
         pk = p.clamp(min=0, max=n)  # keys beyond the table are after every query the table covers (not allowed)
         rel = t[:, pq.clamp(min=0, max=n)[:, :, None], pk[:, None, :]]  # (H, B, Lq, L)
         return rel.transpose(0, 1)
+
+    def _table_on(self, device) -> torch.Tensor:
+        """The table on ``device``, copied once: a decoding step (maybe in a CUDA graph) makes no host copy."""
+        device = torch.device(device)
+        if self.table.device == device:
+            return self.table
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = self.table.to(device)
+        return copies[device]
 
     def prefix_stable(self, causal: bool) -> bool:
         return True
