@@ -422,3 +422,35 @@ def test_a_sliding_window_model_generates_under_a_plan():
         ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
                         position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
     assert_steps_equal(out, ref, ids.shape[1])
+
+
+@pytest.mark.parametrize("name", ["sink_window", "ap", "random"])
+def test_a_static_cache_decoding_step_traces_whole(name):
+    """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
+    kernel, so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits.
+    (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    from transformers import StaticCache
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 120, (2, 9), generator=g)
+    logits = []
+    for compiled in (False, True):
+        model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+        sa.sparsify(model, plan_of(name), backend=BlockSparseBackend(block_size=32, force=True))
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        step = torch.compile(model.forward, fullgraph=True, backend="eager") if compiled else model.forward
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
+            for i in range(3):
+                out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i),
+                           **cache_kwarg(model, cache))
+                logits.append(out.logits)
+                nxt = out.logits[:, -1:].argmax(-1)
+    for eager, traced in zip(logits[:3], logits[3:]):
+        torch.testing.assert_close(traced, eager, atol=ATOL, rtol=ATOL)
