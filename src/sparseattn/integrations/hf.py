@@ -86,13 +86,15 @@ def _layout_mask_function(*args, **kwargs):
         return None
     if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
             and isinstance(q_offset, int) and kv_len == q_offset + q_len and kwargs.get("kv_offset", 0) == 0
-            and (am is None or am.dim() == 2)):
+            and (am is None or (am.dim() == 2 and am.shape[1] == kv_len))):
         # incremental, plain causal, keys = every token seen (a dynamic cache, or sparseattn's evicting cache,
-        # which reports its sizes so): the layout holds it (see _kv_layout). A static cache's mask is made:
-        # generate() turns the 2-D mask into it before the forward pass, so it is the only padding there is.
+        # which reports its sizes so): the layout holds it (see _kv_layout)
         return None
     if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
-            and kwargs.get("kv_offset", 0) == 0 and (am is None or am.dim() == 2) and kv_len is not None):
+            and kwargs.get("kv_offset", 0) == 0 and kv_len is not None
+            and (am is None or (am.dim() == 2 and am.shape[1] <= kv_len))):
+        # generate() turns the 2-D mask into this before the forward pass for a static cache, so the row is the
+        # only padding information the layers get
         # A cache of fixed slots (static): one (B, 1, 1, kv_len) row, the slots that hold tokens (real ones up to
         # the last query), instead of transformers' (B, 1, Lq, kv_len) mask: the attention's layout takes the
         # padding from it and the queries' positions from the cache; the plan's rows are causal (a static
@@ -101,8 +103,7 @@ def _layout_mask_function(*args, **kwargs):
         slots = torch.arange(kv_len, device=device)
         held = slots < q_offset + q_len
         if am is not None:
-            am_b = am.bool()
-            held = held & torch.nn.functional.pad(am_b, (0, max(0, kv_len - am_b.shape[1])), value=False)[:, :kv_len]
+            held = held & torch.nn.functional.pad(am.bool(), (0, kv_len - am.shape[1]), value=False)
         else:
             held = held[None].expand(kwargs.get("batch_size", 1), kv_len)
         return held[:, None, None, :]
