@@ -93,12 +93,11 @@ def _layout_mask_function(*args, **kwargs):
     if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
             and kwargs.get("kv_offset", 0) == 0 and kv_len is not None
             and (am is None or (am.dim() == 2 and am.shape[1] <= kv_len))):
-        # generate() turns the 2-D mask into this before the forward pass for a static cache, so the row is the
-        # only padding information the layers get
-        # A cache of fixed slots (static): one (B, 1, 1, kv_len) row, the slots that hold tokens (real ones up to
-        # the last query), instead of transformers' (B, 1, Lq, kv_len) mask: the attention's layout takes the
-        # padding from it and the queries' positions from the cache; the plan's rows are causal (a static
-        # cache's prefill would otherwise make an L x max_cache_len mask).
+        # A cache of fixed slots (static): one (B, 1, 1, kv_len) row, the slots that hold real tokens up to the
+        # last query, instead of transformers' (B, 1, Lq, kv_len) mask (L x max_cache_len at the prefill). The
+        # layout takes the padding from it and the queries' positions from the cache; the plan's rows are causal.
+        # generate() turns the 2-D mask into this before the forward pass, so the row is the only padding the
+        # layers get.
         device = am.device if am is not None else kwargs.get("device", "cpu")
         slots = torch.arange(kv_len, device=device)
         held = slots < q_offset + q_len
