@@ -50,8 +50,9 @@ class StaticMask(Pattern):
         p = layout.positions
         pq = p[:, rows]
         tracing = torch.compiler.is_compiling() or (p.is_cuda and torch.cuda.is_current_stream_capturing())
-        if not tracing:
-            last = int(pq.max()) if pq.numel() else -1
+        if not tracing:  # a decoder's keys after its queries are never kept: only the queries' positions count
+            seen = pq if layout.causal else p
+            last = int(seen.max()) if seen.numel() else -1
             if last >= self.max_length:
                 raise ValueError(f"{self.spec()} in layer {layer} is stored for {self.max_length} positions (0-"
                                  f"{self.max_length - 1}), but decoding reached position {last}; generate at most "
@@ -59,7 +60,7 @@ class StaticMask(Pattern):
                                  "length")
         t = self._table_on(layout.device)
         n = self.max_length - 1
-        pk = p.clamp(min=0, max=n)  # keys beyond the table are after every query the table covers (not allowed)
+        pk = p.clamp(min=0, max=n)  # a decoder's keys beyond the table follow its queries (never allowed)
         rel = t[:, pq.clamp(min=0, max=n)[:, :, None], pk[:, None, :]]  # (H, B, Lq, L)
         return rel.transpose(0, 1)
 
