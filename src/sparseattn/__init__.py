@@ -22,12 +22,25 @@ from .sparsity import SparsityReport, mask_sparsity, measure_plan
 from .text.parse import ParseCache
 from .text.structure import BatchStructure, encode
 
+
+
+def __getattr__(name):
+    # the evicting cache subclasses transformers' Cache: imported when first asked for, so that
+    # ``import sparseattn`` does not import transformers
+    if name in ("generation_cache", "SinkWindowCache"):
+        from .integrations import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
+
+
 __all__ = [
     "Pattern", "neighbour", "global_tokens", "random", "strided", "full", "causal", "bigbird", "syntax",
     "lexical", "similar", "static_mask", "union", "intersection",
     "Plan", "Rule", "PlanError", "PlanSpecError", "PlanFileError", "parse_pattern", "save_plan", "load_plan",
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
     "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention",
+    "generation_cache", "SinkWindowCache",
     "encode", "BatchStructure", "ParseCache",
     "SparseattnError", "ConfigError", "DataError", "NotFoundError", "StorageError",
 ]

@@ -38,6 +38,9 @@ class TokenLayout:
         as if it were run alone. None: each row is one sequence.
     documents: (S, 3) int32 or None: the documents as (row, first token, token count), where known without
         reading the GPU (``from_cu_seqlens``); kernels that walk documents take them from here.
+    given_positions: (B, L) int64 or None: each token's position where it is not its count among the real tokens
+        before it: the keys of a generation cache that evicted keys (positions with gaps), or a cache read over
+        fewer slots than the tokens seen. -1 for padding. None: positions are counted from ``real``.
     """
 
     real: torch.Tensor
@@ -49,6 +52,7 @@ class TokenLayout:
     unpadded: bool = False
     document_ids: torch.Tensor | None = None
     documents: torch.Tensor | None = None
+    given_positions: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.real.dim() != 2 or self.real.dtype != torch.bool:
@@ -60,7 +64,10 @@ class TokenLayout:
         if self.document_ids is not None and self.document_ids.shape != self.real.shape:
             raise ValueError(f"TokenLayout.document_ids has shape {tuple(self.document_ids.shape)}, expected "
                              f"{tuple(self.real.shape)} like .real")
-        self._positions = None
+        if self.given_positions is not None and self.given_positions.shape != self.real.shape:
+            raise ValueError(f"TokenLayout.given_positions has shape {tuple(self.given_positions.shape)}, expected "
+                             f"{tuple(self.real.shape)} like .real")
+        self._positions = self.given_positions
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -182,3 +189,22 @@ class TokenLayout:
         """(B, 1, L, L) bool: each real token with itself."""
         eye = torch.eye(self.length, dtype=torch.bool, device=self.device)
         return eye[None, None] & self.real[:, None, :, None]
+
+    # -- rows: the queries of an incremental call (generation with a KV cache) -------------------------
+    # An incremental call has Lq queries over L keys; the queries are tokens of the layout, at indices
+    # ``rows`` (Lq,) int64 (the last Lq of a dynamic cache, the slots being filled of a static one). The row
+    # methods give the matching rows of the L x L ones, in O(Lq x L) memory.
+    def allowed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Lq, L) bool: ``allowed()[:, :, rows]``."""
+        a = self.real[:, None, rows, None] & self.real[:, None, None, :]
+        if self.packed:
+            a = a & (self.document_ids[:, None, rows, None] == self.document_ids[:, None, None, :])
+        if self.causal:
+            p = self.positions
+            a = a & (p[:, None, None, :] <= p[:, None, rows, None])
+        return a
+
+    def diagonal_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Lq, L) bool: ``diagonal()[:, :, rows]``."""
+        eye = rows[:, None] == torch.arange(self.length, device=self.device)[None, :]
+        return eye[None, None] & self.real[:, None, rows, None]

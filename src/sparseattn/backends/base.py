@@ -15,9 +15,12 @@ class AttentionCall:
     """One layer's attention, as the model hands it over.
 
     query: (B, H, Lq, D); key, value: (B, H_kv, Lk, D) (H_kv < H for grouped-query attention).
-    layout: the batch's layout over the Lk key positions (queries are the last Lq of them).
+    layout: the batch's layout over the Lk key positions; the queries are Lq of them, from index ``q_offset``.
     model_mask: (B, 1 or H, Lq, Lk) bool from the model (padding, causality), or None for "no mask".
     cache: a dict shared by the layers of one forward pass (masks reused across layers).
+    q_offset: the index among the keys of the first query: None for the last Lq (a full forward pass, a dynamic
+        cache), an int or a 0-d int64 tensor otherwise (a static cache fills slots from the tokens seen so far,
+        a count it holds on the device).
     """
 
     query: torch.Tensor
@@ -30,10 +33,25 @@ class AttentionCall:
     dropout_p: float
     cache: dict
     need_weights: bool = False
+    q_offset: int | torch.Tensor | None = None
 
     @property
     def q_len(self) -> int:
         return self.query.shape[2]
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the queries are not all the keys (decoding with a KV cache)."""
+        return self.q_len != self.key.shape[2] or (self.q_offset is not None and
+                                                   (isinstance(self.q_offset, torch.Tensor) or self.q_offset != 0))
+
+    def query_rows(self) -> torch.Tensor:
+        """(Lq,) int64: the queries' indices among the keys."""
+        key = ("query_rows", self.key.shape[2], self.q_len)
+        if key not in self.cache:
+            start = self.key.shape[2] - self.q_len if self.q_offset is None else self.q_offset
+            self.cache[key] = torch.arange(self.q_len, device=self.query.device) + start
+        return self.cache[key]
 
     def expanded_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value repeated to the query's number of heads (grouped-query attention)."""
@@ -44,12 +62,18 @@ class AttentionCall:
 
     def keep_mask(self) -> torch.Tensor:
         """(B, H', Lq, Lk) bool: the plan's keep-mask for real queries, intersected with the model's mask;
-        padding queries keep the model's own row (their output is ignored downstream)."""
-        pattern = self.layer_plan.mask(self.layout, self.cache)[:, :, -self.q_len:, :]
+        padding queries keep the model's own row (their output is ignored downstream). Incremental calls compute
+        only the queries' rows of the plan (``LayerPlan.mask_rows``): nothing Lk x Lk is made."""
+        if self.incremental:
+            rows = self.query_rows()
+            pattern = self.layer_plan.mask_rows(self.layout, rows, self.cache)
+            real_q = self.layout.real[:, None, rows, None]
+        else:
+            pattern = self.layer_plan.mask(self.layout, self.cache)
+            real_q = self.layout.real[:, None, :, None]
         model = self.model_mask
         if model is None:
-            return pattern | ~self.layout.real[:, None, -self.q_len:, None]
-        real_q = self.layout.real[:, None, -self.q_len:, None]
+            return pattern | ~real_q
         return torch.where(real_q, pattern & model, model)
 
 

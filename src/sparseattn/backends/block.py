@@ -6,8 +6,10 @@ backend's for real queries; padding queries get zero outputs and no gradient.
 
 How a sparsified layer runs, in order:
 
-- the reference path (SDPA with the boolean mask) for attention weights, dropout, incremental decoding, devices
-  other than CUDA, sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
+- the reference path (SDPA with the boolean mask) for attention weights, dropout, devices other than CUDA,
+  sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
+- incremental decoding (a KV cache): ``decode_kernel`` over the plan's rows for the new queries, reading only
+  the cache tiles they keep (on CUDA from ``min_length`` keys; else the reference path over the same rows);
 - dense SDPA without a mask for layers the plan leaves dense, on unpadded batches;
 - the Triton operator for layers whose patterns depend on positions only, when the model passes no mask of its
   own: tile lists are built once per layer and length bucket and found by the operator at run time, so the
@@ -26,6 +28,7 @@ Each decision is logged once per backend (eagerly; not while torch.compile trace
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter, OrderedDict
@@ -33,7 +36,7 @@ from collections import Counter, OrderedDict
 import torch
 import torch.nn.functional as F
 
-from . import triton_kernel
+from . import decode_kernel, triton_kernel
 from .base import AttentionCall, Backend
 from .tile_mask import TileMask, check_block_size
 from .flex_kernel import block_sparse_attention
@@ -162,9 +165,8 @@ class BlockSparseBackend(Backend):
             return self._run_reference(call, "dropout", f"{where}: attention dropout {call.dropout_p} is not "
                                        "supported by the block kernel; the reference path runs (set the model's "
                                        "attention dropout to 0 for speed)", level=logging.WARNING)
-        if call.q_len != call.key.shape[2]:
-            return self._run_reference(call, "incremental", f"{where}: {call.q_len} queries over "
-                                       f"{call.key.shape[2]} keys (incremental decoding) run on the reference path")
+        if call.incremental:
+            return self._incremental(call)
         if lp.is_dense:
             return self._dense(call)
         L = call.q_len
@@ -384,6 +386,47 @@ class BlockSparseBackend(Backend):
     def _count(self, what: str) -> None:
         if not torch.compiler.is_compiling():
             self.stats[what] += 1
+
+    # -- incremental decoding (a KV cache) ---------------------------------------------------------
+    def _incremental(self, call: AttentionCall):
+        """Decoding with a KV cache: the decode kernel over the plan's rows for the new queries (it reads only the
+        cache tiles they keep; ``decode_kernel``), on CUDA from ``min_length`` keys, for a few queries per step;
+        otherwise the reference path (masked SDPA over the rows, which reads the whole cache). Neither builds
+        anything Lk x Lk."""
+        lp, Lq, Lk = call.layer_plan, call.q_len, call.key.shape[2]
+        where = f"layer {lp.layer}"
+        if (isinstance(call.q_offset, int) and call.q_offset == 0 and not call.layout.packed
+                and (call.model_mask is None or call.model_mask.shape[-2] == 1)):  # no mask, or the slots' row
+            return self.attention(self._first_slots(call))
+        if lp.is_dense or not decode_kernel.supports(call.query, call.key):
+            return self._run_reference(call, "incremental", f"{where}: {Lq} queries over {Lk} keys (incremental "
+                                       "decoding) run on the reference path (a dense layer, no Triton, or more "
+                                       f"than {decode_kernel.MAX_ROWS} query rows per key head)")
+        if not self.force and (call.query.device.type != "cuda" or Lk < self.min_length):
+            return self._run_reference(call, ("incremental-short", call.query.device.type),
+                                       f"{where}: decoding over {Lk} keys on {call.query.device.type}: the "
+                                       f"reference path runs (the decode kernel: CUDA, from {self.min_length} keys)")
+        self._count("decode")
+        # the layers of one step with the same patterns share the rows and their tile lists (one set per step)
+        key = ("block.decode", _layer_key(call), Lk, Lq, call.key.shape[1],
+               None if call.model_mask is None else id(call.model_mask))  # one mask object per pass
+        if key not in call.cache:
+            keep = call.keep_mask()
+            call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1])
+        keep, lists = call.cache[key]
+        return decode_kernel.decode_attention(call.query, call.key, call.value, keep, call.scale, lists), None
+
+    def _first_slots(self, call: AttentionCall) -> AttentionCall:
+        """A static cache's prefill (queries in its first Lq slots, the slots after them hold no token yet) as the
+        full pass it is: the call over the first Lq keys, whose layout is the first Lq tokens' (the padding the
+        model's slot row gave), so it runs wherever a prefill runs (the block kernel, at long lengths)."""
+        Lq, lay = call.q_len, call.layout
+        key = ("block.first_slots", lay.length, Lq, lay.causal)
+        if key not in call.cache:
+            call.cache[key] = TokenLayout(real=lay.real[:, :Lq], causal=lay.causal,
+                                          special=None if lay.special is None else lay.special[:, :Lq])
+        return dataclasses.replace(call, key=call.key[:, :, :Lq], value=call.value[:, :, :Lq],
+                                   layout=call.cache[key], model_mask=None, q_offset=None)
 
     def _dense(self, call: AttentionCall):
         """A layer the plan leaves dense: SDPA without a mask when the batch has no padding and the model's

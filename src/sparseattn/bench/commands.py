@@ -1,4 +1,4 @@
-"""``sparseattn bench attention`` and ``sparseattn bench model``."""
+"""``sparseattn bench attention``, ``sparseattn bench model`` and ``sparseattn bench generate``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def _fractions(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (or a percentage), got {part!r}")
         out.append(v)
     return out
+
+
+def _fraction(text: str) -> float:
+    values = _fractions(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one sparsity (0.9 or 90), got {text!r}")
+    return values[0]
 
 
 def _names(allowed):
@@ -141,6 +148,30 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from .attention import device_meta
+    from .generate import format_table, results_to_json, run
+
+    if args.device == "cuda":
+        _need_cuda()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and any(m != "tiny" for m in args.models):
+        raise OSError(f"the {', '.join(m for m in args.models if m != 'tiny')} model(s) are timed on a CUDA GPU; "
+                      "on the CPU run --models tiny (a smoke test)")
+    meta = device_meta() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
+    meta.update(command="sparseattn bench generate", sparsity=args.sparsity, steps=args.steps, repeats=args.repeats,
+                caches=args.caches, reduce_overhead=args.reduce_overhead)
+    results = run(args.models, args.lengths, args.batches, args.methods, sparsity=args.sparsity, steps=args.steps,
+                  repeats=args.repeats, device=device, caches=args.caches, reduce_overhead=args.reduce_overhead)
+    print()
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, results_to_json(results, meta))
+    return 0
+
+
 def register(subparsers, formatter_class) -> None:
     from .attention import LAYOUTS, METHODS
 
@@ -226,3 +257,37 @@ def register(subparsers, formatter_class) -> None:
                         "dense and sparse alike: the layers' other work runs fused, attention as it is")
     p.add_argument("--json", default=None, help="write all results here (kept after each configuration)")
     p.set_defaults(func=cmd_model)
+
+    from .generate import METHODS as GEN_METHODS, MODELS as GEN_MODELS
+
+    p = sub.add_parser(
+        "generate", help="generation with a KV cache: prefill and decode, dense vs FlexAttention vs a sparse plan",
+        formatter_class=formatter_class,
+        description="A Llama-shaped decoder with random weights (1b: hidden 2048, 16 layers, 32 heads, 8 key/value "
+                    "heads; 135m: SmolLM-135M's shape; tiny: a CPU smoke test), bf16 on the GPU: prefill time (the "
+                    "first call at a new length, and repeated), decode tokens/s and peak memory, for dense SDPA, "
+                    "FlexAttention, and global_tokens(1) | neighbour(w) at the target sparsity on the block backend "
+                    "(sparse; sparse-evict adds the cache that drops keys no query attends). Ratios over dense.",
+        epilog=textwrap.dedent("""\
+            examples:
+              sparseattn bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 --json out/gen.json
+              sparseattn bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead
+              sparseattn bench generate --models tiny --lengths 64,128 --batches 1,2 --steps 4   # CPU smoke test
+            """))
+    p.add_argument("--models", type=_names(tuple(GEN_MODELS)), default=["1b"], help="1b, 135m or tiny")
+    p.add_argument("--lengths", type=_ints, default=_ints("4k,16k,32k,64k"), help="prompt lengths (4096 or 4k)")
+    p.add_argument("--batches", type=_ints, default=_ints("1,16"), help="batch sizes")
+    p.add_argument("--methods", type=_names(GEN_METHODS), default=list(GEN_METHODS),
+                   help=f"which to run, of {', '.join(GEN_METHODS)}")
+    p.add_argument("--sparsity", type=_fraction, default=0.9,
+                   help="target sparsity of the plan's causal pairs, in percent or as a fraction")
+    p.add_argument("--caches", type=_names(("dynamic", "static")), default=["dynamic"],
+                   help="transformers' caches to decode with: dynamic, static (sparse-evict runs its own, dynamic)")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="compile the static cache's decoding steps with torch.compile(mode='reduce-overhead') (CUDA "
+                        "graphs), dense and sparse alike, as transformers does for static caches")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--repeats", type=int, default=3, help="repeated prefill calls (their median is reported)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="where to run (the GPU where there is one)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.set_defaults(func=cmd_generate)

@@ -69,8 +69,11 @@ def _layout_mask_function(*args, **kwargs):
     """The mask function of the ``sparseattn`` attention: no mask (None) wherever the model's mask would be plain
     padding and causality (or none) over a full forward pass, since the batch's layout holds exactly that (from
     the 2-D attention mask, and the modules' ``is_causal``): nothing L x L is made, and nothing is read back from
-    the GPU to compare it with the layout. Other masks (sliding windows, custom mask functions, incremental
-    decoding) are materialized as transformers makes them."""
+    the GPU to compare it with the layout. The same for incremental decoding with a dynamic KV cache under the
+    plain causal mask: the layout knows the padding from the 2-D attention mask over every token seen, so
+    transformers' (B, 1, Lq, Lk) mask is not made either; a static cache gets one (B, 1, 1, Lk) row of the slots
+    holding tokens. Other masks (sliding windows, chunked or custom mask functions) are materialized as
+    transformers makes them."""
     from transformers import masking_utils as mu
 
     fn = kwargs.get("mask_function", mu.causal_mask_function)
@@ -81,6 +84,28 @@ def _layout_mask_function(*args, **kwargs):
             and isinstance(q_offset, int) and q_offset == 0 and kwargs.get("kv_offset", 0) == 0
             and (am is None or (am.dim() == 2 and am.shape[1] == kv_len))):
         return None
+    if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
+            and isinstance(q_offset, int) and kv_len == q_offset + q_len and kwargs.get("kv_offset", 0) == 0
+            and (am is None or (am.dim() == 2 and am.shape[1] == kv_len))):
+        # incremental, plain causal, keys = every token seen (a dynamic cache, or sparseattn's evicting cache,
+        # which reports its sizes so): the layout holds it (see _kv_layout)
+        return None
+    if (not args and fn is mu.causal_mask_function and kwargs.get("local_size") is None and q_len is not None
+            and kwargs.get("kv_offset", 0) == 0 and kv_len is not None
+            and (am is None or (am.dim() == 2 and am.shape[1] <= kv_len))):
+        # A cache of fixed slots (static): one (B, 1, 1, kv_len) row, the slots that hold real tokens up to the
+        # last query, instead of transformers' (B, 1, Lq, kv_len) mask (L x max_cache_len at the prefill). The
+        # layout takes the padding from it and the queries' positions from the cache; the plan's rows are causal.
+        # generate() turns the 2-D mask into this before the forward pass, so the row is the only padding the
+        # layers get.
+        device = am.device if am is not None else kwargs.get("device", "cpu")
+        slots = torch.arange(kv_len, device=device)
+        held = slots < q_offset + q_len
+        if am is not None:
+            held = held & torch.nn.functional.pad(am.bool(), (0, kv_len - am.shape[1]), value=False)
+        else:
+            held = held[None].expand(kwargs.get("batch_size", 1), kv_len)
+        return held[:, None, None, :]
     return _mask_function(*args, **kwargs)
 
 
@@ -291,20 +316,27 @@ def _pre_hook(model, args, kwargs):
     structure = kwargs.pop(STRUCTURE_KWARG, None)
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    kv_cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it cache
+    seen = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
+    if isinstance(seen, torch.Tensor):  # a static cache's own counter, which its update() advances in place
+        seen = seen.clone()
+    if (_evicts(kv_cache) and isinstance(seen, int) and seen == 0 and isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 2):  # the prompt's left padding precedes the sink: keep it (one read)
+        kv_cache.set_left_padding(int((attention_mask.long().cumsum(-1) == 0).sum(-1).max()))
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if ref is not None:
         L = ref.shape[1]
         if L == 0:
             raise ValueError("the input has no tokens; every example needs at least one")
-        past = kwargs.get("past_key_values")
-        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         # packed rows number positions per document (position_ids), so a row may outgrow the model's positions
         packed = kwargs.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
-        if state.max_positions and L + seen > state.max_positions and not packed:
+        # a static cache counts its tokens on the device: comparing would read it back (a sync each step)
+        if state.max_positions and isinstance(seen, int) and L + seen > state.max_positions and not packed:
             raise ValueError(f"the input has {L + seen} tokens but {type(model).__name__} supports at most "
                              f"{state.max_positions} (max_position_embeddings, less any position offset); truncate it explicitly")
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "structure": structure, "cache": {},
-             "position_ids": kwargs.get("position_ids"), "cu_seqlens": kwargs.get("cu_seq_lens_q")}
+             "position_ids": kwargs.get("position_ids"), "cu_seqlens": kwargs.get("cu_seq_lens_q"),
+             "kv_cache": kv_cache, "seen": seen}
     if not state.kwargs_reach_attention:  # a model without **kwargs would refuse it; the layout carries it
         kwargs.pop("cu_seq_lens_q", None)
     state.batch = batch
@@ -316,20 +348,84 @@ def _pre_hook(model, args, kwargs):
     return args, kwargs
 
 
+def _query_offset(batch: dict, q_len: int, kv_len: int):
+    """The index among the keys of the call's first query: None for the last q_len keys (a full pass, a dynamic
+    cache, a cache that evicts); the tokens seen before this pass for a cache of fixed slots (a static cache,
+    whose keys beyond them are empty slots). Read from the cache before the pass (``_pre_hook``), so no GPU
+    value is read back."""
+    cache = batch.get("kv_cache")
+    if cache is None or kv_len == q_len and not isinstance(batch.get("seen"), torch.Tensor):
+        return None
+    if getattr(cache, "is_compileable", False) and not _evicts(cache):
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+            # a static sliding-window layer rolls its slots: where the queries sit is not the tokens seen
+            raise ValueError(f"{type(cache).__name__} has sliding-window layers, whose slots roll; sparseattn "
+                             "decodes with dynamic caches, static caches without sliding layers, and "
+                             "sparseattn.generation_cache")
+        return batch.get("seen", 0)
+    return None
+
+
+def _evicts(cache) -> bool:
+    """Whether ``cache`` is sparseattn's evicting cache (``generation.SinkWindowCache``), told by a class flag: no
+    import here (that module imports transformers' caches, which ``import sparseattn`` does not)."""
+    return getattr(cache, "sparseattn_evicts", False)
+
+
+def _kv_layout(batch: dict, am, kv_len: int, q_len: int, q_offset, device):
+    """(real, given positions or None) over the kv_len keys of a call whose 2-D attention mask ``am`` (or None)
+    covers every token seen, past and present: the same slots (a full pass, a dynamic cache), more slots than
+    tokens (a static cache: the rest are empty), or fewer (a cache that evicted keys: its slot table says which
+    tokens it kept; another cache keeps the last kv_len)."""
+    cache = batch.get("kv_cache")
+    seen_now = None if am is None else am.shape[1]
+    if am is None:
+        if q_offset is None and not _evicts(cache):
+            return torch.ones(1, kv_len, dtype=torch.bool, device=device), None
+        if q_offset is not None:  # a static cache: slots up to the last query hold tokens
+            return (torch.arange(kv_len, device=device) < q_offset + q_len)[None], None
+    am = am.to(device=device).bool() if am is not None else None
+    if am is not None and seen_now == kv_len:
+        return am, None
+    if am is not None and seen_now < kv_len:
+        return torch.nn.functional.pad(am, (0, kv_len - seen_now), value=False), None
+    # fewer slots than tokens seen: which tokens the slots hold
+    if _evicts(cache):
+        slots = cache.slots(kv_len, device)
+    else:
+        slots = torch.arange(seen_now - kv_len, seen_now, device=device)
+    if am is None:
+        return torch.ones(1, kv_len, dtype=torch.bool, device=device), slots[None].clone()
+    positions = am.long().cumsum(-1) - 1
+    real = am[:, slots]
+    return real, torch.where(real, positions[:, slots], torch.full_like(positions[:, slots], -1))
+
+
 def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | None, batch_size: int, kv_len: int,
-                device) -> TokenLayout:
+                device, q_len: int | None = None, q_offset=None) -> TokenLayout:
     key = ("layout", kv_len, bool(getattr(module, "is_causal", False)))
     if key in batch["cache"]:
         return batch["cache"][key]
     am = batch.get("attention_mask")
-    if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] == kv_len:
-        real = am.to(device=device).bool()
+    given_positions = None
+    q_len = kv_len if q_len is None else q_len
+    am2 = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+    if am2 is not None and am2.shape[1] == kv_len and not _evicts(batch.get("kv_cache")):
+        real = am2.to(device=device).bool()
+    elif (am2 is not None and am2.shape[1] > kv_len) or (
+            model_mask is None and (q_len != kv_len or q_offset is not None or batch.get("kv_cache") is not None)):
+        # keys over fewer slots than tokens seen (an evicting or sliding-window cache) take their positions from
+        # the whole 2-D mask, whatever mask the model made; so do calls that came without one
+        real, given_positions = _kv_layout(batch, am2, kv_len, q_len, q_offset, device)
+        real = real.expand(batch_size, kv_len)
+        if given_positions is not None:
+            given_positions = given_positions.expand(batch_size, kv_len)
     elif model_mask is not None:
         real = model_mask.any(dim=-2)[:, 0] if model_mask.shape[1] == 1 else model_mask.any(dim=-2).any(dim=1)
     else:  # no padding information at all: every token is real
         real = torch.ones(batch_size, kv_len, dtype=torch.bool, device=device)
-    unpadded = am is None and model_mask is None
-    packed = _packed(batch, real, kv_len, am)
+    unpadded = am is None and model_mask is None and q_offset is None and not _evicts(batch.get("kv_cache"))
+    packed = _packed(batch, real, kv_len, am) if given_positions is None else None
     structure = batch.get("structure")
     input_ids = batch.get("input_ids")
     if input_ids is not None and input_ids.shape[1] != kv_len:
@@ -356,7 +452,7 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     layout = TokenLayout(real=real & packed.real if docs else real, special=special, structure=structure,
                          input_ids=input_ids, token_vectors=vectors, causal=bool(getattr(module, "is_causal", False)),
                          unpadded=unpadded and not docs, document_ids=packed.document_ids if docs else None,
-                         documents=packed.documents if docs else None)
+                         documents=packed.documents if docs else None, given_positions=given_positions)
     batch["cache"][key] = layout
     return layout
 
@@ -399,11 +495,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     batch = kwargs.pop(BATCH_KWARG, None) or state.batch
     if not batch:
         batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
-    kv_len = key.shape[2]
-    layout = _layout_for(module, state, batch, attention_mask, query.shape[0], kv_len, query.device)
+    kv_len, q_len = key.shape[2], query.shape[2]
+    q_offset = _query_offset(batch, q_len, kv_len)
+    layout = _layout_for(module, state, batch, attention_mask, query.shape[0], kv_len, query.device, q_len, q_offset)
     call = AttentionCall(
         query=query, key=key, value=value, layer_plan=state.layer_plans[module._sparseattn_layer], layout=layout,
         model_mask=attention_mask, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        dropout_p=dropout, cache=batch["cache"], need_weights=_wants_weights(module, kwargs))
+        dropout_p=dropout, cache=batch["cache"], need_weights=_wants_weights(module, kwargs), q_offset=q_offset)
     out, weights = state.backend.attention(call)
     return out.transpose(1, 2).contiguous(), weights

@@ -55,6 +55,33 @@ class Pattern:
             raise TypeError(f"{self.name}.relation returned {rel.dtype} {tuple(rel.shape)}, expected a 4-D bool tensor")
         return (rel & layout.allowed()) | layout.diagonal()
 
+    def relation_rows(self, layout: TokenLayout, rows: torch.Tensor, *, layer: int, num_heads: int) -> torch.Tensor:
+        """``relation(...)[:, :, rows]`` (B or 1, H or 1, Lq, L): the relation of the queries at indices ``rows``
+        (Lq,) int64 with every key, for incremental decoding. Patterns whose rows can be had without the L x L
+        relation override this (every packaged pattern of positions or stored tables does); this default
+        crops the whole relation, which is right but costs L x L memory. Input-dependent patterns refuse:
+        a generation cache does not keep the past tokens' ids, parses or vectors."""
+        if self.input_dependent:
+            raise ValueError(f"{self.spec()} depends on the input (ids, parses or embeddings of every token), which "
+                             "a generation cache does not keep: it does not support incremental decoding "
+                             "(generate() with a KV cache); run full forward passes, or use positional patterns")
+        return self.relation(layout, layer=layer, num_heads=num_heads)[:, :, rows]
+
+    def mask_rows(self, layout: TokenLayout, rows: torch.Tensor, *, layer: int = 0, num_heads: int = 1) -> torch.Tensor:
+        """``mask(layout)[:, :, rows]`` (B, H', Lq, L) without the L x L mask: the keep-mask rows of the queries at
+        indices ``rows`` (Lq,) int64 of the layout, for incremental decoding with a KV cache."""
+        rel = self.relation_rows(layout, rows, layer=layer, num_heads=num_heads)
+        if rel.dtype != torch.bool or rel.dim() != 4:
+            raise TypeError(f"{self.name}.relation_rows returned {rel.dtype} {tuple(rel.shape)}, expected a 4-D "
+                            "bool tensor")
+        return (rel & layout.allowed_rows(rows)) | layout.diagonal_rows(rows)
+
+    def sink_window(self, causal: bool) -> tuple[int, int] | None:
+        """(sink, window) when a query at position p keeps no key outside positions < sink or >= p - window, on
+        every layout (for decoders if ``causal``): a generation cache may then evict every other key (see
+        ``sparseattn.generation_cache``). None where a query may keep keys at any distance."""
+        return None
+
     def spec(self) -> str:
         """Text that `sparseattn.parse_pattern` turns back into an equal pattern."""
         raise NotImplementedError
@@ -124,6 +151,13 @@ class _Combined(Pattern):
     def prefix_stable(self, causal: bool) -> bool:
         return all(p.prefix_stable(causal) for p in self.parts)
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        rel = None
+        for p in self.parts:
+            r = p.relation_rows(layout, rows, layer=layer, num_heads=num_heads)
+            rel = r if rel is None else (rel | r if self.op == "|" else rel & r)
+        return rel
+
     def tensors(self):
         out = {}
         for p in self.parts:
@@ -139,6 +173,13 @@ class _Combined(Pattern):
 class Union(_Combined):
     op, word = "|", "or"
 
+    def sink_window(self, causal):
+        # the union keeps what any part keeps: the largest sink and the largest window bound it
+        bounds = [p.sink_window(causal) for p in self.parts]
+        if any(b is None for b in bounds):
+            return None
+        return max(b[0] for b in bounds), max(b[1] for b in bounds)
+
     def relation(self, layout, *, layer, num_heads):
         rel = None
         for p in self.parts:
@@ -149,6 +190,11 @@ class Union(_Combined):
 
 class Intersection(_Combined):
     op, word = "&", "and"
+
+    def sink_window(self, causal):
+        # the intersection keeps no more than any part: any part's bound holds; the one keeping fewest keys
+        bounds = [b for b in (p.sink_window(causal) for p in self.parts) if b is not None]
+        return min(bounds, key=lambda b: b[0] + b[1]) if bounds else None
 
     def relation(self, layout, *, layer, num_heads):
         rel = None
@@ -206,7 +252,9 @@ def check_int(value, what: str, *, minimum: int = 0, maximum: int = MAX_INT) -> 
     return value
 
 
-def positional_grid(layout: TokenLayout):
-    """(B, 1, L, 1) query positions and (B, 1, 1, L) key positions (real-token indices, -1 for padding)."""
+def positional_grid(layout: TokenLayout, rows: torch.Tensor | None = None):
+    """(B, 1, L, 1) query positions and (B, 1, 1, L) key positions (real-token indices, -1 for padding); with
+    ``rows`` (Lq,), the queries are the tokens at those indices only: (B, 1, Lq, 1)."""
     p = layout.positions
-    return p[:, None, :, None], p[:, None, None, :]
+    q = p if rows is None else p[:, rows]
+    return q[:, None, :, None], p[:, None, None, :]

@@ -12,6 +12,9 @@ class Causal(Pattern):
     def relation(self, layout, *, layer, num_heads):
         return self.index_relation()(*positional_grid(layout))
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        return self.index_relation()(*positional_grid(layout, rows))
+
     def index_relation(self):
         return lambda q, kv: kv <= q
 

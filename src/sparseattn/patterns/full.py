@@ -15,6 +15,10 @@ class Full(Pattern):
         return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.device).expand(
             layout.batch_size, 1, layout.length, layout.length)
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.device).expand(
+            layout.batch_size, 1, rows.shape[0], layout.length)
+
     def index_relation(self):
         return lambda q, kv: (q >= 0) | (kv >= 0)
 

@@ -26,6 +26,16 @@ class GlobalTokens(Pattern):
             glob = layout.real & (layout.positions < self.g)
         return glob[:, None, :, None] | glob[:, None, None, :]
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        if self.g == "special" and layout.special is None:
+            return super().relation_rows(layout, rows, layer=layer, num_heads=num_heads)  # refuses, saying why
+        glob = layout.special if self.g == "special" else layout.real & (layout.positions < self.g)
+        return glob[:, None, rows, None] | glob[:, None, None, :]
+
+    def sink_window(self, causal):
+        # a decoder's query keeps the first g tokens (and, among the first g, every earlier one: also < g)
+        return (self.g, 0) if causal and self.g != "special" else None
+
     def index_relation(self):
         if self.g == "special":
             return None

@@ -15,6 +15,12 @@ class Neighbour(Pattern):
     def relation(self, layout, *, layer, num_heads):
         return self.index_relation()(*positional_grid(layout))
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        return self.index_relation()(*positional_grid(layout, rows))
+
+    def sink_window(self, causal):
+        return (0, self.k) if causal else None
+
     def index_relation(self):
         k = self.k
         return lambda q, kv: (q - kv).abs() <= k

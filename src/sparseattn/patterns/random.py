@@ -62,6 +62,21 @@ class Random(Pattern):
         rel.scatter_(-1, top.indices, top.values >= 0)
         return rel
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        """The same draws as ``relation`` for the queries at ``rows``: each row's top r among its own allowed keys."""
+        B, L, Lq = layout.batch_size, layout.length, rows.shape[0]
+        if self.r == 0:
+            return torch.zeros(B, 1, Lq, L, dtype=torch.bool, device=layout.device)
+        qi, kj = positional_grid(layout, rows)
+        heads = torch.arange(num_heads, device=layout.device)[None, :, None, None]
+        u = hash_uniform(self.seed, layer, heads, qi.clamp(min=0), kj.clamp(min=0))  # (B, H, Lq, L)
+        cand = layout.allowed_rows(rows) & ~layout.diagonal_rows(rows)
+        u = torch.where(cand, u, torch.full_like(u, -1.0))
+        top = u.topk(min(self.r, L), dim=-1)
+        rel = torch.zeros(B, num_heads, Lq, L, dtype=torch.bool, device=layout.device)
+        rel.scatter_(-1, top.indices, top.values >= 0)
+        return rel
+
     def prefix_stable(self, causal: bool) -> bool:
         # a decoder's query draws among the keys before it, whatever follows; an encoder's among all n keys
         return causal

@@ -58,6 +58,19 @@ class RandomBlocks(Pattern):
         h = torch.arange(num_heads, device=layout.device)[None, :, None, None]
         return rel[b, h, blk[:, None, :, None], blk[:, None, None, :]]  # (B, H, L, L)
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        """``relation`` at the queries ``rows``: the block relation is (L / block)^2, not L^2."""
+        if self.r == 0:
+            return torch.zeros(layout.batch_size, 1, rows.shape[0], layout.length, dtype=torch.bool,
+                               device=layout.device)
+        pos = layout.positions.clamp(min=0)
+        num_blocks = (layout.lengths + self.block - 1) // self.block
+        rel = self.block_relation(num_blocks, layer=layer, num_heads=num_heads, causal=layout.causal)
+        blk = pos // self.block
+        b = torch.arange(layout.batch_size, device=layout.device)[:, None, None, None]
+        h = torch.arange(num_heads, device=layout.device)[None, :, None, None]
+        return rel[b, h, blk[:, None, rows, None], blk[:, None, None, :]]
+
     def spec(self):
         extra = f", seed={self.seed}" if self.seed else ""
         return f"random_blocks({self.r}, block={self.block}{extra})"

@@ -41,6 +41,39 @@ class StaticMask(Pattern):
         rel = t[:, p[:, :, None], p[:, None, :]]  # (H, B, L, L)
         return rel.transpose(0, 1)
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        """The table's rows at the queries' positions; a position beyond the table is refused, naming the pattern,
+        the layer, the stored length and the position (checked eagerly; under torch.compile or CUDA graph capture
+        positions are clamped to the table instead, as nothing may be read back from the GPU there)."""
+        if self.per_head and self.table.shape[0] != num_heads:
+            raise ValueError(f"{self.name} has {self.table.shape[0]} heads, the layer has {num_heads}")
+        p = layout.positions
+        pq = p[:, rows]
+        tracing = torch.compiler.is_compiling() or (p.is_cuda and torch.cuda.is_current_stream_capturing())
+        if not tracing:  # a decoder's keys after its queries are never kept: only the queries' positions count
+            seen = pq if layout.causal else p
+            last = int(seen.max()) if seen.numel() else -1
+            if last >= self.max_length:
+                raise ValueError(f"{self.spec()} in layer {layer} is stored for {self.max_length} positions (0-"
+                                 f"{self.max_length - 1}), but decoding reached position {last}; generate at most "
+                                 f"{self.max_length} tokens in all (prompt included), or collect the mask at a larger "
+                                 "length")
+        t = self._table_on(layout.device)
+        n = self.max_length - 1
+        pk = p.clamp(min=0, max=n)  # a decoder's keys beyond the table follow its queries (never allowed)
+        rel = t[:, pq.clamp(min=0, max=n)[:, :, None], pk[:, None, :]]  # (H, B, Lq, L)
+        return rel.transpose(0, 1)
+
+    def _table_on(self, device) -> torch.Tensor:
+        """The table on ``device``, copied once: a decoding step (maybe in a CUDA graph) makes no host copy."""
+        device = torch.device(device)
+        if self.table.device == device:
+            return self.table
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = self.table.to(device)
+        return copies[device]
+
     def prefix_stable(self, causal: bool) -> bool:
         return True
 

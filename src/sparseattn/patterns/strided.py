@@ -15,6 +15,9 @@ class Strided(Pattern):
     def relation(self, layout, *, layer, num_heads):
         return self.index_relation()(*positional_grid(layout))
 
+    def relation_rows(self, layout, rows, *, layer, num_heads):
+        return self.index_relation()(*positional_grid(layout, rows))
+
     def index_relation(self):
         s = self.s
         return lambda q, kv: (q - kv).remainder(s) == 0

@@ -149,6 +149,44 @@ class LayerPlan:
         return out
 
 
+    def mask_rows(self, layout: TokenLayout, rows: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """``mask(layout)[:, :, rows]`` (B, H', Lq, L) without the L x L mask: the keep-mask rows of the queries at
+        indices ``rows`` (Lq,) int64 (incremental decoding: the new tokens of a KV cache)."""
+        def pattern_rows(p: Pattern) -> torch.Tensor:
+            key = ("rows", p.spec(), self.layer if p.per_layer else None, self.num_heads if p.per_head else None)
+            if cache is not None and key in cache:
+                return cache[key]
+            m = p.mask_rows(layout, rows, layer=self.layer, num_heads=self.num_heads)
+            if cache is not None:
+                cache[key] = m
+            return m
+
+        if not self.entries:
+            return layout.allowed_rows(rows)
+        if len(self.entries) == 1 and self.entries[0][0] is None:
+            return pattern_rows(self.entries[0][1])
+        B, Lq, L = layout.batch_size, rows.shape[0], layout.length
+        out = layout.allowed_rows(rows).expand(B, self.num_heads, Lq, L).clone()
+        for heads, p in self.entries:
+            m = pattern_rows(p)
+            idx = list(range(self.num_heads)) if heads is None else list(heads)
+            out[:, idx] = m[:, idx] if m.shape[1] > 1 else m.expand(B, len(idx), Lq, L)
+        return out
+
+    def sink_window(self, causal: bool) -> tuple[int, int] | None:
+        """(sink, window) bounding what every head of this layer keeps (see ``Pattern.sink_window``); None for a
+        layer with a dense head or a pattern that keeps keys at any distance."""
+        covered = set()
+        for heads, _ in self.entries:
+            covered.update(range(self.num_heads) if heads is None else heads)
+        if len(covered) < self.num_heads:  # a dense head keeps every earlier key
+            return None
+        bounds = [p.sink_window(causal) for p in self.patterns]
+        if any(b is None for b in bounds):
+            return None
+        return max(b[0] for b in bounds), max(b[1] for b in bounds)
+
+
 class Plan:
     """An ordered list of rules. Two rules may not cover the same (layer, head)."""
 

@@ -1,0 +1,146 @@
+"""The decode kernel (backends/decode_kernel.py) against an fp64 softmax over the kept keys: odd context lengths,
+grouped-query heads, batch > 1, per-head and shared rows, rows that keep nothing, a few queries per step, head
+sizes that are not powers of two. On the CPU in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py);
+the same cases compiled for the GPU, in bf16 and fp16 against the flash-attention bound (at most twice the error
+of the same math in PyTorch at that precision), carry the gpu marker."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from sparseattn.backends import decode_kernel  # noqa: E402
+from sparseattn.backends.decode_kernel import decode_attention, tile_lists  # noqa: E402
+from sparseattn.layout import TokenLayout  # noqa: E402
+from sparseattn.plans.plan import Plan  # noqa: E402
+
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU")
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def reference(q, k, v, keep, scale, dtype=torch.float64):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).to(dtype), v.repeat_interleave(rep, 1).to(dtype)
+    s = (q.to(dtype) @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~keep, float("-inf")).float(), -1).nan_to_num(0.0).to(dtype) @ v
+
+
+CASES = [
+    # B, H, H_kv, Lq, Lk, D, mask heads
+    (2, 4, 2, 1, 197, 24, 1),  # odd length, GQA, one row for every head, head size 24 (padded to 32)
+    (3, 8, 2, 1, 1001, 32, 8),  # per-head rows, batch 3
+    (1, 6, 6, 3, 130, 16, 6),  # three queries a step (speculative decoding), no grouping
+    (2, 32, 8, 1, 777, 64, 1),  # the 1B Llama's heads
+]
+
+
+def make(B, H, Hkv, Lq, Lk, D, mh, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g)
+    k, v = torch.randn(B, Hkv, Lk, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g)
+    keep = torch.rand(B, mh, Lq, Lk, generator=g) < 0.04
+    keep[..., :1] = True  # a sink
+    keep[..., Lk - 9:] |= torch.rand(B, mh, Lq, 9, generator=g) < 0.8  # a window at the end
+    if B > 1:
+        keep[1, :, :, Lk // 2:] = False  # a long run of empty tiles
+    if B > 2:
+        keep[2, 0] = False  # a row that keeps nothing: zeros
+    return [t.to(device) for t in (q, k, v, keep)]
+
+
+@INTERPRETER
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_decode_kernel_matches_the_reference(case):
+    q, k, v, keep = make(*case)
+    got = decode_attention(q, k, v, keep)
+    want = reference(q, k, v, keep, q.shape[-1] ** -0.5)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@INTERPRETER
+def test_decode_kernel_in_fp16_is_within_twice_pytorchs_error():
+    q, k, v, keep = make(2, 4, 2, 1, 333, 32, 4, seed=1)
+    want = reference(q, k, v, keep, 32 ** -0.5)
+    half = [t.half() for t in (q, k, v)]
+    got = decode_attention(*half, keep).double()
+    torch_err = (reference(*half, keep, 32 ** -0.5, dtype=torch.float16).double() - want).abs().max()
+    assert (got - want).abs().max() <= 2 * torch_err + 1e-4
+
+
+@INTERPRETER
+def test_splits_see_every_kept_tile(monkeypatch):
+    """Whatever the number of programs sharing a list (more than its tiles too), the result is the same."""
+    q, k, v, keep = make(2, 4, 2, 1, 900, 32, 1, seed=2)
+    want = reference(q, k, v, keep, 32 ** -0.5)
+    for splits in (1, 3, 40):
+        monkeypatch.setattr(decode_kernel, "num_splits", lambda *a, s=splits: s)
+        torch.testing.assert_close(decode_attention(q, k, v, keep).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_tile_lists_hold_the_kept_tiles_of_a_key_head_first_in_order():
+    keep = torch.zeros(1, 4, 1, 300, dtype=torch.bool)  # 4 query heads over 2 key heads, tiles of 64
+    keep[0, 0, 0, 10] = True  # key head 0: tile 0 (from query head 0) and tile 4 (from query head 1)
+    keep[0, 1, 0, 290] = True
+    keep[0, 3, 0, 130] = True  # key head 1: tile 2
+    tiles, count = tile_lists(keep, 2)
+    assert count.tolist() == [[2, 1]]
+    assert tiles[0, 0, :2].tolist() == [0, 4] and tiles[0, 1, :1].tolist() == [2]
+    assert tiles.shape == (1, 2, 5)  # fixed: every tile has a place, whatever is kept
+
+
+def test_bad_inputs_are_named():
+    q, k, v, keep = make(1, 4, 2, 1, 50, 16, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(q[:, :3], k, v, keep)
+    with pytest.raises(ValueError, match=r"keep must be a \(B=1, 1 or 4, Lq=1, Lk=50\) bool"):
+        decode_attention(q, k, v, keep[..., :49])
+    with pytest.raises(ValueError, match="rows > 128"):
+        decode_attention(q.expand(1, 4, 70, 16), k, v, keep.expand(1, 1, 70, 50))
+
+
+@INTERPRETER
+def test_plan_rows_through_the_kernel_equal_the_reference_backend():
+    """The block backend's incremental path end to end: rows of a left-padded layout at odd positions."""
+    from sparseattn.backends.base import AttentionCall
+    from sparseattn.backends.block import BlockSparseBackend
+    from sparseattn.backends.reference import ReferenceBackend
+
+    lp = Plan.parse("heads=0-1@all: global_tokens(2) | neighbour(5); heads=2-3@all: strided(7)").resolve(1, 4)[0]
+    real = torch.ones(2, 261, dtype=torch.bool)
+    real[1, :37] = False  # left padding
+    layout = TokenLayout(real=real, causal=True)
+    q, k, v, _ = make(2, 4, 2, 1, 261, 16, 1, seed=3)
+    outs = []
+    for backend in (BlockSparseBackend(force=True), ReferenceBackend()):
+        call = AttentionCall(q, k, v, lp, layout, None, 0.25, 0.0, {})
+        outs.append(backend.attention(call)[0])
+    assert call.incremental
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+def test_decode_kernel_on_the_gpu(case, dtype, device):
+    q, k, v, keep = make(*case, device=device)
+    want = reference(q, k, v, keep, q.shape[-1] ** -0.5)
+    low = [t.to(dtype) for t in (q, k, v)]
+    got = decode_attention(*low, keep).double()
+    torch_err = (reference(*low, keep, q.shape[-1] ** -0.5, dtype=torch.float32).double() - want).abs().max()
+    assert (got - want).abs().max() <= 2 * torch_err + 1e-4
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+def test_decode_kernel_captures_in_a_cuda_graph(device):
+    q, k, v, keep = make(2, 32, 8, 1, 4099, 64, 1, device=device)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    eager = decode_attention(q, k, v, keep)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_attention(q, k, v, keep)
+    keep.zero_()
+    keep[..., 5] = True  # new rows, same shapes: the replay reads them
+    graph.replay()
+    torch.testing.assert_close(captured, v[:, :, 5:6].repeat_interleave(4, 1))
+    assert not torch.equal(eager, captured)

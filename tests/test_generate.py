@@ -1,0 +1,460 @@
+"""Generation under a plan: greedy ``generate()`` with transformers' caches (dynamic, static) and sparseattn's
+evicting cache, against the specification: the logits of every generated step equal those of the whole sequence
+run through the reference backend in one forward pass. And the row masks incremental calls use, against the
+rows of the full masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseattn as sa
+from sparseattn.layout import TokenLayout
+from sparseattn.patterns import bigbird, causal, full, global_tokens, neighbour, random, strided
+from sparseattn.patterns.random_blocks import random_blocks
+from sparseattn.plans.plan import Plan
+
+from conftest import padded_real, tiny_llama
+
+ATOL = 2e-5
+MAX_POSITIONS = 64
+
+
+# -- row masks ----------------------------------------------------------------------------------------
+def ap_table(n: int = 40, heads: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(heads, n, n, generator=g) < 0.3
+
+
+ROW_PATTERNS = {
+    "neighbour": neighbour(2), "strided": strided(3), "global": global_tokens(2), "causal": causal(),
+    "full": full(), "random": random(2), "random_blocks": random_blocks(1, block=3), "bigbird": bigbird(1, 1, 2),
+    "sink_window": global_tokens(1) | neighbour(3), "and": neighbour(4) & strided(2),
+    "static": sa.static_mask(ap_table(), "ap"), "static_heads": sa.static_mask(ap_table(heads=4), "aph"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_PATTERNS))
+@pytest.mark.parametrize("causal_", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mask_rows_equal_rows_of_the_full_mask(name, causal_, side):
+    pattern = ROW_PATTERNS[name]
+    real = padded_real([13, 9, 4], side)
+    if side == "left":  # a static cache: empty slots after the tokens seen
+        real = torch.cat([real, torch.zeros(3, 5, dtype=torch.bool)], 1)
+    layout = TokenLayout(real=real, causal=causal_)
+    full_mask = pattern.mask(layout, layer=1, num_heads=4)
+    for rows in (torch.arange(12, 13), torch.arange(9, 13), torch.arange(0, real.shape[1]), torch.tensor([3, 11])):
+        got = pattern.mask_rows(TokenLayout(real=real, causal=causal_), rows, layer=1, num_heads=4)
+        assert got.shape == (3, full_mask.shape[1], rows.numel(), real.shape[1])
+        assert torch.equal(got, full_mask[:, :, rows]), rows
+
+
+def test_layer_plan_rows_equal_rows_of_its_mask_with_per_head_rules():
+    plan = Plan.parse("heads=0-1@all: neighbour(1); heads=3@all: strided(2) | global_tokens(1)")
+    lp = plan.resolve(2, 4)[1]
+    layout = TokenLayout(real=padded_real([11, 6], "left"), causal=True)
+    rows = torch.arange(8, 11)
+    assert torch.equal(lp.mask_rows(layout, rows), lp.mask(layout)[:, :, rows])
+
+
+def test_given_positions_are_what_positional_patterns_see():
+    """A cache that evicted keys: slots 0-1 and 7-9 of a sequence hold positions 0, 1, 7, 8, 9."""
+    pos = torch.tensor([[0, 1, 7, 8, 9]])
+    layout = TokenLayout(real=torch.ones(1, 5, dtype=torch.bool), causal=True, given_positions=pos)
+    got = (global_tokens(1) | neighbour(1)).mask_rows(layout, torch.tensor([4]))
+    assert got[0, 0, 0].tolist() == [True, False, False, True, True]  # position 9 keeps 0 (sink), 8 and itself
+
+
+def test_neighbour_rows_at_position_50000_never_build_the_full_mask(monkeypatch):
+    n = 50_001
+
+    def refuse(*a, **k):
+        raise AssertionError("an L x L mask was built")
+
+    monkeypatch.setattr(TokenLayout, "allowed", refuse)
+    monkeypatch.setattr(TokenLayout, "diagonal", refuse)
+    for cls in {type(p) for p in ((neighbour(4) | global_tokens(1)).parts + (strided(7),))}:
+        monkeypatch.setattr(cls, "relation", refuse)
+    layout = TokenLayout(real=torch.ones(1, n, dtype=torch.bool), causal=True)
+    rows = torch.tensor([n - 1])
+    got = (neighbour(4) | global_tokens(1)).mask_rows(layout, rows)
+    assert got.shape == (1, 1, 1, n)
+    assert got[0, 0, 0].nonzero().flatten().tolist() == [0, *range(n - 5, n)]
+    got = strided(7).mask_rows(layout, rows)
+    assert got[0, 0, 0].nonzero().flatten().tolist() == list(range((n - 1) % 7, n, 7))
+
+
+def test_stored_mask_rows_beyond_its_length_name_pattern_layer_length_and_position():
+    pattern = sa.static_mask(ap_table(10), "ap")
+    layout = TokenLayout(real=torch.ones(1, 12, dtype=torch.bool), causal=True)
+    pattern.mask_rows(layout, torch.tensor([9]), layer=3)  # the last stored position is fine
+    with pytest.raises(ValueError, match=r"static_mask\('ap'\) in layer 3 is stored for 10 positions.*position 11"):
+        pattern.mask_rows(layout, torch.tensor([11]), layer=3)
+
+
+def test_input_dependent_patterns_refuse_rows_saying_why():
+    from sparseattn.patterns import lexical
+
+    layout = TokenLayout(real=torch.ones(1, 5, dtype=torch.bool), causal=True)
+    with pytest.raises(ValueError, match="does not support incremental decoding"):
+        lexical().mask_rows(layout, torch.tensor([4]))
+
+
+# -- generate() against the reference -----------------------------------------------------------------
+PLANS = {
+    "neighbour": "all: neighbour(2)",
+    "sink_window": "all: global_tokens(2) | neighbour(3)",
+    "strided": "all: strided(3)",
+    "random": "all: bigbird(1, 1, 2)",
+    "per_head": "heads=0-1@all: neighbour(1); heads=2@layers=1: strided(2)",
+    "ap": None,  # a stored Attention-Pruning-style mask per layer (below)
+}
+
+
+def plan_of(name: str):
+    if name != "ap":
+        return PLANS[name]
+    tables = {"ap0": ap_table(MAX_POSITIONS, heads=4, seed=1), "ap1": ap_table(MAX_POSITIONS, seed=2)}
+    return Plan.parse("layers=0: static_mask('ap0'); layers=1: static_mask('ap1') | neighbour(1)", tables)
+
+
+def prompts(lengths=(7, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.randint(3, 120, (len(lengths), L), generator=g)
+    am = torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        am[b, L - n:] = 1
+    return ids, am
+
+
+def generate(model, ids, am, new_tokens, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
+
+
+def cache_kwarg(model, cache) -> dict:
+    """transformers renamed generate()'s past_key_values to cache (5.2x); give the cache by the name it takes."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def reference_logits(plan, out, am, **sparsify_kw):
+    """The whole generated sequence through the reference backend in one pass: logits (B, T, V)."""
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan, **sparsify_kw)
+    seq = out.sequences
+    full_am = torch.cat([am, torch.ones(am.shape[0], seq.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    pos = (full_am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=seq, attention_mask=full_am, position_ids=pos).logits
+
+
+def assert_steps_equal(out, ref, prompt_len):
+    assert len(out.logits) > 1
+    for t, step in enumerate(out.logits):
+        torch.testing.assert_close(step, ref[:, prompt_len - 1 + t], atol=ATOL, rtol=ATOL, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_greedy_generation_equals_the_reference_at_every_step(name, cache):
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan_of(name))
+    ids, am = prompts()
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    out = generate(model, ids, am, 9, **kw)
+    assert_steps_equal(out, reference_logits(plan_of(name), out, am), ids.shape[1])
+
+
+def test_the_plan_changes_what_generation_computes():
+    """The comparison above can fail: a dense model's steps differ from the sparse reference."""
+    ids, am = prompts()
+    out = generate(tiny_llama(max_position_embeddings=MAX_POSITIONS), ids, am, 6)
+    ref = reference_logits("all: neighbour(1)", out, am)
+    with pytest.raises(AssertionError):
+        assert_steps_equal(out, ref, ids.shape[1])
+
+
+def test_a_stored_mask_refuses_to_generate_beyond_its_length():
+    tables = {"ap": ap_table(10)}
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, Plan.parse("all: static_mask('ap')", tables))
+    ids, am = prompts((7, 4))
+    generate(model, ids, am, 3)  # positions up to 9 (7 prompt tokens + 3, the last never attends)
+    with pytest.raises(ValueError, match=r"static_mask\('ap'\) in layer 0 is stored for 10 positions.*position 10"):
+        generate(model, ids, am, 5)
+
+
+def test_decoding_builds_no_full_mask(monkeypatch):
+    """After the prefill, each step computes only its own rows of the plan (a call to a full-mask method after
+    the first forward pass fails the test)."""
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")
+    calls = {"forward": 0}
+    model.register_forward_pre_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    for name in ("allowed", "diagonal"):
+        original = getattr(TokenLayout, name)
+
+        def spy(self, _original=original, _name=name):
+            if calls["forward"] > 1:
+                raise AssertionError(f"TokenLayout.{_name} (L x L) called while decoding")
+            return _original(self)
+        monkeypatch.setattr(TokenLayout, name, spy)
+    ids, am = prompts()
+    out = generate(model, ids, am, 5)
+    assert calls["forward"] == 5 and len(out.logits) == 5
+
+
+# -- the evicting cache ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("lengths", [(9,), (11, 6)])
+def test_sink_window_cache_equals_the_reference_and_stays_small(lengths):
+    plan = "all: global_tokens(2) | neighbour(3)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan)
+    ids, am = prompts(lengths, seed=3)
+    cache = sa.generation_cache(model)
+    assert (cache.sink, cache.window) == (2, 3)
+    sizes = []
+    model.register_forward_hook(lambda *a: sizes.append(cache.stored_tokens()))
+    out = generate(model, ids, am, 12, **cache_kwarg(model, cache))
+    assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
+    padding = max(lengths) - min(lengths)
+    assert sizes[0] == ids.shape[1]  # the prefill holds the prompt until the next step evicts
+    assert max(sizes[1:]) == 2 + padding + 3 + 1  # sink (+ left padding) + window + the new token
+
+
+def test_sink_window_cache_memory_is_constant_in_the_context_length():
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")
+    held = []
+    for prompt in (5, 30):
+        ids, am = prompts((prompt,))
+        cache = sa.generation_cache(model)
+        generate(model, ids, am, 20, **cache_kwarg(model, cache))
+        held.append(sum(layer.keys.numel() for layer in cache.layers))
+    assert held[0] == held[1]
+
+
+@pytest.mark.parametrize("plan, why", [("all: strided(2)", "layer 0 .* keeps keys at any distance"),
+                                       ("layers=0: neighbour(2)", "layer 1 .* is dense"),
+                                       ("heads=0-1@all: neighbour(2)", r"layer 0 .* leaves heads \[2, 3\] dense")])
+def test_generation_cache_refuses_plans_that_need_old_keys(plan, why):
+    model = tiny_llama()
+    sa.sparsify(model, plan)
+    with pytest.raises(ValueError, match=why):
+        sa.generation_cache(model)
+    with pytest.raises(ValueError, match="sparsified"):
+        sa.generation_cache(tiny_llama())
+
+
+def test_sink_window_bounds_of_patterns():
+    assert (global_tokens(2) | neighbour(5)).sink_window(True) == (2, 5)
+    assert neighbour(3).sink_window(False) is None
+    assert (neighbour(3) & strided(2)).sink_window(True) == (0, 3)
+    assert (neighbour(3) | strided(2)).sink_window(True) is None
+
+
+# -- the block backend: prefill through the block kernel, decoding through the decode kernel --------------
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", ["sink_window", "strided", "ap"])
+def test_generation_on_the_block_backend_runs_both_kernels(name, cache):
+    """In Triton's interpreter on the CPU (force=True: the kernels run at any length)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU; the GPU test is below")
+    from sparseattn.backends.block import BlockSparseBackend
+
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan_of(name), backend=backend)
+    ids, am = prompts((9, 5))
+    out = generate(model, ids, am, 4, **({"cache_implementation": "static"} if cache == "static" else {}))
+    # the prefill through the block kernel (one call per layer; a static cache's too, over its first slots), the
+    # three steps after it through the decode kernel
+    assert backend.stats["block"] == 2
+    assert backend.stats["decode"] == 2 * 3
+    assert backend.stats["reference"] == 0
+    assert_steps_equal(out, reference_logits(plan_of(name), out, am), ids.shape[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", ["sink_window", "strided", "ap", "per_head"])
+def test_generation_on_the_gpu_with_the_decode_kernel(name, cache):
+    from sparseattn.backends.block import BlockSparseBackend
+
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan_of(name), backend=backend)
+    ids, am = (t.cuda() for t in prompts((9, 5)))
+    # eager steps (a static cache is compiled by default on the GPU; the test below runs that), so stats count
+    out = generate(model, ids, am, 6, **({"cache_implementation": "static", "disable_compile": True}
+                                         if cache == "static" else {}))
+    assert backend.stats["decode"] == 2 * 5
+    ref_model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+    sa.sparsify(ref_model, plan_of(name))
+    seq = out.sequences
+    full_am = torch.cat([am, torch.ones(2, seq.shape[1] - am.shape[1], dtype=am.dtype, device="cuda")], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=seq, attention_mask=full_am, position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    for t, step in enumerate(out.logits):
+        torch.testing.assert_close(step, ref[:, ids.shape[1] - 1 + t], atol=2e-3, rtol=2e-3, msg=f"step {t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_cache_decoding_captures_under_reduce_overhead():
+    """transformers compiles the decoding step of a static cache on the GPU (mode="reduce-overhead": CUDA graphs;
+    fullgraph here, so a graph break fails); the decode kernel's step reads nothing back, so it captures, and the
+    logits stay the eager ones."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    plan = "all: global_tokens(1) | neighbour(3)"
+    ids, am = (t.cuda() for t in prompts((9, 5)))
+    outs = []
+    for compiled in (False, True):
+        model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
+        sa.sparsify(model, plan, backend=BlockSparseBackend(block_size=32, force=True))
+        kw = {"compile_config": CompileConfig(fullgraph=True)} if compiled else {"disable_compile": True}
+        outs.append(generate(model, ids, am, 6, cache_implementation="static", **kw))
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_generation_path_allocates_nothing_of_context_squared(cache, monkeypatch):
+    """Every boolean tensor (a mask) made while generating from a 1100-token prompt on the block backend (prefill
+    kernel, decode kernel, in the interpreter) holds fewer than L^2 / 4 elements: no L x L mask on the way. (The tile lists are
+    built from slabs of rows of 2^24 pairs, a 4096 x 4096 mask's worth, set to 2^16 here so that the bound shows
+    at this length; the position check of the lists looks at 512 tokens, 512^2 < 1100^2 / 4.)"""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    from sparseattn.backends.tile_mask import TileMask
+
+    from_rows = TileMask.from_rows.__func__
+    monkeypatch.setattr(TileMask, "from_rows", classmethod(lambda cls, *a, **k: from_rows(cls, *a, **k,
+                                                                                          slab_pairs=2**16)))
+    L = 1100
+    model = tiny_llama(max_position_embeddings=L + 8)
+    backend = BlockSparseBackend(block_size=64, force=True)
+    sa.sparsify(model, "all: global_tokens(1) | neighbour(3)", backend=backend)
+    ids, am = prompts((L, L - 37))
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    with Largest():
+        generate(model, ids, am, 3, **kw)
+    assert backend.stats["block"] == 2 and backend.stats["decode"] == 4
+    assert 0 < Largest.largest < L * L // 4
+
+
+# -- sparseattn bench generate ----------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [300, 1000])
+def test_the_bench_window_gives_the_target_sparsity(length):
+    from sparseattn.bench.generate import window_for
+
+    w = window_for(length, 0.9)
+    keep = (global_tokens(1) | neighbour(w)).mask(TokenLayout.from_lengths([length], causal=True))
+    kept, allowed = keep.sum().item(), length * (length + 1) // 2
+    assert 0.89 <= 1 - kept / allowed <= 0.91
+
+
+def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
+    import json
+
+    from sparseattn.cli import main
+
+    path = tmp_path / "gen.json"
+    assert main(["bench", "generate", "--models", "tiny", "--lengths", "40", "--batches", "2", "--steps", "2",
+                 "--repeats", "1", "--methods", "dense,sparse,sparse-evict", "--caches", "dynamic,static",
+                 "--device", "cpu", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())["results"]
+    assert [(r["cache"], r["method"]) for r in results] == [(c, m) for c in ("dynamic", "static")
+                                                            for m in ("dense", "sparse", "sparse-evict")]
+    for r in results:
+        if (r["cache"], r["method"]) == ("static", "sparse-evict"):
+            assert r["note"] == "the evicting cache is a dynamic one"
+            continue
+        assert r["note"] == "" and r["prefill_first_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
+    evict = next(r for r in results if r["method"] == "sparse-evict")
+    sparse = next(r for r in results if r["method"] == "sparse")
+    assert evict["cache_gib"] < sparse["cache_gib"]  # the window (w = 2 at 40 tokens) holds fewer keys
+    assert "x dense" in capsys.readouterr().out
+
+
+def test_a_sliding_window_model_generates_under_a_plan():
+    """Mistral's sliding-window cache holds the last keys only: their positions come from the whole 2-D mask, and
+    the model's own window mask applies with the plan."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral():
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                                max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
+
+    plan = "all: strided(3) | global_tokens(1)"  # the first key of the window is not the sequence's first token
+    model = mistral()
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 6))
+    out = generate(model, ids, am, 8)
+    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # the window, not every key
+    ref_model = mistral()
+    sa.sparsify(ref_model, plan)
+    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
+                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_steps_equal(out, ref, ids.shape[1])
+
+
+@pytest.mark.parametrize("name", ["sink_window", "ap", "random"])
+def test_a_static_cache_decoding_step_traces_whole(name):
+    """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
+    kernel, so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits.
+    (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    from transformers import StaticCache
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 120, (2, 9), generator=g)
+    logits = []
+    for compiled in (False, True):
+        model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+        sa.sparsify(model, plan_of(name), backend=BlockSparseBackend(block_size=32, force=True))
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        step = torch.compile(model.forward, fullgraph=True, backend="eager") if compiled else model.forward
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
+            for i in range(3):
+                out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i),
+                           **cache_kwarg(model, cache))
+                logits.append(out.logits)
+                nxt = out.logits[:, -1:].argmax(-1)
+    for eager, traced in zip(logits[:3], logits[3:]):
+        torch.testing.assert_close(traced, eager, atol=ATOL, rtol=ATOL)
