@@ -91,6 +91,11 @@ def test_stored_mask_rows_beyond_its_length_name_pattern_layer_length_and_positi
     pattern.mask_rows(layout, torch.tensor([9]), layer=3)  # the last stored position is fine
     with pytest.raises(ValueError, match=r"static_mask\('ap'\) in layer 3 is stored for 10 positions.*position 11"):
         pattern.mask_rows(layout, torch.tensor([11]), layer=3)
+    # compiled, where nothing is read back from the device: an asynchronous assert, not a clamped row
+    rows = torch.compile(lambda r: pattern.mask_rows(layout, r, layer=3), fullgraph=True)
+    assert rows(torch.tensor([9])).shape[-2:] == (1, 12)
+    with pytest.raises(RuntimeError, match=r"static_mask\('ap'\) in layer 3 is stored for 10 positions"):
+        rows(torch.tensor([11]))
 
 
 def test_input_dependent_patterns_refuse_rows_saying_why():

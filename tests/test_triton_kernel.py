@@ -572,3 +572,10 @@ def test_device_tiles_follow_each_layers_own_model_mask():
         real = layout.real[:, None, :, None]
         torch.testing.assert_close(out * real, ref * real, atol=2e-6, rtol=1e-5)
     assert backend.stats["layout_builds"] == 2
+
+
+def test_the_autotuner_keys_on_length_classes_not_buckets():
+    """Prompts of new lengths within a factor of two reuse the tuned configuration (generate() pays no re-timing)."""
+    from sparseattn.backends.triton_kernel import tune_length
+
+    assert [tune_length(n) for n in (1, 2, 3, 96, 128, 129, 256)] == [1, 2, 4, 128, 128, 256, 256]

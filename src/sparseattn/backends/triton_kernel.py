@@ -24,7 +24,7 @@ recomputes the probabilities tile by tile); rows without a kept key give zero ou
 reference, odd lengths, padding, per-head layouts, GQA).
 
 Runs on CUDA through Triton; under ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which the CPU tests
-use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, length, precision) on the GPU
+use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, length class, precision) on the GPU
 (a few seconds of compiling per new head size); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead.
 """
 
@@ -384,7 +384,7 @@ if triton is not None:
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                     scb, sch, K_FULL, K_PART,
-                    H, REP, N_CTX, N_TILES, qk_scale,
+                    H, REP, N_CTX, TUNE_LEN, qk_scale,
                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                     VARLEN: tl.constexpr):
         b, h, start, n = segment_of(SEG, tl.program_id(0), H, N_CTX, VARLEN)
@@ -537,7 +537,7 @@ if triton is not None:
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                      scb, sch, spb, sph, K_FULL, K_PART,
-                     H, REP, N_CTX, N_TILES, qk_scale, sm_scale,
+                     H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
                      SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
@@ -623,7 +623,7 @@ if triton is not None:
                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
                    FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                    scb, sch, spb, sph, K_FULL, K_PART,
-                   H, REP, N_CTX, N_TILES, qk_scale, sm_scale,
+                   H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                    SPLIT: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
@@ -682,11 +682,17 @@ def autotuning() -> bool:
 _TUNED: dict = {}
 
 
+def tune_length(n_tiles: int) -> int:
+    """The length class the autotuner keys on: tile rows rounded up to a power of two. Re-timing the candidates
+    costs several calls' worth of time, which a generate() call at a new prompt length would pay each time if
+    every length bucket were its own key; within a factor of two the best sub-tile shape does not change much."""
+    return 1 << max(0, int(n_tiles) - 1).bit_length()
+
+
 def _kernel(name: str, bs: int):
-    """(kernel, launch keywords): autotuned per (head size, layout length, precision) on the GPU, where each new
-    head size compiles the candidates once and each new layout length (a bucket: padded batches of any length
-    within it share it) re-times them; the fixed choice under the
-    interpreter or with SPARSEATTN_TRITON_AUTOTUNE=0."""
+    """(kernel, launch keywords): autotuned per (head size, length class, precision) on the GPU, where each new
+    head size compiles the candidates once and each new length class (``tune_length``) re-times them; the fixed
+    choice under the interpreter or with SPARSEATTN_TRITON_AUTOTUNE=0."""
     raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
     if interpreted():
         _mend_interpreter()
@@ -699,7 +705,7 @@ def _kernel(name: str, bs: int):
         seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "N_TILES", "PREC", "SPLIT", "FUSED", "VARLEN"],
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", "SPLIT", "FUSED", "VARLEN"],
                                       reset_to_zero=_ZEROED.get(name))(raw)
     return _TUNED[key], {}
 
@@ -784,7 +790,7 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     grid = ((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
     kernel[grid](q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                  *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L,
-                 lists.num_q_blocks, scale * LOG2E, HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype),
+                 tune_length(lists.num_q_blocks), scale * LOG2E, HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype),
                  VARLEN=varlen, **extra)
     return o, lse
 
@@ -836,7 +842,8 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     kernel[(S * H, lists.col_prog.shape[2])](
         q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-        *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L, lists.num_q_blocks,
+        *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
+        tune_length(lists.num_q_blocks),
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
         VARLEN=varlen, **extra)
     if fused:
@@ -849,7 +856,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
         kernel[(S * H, lists.row_prog.shape[2])](
             q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
-            H, rep, L, lists.num_q_blocks, scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
+            H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
             SPLIT=lists.split_rows, VARLEN=varlen, **extra)
     for scratch, out, slots in copies:
         if slots.shape[-1]:

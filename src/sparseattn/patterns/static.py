@@ -43,21 +43,24 @@ class StaticMask(Pattern):
 
     def relation_rows(self, layout, rows, *, layer, num_heads):
         """The table's rows at the queries' positions; a position beyond the table is refused, naming the pattern,
-        the layer, the stored length and the position (checked eagerly; under torch.compile or CUDA graph capture
-        positions are clamped to the table instead, as nothing may be read back from the GPU there)."""
+        the layer, the stored length and the position (under torch.compile or CUDA graph capture, where nothing may
+        be read back from the GPU, by an asynchronous assert on the device)."""
         if self.per_head and self.table.shape[0] != num_heads:
             raise ValueError(f"{self.name} has {self.table.shape[0]} heads, the layer has {num_heads}")
         p = layout.positions
         pq = p[:, rows]
         tracing = torch.compiler.is_compiling() or (p.is_cuda and torch.cuda.is_current_stream_capturing())
-        if not tracing:  # a decoder's keys after its queries are never kept: only the queries' positions count
-            seen = pq if layout.causal else p
-            last = int(seen.max()) if seen.numel() else -1
+        seen = pq if layout.causal else p  # a decoder's keys after its queries are never kept: the queries count
+        beyond = (f"{self.spec()} in layer {layer} is stored for {self.max_length} positions (0-"
+                  f"{self.max_length - 1}), but decoding reached position {{}}; generate at most {self.max_length} "
+                  "tokens in all (prompt included), or collect the mask at a larger length")
+        if tracing and seen.numel():
+            # nothing may be read back here: an asynchronous assert stops the run on the device instead
+            torch._assert_async(seen.max() < self.max_length, beyond.format(f">= {self.max_length}"))
+        elif seen.numel():
+            last = int(seen.max())
             if last >= self.max_length:
-                raise ValueError(f"{self.spec()} in layer {layer} is stored for {self.max_length} positions (0-"
-                                 f"{self.max_length - 1}), but decoding reached position {last}; generate at most "
-                                 f"{self.max_length} tokens in all (prompt included), or collect the mask at a larger "
-                                 "length")
+                raise ValueError(beyond.format(last))
         t = self._table_on(layout.device)
         n = self.max_length - 1
         pk = p.clamp(min=0, max=n)  # a decoder's keys beyond the table follow its queries (never allowed)
