@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by the open issues, cut into stages of one device call each (at most 10
+# minutes a call, about 30 minutes of device time a session). Run from the project root on the GPU machine:
+#
+#   bash benchmarks/device_rounds.sh STAGE        # logs and JSON go to $OUT (the device tool brings them back)
+#
+# Stages, in the order they pay off (the first two are what resolving issues 24 and 25 needs before any
+# number: the GPU tests):
+#   gpu-tests-kernels  the block backend's, the Triton kernel's and the decode kernel's GPU tests
+#   gpu-tests-models   the GPU tests through models: integration, generation, packed/padded, learned, patterns
+#   bench-model        issue 24: the encoder step at 16k in eager, compile and reduce-overhead modes, unpadded,
+#                      padded and packed batches, against the fastest dense step of the run
+#   bench-decoder      issue 24: the decoder forward, 4k-32k
+#   bench-attention    issue 24: the backend's own choice per cell against every method, 8k-32k, D 64 and 128
+#   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
+#   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
+#   lm-study           issue 20: the language-model Attention Pruning study (resumable: carry its database
+#                      back in with the next call, see studies/README.md); needs `device-bundle SST-2 books`
+# Record each table with its command, device and date in docs/benchmarks.md.
+set -euo pipefail
+stage=${1:?"usage: $0 STAGE (see the header for the list)"}
+out=${OUT:-out/device}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+log="$out/$stage.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
+python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
+
+case $stage in
+  gpu-tests-kernels)
+    # fixed kernel configurations: autotuning every test's shapes would take the call's time
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_block_gpu.py tests/test_triton_kernel.py tests/test_decode_kernel.py 2>&1 | tee -a "$log" || true ;;
+  gpu-tests-models)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_generate.py tests/test_hf_integration.py tests/test_packed_padded.py tests/test_learned.py \
+      tests/test_patterns.py tests/test_finetune_pack.py 2>&1 | tee -a "$log" || true ;;
+  bench-model)
+    python -m sparseattn.cli bench model --models encoder --lengths 16k --modes eager,compile,reduce-overhead \
+      --batches unpadded,padded,packed --steps 5 --json "$out/bench_model.json" 2>&1 | tee -a "$log" ;;
+  bench-decoder)
+    python -m sparseattn.cli bench model --models decoder --lengths 4k,16k,32k --modes eager,reduce-overhead \
+      --batches unpadded,padded,packed --steps 5 --json "$out/bench_decoder.json" 2>&1 | tee -a "$log" ;;
+  bench-attention)
+    python -m sparseattn.cli bench attention --head-dims 64,128 --lengths 8k,16k,32k --sparsity 90 \
+      --methods dense,dense_packed,flex_mask,block,triton,backend --json "$out/bench_attention.json" 2>&1 | tee -a "$log" ;;
+  bench-generate)
+    python -m sparseattn.cli bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 \
+      --json "$out/bench_generate.json" 2>&1 | tee -a "$log" ;;
+  bench-generate-static)
+    python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
+      --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
+  lm-study)
+    # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
+    # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense
+    # model of a seed whose masked runs are still pending.
+    GLUE_DIR=.bundle/glue timeout 540 python -m sparseattn.cli sweep studies/lm_attention_pruning.yaml \
+      2>&1 | tee -a "$log" || true
+    cp -r studies/lm_attention_pruning.sqlite* "$out/" ;;
+  *)
+    echo "unknown stage $stage; see the header of $0" >&2; exit 2 ;;
+esac
