@@ -195,16 +195,17 @@ def test_attention_pruning_under_torchrun_matches_one_process_and_writes_once(tm
     assert not [m for m in made if "partial" in m], made  # every file moved into place, none left half-made
     assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["results.json"]
     stats = [AttentionStats.load(next(r.glob("attention-*.safetensors"))) for r in (one_root, two_root)]
-    torch.testing.assert_close(stats[1].sums, stats[0].sums, rtol=0.10, atol=1e-3)  # averages of two dense models
+    # no dropout, fp32: the same dense model, the same averages, up to the order of the sums
+    torch.testing.assert_close(stats[1].sums, stats[0].sums, rtol=1e-4, atol=1e-6)
     assert torch.equal(stats[1].counts, stats[0].counts)
     one, two = (json.loads((tmp_path / n / "out" / "results.json").read_text()) for n in ("one", "two"))
     assert two["distributed"]["world_size"] == 2 and "distributed" not in one
     dense = [json.loads((r / "dense" / "results.json").read_text()) for r in (one_root, two_root)]
     assert dense[1]["distributed"]["global_batch_size"] == 8
-    assert dense[1]["train_loss_curve"]["values"] == pytest.approx(dense[0]["train_loss_curve"]["values"], rel=0.10)
-    assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=0.10)
-    assert abs(two["metrics"]["accuracy"] - one["metrics"]["accuracy"]) <= 0.05
-    assert two["sparsity"]["overall"] == pytest.approx(one["sparsity"]["overall"], abs=0.02)
+    assert dense[1]["train_loss_curve"]["values"] == pytest.approx(dense[0]["train_loss_curve"]["values"], rel=1e-4)
+    assert two["train_loss_curve"]["values"] == pytest.approx(one["train_loss_curve"]["values"], rel=1e-4)
+    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+    assert two["sparsity"]["overall"] == pytest.approx(one["sparsity"]["overall"], abs=1e-9)  # the same mask
 
 
 def test_what_is_not_data_parallel_refuses_under_torchrun(tmp_path, monkeypatch, capsys):
