@@ -279,6 +279,14 @@ def test_packed_batches_under_torchrun_match_padded_ones(tmp_path, tiny_model_no
         results[name] = json.loads((tmp_path / name / "results.json").read_text())
     padded, packed = results["padded"], results["packed"]
     assert packed["distributed"]["world_size"] == 2 and packed["padding"]["pack"] == 64
+    one = subprocess.run(common[:1] + ["-m", "sparseattn.cli"] + common[common.index("finetune"):]
+                         + ["--out", str(tmp_path / "one")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())  # one process, batches of 4: twice the steps
+    # the training tokens of every rank, not rank 0's share
+    assert padded["padding"]["train_real_tokens"] == packed["padding"]["train_real_tokens"] \
+        == one["padding"]["train_real_tokens"]
     np.testing.assert_allclose(packed["train_loss_curve"]["values"], padded["train_loss_curve"]["values"],
                                rtol=1e-4, atol=1e-5)
     assert packed["predicted_classes"] == padded["predicted_classes"]

@@ -236,6 +236,9 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"{task.folder} epoch {epoch + 1}: train loss {ep_loss:.4f}, {cfg.eval_split} "
                        f"{shown} ({epoch_train:.1f} s)")
+    if dist.active:  # the tokens of every rank's slices, not this rank's
+        counts = dist.sum(torch.tensor([hist.real_tokens, hist.token_slots], dtype=torch.int64, device=device))
+        hist.real_tokens, hist.token_slots = (int(c) for c in counts.tolist())
     return hist
 
 
