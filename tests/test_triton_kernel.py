@@ -455,6 +455,8 @@ def test_device_tiles_lists_hold_the_layouts_tiles_without_reading_counts():
     assert not dev.split_rows and not dev.split_cols
     with pytest.raises(ValueError, match="70 x 70 tokens, expected multiples of the block size 32"):
         triton_kernel.device_tiles(keep[..., :70, :70], bs)
+    with pytest.raises(ValueError, match="keep-mask is torch.int64, expected torch.bool"):
+        triton_kernel.device_tiles(keep.long(), bs)
 
 
 def _new_storages_of_at_least(numel: int, fn, *args):

@@ -119,6 +119,8 @@ def device_tiles(keep: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     bs = block_size
     if Lq % bs or Lk % bs:
         raise ValueError(f"the keep-mask is {Lq} x {Lk} tokens, expected multiples of the block size {bs}")
+    if keep.dtype != torch.bool:
+        raise ValueError(f"the keep-mask is {keep.dtype}, expected torch.bool")
     N, M = Lq // bs, Lk // bs
     tiled = keep.view(B, H, N, bs, M, bs).transpose(3, 4)  # (B, H', N, M, bs, bs)
     kept = tiled.sum((-1, -2), dtype=torch.int32)
