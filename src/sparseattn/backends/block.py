@@ -200,11 +200,11 @@ class BlockSparseBackend(Backend):
         made = call.cache.get(key) if call.model_mask is None else None
         if made is None:
             self._count("layout_builds")
-            mask = call.keep_mask()
-            Lp = -(-L // bs) * bs  # the mask padded to whole tiles, made in one allocation (it is B x H' x L x L)
-            keep = mask.new_zeros(*mask.shape[:2], Lp, Lp)
-            keep[..., :L, :L] = mask
-            del mask
+            # the keep-mask (B x H' x L x L, a new tensor: changed in place) padded to whole tiles
+            keep = call.keep_mask()
+            Lp = -(-L // bs) * bs
+            if Lp > L:
+                keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
             keep[..., :L, :L] &= lay.real[:, None, -L:, None]  # padding queries attend to nothing
             made = triton_kernel.device_tiles(keep, bs)
             if call.model_mask is None:
