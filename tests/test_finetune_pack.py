@@ -122,6 +122,36 @@ def test_packed_logits_equal_one_padded_row_per_example(arch, plan, backend):
         assert backend.stats["block"] >= 3, backend.stats  # (a dense layer of packed rows runs the reference)
 
 
+def _encoder_classifier(arch: str):
+    """A tiny random ALBERT (its pooler a Linear with a separate tanh) or RoBERTa (positions counted from
+    pad_token_id + 1) classifier, with weights large enough that a wrong position or a missing tanh shows."""
+    from transformers import (AlbertConfig, AlbertForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
+              max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+              initializer_range=0.5, num_labels=3)
+    if arch == "albert":  # one layer: sparseattn maps ALBERT's one shared attention module onto one layer only
+        kw["num_hidden_layers"] = 1
+        return AlbertForSequenceClassification(AlbertConfig(embedding_size=16, classifier_dropout_prob=0.0,
+                                                            **kw)).eval()
+    return RobertaForSequenceClassification(RobertaConfig(pad_token_id=0, type_vocab_size=1, **kw)).eval()
+
+
+@pytest.mark.parametrize("arch", ["albert", "roberta"])
+def test_packed_logits_of_other_encoder_heads_equal_one_padded_row_per_example(arch):
+    """ALBERT's pooler is a Linear whose tanh the base model applies apart; RoBERTa counts positions from
+    pad_token_id + 1: packed rows still give each example its padded logits."""
+    model = _encoder_classifier(arch)
+    split = _split([n for n in LENGTHS if n < 30], pairs=arch == "albert")
+    sparsify(model, "dense")
+    idx = np.arange(len(split.lengths))
+    want = _logits(model, split, idx, None)
+    assert want.shape == (len(idx), 3)
+    torch.testing.assert_close(_logits(model, split, idx, 64), want, atol=2e-5, rtol=1e-4)
+
+
 def test_a_model_that_is_not_sparsified_attends_across_packed_examples():
     """Why a packed run sparsifies its model under the dense plan: transformers' own BERT attention reads no
     document offsets, so packed examples see each other and their logits change."""
@@ -249,6 +279,14 @@ def test_packed_batches_under_torchrun_match_padded_ones(tmp_path, tiny_model_no
         results[name] = json.loads((tmp_path / name / "results.json").read_text())
     padded, packed = results["padded"], results["packed"]
     assert packed["distributed"]["world_size"] == 2 and packed["padding"]["pack"] == 64
+    one = subprocess.run(common[:1] + ["-m", "sparseattn.cli"] + common[common.index("finetune"):]
+                         + ["--out", str(tmp_path / "one")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())  # one process, batches of 4: twice the steps
+    # the training tokens of every rank, not rank 0's share
+    assert padded["padding"]["train_real_tokens"] == packed["padding"]["train_real_tokens"] \
+        == one["padding"]["train_real_tokens"]
     np.testing.assert_allclose(packed["train_loss_curve"]["values"], padded["train_loss_curve"]["values"],
                                rtol=1e-4, atol=1e-5)
     assert packed["predicted_classes"] == padded["predicted_classes"]

@@ -225,3 +225,66 @@ def test_bad_ray_options_say_what_is_expected(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     with pytest.raises(DependencyError, match=r"pip install 'sparseattn\[ray\]'"):
         run_ray_sweep(tmp_path / "s.sqlite", "s")
+
+
+class _StandInRay:
+    """Enough of Ray for the driver's loop, without starting Ray: one CPU, every task ready at once; getting a
+    result raises ``get_raises`` (Ctrl-C arriving while the driver records a finished task), or returns it when
+    it is a task's value (a dict)."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def __init__(self, get_raises):
+        self.get_raises, self.cancelled = get_raises, []
+
+    def cluster_resources(self):
+        return {"CPU": 1.0}
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if isinstance(self.get_raises, dict):  # a task's value
+            return self.get_raises
+        raise self.get_raises
+
+    def cancel(self, ref, force):
+        self.cancelled.append(ref)
+
+
+class _Remote:
+    def remote(self, *args):
+        return object()
+
+
+def _drive_stand_in(tmp_path, ray, raises, match=None) -> list[str]:
+    """The driver's loop over one sleep-test run with ``ray`` standing in for Ray; it must raise ``raises``.
+    Returns the run's status afterwards."""
+    from sparseattn.experiments import ray_sweep
+    from sparseattn.experiments.db import WorkerId
+
+    spec_path, _ = _sleep_spec(tmp_path, [0])
+    db = enqueue(load_spec(spec_path), tmp_path / "s.sqlite")
+    with pytest.raises(raises, match=match):
+        ray_sweep._drive(ray, db, WorkerId("ray"), "s", _Remote(), {"num_cpus": 1.0, "num_gpus": 0.0},
+                         glue_dir=None, work_dir=str(tmp_path), lease=30.0, max_runs=None, max_retries=0,
+                         say=lambda _: None)
+    statuses = [r["status"] for r in db.runs("s")]
+    db.close()
+    return statuses
+
+
+def test_ctrl_c_while_a_finished_task_is_recorded_gives_its_run_back(tmp_path):
+    """Interrupted between a task's end and its record, the driver gives that run back as pending too (it is
+    not left 'running' under a driver that has stopped)."""
+    ray = _StandInRay(KeyboardInterrupt())
+    assert _drive_stand_in(tmp_path, ray, KeyboardInterrupt) == ["pending"] and len(ray.cancelled) == 1
+
+
+def test_a_run_missing_a_dependency_stops_the_ray_sweep_and_is_not_failed(tmp_path):
+    """A run whose method raises DependencyError (no data, a missing extra) stops the sweep, as in a plain
+    sweep, with the error's message; the run is pending again, not failed."""
+    ray = _StandInRay({"error": "Traceback ...", "summary": "DependencyError: no GLUE data here", "versions": {},
+                       "dependency": True})
+    assert _drive_stand_in(tmp_path, ray, DependencyError, match="^no GLUE data here$") == ["pending"]

@@ -455,6 +455,40 @@ def test_device_tiles_lists_hold_the_layouts_tiles_without_reading_counts():
     assert not dev.split_rows and not dev.split_cols
     with pytest.raises(ValueError, match="70 x 70 tokens, expected multiples of the block size 32"):
         triton_kernel.device_tiles(keep[..., :70, :70], bs)
+    with pytest.raises(ValueError, match="keep-mask is torch.int64, expected torch.bool"):
+        triton_kernel.device_tiles(keep.long(), bs)
+
+
+def _new_storages_of_at_least(numel: int, fn, *args):
+    """How many tensors of at least ``numel`` elements with storage of their own (not views of the arguments or
+    of each other) ``fn(*args)`` makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+    made = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            out = func(*a, **(kw or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= numel:
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in seen:
+                        seen.add(ptr)
+                        made.append(func)
+            return out
+
+    with Count():
+        fn(*args)
+    return made
+
+
+def test_device_tiles_copy_the_mask_once():
+    """The tile table is the one mask-sized tensor ``device_tiles`` makes (at long lengths each copy of the mask is
+    B x H' x L x L bytes): the bool tiles are read as bytes in place, not copied again."""
+    keep = _keep(2, 3, 128, seed=1)
+    made = _new_storages_of_at_least(keep.numel(), triton_kernel.device_tiles, keep, 32)
+    assert len(made) == 1, made
 
 
 @pytest.mark.parametrize("backward", ["two-pass", "fused"])

@@ -200,10 +200,12 @@ class BlockSparseBackend(Backend):
         made = call.cache.get(key) if call.model_mask is None else None
         if made is None:
             self._count("layout_builds")
-            keep = call.keep_mask() & lay.real[:, None, -L:, None]  # padding queries attend to nothing
+            # the keep-mask (B x H' x L x L, a new tensor: changed in place) padded to whole tiles
+            keep = call.keep_mask()
             Lp = -(-L // bs) * bs
             if Lp > L:
                 keep = F.pad(keep, (0, Lp - L, 0, Lp - L))
+            keep[..., :L, :L] &= lay.real[:, None, -L:, None]  # padding queries attend to nothing
             made = triton_kernel.device_tiles(keep, bs)
             if call.model_mask is None:
                 call.cache[key] = made

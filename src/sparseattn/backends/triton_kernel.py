@@ -119,12 +119,15 @@ def device_tiles(keep: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     bs = block_size
     if Lq % bs or Lk % bs:
         raise ValueError(f"the keep-mask is {Lq} x {Lk} tokens, expected multiples of the block size {bs}")
+    if keep.dtype != torch.bool:
+        raise ValueError(f"the keep-mask is {keep.dtype}, expected torch.bool")
     N, M = Lq // bs, Lk // bs
     tiled = keep.view(B, H, N, bs, M, bs).transpose(3, 4)  # (B, H', N, M, bs, bs)
     kept = tiled.sum((-1, -2), dtype=torch.int32)
     ids = torch.arange(B * H * N * M, dtype=torch.int32, device=keep.device).view(B, H, N, M)
     code = torch.where(kept == bs * bs, FULL, torch.where(kept == 0, EMPTY, ids)).to(torch.int32)
-    return code.contiguous(), tiled.reshape(-1, bs, bs).to(torch.uint8).contiguous()
+    # one copy of the mask (the reshape of the transposed tiles), its bools read as bytes in place
+    return code.contiguous(), tiled.reshape(-1, bs, bs).view(torch.uint8).contiguous()
 
 
 # Backward lists longer than max(SPLIT_MIN, SPLIT_FACTOR x the mean list) are split into chunks about that long.

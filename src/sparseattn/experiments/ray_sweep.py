@@ -203,8 +203,9 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
                     break
                 ready, _ = ray.wait(list(tasks), num_returns=1, timeout=5.0)
                 for ref in ready:
-                    key, what, t0 = tasks.pop(ref)
+                    key, what, t0 = tasks[ref]
                     d, f = _record(ray, db, worker, sweep, ref, key, what, t0, max_retries, say)
+                    del tasks[ref]  # only once recorded: interrupted before, the run is given back below
                     beat.discard(key)
                     done, failed = done + d, failed + f
         except (KeyboardInterrupt, SystemExit, DependencyError):

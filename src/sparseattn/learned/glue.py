@@ -31,7 +31,7 @@ from ..plans.spec import parse_selector
 from ..training.batching import EncodedSplit, collate, encode_split, to_device, train_batches
 from ..training.config import FinetuneConfig
 from ..training.data import load_examples
-from ..training.distributed import Distributed, shard_batches
+from ..training.distributed import Distributed, loss_weights, shard_batches
 from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import finetune, load_classifier
 from ..training.glue import GlueTask, get_task
@@ -173,9 +173,11 @@ def _learn(cfg: LearnGlueConfig, task: GlueTask, model, degrees, train: EncodedS
     global_batch = cfg.batch_size * dist.world_size
 
     def batches():
-        for idx in shard_batches(train_batches(train, global_batch, rng), dist.rank, dist.world_size):
+        global_batches = train_batches(train, global_batch, rng)
+        for idx, weight in zip(shard_batches(global_batches, dist.rank, dist.world_size),
+                               loss_weights(global_batches, dist.rank, dist.world_size)):
             b = collate(train, idx, pad_to_multiple_of=pad_to, pin=device.type == "cuda")
-            yield to_device({k: b[k] for k in MODEL_KEYS if k in b}, device)
+            yield {**to_device({k: b[k] for k in MODEL_KEYS if k in b}, device), "loss_weight": weight}
 
     steps = cfg.epochs * math.ceil(len(train) / global_batch)
     soft_cfg = LearnConfig(lam=cfg.lam, target_sparsity=cfg.target_sparsity, steps=steps, lr=cfg.lr,

@@ -101,7 +101,8 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
     """Train ``model`` (with ``degrees`` attached, see ``attach_degrees``) for ``cfg.steps`` steps.
 
     batches: a callable returning a fresh iterable of model-ready batches (dicts with input_ids,
-    attention_mask, labels, ...); it is called again when an epoch ends.
+    attention_mask, labels, ...; optionally ``loss_weight``, the factor of this rank's task loss, see
+    ``distributed.loss_weights``); it is called again when an epoch ends.
 
     Data-parallel (``dist.active``; ``net`` the model wrapped in DistributedDataParallel, whose forward is
     used): each rank's batch is its slice of the step's global batch. The pair counts are added up over the
@@ -134,8 +135,9 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
             degrees.temperature = annealed_temperature(step, cfg.steps, cfg.t_start, cfg.t_end)
             for g in opt.param_groups[:2]:
                 g["lr"] = cfg.lr * lr_factor(step)
+            weight = batch.get("loss_weight", 1.0)  # this rank's share of an uneven global batch
             batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in batch.items()}
+                     for k, v in batch.items() if k != "loss_weight"}
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 out = net(**batch)
@@ -147,7 +149,8 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
             run_allowed = cfg.ema * run_allowed + (1 - cfg.ema) * allowed
             density = kept * dist.world_size / (run_allowed / (1 - cfg.ema ** (step + 1)))
             running_density = run_kept / run_allowed
-            loss = out.loss.float() + lam * density
+            task_loss_share = out.loss.float() * weight if weight != 1 else out.loss.float()
+            loss = task_loss_share + lam * density
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
@@ -169,7 +172,7 @@ def learn(model, degrees: SoftNeighbourDegrees, batches: Callable[[], Iterable[d
                 lam = (lam + cfg.dual_lr * (hard_kept - target_density * allowed) / mean_allowed).clamp(min=0.0)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 d = degrees.degrees().detach()
-                task_loss = dist.mean(out.loss).item()  # every rank the same value: all raise, or none
+                task_loss = dist.mean(task_loss_share).item()  # every rank the same value: all raise, or none
                 if not (torch.isfinite(d).all() and math.isfinite(task_loss)):
                     raise FloatingPointError(
                         f"learning degrees: non-finite {'degrees' if not torch.isfinite(d).all() else 'loss'} at "

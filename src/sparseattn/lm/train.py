@@ -33,7 +33,7 @@ from ..plans.io import as_plan, save_plan
 from ..plans.plan import Plan
 from ..training.config import FinetuneConfig
 from ..training.data import subset
-from ..training.distributed import Distributed, shard_batches
+from ..training.distributed import Distributed, loss_weights, shard_batches
 from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import History
 from ..training.glue import get_task
@@ -205,8 +205,9 @@ def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: s
         model.train()
         t0 = time.perf_counter()
         order = rng.permutation(n)  # the same on every rank: one seed
-        batches = shard_batches([order[i * global_batch:(i + 1) * global_batch] for i in range(steps_per_epoch)],
-                                dist.rank, dist.world_size)
+        global_batches = [order[i * global_batch:(i + 1) * global_batch] for i in range(steps_per_epoch)]
+        batches = shard_batches(global_batches, dist.rank, dist.world_size)
+        weights = loss_weights(global_batches, dist.rank, dist.world_size)
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    dynamic_ncols=True)
         for i in bar:
@@ -214,6 +215,8 @@ def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: s
             ids = (ids.pin_memory() if use_cuda else ids).to(device, non_blocking=True)
             with autocast():
                 loss = lm_loss(net, ids)
+            if weights[i] != 1:  # this rank's share of an uneven global batch (rows of equal length)
+                loss = loss * weights[i]
             opt.step(loss)
             hist.losses[step] = loss.detach()
             step += 1

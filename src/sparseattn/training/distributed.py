@@ -8,7 +8,8 @@ A run is data-parallel when torchrun (or any launcher that sets ``WORLD_SIZE`` >
 ``LOCAL_RANK``) started it; otherwise nothing here changes the single-process path.
 
 Conventions:
-- ``batch_size`` is per rank: one optimizer step sees ``batch_size x world_size`` examples.
+- ``batch_size`` is per rank: one optimizer step sees ``batch_size x world_size`` examples, and each rank's mean
+  loss is weighted by its share of them (``loss_weights``), so an uneven last batch averages as one process's.
 - Every rank draws the same epoch order (same seed), makes global batches of ``batch_size x world_size``
   exactly as a single process with that batch size would, and takes its own disjoint slice of each.
 - Every rank evaluates the whole evaluation split with the (identical) unwrapped model, so metrics agree on
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Distributed", "from_env", "launched", "refuse_under_launcher", "shard_batches"]
+__all__ = ["Distributed", "from_env", "launched", "loss_weights", "refuse_under_launcher", "shard_batches"]
 
 
 def launched() -> bool:
@@ -166,6 +167,19 @@ def from_env() -> Distributed:
         return Distributed()
     return Distributed(world_size=int(os.environ["WORLD_SIZE"]), rank=int(os.environ["RANK"]),
                        local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def loss_weights(batches: list[np.ndarray], rank: int, world_size: int) -> list[float]:
+    """For each global batch, the factor this rank's mean loss over its slice (``shard_batches``) is multiplied by
+    so that the ranks' average, which DDP takes of the gradients (and ``Distributed.mean`` of the losses), is the
+    mean over the global batch, as one process computes it: slice size x world_size / global batch size (1 for
+    even slices; an epoch's last batch may be uneven), 0 for a rank that only repeats an example of a batch smaller
+    than the world."""
+    out = []
+    for b in batches:
+        n = len(np.array_split(b, world_size)[rank])
+        out.append(n * world_size / len(b) if world_size > 1 else 1.0)
+    return out
 
 
 def shard_batches(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ from ..text.parse import DEFAULT_PARSER, ParseCache
 from .batching import EncodedSplit, collate, eval_batches, to_device, train_batches
 from .config import FinetuneConfig
 from .data import encoded, load_examples
-from .distributed import Distributed, shard_batches
+from .distributed import Distributed, loss_weights, shard_batches
 from .distributed import from_env as distributed_from_env
 from .evaluate import eval_sparsity, evaluate, majority_reference, prediction_counts
 from .glue import GlueTask, get_task
@@ -197,7 +197,9 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
     for epoch in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        batches = shard_batches(train_batches(data.train, global_batch, rng), dist.rank, dist.world_size)
+        global_batches = train_batches(data.train, global_batch, rng)
+        batches = shard_batches(global_batches, dist.rank, dist.world_size)
+        weights = loss_weights(global_batches, dist.rank, dist.world_size)
         bar = tqdm(batches, desc=f"{task.folder} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    dynamic_ncols=True)
         for i, idx in enumerate(bar):
@@ -208,6 +210,8 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
             with autocast():
                 logits = batch_logits(net, batch, run.pass_structure)
             loss = task_loss(logits, batch["labels"], task.is_regression)
+            if weights[i] != 1:  # this rank's share of an uneven global batch
+                loss = loss * weights[i]
             opt.step(loss)
             hist.losses[step] = loss.detach()
             step += 1
@@ -232,6 +236,9 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"{task.folder} epoch {epoch + 1}: train loss {ep_loss:.4f}, {cfg.eval_split} "
                        f"{shown} ({epoch_train:.1f} s)")
+    if dist.active:  # the tokens of every rank's slices, not this rank's
+        counts = dist.sum(torch.tensor([hist.real_tokens, hist.token_slots], dtype=torch.int64, device=device))
+        hist.real_tokens, hist.token_slots = (int(c) for c in counts.tolist())
     return hist
 
 

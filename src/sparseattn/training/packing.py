@@ -135,6 +135,10 @@ def readout(model) -> Readout:
     classifier = getattr(model, "classifier", None)
     pooler = getattr(model.base_model, "pooler", None)
     dropout = getattr(model, "dropout", None)
+    if isinstance(classifier, torch.nn.Linear) and isinstance(pooler, torch.nn.Linear) and dropout is not None:
+        # ALBERT's pooler is a bare Linear over [CLS]; its base model applies the tanh apart
+        activation = getattr(model.base_model, "pooler_activation", None) or torch.nn.Identity()
+        return Readout(first=True, head=lambda h: classifier(dropout(activation(pooler(h)))))
     if isinstance(classifier, torch.nn.Linear) and pooler is not None and dropout is not None:
         return Readout(first=True, head=lambda h: classifier(dropout(pooler(h[:, None]))))
     if classifier is not None and hasattr(classifier, "out_proj"):
@@ -143,17 +147,29 @@ def readout(model) -> Readout:
                       "pooler + classifier, a RoBERTa-style classification head, or a decoder's score); leave pack out")
 
 
+def first_position(model) -> int:
+    """The position id of a sequence's first token: 0, or pad_token_id + 1 for models that count positions from
+    the padding index (RoBERTa, XLM-R, CamemBERT: embeddings that make their own from ``input_ids``)."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if hasattr(embeddings, "create_position_ids_from_input_ids") and embeddings.padding_idx is not None:
+        return int(embeddings.padding_idx) + 1
+    return 0
+
+
 def packed_logits(model, batch: dict) -> torch.Tensor:
     """(N, labels) logits of the N examples of a packed batch (``pack_rows``), in its order. ``model`` may be
     wrapped (DistributedDataParallel); it is called as a whole, so that sparseattn's hook reads the batch's layout,
     and the hidden states of its base model are taken on the way (the head's outputs on each row's first or last
-    token are not used)."""
+    token are not used). The batch's positions, 0 at each example's start, are shifted to the model's first
+    position (``first_position``)."""
     inner = getattr(model, "module", model)
     read = readout(inner)
+    inputs = {k: batch[k] for k in PACKED_INPUTS if k in batch}
+    inputs["position_ids"] = inputs["position_ids"] + first_position(inner)
     hidden = []
     hook = inner.base_model.register_forward_hook(lambda module, args, out: hidden.append(out[0]))
     try:
-        model(**{k: batch[k] for k in PACKED_INPUTS if k in batch})
+        model(**inputs)
     finally:
         hook.remove()
     h = hidden[-1].flatten(0, 1)  # (rows x width, hidden)
