@@ -279,7 +279,9 @@ def test_ctrl_c_while_a_finished_task_is_recorded_gives_its_run_back(tmp_path):
     """Interrupted between a task's end and its record, the driver gives that run back as pending too (it is
     not left 'running' under a driver that has stopped)."""
     ray = _StandInRay(KeyboardInterrupt())
+    mine = signal.getsignal(signal.SIGINT)
     assert _drive_stand_in(tmp_path, ray, KeyboardInterrupt) == ["pending"] and len(ray.cancelled) == 1
+    assert signal.getsignal(signal.SIGINT) is mine  # a sweep run from Python leaves the caller's Ctrl-C as it was
 
 
 def test_a_run_missing_a_dependency_stops_the_ray_sweep_and_is_not_failed(tmp_path):

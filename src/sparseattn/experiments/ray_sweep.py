@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -47,7 +46,7 @@ from ..errors import ConfigError, DependencyError
 from ..training.methods import Method, config_from_dict, get_method
 from ..training.record import one_class_warning, package_versions
 from .db import Heartbeat, ResultsDB, WorkerId
-from .sweep import format_duration, progress_line, work_dir_of
+from .sweep import ctrl_c_ignored, format_duration, progress_line, work_dir_of
 
 INSTALL = "pip install 'sparseattn[ray]'"
 TASK_NAME = "sparseattn_run"  # a worker process running a run is titled ray::sparseattn_run
@@ -209,13 +208,13 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
                     beat.discard(key)
                     done, failed = done + d, failed + f
         except (KeyboardInterrupt, SystemExit, DependencyError):
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the giving back short
-            for ref, (key, _, _) in tasks.items():
-                ray.cancel(ref, force=True)
-                db.release(key, worker)
-                beat.discard(key)
-            if tasks:
-                say(f"interrupted; its {len(tasks)} running run(s) are pending again")
+            with ctrl_c_ignored():
+                for ref, (key, _, _) in tasks.items():
+                    ray.cancel(ref, force=True)
+                    db.release(key, worker)
+                    beat.discard(key)
+                if tasks:
+                    say(f"interrupted; its {len(tasks)} running run(s) are pending again")
             raise
     return {"done": done, "failed": failed}
 

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,17 @@ class SweepSpec:
     def config_dicts(self) -> list[dict]:
         return [c.to_dict() for c in self.configs]
 
+
+
+@contextmanager
+def ctrl_c_ignored():
+    """Ctrl-C ignored while runs are given back (a second one must not cut that short); the caller's handler is
+    back afterwards, for sweeps run from Python."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | None = None) -> SweepSpec:
     if not isinstance(d, dict):
@@ -233,9 +245,9 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
                 say(f"{tag}{what} was finished by another worker meanwhile; kept the first result")
     except (KeyboardInterrupt, SystemExit, DependencyError):
         if held is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the release short
-            db.release(held, worker)
-            say(f"{tag}interrupted; its run is pending again")
+            with ctrl_c_ignored():
+                db.release(held, worker)
+                say(f"{tag}interrupted; its run is pending again")
         raise
     finally:
         db.close()
@@ -291,17 +303,17 @@ def spawn_workers(spec_path: Path, db_path: Path, gpus: list[str | None], *, glu
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (one process group): let them give their runs back undisturbed;
         # a worker still there after that (this process alone was interrupted) is asked, then told, to stop
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for sig, wait in ((None, 15), (signal.SIGINT, 30), (signal.SIGKILL, None)):
-            for p in procs:
-                if sig is not None and p.poll() is None:
-                    p.send_signal(sig)
-            try:
+        with ctrl_c_ignored():
+            for sig, wait in ((None, 15), (signal.SIGINT, 30), (signal.SIGKILL, None)):
                 for p in procs:
-                    p.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+                    if sig is not None and p.poll() is None:
+                        p.send_signal(sig)
+                try:
+                    for p in procs:
+                        p.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         raise
     return max(codes) if codes else 0
 
