@@ -433,6 +433,35 @@ def test_a_sliding_window_model_generates_under_a_plan():
     assert_steps_equal(out, ref, ids.shape[1])
 
 
+def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
+    """Qwen2 with a sliding-window layer before a full one: in one decoding step the layers hold different numbers of
+    keys (5 and every token seen), so each layer's rows of the plan are its own, not the other layer's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def qwen2():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                            max_position_embeddings=MAX_POSITIONS, use_sliding_window=True,
+                                            sliding_window=5,
+                                            layer_types=["sliding_attention", "full_attention"])).eval()
+
+    plan = "all: strided(3) | global_tokens(1)"
+    model = qwen2()
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 6))
+    out = generate(model, ids, am, 8)
+    held = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert held[0] < held[1] == out.sequences.shape[1] - 1
+    ref_model = qwen2()
+    sa.sparsify(ref_model, plan)
+    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
+                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_steps_equal(out, ref, ids.shape[1])
+
+
 @pytest.mark.parametrize("name", ["sink_window", "ap", "random"])
 def test_a_static_cache_decoding_step_traces_whole(name):
     """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
