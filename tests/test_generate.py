@@ -50,6 +50,22 @@ def test_mask_rows_equal_rows_of_the_full_mask(name, causal_, side):
         assert torch.equal(got, full_mask[:, :, rows]), rows
 
 
+@pytest.mark.parametrize("name", sorted(ROW_PATTERNS))
+def test_mask_rows_over_a_cache_holding_some_keys_equal_rows_of_the_full_mask(name):
+    """A cache that holds only some keys (a sliding window, a sink + window) gives their positions
+    (``given_positions``): each query's row over the keys held is its row of the full mask at those keys. Random
+    patterns draw among every earlier key, held or not."""
+    pattern = ROW_PATTERNS[name]
+    real = padded_real([13, 9, 4], "left")
+    full_mask = pattern.mask(TokenLayout(real=real, causal=True), layer=1, num_heads=4)
+    positions = TokenLayout(real=real, causal=True).positions
+    for held in (torch.arange(7, 13), torch.tensor([0, 1, 2, 3, 10, 11, 12])):
+        layout = TokenLayout(real=real[:, held], causal=True, given_positions=positions[:, held])
+        rows = torch.tensor([held.numel() - 2, held.numel() - 1])
+        got = pattern.mask_rows(layout, rows, layer=1, num_heads=4)
+        assert torch.equal(got, full_mask[:, :, held[rows]][..., held]), held
+
+
 def test_layer_plan_rows_equal_rows_of_its_mask_with_per_head_rules():
     plan = Plan.parse("heads=0-1@all: neighbour(1); heads=3@all: strided(2) | global_tokens(1)")
     lp = plan.resolve(2, 4)[1]
@@ -112,6 +128,7 @@ PLANS = {
     "sink_window": "all: global_tokens(2) | neighbour(3)",
     "strided": "all: strided(3)",
     "random": "all: bigbird(1, 1, 2)",
+    "random_blocks": "all: random_blocks(1, block=3) | neighbour(1)",
     "per_head": "heads=0-1@all: neighbour(1); heads=2@layers=1: strided(2)",
     "ap": None,  # a stored Attention-Pruning-style mask per layer (below)
 }
@@ -407,9 +424,12 @@ def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
     assert "x dense" in capsys.readouterr().out
 
 
-def test_a_sliding_window_model_generates_under_a_plan():
+@pytest.mark.parametrize("plan", ["all: strided(3) | global_tokens(1)", "all: bigbird(1, 1, 2)",
+                                  "all: random_blocks(1, block=3)"])
+def test_a_sliding_window_model_generates_under_a_plan(plan):
     """Mistral's sliding-window cache holds the last keys only: their positions come from the whole 2-D mask, and
-    the model's own window mask applies with the plan."""
+    the model's own window mask applies with the plan. (strided and global tokens: the first key of the window is
+    not the sequence's first token; random patterns draw among every earlier key, not only those held.)"""
     from transformers import MistralConfig, MistralForCausalLM
 
     def mistral():
@@ -418,7 +438,6 @@ def test_a_sliding_window_model_generates_under_a_plan():
                                                 num_key_value_heads=2, intermediate_size=64, vocab_size=120,
                                                 max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
 
-    plan = "all: strided(3) | global_tokens(1)"  # the first key of the window is not the sequence's first token
     model = mistral()
     sa.sparsify(model, plan)
     ids, am = prompts((9, 6))
@@ -462,7 +481,7 @@ def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
     assert_steps_equal(out, ref, ids.shape[1])
 
 
-@pytest.mark.parametrize("name", ["sink_window", "ap", "random"])
+@pytest.mark.parametrize("name", ["sink_window", "ap", "random", "random_blocks"])
 def test_a_static_cache_decoding_step_traces_whole(name):
     """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
     kernel, so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits.
