@@ -303,6 +303,31 @@ def test_generation_on_the_block_backend_runs_both_kernels(name, cache):
     assert_steps_equal(out, reference_logits(plan_of(name), out, am), ids.shape[1])
 
 
+def test_a_static_cache_used_again_prefills_through_the_block_kernel():
+    """A static cache that held tokens before (emptied by reset(), as a server reuses one; or set up ahead with
+    early_initialization) counts its tokens in a tensor even at 0: its next prefill still runs as the full pass it
+    is (the block kernel), not as decoding steps over every slot."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    from transformers import StaticCache
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    plan = "all: global_tokens(1) | neighbour(2)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan, backend=backend)
+    ids, am = prompts((9, 5))
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    for _ in range(2):
+        cache.reset()
+        backend.stats.clear()
+        out = generate(model, ids, am, 3, **cache_kwarg(model, cache))
+        assert (backend.stats["block"], backend.stats["decode"]) == (2, 2 * 2)
+        assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

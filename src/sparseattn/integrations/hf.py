@@ -318,12 +318,16 @@ def _pre_hook(model, args, kwargs):
     attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     kv_cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it cache
     seen = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if isinstance(seen, torch.Tensor):  # a static cache's own counter, which its update() advances in place
         seen = seen.clone()
+        if ref is not None and ref.shape[1] > 1 and not _tracing(seen):
+            # a prefill (eager): one read, so that an emptied cache's first pass runs as the full pass it is
+            # (_query_offset 0); a decoding step keeps the count on the device, for torch.compile and capture
+            seen = int(seen)
     if (_evicts(kv_cache) and isinstance(seen, int) and seen == 0 and isinstance(attention_mask, torch.Tensor)
             and attention_mask.dim() == 2):  # the prompt's left padding precedes the sink: keep it (one read)
         kv_cache.set_left_padding(int((attention_mask.long().cumsum(-1) == 0).sum(-1).max()))
-    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if ref is not None:
         L = ref.shape[1]
         if L == 0:
@@ -346,6 +350,11 @@ def _pre_hook(model, args, kwargs):
         # forward passes ran in between. Models that drop kwargs on the way use state.batch instead.
         kwargs[BATCH_KWARG] = batch
     return args, kwargs
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether torch.compile traces or a CUDA graph captures, where nothing may be read back from ``t``."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _query_offset(batch: dict, q_len: int, kv_len: int):
