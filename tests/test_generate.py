@@ -261,6 +261,21 @@ def test_sink_window_cache_memory_is_constant_in_the_context_length():
     assert held[0] == held[1]
 
 
+def test_beam_search_with_the_sink_window_cache_equals_it_with_a_dynamic_cache():
+    """Beams reorder the cache's rows; every row holds the same slots, so eviction and reordering commute."""
+    plan = "all: global_tokens(1) | neighbour(2)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 5), seed=3)
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=8, num_beams=3, num_return_sequences=3,
+              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        evicting = model.generate(**kw, **cache_kwarg(model, sa.generation_cache(model)))
+        dynamic = model.generate(**kw)
+    assert torch.equal(evicting.sequences, dynamic.sequences)
+    torch.testing.assert_close(evicting.sequences_scores, dynamic.sequences_scores, atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("plan, why", [("all: strided(2)", "layer 0 .* keeps keys at any distance"),
                                        ("layers=0: neighbour(2)", "layer 1 .* is dense"),
                                        ("heads=0-1@all: neighbour(2)", r"layer 0 .* leaves heads \[2, 3\] dense")])
