@@ -114,6 +114,27 @@ def test_stored_mask_rows_beyond_its_length_name_pattern_layer_length_and_positi
         rows(torch.tensor([11]))
 
 
+def test_stored_mask_rows_read_nothing_back_where_the_keys_fit_in_the_table():
+    """A position counts real tokens, so it is below the number of keys: with no more keys than the table's length
+    (a static cache no longer than the table; any cache early on), no query can be beyond it, and a decoding step
+    does not wait for the GPU to check."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    pattern = sa.static_mask(ap_table(12), "ap")
+    real = padded_real([12, 7], "left")
+    with Reads():
+        got = pattern.mask_rows(TokenLayout(real=real, causal=True), torch.tensor([11]), layer=0)
+    assert Reads.count == 0
+    assert torch.equal(got, pattern.mask(TokenLayout(real=real, causal=True))[:, :, 11:])
+
+
 def test_input_dependent_patterns_refuse_rows_saying_why():
     from sparseattn.patterns import lexical
 
