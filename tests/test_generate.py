@@ -270,6 +270,19 @@ def test_sink_window_cache_equals_the_reference_and_stays_small(lengths):
     assert max(sizes[1:]) == 2 + padding + 3 + 1  # sink (+ left padding) + window + the new token
 
 
+def test_sink_window_cache_after_a_chunked_prefill_equals_the_reference():
+    """generate(prefill_chunk_size=4) gives the prompt in chunks of 4 columns of the attention mask: the first chunk
+    shows no real token of the example padded by 5, whose sink then lies beyond the padding seen so far."""
+    plan = "all: global_tokens(2) | neighbour(3)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan)
+    ids, am = prompts((11, 6), seed=2)
+    cache = sa.generation_cache(model)
+    out = generate(model, ids, am, 6, prefill_chunk_size=4, **cache_kwarg(model, cache))
+    assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
+    assert cache.stored_tokens() == 2 + 5 + 3 + 1
+
+
 def test_sink_window_cache_memory_is_constant_in_the_context_length():
     model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
     sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")

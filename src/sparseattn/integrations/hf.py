@@ -325,9 +325,14 @@ def _pre_hook(model, args, kwargs):
             # a prefill (eager): one read, so that an emptied cache's first pass runs as the full pass it is
             # (_query_offset 0); a decoding step keeps the count on the device, for torch.compile and capture
             seen = int(seen)
-    if (_evicts(kv_cache) and isinstance(seen, int) and seen == 0 and isinstance(attention_mask, torch.Tensor)
-            and attention_mask.dim() == 2):  # the prompt's left padding precedes the sink: keep it (one read)
-        kv_cache.set_left_padding(int((attention_mask.long().cumsum(-1) == 0).sum(-1).max()))
+    if _evicts(kv_cache) and kv_cache.padding_open:
+        # the prompt's left padding precedes the sink: keep it (one read; one a chunk of a chunked prefill while an
+        # example has shown no real token)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            padding = int((attention_mask.long().cumsum(-1) == 0).sum(-1).max())
+            kv_cache.set_left_padding(padding, attention_mask.shape[1])
+        else:
+            kv_cache.set_left_padding(0, 1)  # no mask: no padding
     if ref is not None:
         L = ref.shape[1]
         if L == 0:
