@@ -498,6 +498,22 @@ def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
     assert "x dense" in capsys.readouterr().out
 
 
+def test_bench_generate_compiles_the_step_with_sparseattns_hook(monkeypatch):
+    """--reduce-overhead compiles the decoding step as transformers does, the model's __call__: its forward alone
+    skips sparseattn's forward hook, and every step would run on the previous pass's inputs (the prefill's: an empty
+    static cache, so each query attended to the first slot alone, fast and wrong)."""
+    from sparseattn.bench import generate as bench
+    from sparseattn.integrations import hf
+
+    hook, calls = hf._pre_hook, []
+    monkeypatch.setattr(hf, "_pre_hook", lambda *a: calls.append(1) or hook(*a))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what is compiled is checked, not the compiler
+    r = bench.run_one("tiny", 40, 2, "sparse", sparsity=0.9, steps=2, repeats=1, device=torch.device("cpu"),
+                      dtype=torch.float32, cache_kind="static", reduce_overhead=True)
+    assert r.note == "" and r.decode_tokens_per_s > 0
+    assert len(calls) == 2 + 3 + 2  # the prefills (first and repeated), the untimed steps, the timed ones
+
+
 @pytest.mark.parametrize("plan", ["all: strided(3) | global_tokens(1)", "all: bigbird(1, 1, 2)",
                                   "all: random_blocks(1, block=3)"])
 def test_a_sliding_window_model_generates_under_a_plan(plan):
@@ -557,12 +573,15 @@ def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
 
 @pytest.mark.parametrize("name", ["sink_window", "ap", "random", "random_blocks"])
 def test_a_static_cache_decoding_step_traces_whole(name):
-    """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
-    kernel, so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits.
-    (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
+    """A static cache's decoding step under torch.compile(fullgraph=True), compiled as transformers compiles it (the
+    model's __call__, sparseattn's forward hook included): no graph break from the hook to the decode kernel, so
+    nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits, which are
+    the reference's. (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the interpreter runs where there is no GPU")
+    from types import SimpleNamespace
+
     from transformers import StaticCache
 
     from sparseattn.backends.block import BlockSparseBackend
@@ -570,18 +589,23 @@ def test_a_static_cache_decoding_step_traces_whole(name):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 120, (2, 9), generator=g)
-    logits = []
+    logits, tokens = [], []
     for compiled in (False, True):
         model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
         sa.sparsify(model, plan_of(name), backend=BlockSparseBackend(block_size=32, force=True))
         cache = StaticCache(config=model.config, max_cache_len=32)
-        step = torch.compile(model.forward, fullgraph=True, backend="eager") if compiled else model.forward
+        step = torch.compile(model.__call__, fullgraph=True, backend="eager") if compiled else model
         with torch.no_grad():
             nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
             for i in range(3):
+                tokens.append(nxt)
                 out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i),
                            **cache_kwarg(model, cache))
                 logits.append(out.logits)
                 nxt = out.logits[:, -1:].argmax(-1)
     for eager, traced in zip(logits[:3], logits[3:]):
         torch.testing.assert_close(traced, eager, atol=ATOL, rtol=ATOL)
+    whole = SimpleNamespace(sequences=torch.cat([ids, *tokens[:3]], 1))
+    ref = reference_logits(plan_of(name), whole, torch.ones_like(ids))
+    for i, eager in enumerate(logits[:3]):
+        torch.testing.assert_close(eager[:, -1], ref[:, 9 + i], atol=ATOL, rtol=ATOL, msg=f"step {i}")
