@@ -514,12 +514,17 @@ def test_bench_generate_compiles_the_step_with_sparseattns_hook(monkeypatch):
     assert len(calls) == 2 + 3 + 2  # the prefills (first and repeated), the untimed steps, the timed ones
 
 
-@pytest.mark.parametrize("plan", ["all: strided(3) | global_tokens(1)", "all: bigbird(1, 1, 2)",
-                                  "all: random_blocks(1, block=3)"])
-def test_a_sliding_window_model_generates_under_a_plan(plan):
+@pytest.mark.parametrize("plan, evicting", [("all: strided(3) | global_tokens(1)", False),
+                                             ("all: bigbird(1, 1, 2)", False),
+                                             ("all: random_blocks(1, block=3)", False),
+                                             ("all: global_tokens(1) | neighbour(3)", True),
+                                             ("all: global_tokens(8) | neighbour(1)", True)])
+def test_a_sliding_window_model_generates_under_a_plan(plan, evicting):
     """Mistral's sliding-window cache holds the last keys only: their positions come from the whole 2-D mask, and
     the model's own window mask applies with the plan. (strided and global tokens: the first key of the window is
-    not the sequence's first token; random patterns draw among every earlier key, not only those held.)"""
+    not the sequence's first token; random patterns draw among every earlier key, not only those held.) With the
+    evicting cache, the model's window mask covers every token seen, and applies to the keys the cache kept; a sink of
+    8 keeps every key for a few steps, where the padding is the 2-D mask's, not the window mask's.)"""
     from transformers import MistralConfig, MistralForCausalLM
 
     def mistral():
@@ -531,8 +536,8 @@ def test_a_sliding_window_model_generates_under_a_plan(plan):
     model = mistral()
     sa.sparsify(model, plan)
     ids, am = prompts((9, 6))
-    out = generate(model, ids, am, 8)
-    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # the window, not every key
+    out = generate(model, ids, am, 8, **(cache_kwarg(model, sa.generation_cache(model)) if evicting else {}))
+    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # not every key
     ref_model = mistral()
     sa.sparsify(ref_model, plan)
     full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)

@@ -424,7 +424,7 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     given_positions = None
     q_len = kv_len if q_len is None else q_len
     am2 = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
-    if am2 is not None and am2.shape[1] == kv_len and not _evicts(batch.get("kv_cache")):
+    if am2 is not None and am2.shape[1] == kv_len:
         real = am2.to(device=device).bool()
     elif (am2 is not None and am2.shape[1] > kv_len) or (
             model_mask is None and (q_len != kv_len or q_offset is not None or batch.get("kv_cache") is not None)):
@@ -510,6 +510,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     if not batch:
         batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
     kv_len, q_len = key.shape[2], query.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] > kv_len and _evicts(batch.get("kv_cache")):
+        # the model's own mask (a sliding window) covers every token seen; the keys are the slots the cache kept
+        attention_mask = attention_mask.index_select(-1, batch["kv_cache"].slots(kv_len, attention_mask.device))
     q_offset = _query_offset(batch, q_len, kv_len)
     layout = _layout_for(module, state, batch, attention_mask, query.shape[0], kv_len, query.device, q_len, q_offset)
     call = AttentionCall(
