@@ -547,6 +547,31 @@ def test_a_sliding_window_model_generates_under_a_plan(plan, evicting):
     assert_steps_equal(out, ref, ids.shape[1])
 
 
+def test_a_sliding_window_model_decodes_without_an_attention_mask():
+    """Steps called without a 2-D mask (one unpadded example): the window's keys are the last of the tokens seen,
+    whose count the cache holds, so their positions are known without the mask."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                             max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
+    sa.sparsify(model, "all: strided(3) | global_tokens(2)")
+    ids = prompts((9,))[0]
+    cache = DynamicCache(config=model.config)
+    steps = []
+    with torch.no_grad():
+        nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
+        for _ in range(6):
+            ids = torch.cat([ids, nxt], 1)
+            logits = model(input_ids=nxt, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
+            steps.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+        whole = model(input_ids=ids).logits
+    for t, step in enumerate(steps):
+        torch.testing.assert_close(step, whole[:, 9 + t], atol=ATOL, rtol=ATOL, msg=f"step {t}")
+
+
 def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
     """Qwen2 with a sliding-window layer before a full one: in one decoding step the layers hold different numbers of
     keys (5 and every token seen), so each layer's rows of the plan are its own, not the other layer's."""

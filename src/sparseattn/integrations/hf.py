@@ -424,6 +424,11 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     given_positions = None
     q_len = kv_len if q_len is None else q_len
     am2 = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+    seen = batch.get("seen")
+    if am2 is None and isinstance(seen, int) and seen + q_len > kv_len:
+        # no 2-D mask, so no padding: a cache over fewer slots than the tokens seen (a sliding window) holds the
+        # last of them, whose positions the count of tokens seen gives
+        am2 = torch.ones(batch_size, seen + q_len, dtype=torch.bool, device=device)
     if am2 is not None and am2.shape[1] == kv_len:
         real = am2.to(device=device).bool()
     elif (am2 is not None and am2.shape[1] > kv_len) or (
