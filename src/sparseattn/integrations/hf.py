@@ -326,8 +326,8 @@ def _pre_hook(model, args, kwargs):
             # (_query_offset 0); a decoding step keeps the count on the device, for torch.compile and capture
             seen = int(seen)
     if _evicts(kv_cache) and kv_cache.padding_open:
-        # the prompt's left padding precedes the sink: keep it (one read; one a chunk of a chunked prefill while an
-        # example has shown no real token)
+        # the prompt's left padding precedes the sink: keep it (one read at the prefill; one per chunk of a chunked
+        # prefill while an example has shown no real token)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             padding = int((attention_mask.long().cumsum(-1) == 0).sum(-1).max())
             kv_cache.set_left_padding(padding, attention_mask.shape[1])

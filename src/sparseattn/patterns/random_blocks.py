@@ -31,19 +31,19 @@ class RandomBlocks(Pattern):
         """(B, H, N, N) bool over blocks: query block i keeps key block j. ``num_blocks`` (B,): blocks of each
         example (N = the largest); an example's draws depend on its own length only, never on its batch."""
         N = int(num_blocks.max())
-        query_blocks = torch.arange(N, device=num_blocks.device).expand(num_blocks.shape[0], N)
+        query_blocks = torch.arange(N, device=num_blocks.device)[None]  # the same for every example: hashed once
         return self.block_rows(query_blocks, num_blocks, N, layer=layer, num_heads=num_heads, causal=causal)
 
     def block_rows(self, query_blocks: torch.Tensor, num_blocks: torch.Tensor, size: int, *, layer: int,
                    num_heads: int, causal: bool) -> torch.Tensor:
-        """(B, H, Q, size) bool: the rows of ``block_relation`` at the query blocks ``query_blocks`` (B, Q), over
+        """(B, H, Q, size) bool: the rows of ``block_relation`` at the query blocks ``query_blocks`` (B or 1, Q), over
         key blocks 0 to size - 1 (size at least the largest of ``num_blocks``; blocks past an example's own are
         never drawn)."""
         device = num_blocks.device
         qb = query_blocks[:, None, :, None]
         kb = torch.arange(size, device=device)[None, None, None, :]
         heads = torch.arange(num_heads, device=device)[None, :, None, None]
-        u = hash_uniform(self.seed, layer, heads, qb, kb).float()  # (B, H, Q, size)
+        u = hash_uniform(self.seed, layer, heads, qb, kb).float()  # (B or 1, H, Q, size)
         n = num_blocks[:, None, None, None]
         cand = (kb != qb) & (kb < n) & (qb < n)  # other blocks of the same example
         if causal:
