@@ -322,6 +322,15 @@ def test_generation_cache_refuses_plans_that_need_old_keys(plan, why):
         sa.generation_cache(tiny_llama())
 
 
+def test_generation_cache_refuses_an_encoder_naming_its_attention():
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")
+    with pytest.raises(ValueError, match=r"needs a decoder.*BertSelfAttention .* not causal"):
+        sa.generation_cache(model)
+
+
 def test_sink_window_bounds_of_patterns():
     assert (global_tokens(2) | neighbour(5)).sink_window(True) == (2, 5)
     assert neighbour(3).sink_window(False) is None

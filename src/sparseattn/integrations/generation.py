@@ -127,10 +127,12 @@ def generation_cache(model) -> SinkWindowCache:
     state = getattr(model, "_sparseattn", None)
     if state is None:
         raise ValueError("generation_cache needs a model sparsified with sparseattn.sparsify(model, plan)")
-    causal = [bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state")]
-    if not causal or not all(causal):
-        raise ValueError("generation_cache needs a decoder (causal attention modules): an encoder's query may "
-                         "attend to keys after it")
+    modules = [m for m in state.modules if hasattr(m, "_sparseattn_state")]
+    encoder = next((m for m in modules if not getattr(m, "is_causal", False)), None)
+    if not modules or encoder is not None:
+        what = "no sparsified attention" if not modules else f"{type(encoder).__name__} is not causal"
+        raise ValueError(f"generation_cache needs a decoder (causal attention modules): {what}; an encoder's query "
+                         "may attend to keys after it")
     sink = window = 0
     for lp in state.layer_plans:
         bound = lp.sink_window(causal=True)
