@@ -112,10 +112,12 @@ def test_plan_rows_through_the_kernel_equal_the_reference_backend():
     layout = TokenLayout(real=real, causal=True)
     q, k, v, _ = make(2, 4, 2, 1, 261, 16, 1, seed=3)
     outs = []
-    for backend in (BlockSparseBackend(force=True), ReferenceBackend()):
+    block = BlockSparseBackend(force=True)
+    for backend in (block, ReferenceBackend()):
         call = AttentionCall(q, k, v, lp, layout, None, 0.25, 0.0, {})
         outs.append(backend.attention(call)[0])
     assert call.incremental
+    assert block.stats["decode"] == 1 and block.stats["reference"] == 0  # the kernel ran, not the fallback
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
@@ -127,7 +129,7 @@ def test_decode_kernel_on_the_gpu(case, dtype, device):
     want = reference(q, k, v, keep, q.shape[-1] ** -0.5)
     low = [t.to(dtype) for t in (q, k, v)]
     got = decode_attention(*low, keep).double()
-    torch_err = (reference(*low, keep, q.shape[-1] ** -0.5, dtype=torch.float32).double() - want).abs().max()
+    torch_err = (reference(*low, keep, q.shape[-1] ** -0.5, dtype=dtype).double() - want).abs().max()
     assert (got - want).abs().max() <= 2 * torch_err + 1e-4
 
 

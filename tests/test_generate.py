@@ -50,6 +50,22 @@ def test_mask_rows_equal_rows_of_the_full_mask(name, causal_, side):
         assert torch.equal(got, full_mask[:, :, rows]), rows
 
 
+@pytest.mark.parametrize("name", sorted(ROW_PATTERNS))
+def test_mask_rows_over_a_cache_holding_some_keys_equal_rows_of_the_full_mask(name):
+    """A cache that holds only some keys (a sliding window, a sink + window) gives their positions
+    (``given_positions``): each query's row over the keys held is its row of the full mask at those keys. Random
+    patterns draw among every earlier key, held or not."""
+    pattern = ROW_PATTERNS[name]
+    real = padded_real([13, 9, 4], "left")
+    full_mask = pattern.mask(TokenLayout(real=real, causal=True), layer=1, num_heads=4)
+    positions = TokenLayout(real=real, causal=True).positions
+    for held in (torch.arange(7, 13), torch.tensor([0, 1, 2, 3, 10, 11, 12])):
+        layout = TokenLayout(real=real[:, held], causal=True, given_positions=positions[:, held])
+        rows = torch.tensor([held.numel() - 2, held.numel() - 1])
+        got = pattern.mask_rows(layout, rows, layer=1, num_heads=4)
+        assert torch.equal(got, full_mask[:, :, held[rows]][..., held]), held
+
+
 def test_layer_plan_rows_equal_rows_of_its_mask_with_per_head_rules():
     plan = Plan.parse("heads=0-1@all: neighbour(1); heads=3@all: strided(2) | global_tokens(1)")
     lp = plan.resolve(2, 4)[1]
@@ -98,6 +114,27 @@ def test_stored_mask_rows_beyond_its_length_name_pattern_layer_length_and_positi
         rows(torch.tensor([11]))
 
 
+def test_stored_mask_rows_read_nothing_back_where_the_keys_fit_in_the_table():
+    """A position counts real tokens, so it is below the number of keys: with no more keys than the table's length
+    (a static cache no longer than the table; any cache early on), no query can be beyond it, and a decoding step
+    does not wait for the GPU to check."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    pattern = sa.static_mask(ap_table(12), "ap")
+    real = padded_real([12, 7], "left")
+    with Reads():
+        got = pattern.mask_rows(TokenLayout(real=real, causal=True), torch.tensor([11]), layer=0)
+    assert Reads.count == 0
+    assert torch.equal(got, pattern.mask(TokenLayout(real=real, causal=True))[:, :, 11:])
+
+
 def test_input_dependent_patterns_refuse_rows_saying_why():
     from sparseattn.patterns import lexical
 
@@ -112,6 +149,7 @@ PLANS = {
     "sink_window": "all: global_tokens(2) | neighbour(3)",
     "strided": "all: strided(3)",
     "random": "all: bigbird(1, 1, 2)",
+    "random_blocks": "all: random_blocks(1, block=3) | neighbour(1)",
     "per_head": "heads=0-1@all: neighbour(1); heads=2@layers=1: strided(2)",
     "ap": None,  # a stored Attention-Pruning-style mask per layer (below)
 }
@@ -232,6 +270,19 @@ def test_sink_window_cache_equals_the_reference_and_stays_small(lengths):
     assert max(sizes[1:]) == 2 + padding + 3 + 1  # sink (+ left padding) + window + the new token
 
 
+def test_sink_window_cache_after_a_chunked_prefill_equals_the_reference():
+    """generate(prefill_chunk_size=4) gives the prompt in chunks of 4 columns of the attention mask: the first chunk
+    shows no real token of the example padded by 5, whose sink then lies beyond the padding seen so far."""
+    plan = "all: global_tokens(2) | neighbour(3)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan)
+    ids, am = prompts((11, 6), seed=2)
+    cache = sa.generation_cache(model)
+    out = generate(model, ids, am, 6, prefill_chunk_size=4, **cache_kwarg(model, cache))
+    assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
+    assert cache.stored_tokens() == 2 + 5 + 3 + 1
+
+
 def test_sink_window_cache_memory_is_constant_in_the_context_length():
     model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
     sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")
@@ -244,6 +295,21 @@ def test_sink_window_cache_memory_is_constant_in_the_context_length():
     assert held[0] == held[1]
 
 
+def test_beam_search_with_the_sink_window_cache_equals_it_with_a_dynamic_cache():
+    """Beams reorder the cache's rows; every row holds the same slots, so eviction and reordering commute."""
+    plan = "all: global_tokens(1) | neighbour(2)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 5), seed=3)
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=8, num_beams=3, num_return_sequences=3,
+              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        evicting = model.generate(**kw, **cache_kwarg(model, sa.generation_cache(model)))
+        dynamic = model.generate(**kw)
+    assert torch.equal(evicting.sequences, dynamic.sequences)
+    torch.testing.assert_close(evicting.sequences_scores, dynamic.sequences_scores, atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("plan, why", [("all: strided(2)", "layer 0 .* keeps keys at any distance"),
                                        ("layers=0: neighbour(2)", "layer 1 .* is dense"),
                                        ("heads=0-1@all: neighbour(2)", r"layer 0 .* leaves heads \[2, 3\] dense")])
@@ -254,6 +320,15 @@ def test_generation_cache_refuses_plans_that_need_old_keys(plan, why):
         sa.generation_cache(model)
     with pytest.raises(ValueError, match="sparsified"):
         sa.generation_cache(tiny_llama())
+
+
+def test_generation_cache_refuses_an_encoder_naming_its_attention():
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    sa.sparsify(model, "all: global_tokens(1) | neighbour(2)")
+    with pytest.raises(ValueError, match=r"needs a decoder.*BertSelfAttention .* not causal"):
+        sa.generation_cache(model)
 
 
 def test_sink_window_bounds_of_patterns():
@@ -284,6 +359,31 @@ def test_generation_on_the_block_backend_runs_both_kernels(name, cache):
     assert backend.stats["decode"] == 2 * 3
     assert backend.stats["reference"] == 0
     assert_steps_equal(out, reference_logits(plan_of(name), out, am), ids.shape[1])
+
+
+def test_a_static_cache_used_again_prefills_through_the_block_kernel():
+    """A static cache that held tokens before (emptied by reset(), as a server reuses one; or set up ahead with
+    early_initialization) counts its tokens in a tensor even at 0: its next prefill still runs as the full pass it
+    is (the block kernel), not as decoding steps over every slot."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    from transformers import StaticCache
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    plan = "all: global_tokens(1) | neighbour(2)"
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+    backend = BlockSparseBackend(block_size=32, force=True)
+    sa.sparsify(model, plan, backend=backend)
+    ids, am = prompts((9, 5))
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    for _ in range(2):
+        cache.reset()
+        backend.stats.clear()
+        out = generate(model, ids, am, 3, **cache_kwarg(model, cache))
+        assert (backend.stats["block"], backend.stats["decode"]) == (2, 2 * 2)
+        assert_steps_equal(out, reference_logits(plan, out, am), ids.shape[1])
 
 
 @pytest.mark.gpu
@@ -407,9 +507,33 @@ def test_bench_generate_runs_on_the_cpu_with_the_tiny_model(tmp_path, capsys):
     assert "x dense" in capsys.readouterr().out
 
 
-def test_a_sliding_window_model_generates_under_a_plan():
+def test_bench_generate_compiles_the_step_with_sparseattns_hook(monkeypatch):
+    """--reduce-overhead compiles the decoding step as transformers does, the model's __call__: its forward alone
+    skips sparseattn's forward hook, and every step would run on the previous pass's inputs (the prefill's: an empty
+    static cache, so each query attended to the first slot alone, fast and wrong)."""
+    from sparseattn.bench import generate as bench
+    from sparseattn.integrations import hf
+
+    hook, calls = hf._pre_hook, []
+    monkeypatch.setattr(hf, "_pre_hook", lambda *a: calls.append(1) or hook(*a))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what is compiled is checked, not the compiler
+    r = bench.run_one("tiny", 40, 2, "sparse", sparsity=0.9, steps=2, repeats=1, device=torch.device("cpu"),
+                      dtype=torch.float32, cache_kind="static", reduce_overhead=True)
+    assert r.note == "" and r.decode_tokens_per_s > 0
+    assert len(calls) == 2 + 3 + 2  # the prefills (first and repeated), the untimed steps, the timed ones
+
+
+@pytest.mark.parametrize("plan, evicting", [("all: strided(3) | global_tokens(1)", False),
+                                             ("all: bigbird(1, 1, 2)", False),
+                                             ("all: random_blocks(1, block=3)", False),
+                                             ("all: global_tokens(1) | neighbour(3)", True),
+                                             ("all: global_tokens(8) | neighbour(1)", True)])
+def test_a_sliding_window_model_generates_under_a_plan(plan, evicting):
     """Mistral's sliding-window cache holds the last keys only: their positions come from the whole 2-D mask, and
-    the model's own window mask applies with the plan."""
+    the model's own window mask applies with the plan. (strided and global tokens: the first key of the window is
+    not the sequence's first token; random patterns draw among every earlier key, not only those held.) With the
+    evicting cache, the model's window mask covers every token seen, and applies to the keys the cache kept; a sink of
+    8 keeps every key for a few steps, where the padding is the 2-D mask's, not the window mask's.)"""
     from transformers import MistralConfig, MistralForCausalLM
 
     def mistral():
@@ -418,12 +542,11 @@ def test_a_sliding_window_model_generates_under_a_plan():
                                                 num_key_value_heads=2, intermediate_size=64, vocab_size=120,
                                                 max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
 
-    plan = "all: strided(3) | global_tokens(1)"  # the first key of the window is not the sequence's first token
     model = mistral()
     sa.sparsify(model, plan)
     ids, am = prompts((9, 6))
-    out = generate(model, ids, am, 8)
-    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # the window, not every key
+    out = generate(model, ids, am, 8, **(cache_kwarg(model, sa.generation_cache(model)) if evicting else {}))
+    assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # not every key
     ref_model = mistral()
     sa.sparsify(ref_model, plan)
     full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
@@ -433,14 +556,71 @@ def test_a_sliding_window_model_generates_under_a_plan():
     assert_steps_equal(out, ref, ids.shape[1])
 
 
-@pytest.mark.parametrize("name", ["sink_window", "ap", "random"])
+def test_a_sliding_window_model_decodes_without_an_attention_mask():
+    """Steps called without a 2-D mask (one unpadded example): the window's keys are the last of the tokens seen,
+    whose count the cache holds, so their positions are known without the mask."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                             max_position_embeddings=MAX_POSITIONS, sliding_window=5)).eval()
+    sa.sparsify(model, "all: strided(3) | global_tokens(2)")
+    ids = prompts((9,))[0]
+    cache = DynamicCache(config=model.config)
+    steps = []
+    with torch.no_grad():
+        nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
+        for _ in range(6):
+            ids = torch.cat([ids, nxt], 1)
+            logits = model(input_ids=nxt, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
+            steps.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+        whole = model(input_ids=ids).logits
+    for t, step in enumerate(steps):
+        torch.testing.assert_close(step, whole[:, 9 + t], atol=ATOL, rtol=ATOL, msg=f"step {t}")
+
+
+def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
+    """Qwen2 with a sliding-window layer before a full one: in one decoding step the layers hold different numbers of
+    keys (5 and every token seen), so each layer's rows of the plan are its own, not the other layer's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def qwen2():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=120,
+                                            max_position_embeddings=MAX_POSITIONS, use_sliding_window=True,
+                                            sliding_window=5,
+                                            layer_types=["sliding_attention", "full_attention"])).eval()
+
+    plan = "all: strided(3) | global_tokens(1)"
+    model = qwen2()
+    sa.sparsify(model, plan)
+    ids, am = prompts((9, 6))
+    out = generate(model, ids, am, 8)
+    held = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert held[0] < held[1] == out.sequences.shape[1] - 1
+    ref_model = qwen2()
+    sa.sparsify(ref_model, plan)
+    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    with torch.no_grad():
+        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
+                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_steps_equal(out, ref, ids.shape[1])
+
+
+@pytest.mark.parametrize("name", ["sink_window", "ap", "random", "random_blocks"])
 def test_a_static_cache_decoding_step_traces_whole(name):
-    """A static cache's decoding step under torch.compile(fullgraph=True): no graph break from the hook to the decode
-    kernel, so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits.
-    (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
+    """A static cache's decoding step under torch.compile(fullgraph=True), compiled as transformers compiles it (the
+    model's __call__, sparseattn's forward hook included): no graph break from the hook to the decode kernel, so
+    nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits, which are
+    the reference's. (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the interpreter runs where there is no GPU")
+    from types import SimpleNamespace
+
     from transformers import StaticCache
 
     from sparseattn.backends.block import BlockSparseBackend
@@ -448,18 +628,23 @@ def test_a_static_cache_decoding_step_traces_whole(name):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 120, (2, 9), generator=g)
-    logits = []
+    logits, tokens = [], []
     for compiled in (False, True):
         model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
         sa.sparsify(model, plan_of(name), backend=BlockSparseBackend(block_size=32, force=True))
         cache = StaticCache(config=model.config, max_cache_len=32)
-        step = torch.compile(model.forward, fullgraph=True, backend="eager") if compiled else model.forward
+        step = torch.compile(model.__call__, fullgraph=True, backend="eager") if compiled else model
         with torch.no_grad():
             nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
             for i in range(3):
+                tokens.append(nxt)
                 out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i),
                            **cache_kwarg(model, cache))
                 logits.append(out.logits)
                 nxt = out.logits[:, -1:].argmax(-1)
     for eager, traced in zip(logits[:3], logits[3:]):
         torch.testing.assert_close(traced, eager, atol=ATOL, rtol=ATOL)
+    whole = SimpleNamespace(sequences=torch.cat([ids, *tokens[:3]], 1))
+    ref = reference_logits(plan_of(name), whole, torch.ones_like(ids))
+    for i, eager in enumerate(logits[:3]):
+        torch.testing.assert_close(eager[:, -1], ref[:, 9 + i], atol=ATOL, rtol=ATOL, msg=f"step {i}")

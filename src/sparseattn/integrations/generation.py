@@ -87,14 +87,24 @@ class SinkWindowCache(Cache):
         if sink < 0 or window < 0:
             raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")
         self.sink, self.window = sink, window
+        self.padding_open = True  # the prompt's left padding may not have been seen whole yet
         super().__init__(layers=[SinkWindowLayer(sink, window) for _ in range(num_layers)])
 
-    def set_left_padding(self, padding: int) -> None:
+    def set_left_padding(self, padding: int, columns: int) -> None:
         """Keep ``padding`` more head slots: the sink of an example left-padded by up to ``padding`` tokens lies
-        within the first sink + padding slots. Set by sparseattn's forward hook from the prompt's attention mask."""
+        within the first sink + padding slots. Set by sparseattn's forward hook from the attention mask's first
+        ``columns`` tokens: while an example shows no real token among them (a chunked prefill's first chunks),
+        its padding may go on, and the hook reads the next call's mask too. Until then every slot is still held
+        (the head reaches past the tokens seen), so the head may grow."""
         for layer in self.layers:
-            if layer.seen == 0:
-                layer.head = self.sink + padding
+            layer.head = self.sink + padding
+        self.padding_open = padding >= columns
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.layers:
+            layer.head = self.sink
+        self.padding_open = True
 
     def slots(self, kv_len: int, device) -> torch.Tensor:
         """(kv_len,) int64: the slot among all tokens seen of each key the layers hold now."""
@@ -117,10 +127,12 @@ def generation_cache(model) -> SinkWindowCache:
     state = getattr(model, "_sparseattn", None)
     if state is None:
         raise ValueError("generation_cache needs a model sparsified with sparseattn.sparsify(model, plan)")
-    causal = [bool(getattr(m, "is_causal", False)) for m in state.modules if hasattr(m, "_sparseattn_state")]
-    if not causal or not all(causal):
-        raise ValueError("generation_cache needs a decoder (causal attention modules): an encoder's query may "
-                         "attend to keys after it")
+    modules = [m for m in state.modules if hasattr(m, "_sparseattn_state")]
+    encoder = next((m for m in modules if not getattr(m, "is_causal", False)), None)
+    if not modules or encoder is not None:
+        what = "no sparsified attention" if not modules else f"{type(encoder).__name__} is not causal"
+        raise ValueError(f"generation_cache needs a decoder (causal attention modules): {what}; an encoder's query "
+                         "may attend to keys after it")
     sink = window = 0
     for lp in state.layer_plans:
         bound = lp.sink_window(causal=True)

@@ -318,12 +318,21 @@ def _pre_hook(model, args, kwargs):
     attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     kv_cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it cache
     seen = kv_cache.get_seq_length() if kv_cache is not None and hasattr(kv_cache, "get_seq_length") else 0
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if isinstance(seen, torch.Tensor):  # a static cache's own counter, which its update() advances in place
         seen = seen.clone()
-    if (_evicts(kv_cache) and isinstance(seen, int) and seen == 0 and isinstance(attention_mask, torch.Tensor)
-            and attention_mask.dim() == 2):  # the prompt's left padding precedes the sink: keep it (one read)
-        kv_cache.set_left_padding(int((attention_mask.long().cumsum(-1) == 0).sum(-1).max()))
-    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is not None and ref.shape[1] > 1 and not _tracing(seen):
+            # a prefill (eager): one read, so that an emptied cache's first pass runs as the full pass it is
+            # (_query_offset 0); a decoding step keeps the count on the device, for torch.compile and capture
+            seen = int(seen)
+    if _evicts(kv_cache) and kv_cache.padding_open:
+        # the prompt's left padding precedes the sink: keep it (one read at the prefill; one per chunk of a chunked
+        # prefill while an example has shown no real token)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            padding = int((attention_mask.long().cumsum(-1) == 0).sum(-1).max())
+            kv_cache.set_left_padding(padding, attention_mask.shape[1])
+        else:
+            kv_cache.set_left_padding(0, 1)  # no mask: no padding
     if ref is not None:
         L = ref.shape[1]
         if L == 0:
@@ -346,6 +355,11 @@ def _pre_hook(model, args, kwargs):
         # forward passes ran in between. Models that drop kwargs on the way use state.batch instead.
         kwargs[BATCH_KWARG] = batch
     return args, kwargs
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether torch.compile traces or a CUDA graph captures, where nothing may be read back from ``t``."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _query_offset(batch: dict, q_len: int, kv_len: int):
@@ -410,7 +424,12 @@ def _layout_for(module, state: _State, batch: dict, model_mask: torch.Tensor | N
     given_positions = None
     q_len = kv_len if q_len is None else q_len
     am2 = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
-    if am2 is not None and am2.shape[1] == kv_len and not _evicts(batch.get("kv_cache")):
+    seen = batch.get("seen")
+    if am2 is None and isinstance(seen, int) and seen + q_len > kv_len:
+        # no 2-D mask, so no padding: a cache over fewer slots than the tokens seen (a sliding window) holds the
+        # last of them, whose positions the count of tokens seen gives
+        am2 = torch.ones(batch_size, seen + q_len, dtype=torch.bool, device=device)
+    if am2 is not None and am2.shape[1] == kv_len:
         real = am2.to(device=device).bool()
     elif (am2 is not None and am2.shape[1] > kv_len) or (
             model_mask is None and (q_len != kv_len or q_offset is not None or batch.get("kv_cache") is not None)):
@@ -496,6 +515,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     if not batch:
         batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
     kv_len, q_len = key.shape[2], query.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] > kv_len and _evicts(batch.get("kv_cache")):
+        # the model's own mask (a sliding window) covers every token seen; the keys are the slots the cache kept
+        attention_mask = attention_mask.index_select(-1, batch["kv_cache"].slots(kv_len, attention_mask.device))
     q_offset = _query_offset(batch, q_len, kv_len)
     layout = _layout_for(module, state, batch, attention_mask, query.shape[0], kv_len, query.device, q_len, q_offset)
     call = AttentionCall(

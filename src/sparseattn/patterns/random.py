@@ -67,6 +67,8 @@ class Random(Pattern):
         B, L, Lq = layout.batch_size, layout.length, rows.shape[0]
         if self.r == 0:
             return torch.zeros(B, 1, Lq, L, dtype=torch.bool, device=layout.device)
+        if layout.given_positions is not None:
+            return self._rows_over_positions(layout, rows, layer=layer, num_heads=num_heads)
         qi, kj = positional_grid(layout, rows)
         heads = torch.arange(num_heads, device=layout.device)[None, :, None, None]
         u = hash_uniform(self.seed, layer, heads, qi.clamp(min=0), kj.clamp(min=0))  # (B, H, Lq, L)
@@ -76,6 +78,27 @@ class Random(Pattern):
         rel = torch.zeros(B, num_heads, Lq, L, dtype=torch.bool, device=layout.device)
         rel.scatter_(-1, top.indices, top.values >= 0)
         return rel
+
+    def _rows_over_positions(self, layout, rows, *, layer, num_heads):
+        """Rows over a cache holding some keys (``given_positions``: a decoder's sliding window): each query draws
+        among every earlier position, held or not, as in the full mask; the draws at the positions held are
+        returned."""
+        if not layout.causal:
+            raise ValueError(f"{self.spec()} over keys with given positions (a cache holding some keys) needs a "
+                             "decoder: an encoder's query draws among every key of its example")
+        B, L, Lq = layout.batch_size, layout.length, rows.shape[0]
+        p = layout.positions  # (B, L), -1 for padding
+        q = p[:, rows][:, None, :, None]  # (B, 1, Lq, 1)
+        P = int(p.max()) + 1  # read back: caches holding some keys (sliding windows) run eagerly
+        k = torch.arange(P, device=layout.device)[None, None, None, :]
+        heads = torch.arange(num_heads, device=layout.device)[None, :, None, None]
+        u = hash_uniform(self.seed, layer, heads, q.clamp(min=0), k)  # (B, H, Lq, P)
+        u = torch.where(k < q, u, torch.full_like(u, -1.0))  # the earlier positions (none for a padding query)
+        top = u.topk(min(self.r, P), dim=-1)
+        drawn = torch.zeros(u.shape, dtype=torch.bool, device=layout.device).scatter_(-1, top.indices,
+                                                                                      top.values >= 0)
+        held = p.clamp(min=0)[:, None, None, :].expand(B, num_heads, Lq, L)
+        return drawn.gather(-1, held) & (p >= 0)[:, None, None, :]
 
     def prefix_stable(self, causal: bool) -> bool:
         # a decoder's query draws among the keys before it, whatever follows; an encoder's among all n keys

@@ -30,19 +30,26 @@ class RandomBlocks(Pattern):
     def block_relation(self, num_blocks: torch.Tensor, *, layer: int, num_heads: int, causal: bool) -> torch.Tensor:
         """(B, H, N, N) bool over blocks: query block i keeps key block j. ``num_blocks`` (B,): blocks of each
         example (N = the largest); an example's draws depend on its own length only, never on its batch."""
-        device = num_blocks.device
         N = int(num_blocks.max())
-        H = num_heads
-        qb = torch.arange(N, device=device)[None, None, :, None]
-        kb = torch.arange(N, device=device)[None, None, None, :]
-        heads = torch.arange(H, device=device)[None, :, None, None]
-        u = hash_uniform(self.seed, layer, heads, qb, kb).float()  # (1, H, N, N)
+        query_blocks = torch.arange(N, device=num_blocks.device)[None]  # the same for every example: hashed once
+        return self.block_rows(query_blocks, num_blocks, N, layer=layer, num_heads=num_heads, causal=causal)
+
+    def block_rows(self, query_blocks: torch.Tensor, num_blocks: torch.Tensor, size: int, *, layer: int,
+                   num_heads: int, causal: bool) -> torch.Tensor:
+        """(B, H, Q, size) bool: the rows of ``block_relation`` at the query blocks ``query_blocks`` (B or 1, Q), over
+        key blocks 0 to size - 1 (size at least the largest of ``num_blocks``; blocks past an example's own are
+        never drawn)."""
+        device = num_blocks.device
+        qb = query_blocks[:, None, :, None]
+        kb = torch.arange(size, device=device)[None, None, None, :]
+        heads = torch.arange(num_heads, device=device)[None, :, None, None]
+        u = hash_uniform(self.seed, layer, heads, qb, kb).float()  # (B or 1, H, Q, size)
         n = num_blocks[:, None, None, None]
         cand = (kb != qb) & (kb < n) & (qb < n)  # other blocks of the same example
         if causal:
             cand = cand & (kb < qb)
-        u = torch.where(cand, u, torch.full_like(u, -1.0))  # (B, H, N, N)
-        top = u.topk(min(self.r, N), dim=-1)
+        u = torch.where(cand, u, torch.full_like(u, -1.0))
+        top = u.topk(min(self.r, size), dim=-1)
         rel = torch.zeros(u.shape, dtype=torch.bool, device=device)
         return rel.scatter_(-1, top.indices, top.values >= 0)
 
@@ -59,17 +66,27 @@ class RandomBlocks(Pattern):
         return rel[b, h, blk[:, None, :, None], blk[:, None, None, :]]  # (B, H, L, L)
 
     def relation_rows(self, layout, rows, *, layer, num_heads):
-        """``relation`` at the queries ``rows``: the block relation is (L / block)^2, not L^2."""
+        """``relation`` at the queries ``rows``, from their block rows alone (Lq x L / block draws, not (L / block)^2).
+        Over a cache holding some keys (``given_positions``: a decoder's sliding window), a query still draws
+        among every earlier block, held or not, as in the full mask."""
+        B, L, Lq = layout.batch_size, layout.length, rows.shape[0]
         if self.r == 0:
-            return torch.zeros(layout.batch_size, 1, rows.shape[0], layout.length, dtype=torch.bool,
-                               device=layout.device)
-        pos = layout.positions.clamp(min=0)
-        num_blocks = (layout.lengths + self.block - 1) // self.block
-        rel = self.block_relation(num_blocks, layer=layer, num_heads=num_heads, causal=layout.causal)
-        blk = pos // self.block
-        b = torch.arange(layout.batch_size, device=layout.device)[:, None, None, None]
-        h = torch.arange(num_heads, device=layout.device)[None, :, None, None]
-        return rel[b, h, blk[:, None, rows, None], blk[:, None, None, :]]
+            return torch.zeros(B, 1, Lq, L, dtype=torch.bool, device=layout.device)
+        pos = layout.positions
+        if layout.given_positions is None:
+            num_blocks = (layout.lengths + self.block - 1) // self.block
+            size = -(-L // self.block)  # positions are below L: nothing read back from the GPU
+        else:
+            if not layout.causal:
+                raise ValueError(f"{self.spec()} over keys with given positions (a cache holding some keys) needs a "
+                                 "decoder: an encoder's query draws among every block of its example")
+            # a decoder's draws do not depend on the blocks after its query: the example's tokens so far will do
+            num_blocks = pos.max(-1).values.clamp(min=0) // self.block + 1
+            size = int(num_blocks.max())  # read back: caches holding some keys (sliding windows) run eagerly
+        blk = pos.clamp(min=0) // self.block  # (B, L)
+        rel = self.block_rows(blk[:, rows], num_blocks, size, layer=layer, num_heads=num_heads,
+                              causal=layout.causal)  # (B, H, Lq, size)
+        return rel.gather(-1, blk[:, None, None, :].expand(B, num_heads, Lq, L))
 
     def spec(self):
         extra = f", seed={self.seed}" if self.seed else ""

@@ -54,7 +54,9 @@ class StaticMask(Pattern):
         beyond = (f"{self.spec()} in layer {layer} is stored for {self.max_length} positions (0-"
                   f"{self.max_length - 1}), but decoding reached position {{}}; generate at most {self.max_length} "
                   "tokens in all (prompt included), or collect the mask at a larger length")
-        if tracing and seen.numel():
+        if layout.given_positions is None and layout.length <= self.max_length:
+            pass  # a position counts real tokens, so it is below the number of keys: none can be beyond the table
+        elif tracing and seen.numel():
             # nothing may be read back here: an asynchronous assert stops the run on the device instead
             torch._assert_async(seen.max() < self.max_length, beyond.format(f">= {self.max_length}"))
         elif seen.numel():

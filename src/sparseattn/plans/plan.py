@@ -126,9 +126,11 @@ class LayerPlan:
         return [p for _, p in self.entries]
 
     def mask(self, layout: TokenLayout, cache: dict | None = None) -> torch.Tensor:
-        """Keep-mask (B, H', L, L); H' = 1 when every head shares one mask."""
+        """Keep-mask (B, H', L, L); H' = 1 when every head shares one mask. ``cache``: a dict shared by the layers
+        of one forward pass, which holds its layouts (entries are keyed by the layout's identity: a model whose
+        layers see different keys, such as sliding-window and full layers, has a layout for each)."""
         def pattern_mask(p: Pattern) -> torch.Tensor:
-            key = (p.spec(), self.layer if p.per_layer else None, self.num_heads if p.per_head else None)
+            key = (id(layout), p.spec(), self.layer if p.per_layer else None, self.num_heads if p.per_head else None)
             if cache is not None and key in cache:
                 return cache[key]
             m = p.mask(layout, layer=self.layer, num_heads=self.num_heads)
@@ -151,9 +153,11 @@ class LayerPlan:
 
     def mask_rows(self, layout: TokenLayout, rows: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """``mask(layout)[:, :, rows]`` (B, H', Lq, L) without the L x L mask: the keep-mask rows of the queries at
-        indices ``rows`` (Lq,) int64 (incremental decoding: the new tokens of a KV cache)."""
+        indices ``rows`` (Lq,) int64 (incremental decoding: the new tokens of a KV cache). ``cache`` as for ``mask``;
+        a pass gives each layout one set of rows."""
         def pattern_rows(p: Pattern) -> torch.Tensor:
-            key = ("rows", p.spec(), self.layer if p.per_layer else None, self.num_heads if p.per_head else None)
+            key = ("rows", id(layout), rows.shape[0], p.spec(), self.layer if p.per_layer else None,
+                   self.num_heads if p.per_head else None)
             if cache is not None and key in cache:
                 return cache[key]
             m = p.mask_rows(layout, rows, layer=self.layer, num_heads=self.num_heads)
