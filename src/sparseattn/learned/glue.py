@@ -239,12 +239,9 @@ def learn_glue(cfg: LearnGlueConfig, *, glue_dir=None, out_dir=None, device=None
     task = get_task(cfg.task)
     dist = distributed_from_env()
     device = resolve_device(dist.device(device))
-    dist.init(device)
-    try:
+    with dist.joined(device):
         return _learn_glue(cfg, task, dist, device, t_start, glue_dir=glue_dir, out_dir=out_dir,
                            progress=progress and dist.is_main, on_malformed=on_malformed)
-    finally:
-        dist.close()
 
 
 def _learn_glue(cfg: LearnGlueConfig, task: GlueTask, dist: Distributed, device, t_start: float, *, glue_dir,

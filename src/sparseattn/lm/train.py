@@ -266,12 +266,9 @@ def train_lm(cfg: LMConfig, *, glue_dir=None, out_dir=None, device=None, progres
     precision = resolve_precision(cfg.precision, device)
     plan = as_plan(cfg.plan)
     check_plan_for_lm(plan)
-    dist.init(device)
-    try:
+    with dist.joined(device):
         return _train_lm(cfg, dist, device, precision, plan, t_start, glue_dir=glue_dir, out_dir=out_dir,
                          progress=progress and dist.is_main, save_model=save_model)
-    finally:
-        dist.close()
 
 
 def _train_lm(cfg: LMConfig, dist: Distributed, device, precision: str, plan: Plan, t_start: float, *, glue_dir,

@@ -76,11 +76,8 @@ def cmd_collect(args) -> int:
     rank 0 alone writes the file and reports."""
     dist = distributed_from_env()
     device = dist.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist.init(device)
-    try:
+    with dist.joined(device):
         return (_collect_rows if args.corpus else _collect_examples)(args, device, dist)
-    finally:
-        dist.close()
 
 
 def _say(dist, *a, **k) -> None:

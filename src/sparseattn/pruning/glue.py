@@ -21,11 +21,7 @@ the data), rank 0 alone writes it, and every rank waits until it is there.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +38,7 @@ from ..training.methods import Method, register_method
 from ..training.record import run_key
 from .collect import AttentionStats, Example, collect_attention
 from .mask import attention_pruning_mask, check_prune_options, data_report, grid_report, mask_plan, random_like
+from .work import locked, make_once
 
 MASKS = ("ap", "random")
 SCOPES = ("layer", "head")
@@ -85,42 +82,6 @@ class PruneGlueConfig(FinetuneConfig):
         return f"{what}({self.prune:g}%, {self.scope})"
 
 
-@contextlib.contextmanager
-def _locked(path: Path, dist: Distributed | None = None):
-    """An exclusive lock held while the block runs; the OS drops it if the process dies. In a data-parallel
-    group rank 0 holds it for the group (its other ranks follow rank 0's decisions, see ``_missing``)."""
-    if dist is not None and not dist.is_main:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _missing(path: Path, dist: Distributed) -> bool:
-    """Whether ``path`` is still to be made, as rank 0 sees it (every rank of a group makes it, or none)."""
-    return dist.broadcast(not path.exists())
-
-
-def _fresh(path: Path, dist: Distributed | None = None) -> Path:
-    """A clean temporary sibling of ``path`` (left-overs of a killed attempt are removed, by rank 0 alone)."""
-    tmp = path.with_name(path.name + ".partial")
-    if (dist is None or dist.is_main) and tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    return tmp
-
-
-def _publish(tmp: Path, path: Path, dist: Distributed) -> None:
-    """Rank 0 moves the finished ``tmp`` into place; every rank waits until it is there."""
-    if dist.is_main:
-        os.replace(tmp, path)
-    dist.barrier()
-
-
 def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progress: bool = True,
             dist: Distributed | None = None) -> dict:
     """Make (or find) the dense checkpoint, the attention averages and this run's mask; returns the paths
@@ -130,46 +91,47 @@ def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progr
     dense_cfg = cfg.dense_config()
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
-    with _locked(root / ".lock", dist):
-        if _missing(dense_dir / "results.json", dist):
-            tmp = _fresh(dense_dir, dist)
-            finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
-            _publish(tmp, dense_dir, dist)
+    with locked(root / ".lock", dist):
+        make_once(dense_dir, lambda tmp: finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device,
+                                                  progress=progress, save_model=True),
+                  dist, done=dense_dir / "results.json")
         if dist.is_main:
             (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
         if cfg.prune == 0:
             return {"dense": dense_dir, "stats": None, "plan": None}
         limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
         stats_file = root / f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors"
-        if _missing(stats_file, dist):
+
+        def collect(tmp: Path) -> None:
             train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
             source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
             model = load_model(source, task="base").to(resolve_device(dist.device(device)))
             stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
                                       length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
                                       metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
-            del model
-            tmp = _fresh(stats_file, dist)
             if dist.is_main:
                 stats.save(tmp)
-            _publish(tmp, stats_file, dist)
+
+        make_once(stats_file, collect, dist)
         name = f"{cfg.mask}-{cfg.scope}-{cfg.budget}-p{cfg.prune:g}" + (f"-seed{cfg.seed}" if cfg.mask == "random" else "")
         plan_dir = root / f"plans-{stats_file.stem}" / name
-        if _missing(plan_dir / "plan.json", dist):
-            tmp = _fresh(plan_dir, dist)
-            if dist.is_main:  # cheap: rank 0 alone makes the mask
-                stats = AttentionStats.load(stats_file)
-                keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
-                if cfg.mask == "random":
-                    keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
-                plan = mask_plan(keep, prefix=cfg.mask)
-                meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
-                        "stats_file": stats_file.name, "stats": stats.metadata,
-                        "grid_sparsity": grid_report(plan, stats).overall,
-                        "collected_sparsity": data_report(keep, stats).overall}
-                save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
-                          metadata=meta)
-            _publish(tmp, plan_dir, dist)
+
+        def make_plan(tmp: Path) -> None:
+            if not dist.is_main:  # cheap: rank 0 alone makes the mask
+                return
+            stats = AttentionStats.load(stats_file)
+            keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
+            if cfg.mask == "random":
+                keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
+            plan = mask_plan(keep, prefix=cfg.mask)
+            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
+                    "stats_file": stats_file.name, "stats": stats.metadata,
+                    "grid_sparsity": grid_report(plan, stats).overall,
+                    "collected_sparsity": data_report(keep, stats).overall}
+            save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
+                      metadata=meta)
+
+        make_once(plan_dir, make_plan, dist, done=plan_dir / "plan.json")
     return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
 
 
@@ -180,12 +142,9 @@ def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=Non
     data-parallel: every step with all ranks, rank 0 alone writing."""
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune"
     dist = distributed_from_env()
-    dist.init(resolve_device(dist.device(device)))
-    try:
+    with dist.joined(resolve_device(dist.device(device))):
         return _prune_glue(cfg, dist, glue_dir=glue_dir, work_dir=work_dir, device=device,
                            progress=progress and dist.is_main, out_dir=out_dir)
-    finally:
-        dist.close()
 
 
 def _prune_glue(cfg: PruneGlueConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:

@@ -42,9 +42,9 @@ from ..training.record import run_key
 from ..lm.train import LMConfig, load_lm_data, train_lm
 from .baselines import sink_window_for_sparsity, sink_window_plan
 from .collect import AttentionStats, collect_attention_rows
-from .glue import _fresh, _locked, _missing, _publish
 from .mask import (attention_pruning_mask, block_mask, check_prune_options, expand_to_blocks, grid_report, mask_plan,
                    random_like)
+from .work import locked, make_once
 
 MASKS = ("ap", "random", "sink_window")
 SCOPES = ("layer", "head")
@@ -118,17 +118,17 @@ def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progres
     dense_cfg = cfg.dense_config()
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
-    with _locked(root / ".lock", dist):
-        if _missing(dense_dir / "results.json", dist):
-            tmp = _fresh(dense_dir, dist)
-            train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
-            _publish(tmp, dense_dir, dist)
+    with locked(root / ".lock", dist):
+        make_once(dense_dir, lambda tmp: train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device,
+                                                  progress=progress, save_model=True),
+                  dist, done=dense_dir / "results.json")
         if dist.is_main:
             (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
         if cfg.prune == 0:
             return {"dense": dense_dir, "stats": None, "plan": None}
         stats_file = root / f"attention-{cfg.collect_limit or 'all'}.safetensors"
-        if _missing(stats_file, dist):
+
+        def collect(tmp: Path) -> None:
             rows = load_lm_data(dense_cfg, glue_dir).train  # the rows the dense model trained on
             rows = rows[torch.from_numpy(subset(len(rows), cfg.collect_limit))]
             model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(dist.device(device)))
@@ -136,36 +136,37 @@ def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progres
                                            metadata={"model": str(dense_dir / "model"),
                                                      "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
                                            dist=dist)
-            del model
-            tmp = _fresh(stats_file, dist)
             if dist.is_main:
                 stats.save(tmp)
-            _publish(tmp, stats_file, dist)
+
+        make_once(stats_file, collect, dist)
         blocks = "" if cfg.blocks == "none" else f"-{cfg.blocks}{cfg.block_size}"
         name = f"{cfg.mask}-{cfg.scope}{blocks}-p{cfg.prune:g}"
         name += {"random": f"-seed{cfg.seed}", "sink_window": f"-g{cfg.sinks}", "ap": ""}[cfg.mask]
         plan_dir = root / f"plans-{stats_file.stem}" / name
-        if _missing(plan_dir / "plan.json", dist):
-            tmp = _fresh(plan_dir, dist)
-            if dist.is_main:  # cheap: rank 0 alone makes the plan
-                stats = AttentionStats.load(stats_file)
-                keep = ap_keep(stats, cfg)
-                ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
-                meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
-                        "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
-                        "ap_sparsity": ap_sparsity}
-                if cfg.mask == "sink_window":
-                    g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
-                    plan = sink_window_plan(g, w)
-                    meta.update(sinks=g, window=w)
-                else:
-                    if cfg.mask == "random":
-                        keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
-                    plan = mask_plan(keep, prefix=cfg.mask)
-                    measured = grid_report(plan, stats).overall
-                meta["measured_sparsity"] = measured
-                save_plan(plan, tmp, metadata=meta)
-            _publish(tmp, plan_dir, dist)
+
+        def make_plan(tmp: Path) -> None:
+            if not dist.is_main:  # cheap: rank 0 alone makes the plan
+                return
+            stats = AttentionStats.load(stats_file)
+            keep = ap_keep(stats, cfg)
+            ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
+            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
+                    "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
+                    "ap_sparsity": ap_sparsity}
+            if cfg.mask == "sink_window":
+                g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
+                plan = sink_window_plan(g, w)
+                meta.update(sinks=g, window=w)
+            else:
+                if cfg.mask == "random":
+                    keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
+                plan = mask_plan(keep, prefix=cfg.mask)
+                measured = grid_report(plan, stats).overall
+            meta["measured_sparsity"] = measured
+            save_plan(plan, tmp, metadata=meta)
+
+        make_once(plan_dir, make_plan, dist, done=plan_dir / "plan.json")
     return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
 
 
@@ -175,12 +176,9 @@ def prune_lm(cfg: LMPruneConfig, *, glue_dir=None, work_dir=None, device=None, p
     a ``pruning`` section. work_dir: where shared models, averages and masks go (default <cache>/prune-lm)."""
     work_dir = Path(work_dir) if work_dir is not None else cache_dir() / "prune-lm"
     dist = distributed_from_env()
-    dist.init(resolve_device(dist.device(device)))
-    try:
+    with dist.joined(resolve_device(dist.device(device))):
         return _prune_lm(cfg, dist, glue_dir=glue_dir, work_dir=work_dir, device=device,
                          progress=progress and dist.is_main, out_dir=out_dir)
-    finally:
-        dist.close()
 
 
 def _prune_lm(cfg: LMPruneConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:

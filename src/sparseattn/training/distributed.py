@@ -95,6 +95,15 @@ class Distributed:
         dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size)
         self.owns_group = True
 
+    @contextmanager
+    def joined(self, device: torch.device):
+        """The process group joined (``init``) for the block, and left after it if this process made it."""
+        self.init(device)
+        try:
+            yield self
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self.active and self.owns_group:
             import torch.distributed as dist

@@ -303,12 +303,9 @@ def finetune(config: FinetuneConfig, *, glue_dir=None, out_dir=None, device=None
     """Run one fine-tuning and return its results (also written to ``out_dir/results.json`` if given)."""
     t_start = time.perf_counter()
     run = setup(config, device)
-    run.dist.init(run.device)
-    try:
+    with run.dist.joined(run.device):
         return _finetune(run, t_start, glue_dir=glue_dir, out_dir=out_dir, progress=progress and run.dist.is_main,
                          save_model=save_model, parse_cache=parse_cache, on_malformed=on_malformed)
-    finally:
-        run.dist.close()
 
 
 def _finetune(run: Run, t_start: float, *, glue_dir, out_dir, progress: bool, save_model: bool,
