@@ -185,9 +185,10 @@ def cache_kwarg(model, cache) -> dict:
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
-def reference_logits(plan, out, am, **sparsify_kw):
-    """The whole generated sequence through the reference backend in one pass: logits (B, T, V)."""
-    model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+def reference_logits(plan, out, am, *, make_model=None, **sparsify_kw):
+    """The whole generated sequence through the reference backend in one pass, on a fresh model of
+    ``make_model()`` (default: the tiny Llama): logits (B, T, V)."""
+    model = make_model() if make_model is not None else tiny_llama(max_position_embeddings=MAX_POSITIONS)
     sa.sparsify(model, plan, **sparsify_kw)
     seq = out.sequences
     full_am = torch.cat([am, torch.ones(am.shape[0], seq.shape[1] - am.shape[1], dtype=am.dtype)], 1)
@@ -547,13 +548,7 @@ def test_a_sliding_window_model_generates_under_a_plan(plan, evicting):
     ids, am = prompts((9, 6))
     out = generate(model, ids, am, 8, **(cache_kwarg(model, sa.generation_cache(model)) if evicting else {}))
     assert out.past_key_values.layers[0].keys.shape[-2] < out.sequences.shape[1] - 1  # not every key
-    ref_model = mistral()
-    sa.sparsify(ref_model, plan)
-    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
-    with torch.no_grad():
-        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
-                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
-    assert_steps_equal(out, ref, ids.shape[1])
+    assert_steps_equal(out, reference_logits(plan, out, am, make_model=mistral), ids.shape[1])
 
 
 def test_a_sliding_window_model_decodes_without_an_attention_mask():
@@ -601,13 +596,7 @@ def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
     out = generate(model, ids, am, 8)
     held = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert held[0] < held[1] == out.sequences.shape[1] - 1
-    ref_model = qwen2()
-    sa.sparsify(ref_model, plan)
-    full_am = torch.cat([am, torch.ones(2, out.sequences.shape[1] - am.shape[1], dtype=am.dtype)], 1)
-    with torch.no_grad():
-        ref = ref_model(input_ids=out.sequences, attention_mask=full_am,
-                        position_ids=(full_am.cumsum(-1) - 1).clamp(min=0)).logits
-    assert_steps_equal(out, ref, ids.shape[1])
+    assert_steps_equal(out, reference_logits(plan, out, am, make_model=qwen2), ids.shape[1])
 
 
 @pytest.mark.parametrize("name", ["sink_window", "ap", "random", "random_blocks"])
