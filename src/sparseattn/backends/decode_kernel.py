@@ -132,7 +132,8 @@ def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
     R = max(16, 1 << (rows - 1).bit_length())
     Dp = _padded_head(D)
     qp, kp, vp = (_pad_head(t, Dp).contiguous() for t in (q, k, v))
-    keep = keep.to(torch.int8).contiguous() if keep.dtype == torch.bool else keep.contiguous()
+    keep = keep.contiguous()
+    keep = keep.view(torch.int8) if keep.dtype == torch.bool else keep  # bytes read in place: no copy per layer
     S = num_splits(B, Hkv, tiles.shape[-1], q.device)
     o_part = torch.empty(B, Hkv, S, R, Dp, dtype=torch.float32, device=q.device)
     m_part = torch.empty(B, Hkv, S, R, dtype=torch.float32, device=q.device)
