@@ -448,6 +448,9 @@ def test_input_dependent_layouts_never_wait_for_the_gpu(spec, causal, kv_heads):
     assert backend.stats["layout_builds"] == 2 and backend.stats["block"] == 2
     ref32 = run(ReferenceBackend(), torch.float32)
     ref16 = run(ReferenceBackend(), torch.bfloat16)
+    real_q = layout.real[:, None, :, None]
     for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref32, ref16):
+        if what in ("out", "dq"):  # rows of padding queries are not compared (the kernel gives them zeros)
+            a, r, p = a * real_q, r * real_q, p * real_q
         err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
         assert err <= 2 * base + 1e-5, f"{what}: error {err:.3g} > 2 x PyTorch's {base:.3g}"

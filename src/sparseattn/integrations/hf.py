@@ -29,6 +29,10 @@ DENSE_ATTN_NAME = "sparseattn_sdpa"  # transformers' SDPA attention with sparsea
 STRUCTURE_KWARG = "sparse_structure"
 BATCH_KWARG = "sparseattn_batch"  # the pre-hook's per-call context, passed down to the attention layers
 _registered = False
+# transformers.masking_utils and its SDPA attention, bound by _register(): the mask and attention functions run
+# inside torch.compile's trace, where dynamo cannot follow an import through transformers' lazy modules.
+_mu = None
+_sdpa_attention = None
 
 
 class UnsupportedModelError(TypeError):
@@ -50,8 +54,7 @@ def _mask_function(*args, **kwargs):
     fast kernels and the block backend off its sync-free path. Such a call is skipped here, where it is
     plainly bidirectional or plainly causal over equal lengths, as transformers does outside capture and
     compile."""
-    from transformers import masking_utils as mu
-
+    mu = _mu
     if (not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
             and (torch.compiler.is_compiling()
                  or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))):
@@ -74,8 +77,7 @@ def _layout_mask_function(*args, **kwargs):
     transformers' (B, 1, Lq, Lk) mask is not made either; a static cache gets one (B, 1, 1, Lk) row of the slots
     holding tokens. Other masks (sliding windows, chunked or custom mask functions) are materialized as
     transformers makes them."""
-    from transformers import masking_utils as mu
-
+    mu = _mu
     fn = kwargs.get("mask_function", mu.causal_mask_function)
     plain = fn is mu.causal_mask_function or fn is getattr(mu, "bidirectional_mask_function", None)
     am = kwargs.get("attention_mask")
@@ -112,20 +114,21 @@ def _layout_mask_function(*args, **kwargs):
 def _full_mask_function(*args, **kwargs):
     """transformers' SDPA mask, always materialized: for models whose attention modules do not say whether
     they are causal, the padding and causal structure must come from the mask itself."""
-    from transformers.masking_utils import sdpa_mask
-
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    return _mu.sdpa_mask(*args, **kwargs)
 
 
 def _register() -> None:
-    global _registered
+    global _registered, _mu, _sdpa_attention
     if _registered:
         return
+    import transformers.masking_utils
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
+
+    _mu, _sdpa_attention = transformers.masking_utils, sdpa_attention_forward
 
     for name, mask_fn in ((ATTN_NAME, _layout_mask_function), (ATTN_NAME_FULL_MASK, _full_mask_function)):
         AttentionInterface.register(name, _attention_forward)
@@ -501,10 +504,7 @@ def _wants_weights(module, kwargs) -> bool:
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The function registered as attn_implementation='sparseattn'."""
     if getattr(module, "_sparseattn_dense", False):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     state: _State | None = getattr(module, "_sparseattn_state", None)
     if state is None:
         raise RuntimeError(f"{type(module).__name__} runs with attn_implementation='sparseattn' but was not "
