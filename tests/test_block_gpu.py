@@ -302,7 +302,15 @@ def test_torch_compiled_model_runs_the_operator_in_one_graph(arch, batch, mode, 
 
     calls = []
     forward_pass = triton_kernel.forward_pass
-    monkeypatch.setattr(triton_kernel, "forward_pass", lambda *a: calls.append(a[-1]) or forward_pass(*a))
+
+    def record(*a):
+        # the segments' token counts, read while nothing is being captured (CUDA graphs reuse the tensor's memory)
+        seg = a[-1]
+        capturing = torch.cuda.is_current_stream_capturing()
+        calls.append("captured" if capturing else None if seg is None else sorted(seg[:, 2].tolist()))
+        return forward_pass(*a)
+
+    monkeypatch.setattr(triton_kernel, "forward_pass", record)
     g = torch.Generator(DEVICE).manual_seed(0)
     ids = torch.randint(5, 100, (2, 1100), device=DEVICE, generator=g)
     kw = {}
@@ -334,14 +342,16 @@ def test_torch_compiled_model_runs_the_operator_in_one_graph(arch, batch, mode, 
                                                     if p.grad is not None}
     (he, ge), (hc, gc) = results[False], results[True]
     torch.testing.assert_close(hc, he, atol=1e-4, rtol=1e-4)
-    assert gc.keys() == ge.keys() and len(ge) > 10
+    # AOTAutograd gives parameters behind outputs the loss ignores (BERT's pooler) zero gradients, eager none
+    assert ge.keys() <= gc.keys() and len(ge) > 10
+    for n in gc.keys() - ge.keys():
+        assert not gc[n].any(), f"{n}: a gradient only under torch.compile"
     for n in ge:
         torch.testing.assert_close(gc[n], ge[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
     assert len(calls) >= 2 * 2  # both layers, eagerly and compiled: the kernel, not a fallback
     # 1100 tokens run as whole rows of the 1152-token bucket; padded and packed rows as their sequences
-    counts = [sorted(seg[:, 2].tolist()) if seg is not None else None for seg in calls]
     want = {"unpadded": [1100, 1100], "padded": [777, 1100], "packed": [300, 300, 500, 1100]}[batch]
-    assert all(c == want for c in counts), counts
+    assert all(c == want for c in calls if c != "captured"), calls
 
 
 SEGMENT_CASES = [
