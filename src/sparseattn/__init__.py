@@ -10,7 +10,9 @@
 
 from ._version import __version__ as __version__
 from .errors import ConfigError, DataError, NotFoundError, SparseattnError, StorageError
-from .integrations.hf import UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify
+from .integrations.hf import (
+    UnsupportedModelError, compile_outside_attention, plan_of, sparsify, unsparsify, use_dense_sdpa,
+)
 from .layout import TokenLayout
 from .model_sparsity import measure_sparsity
 from .patterns import (
@@ -39,7 +41,7 @@ __all__ = [
     "lexical", "similar", "static_mask", "union", "intersection",
     "Plan", "Rule", "PlanError", "PlanSpecError", "PlanFileError", "parse_pattern", "save_plan", "load_plan",
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
-    "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention",
+    "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention", "use_dense_sdpa",
     "generation_cache", "SinkWindowCache",
     "encode", "BatchStructure", "ParseCache",
     "SparseattnError", "ConfigError", "DataError", "NotFoundError", "StorageError",

@@ -140,8 +140,9 @@ def _register() -> None:
 
 def use_dense_sdpa(model) -> None:
     """Switch a (not sparsified) model to transformers' own SDPA attention with the mask choices of
-    ``_mask_function``: the same computation as attn_implementation="sdpa", but an unpadded batch given
-    without an attention mask runs mask-free under CUDA graph capture too (a fair dense baseline there)."""
+    ``_mask_function``: the same computation as attn_implementation="sdpa", but a batch given without an
+    attention mask runs mask-free under torch.compile and CUDA graph capture too, where transformers may make
+    the full L x L mask and send SDPA off its flash kernel (a fair dense baseline there)."""
     _register()
     model.set_attn_implementation(DENSE_ATTN_NAME)
 
