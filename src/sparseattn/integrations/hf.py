@@ -191,7 +191,10 @@ def compile_outside_attention(model: torch.nn.Module, **compile_kwargs) -> list[
     blocks, the pooler and the head); returns their names. The attention modules (their projections and the
     attention itself) run as they are, whatever backend they use, so the block backend needs no graph
     break and a dense and a sparsified model compile exactly the same code. Works before or after
-    ``sparsify``; parameter names and state dicts are unchanged."""
+    ``sparsify``; parameter names and state dicts are unchanged. With the block backend's Triton kernel,
+    ``torch.compile(model)`` traces the whole sparsified model (the kernel is an operator) and needs none of this;
+    it serves attention that breaks the graph (FlexAttention's layouts made per batch, the reference backend's
+    input-dependent patterns)."""
     found, cross = _attention_modules(model)
     attention = {id(m) for _, m in found + cross}
     compiled = []
