@@ -6,6 +6,8 @@
 #
 # Stages, in the order they pay off (the first two are what resolving issues 24 and 25 needs before any
 # number: the GPU tests):
+#   gpu-tests-compile  the compiled-model GPU tests alone (torch.compile fullgraph and reduce-overhead, unpadded,
+#                      padded and packed; about 3 minutes): the tenth round fixed their last failures without a rerun
 #   gpu-tests-kernels  the block backend's, the Triton kernel's and the decode kernel's GPU tests
 #   gpu-tests-models   the GPU tests through models: integration, generation, packed/padded, learned, patterns
 #   bench-model        issue 24: the encoder step at 16k in eager, compile and reduce-overhead modes, unpadded,
@@ -22,12 +24,17 @@ stage=${1:?"usage: $0 STAGE (see the header for the list)"}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
+# the tests' default model where the packaged one is not installed (the device bundle's copy)
+[[ -d .bundle/model ]] && export SPARSEATTN_DEFAULT_MODEL=${SPARSEATTN_DEFAULT_MODEL:-.bundle/model}
 log="$out/$stage.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
 
 case $stage in
+  gpu-tests-compile)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -v -p no:cacheprovider -m gpu tests/test_block_gpu.py \
+      -k "one_graph or never_wait" 2>&1 | grep -v "torch.__trace" | tee -a "$log" || true ;;
   gpu-tests-kernels)
     # fixed kernel configurations: autotuning every test's shapes would take the call's time
     SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -q -p no:cacheprovider -m gpu \
