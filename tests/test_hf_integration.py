@@ -688,3 +688,31 @@ def test_modules_that_do_not_say_whether_they_are_causal_always_get_the_mask():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     sa.unsparsify(model)
     assert model.config._attn_implementation != "sparseattn_full_mask"
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_attention_outside_a_call_of_the_sparsified_model_is_refused(arch):
+    """model.forward() and calls of a submodule skip the model's forward hook, which reads each pass's padding:
+    the layers would run on another pass's inputs, so they refuse with a message that says what to call. A
+    failed call leaves nothing behind, and the model itself keeps working."""
+    model = tiny_bert("classify") if arch == "bert" else tiny_llama()
+    sa.sparsify(model, "all: neighbour(2) | global_tokens(1)")
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        inner = model.bert if arch == "bert" else model.model
+        for call in (lambda: model.forward(input_ids=ids, attention_mask=mask),
+                     lambda: inner(input_ids=ids, attention_mask=mask)):
+            with pytest.raises(RuntimeError, match=r"of layer 0 ran outside a call of the model given to "
+                                                   r"sparseattn\.sparsify\(\).*Call the model itself"):
+                call()
+        with pytest.raises(IndexError):
+            model(input_ids=torch.full((1, 4), 10_000))  # an error inside the pass: the hook count recovers
+        with pytest.raises(RuntimeError, match="ran outside a call"):
+            model.forward(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want)
+    sa.unsparsify(model)
+    with torch.no_grad():
+        model.forward(input_ids=ids, attention_mask=mask)  # unsparsified: plain transformers again

@@ -54,7 +54,7 @@ def test_low_temperature_equals_exported_plan():
     deg = attach_degrees(m, init_degree=3.0, temperature=1e-3)
     with torch.no_grad():
         deg.degree.copy_(torch.tensor([[0.2, 1.7, 3.0, 5.9], [2.4, 0.0, 7.1, 1.0]]))
-        soft = m.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        soft = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
     lay = layouts([b])[0]
     expected = deg.expected_density(lay).item()
     detach_degrees(m)
@@ -62,13 +62,13 @@ def test_low_temperature_equals_exported_plan():
     assert deg.hard_degrees().tolist() == [[0, 2, 3, 6], [2, 0, 7, 1]]  # d rounded to the nearest integer
     sa.sparsify(m, plan)
     with torch.no_grad():
-        hard = m.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        hard = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
     real = b["attention_mask"].bool()
     torch.testing.assert_close(soft[real], hard[real], atol=1e-5, rtol=1e-5)
     # and the rounding matters: a plan with floor(d) instead differs
     sa.sparsify(m, "layers=0-1: neighbour(1)")
     with torch.no_grad():
-        other = m.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        other = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
     assert (other[real] - hard[real]).abs().max() > 1e-3
     measured = sa.measure_plan(plan.resolve(2, 4), lay).overall
     assert abs((1 - expected) - measured) < 1e-4

@@ -159,6 +159,7 @@ class _State:
     original_impl: str | None
     hooks: list = field(default_factory=list)
     batch: dict = field(default_factory=dict)  # inputs of the latest forward pass (fallback, see _pre_hook)
+    open_passes: int = 0  # eager calls of the model under way (between its pre- and post-hook)
     kwargs_reach_attention: bool = False  # whether the model's forward passes **kwargs down to attention
     max_positions: int | None = None
     modules: list = field(default_factory=list)
@@ -274,6 +275,7 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     state.kwargs_reach_attention = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                        for p in inspect.signature(model.forward).parameters.values())
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_post_hook, always_call=True))
     model._sparseattn = state
     if hasattr(state.backend, "prepare"):  # e.g. the block backend registers its static layers' tile lists
         state.backend.prepare(layer_plans)
@@ -320,6 +322,8 @@ def plan_of(model) -> Plan | None:
 
 def _pre_hook(model, args, kwargs):
     state: _State = model._sparseattn
+    if not torch.compiler.is_compiling():  # traced, the count would be a guarded constant: a recompile each call
+        state.open_passes += 1
     structure = kwargs.pop(STRUCTURE_KWARG, None)
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -362,6 +366,21 @@ def _pre_hook(model, args, kwargs):
         # forward passes ran in between. Models that drop kwargs on the way use state.batch instead.
         kwargs[BATCH_KWARG] = batch
     return args, kwargs
+
+
+def _post_hook(model, args, output):
+    state: _State = model._sparseattn
+    if not torch.compiler.is_compiling():
+        state.open_passes = max(0, state.open_passes - 1)
+
+
+def _outside_the_model(state: _State) -> bool:
+    """Whether an attention layer runs eagerly outside any call of the sparsified model (its ``forward()`` or a
+    submodule called directly): the pre-hook did not see the pass's inputs, so the layer would use another
+    pass's padding and documents. Recomputation in the backward (gradient checkpointing) replays a pass that
+    was seen."""
+    return (not torch.compiler.is_compiling() and state.open_passes == 0
+            and torch._C._current_graph_task_id() == -1)
 
 
 def _tracing(t: torch.Tensor) -> bool:
@@ -515,7 +534,15 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
                            "sparsified; call sparseattn.sparsify(model, plan)")
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive -> boolean
-    batch = kwargs.pop(BATCH_KWARG, None) or state.batch
+    batch = kwargs.pop(BATCH_KWARG, None)
+    if batch is None:
+        if _outside_the_model(state):
+            raise RuntimeError(
+                f"{type(module).__name__} of layer {module._sparseattn_layer} ran outside a call of the model given "
+                "to sparseattn.sparsify(): sparseattn reads each pass's inputs (padding, packed documents, the KV "
+                "cache) in that model's forward hook, which model.forward() and calls of its submodules skip (so do "
+                "wrappers that call model.forward()). Call the model itself")
+        batch = state.batch
     if not batch:
         batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
     kv_len, q_len = key.shape[2], query.shape[2]
