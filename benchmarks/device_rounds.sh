@@ -16,6 +16,8 @@
 #   bench-attention    issue 24: the backend's own choice per cell against every method, 8k-32k, D 64 and 128
 #   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
+#   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
+#                      benchmarks/decode_sdpa_backend.py, about a minute
 #   lm-study           issue 20: the language-model Attention Pruning study (resumable: carry its database
 #                      back in with the next call, see studies/README.md); needs `device-bundle SST-2 books`
 # Record each table with its command, device and date in docs/benchmarks.md.
@@ -58,6 +60,8 @@ case $stage in
   bench-generate-static)
     python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
       --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
+  decode-sdpa)
+    timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   lm-study)
     # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
     # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense
