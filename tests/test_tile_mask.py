@@ -486,3 +486,34 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
     table = format_table(results + [packed])
     assert "dense_packed/ideal" in table and "block/packed" in table
     assert " 0.50/ 0.40" in table.splitlines()[-1]  # block 0.8 / 4.0 ms against packed 0.4 / 2.0 ms
+
+
+def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatch):
+    """``run_model`` runs the eager mode of every batch kind before any compiled or captured mode (which leave
+    state behind in the process), then lists the rows by batch kind, attention and mode, with each row's speed-up
+    over the fastest dense step of its batch kind and of any kind."""
+    from sparseattn.bench import model as bm
+
+    calls = []
+
+    def fake(kind, length, batch, *, modes, kernels, **_):
+        calls.append((batch, tuple(modes)))
+        speed = {"eager": 1.0, "compile": 2.0, "reduce-overhead": 3.0}
+        rows = []
+        for attention in (None, *kernels):
+            for mode in modes:
+                tps = speed[mode] * (4 if attention else 1) * (0.5 if batch == "padded" else 1)
+                rows.append(bm.ModelResult(kind, length, 1, attention or "dense", None, None, 1e3 / tps, tps, None,
+                                           kernel=attention, mode=mode, batch=batch))
+        return rows
+
+    monkeypatch.setattr(bm, "_run_batch", fake)
+    modes, batches = ["reduce-overhead", "eager", "compile"], ["unpadded", "padded"]
+    out = bm.run_model("encoder", 1024, modes=modes, batches=batches, log=lambda *a: None)
+    assert calls == [("unpadded", ("eager",)), ("padded", ("eager",)),
+                     ("unpadded", ("reduce-overhead", "compile")), ("padded", ("reduce-overhead", "compile"))]
+    assert [(r.batch, r.kernel, r.mode) for r in out] == [(b, k, m) for b in batches for k in (None, "triton")
+                                                          for m in modes]
+    sparse_eager = next(r for r in out if r.batch == "padded" and r.kernel and r.mode == "eager")
+    assert sparse_eager.baseline == "dense reduce-overhead" and sparse_eager.speedup == pytest.approx(4 / 3)
+    assert sparse_eager.speedup_any == pytest.approx(2 / 3)  # over unpadded dense reduce-overhead
