@@ -695,6 +695,8 @@ def test_attention_outside_a_call_of_the_sparsified_model_is_refused(arch):
     """model.forward() and calls of a submodule skip the model's forward hook, which reads each pass's padding:
     the layers would run on another pass's inputs, so they refuse with a message that says what to call. A
     failed call leaves nothing behind, and the model itself keeps working."""
+    import torch._dynamo
+
     model = tiny_bert("classify") if arch == "bert" else tiny_llama()
     sa.sparsify(model, "all: neighbour(2) | global_tokens(1)")
     ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -712,6 +714,9 @@ def test_attention_outside_a_call_of_the_sparsified_model_is_refused(arch):
             model(input_ids=torch.full((1, 4), 10_000))  # an error inside the pass: the hook count recovers
         with pytest.raises(RuntimeError, match="ran outside a call"):
             model.forward(input_ids=ids, attention_mask=mask)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="ran outside a call"):  # compiled, the hook is skipped all the same
+            torch.compile(model.forward, backend="eager")(input_ids=ids, attention_mask=mask)
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want)
     sa.unsparsify(model)
     with torch.no_grad():

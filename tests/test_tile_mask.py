@@ -489,31 +489,38 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
 
 
 def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatch):
-    """``run_model`` runs the eager mode of every batch kind before any compiled or captured mode (which leave
-    state behind in the process), then lists the rows by batch kind, attention and mode, with each row's speed-up
-    over the fastest dense step of its batch kind and of any kind."""
+    """``run_models`` runs the eager mode of every length and batch kind before any compiled or captured mode
+    (which leave state behind in the process), then lists the rows by length, batch kind, attention and mode, with
+    each row's speed-up over the fastest dense step of its length and batch kind, and of its length."""
     from sparseattn.bench import model as bm
 
     calls = []
 
     def fake(kind, length, batch, *, modes, kernels, **_):
-        calls.append((batch, tuple(modes)))
+        calls.append((length, batch, tuple(modes)))
         speed = {"eager": 1.0, "compile": 2.0, "reduce-overhead": 3.0}
         rows = []
         for attention in (None, *kernels):
             for mode in modes:
-                tps = speed[mode] * (4 if attention else 1) * (0.5 if batch == "padded" else 1)
+                tps = speed[mode] * (4 if attention else 1) * (0.5 if batch == "padded" else 1) * 1024 / length
                 rows.append(bm.ModelResult(kind, length, 1, attention or "dense", None, None, 1e3 / tps, tps, None,
                                            kernel=attention, mode=mode, batch=batch))
         return rows
 
     monkeypatch.setattr(bm, "_run_batch", fake)
     modes, batches = ["reduce-overhead", "eager", "compile"], ["unpadded", "padded"]
-    out = bm.run_model("encoder", 1024, modes=modes, batches=batches, log=lambda *a: None)
-    assert calls == [("unpadded", ("eager",)), ("padded", ("eager",)),
-                     ("unpadded", ("reduce-overhead", "compile")), ("padded", ("reduce-overhead", "compile"))]
-    assert [(r.batch, r.kernel, r.mode) for r in out] == [(b, k, m) for b in batches for k in (None, "triton")
-                                                          for m in modes]
-    sparse_eager = next(r for r in out if r.batch == "padded" and r.kernel and r.mode == "eager")
-    assert sparse_eager.baseline == "dense reduce-overhead" and sparse_eager.speedup == pytest.approx(4 / 3)
-    assert sparse_eager.speedup_any == pytest.approx(2 / 3)  # over unpadded dense reduce-overhead
+    kept = []
+    out = bm.run_models([("encoder", 1024), ("encoder", 2048)], modes=modes, batches=batches, log=lambda *a: None,
+                        done=lambda so_far: kept.append(len(so_far)))
+    compiled = ("reduce-overhead", "compile")
+    assert calls == [(1024, "unpadded", ("eager",)), (1024, "padded", ("eager",)),
+                     (2048, "unpadded", ("eager",)), (2048, "padded", ("eager",)),
+                     (1024, "unpadded", compiled), (1024, "padded", compiled),
+                     (2048, "unpadded", compiled), (2048, "padded", compiled)]
+    assert kept == [2, 4, 6, 8, 12, 16, 20, 24]
+    assert [(r.length, r.batch, r.kernel, r.mode) for r in out] == [
+        (n, b, k, m) for n in (1024, 2048) for b in batches for k in (None, "triton") for m in modes]
+    for n in (1024, 2048):  # the same ratios at each length: each is taken over its own length's dense steps
+        sparse_eager = next(r for r in out if (r.length, r.batch, r.mode) == (n, "padded", "eager") and r.kernel)
+        assert sparse_eager.baseline == "dense reduce-overhead" and sparse_eager.speedup == pytest.approx(4 / 3)
+        assert sparse_eager.speedup_any == pytest.approx(2 / 3)  # over unpadded dense reduce-overhead

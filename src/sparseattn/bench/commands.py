@@ -117,10 +117,8 @@ def _print_tuned(tuned: dict | None) -> None:
 
 
 def cmd_model(args) -> int:
-    import torch
-
     from .attention import device_meta
-    from .model import format_table, results_to_json, run_model
+    from .model import format_table, results_to_json, run_models
 
     _need_cuda()
     kernel_options = _kernel_settings(args)
@@ -128,15 +126,14 @@ def cmd_model(args) -> int:
     modes = list(args.modes) + (["graph"] if args.graphs and "graph" not in args.modes else [])
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
                 kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches)
-    results = []
-    for kind in args.models:
-        for L in args.lengths:
-            results.extend(run_model(kind, L, tokens=args.tokens, steps=args.steps, decoder_layers=args.decoder_layers,
-                                     kernel_options=kernel_options, kernels=args.kernels, modes=modes,
-                                     batches=args.batches, compile_model=args.torch_compile))
-            torch.cuda.empty_cache()
-            if args.json:  # keep what is done, whatever happens next
-                _write_json(args.json, results_to_json(results, meta), quiet=True)
+    def keep(so_far):  # what is done, whatever happens next
+        if args.json:
+            _write_json(args.json, results_to_json(so_far, meta), quiet=True)
+
+    results = run_models([(kind, L) for kind in args.models for L in args.lengths], tokens=args.tokens,
+                         steps=args.steps, decoder_layers=args.decoder_layers, kernel_options=kernel_options,
+                         kernels=args.kernels, modes=modes, batches=args.batches, compile_model=args.torch_compile,
+                         done=keep)
     print()
     print(format_table(results))
     if "triton" in args.kernels:

@@ -235,28 +235,51 @@ def _host_us(backend, run) -> float | None:
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
               compile_model: bool = False, log=print) -> list[ModelResult]:
-    """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``.
-    Speed-ups are real tokens per second over the fastest dense step of the same batch kind, whatever its mode.
+    """``run_models`` for one model kind and length."""
+    return run_models([(kind, length)], tokens=tokens, warmup=warmup, steps=steps, decoder_layers=decoder_layers,
+                      kernel_options=kernel_options, kernels=kernels, modes=modes, batches=batches,
+                      compile_model=compile_model, log=log)
+
+
+def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
+               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
+               compile_model: bool = False, log=print, done=None) -> list[ModelResult]:
+    """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``, for
+    each (model kind, length) of ``configs``. Speed-ups are real tokens per second over the fastest dense step of
+    the same model, length and batch kind, whatever its mode (and over that of any batch kind).
 
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
     runs: padded and packed eager steps timed after the compiled modes had run in the same process came out 10-12
-    ms slower than in an eager-only run of the same batches (docs/benchmarks.md, tenth round)."""
+    ms slower than in an eager-only run of the same batches (docs/benchmarks.md, tenth round). ``done`` is called
+    with the results so far after each batch kind (to keep them, whatever happens next)."""
+    configs, modes, batches, kernels = list(configs), list(modes), list(batches), list(kernels)
     out = []
-    phases = [m for m in (tuple(m for m in modes if m == "eager"), tuple(m for m in modes if m != "eager")) if m]
+    phases = [m for m in ([m for m in modes if m == "eager"], [m for m in modes if m != "eager"]) if m]
     for phase in phases:
+        for kind, length in configs:
+            for batch in batches:
+                out.extend(_run_batch(kind, length, batch, tokens=tokens, warmup=warmup, steps=steps,
+                                      decoder_layers=decoder_layers, kernel_options=kernel_options, kernels=kernels,
+                                      modes=phase, compile_model=compile_model, log=log))
+                if done is not None:
+                    done(_ranked(out, configs, kernels, modes, batches))
+    return _ranked(out, configs, kernels, modes, batches)
+
+
+def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
+    """The results listed by model, length, batch kind, attention and mode, with their speed-ups."""
+    attention = {a: i for i, a in enumerate([None, *kernels])}
+    out = sorted(results, key=lambda r: (configs.index((r.model, r.length)), batches.index(r.batch),
+                                         attention[r.kernel], modes.index(r.mode)))
+    for kind, length in configs:
+        same = [r for r in out if (r.model, r.length) == (kind, length)]
         for batch in batches:
-            out.extend(_run_batch(kind, length, batch, tokens=tokens, warmup=warmup, steps=steps,
-                                  decoder_layers=decoder_layers, kernel_options=kernel_options, kernels=kernels,
-                                  modes=phase, compile_model=compile_model, log=log))
-    order = {a: i for i, a in enumerate((None, *kernels))}
-    out.sort(key=lambda r: (batches.index(r.batch), order[r.kernel], modes.index(r.mode)))
-    for batch in batches:
-        _speedups_over_best_dense([r for r in out if r.batch == batch])
-    dense = [r for r in out if r.kernel is None and r.tokens_per_s]
-    best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
-    for r in out:  # and over the fastest dense step of any batch kind: unpadded dense is the bar to beat
-        if best and r.tokens_per_s:
-            r.speedup_any = r.tokens_per_s / best.tokens_per_s
+            _speedups_over_best_dense([r for r in same if r.batch == batch])
+        dense = [r for r in same if r.kernel is None and r.tokens_per_s]
+        best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
+        for r in same:  # and over the fastest dense step of any batch kind: unpadded dense is the bar to beat
+            if best and r.tokens_per_s:
+                r.speedup_any = r.tokens_per_s / best.tokens_per_s
     return out
 
 

@@ -307,7 +307,7 @@ def unsparsify(model):
     for h in state.hooks:
         h.remove()
     for m in state.modules:
-        for attr in ("_sparseattn_state", "_sparseattn_dense", "_sparseattn_layer"):
+        for attr in ("_sparseattn_state", "_sparseattn_dense", "_sparseattn_layer", "_sparseattn_batch_arrives"):
             if hasattr(m, attr):
                 delattr(m, attr)
     model._sparseattn = None
@@ -535,13 +535,17 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive -> boolean
     batch = kwargs.pop(BATCH_KWARG, None)
-    if batch is None:
-        if _outside_the_model(state):
-            raise RuntimeError(
-                f"{type(module).__name__} of layer {module._sparseattn_layer} ran outside a call of the model given "
-                "to sparseattn.sparsify(): sparseattn reads each pass's inputs (padding, packed documents, the KV "
-                "cache) in that model's forward hook, which model.forward() and calls of its submodules skip (so do "
-                "wrappers that call model.forward()). Call the model itself")
+    if batch is not None:
+        if not torch.compiler.is_compiling() and not module.__dict__.get("_sparseattn_batch_arrives"):
+            module._sparseattn_batch_arrives = True  # from now on its absence means the hook was skipped
+    elif getattr(module, "_sparseattn_batch_arrives", False) or _outside_the_model(state):
+        raise RuntimeError(
+            f"{type(module).__name__} of layer {module._sparseattn_layer} ran outside a call of the model given to "
+            "sparseattn.sparsify(): sparseattn reads each pass's inputs (padding, packed documents, the KV cache) "
+            "in that model's forward hook, which model.forward(), torch.compile(model.forward) and calls of its "
+            "submodules skip (so do wrappers that call model.forward()). Call the model itself (or "
+            "torch.compile(model))")
+    else:
         batch = state.batch
     if not batch:
         batch = state.batch = {"input_ids": None, "attention_mask": None, "structure": None, "cache": {}}
