@@ -721,3 +721,31 @@ def test_attention_outside_a_call_of_the_sparsified_model_is_refused(arch):
     sa.unsparsify(model)
     with torch.no_grad():
         model.forward(input_ids=ids, attention_mask=mask)  # unsparsified: plain transformers again
+
+
+def test_a_sparsified_model_saved_after_use_runs_in_a_fresh_process(tmp_path):
+    """torch.save of a sparsified model after a forward pass (the pass's inputs are not kept) and torch.load in a
+    new process, where sparseattn's attention is registered on unpickling: the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_llama()
+    sa.sparsify(model, "all: neighbour(2) | global_tokens(1)")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    torch.save({"model": model, "ids": ids, "mask": mask}, tmp_path / "model.pt")
+    code = ("import sys, torch\n"
+            "d = torch.load(sys.argv[1], weights_only=False)\n"
+            "with torch.no_grad():\n"
+            "    torch.save(d['model'](input_ids=d['ids'], attention_mask=d['mask']).logits, sys.argv[2])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "logits.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.load(tmp_path / "logits.pt")
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real])

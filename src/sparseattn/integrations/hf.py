@@ -164,6 +164,15 @@ class _State:
     max_positions: int | None = None
     modules: list = field(default_factory=list)
 
+    def __getstate__(self):
+        # a pickled or copied model leaves the latest pass behind (its tensors, a closure over the embeddings)
+        return {**self.__dict__, "batch": {}, "open_passes": 0}
+
+    def __setstate__(self, state):
+        # unpickled in a fresh process, the model's attention implementation must exist before it runs
+        self.__dict__.update(state)
+        _register()
+
 
 def _attention_modules(model: torch.nn.Module):
     """Self-attention modules that dispatch through transformers' attention interface."""
