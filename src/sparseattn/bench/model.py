@@ -275,18 +275,14 @@ def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
         same = [r for r in out if (r.model, r.length) == (kind, length)]
         for batch in batches:
             _speedups_over_best_dense([r for r in same if r.batch == batch])
-        dense = [r for r in same if r.kernel is None and r.tokens_per_s]
-        best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
-        for r in same:  # and over the fastest dense step of any batch kind: unpadded dense is the bar to beat
-            if best and r.tokens_per_s:
-                r.speedup_any = r.tokens_per_s / best.tokens_per_s
+        # and over the fastest dense step of any batch kind: unpadded dense is the bar to beat
+        _speedups_over_best_dense(same, any_batch=True)
     return out
 
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
                compile_model, log) -> list[ModelResult]:
-    """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind; speed-ups over the
-    fastest dense step."""
+    """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind (speed-ups: ``_ranked``)."""
     import torch._dynamo
 
     bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers)
@@ -304,7 +300,6 @@ def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layer
             out.append(res)
             log(_result_line(res))
     torch._dynamo.reset()
-    _speedups_over_best_dense(out)
     return out
 
 
@@ -441,14 +436,18 @@ def _result_line(res: ModelResult) -> str:
             + (f" ({res.note})" if res.note else ""))
 
 
-def _speedups_over_best_dense(results: list[ModelResult]) -> None:
-    """Each result's speed-up over the fastest dense step among ``results``, whatever its mode."""
+def _speedups_over_best_dense(results: list[ModelResult], *, any_batch: bool = False) -> None:
+    """Each result's speed-up over the fastest dense step among ``results``, whatever its mode (``speedup`` and its
+    ``baseline``; with ``any_batch``, ``speedup_any``)."""
     dense = [r for r in results if r.kernel is None and r.tokens_per_s]
     best = max(dense, key=lambda r: r.tokens_per_s) if dense else None
     for r in results:
         if best and r.tokens_per_s:
-            r.speedup = r.tokens_per_s / best.tokens_per_s
-            r.baseline = f"dense {best.mode}"
+            if any_batch:
+                r.speedup_any = r.tokens_per_s / best.tokens_per_s
+            else:
+                r.speedup = r.tokens_per_s / best.tokens_per_s
+                r.baseline = f"dense {best.mode}"
 
 
 def format_table(results: list[ModelResult]) -> str:
