@@ -949,11 +949,20 @@ def block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     return _attention_forward(q, k, v, segments, lists, scale)
 
 
-@block_attention_op.register_fake
-def _(q, k, v, segments, lists, scale, backward="auto"):
+def _fake_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operators' output and log-sum-exp as their computation makes them (``_forward_over``), for tracing."""
     B, H, L, D = q.shape
     o = torch.empty_like(q) if _padded_head(D) == D and q.stride(-1) == 1 else q.new_empty(q.shape)
     return o, q.new_empty((B, H, L), dtype=torch.float32)
+
+
+def _fake_grads(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@block_attention_op.register_fake
+def _(q, k, v, segments, lists, scale, backward="auto"):
+    return _fake_attention(q)
 
 
 def _attention_backward(do, q, k, v, o, lse, segments, lists: int, scale: float, backward: str):
@@ -982,7 +991,7 @@ def block_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 @block_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, segments, lists, scale, backward):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _fake_grads(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1046,9 +1055,7 @@ def block_attention_tiles_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 @block_attention_tiles_op.register_fake
 def _(q, k, v, code, tiles, scale, backward="auto"):
-    B, H, L, D = q.shape
-    o = torch.empty_like(q) if _padded_head(D) == D and q.stride(-1) == 1 else q.new_empty(q.shape)
-    return o, q.new_empty((B, H, L), dtype=torch.float32)
+    return _fake_attention(q)
 
 
 @torch.library.custom_op("sparseattn::block_attention_tiles_backward", mutates_args=())
@@ -1061,7 +1068,7 @@ def block_attention_tiles_backward_op(do: torch.Tensor, q: torch.Tensor, k: torc
 
 @block_attention_tiles_backward_op.register_fake
 def _(do, q, k, v, o, lse, code, tiles, scale, backward):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _fake_grads(q, k, v)
 
 
 def _setup_tiles_context(ctx, inputs, output):
