@@ -322,39 +322,51 @@ def test_positions_that_disagree_with_the_mask_are_not_used(neighbour_positions_
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+def _sparsified_step(arch: str, plan: str, backend: str, *, padded: bool, compiled: bool, tokenizer=None):
+    """One training step of a tiny BERT classifier or Llama sparsified with ``plan`` on the reference or block
+    backend, eagerly or under torch.compile(fullgraph=True), over 2 x 37 tokens (the second example's first 29 real
+    when ``padded``). With a ``tokenizer`` (special ids 1 and 2) each example starts with 1 and ends with 2.
+    Returns the logits of real tokens and every parameter's gradient."""
+    import torch._dynamo
+
+    import sparseattn as sa
+    from conftest import tiny_bert, tiny_llama
+
+    model = (tiny_bert("classify") if arch == "bert" else tiny_llama()).train()
+    be = (ReferenceBackend() if backend == "reference"
+          else BlockSparseBackend(block_size=32, force=True, kernel="triton"))
+    sa.sparsify(model, plan, backend=be, tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 37), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 29:] = 0
+    if tokenizer is not None:
+        ids[:, 0] = 1
+        ids[0, 36], ids[1, 28 if padded else 36] = 2, 2
+    kw = {"attention_mask": mask} if padded else {}
+    labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
+    torch._dynamo.reset()
+    fwd = torch.compile(model, fullgraph=True) if compiled else model
+    out = fwd(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    logits = out.logits.detach()
+    return (logits if arch == "bert" else logits[mask.bool()]), grads
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("arch,backend", [("bert", "reference"), ("bert", "block"), ("llama", "block")])
 def test_sparsified_model_compiles_with_fullgraph_and_matches_eager(arch, backend, padded, monkeypatch):
     """torch.compile(model, fullgraph=True) over a sparsified model: no graph break anywhere (the block backend's
     kernel is the operator sparseattn::block_attention inside the graph, its lists found at run time). Outputs
     and every parameter gradient equal the eager model's, at an odd length, padded or not."""
-    import torch._dynamo
-
-    import sparseattn as sa
-    from conftest import tiny_bert, tiny_llama
-
     kernel_calls = []
     forward_pass = triton_kernel.forward_pass
     monkeypatch.setattr(triton_kernel, "forward_pass", lambda *a: kernel_calls.append(a[-1]) or forward_pass(*a))
 
     def run(compiled: bool):
-        model = (tiny_bert("classify") if arch == "bert" else tiny_llama()).train()
-        be = (ReferenceBackend() if backend == "reference"
-              else BlockSparseBackend(block_size=32, force=True, kernel="triton"))
-        sa.sparsify(model, "all: neighbour(3) | global_tokens(1)", backend=be)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 120, (2, 37), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 29:] = 0
-        kw = {"attention_mask": mask} if padded else {}
-        labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
-        torch._dynamo.reset()
-        fwd = torch.compile(model, fullgraph=True) if compiled else model
-        out = fwd(input_ids=ids, labels=labels, **kw)
-        out.loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        logits = out.logits.detach()
-        return (logits if not padded or arch == "bert" else logits[mask.bool()]), grads
+        return _sparsified_step(arch, "all: neighbour(3) | global_tokens(1)", backend, padded=padded, compiled=compiled)
 
     eager, eager_grads = run(False)
     eager_calls = len(kernel_calls)
@@ -540,10 +552,6 @@ def test_batch_dependent_layouts_compile_with_fullgraph_and_match_eager_and_refe
     parameter gradient equal the eager model's and the reference backend's, at an odd length, padded or not."""
     import types
 
-    import torch._dynamo
-
-    import sparseattn as sa
-    from conftest import tiny_bert, tiny_llama
 
     built = []
     from_codes = TileLists.from_codes.__func__
@@ -551,26 +559,7 @@ def test_batch_dependent_layouts_compile_with_fullgraph_and_match_eager_and_refe
     tokenizer = types.SimpleNamespace(all_special_ids=[1, 2])  # all sparsify reads of a tokenizer
 
     def run(backend: str, compiled: bool):
-        model = (tiny_bert("classify") if arch == "bert" else tiny_llama()).train()
-        be = ReferenceBackend() if backend == "reference" else BlockSparseBackend(block_size=32, force=True,
-                                                                                   kernel="triton")
-        sa.sparsify(model, plan, backend=be, tokenizer=tokenizer)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 120, (2, 37), generator=g)
-        ids[:, 0] = 1
-        mask = torch.ones_like(ids)
-        if padded:
-            mask[1, 29:] = 0
-        ids[0, 36], ids[1, 28 if padded else 36] = 2, 2
-        kw = {"attention_mask": mask} if padded else {}
-        labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
-        torch._dynamo.reset()
-        fwd = torch.compile(model, fullgraph=True) if compiled else model
-        out = fwd(input_ids=ids, labels=labels, **kw)
-        out.loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        logits = out.logits.detach()
-        return (logits if arch == "bert" else logits[mask.bool()]), grads
+        return _sparsified_step(arch, plan, backend, padded=padded, compiled=compiled, tokenizer=tokenizer)
 
     reference, reference_grads = run("reference", False)
     eager, eager_grads = run("block", False)
