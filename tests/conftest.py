@@ -153,6 +153,16 @@ def neighbour_positions_off_by_one(monkeypatch):
     monkeypatch.setattr(Neighbour, "index_relation", lambda self: (lambda q, kv: (q - kv).abs() <= self.k + 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a shared 2-core machine (a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The packaged all-MiniLM-L6-v2 tokenizer (BERT uncased WordPiece)."""

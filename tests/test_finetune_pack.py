@@ -21,12 +21,7 @@ GLUE_DIR = os.environ.get("GLUE_DIR")
 needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(lengths, *, pairs: bool = True, seed: int = 0, max_length: int = 32) -> EncodedSplit:
