@@ -15,9 +15,10 @@ from sparseattn.cli import main
 from sparseattn.models import packaged_model_path
 from sparseattn.plans import Plan, save_plan
 
-from test_finetune import make_tiny_model, one_thread  # noqa: F401 (autouse fixture)
+from test_finetune import make_tiny_model
 
-pytestmark = pytest.mark.skipif(packaged_model_path() is None, reason="needs the packaged MiniLM's tokenizer")
+pytestmark = [pytest.mark.skipif(packaged_model_path() is None, reason="needs the packaged MiniLM's tokenizer"),
+              pytest.mark.usefixtures("one_thread")]
 GLUE_DIR = os.environ.get("GLUE_DIR")
 PLAN = "all: neighbour(1) | global_tokens(1)"
 ROWS = [("a gripping, funny film", 1), ("dull and far too long", 0), ("i loved every minute of it", 1),

@@ -20,8 +20,9 @@ from sparseattn.experiments.db import ResultsDB
 from sparseattn.experiments.ray_sweep import run_ray_sweep
 from sparseattn.experiments.sweep import enqueue, load_spec, run_worker
 
-from test_finetune import make_tiny_model, one_thread  # noqa: F401 (autouse fixture)
+from test_finetune import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).parents[1]
 GLUE_DIR = os.environ.get("GLUE_DIR")
 PATH = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])

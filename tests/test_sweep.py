@@ -14,8 +14,9 @@ import yaml
 from sparseattn.experiments.db import ResultsDB, WorkerId, run_key
 from sparseattn.experiments.sweep import SweepSpecError, load_spec, run_worker, spec_from_dict
 
-from test_finetune import make_tiny_model, one_thread  # noqa: F401 (autouse fixture)
+from test_finetune import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 GLUE_DIR = os.environ.get("GLUE_DIR")
 
 

@@ -38,7 +38,7 @@ from ..training.methods import Method, register_method
 from ..training.record import run_key
 from .collect import AttentionStats, Example, collect_attention
 from .mask import attention_pruning_mask, check_prune_options, data_report, grid_report, mask_plan, random_like
-from .work import locked, make_once
+from .work import dense_run_result, locked, make_once
 
 MASKS = ("ap", "random")
 SCOPES = ("layer", "head")
@@ -150,8 +150,7 @@ def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=Non
 def _prune_glue(cfg: PruneGlueConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:
     made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress, dist=dist)
     if made["plan"] is None:  # p = 0: the dense fine-tune is this run
-        result = json.loads((made["dense"] / "results.json").read_text())
-        result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}
+        result = dense_run_result(made["dense"])
     else:
         run_cfg = replace(cfg.dense_config(), plan=str(made["plan"]), plan_digest=None)  # the mask's folder
         result = finetune(run_cfg, glue_dir=glue_dir, out_dir=out_dir, device=device, progress=progress)

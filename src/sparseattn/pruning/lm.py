@@ -44,7 +44,7 @@ from .baselines import sink_window_for_sparsity, sink_window_plan
 from .collect import AttentionStats, collect_attention_rows
 from .mask import (attention_pruning_mask, block_mask, check_prune_options, expand_to_blocks, grid_report, mask_plan,
                    random_like)
-from .work import locked, make_once
+from .work import dense_run_result, locked, make_once
 
 MASKS = ("ap", "random", "sink_window")
 SCOPES = ("layer", "head")
@@ -184,8 +184,7 @@ def prune_lm(cfg: LMPruneConfig, *, glue_dir=None, work_dir=None, device=None, p
 def _prune_lm(cfg: LMPruneConfig, dist: Distributed, *, glue_dir, work_dir, device, progress, out_dir) -> dict:
     made = prepare(cfg, work_dir, glue_dir=glue_dir, device=device, progress=progress, dist=dist)
     if made["plan"] is None:  # p = 0: the dense run is this run
-        result = json.loads((made["dense"] / "results.json").read_text())
-        result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(made["dense"] / "model")}
+        result = dense_run_result(made["dense"])
     else:
         options = {**cfg.dense_config().lm_options(), "plan": str(made["plan"])}
         if cfg.retrain == "dense":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -51,3 +52,11 @@ def make_once(path: Path, make: Callable[[Path], None], dist: Distributed, *, do
     if dist.is_main:
         os.replace(tmp, path)
     dist.barrier()
+
+
+def dense_run_result(dense_dir: Path) -> dict:
+    """The results of the run that prunes nothing: the dense run itself (its results.json), with the pruning
+    section that says so."""
+    result = json.loads((dense_dir / "results.json").read_text())
+    result["pruning"] = {"prune_percent": 0.0, "mask": None, "checkpoint": str(dense_dir / "model")}
+    return result
