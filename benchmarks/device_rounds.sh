@@ -18,6 +18,7 @@
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
+#   lm-study-start, lm-study-wait   the same study in the background across several calls of one warm machine
 #   lm-study           issue 20: the language-model Attention Pruning study (resumable: carry its database
 #                      back in with the next call, see studies/README.md); needs `device-bundle SST-2 books`
 # Record each table with its command, device and date in docs/benchmarks.md.
@@ -35,14 +36,14 @@ transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
 
 case $stage in
   gpu-tests-compile)
-    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -v -p no:cacheprovider -m gpu tests/test_block_gpu.py \
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-560} python -m pytest -v -p no:cacheprovider -m gpu tests/test_block_gpu.py \
       -k "one_graph or never_wait" 2>&1 | grep -v "torch.__trace" | tee -a "$log" || true ;;
   gpu-tests-kernels)
     # fixed kernel configurations: autotuning every test's shapes would take the call's time
-    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -q -p no:cacheprovider -m gpu \
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-560} python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_block_gpu.py tests/test_triton_kernel.py tests/test_decode_kernel.py 2>&1 | tee -a "$log" || true ;;
   gpu-tests-models)
-    SPARSEATTN_TRITON_AUTOTUNE=0 timeout 560 python -m pytest -q -p no:cacheprovider -m gpu \
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-560} python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_generate.py tests/test_hf_integration.py tests/test_packed_padded.py tests/test_learned.py \
       tests/test_patterns.py tests/test_finetune_pack.py 2>&1 | tee -a "$log" || true ;;
   bench-model)
@@ -66,9 +67,30 @@ case $stage in
     # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
     # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense
     # model of a seed whose masked runs are still pending.
-    GLUE_DIR=.bundle/glue timeout 540 python -m sparseattn.cli sweep studies/lm_attention_pruning.yaml \
-      2>&1 | tee -a "$log" || true
+    # The 14M-parameter model leaves the GPU mostly idle: several workers share it (LM_WORKERS, default 6).
+    OMP_NUM_THREADS=2 GLUE_DIR=.bundle/glue timeout ${LM_TIMEOUT:-540} python -m sparseattn.cli sweep \
+      studies/lm_attention_pruning.yaml --workers "${LM_WORKERS:-6}" --gpus 0 2>&1 | tee -a "$log" || true
     cp -r studies/lm_attention_pruning.sqlite* "$out/" ;;
+  lm-study-start)
+    # The study in the background, in its own process session, so that it outlives this call: a machine kept
+    # warm by the next call (within the device's idle release) keeps the dense models and averages of its work
+    # folder, which are too large to travel. Follow it with lm-study-wait, in this call or the next ones.
+    mkdir -p out/lm-study
+    OMP_NUM_THREADS=2 GLUE_DIR=.bundle/glue setsid nohup python -m sparseattn.cli sweep \
+      studies/lm_attention_pruning.yaml --workers "${LM_WORKERS:-6}" --gpus 0 --no-progress \
+      > out/lm-study/sweep.log 2>&1 < /dev/null &
+    echo $! > out/lm-study/pid
+    echo "lm study started in the background (pid $(cat out/lm-study/pid))" | tee -a "$log" ;;
+  lm-study-wait)
+    # until the background study ends or LM_DEADLINE (seconds since the epoch) passes; then a consistent copy
+    # of its database and its log to $OUT
+    pid=$(cat out/lm-study/pid)
+    while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${LM_DEADLINE:-0} )); do sleep 5; done
+    kill -0 "$pid" 2>/dev/null && echo "lm study still running" | tee -a "$log" || echo "lm study ended" | tee -a "$log"
+    python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+      studies/lm_attention_pruning.sqlite "$out/lm_attention_pruning.sqlite"
+    cp out/lm-study/sweep.log "$out/lm-study-sweep.log"
+    { grep -c "finished" out/lm-study/sweep.log || true; } | sed 's/^/runs finished: /' | tee -a "$log" ;;
   *)
     echo "unknown stage $stage; see the header of $0" >&2; exit 2 ;;
 esac

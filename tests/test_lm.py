@@ -14,6 +14,7 @@ from conftest import tiny_llama
 from sparseattn.cli import main
 from sparseattn.integrations.hf import sparsify
 from sparseattn.lm.corpus import bpe_tokenizer, cut_rows, read_text
+from sparseattn.training.tasks import score_text
 from sparseattn.lm.perplexity import perplexity, rows_score, windows
 from sparseattn.lm.train import LMConfig, load_lm_data, train_lm
 from sparseattn.model_sparsity import measure_sparsity
@@ -166,3 +167,9 @@ def test_lm_task_is_a_corpus_not_glue():
         LMConfig(task="sst2")
     with pytest.raises(ValueError, match="multiple of heads"):
         LMConfig(hidden=30, heads=4)
+
+
+def test_progress_lines_print_perplexity_as_is():
+    # sweeps print each finished run's score: GLUE's fractions x100, perplexity as it is
+    assert score_text({"task": "books", "main_metric": "perplexity", "score": 37.214}) == "perplexity 37.21"
+    assert score_text({"task": "sst2", "main_metric": "accuracy", "score": 0.914}) == "accuracy 91.40"

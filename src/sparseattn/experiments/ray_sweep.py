@@ -45,6 +45,7 @@ from pathlib import Path
 from ..errors import ConfigError, DependencyError
 from ..training.methods import Method, config_from_dict, get_method
 from ..training.record import one_class_warning, package_versions
+from ..training.tasks import score_text
 from .db import Heartbeat, ResultsDB, WorkerId
 from .sweep import ctrl_c_ignored, format_duration, progress_line, work_dir_of
 
@@ -241,7 +242,7 @@ def _record(ray, db, worker, sweep, ref, key, what, t0, max_retries, say) -> tup
         return 0, 0
     sp = result["sparsity"]
     warn = one_class_warning(result)
-    say(f"finished {what}: {result['main_metric']} {100 * result['score']:.2f}, sparsity {sp['overall']:.1%}, "
+    say(f"finished {what}: {score_text(result)}, sparsity {sp['overall']:.1%}, "
         f"{format_duration(time.perf_counter() - t0)}  [{progress_line(db, sweep)}]"
         + (f"\n  WARNING: {warn}" if warn else ""))
     return 1, 0

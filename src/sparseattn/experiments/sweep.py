@@ -44,6 +44,7 @@ from ..reports.report import write_report_files
 from ..training.config import FinetuneConfig, model_shape
 from ..training.methods import config_from_dict, run_config
 from ..training.record import one_class_warning, package_versions, run_key
+from ..training.tasks import score_text
 from .db import Heartbeat, ResultsDB, WorkerId
 
 SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
@@ -237,7 +238,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
                 done += 1
                 sp = result["sparsity"]
                 warn = one_class_warning(result)
-                say(f"{tag}finished {what}: {result['main_metric']} {100 * result['score']:.2f}, sparsity "
+                say(f"{tag}finished {what}: {score_text(result)}, sparsity "
                      f"{sp['overall']:.1%}, {format_duration(seconds)}  [{progress_line(db, sweep)}]"
                      + (f"\n{tag}  WARNING: {warn}" if warn else ""))
             else:
