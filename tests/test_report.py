@@ -121,10 +121,15 @@ def test_report_of_language_model_runs(tmp_path):
         ppl, sp = runs[row["plan"], row["seed"]]
         db.finish(row["key"], w, {"score": ppl, "metrics": {"perplexity": ppl, "loss": float(np.log(ppl))},
                                   "timing": {"train_seconds": 1.0},
-                                  "sparsity": {"overall": sp, "applied": sp, "per_layer": [sp] * 6}})
+                                  "sparsity": {"overall": sp, "applied": sp, "per_layer": [sp] * 6},
+                                  "model": "llama (new): 6 layers, hidden 384, 6 heads",
+                                  "data": {"train_rows": 1990, "context": 1024, "eval_scored_tokens": 109918}})
     db.close()
     md = write_report(tmp_path / "lm.sqlite", tmp_path / "rep", title="t")["markdown"].read_text()
     assert "## books (language modelling)" in md
+    # the model as the runs describe it, rows of the context and tokens scored (not GLUE's examples)
+    assert ("Setup: llama (new): 6 layers, hidden 384, 6 heads; 1990 training rows of 1024 tokens x 2 epoch(s), lr "
+            "0.001, batch 16; perplexity over 109918 scored tokens of the valid split; seeds 0, 1") in md
     assert "| dense | dense | 2 | 0.0 | 0.0 | 31.00 ± 1.41 | baseline | 3.43 |" in md
     assert "| all: neighbour(8) | neighbour | 1 | 80.0 | 80.0 | 33.50 (n = 1) | +2.50 | 3.51 |" in md
     assert pareto_front([(0, 30.0), (50, 29.0), (80, 35.0), (60, 40.0)], higher_is_better=False) == \

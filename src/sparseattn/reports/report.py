@@ -55,7 +55,8 @@ class Group:
     sparsity_applied: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     train_examples: list[int] = field(default_factory=list)
-    eval_examples: list[int] = field(default_factory=list)
+    eval_examples: list[int] = field(default_factory=list)  # a language model's: the tokens scored
+    models: list[str] = field(default_factory=list)  # the results' own description of the model
     one_class: int = 0  # seeds whose model gave every evaluation example the same class
     reference: dict | None = None  # what always predicting the train split's majority class scores
     baseline: "Group | None" = None
@@ -147,6 +148,11 @@ def summarize(runs: list[dict]) -> dict[str, list[Group]]:
             if data.get("train_examples") is not None:
                 g.train_examples.append(int(data["train_examples"]))
                 g.eval_examples.append(int(data["eval_examples"]))
+            elif data.get("train_rows") is not None:  # a language model: rows of its context, tokens scored
+                g.train_examples.append(int(data["train_rows"]))
+                g.eval_examples.append(int(data["eval_scored_tokens"]))
+            if res.get("model"):
+                g.models.append(str(res["model"]))
             g.one_class += one_class_warning(res) is not None
             g.reference = g.reference or res.get("majority_reference")
         dense = {_baseline_key(g.config): g for g in groups.values() if g.is_dense}
@@ -214,11 +220,18 @@ def setup_lines(groups: list[Group]) -> list[str]:
     t = task_info(groups[0].task)
     cfg = lambda k: _values(g.config.get(k) for g in groups)  # noqa: E731
     seeds = sorted({s for g in groups for s in g.seeds})
-    model = cfg("model")
-    lines = [f"Setup: {'the packaged all-MiniLM-L6-v2' if model in ('?', 'None') else model}; "
-             f"{_values(n for g in groups for n in g.train_examples)} training examples x {cfg('epochs')} epoch(s), "
-             f"lr {cfg('lr')}, batch {cfg('batch_size')}, max length {cfg('max_length')}; evaluated on "
-             f"{_values(n for g in groups for n in g.eval_examples)} {cfg('eval_split')} examples; "
+    model = _values(m for g in groups for m in g.models)
+    if model == "?":  # results from before they described their model
+        model = cfg("model")
+        model = "the packaged all-MiniLM-L6-v2" if model in ("?", "None") else model
+    train, scored = (_values(n for g in groups for n in getattr(g, k)) for k in ("train_examples", "eval_examples"))
+    if t.main_metric == "perplexity":
+        sizes = (f"{train} training rows of {cfg('max_length')} tokens x {cfg('epochs')} epoch(s), lr {cfg('lr')}, "
+                 f"batch {cfg('batch_size')}; perplexity over {scored} scored tokens of the {cfg('eval_split')} split")
+    else:
+        sizes = (f"{train} training examples x {cfg('epochs')} epoch(s), lr {cfg('lr')}, batch {cfg('batch_size')}, "
+                 f"max length {cfg('max_length')}; evaluated on {scored} {cfg('eval_split')} examples")
+    lines = [f"Setup: {model}; {sizes}; "
              f"seeds {', '.join(map(str, seeds))} ({'one run per plan: no spread' if len(seeds) == 1 else 'mean ± sample std'})."]
     ref = next((g.reference for g in groups if g.reference), None)
     if ref:
