@@ -1,4 +1,4 @@
-"""studies/ablation_summary.py and studies/ap_summary.py: the studies' tables and figures, from the
+"""studies/ablation_summary.py, studies/ap_summary.py and studies/lm_summary.py: the studies' tables and figures, from the
 results.csv that `sparseattn report` writes."""
 
 import csv
@@ -78,3 +78,30 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
         w.writerow(other)
     with pytest.raises(ValueError, match=r"b\.csv:2: a 'finetune' run"):
         mod.load(tmp_path / "b.csv")
+
+
+def test_lm_summary_pairs_each_run_with_the_dense_run_of_its_seed(tmp_path):
+    import json
+
+    mod = _module("lm_summary")
+
+    def row(p, mask, seed, ppl, sp, status="done"):
+        cfg = {"method": "prune-lm", "task": "books", "prune": p, "mask": mask}
+        return {"task": "books", "plan": "x", "seed": seed, "status": status, "main_metric": "perplexity",
+                "score": ppl, "sparsity": sp, "config": json.dumps(cfg)}
+
+    rows = [row(0.0, "ap", 0, 40.0, 0.0), row(0.0, "ap", 1, 50.0, 0.0),
+            row(80.0, "ap", 0, 42.0, 0.8), row(80.0, "ap", 1, 51.0, 0.8),  # +5% and +2%
+            row(80.0, "sink_window", 0, 44.0, 0.79), row(90.0, "random", 0, "", "", status="running")]
+    with (tmp_path / "r.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    text = mod.table(mod.load(tmp_path / "r.csv"))
+    assert "| 0% | dense | 0.0% | 45.00 ± 7.07 (n = 2) | baseline |" in text
+    # the mean of +5% and +2%, not 46.5 against the two-seed dense mean 45 (+3.3%)
+    assert "| 80% | ap | 80.0% | 46.50 ± 6.36 (n = 2) | +3.5% ± 2.1 |" in text
+    assert "| 80% | sink_window | 79.0% | 44.00 (n = 1) | +10.0% |" in text
+    assert "random" not in text.split("\n\n")[0]  # the unfinished run is left out
+    mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
