@@ -171,5 +171,5 @@ def test_lm_task_is_a_corpus_not_glue():
 
 def test_progress_lines_print_perplexity_as_is():
     # sweeps print each finished run's score: GLUE's fractions x100, perplexity as it is
-    assert score_text({"task": "books", "main_metric": "perplexity", "score": 37.214}) == "perplexity 37.21"
-    assert score_text({"task": "sst2", "main_metric": "accuracy", "score": 0.914}) == "accuracy 91.40"
+    assert score_text("books", {"main_metric": "perplexity", "score": 37.214}) == "perplexity 37.21"
+    assert score_text("sst2", {"main_metric": "accuracy", "score": 0.914}) == "accuracy 91.40"

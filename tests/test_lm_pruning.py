@@ -157,3 +157,19 @@ def test_the_lm_study_spec_expands():
     for p in (0, 80, 90):
         for mask in (("ap",) if p == 0 else ("ap", "random", "sink_window")):
             assert {c.seed for c in cfgs if c.prune == p and c.mask == mask} == {0, 1, 2}, (p, mask)
+
+
+def test_the_lm_study_spec_passes_its_checks_whatever_the_default_model(tmp_path, monkeypatch):
+    # a Llama made from scratch has the context's positions: the default model's 512 do not bound it
+    from sparseattn.experiments.sweep import check_runs
+
+    small = tmp_path / "small"
+    tiny_llama(max_position_embeddings=16).save_pretrained(small)
+    monkeypatch.setenv("SPARSEATTN_DEFAULT_MODEL", str(small))
+    check_runs(load_spec(ROOT / "studies" / "lm_attention_pruning.yaml"))
+    # a checkpoint's own positions still do
+    spec = load_spec(ROOT / "studies" / "lm_attention_pruning.yaml")
+    for cfg in spec.configs:
+        cfg.model = str(small)
+    with pytest.raises(Exception, match="max_length=1024 is more than the model's 16 positions"):
+        check_runs(spec)

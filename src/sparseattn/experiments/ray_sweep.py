@@ -196,21 +196,21 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
                     what = f"{cfg.task} | {cfg.display_plan} | seed {cfg.seed}"
                     beat.add(row["key"])
                     ref = remote.remote(get_method(cfg.method), cfg.to_dict(), glue_dir, work_dir)
-                    tasks[ref] = (row["key"], what, time.perf_counter())
+                    tasks[ref] = (row["key"], cfg.task, what, time.perf_counter())
                     again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
                     say(f"started {what}{again}  [{progress_line(db, sweep)}]")
                 if not tasks:
                     break
                 ready, _ = ray.wait(list(tasks), num_returns=1, timeout=5.0)
                 for ref in ready:
-                    key, what, t0 = tasks[ref]
-                    d, f = _record(ray, db, worker, sweep, ref, key, what, t0, max_retries, say)
+                    key, task, what, t0 = tasks[ref]
+                    d, f = _record(ray, db, worker, sweep, ref, key, task, what, t0, max_retries, say)
                     del tasks[ref]  # only once recorded: interrupted before, the run is given back below
                     beat.discard(key)
                     done, failed = done + d, failed + f
         except (KeyboardInterrupt, SystemExit, DependencyError):
             with ctrl_c_ignored():
-                for ref, (key, _, _) in tasks.items():
+                for ref, (key, *_) in tasks.items():
                     ray.cancel(ref, force=True)
                     db.release(key, worker)
                     beat.discard(key)
@@ -220,7 +220,7 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
     return {"done": done, "failed": failed}
 
 
-def _record(ray, db, worker, sweep, ref, key, what, t0, max_retries, say) -> tuple[int, int]:
+def _record(ray, db, worker, sweep, ref, key, task, what, t0, max_retries, say) -> tuple[int, int]:
     """Write one task's outcome to the database: (1, 0) finished, (0, 1) failed, (0, 0) finished elsewhere."""
     try:
         out = ray.get(ref)
@@ -242,7 +242,7 @@ def _record(ray, db, worker, sweep, ref, key, what, t0, max_retries, say) -> tup
         return 0, 0
     sp = result["sparsity"]
     warn = one_class_warning(result)
-    say(f"finished {what}: {score_text(result)}, sparsity {sp['overall']:.1%}, "
+    say(f"finished {what}: {score_text(task, result)}, sparsity {sp['overall']:.1%}, "
         f"{format_duration(time.perf_counter() - t0)}  [{progress_line(db, sweep)}]"
         + (f"\n  WARNING: {warn}" if warn else ""))
     return 1, 0

@@ -41,7 +41,7 @@ import yaml
 
 from ..errors import ConfigError, DependencyError, SparseattnError
 from ..reports.report import write_report_files
-from ..training.config import FinetuneConfig, model_shape
+from ..training.config import FinetuneConfig
 from ..training.methods import config_from_dict, run_config
 from ..training.record import one_class_warning, package_versions, run_key
 from ..training.tasks import score_text
@@ -145,13 +145,10 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 def check_runs(spec: SweepSpec) -> None:
     """What a run would only find out when it starts, checked for every run before any is queued: the model
     loads, max_length fits its positions, the plan's layers and heads are in range."""
-    shapes: dict = {}
     where = spec.path or spec.name
     for i, cfg in enumerate(spec.configs):
         try:
-            if cfg.model not in shapes:
-                shapes[cfg.model] = model_shape(cfg.model)
-            cfg.check_model_shape(*shapes[cfg.model])
+            cfg.check_model_shape(*cfg.shape())
         except SparseattnError as e:
             raise SweepSpecError(f"{where}: run {i} ({cfg.task} | {cfg.display_plan} | seed {cfg.seed}): {e}") from None
 
@@ -238,7 +235,7 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
                 done += 1
                 sp = result["sparsity"]
                 warn = one_class_warning(result)
-                say(f"{tag}finished {what}: {score_text(result)}, sparsity "
+                say(f"{tag}finished {what}: {score_text(cfg.task, result)}, sparsity "
                      f"{sp['overall']:.1%}, {format_duration(seconds)}  [{progress_line(db, sweep)}]"
                      + (f"\n{tag}  WARNING: {warn}" if warn else ""))
             else:

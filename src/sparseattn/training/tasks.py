@@ -33,6 +33,6 @@ def task_info(name: str) -> TaskInfo:
     return TaskInfo(t.name, t.folder, t.metrics, t.main_metric)
 
 
-def score_text(result: dict) -> str:
+def score_text(task: str, result: dict) -> str:
     """A run's main metric as progress lines print it: 'accuracy 91.40' (GLUE, x100) or 'perplexity 37.21'."""
-    return f"{result['main_metric']} {task_info(result['task']).scale * result['score']:.2f}"
+    return f"{result['main_metric']} {task_info(task).scale * result['score']:.2f}"
