@@ -464,3 +464,37 @@ def test_input_dependent_layouts_never_wait_for_the_gpu(spec, causal, kv_heads):
             a, r, p = a * real_q, r * real_q, p * real_q
         err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
         assert err <= 2 * base + 1e-5, f"{what}: error {err:.3g} > 2 x PyTorch's {base:.3g}"
+
+
+_AUTOTUNE_SCRIPT = """
+import torch
+from sparseattn import Plan
+from sparseattn.backends.tile_mask import TileMask
+from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
+from sparseattn.layout import TokenLayout
+lp = Plan.parse("all: neighbour(100) | global_tokens(2)").resolve(1, 4)[0]
+keep = lp.mask(TokenLayout.from_lengths([1024], causal=True, device="cuda"))
+lists = TileLists.from_layout(TileMask.from_mask(keep, 128))
+q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+block_sparse_attention_triton(q, k, v, lists)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_autotuned_timings_are_kept_for_the_next_process(tmp_path, cached):
+    """A second process finds the first one's autotuning on disk and times nothing (generate()'s first prefill in
+    a new process); SPARSEATTN_TRITON_AUTOTUNE_CACHE=0 times again."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_PRINT_AUTOTUNING": "1",
+           "SPARSEATTN_TRITON_AUTOTUNE": "1", "SPARSEATTN_TRITON_AUTOTUNE_CACHE": "1" if cached else "0"}
+    timed = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _AUTOTUNE_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        timed.append("Triton autotuning for function" in run.stdout)
+    assert timed == ([True, False] if cached else [True, True])

@@ -25,7 +25,8 @@ reference, odd lengths, padding, per-head layouts, GQA).
 
 Runs on CUDA through Triton; under ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which the CPU tests
 use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, length class, precision) on the GPU
-(a few seconds of compiling per new head size); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead.
+(a few seconds of compiling per new head size, the timings kept on disk for later processes:
+``autotune_cached``); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead.
 """
 
 from __future__ import annotations
@@ -682,6 +683,14 @@ def autotuning() -> bool:
     return os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
+def autotune_cached() -> bool:
+    """Whether the autotuner's timings are kept on disk (Triton's cache directory, keyed by the GPU target, the
+    kernel's source and the tuning key), so that a new process skips re-timing what an earlier one timed: the
+    first prefill of a generate() call would otherwise pay it in every process. SPARSEATTN_TRITON_AUTOTUNE_CACHE=0
+    re-times in every process (after a change of hardware under the same target, say)."""
+    return os.environ.get("SPARSEATTN_TRITON_AUTOTUNE_CACHE", "1") != "0"
+
+
 _TUNED: dict = {}
 
 
@@ -709,7 +718,7 @@ def _kernel(name: str, bs: int):
         configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
         _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", "SPLIT", "FUSED", "VARLEN"],
-                                      reset_to_zero=_ZEROED.get(name))(raw)
+                                      reset_to_zero=_ZEROED.get(name), cache_results=autotune_cached())(raw)
     return _TUNED[key], {}
 
 
