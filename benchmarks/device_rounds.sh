@@ -18,12 +18,14 @@
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
-#   lm-study-start, lm-study-wait   the same study in the background across several calls of one warm machine
+#   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
+#                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
+#                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
 #   lm-study           issue 20: the language-model Attention Pruning study (resumable: carry its database
 #                      back in with the next call, see studies/README.md); needs `device-bundle SST-2 books`
 # Record each table with its command, device and date in docs/benchmarks.md.
 set -euo pipefail
-stage=${1:?"usage: $0 STAGE (see the header for the list)"}
+stage=${1:?"usage: $0 STAGE [SPEC] (see the header for the list)"}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -71,26 +73,28 @@ case $stage in
     OMP_NUM_THREADS=2 GLUE_DIR=.bundle/glue timeout ${LM_TIMEOUT:-540} python -m sparseattn.cli sweep \
       studies/lm_attention_pruning.yaml --workers "${LM_WORKERS:-6}" --gpus 0 2>&1 | tee -a "$log" || true
     cp -r studies/lm_attention_pruning.sqlite* "$out/" ;;
-  lm-study-start)
-    # The study in the background, in its own process session, so that it outlives this call: a machine kept
-    # warm by the next call (within the device's idle release) keeps the dense models and averages of its work
-    # folder, which are too large to travel. Follow it with lm-study-wait, in this call or the next ones.
-    mkdir -p out/lm-study
-    OMP_NUM_THREADS=2 GLUE_DIR=.bundle/glue setsid nohup python -m sparseattn.cli sweep \
-      studies/lm_attention_pruning.yaml --workers "${LM_WORKERS:-6}" --gpus 0 --no-progress \
-      > out/lm-study/sweep.log 2>&1 < /dev/null &
-    echo $! > out/lm-study/pid
-    echo "lm study started in the background (pid $(cat out/lm-study/pid))" | tee -a "$log" ;;
-  lm-study-wait)
-    # until the background study ends or LM_DEADLINE (seconds since the epoch) passes; then a consistent copy
-    # of its database and its log to $OUT
-    pid=$(cat out/lm-study/pid)
-    while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${LM_DEADLINE:-0} )); do sleep 5; done
-    kill -0 "$pid" 2>/dev/null && echo "lm study still running" | tee -a "$log" || echo "lm study ended" | tee -a "$log"
-    python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-      studies/lm_attention_pruning.sqlite "$out/lm_attention_pruning.sqlite"
-    cp out/lm-study/sweep.log "$out/lm-study-sweep.log"
-    { grep -c "finished" out/lm-study/sweep.log || true; } | sed 's/^/runs finished: /' | tee -a "$log" ;;
+  study-start|lm-study-start)
+    # A study's sweep in the background, in its own process session, so that it outlives this call: a machine
+    # kept warm by the next call (within the device's idle release) keeps the checkpoints and averages of its
+    # work folder, which are too large to travel. Follow it with study-wait, in this call or the next ones.
+    # study-start SPEC (studies/NAME.yaml; lm-study-start: the LM study); WORKERS (default 6) share the GPU.
+    spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
+    mkdir -p "out/$name"
+    OMP_NUM_THREADS=2 GLUE_DIR=${GLUE_DIR:-.bundle/glue} setsid nohup python -m sparseattn.cli sweep "$spec" \
+      --workers "${WORKERS:-${LM_WORKERS:-6}}" --gpus 0 --no-progress > "out/$name/sweep.log" 2>&1 < /dev/null &
+    echo $! > "out/$name/pid"
+    echo "$name started in the background (pid $(cat "out/$name/pid"))" | tee -a "$log" ;;
+  study-wait|lm-study-wait)
+    # until the background study ends or DEADLINE (seconds since the epoch) passes; then a consistent copy of
+    # its database and its log to $OUT (carry the database back in where the spec's db says, to resume elsewhere)
+    spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
+    pid=$(cat "out/$name/pid")
+    while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${DEADLINE:-${LM_DEADLINE:-0}} )); do sleep 5; done
+    kill -0 "$pid" 2>/dev/null && echo "$name still running" | tee -a "$log" || echo "$name ended" | tee -a "$log"
+    python -c "import sqlite3, sys; from sparseattn.experiments.sweep import load_spec
+sqlite3.connect(load_spec(sys.argv[1]).db).backup(sqlite3.connect(sys.argv[2]))" "$spec" "$out/$name.sqlite"
+    cp "out/$name/sweep.log" "$out/$name-sweep.log"
+    { grep -cE "(^|\] )finished " "out/$name/sweep.log" || true; } | sed 's/^/runs finished: /' | tee -a "$log" ;;
   *)
     echo "unknown stage $stage; see the header of $0" >&2; exit 2 ;;
 esac

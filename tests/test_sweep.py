@@ -36,8 +36,23 @@ def test_spec_expands_grid_and_runs(tmp_path):
     assert len({run_key(c.to_dict()) for c in spec.configs}) == len(spec.configs)
 
 
+def test_seeds_repeat_every_run_seed_by_seed_and_keep_the_old_keys():
+    one = spec_from_dict({"fixed": {"epochs": 1, "seed": 0}, "grid": {"task": ["sst2", "mrpc"]},
+                          "runs": [{"task": "rte"}]}, name="t")
+    three = spec_from_dict({"fixed": {"epochs": 1, "seed": 0}, "grid": {"task": ["sst2", "mrpc"]},
+                            "runs": [{"task": "rte"}, {"task": "cola", "seed": 7}], "seeds": [0, 1, 2]}, name="t")
+    assert [(c.task, c.seed) for c in three.configs] == [
+        ("cola", 7), ("sst2", 0), ("mrpc", 0), ("rte", 0), ("sst2", 1), ("mrpc", 1), ("rte", 1),
+        ("sst2", 2), ("mrpc", 2), ("rte", 2)]
+    # the one-seed study's runs are the same runs (same keys): a database of it resumes with only the new seeds
+    old = {run_key(c.to_dict()) for c in one.configs}
+    assert old == {run_key(c.to_dict()) for c in three.configs if c.seed == 0}
+
+
 @pytest.mark.parametrize("spec,msg", [
     ({"grid": {"seed": 0}}, "grid.seed must be a non-empty list"),
+    ({"grid": {"task": ["sst2"]}, "seeds": [0, "1"]}, r"'seeds' must be a non-empty list of integers, got \[0, '1'\]"),
+    ({"grid": {"task": ["sst2"]}, "seeds": 3}, "'seeds' must be a non-empty list of integers, got 3"),
     ({"grid": {"sed": [0]}}, "unknown fine-tune option.*'sed'"),
     ({"grids": {}}, "unknown key"),
     ({"grid": {"plan": ["later-half: neighbor(2)"]}}, "neighbor"),

@@ -47,7 +47,7 @@ from ..training.record import one_class_warning, package_versions, run_key
 from ..training.tasks import score_text
 from .db import Heartbeat, ResultsDB, WorkerId
 
-SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs"}
+SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs", "seeds"}
 
 
 class SweepSpecError(ConfigError):
@@ -104,16 +104,26 @@ def spec_from_dict(d: dict, *, name: str, where: str = "spec", base_dir: Path | 
                 raise SweepSpecError(f"{where}: {at}.{k} must be a non-empty list, got {v!r}")
     if not isinstance(extra, list) or not all(isinstance(r, dict) for r in extra):
         raise SweepSpecError(f"{where}: 'runs' must be a list of mappings")
-    dicts = []
+    entries = []  # (the run's options, whether its grid or run entry names its own seed)
     for g in grids:
         if not g:
             continue
         keys = list(g)
         for values in itertools.product(*(g[k] for k in keys)):
-            dicts.append({**fixed, **dict(zip(keys, values))})
-    dicts.extend({**fixed, **r} for r in extra)
-    if not dicts:
+            entries.append(({**fixed, **dict(zip(keys, values))}, "seed" in g))
+    entries.extend(({**fixed, **r}, "seed" in r) for r in extra)
+    if not entries:
         raise SweepSpecError(f"{where}: no runs; give a 'grid' and/or 'runs'")
+    seeds = d.get("seeds")
+    if seeds is None:
+        dicts = [c for c, _ in entries]
+    elif (not isinstance(seeds, list) or not seeds
+          or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise SweepSpecError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    else:
+        # every run once per seed, seed by seed, so that a study grown from one seed to three queues the new
+        # seeds' runs after the ones it has; an entry that names its own seed keeps it
+        dicts = [c for c, own in entries if own] + [{**c, "seed": x} for x in seeds for c, own in entries if not own]
     configs, seen = [], set()
     for i, c in enumerate(dicts):
         try:
