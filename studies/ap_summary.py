@@ -1,6 +1,7 @@
 """Attention Pruning's summary: per task, the dev metric at each pruning level for AP and random masks
-(measured dev sparsity beside it), as a Markdown table and a plot of metric against measured sparsity,
-from the results.csv that `sparseattn report` writes for a `method: prune` sweep.
+(mean ± sample std over seeds, measured dev sparsity beside it), as a Markdown table and a plot of metric
+against measured sparsity with error bars, from the results.csv that `sparseattn report` writes for a
+`method: prune` sweep.
 
     sparseattn report studies/attention_pruning.sqlite --out docs/attention-pruning/study
     python studies/ap_summary.py docs/attention-pruning/study/results.csv \\
@@ -30,8 +31,24 @@ def load(path: Path) -> list[dict]:
                                  "reads the results of a `method: prune` sweep")
             p = float(cfg["prune"])
             rows.append({"task": r["task"], "method": "dense" if p == 0 else cfg["mask"], "percent": p,
-                         "metric": r["main_metric"], "score": float(r["score"]), "dev_sparsity": float(r["sparsity"])})
+                         "metric": r["main_metric"], "score": float(r["score"]), "dev_sparsity": float(r["sparsity"]),
+                         "seed": int(r.get("seed") or 0)})
     return rows
+
+
+def cell(rows: list[dict], task: str, method: str, percent: float) -> dict | None:
+    """The seeds of one (task, method, level): {n, mean, std (None for one seed), dev_sparsity (mean)}."""
+    xs = [r for r in rows if (r["task"], r["method"], r["percent"]) == (task, method, percent)]
+    if not xs:
+        return None
+    scores = [r["score"] for r in xs]
+    mean = sum(scores) / len(scores)
+    std = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5 if len(scores) > 1 else None
+    return {"n": len(xs), "mean": mean, "std": std, "dev_sparsity": sum(r["dev_sparsity"] for r in xs) / len(xs)}
+
+
+def _score(c: dict) -> str:
+    return f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if c["std"] is not None else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -39,16 +56,19 @@ def table(rows: list[dict]) -> str:
     percents = sorted({r["percent"] for r in rows if r["percent"] > 0})
     lines = ["| task (metric) | method | " + " | ".join(f"p={pc:g}%" for pc in [0] + percents) + " |",
              "|---|---|" + "---|" * (len(percents) + 1)]
+    seeds = sorted({r["seed"] for r in rows})
     for task in tasks:
         tr = [r for r in rows if r["task"] == task]
-        dense = next((r for r in tr if r["method"] == "dense"), None)
+        dense = cell(rows, task, "dense", 0.0)
         for method in ("ap", "random"):
-            cells = [f"{dense['score']:.4f}" if dense else "-"]
+            cells = [_score(dense) if dense else "-"]
             for pc in percents:
-                r = next((r for r in tr if r["method"] == method and r["percent"] == pc), None)
-                cells.append("-" if r is None else f"{r['score']:.4f} ({r['dev_sparsity']:.0%})")
+                c = cell(rows, task, method, pc)
+                cells.append("-" if c is None else f"{_score(c)} ({c['dev_sparsity']:.0%})")
             lines.append(f"| {task} ({tr[0]['metric']}) | {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCells: dev score (measured sparsity on dev: pruned / allowed real pairs)."
+    spread = "mean ± sample std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else f"seed {seeds[0]}"
+    return "\n".join(lines) + (f"\n\nCells: dev score, {spread} (measured sparsity on dev: pruned / allowed real "
+                               "pairs).")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -61,10 +81,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         tr = [r for r in rows if r["task"] == task]
-        dense = [(0.0, r["score"]) for r in tr if r["method"] == "dense"]
+        d = cell(rows, task, "dense", 0.0)
         for method, style in (("ap", "o-"), ("random", "s--")):
-            pts = dense + sorted((r["dev_sparsity"], r["score"]) for r in tr if r["method"] == method)
-            ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], style, label=method, ms=4)
+            cs = ([d] if d else []) + sorted((cell(rows, task, method, pc) for pc in
+                                              sorted({r["percent"] for r in tr if r["method"] == method})),
+                                             key=lambda c: c["dev_sparsity"])
+            ax.errorbar([c["dev_sparsity"] * 100 for c in cs], [c["mean"] for c in cs],
+                        yerr=[c["std"] or 0 for c in cs], fmt=style, label=method, ms=4, capsize=2)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("measured dev sparsity (%)", fontsize=8)
         ax.set_ylabel(tr[0]["metric"], fontsize=8)

@@ -71,6 +71,17 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
     assert "| stsb (pearson) | random | 0.8400 | 0.4900 (60%) |" in text
     mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # seeds: mean ± sample std, every seed counted (not the first row found)
+    rows = [dict(r, seed=0) for r in rows] + [dict(row(0.0, "ap", 0.82, 0.0), seed=1),
+                                              dict(row(60.0, "ap", 0.78, 0.58), seed=1)]
+    with (tmp_path / "s.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    text = mod.table(mod.load(tmp_path / "s.csv"))
+    assert "| stsb (pearson) | ap | 0.8300 ± 0.0141 | 0.8000 ± 0.0283 (60%) |" in text
+    assert "mean ± sample std over seeds 0, 1" in text
+    mod.plot(mod.load(tmp_path / "s.csv"), tmp_path / "s.png")
     other = dict(rows[0], config=json.dumps({"method": "finetune", "task": "stsb"}))
     with (tmp_path / "b.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(other))
