@@ -116,3 +116,24 @@ def test_lm_summary_pairs_each_run_with_the_dense_run_of_its_seed(tmp_path):
     assert "random" not in text.split("\n\n")[0]  # the unfinished run is left out
     mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bigbird_summary_gives_the_study_2_numbers_and_the_seeds_spread(tmp_path):
+    mod = _module("bigbird_summary")
+    # the one-seed study's own results give the table docs/results.md quotes
+    text = mod.removal_table(mod.load(ROOT / "docs" / "learned-sparsity" / "study" / "results.csv"))
+    assert "| SST-2 accuracy (88.88) | -6.53 (median -3.10) | -7.15 (median -4.99) | -4.06 (median -0.23) |" in text
+    # two seeds: per seed the mean change over the grid, then mean ± sample std over the seeds
+    rows = [("sst2", "dense", s, 0.9, 0.0) for s in (0, 1)]
+    rows += [("sst2", "all: bigbird(1, 1, 0)", 0, 0.85, 0.8), ("sst2", "all: bigbird(1, 1, 0)", 1, 0.83, 0.8),
+             ("sst2", "all: bigbird(0, 1, 0)", 0, 0.80, 0.9), ("sst2", "all: bigbird(0, 1, 0)", 1, 0.82, 0.9),
+             ("sst2", "all: bigbird(1, 0, 0)", 0, 0.75, 0.9)]  # seed 1 of this one never ran
+    with (tmp_path / "r.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "plan", "seed", "score", "sparsity"])
+        w.writerows(rows)
+    data = mod.load(tmp_path / "r.csv")
+    text = mod.removal_table(data)
+    # remove global from (1,1,0): -5 (seed 0), -1 (seed 1); remove neighbour: -10 (seed 0 only)
+    assert "| SST-2 accuracy (90.00 ± 0.00) | -3.00 ± 2.83 (median -3.00) | -10.00 (median -10.00) | - |" in text
+    assert "81.0 ± 1.4@90%" in mod.neighbour_table(data)
