@@ -80,9 +80,12 @@ case $stage in
     # study-start SPEC (studies/NAME.yaml; lm-study-start: the LM study); WORKERS (default 6) share the GPU.
     spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
     mkdir -p "out/$name"
-    OMP_NUM_THREADS=2 GLUE_DIR=${GLUE_DIR:-.bundle/glue} setsid nohup python -m sparseattn.cli sweep "$spec" \
-      --workers "${WORKERS:-${LM_WORKERS:-6}}" --gpus 0 --no-progress > "out/$name/sweep.log" 2>&1 < /dev/null &
-    echo $! > "out/$name/pid"
+    rm -f "out/$name/pid"
+    # the sweep writes its own pid: setsid forks where the caller leads its process group, and $! would be setsid's
+    OMP_NUM_THREADS=2 GLUE_DIR=${GLUE_DIR:-.bundle/glue} setsid nohup bash -c 'echo $$ > "$0"; exec "$@"' \
+      "out/$name/pid" python -m sparseattn.cli sweep "$spec" --workers "${WORKERS:-${LM_WORKERS:-6}}" --gpus 0 \
+      --no-progress > "out/$name/sweep.log" 2>&1 < /dev/null &
+    while [[ ! -s "out/$name/pid" ]]; do sleep 0.2; done
     echo "$name started in the background (pid $(cat "out/$name/pid"))" | tee -a "$log" ;;
   study-wait|lm-study-wait)
     # until the background study ends or DEADLINE (seconds since the epoch) passes; then a consistent copy of
