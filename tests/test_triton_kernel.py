@@ -602,3 +602,34 @@ def test_the_autotuner_keys_on_length_classes_not_buckets():
     from sparseattn.backends.triton_kernel import tune_length
 
     assert [tune_length(n) for n in (1, 2, 3, 96, 128, 129, 256)] == [1, 2, 4, 128, 128, 256, 256]
+
+
+def test_a_padding_mask_with_holes_under_torch_compile_gives_nan_not_a_wrong_answer():
+    """Traced, the block backend takes each row's real tokens as one run (left or right padding) without reading
+    the GPU to check. A row whose mask has holes would attend across them: its outputs are NaN instead, while
+    the other rows stay exact (eagerly the check runs and such batches take another path)."""
+    import torch._dynamo
+
+    import sparseattn as sa
+    from conftest import tiny_bert
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 37), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:14] = 0  # a hole
+    mask[1, 30:] = 0
+
+    def logits(backend, compiled):
+        torch.manual_seed(0)
+        model = tiny_bert("classify").eval()
+        sa.sparsify(model, "all: neighbour(3) | global_tokens(1)", backend=backend)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            return (torch.compile(model, fullgraph=True) if compiled else model)(input_ids=ids, attention_mask=mask).logits
+
+    ref = logits(ReferenceBackend(), False)
+    block = lambda: BlockSparseBackend(block_size=32, force=True, kernel="triton")  # noqa: E731
+    torch.testing.assert_close(logits(block(), False), ref, atol=1e-6, rtol=1e-5)
+    compiled = logits(block(), True)
+    assert compiled[1].isnan().all()
+    torch.testing.assert_close(compiled[0], ref[0], atol=1e-6, rtol=1e-5)

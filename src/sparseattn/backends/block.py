@@ -296,11 +296,15 @@ class BlockSparseBackend(Backend):
             count = real.sum(-1)
             first = real.to(torch.int8).argmax(-1)  # the first real token (0 for a row without any)
             seg = torch.stack([torch.arange(lay.batch_size, device=real.device), first, count], 1).to(torch.int32)
+            idx = torch.arange(lay.length, device=real.device)
+            runs = (idx >= first[:, None]) & (idx < (first + count)[:, None])
             if not _tracing(call):  # eagerly, one read per batch: all real (the faster unsegmented kernel), or holes
-                idx = torch.arange(lay.length, device=real.device)
-                runs = (idx >= first[:, None]) & (idx < (first + count)[:, None])
                 state = int(torch.where((runs == real).all(), 1 + (count == lay.length).all().int(), 0))
                 seg = _UNSUPPORTED if state == 0 else (None if state == 2 else seg)
+            else:
+                # Traced, the segments cannot wait for that read: a row whose real tokens are not one run (a mask
+                # with holes) would attend across its holes, so its outputs are made NaN instead (_triton_operator)
+                call.cache[("block.segments_hole", lay.length)] = ~(runs == real).all(-1)
         call.cache[key] = seg
         return seg
 
@@ -321,6 +325,9 @@ class BlockSparseBackend(Backend):
         self._count("block")
         out, _ = triton_kernel.block_attention(call.query, call.key, call.value, segments, layer.handle,
                                                   float(call.scale), "auto")
+        hole = call.cache.get(("block.segments_hole", call.layout.length))
+        if hole is not None:  # loud, not silently wrong: see _segments
+            out = out.masked_fill(hole[:, None, None, None], float("nan"))
         return out, None
 
     def _build_positions(self, lp, causal: bool, n: int, length: int, device) -> _Entry:
