@@ -13,6 +13,8 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
+from summaries import save_figure
+
 PATTERNS = ("neighbour", "random", "syntax", "lexical")
 PLACEMENTS = ("later-half", "all")
 TASKS = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "stsb": "STS-B Pearson", "cola": "CoLA MCC", "rte": "RTE acc"}
@@ -99,10 +101,7 @@ def plot(groups, path: Path) -> None:
     axes[0].set_ylabel("change against dense, x100 (mean ± std over seeds;\nlog scale beyond ±5)")
     axes[0].legend(title="pattern (+ global [CLS])", fontsize=8)
     fig.suptitle("Study 1: pattern ablation at matched sparsity (packaged MiniLM, GLUE dev)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

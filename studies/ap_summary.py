@@ -10,10 +10,11 @@ against measured sparsity with error bars, from the results.csv that `sparseattn
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
+
+from summaries import run, save_figure, seed_spread
 
 TASK_ORDER = ["sst2", "mrpc", "rte", "cola", "stsb"]
 
@@ -41,10 +42,7 @@ def cell(rows: list[dict], task: str, method: str, percent: float) -> dict | Non
     xs = [r for r in rows if (r["task"], r["method"], r["percent"]) == (task, method, percent)]
     if not xs:
         return None
-    scores = [r["score"] for r in xs]
-    mean = sum(scores) / len(scores)
-    std = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5 if len(scores) > 1 else None
-    return {"n": len(xs), "mean": mean, "std": std, "dev_sparsity": sum(r["dev_sparsity"] for r in xs) / len(xs)}
+    return {**seed_spread(r["score"] for r in xs), "dev_sparsity": sum(r["dev_sparsity"] for r in xs) / len(xs)}
 
 
 def _score(c: dict) -> str:
@@ -93,25 +91,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(tr[0]["metric"], fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", type=Path, help="results.csv of `sparseattn report` for a method: prune sweep")
-    p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
-    args = p.parse_args(argv)
-    rows = load(args.csv)
-    if not rows:
-        raise SystemExit(f"{args.csv}: no finished runs yet")
-    print(table(rows))
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return run(argv, __doc__, "results.csv of `sparseattn report` for a method: prune sweep", load, table, plot)
 
 
 if __name__ == "__main__":

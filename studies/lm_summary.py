@@ -11,12 +11,12 @@ of perplexity against measured sparsity, from the results.csv that `sparseattn r
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
 import numpy as np
+from summaries import run, save_figure, seed_spread
 
 MASKS = ("ap", "random", "sink_window")
 STYLE = {"ap": "o-", "random": "s--", "sink_window": "^:"}
@@ -43,10 +43,9 @@ def cells(rows: list[dict]) -> dict[tuple[str, float], dict]:
     """(mask, percent) -> {n, mean, std (None for one seed), sparsity (mean measured), seeds}."""
     out = {}
     for key in sorted({(r["mask"], r["percent"]) for r in rows}):
-        ppl = np.array([r["perplexity"] for r in rows if (r["mask"], r["percent"]) == key])
-        out[key] = {"n": len(ppl), "mean": float(ppl.mean()), "std": float(ppl.std(ddof=1)) if len(ppl) > 1 else None,
-                    "sparsity": float(np.mean([r["sparsity"] for r in rows if (r["mask"], r["percent"]) == key])),
-                    "seeds": sorted(r["seed"] for r in rows if (r["mask"], r["percent"]) == key)}
+        xs = [r for r in rows if (r["mask"], r["percent"]) == key]
+        out[key] = {**seed_spread(r["perplexity"] for r in xs), "sparsity": float(np.mean([r["sparsity"] for r in xs])),
+                    "seeds": sorted(r["seed"] for r in xs)}
     return out
 
 
@@ -110,25 +109,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", type=Path, help="results.csv of `sparseattn report` for a method: prune-lm sweep")
-    p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
-    args = p.parse_args(argv)
-    rows = load(args.csv)
-    if not rows:
-        raise SystemExit(f"{args.csv}: no finished runs yet")
-    print(table(rows))
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return run(argv, __doc__, "results.csv of `sparseattn report` for a method: prune-lm sweep", load, table, plot)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ results.csv that `sparseattn report` writes."""
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module(name="ablation_summary"):
+    if str(ROOT / "studies") not in sys.path:  # as `python studies/NAME.py` has it: the scripts share summaries.py
+        sys.path.insert(0, str(ROOT / "studies"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "studies" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _write_dicts(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _write(path, rows):
@@ -62,10 +72,7 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
 
     rows = [row(0.0, "ap", 0.84, 0.0), row(60.0, "ap", 0.82, 0.62), row(60.0, "random", 0.49, 0.60),
             row(80.0, "ap", "", "", status="pending")]
-    with (tmp_path / "r.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_dicts(tmp_path / "r.csv", rows)
     text = mod.table(mod.load(tmp_path / "r.csv"))
     assert "| stsb (pearson) | ap | 0.8400 | 0.8200 (62%) |" in text
     assert "| stsb (pearson) | random | 0.8400 | 0.4900 (60%) |" in text
@@ -74,19 +81,13 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
     # seeds: mean ± sample std, every seed counted (not the first row found)
     rows = [dict(r, seed=0) for r in rows] + [dict(row(0.0, "ap", 0.82, 0.0), seed=1),
                                               dict(row(60.0, "ap", 0.78, 0.58), seed=1)]
-    with (tmp_path / "s.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_dicts(tmp_path / "s.csv", rows)
     text = mod.table(mod.load(tmp_path / "s.csv"))
     assert "| stsb (pearson) | ap | 0.8300 ± 0.0141 | 0.8000 ± 0.0283 (60%) |" in text
     assert "mean ± sample std over seeds 0, 1" in text
     mod.plot(mod.load(tmp_path / "s.csv"), tmp_path / "s.png")
     other = dict(rows[0], config=json.dumps({"method": "finetune", "task": "stsb"}))
-    with (tmp_path / "b.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(other))
-        w.writeheader()
-        w.writerow(other)
+    _write_dicts(tmp_path / "b.csv", [other])
     with pytest.raises(ValueError, match=r"b\.csv:2: a 'finetune' run"):
         mod.load(tmp_path / "b.csv")
 
@@ -104,10 +105,7 @@ def test_lm_summary_pairs_each_run_with_the_dense_run_of_its_seed(tmp_path):
     rows = [row(0.0, "ap", 0, 40.0, 0.0), row(0.0, "ap", 1, 50.0, 0.0),
             row(80.0, "ap", 0, 42.0, 0.8), row(80.0, "ap", 1, 51.0, 0.8),  # +5% and +2%
             row(80.0, "sink_window", 0, 44.0, 0.79), row(90.0, "random", 0, "", "", status="running")]
-    with (tmp_path / "r.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_dicts(tmp_path / "r.csv", rows)
     text = mod.table(mod.load(tmp_path / "r.csv"))
     assert "| 0% | dense | 0.0% | 45.00 ± 7.07 (n = 2) | baseline |" in text
     # the mean of +5% and +2%, not 46.5 against the two-seed dense mean 45 (+3.3%)

@@ -1,0 +1,40 @@
+"""What the studies' summary scripts (`ap_summary.py`, `lm_summary.py`, `ablation_summary.py`) share: the
+spread of a cell's seeds, saving a figure, and the command line that reads a report's results.csv, prints the
+table and writes the plot."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+
+def seed_spread(values) -> dict:
+    """{n, mean, std}: the sample std over the seeds, None for one seed."""
+    xs = [float(x) for x in values]
+    return {"n": len(xs), "mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run(argv, doc: str, csv_help: str, load, table, plot) -> int:
+    """``script CSV [--plot PNG]``: the table of ``load(CSV)``'s rows on stdout, the plot where asked."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", type=Path, help=csv_help)
+    p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
+    args = p.parse_args(argv)
+    rows = load(args.csv)
+    if not rows:
+        raise SystemExit(f"{args.csv}: no finished runs yet")
+    print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
