@@ -69,9 +69,9 @@ case $stage in
     # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
     # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense
     # model of a seed whose masked runs are still pending.
-    # The 14M-parameter model leaves the GPU mostly idle: several workers share it (LM_WORKERS, default 6).
+    # The 14M-parameter model leaves the GPU mostly idle: several workers share it (WORKERS, default 6).
     OMP_NUM_THREADS=2 GLUE_DIR=.bundle/glue timeout ${LM_TIMEOUT:-540} python -m sparseattn.cli sweep \
-      studies/lm_attention_pruning.yaml --workers "${LM_WORKERS:-6}" --gpus 0 2>&1 | tee -a "$log" || true
+      studies/lm_attention_pruning.yaml --workers "${WORKERS:-6}" --gpus 0 2>&1 | tee -a "$log" || true
     cp -r studies/lm_attention_pruning.sqlite* "$out/" ;;
   study-start|lm-study-start)
     # A study's sweep in the background, in its own process session, so that it outlives this call: a machine
@@ -83,7 +83,7 @@ case $stage in
     rm -f "out/$name/pid"
     # the sweep writes its own pid: setsid forks where the caller leads its process group, and $! would be setsid's
     OMP_NUM_THREADS=2 GLUE_DIR=${GLUE_DIR:-.bundle/glue} setsid nohup bash -c 'echo $$ > "$0"; exec "$@"' \
-      "out/$name/pid" python -m sparseattn.cli sweep "$spec" --workers "${WORKERS:-${LM_WORKERS:-6}}" --gpus 0 \
+      "out/$name/pid" python -m sparseattn.cli sweep "$spec" --workers "${WORKERS:-6}" --gpus 0 \
       --no-progress > "out/$name/sweep.log" 2>&1 < /dev/null &
     while [[ ! -s "out/$name/pid" ]]; do sleep 0.2; done
     echo "$name started in the background (pid $(cat "out/$name/pid"))" | tee -a "$log" ;;
@@ -92,7 +92,7 @@ case $stage in
     # its database and its log to $OUT (carry the database back in where the spec's db says, to resume elsewhere)
     spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
     pid=$(cat "out/$name/pid")
-    while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${DEADLINE:-${LM_DEADLINE:-0}} )); do sleep 5; done
+    while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${DEADLINE:-0} )); do sleep 5; done
     kill -0 "$pid" 2>/dev/null && echo "$name still running" | tee -a "$log" || echo "$name ended" | tee -a "$log"
     python -c "import sqlite3, sys; from sparseattn.experiments.sweep import load_spec
 sqlite3.connect(load_spec(sys.argv[1]).db).backup(sqlite3.connect(sys.argv[2]))" "$spec" "$out/$name.sqlite"

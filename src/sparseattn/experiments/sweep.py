@@ -24,6 +24,7 @@ run. See ``sparseattn.experiments.db`` for how workers share the database.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -41,7 +42,7 @@ import yaml
 
 from ..errors import ConfigError, DependencyError, SparseattnError
 from ..reports.report import write_report_files
-from ..training.config import FinetuneConfig
+from ..training.config import FinetuneConfig, model_shape
 from ..training.methods import config_from_dict, run_config
 from ..training.record import one_class_warning, package_versions, run_key
 from ..training.tasks import score_text
@@ -156,9 +157,10 @@ def check_runs(spec: SweepSpec) -> None:
     """What a run would only find out when it starts, checked for every run before any is queued: the model
     loads, max_length fits its positions, the plan's layers and heads are in range."""
     where = spec.path or spec.name
+    shape_of = functools.cache(model_shape)  # one read of each model's config for the whole spec
     for i, cfg in enumerate(spec.configs):
         try:
-            cfg.check_model_shape(*cfg.shape())
+            cfg.check_model_shape(*cfg.shape(shape_of))
         except SparseattnError as e:
             raise SweepSpecError(f"{where}: run {i} ({cfg.task} | {cfg.display_plan} | seed {cfg.seed}): {e}") from None
 

@@ -94,10 +94,10 @@ class LMConfig(FinetuneConfig):
         if self.max_length < 2:
             raise ValueError(f"max_length (the context) must be at least 2 tokens, got {self.max_length}")
 
-    def shape(self) -> tuple[int, int, int | None]:
+    def shape(self, shape_of=None) -> tuple[int, int, int | None]:
         if self.model is None:  # a Llama made from scratch: this config's shape, as many positions as the context
             return self.layers, self.heads, self.max_length
-        return super().shape()
+        return super().shape(shape_of)
 
     def lm_options(self) -> dict:
         """The fields a plain ``lm`` run shares with this config (a method's own options left out)."""

@@ -224,7 +224,8 @@ def setup_lines(groups: list[Group]) -> list[str]:
     if model == "?":  # results from before they described their model
         model = cfg("model")
         model = "the packaged all-MiniLM-L6-v2" if model in ("?", "None") else model
-    train, scored = (_values(n for g in groups for n in getattr(g, k)) for k in ("train_examples", "eval_examples"))
+    train = _values(n for g in groups for n in g.train_examples)
+    scored = _values(n for g in groups for n in g.eval_examples)
     if t.main_metric == "perplexity":
         sizes = (f"{train} training rows of {cfg('max_length')} tokens x {cfg('epochs')} epoch(s), lr {cfg('lr')}, "
                  f"batch {cfg('batch_size')}; perplexity over {scored} scored tokens of the {cfg('eval_split')} split")

@@ -101,9 +101,10 @@ class FinetuneConfig:
             raise ConfigError(f"pack={self.pack} with the plan {self.plan!r}: packed rows carry no word structure or "
                               "special-token marks, which its input-dependent patterns need; leave pack out")
 
-    def shape(self) -> tuple[int, int, int | None]:
-        """(layers, heads, max positions) of the model this run trains, from its config alone."""
-        return model_shape(self.model)
+    def shape(self, shape_of=None) -> tuple[int, int, int | None]:
+        """(layers, heads, max positions) of the model this run trains, from its config alone, through
+        ``shape_of`` (``model_shape``, or a memo of it over many runs)."""
+        return (shape_of or model_shape)(self.model)
 
     def check_model_shape(self, num_layers: int, num_heads: int, max_positions: int | None) -> None:
         """What only the model's shape can tell: max_length fits its positions, the plan's layers and heads
@@ -164,22 +165,17 @@ def canonical_plan(plan: str) -> str:
     return as_plan(plan).spec()  # a path that is not a saved plan says so
 
 
-_SHAPES: dict[str, tuple[int, int, int | None]] = {}  # by resolved path: a sweep asks once per run
-
-
 def model_shape(model: str | None) -> tuple[int, int, int | None]:
     """(layers, heads, max positions) of a model, from its config alone (no weights are loaded)."""
     import transformers  # here, not at the top: importing transformers takes seconds
 
     path = resolve_model(model)
-    if path not in _SHAPES:
-        try:
-            cfg = transformers.AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model {path!r} cannot be loaded: {e}") from None
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        _SHAPES[path] = cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "max_position_embeddings", None)
-    return _SHAPES[path]
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {path!r} cannot be loaded: {e}") from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "max_position_embeddings", None)
 
 
 def plan_digest(plan: str) -> str | None:
