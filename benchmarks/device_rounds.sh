@@ -50,7 +50,7 @@ case $stage in
       tests/test_patterns.py tests/test_finetune_pack.py 2>&1 | tee -a "$log" || true ;;
   bench-model)
     python -m sparseattn.cli bench model --models encoder --lengths 16k --modes eager,compile,reduce-overhead \
-      --batches unpadded,padded,packed --steps 5 --json "$out/bench_model.json" 2>&1 | tee -a "$log" ;;
+      --batches unpadded,padded,packed,padding-free --steps 5 --json "$out/bench_model.json" 2>&1 | tee -a "$log" ;;
   bench-decoder)
     python -m sparseattn.cli bench model --models decoder --lengths 4k,16k,32k --modes eager,reduce-overhead \
       --batches unpadded,padded,packed --steps 5 --json "$out/bench_decoder.json" 2>&1 | tee -a "$log" ;;

@@ -55,6 +55,17 @@ def _run_batched(model, seqs, how, device):
             ids[i, :len(s)], mask[i, :len(s)] = s, 1
         out = _output(model, model(input_ids=ids, attention_mask=mask))
         outs = [out[i, :len(s)] for i, s in enumerate(seqs)]
+    elif how == "padding-free":  # a padded batch made one packed row by sa.unpad (a padding segment at its end)
+        L = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)], mask[i, :len(s)] = s.cpu(), 1
+        packed = sa.unpad({"input_ids": ids, "attention_mask": mask}, multiple_of=32)
+        assert packed["input_ids"].shape == (1, 64) and packed["attention_mask"].sum() == total
+        out = sa.repad(_output(model, model(**packed.to(device))), packed)
+        assert out.shape[:2] == (len(seqs), L) and not out[mask.to(device) == 0].any()
+        outs = [out[i, :len(s)] for i, s in enumerate(seqs)]
     else:
         ids = torch.cat(seqs)[None]
         pos = torch.cat([torch.arange(len(s), device=device) for s in seqs])[None]
@@ -72,7 +83,7 @@ def _run_batched(model, seqs, how, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("how", ["padded", "packed-positions", "packed-cu"])
+@pytest.mark.parametrize("how", ["padded", "packed-positions", "packed-cu", "padding-free"])
 @pytest.mark.parametrize("backend", ["reference", "block"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_each_sequence_as_if_alone(arch, backend, how, device):
@@ -134,3 +145,66 @@ def test_encode_pack_gives_each_example_its_own_attention(pack):
             s = int(packed.example_starts[i])
             torch.testing.assert_close(got[s:s + n], want[i, :n], atol=1e-5, rtol=1e-4)
         sa.unsparsify(model)
+
+
+def _left_padded(seqs):
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):], mask[i, L - len(s):] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("plan", [PLAN, "all: strided(4) | global_tokens(2)"])
+def test_unpad_a_left_padded_decoder_batch_gives_the_padded_batchs_logits(plan):
+    """Generation-style left padding: the packed row's logits, put back by repad, are the padded batch's at every
+    real token (positions kept as the padded batch numbers them), and repad's zeros are at its padding."""
+    model = tiny_llama()
+    sa.sparsify(model, plan)
+    ids, mask = _left_padded(_sequences("cpu"))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        packed = sa.unpad({"input_ids": ids, "attention_mask": mask})
+        got = sa.repad(model(**packed).logits, packed)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert not got[~real].any()
+    assert packed.example_lengths.tolist() == LENGTHS and packed.example_starts.tolist() == [0, 13, 50]
+
+
+def test_unpad_packs_token_types_and_given_positions_and_marks_its_tail():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids > 0).long()
+    types = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    pos = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    packed = sa.unpad({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": pos},
+                      multiple_of=4, pad_id=1)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1, 1]]
+    assert packed["token_type_ids"].tolist() == [[0, 1, 1, 0, 1, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[3, 4, 5, 7, 8, 0, 1, 2]]
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and packed["cu_seq_lens_q"].dtype == torch.int32
+    assert packed["max_length_q"] == 3
+    hidden = torch.arange(8.0)[None, :, None].expand(1, 8, 2)
+    assert sa.repad(hidden, packed)[..., 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0]]
+
+
+def test_unpad_names_what_it_cannot_pack():
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"row 1 of attention_mask has 2 runs"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 0, 0]])})
+    with pytest.raises(ValueError, match=r"row 0 of attention_mask has no real token"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 0, 0, 0], [1, 1, 0, 0, 0]])})
+    with pytest.raises(ValueError, match=r"'labels'.*compute the loss on sa.repad"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 5\), got nothing"):
+        sa.unpad({"input_ids": ids})
+    with pytest.raises(ValueError, match="multiple_of must be >= 1, got 0"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, multiple_of=0)
+    packed = sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with pytest.raises(ValueError, match=r"outputs have shape \(2, 5, 3\); the packed row's token outputs have shape "
+                                         r"\(1, 10, \.\.\.\)"):
+        sa.repad(torch.zeros(2, 5, 3), packed)
+    with pytest.raises(ValueError, match="repad needs the batch sparseattn.unpad made"):
+        sa.repad(torch.zeros(1, 10, 3), {"input_ids": ids})

@@ -524,3 +524,23 @@ def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatc
         sparse_eager = next(r for r in out if (r.length, r.batch, r.mode) == (n, "padded", "eager") and r.kernel)
         assert sparse_eager.baseline == "dense reduce-overhead" and sparse_eager.speedup == pytest.approx(4 / 3)
         assert sparse_eager.speedup_any == pytest.approx(2 / 3)  # over unpadded dense reduce-overhead
+
+
+def test_bench_model_padding_free_batch_holds_the_padded_batchs_tokens_and_dense_runs_them_unpadded():
+    """``padding-free``: the padded batch's real tokens (the same draw as ``padded``) as one packed row rounded up to
+    128 tokens; dense runs each sequence in its own row, without a mask where none needs padding."""
+    from sparseattn.bench.model import make_batch, unpacked
+
+    padded = make_batch("padded", 300, 3, 5000, "cpu", seed=1)
+    free = make_batch("padding-free", 300, 3, 5000, "cpu", seed=1)
+    lengths = padded["inputs"]["attention_mask"].sum(1)
+    assert free["real"] == padded["real"] == int(lengths.sum())
+    ids = free["inputs"]["input_ids"]
+    assert ids.shape == (1, -(-free["real"] // 128) * 128)
+    assert free["inputs"]["cu_seq_lens_q"].tolist() == [0, *lengths.cumsum(0).tolist(), ids.shape[1]]
+    for (r, s, n), row in zip(free["documents"], padded["inputs"]["input_ids"]):
+        assert r == 0 and torch.equal(ids[0, s:s + n], row[:n])
+    dense = unpacked(free, "cpu")["inputs"]
+    assert torch.equal(dense["attention_mask"], padded["inputs"]["attention_mask"][:, :int(lengths.max())])
+    one = make_batch("padding-free", 300, 1, 5000, "cpu", seed=1)
+    assert set(unpacked(one, "cpu")["inputs"]) == {"input_ids"}  # one sequence: no padding, no mask

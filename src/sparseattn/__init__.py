@@ -21,6 +21,7 @@ from .patterns import (
 )
 from .plans import Plan, PlanError, PlanFileError, PlanSpecError, Rule, load_plan, parse_pattern, save_plan
 from .sparsity import SparsityReport, mask_sparsity, measure_plan
+from .text.padding_free import repad, unpad
 from .text.parse import ParseCache
 from .text.structure import BatchStructure, encode
 
@@ -43,6 +44,6 @@ __all__ = [
     "TokenLayout", "SparsityReport", "mask_sparsity", "measure_plan", "measure_sparsity",
     "sparsify", "unsparsify", "plan_of", "UnsupportedModelError", "compile_outside_attention", "use_dense_sdpa",
     "generation_cache", "SinkWindowCache",
-    "encode", "BatchStructure", "ParseCache",
+    "encode", "BatchStructure", "ParseCache", "unpad", "repad",
     "SparseattnError", "ConfigError", "DataError", "NotFoundError", "StorageError",
 ]

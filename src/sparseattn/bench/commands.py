@@ -224,8 +224,9 @@ def register(subparsers, formatter_class) -> None:
                     "encoder training step and a Llama-style decoder forward pass, dense SDPA against a "
                     "90%-sparse plan on the block backend, in the modes users run them (eager, "
                     "torch.compile(model), torch.compile(model, mode='reduce-overhead'), a CUDA graph captured by "
-                    "hand) on unpadded, padded and packed batches. Speed-ups are over the fastest dense step of "
-                    "the same batch kind, whatever its mode; dense runs packed documents one per padded row.",
+                    "hand) on unpadded, padded, packed and padding-free batches. Speed-ups are over the fastest "
+                    "dense step of the same batch kind, whatever its mode; dense runs packed documents one per "
+                    "padded row.",
         epilog=textwrap.dedent("""\
             examples:
               sparseattn bench model --models encoder --lengths 16k --modes eager,compile,reduce-overhead
@@ -238,7 +239,7 @@ def register(subparsers, formatter_class) -> None:
                    help=f"how each step runs: {', '.join(MODES)} (graph: captured by hand)")
     p.add_argument("--batches", type=_names(BATCHES), default=["unpadded"],
                    help=f"batch kinds: {', '.join(BATCHES)} (padded: lengths in [L/2, L]; packed: documents of "
-                        "512-4096 tokens filling each row)")
+                        "512-4096 tokens filling each row; padding-free: the padded batch unpadded by sa.unpad)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--decoder-layers", type=int, default=4, help="layers of the decoder")

@@ -9,9 +9,10 @@
 Each step runs in the modes users run: ``eager``; ``compile`` (``torch.compile(model)``); ``reduce-overhead``
 (``torch.compile(model, mode="reduce-overhead")``, CUDA graphs recorded by torch.compile); and ``graph``, the
 whole step (forward, backward, optimizer) captured by hand as one CUDA graph. On ``unpadded`` batches, ``padded``
-ones (real lengths uniform in [L/2, L]) and ``packed`` rows (documents of 512-4096 tokens, with position_ids and
-cu_seq_lens_q as transformers' flattening collator makes them); dense attention cannot keep packed documents
-apart, so dense runs the same documents one per row, padded to the longest. Speed-ups are real tokens per
+ones (real lengths uniform in [L/2, L]), ``packed`` rows (documents of 512-4096 tokens, with position_ids and
+cu_seq_lens_q as transformers' flattening collator makes them) and ``padding-free`` ones (the padded batch's real
+tokens as one packed row, ``sa.unpad``); dense attention cannot keep packed documents apart, so dense runs the same
+documents one per row, padded to the longest (no padding, and no mask, for a single row). Speed-ups are real tokens per
 second over the fastest dense step of the same batch kind, whatever its mode. Eager sparse steps also report
 the host time per attention call (the backend's Python and launches).
 
@@ -38,6 +39,7 @@ from ..integrations.hf import compile_outside_attention, sparsify, use_dense_sdp
 from ..layout import TokenLayout
 from ..plans.plan import Plan
 from ..sparsity import measure_plan
+from ..text.padding_free import unpad
 
 
 @dataclass
@@ -56,7 +58,7 @@ class ModelResult:
     kernel: str | None = None  # the block backend's kernel (flex or triton); None for dense
     mode: str = "eager"  # eager, compile (torch.compile(model)), reduce-overhead, or graph (captured by hand)
     compiled: bool = False  # the submodules outside attention ran compiled (dense and sparse alike)
-    batch: str = "unpadded"  # unpadded, padded or packed (see make_batch)
+    batch: str = "unpadded"  # unpadded, padded, packed or padding-free (see make_batch)
     host_us: float | None = None  # host time per attention call, eager sparse steps
     baseline: str | None = None  # what the speed-up is over: the fastest dense step of the same batch kind
     speedup_any: float | None = None  # over the fastest dense step of any batch kind (real tokens/s)
@@ -140,7 +142,7 @@ def _graphed(body, warmup: int):
 
 
 MODES = ("eager", "compile", "reduce-overhead", "graph")
-BATCHES = ("unpadded", "padded", "packed")
+BATCHES = ("unpadded", "padded", "packed", "padding-free")
 
 
 def make_batch(batch: str, length: int, rows: int, vocab: int, device, *, seed: int = 0) -> dict:
@@ -149,7 +151,9 @@ def make_batch(batch: str, length: int, rows: int, vocab: int, device, *, seed: 
     - unpadded: every token real, no attention mask;
     - padded: each row's real length drawn uniformly from [length / 2, length], right padding, an attention mask;
     - packed: each row filled with documents of 512-4096 tokens (the last one cut to fit), as transformers'
-      flattening collator makes them: position_ids restarting at 0 and cu_seq_lens_q over the flattened rows.
+      flattening collator makes them: position_ids restarting at 0 and cu_seq_lens_q over the flattened rows;
+    - padding-free: the padded batch's real tokens as one packed row (``sa.unpad``, on the CPU, rounded up to a
+      multiple of 128 tokens by a padding segment): no layer runs over padding.
 
     Besides the inputs, "real" holds the number of real tokens and "documents" the (row, first token, count) of
     every sequence, from which ``unpacked`` makes dense attention's batch over the same sequences."""
@@ -164,6 +168,12 @@ def make_batch(batch: str, length: int, rows: int, vocab: int, device, *, seed: 
         mask = torch.arange(length)[None, :] < lengths[:, None]
         out["attention_mask"] = mask.long()
         docs = [(r, 0, int(n)) for r, n in enumerate(lengths)]
+    elif batch == "padding-free":
+        lengths = torch.randint(length // 2, length + 1, (rows,), generator=g)  # the padded batch's
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        out = dict(unpad({"input_ids": ids, "attention_mask": mask}, multiple_of=128))
+        starts = [0, *lengths.cumsum(0).tolist()]
+        docs = [(0, a, b - a) for a, b in zip(starts, starts[1:])]
     elif batch == "packed":
         pos = torch.zeros(rows, length, dtype=torch.long)
         for r in range(rows):
@@ -193,7 +203,10 @@ def unpacked(batch: dict, device) -> dict:
     for i, (r, s, n) in enumerate(docs):
         out[i, :n] = ids[r, s:s + n]
         mask[i, :n] = 1
-    return {"inputs": {"input_ids": out, "attention_mask": mask}, "real": batch["real"], "documents": docs}
+    inputs = {"input_ids": out}
+    if any(n < width for _, _, n in docs):  # no mask where no row is padded: SDPA keeps its flash kernel
+        inputs["attention_mask"] = mask
+    return {"inputs": inputs, "real": batch["real"], "documents": docs}
 
 
 class _HostTimer:
@@ -331,7 +344,7 @@ class _Bench:
         model = (encoder(length) if kind == "encoder" else decoder(length, decoder_layers)).to(device)
         sparse_batch = make_batch(batch_kind, length, B, model.config.vocab_size, device)
         # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
-        dense_batch = unpacked(sparse_batch, device) if batch_kind == "packed" else sparse_batch
+        dense_batch = unpacked(sparse_batch, device) if batch_kind in ("packed", "padding-free") else sparse_batch
         plan = sparse_plan(length, causal=causal)
         sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
         opt = None
@@ -451,13 +464,13 @@ def _speedups_over_best_dense(results: list[ModelResult], *, any_batch: bool = F
 
 
 def format_table(results: list[ModelResult]) -> str:
-    head = (f"{'model':<8} {'L':>6} {'B':>3} {'batch':<9} {'attention':<10} {'mode':<24} {'sparsity':>8} "
+    head = (f"{'model':<8} {'L':>6} {'B':>3} {'batch':<12} {'attention':<10} {'mode':<24} {'sparsity':>8} "
             f"{'blk dens':>8} {'ms/step':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us':>7} {'speed-up':>8} "
             f"{'over':<22} {'x best dense':>12}")
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<9} {(r.kernel or 'dense'):<10} "
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<12} {(r.kernel or 'dense'):<10} "
                      f"{r.mode + (' +outside compiled' if r.compiled else ''):<24} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {f(r.host_us, '.0f'):>7} "
