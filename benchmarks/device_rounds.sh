@@ -6,6 +6,9 @@
 #
 # Stages, in the order they pay off (the first two are what resolving issues 24 and 25 needs before any
 # number: the GPU tests):
+#   gpu-tests          every GPU test at once, spread over TEST_WORKERS (default 6) processes sharing the GPU
+#                      (pytest-xdist, in the device image: Triton's compilations, which bound these tests, run in
+#                      parallel); each test's name and outcome in the log, a JUnit XML of them in $OUT
 #   gpu-tests-compile  the compiled-model GPU tests alone (torch.compile fullgraph and reduce-overhead, unpadded,
 #                      padded and packed; about 3 minutes): the tenth round fixed their last failures without a rerun
 #   gpu-tests-kernels  the block backend's, the Triton kernel's and the decode kernel's GPU tests
@@ -37,6 +40,12 @@ python -c "import torch, transformers, triton; print('torch', torch.__version__,
 transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
 
 case $stage in
+  gpu-tests)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-570} python -m pytest -v -p no:cacheprovider -m gpu \
+      -n "${TEST_WORKERS:-6}" --timeout 300 --junitxml "$out/gpu-tests.xml" \
+      tests/test_block_gpu.py tests/test_triton_kernel.py tests/test_decode_kernel.py tests/test_generate.py \
+      tests/test_hf_integration.py tests/test_packed_padded.py tests/test_learned.py tests/test_patterns.py \
+      tests/test_finetune_pack.py 2>&1 | grep -v "torch.__trace" | tee -a "$log" || true ;;
   gpu-tests-compile)
     SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-560} python -m pytest -v -p no:cacheprovider -m gpu tests/test_block_gpu.py \
       -k "one_graph or never_wait" 2>&1 | grep -v "torch.__trace" | tee -a "$log" || true ;;
