@@ -14,6 +14,11 @@ so the outputs at real tokens are those of the padded batch. ``repad`` puts toke
     hidden = sa.repad(out.last_hidden_state, packed)                 # (B, L, hidden), zeros at padding
 
 A classifier's logits come from each example's first (or last) token: ``packed.example_starts`` says where.
+
+A model that is not sparsified keeps the examples apart only as transformers does: its flash-attention
+implementations read ``cu_seq_lens_q``; SDPA and eager ones find the documents from ``position_ids`` only in a batch
+without an attention mask (from transformers 5.25; ``multiple_of`` > 1 adds one), and otherwise attend across them.
+``sa.sparsify(model, sa.Plan.dense())`` makes a dense model keep them apart on every implementation.
 """
 
 from __future__ import annotations
