@@ -21,6 +21,8 @@
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
+#   profile-compile    issue 24: where the host time of the encoder step goes under torch.compile(model) against
+#                      eager (benchmarks/profile_model_step.py; launches, syncs, top host operators), a few minutes
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -72,6 +74,9 @@ case $stage in
   bench-generate-static)
     python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
       --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
+  profile-compile)
+    timeout ${PROFILE_TIMEOUT:-540} python benchmarks/profile_model_step.py --length 16k --modes eager,compile \
+      --batches unpadded --json "$out/profile_model_step.json" 2>&1 | tee -a "$log" || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   lm-study)
