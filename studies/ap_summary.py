@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from summaries import run, save_figure, seed_spread
+from summaries import difference, run, save_figure, seed_spread
 
 TASK_ORDER = ["sst2", "mrpc", "rte", "cola", "stsb"]
 
@@ -64,9 +64,22 @@ def table(rows: list[dict]) -> str:
                 c = cell(rows, task, method, pc)
                 cells.append("-" if c is None else f"{_score(c)} ({c['dev_sparsity']:.0%})")
             lines.append(f"| {task} ({tr[0]['metric']}) | {method} | " + " | ".join(cells) + " |")
+        cells = ["-"]
+        for pc in percents:
+            a, b = cell(rows, task, "ap", pc), cell(rows, task, "random", pc)
+            cells.append("-" if a is None or b is None else _difference(difference(a, b)))
+        lines.append(f"| {task} ({tr[0]['metric']}) | ap − random | " + " | ".join(cells) + " |")
     spread = "mean ± sample std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else f"seed {seeds[0]}"
     return "\n".join(lines) + (f"\n\nCells: dev score, {spread} (measured sparsity on dev: pruned / allowed real "
-                               "pairs).")
+                               "pairs). ap − random: the difference of the means (± its spread, the two stds in "
+                               "quadrature, where seeds give one; *inside* where it is no larger).")
+
+
+def _difference(d: dict) -> str:
+    text = f"{d['difference']:+.4f}"
+    if d["spread"] is not None:
+        text += f" ± {d['spread']:.4f}" + (" *inside*" if d["inside"] else "")
+    return text
 
 
 def plot(rows: list[dict], path: Path) -> None:

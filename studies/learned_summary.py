@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import re
 from pathlib import Path
 
-from summaries import seed_spread
+from summaries import difference, seed_spread
 
 BIGBIRD = re.compile(r"^all: bigbird\((\d+), (\d+), (\d+)\)$")
 TITLES = {"sst2": "SST-2 accuracy", "mrpc": "MRPC F1", "stsb": "STS-B Pearson"}
@@ -66,10 +65,7 @@ def comparisons(plans: dict[str, dict]) -> list[dict]:
         best = max(rivals, key=lambda pb: pb[1]["mean"], default=None)
         row = {"plan": plan, "learned": c, "bigbird": best, "difference": None, "spread": None, "inside": None}
         if best is not None:
-            row["difference"] = c["mean"] - best[1]["mean"]
-            if c["std"] is not None and best[1]["std"] is not None:
-                row["spread"] = math.hypot(c["std"], best[1]["std"])
-                row["inside"] = abs(row["difference"]) <= row["spread"]
+            row.update(difference(c, best[1]))
         out.append(row)
     return out
 

@@ -1,10 +1,11 @@
-"""What the studies' summary scripts (`ap_summary.py`, `lm_summary.py`, `ablation_summary.py`) share: the
-spread of a cell's seeds, saving a figure, and the command line that reads a report's results.csv, prints the
+"""What the studies' summary scripts (`ap_summary.py`, `lm_summary.py`, `ablation_summary.py`, `learned_summary.py`)
+share: the spread of a cell's seeds and of a difference of two cells, saving a figure, and the command line that reads a report's results.csv, prints the
 table and writes the plot."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -13,6 +14,15 @@ def seed_spread(values) -> dict:
     """{n, mean, std}: the sample std over the seeds, None for one seed."""
     xs = [float(x) for x in values]
     return {"n": len(xs), "mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def difference(a: dict, b: dict) -> dict:
+    """{difference, spread, inside} of two ``seed_spread`` cells: the difference of their means; its spread, the
+    spread of one seed's difference (the two sample stds in quadrature; None where a cell has one seed); whether
+    the difference is no larger than that spread (None without one)."""
+    d = a["mean"] - b["mean"]
+    spread = math.hypot(a["std"], b["std"]) if a["std"] is not None and b["std"] is not None else None
+    return {"difference": d, "spread": spread, "inside": None if spread is None else abs(d) <= spread}
 
 
 def save_figure(fig, path: Path) -> None:
