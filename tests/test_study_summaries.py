@@ -80,9 +80,9 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
     mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     # two seeds: the difference's spread is the two stds in quadrature; inside it, the cell says so
-    rows = [{**r, "seed": 0} for r in rows] + [{**row(60.0, "ap", 0.52, 0.62), "seed": 1},
-                                               {**row(60.0, "random", 0.51, 0.60), "seed": 1}]
-    _write_dicts(tmp_path / "s.csv", rows)
+    two = [{**r, "seed": 0} for r in rows] + [{**row(60.0, "ap", 0.52, 0.62), "seed": 1},
+                                              {**row(60.0, "random", 0.51, 0.60), "seed": 1}]
+    _write_dicts(tmp_path / "s.csv", two)
     text = mod.table(mod.load(tmp_path / "s.csv"))
     assert "| stsb (pearson) | ap − random | - | +0.1700 ± 0.2126 *inside* |" in text
     # seeds: mean ± sample std, every seed counted (not the first row found)
