@@ -291,3 +291,68 @@ def test_a_run_missing_a_dependency_stops_the_ray_sweep_and_is_not_failed(tmp_pa
     ray = _StandInRay({"error": "Traceback ...", "summary": "DependencyError: no GLUE data here", "versions": {},
                        "dependency": True})
     assert _drive_stand_in(tmp_path, ray, DependencyError, match="^no GLUE data here$") == ["pending"]
+
+
+def _stuck_spec(tmp_path, stuck=1, seeds=(0, 1, 2)):
+    """Sleep runs of 0.2 s, but run ``stuck`` sleeps 120 s (a run that never returns, as far as a test waits)."""
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "s", "fixed": {"method": "sleep-test", "sleep": 0.2, "marks": str(marks)},
+        "runs": [{"seed": s, **({"sleep": 120} if s == stuck else {})} for s in seeds]}))
+    return p
+
+
+def _outcomes(db_path):
+    db = ResultsDB(db_path, readonly=True)
+    try:
+        return {r["seed"]: (r["status"], r["error"] or "") for r in db.runs("s")}
+    finally:
+        db.close()
+
+
+def test_run_timeout_fails_a_stuck_run_and_a_new_worker_goes_on(tmp_path, monkeypatch, capfd):
+    """`sweep --run-timeout`: the stuck run is failed with the reason, its worker process ends (a run stuck in a GPU
+    call cannot be interrupted), and the sweep starts another worker, which runs the rest."""
+    from sparseattn.cli import main
+
+    # the workers the sweep starts are `python -m sparseattn.cli`; this one imports the test method first
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, ray_methods; from sparseattn.cli import "
+                       "main; sys.exit(main(sys.argv[3:]))' \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(wrapper))
+    monkeypatch.setenv("PYTHONPATH", PATH)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = _stuck_spec(tmp_path)
+    t0 = time.time()
+    assert main(["sweep", str(spec), "--run-timeout", "4"]) == 0
+    assert time.time() - t0 < 100
+    out = _outcomes(tmp_path / "s.sqlite")
+    assert out[0][0] == out[2][0] == "done"
+    assert out[1][0] == "failed" and "timed out: still running after 4 s (--run-timeout)" in out[1][1]
+    text = capfd.readouterr().out  # the workers' lines too
+    assert "[w0] FAILED sst2 | dense | seed 1: timed out" in text and "[w0] stopped by --run-timeout" in text
+    assert "1 failed" in text
+
+
+def test_run_timeout_on_ray_cancels_the_stuck_task(tmp_path, ray_instance):
+    spec = _stuck_spec(tmp_path)
+    enqueue(load_spec(spec), tmp_path / "s.sqlite").close()
+    lines = []
+    t0 = time.time()
+    assert run_ray_sweep(tmp_path / "s.sqlite", "s", run_timeout=3, echo=lines.append) == {"done": 2, "failed": 1}
+    assert time.time() - t0 < 60
+    out = _outcomes(tmp_path / "s.sqlite")
+    assert out[1][0] == "failed" and "timed out: still running after 3 s (--run-timeout); Ray killed" in out[1][1]
+    assert any(line.startswith("FAILED sst2 | dense | seed 1: timed out") for line in lines)
+
+
+def test_run_timeout_takes_seconds_minutes_or_hours():
+    from sparseattn.experiments.sweep import parse_duration
+
+    assert [parse_duration(x) for x in (90, "90", "90s", "1.5m", "2h")] == [90, 90, 90, 90, 7200]
+    for bad in ("0", "-3", "soon", "5d", "inf", ""):
+        with pytest.raises(ConfigError, match=rf"--run-timeout must be a positive duration .* got '{bad}'"):
+            parse_duration(bad)

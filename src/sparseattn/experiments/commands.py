@@ -20,7 +20,9 @@ from ..training.glue import get_task, load_split
 from ..training.record import one_class_warning
 from .db import ResultsDB
 from .demo import run_demo
-from .sweep import enqueue, load_spec, run_worker, spawn_workers, summary_lines, visible_gpus, write_report
+from .sweep import (
+    enqueue, load_spec, parse_duration, run_worker, spawn_workers, summary_lines, visible_gpus, write_report,
+)
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -130,6 +132,7 @@ def cmd_sweep(args) -> int:
         print("\n".join(summary_lines(db, spec.name)))
         db.close()
         return 0
+    run_timeout = parse_duration(args.run_timeout) if args.run_timeout is not None else None
     if args.ray is not None:
         check_ray_args(args)
     if not args.no_enqueue:
@@ -142,19 +145,24 @@ def cmd_sweep(args) -> int:
 
             run_ray_sweep(db_path, spec.name, address=args.ray or None, gpus_per_run=args.gpus_per_run,
                           cpus_per_run=args.cpus_per_run, max_retries=args.max_retries, glue_dir=args.glue_dir,
-                          work_dir=args.work_dir, lease=args.lease, max_runs=args.max_runs, label=args.worker_label)
+                          work_dir=args.work_dir, lease=args.lease, max_runs=args.max_runs, label=args.worker_label,
+                          run_timeout=run_timeout)
             code = 0
-        elif args.workers > 1:
+        elif args.workers > 1 or (run_timeout and args.worker_label is None):
+            # with --run-timeout even one worker runs in a process of its own, which a timeout may end
             gpus = visible_gpus(args.workers, args.gpus)
-            print(f"starting {args.workers} workers" + (f" on GPUs {gpus}" if gpus[0] is not None else "")
-                  + ": a line per run started and finished", flush=True)
-            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease,
-                                 extra_args=["--work-dir", str(args.work_dir)] if args.work_dir else [])
+            print(f"starting {args.workers} worker{'s' if args.workers > 1 else ''}"
+                  + (f" on GPUs {gpus}" if gpus[0] is not None else "") + ": a line per run started and finished",
+                  flush=True)
+            extra = (["--work-dir", str(args.work_dir)] if args.work_dir else []) + \
+                (["--run-timeout", str(run_timeout)] if run_timeout else [])
+            code = spawn_workers(spec.path, db_path, gpus, glue_dir=args.glue_dir, lease=args.lease, extra_args=extra)
         else:
             if args.gpus:
                 os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.split(",")[0]
             run_worker(db_path, spec.name, glue_dir=args.glue_dir, lease=args.lease, progress=not args.no_progress,
-                       max_runs=args.max_runs, label=args.worker_label, work_dir=args.work_dir)
+                       max_runs=args.max_runs, label=args.worker_label, work_dir=args.work_dir,
+                       run_timeout=run_timeout)
             code = 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary below is short; let it print
@@ -319,6 +327,9 @@ def _add_sweep(sub, formatter_class) -> None:
     p.add_argument("--lease", type=float, default=120.0,
                    help="seconds a worker holds a run without a heartbeat before others may take it over")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--run-timeout", default=None, metavar="DURATION",
+                   help="fail a run still running after this long (seconds, or 90m, 2h) and stop its worker, which "
+                        "a new one replaces: a run stuck in a GPU call cannot be interrupted otherwise")
     p.add_argument("--no-enqueue", action="store_true", help="only work on runs already in the database")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--worker-label", default=None, help="a name for this worker in the database")

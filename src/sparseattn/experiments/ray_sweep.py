@@ -143,10 +143,12 @@ def run_task(method: Method, config: dict, glue_dir, work_dir) -> dict:
 def run_ray_sweep(db_path, sweep: str | None = None, *, address: str | None = None,
                   gpus_per_run: float | None = None, cpus_per_run: float = 1.0, max_retries: int = 3,
                   glue_dir=None, work_dir=None, lease: float = 120.0, max_runs: int | None = None, echo=print,
-                  label: str | None = None) -> dict:
+                  label: str | None = None, run_timeout: float | None = None) -> dict:
     """Run the pending runs of ``sweep`` in ``db_path`` as Ray tasks until none is left; returns
     {'done': n, 'failed': n}. Prints the plain sweep's lines: a run started, finished (metric, sparsity, time,
-    the sweep's count and time left) or failed. Interrupted, it cancels its tasks and gives their runs back."""
+    the sweep's count and time left) or failed. Interrupted, it cancels its tasks and gives their runs back.
+    ``run_timeout`` (seconds, counted from when the task is handed to Ray): a task still running after it is
+    cancelled (its worker process killed) and its run failed."""
     check_share(gpus_per_run, cpus_per_run)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigError(f"--max-retries must be a whole number >= 0, got {max_retries!r}")
@@ -172,7 +174,7 @@ def run_ray_sweep(db_path, sweep: str | None = None, *, address: str | None = No
             + (f"{share['num_gpus']:g} GPU and " if share["num_gpus"] else "")
             + f"{share['num_cpus']:g} CPU: {_slots(ray, share)} at once")
         return _drive(ray, db, worker, sweep, remote, share, glue_dir=glue_dir, work_dir=work_dir, lease=lease,
-                      max_runs=max_runs, max_retries=max_retries, say=say)
+                      max_runs=max_runs, max_retries=max_retries, say=say, run_timeout=run_timeout)
     finally:
         db.close()
         if connected:
@@ -180,7 +182,7 @@ def run_ray_sweep(db_path, sweep: str | None = None, *, address: str | None = No
 
 
 def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, glue_dir, work_dir, lease, max_runs, max_retries,
-           say) -> dict:
+           say, run_timeout: float | None = None) -> dict:
     done = failed = claimed = 0
     tasks: dict = {}  # object ref -> (run key, what, t0)
     with Heartbeat(db, None, worker, lease) as beat:
@@ -208,6 +210,15 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
                     del tasks[ref]  # only once recorded: interrupted before, the run is given back below
                     beat.discard(key)
                     done, failed = done + d, failed + f
+                for ref in [r for r, (*_, t0) in tasks.items() if run_timeout and time.perf_counter() - t0 > run_timeout]:
+                    key, task, what, t0 = tasks.pop(ref)
+                    ray.cancel(ref, force=True)  # a stuck run ends only with its worker process
+                    why = f"timed out: still running after {format_duration(run_timeout)} (--run-timeout); Ray " \
+                          "killed its worker process"
+                    db.fail(key, worker, why, package_versions())
+                    beat.discard(key)
+                    failed += 1
+                    say(f"FAILED {what}: {why}  [{progress_line(db, sweep)}]")
         except (KeyboardInterrupt, SystemExit, DependencyError):
             with ctrl_c_ignored():
                 for ref, (key, *_) in tasks.items():

@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -181,6 +182,56 @@ def format_duration(seconds: float) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
+def parse_duration(text, *, what: str = "--run-timeout") -> float:
+    """Seconds from 90, "90", "90s", "15m" or "2h"; a positive number, else an error naming ``what``."""
+    raw = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(raw[-1:], None)
+    try:
+        seconds = float(raw[:-1] if scale else raw) * (scale or 1)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{what} must be a positive duration in seconds, or with m or h (90, 15m, 2h), got {text!r}")
+    return seconds
+
+
+# A worker that --run-timeout stopped exits with this code; the sweep that started it starts another in its place.
+EXIT_TIMED_OUT = 75
+
+
+class RunTimeout:
+    """Fails the run a worker holds once it has run ``seconds``, then ends the worker's process: a run stuck in a
+    GPU call, a collective or a deadlock cannot be interrupted from Python, only ended with its process. Cancelled
+    (``cancel``) as soon as the run returns, before its result is recorded."""
+
+    def __init__(self, db_path, key: str, worker: WorkerId, seconds: float, announce):
+        self.db_path, self.key, self.worker, self.seconds, self.announce = db_path, key, worker, seconds, announce
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:  # held until the process ends: a run returning now waits in cancel() and goes with it
+            if self._cancelled:
+                return
+            why = (f"timed out: still running after {format_duration(self.seconds)} (--run-timeout); its worker "
+                   "process was stopped")
+            try:
+                db = ResultsDB(self.db_path)
+                db.fail(self.key, self.worker, why, package_versions())
+                db.close()
+                self.announce(why)
+            finally:
+                os._exit(EXIT_TIMED_OUT)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            self._timer.cancel()
+
+
 def progress_line(db: ResultsDB, sweep: str | None) -> str:
     """Where the sweep stands, from the database (so every worker's runs count): done / total, failed, running,
     and an estimate of the time left (the mean time of the finished runs, spread over the running workers)."""
@@ -196,12 +247,13 @@ def progress_line(db: ResultsDB, sweep: str | None) -> str:
 
 def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir=None, lease: float = 120.0,
                progress: bool = True, max_runs: int | None = None, echo=print, label: str | None = None,
-               work_dir=None) -> dict:
+               work_dir=None, run_timeout: float | None = None) -> dict:
     """Claim and run pending runs of ``sweep`` until none is left. Returns {'done': n, 'failed': n}.
 
     Prints a line when a run starts and when it ends (its metric, sparsity and time, then the whole sweep's
     count and time left); lines start with ``[label]`` when the worker has one (several workers). Interrupted
-    (Ctrl-C, SIGTERM), it gives its run back as pending before it stops."""
+    (Ctrl-C, SIGTERM), it gives its run back as pending before it stops. ``run_timeout`` (seconds): a run still
+    running after it is failed and this process ends with ``EXIT_TIMED_OUT`` (``RunTimeout``)."""
     import transformers  # here, not at the top: importing transformers takes seconds
 
     transformers.logging.set_verbosity_error()  # every run loads a new classification head: expected, not news
@@ -228,9 +280,15 @@ def run_worker(db_path: str | os.PathLike, sweep: str | None = None, *, glue_dir
             again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
             say(f"{tag}started {what}{again}  [{progress_line(db, sweep)}]")
             t0 = time.perf_counter()
+            timeout = RunTimeout(db.path, row["key"], worker, run_timeout,
+                                 lambda why, what=what: say(f"{tag}FAILED {what}: {why}")) if run_timeout else None
             try:
                 with Heartbeat(db, row["key"], worker, lease):
-                    result = run_config(cfg, glue_dir=glue_dir, progress=progress, work_dir=work_dir)
+                    try:
+                        result = run_config(cfg, glue_dir=glue_dir, progress=progress, work_dir=work_dir)
+                    finally:
+                        if timeout is not None:
+                            timeout.cancel()
             except (KeyboardInterrupt, SystemExit):
                 raise
             except DependencyError:  # no data for any run: stop here, the run is not to blame
@@ -297,9 +355,9 @@ def _die_with_parent():  # Linux: a worker ends when the sweep that started it i
 
 def spawn_workers(spec_path: Path, db_path: Path, gpus: list[str | None], *, glue_dir=None, lease: float = 120.0,
                   extra_args: list[str] = ()) -> int:
-    """Run one worker process per entry of ``gpus`` (a CUDA_VISIBLE_DEVICES value, or None to leave it)."""
-    procs = []
-    for i, gpu in enumerate(gpus):
+    """Run one worker process per entry of ``gpus`` (a CUDA_VISIBLE_DEVICES value, or None to leave it). A worker
+    that --run-timeout stopped (``EXIT_TIMED_OUT``) is replaced by a new one on the same GPU."""
+    def start(i: int, gpu: str | None) -> subprocess.Popen:
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -307,9 +365,20 @@ def spawn_workers(spec_path: Path, db_path: Path, gpus: list[str | None], *, glu
                "--no-enqueue", "--no-progress", "--lease", str(lease), "--worker-label", f"w{i}", *extra_args]
         if glue_dir:
             cmd += ["--glue-dir", str(glue_dir)]
-        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+    procs = [start(i, gpu) for i, gpu in enumerate(gpus)]
+    codes: list[int | None] = [None] * len(procs)
     try:
-        codes = [p.wait() for p in procs]
+        while None in codes:
+            for i, p in enumerate(procs):
+                if codes[i] is None and (code := p.poll()) is not None:
+                    if code == EXIT_TIMED_OUT:
+                        print(f"[w{i}] stopped by --run-timeout; a new worker takes its place", flush=True)
+                        procs[i] = start(i, gpus[i])
+                    else:
+                        codes[i] = code
+            time.sleep(0.2)
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (one process group): let them give their runs back undisturbed;
         # a worker still there after that (this process alone was interrupted) is asked, then told, to stop
