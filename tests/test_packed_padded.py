@@ -200,8 +200,11 @@ def test_unpad_names_what_it_cannot_pack():
         sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 5\), got nothing"):
         sa.unpad({"input_ids": ids})
-    with pytest.raises(ValueError, match="multiple_of must be >= 1, got 0"):
-        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, multiple_of=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"multiple_of must be a whole number >= 1, got {bad!r}"):
+            sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, multiple_of=bad)
+    with pytest.raises(ValueError, match=r"no tokens \(input_ids of shape \(0, 5\)\)"):
+        sa.unpad({"input_ids": ids[:0], "attention_mask": ids[:0]})
     packed = sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     with pytest.raises(ValueError, match=r"outputs have shape \(2, 5, 3\); the packed row's token outputs have shape "
                                          r"\(1, 10, \.\.\.\)"):

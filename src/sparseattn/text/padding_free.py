@@ -49,8 +49,8 @@ def unpad(batch, *, multiple_of: int = 1, pad_id: int = 0):
     GPU that is one wait for it, so unpad on the CPU where the batch is made."""
     from transformers import BatchEncoding
 
-    if multiple_of < 1:
-        raise ValueError(f"unpad: multiple_of must be >= 1, got {multiple_of}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"unpad: multiple_of must be a whole number >= 1, got {multiple_of!r}")
     unknown = sorted(k for k in batch.keys() if k not in (*TOKEN_INPUTS, "attention_mask"))
     if unknown:
         raise ValueError(f"unpad: the batch has {', '.join(map(repr, unknown))}, which a packed row does not take; "
@@ -63,6 +63,8 @@ def unpad(batch, *, multiple_of: int = 1, pad_id: int = 0):
         raise ValueError(f"unpad: attention_mask must be a tensor of input_ids' shape {tuple(ids.shape)}, got "
                          f"{_what(mask)}")
     B, L = ids.shape
+    if B == 0 or L == 0:
+        raise ValueError(f"unpad: the batch has no tokens (input_ids of shape {tuple(ids.shape)})")
     real = mask.detach().to("cpu").bool()
     lengths = real.sum(1)
     runs = (real & ~torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)).sum(1)
