@@ -12,11 +12,11 @@ paper's framing (removing a component also raises sparsity, so this is not a mat
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from pathlib import Path
 
 import numpy as np
+from summaries import finished_runs
 
 BIGBIRD = re.compile(r"^all: bigbird\((\d+), (\d+), (\d+)\)$")
 COMPONENTS = ("global", "neighbour", "random")
@@ -27,23 +27,15 @@ def load(path: Path) -> dict[str, dict]:
     """Per task: {'dense': {seed: score}, 'grid': {(g, n, r): {seed: score}}, 'sparsity': {(g, n, r): mean}}; the
     grid's fine-tunes and the dense runs only (learned runs are left out)."""
     out: dict[str, dict] = {}
-    with path.open() as f:
-        for i, r in enumerate(csv.DictReader(f), start=2):
-            if r.get("status", "done") != "done" or r.get("method", "finetune") != "finetune":
-                continue
-            try:
-                score, seed = float(r["score"]), int(r["seed"])
-                sparsity = float(r.get("sparsity") or r.get("dev_sparsity") or 0.0)
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: {e}") from None
-            t = out.setdefault(r["task"], {"dense": {}, "grid": {}, "sparsity": {}})
-            m = BIGBIRD.match(r["plan"])
-            if r["plan"] == "dense":
-                t["dense"][seed] = score
-            elif m:
-                g = tuple(int(x) for x in m.groups())
-                t["grid"].setdefault(g, {})[seed] = score
-                t["sparsity"].setdefault(g, []).append(sparsity)
+    for r, score, seed, sparsity in finished_runs(path, keep=lambda r: r.get("method", "finetune") == "finetune"):
+        t = out.setdefault(r["task"], {"dense": {}, "grid": {}, "sparsity": {}})
+        m = BIGBIRD.match(r["plan"])
+        if r["plan"] == "dense":
+            t["dense"][seed] = score
+        elif m:
+            g = tuple(int(x) for x in m.groups())
+            t["grid"].setdefault(g, {})[seed] = score
+            t["sparsity"].setdefault(g, []).append(sparsity)
     for t in out.values():
         t["sparsity"] = {g: float(np.mean(v)) for g, v in t["sparsity"].items()}
     return out

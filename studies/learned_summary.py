@@ -12,15 +12,19 @@ cells' sample stds added in quadrature; with one seed there is no spread to comp
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from pathlib import Path
 
-from summaries import difference, seed_spread
+from summaries import difference, finished_runs, seed_spread
 
 BIGBIRD = re.compile(r"^all: bigbird\((\d+), (\d+), (\d+)\)$")
 TITLES = {"sst2": "SST-2 accuracy", "mrpc": "MRPC F1", "stsb": "STS-B Pearson"}
 SLACK = 0.01  # how much less sparse a BigBird point may be and still count as "at least as sparse"
+
+
+def _in_study(row: dict) -> bool:
+    plan = row["plan"]
+    return plan == "dense" or plan.startswith("learned(") or bool(BIGBIRD.match(plan))
 
 
 def load(paths) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
@@ -28,19 +32,8 @@ def load(paths) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
     finished runs; other plans are left out."""
     out: dict[str, dict] = {}
     for path in paths:
-        with Path(path).open() as f:
-            for i, r in enumerate(csv.DictReader(f), start=2):
-                if r.get("status", "done") != "done":
-                    continue
-                plan = r["plan"]
-                if not (plan == "dense" or plan.startswith("learned(") or BIGBIRD.match(plan)):
-                    continue
-                try:
-                    score, seed = float(r["score"]), int(r["seed"])
-                    sparsity = float(r.get("sparsity") or r.get("dev_sparsity") or 0.0)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: {e}") from None
-                out.setdefault(r["task"], {}).setdefault(plan, {})[seed] = (score, sparsity)
+        for r, score, seed, sparsity in finished_runs(path, keep=_in_study):
+            out.setdefault(r["task"], {}).setdefault(r["plan"], {})[seed] = (score, sparsity)
     return out
 
 

@@ -1,10 +1,12 @@
 """What the studies' summary scripts (`ap_summary.py`, `lm_summary.py`, `ablation_summary.py`, `learned_summary.py`)
-share: the spread of a cell's seeds and of a difference of two cells, saving a figure, and the command line that reads a report's results.csv, prints the
+share: reading a results.csv's finished runs, the spread of a cell's seeds and of a difference of two cells,
+saving a figure, and the command line that reads a report's results.csv, prints the
 table and writes the plot."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 from pathlib import Path
@@ -14,6 +16,22 @@ def seed_spread(values) -> dict:
     """{n, mean, std}: the sample std over the seeds, None for one seed."""
     xs = [float(x) for x in values]
     return {"n": len(xs), "mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def finished_runs(path, keep=lambda row: True):
+    """(row, score, seed, sparsity) of each finished run of a results.csv that ``keep(row)`` accepts, read from a
+    report's columns (sparsity) or the older docs CSV's (dev_sparsity); a value that does not parse names the file
+    and line."""
+    with Path(path).open() as f:
+        for i, r in enumerate(csv.DictReader(f), start=2):
+            if r.get("status", "done") != "done" or not keep(r):
+                continue
+            try:
+                score, seed = float(r["score"]), int(r["seed"])
+                sparsity = float(r.get("sparsity") or r.get("dev_sparsity") or 0.0)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: {e}") from None
+            yield r, score, seed, sparsity
 
 
 def difference(a: dict, b: dict) -> dict:
