@@ -524,6 +524,27 @@ def test_bench_generate_compiles_the_step_with_sparseattns_hook(monkeypatch):
     assert len(calls) == 2 + 3 + 2  # the prefills (first and repeated), the untimed steps, the timed ones
 
 
+def test_bench_generate_records_a_failing_method_and_goes_on(monkeypatch):
+    """A method whose compiler fails (transformers' FlexAttention under reduce-overhead on the CPU, say) is a row
+    naming the error, and the other methods of the call still run."""
+    from sparseattn.bench import generate as bench
+
+    run_one = bench.run_one
+
+    def flaky(kind, length, batch, method, **kw):
+        if method == "flex":
+            raise RuntimeError("NoValidChoicesError: No choices to select\nmore")
+        return run_one(kind, length, batch, method, **kw)
+
+    monkeypatch.setattr(bench, "run_one", flaky)
+    results = bench.run(["tiny"], [24], [1], ["flex", "dense"], steps=1, repeats=1, device="cpu",
+                        caches=("static",), reduce_overhead=True, progress=lambda line: None)
+    assert results[0].note == "failed: RuntimeError: NoValidChoicesError: No choices to select"
+    assert results[0].cache == "static+reduce-overhead" and results[0].decode_tokens_per_s is None
+    assert results[1].note == "" and results[1].decode_tokens_per_s > 0
+    assert "failed: RuntimeError" in bench.format_table(results)
+
+
 @pytest.mark.parametrize("plan, evicting", [("all: strided(3) | global_tokens(1)", False),
                                              ("all: bigbird(1, 1, 2)", False),
                                              ("all: random_blocks(1, block=3)", False),

@@ -178,8 +178,17 @@ def run(models, lengths, batches, methods, *, sparsity: float = 0.9, steps: int 
             for B in batches:
                 for cache_kind in caches:
                     for method in methods:
-                        r = run_one(kind, L, B, method, sparsity=sparsity, steps=steps, repeats=repeats,
-                                    device=device, dtype=dtype, cache_kind=cache_kind, reduce_overhead=reduce_overhead)
+                        try:
+                            r = run_one(kind, L, B, method, sparsity=sparsity, steps=steps, repeats=repeats,
+                                        device=device, dtype=dtype, cache_kind=cache_kind,
+                                        reduce_overhead=reduce_overhead)
+                        except Exception as e:  # noqa: BLE001 - one method failing (a compiler's error) must not
+                            # cost the other cells of a device call; the table says which failed and why
+                            label = cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static"
+                                                  else "")
+                            r = GenerateResult(kind, L, B, method, None, cache=label,
+                                               note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                                               if str(e) else f"failed: {type(e).__name__}")
                         results.append(r)
                         gc.collect()  # the model of the last run is gone: return its memory before the next
                         if device.type == "cuda":
