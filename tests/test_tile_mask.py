@@ -544,3 +544,27 @@ def test_bench_model_padding_free_batch_holds_the_padded_batchs_tokens_and_dense
     assert torch.equal(dense["attention_mask"], padded["inputs"]["attention_mask"][:, :int(lengths.max())])
     one = make_batch("padding-free", 300, 1, 5000, "cpu", seed=1)
     assert set(unpacked(one, "cpu")["inputs"]) == {"input_ids"}  # one sequence: no padding, no mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch", ["unpadded", "padded", "packed", "padding-free"])
+def test_bench_model_plan_is_90_percent_sparse_on_the_batch_it_runs_on(batch, causal):
+    """The benchmark's plan is chosen for the batch's own sequences (real lengths, packed documents): its measured
+    sparsity on that batch's allowed pairs is 90% (not 90% on an unpadded row of L, which would keep more of a
+    shorter sequence's pairs), and one more neighbour would fall below it."""
+    from sparseattn.bench.model import _kept, _measure, batch_layout, make_batch, sparse_plan
+    from sparseattn.plans.plan import Plan
+
+    b = make_batch(batch, 3000, 2, 5000, "cpu", seed=2)
+    seqs = [n for _, _, n in b["documents"]]
+    plan = sparse_plan(3000, causal=causal, sequences=seqs)
+    layout = batch_layout(b, causal=causal)
+    assert int(layout.allowed().sum()) == sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
+    sparsity, density = _measure(plan, layout, 2)
+    w = int(plan.spec().split("neighbour(")[1].split(")")[0])
+    wider = Plan.parse(f"all: neighbour({w + 1}) | global_tokens(1)")
+    assert sparsity >= 0.9 > _measure(wider, layout, 2)[0]
+    assert 0 < density < 1
+    # the count the search uses is the one measure_plan makes
+    allowed = sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
+    assert sum(_kept(n, w, causal, 1) for n in seqs) == round((1 - sparsity) * allowed)

@@ -21,8 +21,9 @@ With ``compile_model``, every largest submodule that holds no attention module i
 
 Every step holds the same number of positions (``tokens``; batch = tokens / length). Dense runs transformers' SDPA attention without a mask (flash attention or cuDNN, causal
 for the decoder; through ``use_dense_sdpa``, so it stays mask-free under graph capture); sparse runs ``sparsify(model, plan, backend=BlockSparseBackend())``. The plan is
-``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the allowed pairs
-(measured with sparseattn.sparsity, reported with its block density).
+``neighbour(w) | global_tokens(g)`` on every layer with w chosen for 90% sparsity of the pairs the batch allows
+(its real tokens, within each document), measured on that batch with sparseattn.sparsity and reported with its
+block density: a padded or packed batch gets a narrower window than an unpadded row of L.
 """
 
 from __future__ import annotations
@@ -85,17 +86,56 @@ def decoder(max_len: int, layers: int = 4):
     return model
 
 
-def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: int = 1) -> Plan:
-    """neighbour(w) | global_tokens(g) with the smallest w whose sparsity is at most ``sparsity``'s target
-    (pairs kept about (2w + 1) L, or (w + 1) L for decoders, plus the global rows and columns)."""
-    allowed = length * (length + 1) / 2 if causal else length * length
-    per_row = (1 - sparsity) * allowed / length - 2 * globals_
-    w = max(1, int(per_row - 1) if causal else int((per_row - 1) / 2))
+def _kept(n: int, w: int, causal: bool, globals_: int) -> int:
+    """Pairs ``neighbour(w) | global_tokens(g)`` keeps in one sequence of n tokens (its first g tokens global)."""
+    w = min(w, n - 1)
+    g = min(globals_, n)
+    if causal:
+        band = n * (w + 1) - w * (w + 1) // 2
+        cols = sum(max(0, n - c - w - 1) for c in range(g))  # later queries reaching a global key past the window
+        rows = sum(max(0, i - w) for i in range(g))  # a global query's earlier keys past the window
+        both = sum(1 for i in range(g) for j in range(i) if i - j > w)
+    else:
+        band = n * (2 * w + 1) - w * (w + 1)
+        cols = rows = sum(n - (min(n - 1, i + w) - max(0, i - w) + 1) for i in range(g))
+        both = sum(1 for i in range(g) for j in range(g) if abs(i - j) > w)
+    return band + cols + rows - both
+
+
+def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: int = 1,
+                sequences: list[int] | None = None) -> Plan:
+    """neighbour(w) | global_tokens(g) with the smallest w whose sparsity over ``sequences`` (the real lengths of
+    the batch's sequences and documents, each alone; default one sequence of ``length``) is at most the target:
+    a plan 90% sparse on the pairs the batch allows, whatever its padding or packing."""
+    seqs = sequences or [length]
+    allowed = sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
+    lo, hi = 1, max(seqs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if 1 - sum(_kept(n, mid, causal, globals_) for n in seqs) / allowed > sparsity:
+            lo = mid + 1
+        else:
+            hi = mid
+    # the largest w still above the target's sparsity: the target is a ceiling on kept pairs
+    w = max(1, lo - 1) if 1 - sum(_kept(n, lo, causal, globals_) for n in seqs) / allowed < sparsity else lo
     return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
 
 
-def _measure(plan: Plan, length: int, heads: int, causal: bool, device) -> tuple[float, float]:
-    layout = TokenLayout.from_lengths([length], causal=causal, device=device)
+def batch_layout(batch: dict, *, causal: bool, device=None) -> TokenLayout:
+    """The layout of a ``make_batch`` batch's sequences as the model sees them (padding, packed documents), for
+    measuring a plan's sparsity and block density on the batch it runs on."""
+    ids = batch["inputs"]["input_ids"]
+    rows, width = ids.shape
+    real = torch.zeros(rows, width, dtype=torch.bool)
+    doc = torch.zeros(rows, width, dtype=torch.long)
+    for i, (r, s, n) in enumerate(batch["documents"]):
+        real[r, s:s + n] = True
+        doc[r, s:] = i  # padding after a row's last document counts as that document's (not real: never allowed)
+    packed = any(sum(1 for d in batch["documents"] if d[0] == r) > 1 for r in range(rows))
+    return TokenLayout(real=real.to(device), causal=causal, document_ids=doc.to(device) if packed else None)
+
+
+def _measure(plan: Plan, layout: TokenLayout, heads: int) -> tuple[float, float]:
     rep = measure_plan(plan.resolve(1, heads)[:1], layout, block_size=128)
     return rep.overall, rep.block_density
 
@@ -345,8 +385,9 @@ class _Bench:
         sparse_batch = make_batch(batch_kind, length, B, model.config.vocab_size, device)
         # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
         dense_batch = unpacked(sparse_batch, device) if batch_kind in ("packed", "padding-free") else sparse_batch
-        plan = sparse_plan(length, causal=causal)
-        sp, dens = _measure(plan, length, model.config.num_attention_heads, causal, device)
+        plan = sparse_plan(length, causal=causal, sequences=[n for _, _, n in sparse_batch["documents"]])
+        sp, dens = _measure(plan, batch_layout(sparse_batch, causal=causal, device=device),
+                            model.config.num_attention_heads)
         opt = None
         if kind == "encoder":
             # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
