@@ -633,3 +633,21 @@ def test_a_padding_mask_with_holes_under_torch_compile_gives_nan_not_a_wrong_ans
     compiled = logits(block(), True)
     assert compiled[1].isnan().all()
     torch.testing.assert_close(compiled[0], ref[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ours, tritons, expected", [("1", None, True), ("0", None, False), ("0", "1", False)])
+def test_the_autotune_cache_setting_is_sparseattns_whatever_tritons_knob_says(monkeypatch, ours, tritons, expected):
+    """SPARSEATTN_TRITON_AUTOTUNE_CACHE=0 turns the on-disk autotuning cache off even where Triton's own
+    TRITON_CACHE_AUTOTUNING=1 is set (Triton ORs the two)."""
+    tk = triton_kernel
+    monkeypatch.setattr(tk, "interpreted", lambda: False)  # the autotuned path, as on a GPU
+    monkeypatch.setattr(tk, "_TUNED", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE_CACHE", ours)
+    if tritons is None:
+        monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", tritons)
+    tuner, extra = tk._kernel("fwd", 64)
+    assert extra == {} and tuner.cache_results is expected

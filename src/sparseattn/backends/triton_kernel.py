@@ -687,7 +687,8 @@ def autotune_cached() -> bool:
     """Whether the autotuner's timings are kept on disk (Triton's cache directory, keyed by the GPU target, the
     kernel's source and the tuning key), so that a new process skips re-timing what an earlier one timed: the
     first prefill of a generate() call would otherwise pay it in every process. SPARSEATTN_TRITON_AUTOTUNE_CACHE=0
-    re-times in every process (after a change of hardware under the same target, say)."""
+    re-times in every process (after a change of hardware under the same target, say), whatever Triton's own
+    TRITON_CACHE_AUTOTUNING says."""
     return os.environ.get("SPARSEATTN_TRITON_AUTOTUNE_CACHE", "1") != "0"
 
 
@@ -719,6 +720,8 @@ def _kernel(name: str, bs: int):
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
         _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", "SPLIT", "FUSED", "VARLEN"],
                                       reset_to_zero=_ZEROED.get(name), cache_results=autotune_cached())(raw)
+        # Triton ORs cache_results with its own TRITON_CACHE_AUTOTUNING knob: sparseattn's setting is the one said
+        _TUNED[key].cache_results = autotune_cached()
     return _TUNED[key], {}
 
 
