@@ -17,6 +17,7 @@
 #                      padded and packed batches, against the fastest dense step of the run
 #   bench-decoder      issue 24: the decoder forward, 4k-32k
 #   bench-attention    issue 24: the backend's own choice per cell against every method, 8k-32k, D 64 and 128
+#                      (HEAD_DIMS=64 and HEAD_DIMS=128 in two calls where one does not fit)
 #   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
@@ -66,8 +67,10 @@ case $stage in
     python -m sparseattn.cli bench model --models decoder --lengths 4k,16k,32k --modes eager,reduce-overhead \
       --batches unpadded,padded,packed --steps 5 --json "$out/bench_decoder.json" 2>&1 | tee -a "$log" ;;
   bench-attention)
-    python -m sparseattn.cli bench attention --head-dims 64,128 --lengths 8k,16k,32k --sparsity 90 \
-      --methods dense,dense_packed,flex_mask,block,triton,backend --json "$out/bench_attention.json" 2>&1 | tee -a "$log" ;;
+    # HEAD_DIMS / LENGTHS cut the grid into calls of 10 minutes (autotuning and FlexAttention's compilation per cell)
+    python -m sparseattn.cli bench attention --head-dims "${HEAD_DIMS:-64,128}" --lengths "${LENGTHS:-8k,16k,32k}" \
+      --sparsity 90 --methods dense,dense_packed,flex_mask,block,triton,backend \
+      --json "$out/bench_attention_${HEAD_DIMS:-64,128}.json" 2>&1 | tee -a "$log" ;;
   bench-generate)
     python -m sparseattn.cli bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 \
       --json "$out/bench_generate.json" 2>&1 | tee -a "$log" ;;
