@@ -59,6 +59,39 @@ def test_decode_kernel_matches_the_reference(case):
 
 
 @INTERPRETER
+@INTERPRETER
+@pytest.mark.parametrize("B, H, Hkv, Lq, S, D, Dp", [(2, 8, 2, 3, 5, 24, 32), (1, 32, 8, 1, 3, 64, 64),
+                                                    (2, 16, 2, 3, 1, 16, 16)])
+def test_the_merge_kernel_computes_the_readable_merge(B, H, Hkv, Lq, S, D, Dp):
+    """``_merge_splits`` (one launch) against ``_merge`` (PyTorch, readable): splits that kept nothing (max -inf),
+    rows that kept nothing anywhere (zeros), rows in two blocks of 16 (8 heads per key head x 3 queries), head
+    sizes padded for the kernel."""
+    from sparseattn.backends.triton_kernel import _mend_interpreter
+
+    G = H // Hkv
+    rows = G * Lq
+    R = max(16, 1 << (rows - 1).bit_length())
+    g = torch.Generator().manual_seed(1)
+    o_part = torch.randn(B, Hkv, S, R, Dp, generator=g)
+    m_part = torch.randn(B, Hkv, S, R, generator=g) * 3
+    l_part = torch.rand(B, Hkv, S, R, generator=g) + 0.5
+    m_part[:, :, 0, ::3] = float("-inf")  # a split that kept nothing for these rows
+    l_part[:, :, 0, ::3] = 0.0
+    o_part[:, :, 0, ::3] = 0.0
+    m_part[0, 0, :, 1] = float("-inf")  # a row that kept nothing in any split
+    l_part[0, 0, :, 1] = 0.0
+    o_part[0, 0, :, 1] = 0.0
+    want = decode_kernel._merge(o_part, m_part, l_part, B, H, Lq, D, rows)
+    got = torch.full((B, H, Lq, D), float("nan"))
+    _mend_interpreter()
+    decode_kernel._merge_splits[(B * Hkv, -(-rows // 16))](
+        o_part, m_part, l_part, got, *o_part.stride()[:4], *m_part.stride()[:3], *got.stride()[:3],
+        Hkv, Lq, rows, S, G=G, BLOCK_R=16, D=Dp, D_OUT=D)
+    assert not got.isnan().any()  # every (head, query) written
+    assert (got[0, 1 // Lq, 1 % Lq] == 0).all()  # row 1 of key head 0: query head 1 // Lq, query 1 % Lq
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_decode_kernel_in_fp16_is_within_twice_pytorchs_error():
     q, k, v, keep = make(2, 4, 2, 1, 333, 32, 4, seed=1)
     want = reference(q, k, v, keep, 32 ** -0.5)

@@ -123,6 +123,37 @@ if triton is not None:
         tl.store(M_PART + b * smpb + hk * smph + split * smps + r, m)
         tl.store(L_PART + b * smpb + hk * smph + split * smps + r, lsum)
 
+    @triton.jit
+    def _merge_splits(O_PART, M_PART, L_PART, OUT, sob, soh, sos, sor, smpb, smph, smps,
+                      sxb, sxh, sxq, H_KV, LQ, ROWS, SPLITS,
+                      G: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, D_OUT: tl.constexpr):
+        # _merge's computation in one launch (it is ten small ones per layer and step): the splits' partial outputs
+        # weighed by exp(their max - the overall max), rows that kept nothing anywhere giving zeros
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H_KV
+        hk = pid_bh % H_KV
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, D)
+        row_ok = r < ROWS
+        stats = b * smpb + hk * smph + r
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for split in range(0, SPLITS):
+            m = tl.maximum(m, tl.load(M_PART + stats + split * smps, mask=row_ok, other=float("-inf")))
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        num = tl.zeros([BLOCK_R, D], tl.float32)
+        den = tl.zeros([BLOCK_R], tl.float32)
+        for split in range(0, SPLITS):
+            w = tl.exp(tl.load(M_PART + stats + split * smps, mask=row_ok, other=float("-inf")) - shift)
+            den += w * tl.load(L_PART + stats + split * smps, mask=row_ok, other=0.0)
+            part = tl.load(O_PART + b * sob + hk * soh + split * sos + r[:, None] * sor + d[None, :],
+                           mask=row_ok[:, None], other=0.0)
+            num += w[:, None] * part
+        out = num / tl.where(den > 0, den, 1.0)[:, None]
+        head = hk * G + r // LQ
+        qi = r % LQ
+        tl.store(OUT + b * sxb + head[:, None] * sxh + qi[:, None] * sxq + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (d[None, :] < D_OUT))
+
 
 def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
     B, H, Lq, D = q.shape
@@ -148,12 +179,19 @@ def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
         o_part.stride(3), m_part.stride(0), m_part.stride(1), m_part.stride(2),
         scale, Hkv, Lq, Lk, S, G=G, R=R, D=Dp, BLOCK_N=BLOCK_N, MASK_PER_HEAD=keep.shape[1] > 1,
         IEEE=q.dtype == torch.float32)
-    return _merge(o_part, m_part, l_part, B, H, Lq, D, rows).to(q.dtype)
+    out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    block_r = 16
+    _merge_splits[(B * Hkv, -(-rows // block_r))](
+        o_part, m_part, l_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        m_part.stride(0), m_part.stride(1), m_part.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        Hkv, Lq, rows, S, G=G, BLOCK_R=block_r, D=Dp, D_OUT=D)
+    return out
 
 
 def _merge(o_part, m_part, l_part, B, H, Lq, D, rows) -> torch.Tensor:
-    """The second pass: the splits' partial outputs weighed by exp(their max - the overall max). A row that kept
-    no key anywhere gives zeros."""
+    """The second pass, readably (the kernel ``_merge_splits`` computes it in one launch, and is tested against
+    this): the splits' partial outputs weighed by exp(their max - the overall max). A row that kept no key anywhere
+    gives zeros."""
     m = m_part.amax(2, keepdim=True)  # (B, Hkv, 1, R)
     w = torch.exp(m_part - torch.where(torch.isinf(m), torch.zeros_like(m), m))  # 0 for splits with nothing
     num = (o_part * w[..., None]).sum(2)  # (B, Hkv, R, Dp)
