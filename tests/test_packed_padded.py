@@ -190,14 +190,44 @@ def test_unpad_packs_token_types_and_given_positions_and_marks_its_tail():
     assert sa.repad(hidden, packed)[..., 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0]]
 
 
+@pytest.mark.parametrize("plan", [PLAN, "dense"])
+def test_unpad_packs_token_labels_so_a_causal_lms_loss_is_the_padded_batchs(plan):
+    """A causal LM trained padding-free: labels pack like the tokens, the first of each example -100 (as transformers'
+    flattening collator makes them), so the shifted loss over the packed row is the padded batch's, gradients too; the
+    padding segment's labels are -100."""
+    ids, mask = _left_padded(_sequences("cpu"))
+    ids, mask = ids.flip(1), mask.flip(1)  # right padding, as a training collator pads
+    labels = ids.masked_fill(mask == 0, -100)
+    losses, grads = [], []
+    for packed_row in (False, True):
+        model = tiny_llama()
+        sa.sparsify(model, sa.Plan.dense() if plan == "dense" else plan)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed_row:
+            batch = sa.unpad(batch, multiple_of=16)
+            width = batch["input_ids"].shape[1]
+            starts = batch.example_starts.tolist()
+            assert batch["labels"][0, starts].eq(-100).all() and batch["labels"][0, sum(LENGTHS):].eq(-100).all()
+            assert width > sum(LENGTHS) and int((batch["labels"] != -100).sum()) == sum(n - 1 for n in LENGTHS)
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_unpad_names_what_it_cannot_pack():
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match=r"row 1 of attention_mask has 2 runs"):
         sa.unpad({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 0, 0]])})
     with pytest.raises(ValueError, match=r"row 0 of attention_mask has no real token"):
         sa.unpad({"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 0, 0, 0], [1, 1, 0, 0, 0]])})
-    with pytest.raises(ValueError, match=r"'labels'.*compute the loss on sa.repad"):
-        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    with pytest.raises(ValueError, match=r"labels must be token labels of input_ids' shape \(2, 5\), got a tensor of "
+                                         r"shape \(2,\); one label per example"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match=r"the batch has 'pixel_values', which a packed row does not take"):
+        sa.unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": ids})
     with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 5\), got nothing"):
         sa.unpad({"input_ids": ids})
     for bad in (0, 2.5, True):

@@ -13,7 +13,8 @@ so the outputs at real tokens are those of the padded batch. ``repad`` puts toke
     out = model(**packed.to("cuda"))
     hidden = sa.repad(out.last_hidden_state, packed)                 # (B, L, hidden), zeros at padding
 
-A classifier's logits come from each example's first (or last) token: ``packed.example_starts`` says where.
+A classifier's logits come from each example's first (or last) token: ``packed.example_starts`` says where. Token
+labels pack with the tokens (``model(**sa.unpad(padded_with_labels)).loss`` is the padded batch's for a causal LM).
 
 A model that is not sparsified keeps the examples apart only as transformers does: its flash-attention
 implementations read ``cu_seq_lens_q``; SDPA and eager ones find the documents from ``position_ids`` only in a batch
@@ -37,8 +38,12 @@ def unpad(batch, *, multiple_of: int = 1, pad_id: int = 0):
     ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 offsets of the examples), ``max_length_q`` / ``max_length_k``.
 
     batch: a mapping with ``input_ids`` (B, L) and ``attention_mask`` (B, L), each row's real tokens one run (right
-    or left padding), at least one per row. Other keys are refused: labels are not inputs of a packed row (compute
-    the loss on ``repad`` of the outputs, or per example from ``example_starts``).
+    or left padding), at least one per row; optionally token ``labels`` (B, L), packed as transformers' flattening
+    collator packs them: the first label of every example is -100, so that a causal LM's shifted loss never asks the
+    last token of one example to predict the first of the next (a token classifier's first token is [CLS], whose
+    label is -100 anyway), and -100 on the padding segment. Other keys are refused, and so are one label per
+    example (a sequence classifier's): a packed row's pooled output is one, not one per example (compute that loss
+    per example from ``example_starts``).
     multiple_of: round T up to a multiple of this with a padding segment at the end (``attention_mask`` 0 there):
     fewer distinct shapes for ``torch.compile`` and CUDA graphs, which record one graph per shape.
     pad_id: the token id of that segment.
@@ -51,11 +56,10 @@ def unpad(batch, *, multiple_of: int = 1, pad_id: int = 0):
 
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"unpad: multiple_of must be a whole number >= 1, got {multiple_of!r}")
-    unknown = sorted(k for k in batch.keys() if k not in (*TOKEN_INPUTS, "attention_mask"))
+    unknown = sorted(k for k in batch.keys() if k not in (*TOKEN_INPUTS, "attention_mask", "labels"))
     if unknown:
         raise ValueError(f"unpad: the batch has {', '.join(map(repr, unknown))}, which a packed row does not take; "
-                         f"it packs {', '.join(TOKEN_INPUTS)} by attention_mask (labels: compute the loss on "
-                         "sa.repad(outputs, packed), or per example from packed.example_starts)")
+                         f"it packs {', '.join(TOKEN_INPUTS)} and token labels by attention_mask")
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError(f"unpad: input_ids must be a (batch, length) tensor, got {_what(ids)}")
@@ -95,6 +99,15 @@ def unpad(batch, *, multiple_of: int = 1, pad_id: int = 0):
                          f"{tuple(pos.shape)}")
     data["position_ids"] = packed(pos, torch.arange(tail, device=device))
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    labels = batch.get("labels")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != ids.shape:
+            raise ValueError(f"unpad: labels must be token labels of input_ids' shape {tuple(ids.shape)}, got "
+                             f"{_what(labels)}; one label per example (a sequence classifier's) does not pack: "
+                             "its pooled output would be the packed row's, not each example's (compute that loss "
+                             "per example from packed.example_starts)")
+        data["labels"] = packed(labels, torch.full((tail,), -100, device=device))
+        data["labels"][0, offsets[:-1].to(device)] = -100
     bounds = offsets if tail == 0 else torch.cat([offsets, torch.tensor([width])])
     cu = bounds.to(device=device, dtype=torch.int32)
     longest = int(lengths.max())
