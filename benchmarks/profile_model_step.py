@@ -23,7 +23,13 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunc
 
 
 def _length(text: str) -> int:
-    return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
+    """One length as ``bench``'s options take them (16384 or 16k), with their error for anything else."""
+    from sparseattn.bench.commands import _ints
+
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one length (16384 or 16k), got {text!r}")
+    return values[0]
 
 
 def profile_steps(run, steps: int) -> dict:
