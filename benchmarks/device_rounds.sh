@@ -70,7 +70,7 @@ case $stage in
     # HEAD_DIMS / LENGTHS cut the grid into calls of 10 minutes (autotuning and FlexAttention's compilation per cell)
     python -m sparseattn.cli bench attention --head-dims "${HEAD_DIMS:-64,128}" --lengths "${LENGTHS:-8k,16k,32k}" \
       --sparsity 90 --methods dense,dense_packed,flex_mask,block,triton,backend \
-      --json "$out/bench_attention_${HEAD_DIMS:-64,128}.json" 2>&1 | tee -a "$log" ;;
+      --json "$out/bench_attention_d$(tr , - <<< "${HEAD_DIMS:-64,128}").json" 2>&1 | tee -a "$log" ;;
   bench-generate)
     python -m sparseattn.cli bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 \
       --json "$out/bench_generate.json" 2>&1 | tee -a "$log" ;;

@@ -97,6 +97,11 @@ def _cache_kwarg(model, cache) -> dict:
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
+def _cache_label(cache_kind: str, reduce_overhead: bool) -> str:
+    """The table's cache column: reduce-overhead compiles the steps of a static cache only."""
+    return cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static" else "")
+
+
 def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float, steps: int, repeats: int,
             device, dtype, cache_kind: str = "dynamic", reduce_overhead: bool = False) -> GenerateResult:
     from ..backends.block import BlockSparseBackend
@@ -106,8 +111,7 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
     plan = None
     if method.startswith("sparse"):
         plan = f"all: global_tokens(1) | neighbour({window_for(length, sparsity)})"
-    label = cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static" else "")
-    res = GenerateResult(kind, length, batch, method, plan, cache=label)
+    res = GenerateResult(kind, length, batch, method, plan, cache=_cache_label(cache_kind, reduce_overhead))
     if method == "sparse-evict" and cache_kind != "dynamic":
         res.note = "the evicting cache is a dynamic one"
         return res
@@ -194,9 +198,7 @@ def run(models, lengths, batches, methods, *, sparsity: float = 0.9, steps: int 
                                         reduce_overhead=reduce_overhead)
                         except Exception as e:  # noqa: BLE001 - one method failing (a compiler's error) must not
                             # cost the other cells of a device call; the table says which failed and why
-                            label = cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static"
-                                                  else "")
-                            r = GenerateResult(kind, L, B, method, None, cache=label,
+                            r = GenerateResult(kind, L, B, method, None, cache=_cache_label(cache_kind, reduce_overhead),
                                                note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
                                                if str(e) else f"failed: {type(e).__name__}")
                         results.append(r)

@@ -104,21 +104,20 @@ def _kept(n: int, w: int, causal: bool, globals_: int) -> int:
 
 def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: int = 1,
                 sequences: list[int] | None = None) -> Plan:
-    """neighbour(w) | global_tokens(g) with the smallest w whose sparsity over ``sequences`` (the real lengths of
-    the batch's sequences and documents, each alone; default one sequence of ``length``) is at most the target:
-    a plan 90% sparse on the pairs the batch allows, whatever its padding or packing."""
+    """neighbour(w) | global_tokens(g) with the largest w (at least 1) whose sparsity over ``sequences`` (the real
+    lengths of the batch's sequences and documents, each alone; default one sequence of ``length``) is at least the
+    target: a plan 90% sparse on the pairs the batch allows, whatever its padding or packing."""
     seqs = sequences or [length]
     allowed = sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
+
+    def sparse_enough(w: int) -> bool:  # sparsity falls as w grows
+        return 1 - sum(_kept(n, w, causal, globals_) for n in seqs) / allowed >= sparsity
+
     lo, hi = 1, max(seqs)
     while lo < hi:
-        mid = (lo + hi) // 2
-        if 1 - sum(_kept(n, mid, causal, globals_) for n in seqs) / allowed > sparsity:
-            lo = mid + 1
-        else:
-            hi = mid
-    # the largest w still above the target's sparsity: the target is a ceiling on kept pairs
-    w = max(1, lo - 1) if 1 - sum(_kept(n, lo, causal, globals_) for n in seqs) / allowed < sparsity else lo
-    return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sparse_enough(mid) else (lo, mid - 1)
+    return Plan.parse(f"all: neighbour({lo}) | global_tokens({globals_})")
 
 
 def batch_layout(batch: dict, *, causal: bool, device=None) -> TokenLayout:
