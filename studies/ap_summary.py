@@ -1,7 +1,8 @@
 """Attention Pruning's summary: per task, the dev metric at each pruning level for AP and random masks
-(mean ± sample std over seeds, measured dev sparsity beside it), as a Markdown table and a plot of metric
-against measured sparsity with error bars, from the results.csv that `sparseattn report` writes for a
-`method: prune` sweep.
+(mean ± sample std over seeds, measured dev sparsity beside it) and AP's difference from random and from
+dense (with its seed spread; *inside* where the difference is no larger), as a Markdown table, and a plot
+of metric against measured sparsity with error bars, from the results.csv that `sparseattn report` writes
+for a `method: prune` sweep.
 
     sparseattn report studies/attention_pruning.sqlite --out docs/attention-pruning/study
     python studies/ap_summary.py docs/attention-pruning/study/results.csv \\
@@ -69,10 +70,15 @@ def table(rows: list[dict]) -> str:
             a, b = cell(rows, task, "ap", pc), cell(rows, task, "random", pc)
             cells.append("-" if a is None or b is None else _difference(difference(a, b)))
         lines.append(f"| {task} ({tr[0]['metric']}) | ap − random | " + " | ".join(cells) + " |")
+        cells = ["-"]
+        for pc in percents:
+            a = cell(rows, task, "ap", pc)
+            cells.append("-" if a is None or dense is None else _difference(difference(a, dense)))
+        lines.append(f"| {task} ({tr[0]['metric']}) | ap − dense | " + " | ".join(cells) + " |")
     spread = "mean ± sample std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else f"seed {seeds[0]}"
     return "\n".join(lines) + (f"\n\nCells: dev score, {spread} (measured sparsity on dev: pruned / allowed real "
-                               "pairs). ap − random: the difference of the means (± its spread, the two stds in "
-                               "quadrature, where seeds give one; *inside* where it is no larger).")
+                               "pairs). ap − random, ap − dense: the difference of the means (± its spread, the two "
+                               "stds in quadrature, where seeds give one; *inside* where it is no larger).")
 
 
 def _difference(d: dict) -> str:
