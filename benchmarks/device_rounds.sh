@@ -22,6 +22,8 @@
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
+#   profile-decode     issue 25: where the sparse decoding step's time goes (dynamic cache, 32k, batch 16: 381
+#                      tokens/s against 754 for dense off cuDNN in the fourteenth round), a few minutes
 #   profile-compile    issue 24: where the host time of the encoder step goes under torch.compile(model) against
 #                      eager (benchmarks/profile_model_step.py; launches, syncs, top host operators), a few minutes
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -75,13 +77,17 @@ case $stage in
     python -m sparseattn.cli bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 \
       --json "$out/bench_generate.json" 2>&1 | tee -a "$log" ;;
   bench-generate-static)
-    python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
+    # the fourteenth round's sparse row hit Dynamo's recompile limit: its log says which guard and where
+    TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
       --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
   profile-compile)
     timeout ${PROFILE_TIMEOUT:-540} python benchmarks/profile_model_step.py --length 16k --modes eager,compile \
       --batches unpadded --json "$out/profile_model_step.json" 2>&1 | tee -a "$log" || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
+  profile-decode)
+    timeout ${PROFILE_TIMEOUT:-400} python benchmarks/profile_decode_step.py --length 32k --batch 16 \
+      --methods dense-flash,sparse --json "$out/profile_decode_step.json" 2>&1 | tee -a "$log" || true ;;
   lm-study)
     # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
     # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense

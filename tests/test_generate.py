@@ -520,7 +520,7 @@ def test_bench_generate_compiles_the_step_with_sparseattns_hook(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what is compiled is checked, not the compiler
     r = bench.run_one("tiny", 40, 2, "sparse", sparsity=0.9, steps=2, repeats=1, device=torch.device("cpu"),
                       dtype=torch.float32, cache_kind="static", reduce_overhead=True)
-    assert r.note == "" and r.decode_tokens_per_s > 0
+    assert r.note == "0 graphs compiled" and r.decode_tokens_per_s > 0  # torch.compile is the identity here
     assert len(calls) == 2 + 3 + 2  # the prefills (first and repeated), the untimed steps, the timed ones
 
 
@@ -541,8 +541,18 @@ def test_bench_generate_records_a_failing_method_and_goes_on(monkeypatch):
                         caches=("static",), reduce_overhead=True, progress=lambda line: None)
     assert results[0].note == "failed: RuntimeError: NoValidChoicesError: No choices to select"
     assert results[0].cache == "static+reduce-overhead" and results[0].decode_tokens_per_s is None
-    assert results[1].note == "" and results[1].decode_tokens_per_s > 0
+    assert results[1].note.endswith("compiled") and results[1].decode_tokens_per_s > 0
     assert "failed: RuntimeError" in bench.format_table(results)
+
+
+def test_bench_generate_says_when_a_compiled_step_breaks_or_recompiles():
+    """A compiled step's row says how many graphs its warm-up compiled (more than one: graph breaks) and flags
+    frames compiled while it was timed (a guard failing at every step: the time is not a steady-state step's)."""
+    from sparseattn.bench.generate import _compile_note
+
+    assert _compile_note((4, 2), (5, 3), (5, 3)) == "1 graph compiled"
+    assert _compile_note((0, 0), (3, 3), (11, 11)) == ("3 graphs compiled; 8 frames recompiled while timed: not a "
+                                                       "steady-state step")
 
 
 @pytest.mark.parametrize("plan, evicting", [("all: strided(3) | global_tokens(1)", False),

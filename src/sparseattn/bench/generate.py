@@ -97,6 +97,24 @@ def _cache_kwarg(model, cache) -> dict:
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
+def _compiled() -> tuple[int, int]:
+    """(frames Dynamo compiled, graphs it made) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"]
+
+
+def _compile_note(before, warm, after) -> str:
+    """What a compiled step's row must say: more than one graph per step means graph breaks (the step runs as
+    pieces, with eager code between them), and frames compiled during the timed steps mean recompilation (a guard
+    failing at every step, so the timing is of compiling, or of eager code once the recompile limit is hit)."""
+    graphs, timed = warm[1] - before[1], after[0] - warm[0]
+    note = f"{graphs} graph{'s' if graphs != 1 else ''} compiled"
+    if timed:
+        note += f"; {timed} frame{'s' if timed != 1 else ''} recompiled while timed: not a steady-state step"
+    return note
+
+
 def _cache_label(cache_kind: str, reduce_overhead: bool) -> str:
     """The table's cache column: reduce-overhead compiles the steps of a static cache only."""
     return cache_kind + ("+reduce-overhead" if reduce_overhead and cache_kind == "static" else "")
@@ -162,16 +180,20 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
             step = (torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
                     if reduce_overhead and cache_kind == "static" else model)
             # untimed steps first (the decode kernel's compilation; torch.compile's and the graphs' recording)
+            compiled_before = _compiled()
             for _ in range(3 if step is not model else 1):
                 out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             _sync(device)
+            compiled_warm = _compiled()
             t0 = time.perf_counter()
             for _ in range(steps):
                 out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             _sync(device)
             res.decode_tokens_per_s = batch * steps / (time.perf_counter() - t0)
+            if step is not model:
+                res.note = _compile_note(compiled_before, compiled_warm, _compiled())
             res.cache_gib = sum(t.numel() * t.element_size() for layer in cache.layers
                                 for t in (layer.keys, layer.values) if t is not None) / 2**30
         if device.type == "cuda":
