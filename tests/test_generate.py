@@ -545,6 +545,19 @@ def test_bench_generate_records_a_failing_method_and_goes_on(monkeypatch):
     assert "failed: RuntimeError" in bench.format_table(results)
 
 
+def test_bench_generate_compiles_each_methods_step_afresh():
+    """Under --reduce-overhead every method's step is compiled for itself: Dynamo keys compiled code on Llama's
+    forward, shared by every model of a run, so without a reset dense-flash replayed dense's graphs and sparse
+    recompiled against a recompile limit that the methods before it had used up."""
+    from sparseattn.bench import generate as bench
+
+    results = bench.run(["tiny"], [24], [1], ["dense", "dense-flash", "sparse"], steps=2, repeats=1, device="cpu",
+                        caches=("static",), reduce_overhead=True, progress=lambda line: None)
+    for r in results:
+        graphs = int(r.note.split()[0])
+        assert graphs >= 1 and "recompiled" not in r.note, (r.method, r.note)
+
+
 def test_bench_generate_says_when_a_compiled_step_breaks_or_recompiles():
     """A compiled step's row says how many graphs its warm-up compiled (more than one: graph breaks) and flags
     frames compiled while it was timed (a guard failing at every step: the time is not a steady-state step's)."""

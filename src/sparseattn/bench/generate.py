@@ -177,8 +177,14 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
             res.prefill_ms = statistics.median(times)
             # as transformers runs a static cache's steps when it compiles them: CUDA graphs of the whole step, the
             # model's __call__ (its forward alone would skip sparseattn's forward hook, which reads each pass's inputs)
-            step = (torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
-                    if reduce_overhead and cache_kind == "static" else model)
+            step = model
+            if reduce_overhead and cache_kind == "static":
+                # Dynamo keys what it compiled on the code (Llama's forward), not on the model: without a reset a
+                # method would replay an earlier method's graphs where their guards pass (dense-flash ran dense's)
+                # and recompile where they fail, sharing one recompile limit with every method before it (the
+                # fourteenth round's sparse row hit it and ran eagerly)
+                torch._dynamo.reset()
+                step = torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
             # untimed steps first (the decode kernel's compilation; torch.compile's and the graphs' recording)
             compiled_before = _compiled()
             for _ in range(3 if step is not model else 1):
