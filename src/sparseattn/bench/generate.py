@@ -61,19 +61,11 @@ class GenerateResult:
 
 
 def window_for(length: int, sparsity: float, sink: int = 1) -> int:
-    """The window w of ``global_tokens(sink) | neighbour(w)`` whose causal kept pairs are (1 - sparsity) of the
-    L (L + 1) / 2 allowed ones at ``length`` tokens (kept ~ L (w + 1) - w (w + 1) / 2 + sink L)."""
-    L = length
-    target = (1 - sparsity) * L * (L + 1) / 2 - sink * L
-    # solve L (w + 1) - w (w + 1) / 2 = target for w
-    lo, hi = 0, L
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if L * (mid + 1) - mid * (mid + 1) / 2 < target:
-            lo = mid + 1
-        else:
-            hi = mid
-    return max(1, lo)
+    """The window w of ``global_tokens(sink) | neighbour(w)``: the largest with at least ``sparsity`` of the causal
+    pairs of ``length`` tokens removed (``bench.model.neighbour_window``, the search ``bench model`` uses too)."""
+    from .model import neighbour_window
+
+    return neighbour_window([length], causal=True, sparsity=sparsity, globals_=sink)
 
 
 def build_model(kind: str, max_len: int, method: str, device, dtype):

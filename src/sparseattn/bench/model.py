@@ -107,17 +107,24 @@ def sparse_plan(length: int, *, causal: bool, sparsity: float = 0.9, globals_: i
     """neighbour(w) | global_tokens(g) with the largest w (at least 1) whose sparsity over ``sequences`` (the real
     lengths of the batch's sequences and documents, each alone; default one sequence of ``length``) is at least the
     target: a plan 90% sparse on the pairs the batch allows, whatever its padding or packing."""
-    seqs = sequences or [length]
-    allowed = sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
+    w = neighbour_window(sequences or [length], causal=causal, sparsity=sparsity, globals_=globals_)
+    return Plan.parse(f"all: neighbour({w}) | global_tokens({globals_})")
+
+
+def neighbour_window(sequences: list[int], *, causal: bool, sparsity: float = 0.9, globals_: int = 1) -> int:
+    """The largest w (at least 1) for which ``neighbour(w) | global_tokens(g)`` is at least ``sparsity`` sparse over
+    sequences of these real lengths, each alone: the one window search of the benchmarks (``bench model``'s plans
+    and ``bench generate``'s)."""
+    allowed = sum(n * (n + 1) // 2 if causal else n * n for n in sequences)
 
     def sparse_enough(w: int) -> bool:  # sparsity falls as w grows
-        return 1 - sum(_kept(n, w, causal, globals_) for n in seqs) / allowed >= sparsity
+        return 1 - sum(_kept(n, w, causal, globals_) for n in sequences) / allowed >= sparsity
 
-    lo, hi = 1, max(seqs)
+    lo, hi = 1, max(sequences)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if sparse_enough(mid) else (lo, mid - 1)
-    return Plan.parse(f"all: neighbour({lo}) | global_tokens({globals_})")
+    return lo
 
 
 def batch_layout(batch: dict, *, causal: bool, device=None) -> TokenLayout:
