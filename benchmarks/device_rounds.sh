@@ -19,6 +19,8 @@
 #   bench-attention    issue 24: the backend's own choice per cell against every method, 8k-32k, D 64 and 128
 #                      (HEAD_DIMS=64 and HEAD_DIMS=128 in two calls where one does not fit)
 #   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
+#   bench-generate-32k issue 25's cell (32k, batch 16, dynamic cache), twice (RUN=1, RUN=2): the second process's
+#                      first prefill is what a generate() call pays once the machine has compiled the kernels
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
@@ -76,6 +78,11 @@ case $stage in
   bench-generate)
     python -m sparseattn.cli bench generate --models 1b --lengths 4k,16k,32k,64k --batches 1,16 \
       --json "$out/bench_generate.json" 2>&1 | tee -a "$log" ;;
+  bench-generate-32k)
+    # Run it twice on one warm machine (RUN=1, RUN=2): the first process compiles and autotunes the block kernel
+    # (Triton keeps both on disk), so the second one's "prefill 1st" is what a generate() call pays at a new length
+    python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 \
+      --methods dense,dense-flash,sparse,sparse-evict --json "$out/bench_generate_32k_run${RUN:-1}.json" 2>&1 | tee -a "$log" ;;
   bench-generate-static)
     # the fourteenth round's sparse row hit Dynamo's recompile limit: its log says which guard and where
     TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
