@@ -474,6 +474,48 @@ def test_the_generation_path_allocates_nothing_of_context_squared(cache, monkeyp
     assert 0 < Largest.largest < L * L // 4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_through_sdpa_reads_the_cache_heads_in_place(cache, device):
+    """Where the decode kernel does not run (a layer the plan leaves dense; short contexts; the CPU), a decoding step
+    is SDPA over the plan's rows: the logits of every step equal the reference's (left-padded prompts, grouped-query
+    heads), and no tensor of the query's heads over the whole cache is made (the reference repeats the cache's
+    key/value heads to the query's, a copy of the cache per layer and step)."""
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparseattn.backends.block import BlockSparseBackend
+
+    plan = "layers=0: global_tokens(1) | neighbour(2)"  # layer 1 dense
+    model = tiny_llama(max_position_embeddings=MAX_POSITIONS).to(device)
+    backend = BlockSparseBackend()  # at these lengths the decode kernel does not run on the GPU either
+    sa.sparsify(model, plan, backend=backend)
+    ids, am = (t.to(device) for t in prompts((9, 5)))
+    heads, prompt = model.config.num_attention_heads, ids.shape[1]
+
+    class Repeats(TorchDispatchMode):  # tensors of the query's heads over more keys than the prompt: the cache's
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == heads and t.shape[2] > prompt:
+                    Repeats.found.append((str(func), tuple(t.shape)))
+            return out
+
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    with Repeats():
+        out = generate(model, ids, am, 4, **kw)
+    assert backend.stats["reference"] > 0 and backend.stats["decode"] == 0  # the SDPA path ran
+    assert not Repeats.found, Repeats.found[:4]
+    ref = reference_logits(plan, SimpleNamespace(sequences=out.sequences.cpu()), am.cpu())
+    tol = ATOL if device == "cpu" else 2e-3
+    for t, step in enumerate(out.logits):
+        torch.testing.assert_close(step.cpu(), ref[:, ids.shape[1] - 1 + t], atol=tol, rtol=tol, msg=f"step {t}")
+
+
 # -- sparseattn bench generate ----------------------------------------------------------------------------
 @pytest.mark.parametrize("length", [300, 1000])
 def test_the_bench_window_gives_the_target_sparsity(length):

@@ -9,7 +9,8 @@ How a sparsified layer runs, in order:
 - the reference path (SDPA with the boolean mask) for attention weights, dropout, devices other than CUDA,
   sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
 - incremental decoding (a KV cache): ``decode_kernel`` over the plan's rows for the new queries, reading only
-  the cache tiles they keep (on CUDA from ``min_length`` keys; else the reference path over the same rows);
+  the cache tiles they keep (on CUDA from ``min_length`` keys; else SDPA over the same rows, the cache's key/value
+  heads read in place, off cuDNN eagerly: ``_incremental_sdpa``);
 - dense SDPA without a mask for layers the plan leaves dense, on unpadded batches;
 - the Triton operator for layers whose patterns depend on positions only, when the model passes no mask of its
   own: tile lists are built once per layer and length bucket and found by the operator at run time, so the
@@ -28,6 +29,7 @@ Each decision is logged once per backend (eagerly; not while torch.compile trace
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -35,6 +37,7 @@ from collections import Counter, OrderedDict
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_kernel, triton_kernel
 from .base import AttentionCall, Backend
@@ -400,7 +403,7 @@ class BlockSparseBackend(Backend):
     def _incremental(self, call: AttentionCall):
         """Decoding with a KV cache: the decode kernel over the plan's rows for the new queries (it reads only the
         cache tiles they keep; ``decode_kernel``), on CUDA from ``min_length`` keys, for a few queries per step;
-        otherwise the reference path (masked SDPA over the rows, which reads the whole cache). Neither builds
+        otherwise SDPA over the same rows (``_incremental_sdpa``, which reads the whole cache). Neither builds
         anything Lk x Lk."""
         lp, Lq, Lk = call.layer_plan, call.q_len, call.key.shape[2]
         where = f"layer {lp.layer}"
@@ -408,13 +411,15 @@ class BlockSparseBackend(Backend):
                 and (call.model_mask is None or call.model_mask.shape[-2] == 1)):  # no mask, or the slots' row
             return self.attention(self._first_slots(call))
         if lp.is_dense or not decode_kernel.supports(call.query, call.key):
-            return self._run_reference(call, "incremental", f"{where}: {Lq} queries over {Lk} keys (incremental "
-                                       "decoding) run on the reference path (a dense layer, no Triton, or more "
-                                       f"than {decode_kernel.MAX_ROWS} query rows per key head)")
+            self._say("incremental", f"{where}: {Lq} queries over {Lk} keys (incremental decoding) run through "
+                      "SDPA over the plan's rows (a dense layer, no Triton, or more than "
+                      f"{decode_kernel.MAX_ROWS} query rows per key head)")
+            return self._incremental_sdpa(call)
         if not self.force and (call.query.device.type != "cuda" or Lk < self.min_length):
-            return self._run_reference(call, ("incremental-short", call.query.device.type),
-                                       f"{where}: decoding over {Lk} keys on {call.query.device.type}: the "
-                                       f"reference path runs (the decode kernel: CUDA, from {self.min_length} keys)")
+            self._say(("incremental-short", call.query.device.type), f"{where}: decoding over {Lk} keys on "
+                      f"{call.query.device.type} runs through SDPA over the plan's rows (the decode kernel: CUDA, "
+                      f"from {self.min_length} keys)")
+            return self._incremental_sdpa(call)
         self._count("decode")
         # the layers of one step with the same patterns share the rows and their tile lists (one set per step)
         key = ("block.decode", _layer_key(call), Lk, Lq, call.key.shape[1],
@@ -424,6 +429,24 @@ class BlockSparseBackend(Backend):
             call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1])
         keep, lists = call.cache[key]
         return decode_kernel.decode_attention(call.query, call.key, call.value, keep, call.scale, lists), None
+
+    def _incremental_sdpa(self, call: AttentionCall):
+        """A decoding step through SDPA over the plan's rows for the new queries (``call.keep_mask()``, O(Lq x Lk)),
+        which reads the whole cache: the reference's computation, with the cache's key/value heads read in place
+        (``enable_gqa``, where the reference repeats the cache to the query's heads: a copy of it per layer and
+        step) and, eagerly on CUDA, off cuDNN attention, which builds a new plan for every key length, and a
+        growing cache changes it at every step (docs/generation.md). Captured steps have one key length (a static
+        cache), and tracing keeps PyTorch's choice."""
+        self._count("reference")
+        q, k, v = call.query, call.key, call.value
+        kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        keep = call.keep_mask()
+        backends = contextlib.nullcontext()
+        if q.is_cuda and not _tracing(call):
+            backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        with backends:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=call.scale, **kw)
+        return out, None
 
     def _first_slots(self, call: AttentionCall) -> AttentionCall:
         """A static cache's prefill (queries in its first Lq slots, the slots after them hold no token yet) as the
