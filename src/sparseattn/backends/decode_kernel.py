@@ -240,4 +240,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
                          f"sparseattn is imported); the query is on {q.device}")
     scale = D ** -0.5 if scale is None else float(scale)
     tiles, count = tile_lists(keep, k.shape[1]) if lists is None else lists
-    return decode_attention_op(q, k, v, keep, tiles, count, scale)
+    if torch.compiler.is_compiling():
+        return decode_attention_op(q, k, v, keep, tiles, count, scale)
+    # eagerly the operator's computation without the dispatcher, whose tens of microseconds a call every layer of
+    # every decoding step would pay (as triton_kernel.block_attention does)
+    return _decode(q, k, v, keep, tiles, count, scale)
