@@ -445,7 +445,8 @@ class BlockSparseBackend(Backend):
         if q.is_cuda and not _tracing(call):
             backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
         with backends:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=call.scale, **kw)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=call.dropout_p, scale=call.scale,
+                                                 **kw)
         return out, None
 
     def _first_slots(self, call: AttentionCall) -> AttentionCall:
