@@ -88,8 +88,10 @@ case $stage in
     TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
       --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
   profile-compile)
-    timeout ${PROFILE_TIMEOUT:-540} python benchmarks/profile_model_step.py --length 16k --modes eager,compile \
-      --batches unpadded --json "$out/profile_model_step.json" 2>&1 | tee -a "$log" || true ;;
+    # BATCHES=padded,padding-free: where the fourteenth round's eager padded (35 ms) and padding-free (33 ms) steps
+    # lose to the unpadded one (27 ms) with the same kernels (a read from the GPU per batch?)
+    timeout ${PROFILE_TIMEOUT:-540} python benchmarks/profile_model_step.py --length 16k --modes ${MODES:-eager,compile} \
+      --batches ${BATCHES:-unpadded} --json "$out/profile_model_step.json" 2>&1 | tee -a "$log" || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)
