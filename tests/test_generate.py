@@ -477,18 +477,20 @@ def test_the_generation_path_allocates_nothing_of_context_squared(cache, monkeyp
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_decoding_through_sdpa_reads_the_cache_heads_in_place(cache, device):
+@pytest.mark.parametrize("plan", ["layers=0: global_tokens(1) | neighbour(2)",  # layer 1 dense
+                                  "heads=0,3@all: neighbour(1); heads=1@all: strided(2) | global_tokens(1)"])
+def test_decoding_through_sdpa_reads_the_cache_heads_in_place(plan, cache, device):
     """Where the decode kernel does not run (a layer the plan leaves dense; short contexts; the CPU), a decoding step
     is SDPA over the plan's rows: the logits of every step equal the reference's (left-padded prompts, grouped-query
-    heads), and no tensor of the query's heads over the whole cache is made (the reference repeats the cache's
-    key/value heads to the query's, a copy of the cache per layer and step)."""
+    heads; rows shared by the heads, and per-head rows with a dense head among them), and no tensor of the query's
+    heads over the whole cache is made (the reference repeats the cache's key/value heads to the query's, a copy of
+    the cache per layer and step)."""
     from types import SimpleNamespace
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sparseattn.backends.block import BlockSparseBackend
 
-    plan = "layers=0: global_tokens(1) | neighbour(2)"  # layer 1 dense
     model = tiny_llama(max_position_embeddings=MAX_POSITIONS).to(device)
     backend = BlockSparseBackend()  # at these lengths the decode kernel does not run on the GPU either
     sa.sparsify(model, plan, backend=backend)

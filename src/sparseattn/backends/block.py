@@ -9,8 +9,8 @@ How a sparsified layer runs, in order:
 - the reference path (SDPA with the boolean mask) for attention weights, dropout, devices other than CUDA,
   sequences under ``min_length`` and layers whose block density is over ``max_density_for(L)``;
 - incremental decoding (a KV cache): ``decode_kernel`` over the plan's rows for the new queries, reading only
-  the cache tiles they keep (on CUDA from ``min_length`` keys; else SDPA over the same rows, the cache's key/value
-  heads read in place, off cuDNN eagerly: ``_incremental_sdpa``);
+  the cache tiles they keep (on CUDA from ``min_length`` keys; else SDPA over the same rows, the cache read in
+  place, off cuDNN eagerly: ``_incremental_sdpa``);
 - dense SDPA without a mask for layers the plan leaves dense, on unpadded batches;
 - the Triton operator for layers whose patterns depend on positions only, when the model passes no mask of its
   own: tile lists are built once per layer and length bucket and found by the operator at run time, so the
@@ -432,22 +432,29 @@ class BlockSparseBackend(Backend):
 
     def _incremental_sdpa(self, call: AttentionCall):
         """A decoding step through SDPA over the plan's rows for the new queries (``call.keep_mask()``, O(Lq x Lk)),
-        which reads the whole cache: the reference's computation, with the cache's key/value heads read in place
-        (``enable_gqa``, where the reference repeats the cache to the query's heads: a copy of it per layer and
-        step) and, eagerly on CUDA, off cuDNN attention, which builds a new plan for every key length, and a
-        growing cache changes it at every step (docs/generation.md). Captured steps have one key length (a static
-        cache), and tracing keeps PyTorch's choice."""
+        which reads the whole cache: the reference's computation without its copy of the cache. The reference
+        repeats the cache's key/value heads to the query's (a copy of the cache per layer and step); here the G
+        query heads that share a key/value head become G x Lq query rows of it, so the cache is read in place
+        (SDPA's own ``enable_gqa`` would do the same, but with a mask it leaves the fused kernels for the math one,
+        fp32 scores over every pair). Eagerly on CUDA, SDPA stays off cuDNN attention, which builds a new plan for
+        every key length, and a growing cache changes it at every step (docs/generation.md); captured steps have
+        one key length (a static cache), and tracing keeps PyTorch's choice."""
         self._count("reference")
         q, k, v = call.query, call.key, call.value
-        kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         keep = call.keep_mask()
+        B, H, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        G = H // Hkv
+        if G > 1:  # query head h reads key/value head h // G: its rows are (h % G) x Lq + i of that head
+            q = q.reshape(B, Hkv, G * Lq, D)
+            keep = (keep.reshape(B, Hkv, G * Lq, Lk) if keep.shape[1] == H
+                    else keep.expand(B, G, Lq, Lk).reshape(B, 1, G * Lq, Lk))
         backends = contextlib.nullcontext()
         if q.is_cuda and not _tracing(call):
             backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
         with backends:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=call.dropout_p, scale=call.scale,
-                                                 **kw)
-        return out, None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=call.dropout_p, scale=call.scale)
+        return out.reshape(B, H, Lq, D), None
 
     def _first_slots(self, call: AttentionCall) -> AttentionCall:
         """A static cache's prefill (queries in its first Lq slots, the slots after them hold no token yet) as the
