@@ -97,9 +97,9 @@ def _compiled() -> tuple[int, int]:
 
 
 def _compile_note(before, warm, after) -> str:
-    """What a compiled step's row must say: more than one graph per step means graph breaks (the step runs as
-    pieces, with eager code between them), and frames compiled during the timed steps mean recompilation (a guard
-    failing at every step, so the timing is of compiling, or of eager code once the recompile limit is hit)."""
+    """What a compiled step's row must say: how many graphs its warm-up compiled (graph breaks cut a step into
+    several, with eager code between them), and whether frames were compiled during the timed steps (a guard
+    failing at every step: the time is of compiling, or of eager code once the recompile limit is hit)."""
     graphs, timed = warm[1] - before[1], after[0] - warm[0]
     note = f"{graphs} graph{'s' if graphs != 1 else ''} compiled"
     if timed:
@@ -172,9 +172,9 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
             step = model
             if reduce_overhead and cache_kind == "static":
                 # Dynamo keys what it compiled on the code (Llama's forward), not on the model: without a reset a
-                # method would replay an earlier method's graphs where their guards pass (dense-flash ran dense's)
-                # and recompile where they fail, sharing one recompile limit with every method before it (the
-                # fourteenth round's sparse row hit it and ran eagerly)
+                # method would replay an earlier method's graphs where their guards pass (dense-flash, dense's) and
+                # recompile where they fail, sharing one recompile limit with every method before it, past which
+                # it runs eagerly
                 torch._dynamo.reset()
                 step = torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
             # untimed steps first (the decode kernel's compilation; torch.compile's and the graphs' recording)
