@@ -13,7 +13,6 @@ the most time. A wall time far above the GPU time is host-bound; a GPU time far 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import torch
@@ -48,22 +47,16 @@ def main(argv=None) -> int:
     from transformers import DynamicCache
 
     from sparseattn.backends.block import BlockSparseBackend
-    from sparseattn.bench.generate import MODELS, _cache_kwarg, build_model, window_for
+    from sparseattn.bench.generate import MODELS, _cache_kwarg, build_model, plan_for, sdpa_backends
     from sparseattn.integrations.hf import sparsify
 
     device, out = torch.device("cuda"), {}
     for method in args.methods.split(","):
         model = build_model(args.model, args.length + 64, method, device, torch.bfloat16)
         if method == "sparse":
-            sparsify(model, f"all: global_tokens(1) | neighbour({window_for(args.length, 0.9)})",
-                     backend=BlockSparseBackend())
-        backends = contextlib.nullcontext()
-        if method == "dense-flash":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            sparsify(model, plan_for(args.length, 0.9), backend=BlockSparseBackend())
         ids = torch.randint(3, MODELS[args.model]["vocab_size"], (args.batch, args.length), device=device)
-        with torch.no_grad(), backends:
+        with torch.no_grad(), sdpa_backends(method):
             cache = DynamicCache()
             kw = dict(use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
             nxt = [model(input_ids=ids, **kw).logits[:, -1].argmax(-1, keepdim=True)]

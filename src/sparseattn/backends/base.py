@@ -5,9 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layout import TokenLayout
 from ..plans.plan import LayerPlan
+
+
+def sdpa_without_cudnn():
+    """A context in which SDPA picks among flash, memory-efficient and math attention but not cuDNN's, which builds a
+    new plan for every key length: a growing KV cache changes it at every decoding step (docs/generation.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass

@@ -37,10 +37,9 @@ from collections import Counter, OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_kernel, triton_kernel
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, sdpa_without_cudnn
 from .tile_mask import TileMask, check_block_size
 from .flex_kernel import block_sparse_attention
 from .reference import ReferenceBackend
@@ -449,10 +448,7 @@ class BlockSparseBackend(Backend):
             q = q.reshape(B, Hkv, G * Lq, D)
             keep = (keep.reshape(B, Hkv, G * Lq, Lk) if keep.shape[1] == H
                     else keep.expand(B, G, Lq, Lk).reshape(B, 1, G * Lq, Lk))
-        backends = contextlib.nullcontext()
-        if q.is_cuda and not _tracing(call):
-            backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-        with backends:
+        with sdpa_without_cudnn() if q.is_cuda and not _tracing(call) else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=call.dropout_p, scale=call.scale)
         return out.reshape(B, H, Lq, D), None
 

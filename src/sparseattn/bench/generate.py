@@ -68,6 +68,18 @@ def window_for(length: int, sparsity: float, sink: int = 1) -> int:
     return neighbour_window([length], causal=True, sparsity=sparsity, globals_=sink)
 
 
+def plan_for(length: int, sparsity: float) -> str:
+    """The sparse methods' plan at ``length`` tokens."""
+    return f"all: global_tokens(1) | neighbour({window_for(length, sparsity)})"
+
+
+def sdpa_backends(method: str):
+    """The SDPA backends a method runs under: ``dense-flash`` keeps transformers' SDPA off cuDNN."""
+    from ..backends.base import sdpa_without_cudnn
+
+    return sdpa_without_cudnn() if method == "dense-flash" else contextlib.nullcontext()
+
+
 def build_model(kind: str, max_len: int, method: str, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,7 +132,7 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
 
     plan = None
     if method.startswith("sparse"):
-        plan = f"all: global_tokens(1) | neighbour({window_for(length, sparsity)})"
+        plan = plan_for(length, sparsity)
     res = GenerateResult(kind, length, batch, method, plan, cache=_cache_label(cache_kind, reduce_overhead))
     if method == "sparse-evict" and cache_kind != "dynamic":
         res.note = "the evicting cache is a dynamic one"
@@ -143,16 +155,11 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
         return out.logits[:, -1].argmax(-1, keepdim=True), cache
 
-    sdpa_backends = contextlib.nullcontext()
-    if method == "dense-flash":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        sdpa_backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad(), sdpa_backends:
+        with torch.no_grad(), sdpa_backends(method):
             _sync(device)
             t0 = time.perf_counter()
             nxt, cache = prefill()
