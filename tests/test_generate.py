@@ -197,10 +197,10 @@ def reference_logits(plan, out, am, *, make_model=None, **sparsify_kw):
         return model(input_ids=seq, attention_mask=full_am, position_ids=pos).logits
 
 
-def assert_steps_equal(out, ref, prompt_len):
+def assert_steps_equal(out, ref, prompt_len, tol=ATOL):
     assert len(out.logits) > 1
     for t, step in enumerate(out.logits):
-        torch.testing.assert_close(step, ref[:, prompt_len - 1 + t], atol=ATOL, rtol=ATOL, msg=f"step {t}")
+        torch.testing.assert_close(step.to(ref.device), ref[:, prompt_len - 1 + t], atol=tol, rtol=tol, msg=f"step {t}")
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -513,9 +513,7 @@ def test_decoding_through_sdpa_reads_the_cache_heads_in_place(plan, cache, devic
     assert backend.stats["reference"] > 0 and backend.stats["decode"] == 0  # the SDPA path ran
     assert not Repeats.found, Repeats.found[:4]
     ref = reference_logits(plan, SimpleNamespace(sequences=out.sequences.cpu()), am.cpu())
-    tol = ATOL if device == "cpu" else 2e-3
-    for t, step in enumerate(out.logits):
-        torch.testing.assert_close(step.cpu(), ref[:, ids.shape[1] - 1 + t], atol=tol, rtol=tol, msg=f"step {t}")
+    assert_steps_equal(out, ref, ids.shape[1], tol=ATOL if device == "cpu" else 2e-3)
 
 
 # -- sparseattn bench generate ----------------------------------------------------------------------------
