@@ -5,7 +5,8 @@
 The fourteenth round (docs/benchmarks.md) measured, on the 1B shape at 32k and batch 16, 754 tokens/s for dense
 SDPA kept off cuDNN and 381 for the sparse plan, whose decode kernel reads a tenth of the cache: a step of 42 ms
 where reading the tenth and the dynamic cache's concatenation (a copy of the whole cache each step, which dense
-pays too) come to about 11. For each method this profiles a few steps after warm-up and prints per step: wall
+pays too) come to about 11. The fifteenth round profiled dense: 12.2 of its 20.3 ms of GPU time per step are that
+concatenation. For each method this profiles a few steps after warm-up and prints per step: wall
 time, GPU kernel time, kernel launches, host-device synchronizations, the GPU kernels and the host operators with
 the most time. A wall time far above the GPU time is host-bound; a GPU time far above the estimate is a slow kernel.
 """
@@ -13,6 +14,7 @@ the most time. A wall time far above the GPU time is host-bound; a GPU time far 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 
 import torch
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
             kw = dict(use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
             nxt = [model(input_ids=ids, **kw).logits[:, -1].argmax(-1, keepdim=True)]
 
-            def step(model=model, kw=kw):
+            def step(model=model, kw=kw, nxt=nxt):
                 nxt[0] = model(input_ids=nxt[0], **kw).logits[:, -1].argmax(-1, keepdim=True)
 
             for _ in range(3):  # the decode kernel's compilation, the allocator's warm-up
@@ -77,7 +79,10 @@ def main(argv=None) -> int:
         print("  host operators (calls/step, self ms/step):")
         for name, calls, ms in prof["top_host"]:
             print(f"    {ms:8.3f} {calls:6.1f}  {name}")
-        del model, cache
+        # everything that holds the cache (the step's defaults too) goes before the next method's prefill: the
+        # fourteenth round's cache of 17 GiB outlived its method and the next one ran out of memory on an H100
+        del model, cache, kw, step, nxt, ids
+        gc.collect()
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -422,14 +422,20 @@ def test_static_cache_decoding_captures_under_reduce_overhead():
 
     from sparseattn.backends.block import BlockSparseBackend
 
+    from torch._dynamo.utils import counters
+
     plan = "all: global_tokens(1) | neighbour(3)"
     ids, am = (t.cuda() for t in prompts((9, 5)))
     outs = []
+    torch._dynamo.reset()
     for compiled in (False, True):
         model = tiny_llama(max_position_embeddings=MAX_POSITIONS).cuda()
         sa.sparsify(model, plan, backend=BlockSparseBackend(block_size=32, force=True))
         kw = {"compile_config": CompileConfig(fullgraph=True)} if compiled else {"disable_compile": True}
+        graphs = counters["stats"]["unique_graphs"]
         outs.append(generate(model, ids, am, 6, cache_implementation="static", **kw))
+        # generate() decides by itself whether to compile the step: the compiled run must have made a graph
+        assert not compiled or counters["stats"]["unique_graphs"] > graphs
     for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
@@ -689,14 +695,18 @@ def test_a_model_mixing_sliding_and_full_layers_generates_under_a_plan():
     assert_steps_equal(out, reference_logits(plan, out, am, make_model=qwen2), ids.shape[1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("name", ["sink_window", "ap", "random", "random_blocks"])
-def test_a_static_cache_decoding_step_traces_whole(name):
+def test_a_static_cache_decoding_step_traces_whole(name, device):
     """A static cache's decoding step under torch.compile(fullgraph=True), compiled as transformers compiles it (the
-    model's __call__, sparseattn's forward hook included): no graph break from the hook to the decode kernel, so
-    nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits, which are
-    the reference's. (backend="eager": Dynamo's tracing is what is checked; the GPU test runs reduce-overhead.)"""
+    model's __call__, sparseattn's forward hook included), called without an attention mask (the slots row is then
+    made inside the graph, a tensor Dynamo has no source for): no graph break from the hook to the decode kernel,
+    so nothing is read back from the device (what CUDA graph capture needs), with the eager step's logits, which
+    are the reference's. (backend="eager": Dynamo's tracing is what is checked; the GPU test of generate() runs
+    reduce-overhead. On the GPU the decode kernel is compiled, and Dynamo is the device image's version.)"""
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
+    if device == "cpu" and torch.cuda.is_available():
         pytest.skip("the interpreter runs where there is no GPU")
     from types import SimpleNamespace
 
@@ -706,27 +716,28 @@ def test_a_static_cache_decoding_step_traces_whole(name):
 
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 120, (2, 9), generator=g)
+    ids = torch.randint(3, 120, (2, 9), generator=g).to(device)
+    tol = ATOL if device == "cpu" else 2e-3
     logits, tokens = [], []
     for compiled in (False, True):
-        model = tiny_llama(max_position_embeddings=MAX_POSITIONS)
+        model = tiny_llama(max_position_embeddings=MAX_POSITIONS).to(device)
         sa.sparsify(model, plan_of(name), backend=BlockSparseBackend(block_size=32, force=True))
         cache = StaticCache(config=model.config, max_cache_len=32)
         step = torch.compile(model.__call__, fullgraph=True, backend="eager") if compiled else model
         with torch.no_grad():
             nxt = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1:].argmax(-1)
             for i in range(3):
-                tokens.append(nxt)
-                out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i),
+                tokens.append(nxt.cpu())
+                out = step(input_ids=nxt, use_cache=True, position_ids=torch.full((2, 1), 9 + i, device=device),
                            **cache_kwarg(model, cache))
-                logits.append(out.logits)
+                logits.append(out.logits.cpu())
                 nxt = out.logits[:, -1:].argmax(-1)
     for eager, traced in zip(logits[:3], logits[3:]):
-        torch.testing.assert_close(traced, eager, atol=ATOL, rtol=ATOL)
-    whole = SimpleNamespace(sequences=torch.cat([ids, *tokens[:3]], 1))
-    ref = reference_logits(plan_of(name), whole, torch.ones_like(ids))
+        torch.testing.assert_close(traced, eager, atol=tol, rtol=tol)
+    whole = SimpleNamespace(sequences=torch.cat([ids.cpu(), *tokens[:3]], 1))
+    ref = reference_logits(plan_of(name), whole, torch.ones_like(ids.cpu()))
     for i, eager in enumerate(logits[:3]):
-        torch.testing.assert_close(eager[:, -1], ref[:, 9 + i], atol=ATOL, rtol=ATOL, msg=f"step {i}")
+        torch.testing.assert_close(eager[:, -1], ref[:, 9 + i], atol=tol, rtol=tol, msg=f"step {i}")
 
 
 def test_bench_generate_takes_speedups_over_the_fastest_dense_method_too():

@@ -45,6 +45,7 @@ from .flex_kernel import block_sparse_attention
 from .reference import ReferenceBackend
 from .registry import register_backend
 from ..layout import TokenLayout
+from ..plans.plan import LayerPlan
 
 log = logging.getLogger("sparseattn")
 
@@ -82,10 +83,9 @@ def _no_sync_while_capturing(call: AttentionCall, why: str) -> None:
         raise RuntimeError(f"block backend under CUDA graph capture: {why}")
 
 
-def _layer_key(call: AttentionCall):
+def _layer_key(lp: LayerPlan):
     """What a layer's keep-mask depends on besides the batch: its patterns (and the layer for per-layer
     draws). Tensors of stored masks are keyed by identity and pinned by the cache entry."""
-    lp = call.layer_plan
     per_layer = any(p.per_layer for p in lp.patterns)
     entries = tuple((heads, p.spec(), tuple(id(t) for t in p.tensors().values())) for heads, p in lp.entries)
     return (lp.num_heads, lp.layer if per_layer else None, entries)
@@ -198,7 +198,7 @@ class BlockSparseBackend(Backend):
         sync). Made once per forward pass and shared by the layers with the same patterns, unless the model passes
         masks of its own, which may differ from layer to layer (sliding windows in some)."""
         lay, L, bs = call.layout, call.q_len, self.block_size
-        key = ("block.device_tiles", _layer_key(call), bs)
+        key = ("block.device_tiles", _layer_key(call.layer_plan), bs)
         made = call.cache.get(key) if call.model_mask is None else None
         if made is None:
             self._count("layout_builds")
@@ -420,9 +420,18 @@ class BlockSparseBackend(Backend):
                       f"from {self.min_length} keys)")
             return self._incremental_sdpa(call)
         self._count("decode")
-        # the layers of one step with the same patterns share the rows and their tile lists (one set per step)
-        key = ("block.decode", _layer_key(call), Lk, Lq, call.key.shape[1],
-               None if call.model_mask is None else id(call.model_mask))  # one mask object per pass
+        # Eagerly, the layers of one step with the same patterns share the rows and their tile lists, told apart by
+        # the model mask's identity (one mask object per pass and attention type). Traced, a mask made inside the
+        # graph (a static cache's slots row, when the caller passes no attention mask) has no identity Dynamo
+        # can guard on (id() breaks the graph in torch 2.11, and with it CUDA graph capture), so each layer
+        # builds its own: a few kernels in the captured step, no host work
+        if call.model_mask is None:
+            mask_key = None
+        elif torch.compiler.is_compiling():
+            mask_key = ("layer", lp.layer)
+        else:
+            mask_key = id(call.model_mask)
+        key = ("block.decode", _layer_key(call.layer_plan), Lk, Lq, call.key.shape[1], mask_key)
         if key not in call.cache:
             keep = call.keep_mask()
             call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1])
@@ -527,7 +536,7 @@ class BlockSparseBackend(Backend):
         lp = call.layer_plan
         # packed rows: documents are not part of the padding key, so their layouts are built per batch
         static = _static(lp) and not call.layout.packed and self._mask_is_layout(call)
-        layer_key = _layer_key(call)
+        layer_key = _layer_key(call.layer_plan)
         if not static:  # input-dependent: per forward pass, shared by layers with the same patterns
             key = ("block.layout", layer_key, self.block_size)
             if key not in call.cache:
@@ -628,7 +637,7 @@ class _StaticLayer:
 
         self.backend, self.lp, self.causal = backend, lp, causal
         self.prefix_stable = all(p.prefix_stable(causal) for p in lp.patterns)
-        self.key = _plan_key(lp)
+        self.key = _layer_key(lp)
         self.handle = triton_kernel.register_source(self)
 
     def entry(self, length: int, device) -> _Entry:
@@ -671,14 +680,6 @@ def _documents_of(lay: TokenLayout) -> torch.Tensor:
     counts = real.reshape(-1).long().cumsum(0)
     counted = counts[ends - 1] - torch.where(flat > 0, counts[(flat - 1).clamp(min=0)], torch.zeros_like(flat))
     return torch.stack([rows, starts, counted], 1).to(torch.int32)
-
-
-def _plan_key(lp):
-    """What a layer's keep-mask depends on: its patterns (and the layer for per-layer draws). Stored masks are
-    keyed by identity (pinned by the cache entry)."""
-    per_layer = any(p.per_layer for p in lp.patterns)
-    entries = tuple((heads, p.spec(), tuple(id(t) for t in p.tensors().values())) for heads, p in lp.entries)
-    return (lp.num_heads, lp.layer if per_layer else None, entries)
 
 
 def _index_relation(lp):
