@@ -21,7 +21,7 @@
 #   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
 #   bench-generate-32k issue 25's cell (32k, batch 16, dynamic cache), twice (RUN=1, RUN=2): the second process's
 #                      first prefill is what a generate() call pays once the machine has compiled the kernels
-#   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16
+#   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16 (METHODS: a subset)
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
 #   profile-decode     issue 25: where the sparse decoding step's time goes (dynamic cache, 32k, batch 16: 381
@@ -85,8 +85,10 @@ case $stage in
       --methods dense,dense-flash,sparse,sparse-evict --json "$out/bench_generate_32k_run${RUN:-1}.json" 2>&1 | tee -a "$log" ;;
   bench-generate-static)
     # the fourteenth round's sparse row hit Dynamo's recompile limit: its log says which guard and where
+    # METHODS=dense,sparse leaves out FlexAttention, whose first call compiles for a minute (1,505 tokens/s in the
+    # fifteenth round)
     TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} python -m sparseattn.cli bench generate --models 1b --lengths 32k --batches 16 --caches static --reduce-overhead \
-      --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
+      ${METHODS:+--methods "$METHODS"} --json "$out/bench_generate_static.json" 2>&1 | tee -a "$log" ;;
   profile-compile)
     # BATCHES=padded,padding-free: where the fourteenth round's eager padded (35 ms) and padding-free (33 ms) steps
     # lose to the unpadded one (27 ms) with the same kernels (a read from the GPU per batch?)

@@ -179,3 +179,19 @@ def test_decode_kernel_captures_in_a_cuda_graph(device):
     graph.replay()
     torch.testing.assert_close(captured, v[:, :, 5:6].repeat_interleave(4, 1))
     assert not torch.equal(eager, captured)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+def test_a_growing_cache_compiles_the_decode_kernel_once(device):
+    """Decoding step after step over a cache that grows by one key (its length crossing multiples of 16 and a tile
+    boundary, which Triton would take as new classes of its integer arguments) runs the one compiled variant of
+    the first step: no compilation in the middle of decoding."""
+    compiled = decode_kernel._decode_split.device_caches[torch.cuda.current_device()][0]
+    q, k, v, keep = make(2, 32, 8, 1, 1100, 64, 1, device=device)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    decode_attention(q, k[:, :, :1000], v[:, :, :1000], keep[..., :1000].contiguous())
+    variants = len(compiled)
+    for n in range(1001, 1100):  # a cache's rows are contiguous at each length, as transformers' caches hand them
+        kn, vn = k[:, :, :n].contiguous(), v[:, :, :n].contiguous()
+        decode_attention(q, kn, vn, keep[..., :n].contiguous())
+    assert len(compiled) == variants
