@@ -127,8 +127,11 @@ def device_tiles(keep: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     kept = tiled.sum((-1, -2), dtype=torch.int32)
     ids = torch.arange(B * H * N * M, dtype=torch.int32, device=keep.device).view(B, H, N, M)
     code = torch.where(kept == bs * bs, FULL, torch.where(kept == 0, EMPTY, ids)).to(torch.int32)
-    # one copy of the mask (the reshape of the transposed tiles), its bools read as bytes in place
-    return code.contiguous(), tiled.reshape(-1, bs, bs).view(torch.uint8).contiguous()
+    # one copy of the mask (the reshape of the transposed tiles), its bools read as bytes in place; traced, a cast
+    # instead, which Inductor fuses into that copy (torch 2.11's Inductor cannot lower a bool-to-uint8 view)
+    table = tiled.reshape(-1, bs, bs)
+    table = table.to(torch.uint8) if torch.compiler.is_compiling() else table.view(torch.uint8)
+    return code.contiguous(), table.contiguous()
 
 
 # Backward lists longer than max(SPLIT_MIN, SPLIT_FACTOR x the mean list) are split into chunks about that long.
