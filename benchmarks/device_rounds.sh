@@ -33,7 +33,9 @@
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
 #   lm-study           issue 20: the language-model Attention Pruning study (resumable: carry its database
 #                      back in with the next call, see studies/README.md); needs `device-bundle SST-2 books`
-# Record each table with its command, device and date in docs/benchmarks.md.
+# Record each table with its command, device and date in docs/benchmarks.md. Before a device session, `make
+# test-image` runs the suite on the CPU under the image's torch and transformers, which trace differently from the
+# CPU pins (the fifteenth round's graph break passed CI's torch 2.13 and broke on the image's 2.11).
 set -euo pipefail
 stage=${1:?"usage: $0 STAGE [SPEC] (see the header for the list)"}
 out=${OUT:-out/device}
