@@ -50,7 +50,7 @@ $(IMAGE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_SPECS)
-	$(IMAGE_VENV)/bin/python -m pip install -q -e ".[dev,model]" pytest-xdist $(IMAGE_SPECS)
+	$(IMAGE_VENV)/bin/python -m pip install -q -e ".[dev,model,syntax]" pytest-xdist $(IMAGE_SPECS)
 	touch $@
 
 test-image: $(IMAGE_VENV)/.installed

@@ -183,15 +183,16 @@ def test_decode_kernel_captures_in_a_cuda_graph(device):
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
 def test_a_growing_cache_compiles_the_decode_kernel_once(device):
-    """Decoding step after step over a cache that grows by one key (its length crossing multiples of 16 and a tile
-    boundary, which Triton would take as new classes of its integer arguments) runs the one compiled variant of
-    the first step: no compilation in the middle of decoding."""
-    compiled = decode_kernel._decode_split.device_caches[torch.cuda.current_device()][0]
-    q, k, v, keep = make(2, 32, 8, 1, 1100, 64, 1, device=device)
+    """Decoding step after step over a cache that grows by one key (its length crossing multiples of 16 and tile
+    boundaries, the split count going from 15 to 17 on a GPU of 132 multiprocessors: all new classes of Triton's
+    integer arguments) runs the compiled variants of the first step: no compilation in the middle of decoding."""
+    dev = torch.cuda.current_device()
+    kernels = (decode_kernel._decode_split, decode_kernel._merge_splits)
+    B, H, Hkv, D, start, stop = 2, 32, 8, 64, 1900, 2200
+    q, k, v, keep = make(B, H, Hkv, 1, stop, D, 1, device=device)
     q, k, v = (t.bfloat16() for t in (q, k, v))
-    decode_attention(q, k[:, :, :1000], v[:, :, :1000], keep[..., :1000].contiguous())
-    variants = len(compiled)
-    for n in range(1001, 1100):  # a cache's rows are contiguous at each length, as transformers' caches hand them
-        kn, vn = k[:, :, :n].contiguous(), v[:, :, :n].contiguous()
-        decode_attention(q, kn, vn, keep[..., :n].contiguous())
-    assert len(compiled) == variants
+    decode_attention(q, k[:, :, :start].contiguous(), v[:, :, :start].contiguous(), keep[..., :start].contiguous())
+    variants = [len(kernel.device_caches[dev][0]) for kernel in kernels]
+    for n in range(start + 1, stop):  # a cache's rows are contiguous at each length, as transformers' caches hand them
+        decode_attention(q, k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), keep[..., :n].contiguous())
+    assert [len(kernel.device_caches[dev][0]) for kernel in kernels] == variants

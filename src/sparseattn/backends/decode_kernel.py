@@ -70,11 +70,12 @@ def num_splits(batch: int, kv_heads: int, tiles: int, device) -> int:
 
 if triton is not None:
     # Triton compiles a variant per value class of each integer argument (== 1, divisible by 16). The key length,
-    # the keep-mask's strides (Lk) and the tile lists' (their length) change as the cache grows, so a decoding
-    # run crossed into a new variant every few steps and compiled it in the middle of decoding: one compile in
-    # 32 steps doubled the fourteenth round's time per step. Left unspecialized they keep one variant for every
-    # length; the cache's strides stay specialized (multiples of the padded head size, so their class is fixed)
-    @triton.jit(do_not_specialize=["smb", "smh", "smq", "stb", "sth", "LK"])
+    # the keep-mask's strides (Lk), the tile lists' (their length) and, at short lengths, the split count change as
+    # the cache grows, so a decoding run crossed into a new variant every few steps and compiled it in the middle
+    # of decoding: one compile in 32 steps doubled the fourteenth round's time per step. Left unspecialized they
+    # keep one variant for every length; the cache's strides stay specialized (multiples of the padded head size,
+    # so their class is fixed)
+    @triton.jit(do_not_specialize=["smb", "smh", "smq", "stb", "sth", "LK", "SPLITS"])
     def _decode_split(Q, K, V, KEEP, TILES, COUNT, O_PART, M_PART, L_PART,
                       sqb, sqh, sqq, skb, skh, skn, svb, svh, svn, smb, smh, smq,
                       stb, sth, scb, sob, soh, sos, sor, smpb, smph, smps,
@@ -128,7 +129,7 @@ if triton is not None:
         tl.store(M_PART + b * smpb + hk * smph + split * smps + r, m)
         tl.store(L_PART + b * smpb + hk * smph + split * smps + r, lsum)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SPLITS"])  # as _decode_split's
     def _merge_splits(O_PART, M_PART, L_PART, OUT, sob, soh, sos, sor, smpb, smph, smps,
                       sxb, sxh, sxq, H_KV, LQ, ROWS, SPLITS,
                       G: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, D_OUT: tl.constexpr):
