@@ -22,6 +22,8 @@
 #   bench-generate-32k issue 25's cell (32k, batch 16, dynamic cache), twice (RUN=1, RUN=2): the second process's
 #                      first prefill is what a generate() call pays once the machine has compiled the kernels
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16 (METHODS: a subset)
+#   generate-round     issue 25: bench-generate-static (dense, sparse), bench-generate-32k (RUN=1) and profile-decode in
+#                      one call, each under a time limit
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
 #                      benchmarks/decode_sdpa_backend.py, about a minute
 #   profile-decode     issue 25: where the sparse decoding step's time goes (dynamic cache, 32k, batch 16: 381
@@ -96,6 +98,13 @@ case $stage in
     # lose to the unpadded one (27 ms) with the same kernels (a read from the GPU per batch?)
     timeout ${PROFILE_TIMEOUT:-540} python benchmarks/profile_model_step.py --length 16k --modes ${MODES:-eager,compile} \
       --batches ${BATCHES:-unpadded} --json "$out/profile_model_step.json" 2>&1 | tee -a "$log" || true ;;
+  generate-round)
+    # the sixteenth round's generation measurements in one call (about 8 minutes): the static-cache step captured
+    # whole (dense and sparse), the dynamic cache with the decode kernel's one variant (sparse, sparse-evict against
+    # both dense baselines), and where the sparse decoding step's time goes
+    METHODS=${METHODS:-dense,sparse} timeout 200 bash "$0" bench-generate-static || true
+    RUN=1 timeout 220 bash "$0" bench-generate-32k || true
+    PROFILE_TIMEOUT=150 bash "$0" profile-decode || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)
