@@ -85,6 +85,31 @@ def test_report_tables_and_plots(tmp_path):
             assert ET.fromstring(data).tag.endswith("svg")
 
 
+def test_a_report_pools_several_databases_counting_a_run_once(tmp_path):
+    """The databases of one study's sweeps run apart (two specs, two machines) make one report; a run that both
+    hold counts once, its finished copy first."""
+    _fill(tmp_path / "a.sqlite")  # 7 done, rte pending
+    db = ResultsDB(tmp_path / "b.sqlite")
+    rte = FinetuneConfig(task="rte", seed=0).to_dict()
+    db.add_runs("other", [rte, FinetuneConfig(task="rte", seed=1).to_dict()])
+    w = WorkerId("b")
+    row = db.claim(w, "other")
+    db.finish(row["key"], w, {"score": 0.6, "metrics": {"accuracy": 0.6}, "main_metric": "accuracy",
+                              "sparsity": {"overall": 0.0, "applied": 0.0, "per_layer": [0.0] * 6}})
+    db.close()
+    paths = write_report([tmp_path / "a.sqlite", tmp_path / "b.sqlite"], tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    assert "8 done, 1 pending" in md.replace("Runs: ", "")
+    import csv
+
+    rows = list(csv.DictReader(paths["csv"].open()))
+    rte_rows = [r for r in rows if r["task"] == "rte"]
+    assert len(rows) == 9 and sorted(r["status"] for r in rte_rows) == ["done", "pending"]
+    assert [r["seed"] for r in rte_rows if r["status"] == "done"] == ["0"]  # b's finished copy, not a's pending one
+    with pytest.raises(ValueError, match=r"a.sqlite has no sweep 'x'.*b.sqlite has no sweep 'x'"):
+        write_report([tmp_path / "a.sqlite", tmp_path / "b.sqlite"], tmp_path / "rep", sweep="x")
+
+
 def test_plan_family_names():
     assert plan_family("dense") == "dense"
     assert plan_family("later-half: bigbird(1, 2, 3)") == "bigbird"

@@ -191,7 +191,9 @@ def check_ray_args(args) -> None:
 
 
 def cmd_report(args) -> int:
-    out = args.out or str(Path(args.db).with_suffix("")) + "_report"
+    if len(args.db) > 1 and not args.out:
+        raise SystemExit(f"sparseattn report: {len(args.db)} databases pool into one report; name its folder with --out")
+    out = args.out or str(Path(args.db[0]).with_suffix("")) + "_report"
     paths = write_report(args.db, out, sweep=args.sweep, title=args.title)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['markdown']}, {paths['html']}, {paths['csv']} (every run) and {len(paths['plots'])} plot files "
@@ -363,8 +365,10 @@ def _add_report(sub, formatter_class) -> None:
             examples:
               sparseattn report glue-patterns.sqlite
               sparseattn report out/demo/demo.sqlite --out out/demo/report --sweep demo
+              sparseattn report studies/learned_vs_bigbird_sst2.sqlite studies/learned_vs_bigbird_small.sqlite --out out/study
             """))
-    p.add_argument("db", help="results database written by `sparseattn sweep`")
+    p.add_argument("db", nargs="+", help="results database written by `sparseattn sweep`; several pool their runs (a run "
+                                         "in more than one counts once)")
     p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report beside the database)")
     p.add_argument("--sweep", default=None, help="only this sweep's runs (default: every run in the database)")
     p.add_argument("--title", default=None, help="the report's heading (default: from the sweep's name)")

@@ -47,7 +47,7 @@ from ..training.config import FinetuneConfig, model_shape
 from ..training.methods import config_from_dict, run_config
 from ..training.record import one_class_warning, package_versions, run_key
 from ..training.tasks import score_text
-from .db import Heartbeat, ResultsDB, WorkerId
+from .db import STATUSES, Heartbeat, ResultsDB, WorkerId
 
 SPEC_KEYS = {"name", "description", "db", "fixed", "grid", "runs", "seeds"}
 
@@ -417,17 +417,28 @@ def visible_gpus(workers: int, gpus: str | None) -> list[str | None]:
     return [ids[i % len(ids)] for i in range(workers)]
 
 
-def write_report(db_path, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
-    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_path``
-    (its runs of ``sweep``, or all)."""
-    db_path = Path(db_path)
-    db = ResultsDB(db_path, readonly=True)  # says so when there is none
-    try:
-        if sweep is not None and sweep not in db.sweeps():
-            raise ValueError(f"{db_path} has no sweep {sweep!r}; it has {db.sweeps()}")
-        runs = db.runs(sweep)
-        counts = db.counts(sweep)
-    finally:
-        db.close()
-    title = title or f"sparseattn results: {sweep or db_path.name}"
-    return write_report_files(runs, out_dir, title=title, counts=counts)
+def write_report(db_paths, out_dir, *, sweep: str | None = None, title: str | None = None) -> dict:
+    """Write report.md, report.html, results.csv and plots/ under ``out_dir`` from the database at ``db_paths`` (its
+    runs of ``sweep``, or all), or from several pooled: the databases of one study's sweeps run apart (two specs,
+    two machines). A run in several of them counts once, by its key, the finished copy first."""
+    paths = [Path(db_paths)] if isinstance(db_paths, (str, Path)) else [Path(p) for p in db_paths]
+    runs: dict[str, dict] = {}
+    without = {}
+    for path in paths:
+        db = ResultsDB(path, readonly=True)  # says so when there is none
+        try:
+            if sweep is not None and sweep not in db.sweeps():
+                without[path] = db.sweeps()
+                continue
+            for run in db.runs(sweep):
+                kept = runs.get(run["key"])
+                if kept is None or (kept["status"] != "done" and run["status"] == "done"):
+                    runs[run["key"]] = run
+        finally:
+            db.close()
+    if len(without) == len(paths):
+        raise ValueError("; ".join(f"{p} has no sweep {sweep!r}; it has {names}" for p, names in without.items()))
+    statuses = [run["status"] for run in runs.values()]
+    counts = {s: statuses.count(s) for s in STATUSES}
+    title = title or f"sparseattn results: {sweep or ' + '.join(p.name for p in paths)}"
+    return write_report_files(list(runs.values()), out_dir, title=title, counts=counts)
