@@ -28,6 +28,8 @@
 #                      benchmarks/decode_sdpa_backend.py, about a minute
 #   profile-decode     issue 25: where the sparse decoding step's time goes (dynamic cache, 32k, batch 16: 381
 #                      tokens/s against 754 for dense off cuDNN in the fourteenth round), a few minutes
+#   profile-prefill    issue 25: where the sparse prefill's time goes (32k, batch 16: 3.0 s against dense's 5.1 in the
+#                      fifteenth round; issue 25 asks 1.8x), a few minutes
 #   profile-compile    issue 24: where the host time of the encoder step goes under torch.compile(model) against
 #                      eager (benchmarks/profile_model_step.py; launches, syncs, top host operators), a few minutes
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -110,6 +112,9 @@ case $stage in
   profile-decode)
     timeout ${PROFILE_TIMEOUT:-400} python benchmarks/profile_decode_step.py --length 32k --batch 16 \
       --methods dense-flash,sparse --json "$out/profile_decode_step.json" 2>&1 | tee -a "$log" || true ;;
+  profile-prefill)
+    timeout ${PROFILE_TIMEOUT:-400} python benchmarks/profile_decode_step.py --length 32k --batch 16 --prefill \
+      --steps 2 --methods dense,sparse --json "$out/profile_prefill.json" 2>&1 | tee -a "$log" || true ;;
   lm-study)
     # the database comes back under $OUT; carry it in again (as studies/lm_attention_pruning.sqlite) to resume.
     # The dense checkpoints in its .work/ folder are too large to travel: a resumed call retrains the dense
