@@ -434,8 +434,9 @@ class BlockSparseBackend(Backend):
         key = ("block.decode", _layer_key(call.layer_plan), Lk, Lq, call.key.shape[1], mask_key)
         if key not in call.cache:
             keep = call.keep_mask()
-            call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1])
-        keep, lists = call.cache[key]
+            # the entry holds the mask too: while the pass's cache lives, no other tensor can take its id()
+            call.cache[key] = keep, decode_kernel.tile_lists(keep, call.key.shape[1]), call.model_mask
+        keep, lists, _ = call.cache[key]
         return decode_kernel.decode_attention(call.query, call.key, call.value, keep, call.scale, lists), None
 
     def _incremental_sdpa(self, call: AttentionCall):
