@@ -65,16 +65,15 @@ def table(rows: list[dict]) -> str:
                 c = cell(rows, task, method, pc)
                 cells.append("-" if c is None else f"{_score(c)} ({c['dev_sparsity']:.0%})")
             lines.append(f"| {task} ({tr[0]['metric']}) | {method} | " + " | ".join(cells) + " |")
-        cells = ["-"]
-        for pc in percents:
-            a, b = cell(rows, task, "ap", pc), cell(rows, task, "random", pc)
-            cells.append("-" if a is None or b is None else _difference(difference(a, b)))
-        lines.append(f"| {task} ({tr[0]['metric']}) | ap − random | " + " | ".join(cells) + " |")
-        cells = ["-"]
-        for pc in percents:
-            a = cell(rows, task, "ap", pc)
-            cells.append("-" if a is None or dense is None else _difference(difference(a, dense)))
-        lines.append(f"| {task} ({tr[0]['metric']}) | ap − dense | " + " | ".join(cells) + " |")
+        # AP's difference from random at the same level, and from dense
+        against = {"random": {pc: cell(rows, task, "random", pc) for pc in percents},
+                   "dense": dict.fromkeys(percents, dense)}
+        for name, others in against.items():
+            cells = ["-"]
+            for pc in percents:
+                a, b = cell(rows, task, "ap", pc), others[pc]
+                cells.append("-" if a is None or b is None else _difference(difference(a, b)))
+            lines.append(f"| {task} ({tr[0]['metric']}) | ap − {name} | " + " | ".join(cells) + " |")
     spread = "mean ± sample std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else f"seed {seeds[0]}"
     return "\n".join(lines) + (f"\n\nCells: dev score, {spread} (measured sparsity on dev: pruned / allowed real "
                                "pairs). ap − random, ap − dense: the difference of the means (± its spread, the two "
