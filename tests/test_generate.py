@@ -623,11 +623,12 @@ def test_bench_generate_says_when_a_compiled_step_breaks_or_recompiles():
 def test_bench_generate_says_when_a_decode_kernel_compiled_while_timed():
     """A decode kernel variant compiled during the timed steps (the fourteenth round's sparse rows: a growing cache
     crossed into a new class of Triton's integer arguments) is flagged in the row, as a Dynamo recompile is."""
-    from sparseattn.bench.generate import _triton_note, _triton_variants
+    from sparseattn.backends.decode_kernel import compiled_variants
+    from sparseattn.bench.generate import _triton_note
 
     assert _triton_note(3, 3) == ""
     assert _triton_note(1, 2) == "1 decode kernel variant compiled while timed: not a steady-state step"
-    assert _triton_variants(torch.device("cpu")) == 0
+    assert compiled_variants(torch.device("cpu")) == 0
 
 
 @pytest.mark.parametrize("plan, evicting", [("all: strided(3) | global_tokens(1)", False),

@@ -59,6 +59,15 @@ def tile_lists(keep: torch.Tensor, num_kv_heads: int, block_n: int = BLOCK_N) ->
     return order.to(torch.int32).contiguous(), flags.sum(-1, dtype=torch.int32).contiguous()
 
 
+def compiled_variants(device: torch.device) -> int:
+    """How many variants of the decode kernels Triton has compiled so far in this process on ``device`` (0 off
+    CUDA): a count that grows while decoding means compilation in the middle of it."""
+    if device.type != "cuda" or not available() or interpreted():
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(len(k.device_caches[index][0]) for k in (_decode_split, _merge_splits) if index in k.device_caches)
+
+
 def num_splits(batch: int, kv_heads: int, tiles: int, device) -> int:
     """How many programs share one (example, key head)'s list: enough programs for the GPU's multiprocessors
     (twice over), at least 2 tiles each. Fixed by the shapes alone, so a captured step keeps it."""

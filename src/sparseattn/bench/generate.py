@@ -119,17 +119,6 @@ def _compile_note(before, warm, after) -> str:
     return note
 
 
-def _triton_variants(device) -> int:
-    """Variants of the decode kernels Triton has compiled so far in this process (0 off CUDA)."""
-    from ..backends import decode_kernel
-
-    if device.type != "cuda" or not decode_kernel.available():
-        return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    kernels = (decode_kernel._decode_split, decode_kernel._merge_splits)
-    return sum(len(k.device_caches[index][0]) for k in kernels if index in k.device_caches)
-
-
 def _triton_note(warm: int, after: int) -> str:
     """What a row must say when Triton compiled a decode kernel variant while the steps were timed (a new class of
     an argument, as a growing cache's length once was: the time is partly a compilation's)."""
@@ -144,6 +133,7 @@ def _cache_label(cache_kind: str, reduce_overhead: bool) -> str:
 
 def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float, steps: int, repeats: int,
             device, dtype, cache_kind: str = "dynamic", reduce_overhead: bool = False) -> GenerateResult:
+    from ..backends import decode_kernel
     from ..backends.block import BlockSparseBackend
     from ..integrations.generation import generation_cache
     from ..integrations.hf import sparsify
@@ -208,7 +198,7 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
                 out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             _sync(device)
-            compiled_warm, variants_warm = _compiled(), _triton_variants(device)
+            compiled_warm, variants_warm = _compiled(), decode_kernel.compiled_variants(device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 out = step(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
@@ -216,7 +206,7 @@ def run_one(kind: str, length: int, batch: int, method: str, *, sparsity: float,
             _sync(device)
             res.decode_tokens_per_s = batch * steps / (time.perf_counter() - t0)
             notes = [_compile_note(compiled_before, compiled_warm, _compiled())] if step is not model else []
-            notes.append(_triton_note(variants_warm, _triton_variants(device)))
+            notes.append(_triton_note(variants_warm, decode_kernel.compiled_variants(device)))
             res.note = "; ".join(n for n in notes if n)
             res.cache_gib = sum(t.numel() * t.element_size() for layer in cache.layers
                                 for t in (layer.keys, layer.values) if t is not None) / 2**30
