@@ -114,6 +114,19 @@ def test_stored_mask_rows_beyond_its_length_name_pattern_layer_length_and_positi
         rows(torch.tensor([11]))
 
 
+def test_a_stored_table_on_another_device_is_copied_once_eagerly_and_read_as_is_when_traced():
+    """The AP table lives on the host, the model on the GPU: the prefill copies it once, and a decoding step traced
+    by torch.compile (fullgraph, as a static cache's step) reads that copy, neither copying from the host inside the
+    graph nor mutating the pattern (which torch 2.11's Dynamo refuses: the GPU test of the traced step failed on it). "meta"
+    stands in for the GPU here."""
+    pattern = sa.static_mask(ap_table(10), "ap")
+    first = pattern._table_on("meta")
+    assert first.device.type == "meta" and pattern._table_on("meta") is first
+    torch._dynamo.reset()
+    traced = torch.compile(lambda: pattern._table_on(torch.device("meta")), fullgraph=True, backend="eager")
+    assert traced().shape == first.shape
+
+
 def test_stored_mask_rows_read_nothing_back_where_the_keys_fit_in_the_table():
     """A position counts real tokens, so it is below the number of keys: with no more keys than the table's length
     (a static cache no longer than the table; any cache early on), no query can be beyond it, and a decoding step

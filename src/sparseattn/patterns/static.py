@@ -24,6 +24,7 @@ class StaticMask(Pattern):
         self.name = f"static_{key}"
         self.per_head = self.table.shape[0] > 1
         self.symmetric = bool(torch.equal(self.table, self.table.transpose(1, 2)))
+        self._copies: dict[str, torch.Tensor] = {}  # the table on other devices, by device name
 
     @property
     def max_length(self) -> int:
@@ -36,7 +37,7 @@ class StaticMask(Pattern):
                              f"has an example of {n}; collect the mask at a larger length")
         if self.per_head and self.table.shape[0] != num_heads:
             raise ValueError(f"{self.name} has {self.table.shape[0]} heads, the layer has {num_heads}")
-        t = self.table.to(layout.device)
+        t = self._table_on(layout.device)
         p = layout.positions.clamp(min=0)
         rel = t[:, p[:, :, None], p[:, None, :]]  # (H, B, L, L)
         return rel.transpose(0, 1)
@@ -70,14 +71,18 @@ class StaticMask(Pattern):
         return rel.transpose(0, 1)
 
     def _table_on(self, device) -> torch.Tensor:
-        """The table on ``device``, copied once: a decoding step (maybe in a CUDA graph) makes no host copy."""
+        """The table on ``device``, copied once, eagerly (the prefill makes it), so that a decoding step traced by
+        torch.compile reads the copy as an input instead of copying from the host inside the graph (which a CUDA
+        graph cannot hold) or mutating this pattern (which Dynamo cannot trace)."""
         device = torch.device(device)
         if self.table.device == device:
             return self.table
-        copies = self.__dict__.setdefault("_copies", {})
-        if device not in copies:
-            copies[device] = self.table.to(device)
-        return copies[device]
+        copy = self._copies.get(str(device))
+        if copy is None:
+            copy = self.table.to(device)
+            if not torch.compiler.is_compiling():
+                self._copies[str(device)] = copy
+        return copy
 
     def prefix_stable(self, causal: bool) -> bool:
         return True
