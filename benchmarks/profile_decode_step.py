@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         out[method] = prof
         what = "prefill" if args.prefill else "step"
         print(f"\n{method}: {prof['wall_ms']:.2f} ms/{what} wall, {prof['gpu_kernel_ms']:.2f} ms GPU kernels, "
-              f"{prof['launches']:.0f} launches, syncs per {what} {prof['syncs']}")
+              f"{prof['launches']:.0f} launches, syncs per {what} {prof['syncs']}, copies by "
+              f"direction {prof['copies'] or 'none'}")
         print(f"  GPU kernels (calls/{what}, ms/{what}):")
         for name, calls, ms in prof["top_kernels"]:
             print(f"    {ms:8.3f} {calls:6.1f}  {name}")

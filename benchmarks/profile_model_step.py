@@ -47,9 +47,12 @@ def profile_steps(run, steps: int) -> dict:
     gpu_us = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA")
     launches = sum(e.count for e in events if e.key in LAUNCHES)
     syncs = {e.key: e.count / steps for e in events if any(e.key.startswith(s) for s in SYNCS)}
+    # a cudaMemcpyAsync above waits for the GPU only when it reads back (DtoH) or stages pageable memory (HtoD
+    # Pageable); device-to-device ones (a clone, a contiguous copy) do not: the GPU's own records say which
+    copies = {e.key: e.count / steps for e in events if e.key.startswith("Memcpy") and e.self_device_time_total > 0}
     host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:15]
     return {"wall_ms": wall, "gpu_kernel_ms": gpu_us / steps / 1e3, "launches": launches / steps, "syncs": syncs,
-            "top_host": [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in host]}
+            "copies": copies, "top_host": [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in host]}
 
 
 def main(argv=None) -> int:
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
                 res.update(batch=batch, attention=attention, mode=mode, length=args.length)
                 out.append(res)
                 print(f"\n{batch} {attention} {mode}: {res['wall_ms']:.1f} ms/step wall, {res['gpu_kernel_ms']:.1f} "
-                      f"ms of GPU kernels, {res['launches']:.0f} launches, syncs per step {res['syncs'] or 'none'}")
+                      f"ms of GPU kernels, {res['launches']:.0f} launches, syncs per step {res['syncs'] or 'none'}, "
+                      f"copies by direction {res['copies'] or 'none'}")
                 for name, count, ms in res["top_host"]:
                     print(f"  {ms:8.2f} ms  x{count:<6.0f} {name[:90]}")
                 bench.zero_grad()

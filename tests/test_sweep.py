@@ -93,6 +93,20 @@ def test_claims_are_exclusive_and_dead_workers_runs_are_reclaimed(tmp_path):
     db_b.close()
 
 
+def test_a_run_cut_off_is_taken_up_in_its_place_in_the_sweeps_order(tmp_path):
+    """A machine that went away left its runs 'running' with a lease that lapses: the next worker takes such a run
+    before the pending runs after it in the spec's order (so a spec that queues seeds 1 and 2 before 0 finishes
+    them first), and a pending run before it first."""
+    db = ResultsDB(tmp_path / "r.sqlite")
+    db.add_runs("t", _configs(4))
+    gone, w = WorkerId("gone"), WorkerId("w")
+    first, second = db.claim(gone, "t"), db.claim(gone, "t")
+    db.conn.execute("UPDATE runs SET lease_until=0, host='elsewhere' WHERE key=?", (second["key"],))
+    db.conn.execute("UPDATE runs SET status='pending' WHERE key=?", (first["key"],))
+    assert [db.claim(w, "t")["seed"] for _ in range(3)] == [0, 1, 2]
+    db.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))

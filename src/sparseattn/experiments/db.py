@@ -211,16 +211,20 @@ class ResultsDB:
         order = " ORDER BY r.rowid" if sweep is None else \
             " ORDER BY (SELECT position FROM sweep_runs s WHERE s.sweep=:sweep AND s.key=r.key)"
         with self.transaction() as c:
-            row = c.execute(f"SELECT r.* FROM runs r WHERE r.status='pending'{scope}{order} LIMIT 1",
-                            {"sweep": sweep}).fetchone()
-            if row is None:  # a run of a dead worker: lease over, or its process gone from this host
-                for cand in c.execute(f"SELECT r.* FROM runs r WHERE r.status='running'{scope}{order}",
-                                      {"sweep": sweep}).fetchall():
-                    dead_here = cand["host"] == worker.host and cand["pid"] is not None and \
-                        cand["pid"] != worker.pid and not _pid_alive(cand["pid"])
-                    if (cand["lease_until"] or 0) < now or dead_here:
-                        row = cand
-                        break
+            # the first run in the sweep's order that is pending or whose worker died (lease over, or its process
+            # gone from this host): a run cut off when a machine went away is taken up in its place in the order,
+            # not after every pending run (a spec that puts seeds 1 and 2 before 0 gets them first)
+            row = None
+            for cand in c.execute(f"SELECT r.* FROM runs r WHERE r.status IN ('pending', 'running'){scope}{order}",
+                                  {"sweep": sweep}):
+                if cand["status"] == "pending":
+                    row = cand
+                    break
+                dead_here = cand["host"] == worker.host and cand["pid"] is not None and \
+                    cand["pid"] != worker.pid and not _pid_alive(cand["pid"])
+                if (cand["lease_until"] or 0) < now or dead_here:
+                    row = cand
+                    break
             if row is None:
                 return None
             c.execute("UPDATE runs SET status='running', worker=?, host=?, pid=?, attempts=attempts+1, "
