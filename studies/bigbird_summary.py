@@ -83,11 +83,13 @@ def removal_table(data: dict[str, dict]) -> str:
 
 def neighbour_table(data: dict[str, dict]) -> str:
     lines = ["| task | neighbour-only n = 1, 2, 4, 8 | no neighbours (g, r) |", "|---|---|---|"]
+    seeds = len({s for t in data.values() for v in t["grid"].values() for s in v})
     for task, t in data.items():
         def cell(g):
             s = np.array(list(t["grid"][g].values()))
             spread = f" ± {100 * s.std(ddof=1):.1f}" if len(s) > 1 else ""
-            return f"{100 * s.mean():.1f}{spread}@{100 * t['sparsity'][g]:.0f}%"
+            fewer = f" (n={len(s)})" if len(s) < seeds else ""  # a point whose other seeds are not in yet
+            return f"{100 * s.mean():.1f}{spread}{fewer}@{100 * t['sparsity'][g]:.0f}%"
 
         only = ", ".join(cell((0, n, 0)) for n in (1, 2, 4, 8) if (0, n, 0) in t["grid"])
         none = ", ".join(f"({g}, {r}) {cell((g, 0, r))}" for g in (0, 1, 2) for r in (0, 1, 3)

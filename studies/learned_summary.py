@@ -42,8 +42,10 @@ def cell(runs: dict[int, tuple[float, float]]) -> dict:
     return {**seed_spread(s for s, _ in runs.values()), "sparsity": sum(p for _, p in runs.values()) / len(runs)}
 
 
-def _score(c: dict) -> str:
-    return f"{100 * c['mean']:.1f}" + (f" ± {100 * c['std']:.1f}" if c["std"] is not None else "")
+def _score(c: dict, seeds: int = 1) -> str:
+    """mean ± std x100, and how many seeds where fewer than ``seeds`` (a cell whose other runs are not in yet)."""
+    return f"{100 * c['mean']:.1f}" + (f" ± {100 * c['std']:.1f}" if c["std"] is not None else "") + (
+        f" (n={c['n']})" if c["n"] < seeds else "")
 
 
 def comparisons(plans: dict[str, dict]) -> list[dict]:
@@ -69,7 +71,7 @@ def table(data: dict[str, dict]) -> str:
              "difference | inside the seeds' spread? |", "|---|---|---:|---:|---|---:|---:|---|"]
     for task in sorted(data, key=lambda t: (list(TITLES) + [t]).index(t)):
         plans = data[task]
-        dense = f" ({_score(cell(plans['dense']))})" if "dense" in plans else ""
+        dense = f" ({_score(cell(plans['dense']), len(seeds))})" if "dense" in plans else ""
         head = f"{TITLES.get(task, task)}{dense}"
         for row in comparisons(plans):
             c, best = row["learned"], row["bigbird"]
@@ -78,8 +80,8 @@ def table(data: dict[str, dict]) -> str:
             diff = "-" if row["difference"] is None else (
                 f"{100 * row['difference']:+.1f}" + (f" ± {100 * row['spread']:.1f}" if row["spread"] else ""))
             inside = {None: "-", True: "**yes**", False: "no"}[row["inside"]]
-            lines.append(f"| {head} | {row['plan']} | {100 * c['sparsity']:.1f}% | {_score(c)} | {rival} | "
-                         f"{'-' if best is None else _score(best[1])} | {diff} | {inside} |")
+            lines.append(f"| {head} | {row['plan']} | {100 * c['sparsity']:.1f}% | {_score(c, len(seeds))} | {rival} | "
+                         f"{'-' if best is None else _score(best[1], len(seeds))} | {diff} | {inside} |")
             head = ""
     spread = (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
               else f"seed {seeds[0]} only: no spread")

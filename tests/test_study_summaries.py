@@ -142,6 +142,7 @@ def test_bigbird_summary_gives_the_study_2_numbers_and_the_seeds_spread(tmp_path
     # remove global from (1,1,0): -5 (seed 0), -1 (seed 1); remove neighbour: -10 (seed 0 only)
     assert "| SST-2 accuracy (90.00 ± 0.00) | -3.00 ± 2.83 (median -3.00) | -10.00 (median -10.00) | - |" in text
     assert "81.0 ± 1.4@90%" in mod.neighbour_table(data)
+    assert "(1, 0) 75.0 (n=1)@90%" in mod.neighbour_table(data)  # a point whose other seed is not in yet says so
 
 
 def test_learned_summary_sets_each_learned_plan_against_the_best_bigbird_at_least_as_sparse(tmp_path):
@@ -155,6 +156,7 @@ def test_learned_summary_sets_each_learned_plan_against_the_best_bigbird_at_leas
              ("sst2", "all: bigbird(0, 1, 1)", 0, 0.80, 0.845), ("sst2", "all: bigbird(0, 1, 1)", 1, 0.82, 0.845),
              ("sst2", "all: bigbird(2, 2, 0)", 0, 0.89, 0.70), ("sst2", "all: bigbird(2, 2, 0)", 1, 0.89, 0.70),
              ("sst2", "learned(lam=3)", 0, 0.70, 0.95), ("sst2", "learned(lam=3)", 1, 0.60, 0.95),
+             ("sst2", "learned(lam=0.5)", 0, 0.88, 0.90),  # its seed 1 not in yet
              ("sst2", "all: neighbour(2)", 0, 0.5, 0.9)]  # no plan of the study: left out
     with (tmp_path / "r.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -165,6 +167,7 @@ def test_learned_summary_sets_each_learned_plan_against_the_best_bigbird_at_leas
     assert ("| SST-2 accuracy (90.0 ± 0.0) | learned(lam=0.1) | 85.1% | 85.0 ± 1.4 | bigbird(0, 1, 1) @ 84% | "
             "81.0 ± 1.4 | +4.0 ± 2.0 | no |") in text
     assert "|  | learned(lam=3) | 95.0% | 65.0 ± 7.1 | none as sparse | - | - | - |" in text
+    assert "|  | learned(lam=0.5) | 90.0% | 88.0 (n=1) | none as sparse | - | - | - |" in text
     assert "mean ± sample std over seeds 0, 1" in text
     inside = mod.comparisons({"learned(x)": {0: (0.80, 0.9), 1: (0.84, 0.9)},
                               "all: bigbird(1, 0, 0)": {0: (0.81, 0.9), 1: (0.82, 0.9)}})
