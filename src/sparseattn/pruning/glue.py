@@ -21,7 +21,6 @@ the data), rank 0 alone writes it, and every rank waits until it is there.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,10 +34,9 @@ from ..training.distributed import from_env as distributed_from_env
 from ..training.finetune import finetune
 from ..training.loop import resolve_device
 from ..training.methods import Method, register_method
-from ..training.record import run_key
 from .collect import AttentionStats, Example, collect_attention
 from .mask import attention_pruning_mask, check_prune_options, data_report, grid_report, mask_plan, random_like
-from .work import dense_run_result, locked, make_once
+from .work import dense_run_result, prepare_run
 
 MASKS = ("ap", "random")
 SCOPES = ("layer", "head")
@@ -89,50 +87,38 @@ def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progr
     dist: the data-parallel group (its process group joined), whose ranks all call this."""
     dist = dist or Distributed()
     dense_cfg = cfg.dense_config()
-    root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
-    dense_dir = root / "dense"
-    with locked(root / ".lock", dist):
-        make_once(dense_dir, lambda tmp: finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device,
-                                                  progress=progress, save_model=True),
-                  dist, done=dense_dir / "results.json")
+    limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
+
+    def train_dense(tmp: Path) -> None:
+        finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
+
+    def collect(tmp: Path, dense_dir: Path) -> None:
+        train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
+        source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
+        model = load_model(source, task="base").to(resolve_device(dist.device(device)))
+        stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
+                                  length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
+                                  metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
         if dist.is_main:
-            (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
-        if cfg.prune == 0:
-            return {"dense": dense_dir, "stats": None, "plan": None}
-        limit = cfg.collect_limit if cfg.collect_limit is not None else cfg.limit_train
-        stats_file = root / f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors"
+            stats.save(tmp)
 
-        def collect(tmp: Path) -> None:
-            train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
-            source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
-            model = load_model(source, task="base").to(resolve_device(dist.device(device)))
-            stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
-                                      length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
-                                      metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
-            if dist.is_main:
-                stats.save(tmp)
+    def make_plan(tmp: Path, stats_file: Path) -> None:
+        stats = AttentionStats.load(stats_file)
+        keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
+        if cfg.mask == "random":
+            keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
+        plan = mask_plan(keep, prefix=cfg.mask)
+        meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
+                "stats_file": stats_file.name, "stats": stats.metadata,
+                "grid_sparsity": grid_report(plan, stats).overall,
+                "collected_sparsity": data_report(keep, stats).overall}
+        save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
+                  metadata=meta)
 
-        make_once(stats_file, collect, dist)
-        name = f"{cfg.mask}-{cfg.scope}-{cfg.budget}-p{cfg.prune:g}" + (f"-seed{cfg.seed}" if cfg.mask == "random" else "")
-        plan_dir = root / f"plans-{stats_file.stem}" / name
-
-        def make_plan(tmp: Path) -> None:
-            if not dist.is_main:  # cheap: rank 0 alone makes the mask
-                return
-            stats = AttentionStats.load(stats_file)
-            keep = attention_pruning_mask(stats, cfg.prune / 100, scope=cfg.scope, budget=cfg.budget)
-            if cfg.mask == "random":
-                keep = random_like(keep, stats, scope=cfg.scope, budget=cfg.budget, seed=cfg.seed)
-            plan = mask_plan(keep, prefix=cfg.mask)
-            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "budget": cfg.budget,
-                    "stats_file": stats_file.name, "stats": stats.metadata,
-                    "grid_sparsity": grid_report(plan, stats).overall,
-                    "collected_sparsity": data_report(keep, stats).overall}
-            save_plan(plan, tmp, num_layers=stats.num_layers, num_heads=stats.num_heads, length=stats.length,
-                      metadata=meta)
-
-        make_once(plan_dir, make_plan, dist, done=plan_dir / "plan.json")
-    return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
+    name = f"{cfg.mask}-{cfg.scope}-{cfg.budget}-p{cfg.prune:g}" + (f"-seed{cfg.seed}" if cfg.mask == "random" else "")
+    return prepare_run(work_dir, dense_cfg, dist, train_dense=train_dense, prune=cfg.prune,
+                       stats_name=f"attention-{cfg.collect_from}-{limit or 'all'}.safetensors", collect=collect,
+                       plan_name=name, make_plan=make_plan)
 
 
 def prune_glue(cfg: PruneGlueConfig, *, glue_dir=None, work_dir=None, device=None, progress: bool = True,

@@ -24,7 +24,6 @@ hash of the dense run's configuration, written atomically under a file lock, as 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +37,12 @@ from ..training.distributed import Distributed
 from ..training.distributed import from_env as distributed_from_env
 from ..training.loop import resolve_device
 from ..training.methods import Method, register_method
-from ..training.record import run_key
 from ..lm.train import LMConfig, load_lm_data, train_lm
 from .baselines import sink_window_for_sparsity, sink_window_plan
 from .collect import AttentionStats, collect_attention_rows
 from .mask import (attention_pruning_mask, block_mask, check_prune_options, expand_to_blocks, grid_report, mask_plan,
                    random_like)
-from .work import dense_run_result, locked, make_once
+from .work import dense_run_result, prepare_run
 
 MASKS = ("ap", "random", "sink_window")
 SCOPES = ("layer", "head")
@@ -113,61 +111,49 @@ def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progres
     """Make (or find) the dense model, its attention averages and this run's plan; returns
     {'dense': folder with results.json and model/, 'stats': file or None, 'plan': plan folder or None}.
     dist: the data-parallel group (its process group joined), whose ranks all call this; rank 0 decides what
-    is missing and alone writes (as ``pruning.glue.prepare``)."""
+    is missing and alone writes (``work.prepare_run``)."""
     dist = dist or Distributed()
     dense_cfg = cfg.dense_config()
-    root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
-    dense_dir = root / "dense"
-    with locked(root / ".lock", dist):
-        make_once(dense_dir, lambda tmp: train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device,
-                                                  progress=progress, save_model=True),
-                  dist, done=dense_dir / "results.json")
+
+    def train_dense(tmp: Path) -> None:
+        train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
+
+    def collect(tmp: Path, dense_dir: Path) -> None:
+        rows = load_lm_data(dense_cfg, glue_dir).train  # the rows the dense model trained on
+        rows = rows[torch.from_numpy(subset(len(rows), cfg.collect_limit))]
+        model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(dist.device(device)))
+        stats = collect_attention_rows(model, rows, batch_size=max(1, min(8, cfg.batch_size)), progress=progress,
+                                       metadata={"model": str(dense_dir / "model"),
+                                                 "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
+                                       dist=dist)
         if dist.is_main:
-            (root / "config.json").write_text(json.dumps(dense_cfg.to_dict(), indent=1) + "\n")
-        if cfg.prune == 0:
-            return {"dense": dense_dir, "stats": None, "plan": None}
-        stats_file = root / f"attention-{cfg.collect_limit or 'all'}.safetensors"
+            stats.save(tmp)
 
-        def collect(tmp: Path) -> None:
-            rows = load_lm_data(dense_cfg, glue_dir).train  # the rows the dense model trained on
-            rows = rows[torch.from_numpy(subset(len(rows), cfg.collect_limit))]
-            model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(dist.device(device)))
-            stats = collect_attention_rows(model, rows, batch_size=max(1, min(8, cfg.batch_size)), progress=progress,
-                                           metadata={"model": str(dense_dir / "model"),
-                                                     "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
-                                           dist=dist)
-            if dist.is_main:
-                stats.save(tmp)
+    def make_plan(tmp: Path, stats_file: Path) -> None:
+        stats = AttentionStats.load(stats_file)
+        keep = ap_keep(stats, cfg)
+        ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
+        meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
+                "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
+                "ap_sparsity": ap_sparsity}
+        if cfg.mask == "sink_window":
+            g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
+            plan = sink_window_plan(g, w)
+            meta.update(sinks=g, window=w)
+        else:
+            if cfg.mask == "random":
+                keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
+            plan = mask_plan(keep, prefix=cfg.mask)
+            measured = grid_report(plan, stats).overall
+        meta["measured_sparsity"] = measured
+        save_plan(plan, tmp, metadata=meta)
 
-        make_once(stats_file, collect, dist)
-        blocks = "" if cfg.blocks == "none" else f"-{cfg.blocks}{cfg.block_size}"
-        name = f"{cfg.mask}-{cfg.scope}{blocks}-p{cfg.prune:g}"
-        name += {"random": f"-seed{cfg.seed}", "sink_window": f"-g{cfg.sinks}", "ap": ""}[cfg.mask]
-        plan_dir = root / f"plans-{stats_file.stem}" / name
-
-        def make_plan(tmp: Path) -> None:
-            if not dist.is_main:  # cheap: rank 0 alone makes the plan
-                return
-            stats = AttentionStats.load(stats_file)
-            keep = ap_keep(stats, cfg)
-            ap_sparsity = grid_report(mask_plan(keep), stats).overall  # = on every training row (all full)
-            meta = {"mask": cfg.mask, "prune_percent": cfg.prune, "scope": cfg.scope, "blocks": cfg.blocks,
-                    "block_size": cfg.block_size, "stats_file": stats_file.name, "stats": stats.metadata,
-                    "ap_sparsity": ap_sparsity}
-            if cfg.mask == "sink_window":
-                g, w, measured = sink_window_for_sparsity(ap_sparsity, stats.length, sinks=cfg.sinks)
-                plan = sink_window_plan(g, w)
-                meta.update(sinks=g, window=w)
-            else:
-                if cfg.mask == "random":
-                    keep = random_like(keep, stats, scope=cfg.scope, budget="grid", seed=cfg.seed)
-                plan = mask_plan(keep, prefix=cfg.mask)
-                measured = grid_report(plan, stats).overall
-            meta["measured_sparsity"] = measured
-            save_plan(plan, tmp, metadata=meta)
-
-        make_once(plan_dir, make_plan, dist, done=plan_dir / "plan.json")
-    return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
+    blocks = "" if cfg.blocks == "none" else f"-{cfg.blocks}{cfg.block_size}"
+    name = f"{cfg.mask}-{cfg.scope}{blocks}-p{cfg.prune:g}"
+    name += {"random": f"-seed{cfg.seed}", "sink_window": f"-g{cfg.sinks}", "ap": ""}[cfg.mask]
+    return prepare_run(work_dir, dense_cfg, dist, train_dense=train_dense, prune=cfg.prune,
+                       stats_name=f"attention-{cfg.collect_limit or 'all'}.safetensors", collect=collect,
+                       plan_name=name, make_plan=make_plan)
 
 
 def prune_lm(cfg: LMPruneConfig, *, glue_dir=None, work_dir=None, device=None, progress: bool = True,
