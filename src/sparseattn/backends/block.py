@@ -431,7 +431,7 @@ class BlockSparseBackend(Backend):
             mask_key = ("layer", lp.layer)
         else:
             mask_key = id(call.model_mask)
-        key = ("block.decode", _layer_key(call.layer_plan), Lk, Lq, call.key.shape[1], mask_key)
+        key = ("block.decode", _layer_key(lp), Lk, Lq, call.key.shape[1], mask_key)
         if key not in call.cache:
             keep = call.keep_mask()
             # the entry holds the mask too: while the pass's cache lives, no other tensor can take its id()

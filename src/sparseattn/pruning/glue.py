@@ -92,15 +92,13 @@ def prepare(cfg: PruneGlueConfig, work_dir, *, glue_dir=None, device=None, progr
     def train_dense(tmp: Path) -> None:
         finetune(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
 
-    def collect(tmp: Path, dense_dir: Path) -> None:
+    def collect(dense_dir: Path) -> AttentionStats:
         train = load_examples(cfg.task, "train", limit, glue_dir)  # the examples fine-tuning uses
         source = str(dense_dir / "model") if cfg.collect_from == "finetuned" else resolve_model(cfg.model)
         model = load_model(source, task="base").to(resolve_device(dist.device(device)))
-        stats = collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
-                                  length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
-                                  metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
-        if dist.is_main:
-            stats.save(tmp)
+        return collect_attention(model, load_tokenizer(source), [Example(e.text, e.pair) for e in train],
+                                 length=cfg.max_length, batch_size=64, longer="truncate", progress=progress,
+                                 metadata={"model": source, "data": f"GLUE {cfg.task} train"}, dist=dist)
 
     def make_plan(tmp: Path, stats_file: Path) -> None:
         stats = AttentionStats.load(stats_file)

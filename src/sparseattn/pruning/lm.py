@@ -118,16 +118,14 @@ def prepare(cfg: LMPruneConfig, work_dir, *, glue_dir=None, device=None, progres
     def train_dense(tmp: Path) -> None:
         train_lm(dense_cfg, glue_dir=glue_dir, out_dir=tmp, device=device, progress=progress, save_model=True)
 
-    def collect(tmp: Path, dense_dir: Path) -> None:
+    def collect(dense_dir: Path) -> AttentionStats:
         rows = load_lm_data(dense_cfg, glue_dir).train  # the rows the dense model trained on
         rows = rows[torch.from_numpy(subset(len(rows), cfg.collect_limit))]
         model = load_model(str(dense_dir / "model"), task="causal-lm").to(resolve_device(dist.device(device)))
-        stats = collect_attention_rows(model, rows, batch_size=max(1, min(8, cfg.batch_size)), progress=progress,
-                                       metadata={"model": str(dense_dir / "model"),
-                                                 "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
-                                       dist=dist)
-        if dist.is_main:
-            stats.save(tmp)
+        return collect_attention_rows(model, rows, batch_size=max(1, min(8, cfg.batch_size)), progress=progress,
+                                      metadata={"model": str(dense_dir / "model"),
+                                                "data": f"{cfg.task} train rows of {cfg.max_length} tokens"},
+                                      dist=dist)
 
     def make_plan(tmp: Path, stats_file: Path) -> None:
         stats = AttentionStats.load(stats_file)

@@ -12,10 +12,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..training.distributed import Distributed
 from ..training.record import run_key
+
+if TYPE_CHECKING:
+    from .collect import AttentionStats
 
 
 @contextlib.contextmanager
@@ -56,13 +59,14 @@ def make_once(path: Path, make: Callable[[Path], None], dist: Distributed, *, do
 
 
 def prepare_run(work_dir, dense_cfg, dist: Distributed, *, train_dense: Callable[[Path], None], prune: float,
-                stats_name: str, collect: Callable[[Path, Path], None], plan_name: str,
+                stats_name: str, collect: Callable[[Path], "AttentionStats"], plan_name: str,
                 make_plan: Callable[[Path, Path], None]) -> dict:
     """The steps every Attention Pruning run shares, each made once under the work folder's lock, in
     ``<work_dir>/<the dense run's key>/``: the dense model (``train_dense(tmp)``, a folder with results.json and
-    model/), its attention averages (``collect(tmp, dense_dir)``, the file ``stats_name``) and this run's plan
-    (``make_plan(tmp, stats_file)``, called on rank 0 alone, the folder ``plans-<stats>/<plan_name>``). A run
-    that prunes nothing (``prune`` 0) is the dense one. Returns {'dense', 'stats', 'plan'} (None where not made)."""
+    model/), its attention averages (``collect(dense_dir)``, run by every rank, saved by rank 0 as the file
+    ``stats_name``) and this run's plan (``make_plan(tmp, stats_file)``, called on rank 0 alone, the folder
+    ``plans-<stats>/<plan_name>``). A run that prunes nothing (``prune`` 0) is the dense one. Returns {'dense',
+    'stats', 'plan'} (None where not made)."""
     root = Path(work_dir) / run_key(dense_cfg.to_dict())[:16]
     dense_dir = root / "dense"
     with locked(root / ".lock", dist):
@@ -72,13 +76,18 @@ def prepare_run(work_dir, dense_cfg, dist: Distributed, *, train_dense: Callable
         if prune == 0:
             return {"dense": dense_dir, "stats": None, "plan": None}
         stats_file = root / stats_name
-        make_once(stats_file, lambda tmp: collect(tmp, dense_dir), dist)
         plan_dir = root / f"plans-{stats_file.stem}" / plan_name
+
+        def stats(tmp: Path) -> None:
+            collected = collect(dense_dir)  # every rank collects its share; each gets the sums of all
+            if dist.is_main:
+                collected.save(tmp)
 
         def plan(tmp: Path) -> None:
             if dist.is_main:  # cheap: rank 0 alone makes the plan
                 make_plan(tmp, stats_file)
 
+        make_once(stats_file, stats, dist)
         make_once(plan_dir, plan, dist, done=plan_dir / "plan.json")
     return {"dense": dense_dir, "stats": stats_file, "plan": plan_dir}
 
