@@ -146,7 +146,8 @@ case $stage in
     echo "$name started in the background (pid $(cat "out/$name/pid"))" | tee -a "$log" ;;
   study-wait|lm-study-wait)
     # until the background study ends or DEADLINE (seconds since the epoch) passes; then a consistent copy of
-    # its database and its log to $OUT (carry the database back in where the spec's db says, to resume elsewhere)
+    # its database and its log to $OUT (carry the database back in where the spec's db says, to resume elsewhere).
+    # Carry nothing at the database's path into these calls: it would replace the file under the running sweep
     spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
     pid=$(cat "out/$name/pid")
     while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${DEADLINE:-0} )); do sleep 5; done

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparseattn.experiments.db import ResultsDB, WorkerId, run_key
+from sparseattn.errors import StorageError
+from sparseattn.experiments.db import Heartbeat, ResultsDB, WorkerId, run_key
 from sparseattn.experiments.sweep import SweepSpecError, load_spec, run_worker, spec_from_dict
 
 from test_finetune import make_tiny_model
@@ -105,6 +106,44 @@ def test_a_run_cut_off_is_taken_up_in_its_place_in_the_sweeps_order(tmp_path):
     db.conn.execute("UPDATE runs SET status='pending' WHERE key=?", (first["key"],))
     assert [db.claim(w, "t")["seed"] for _ in range(3)] == [0, 1, 2]
     db.close()
+
+
+def test_a_database_replaced_under_a_running_sweep_is_not_written(tmp_path):
+    """A copy of an older state put in the database's place (a synced or carried file) while workers run: a worker
+    that opened the first file writes nothing more, neither claims (which would run finished runs again) nor
+    results, and a result it finishes meanwhile waits in ``<db>.kept`` for the database now at that path."""
+    path = tmp_path / "r.sqlite"
+    db = ResultsDB(path)
+    db.add_runs("t", _configs(3))
+    w = WorkerId("w")
+    old = tmp_path / "old.sqlite"
+    db.conn.execute("VACUUM INTO ?", (str(old),))  # the state before any claim: three runs pending
+    first = db.claim(w, "t")
+    assert db.finish(first["key"], w, {"score": 0.5, "metrics": {"accuracy": 0.5}, "sparsity": {}})
+    second = db.claim(w, "t")
+    # what a file sync or the device tool's carry does: a new file at the same path. (The old file's write-ahead log
+    # is emptied first: SQLite applies a log left beside a replaced file to the new one, which no check can stop.)
+    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    os.replace(old, path)
+    with pytest.raises(StorageError, match=r"r\.sqlite: the results database this process opened is another file "):
+        db.claim(w, "t")
+    with pytest.raises(StorageError, match=rf"cannot record the finished run {second['key'][:10]}.*kept in "):
+        db.finish(second["key"], w, {"score": 0.7, "metrics": {"accuracy": 0.7}, "sparsity": {}})
+    beat = Heartbeat(db, second["key"], w, lease=0.1)
+    with beat:  # renewing leases in the other file would hold its runs away from the sweep that works on it
+        beat._thread.join(timeout=10)
+        assert not beat._thread.is_alive()
+    db.close()
+    # a sweep started again works on the file now there, and takes the kept result in before its first claim
+    again = ResultsDB(path)
+    got = again.claim(w, "t")
+    assert {r["key"]: r["score"] for r in again.runs("t", "done")} == {second["key"]: 0.7}
+    assert got["key"] == first["key"]  # the copy had lost the first result: that run is the one to do again
+    assert not list(again.kept_dir.glob("*.json"))
+    path.unlink()
+    with pytest.raises(StorageError, match="opened is gone"):
+        again.claim(w, "t")
+    again.close()
 
 
 @pytest.fixture(scope="module")

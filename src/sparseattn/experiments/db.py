@@ -15,6 +15,11 @@ into the database; the file goes once the database holds it. When the database c
 is full), the file stays and the next claim on the database takes it in, so finished work is never lost
 and never redone.
 
+A database file replaced while a sweep runs (a copy put in its place, say by a tool that syncs files) would
+show the sweep an older state: finished runs pending again, results written where nobody reads them. A writer
+notes which file it opened and refuses to write once another file stands at its path (``StorageError``); a
+result finished meanwhile stays in ``<db>.kept`` for the database now at that path.
+
 ``ResultsDB(path, readonly=True)`` only reads (``--status``, ``report``): it works on a database that cannot
 be written, on read-only media too.
 """
@@ -96,6 +101,7 @@ class ResultsDB:
         self.path = Path(path)
         self.timeout = timeout
         self.readonly = readonly
+        self._file_id = None  # (device, inode) of the file this writer opened: see check_same_file
         if readonly:
             self.conn = self._connect_readonly()
             self._check_schema()
@@ -108,11 +114,27 @@ class ResultsDB:
                     if stmt.strip():
                         self.conn.execute(stmt)
                 self._check_schema(create=True)
+            self._file_id = self._stat_id()
         except (sqlite3.Error, OSError) as e:
             why = str(e) if isinstance(e, StorageError) else \
                 f"{self.path}: cannot open the results database for writing ({e})"
             raise StorageError(f"{why} (--status and report only read it: they work on a read-only database)") \
                 from None
+
+    def _stat_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_same_file(self) -> None:
+        """StorageError when the file at ``path`` is no longer the one this writer opened (replaced or removed)."""
+        if self._file_id is not None and self._stat_id() != self._file_id:
+            now = "is gone" if self._stat_id() is None else "is another file now (a copy put in its place?)"
+            raise StorageError(f"{self.path}: the results database this process opened {now}; not writing to it, so "
+                               "that no finished run is run again or recorded where nobody reads it. Start the sweep "
+                               "again: it works on the database now at that path")
 
     def _check_schema(self, create: bool = False) -> None:
         try:
@@ -159,6 +181,7 @@ class ResultsDB:
     def transaction(self, conn: sqlite3.Connection | None = None):
         """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so read-then-write is atomic."""
         c = conn or self.conn
+        self.check_same_file()
         try:
             c.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
@@ -397,11 +420,19 @@ class Heartbeat:
             self.keys.discard(key)
 
     def _run(self):
+        try:
+            self.db.check_same_file()
+        except StorageError:
+            return  # the worker's next write says so; leases renewed in another file would hold its runs
         conn = self.db._connect()
         try:
             while not self._stop.wait(max(0.5, self.lease / 4)):
                 with self._lock:
                     keys = list(self.keys)
+                try:
+                    self.db.check_same_file()
+                except StorageError:
+                    return
                 for key in keys:
                     try:
                         if not self.db.heartbeat(key, self.worker, self.lease, conn) and key in self.keys:
