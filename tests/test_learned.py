@@ -209,6 +209,8 @@ def test_learn_glue_end_to_end(tmp_path, task, ask):
     assert (out / "degrees.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["plan_name"] == cfg.label and len(saved["learned"]["degrees"]) == 2
+    # the model the run started from, not the hard phase's copy of the soft phase's weights (kept in out_dir)
+    assert r["model"] == str(model) and r["learned"]["soft_model"] == str(out / "soft_model")
     plan = sa.load_plan(out / "plan")
     hard = torch.tensor(r["learned"]["degrees"])
     # the reported degrees are the exported plan's windows

@@ -83,6 +83,11 @@ def test_report_tables_and_plots(tmp_path):
             assert img.ndim == 3 and img.shape[0] > 100 and np.ptp(img) > 0  # decodes, and is not blank
         else:
             assert ET.fromstring(data).tag.endswith("svg")
+    # the same results make the same files, byte for byte (no date, no random SVG ids): a report kept in git
+    # changes only where its numbers do
+    write_report(tmp_path / "r.sqlite", tmp_path / "again", title="t")
+    for p in [*paths["plots"], paths["markdown"], paths["html"], paths["csv"]]:
+        assert (tmp_path / "again" / p.relative_to(tmp_path / "rep")).read_bytes() == p.read_bytes(), p.name
 
 
 def test_a_report_pools_several_databases_counting_a_run_once(tmp_path):

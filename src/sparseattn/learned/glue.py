@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..layout import TokenLayout
-from ..models import load_tokenizer
+from ..models import load_tokenizer, resolve_model
 from ..patterns import full
 from ..plans.io import save_plan
 from ..plans.plan import Rule
@@ -264,6 +264,7 @@ def _learn_glue(cfg: LearnGlueConfig, task: GlueTask, dist: Distributed, device,
     result = finetune(hard_cfg, glue_dir=glue_dir, out_dir=out / "hard", device=device, progress=progress,
                       on_malformed=on_malformed)
     result["config"] = cfg.to_dict()
+    result["model"] = resolve_model(cfg.model)  # where the run started: the hard phase's model is the soft one's copy
     result["plan_name"] = cfg.label
     result["learned"] = {
         "degrees": made.degrees.tolist(),
@@ -273,6 +274,7 @@ def _learn_glue(cfg: LearnGlueConfig, task: GlueTask, dist: Distributed, device,
         "train_sparsity_of_exported_plan": made.train_sparsity,
         "soft_seconds": soft_result.seconds,
         "plan_dir": str(made.plan_dir) if out_dir is not None else None,
+        "soft_model": str(made.soft_model) if out_dir is not None else None,
     }
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
     if out_dir is not None and dist.is_main:
