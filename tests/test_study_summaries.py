@@ -125,9 +125,10 @@ def test_lm_summary_pairs_each_run_with_the_dense_run_of_its_seed(tmp_path):
 
 def test_bigbird_summary_gives_the_study_2_numbers_and_the_seeds_spread(tmp_path):
     mod = _module("bigbird_summary")
-    # the one-seed study's own results give the table docs/results.md quotes
+    # the study's own results (three seeds) give the table docs/results.md quotes
     text = mod.removal_table(mod.load(ROOT / "docs" / "learned-sparsity" / "study" / "results.csv"))
-    assert "| SST-2 accuracy (88.88) | -6.53 (median -3.10) | -7.15 (median -4.99) | -4.06 (median -0.23) |" in text
+    assert ("| SST-2 accuracy (88.88 ± 0.23) | -6.22 ± 0.27 (median -2.75) | -7.03 ± 0.20 (median -4.64) | "
+            "-4.21 ± 0.17 (median -0.57) |") in text
     # two seeds: per seed the mean change over the grid, then mean ± sample std over the seeds
     rows = [("sst2", "dense", s, 0.9, 0.0) for s in (0, 1)]
     rows += [("sst2", "all: bigbird(1, 1, 0)", 0, 0.85, 0.8), ("sst2", "all: bigbird(1, 1, 0)", 1, 0.83, 0.8),
@@ -147,9 +148,10 @@ def test_bigbird_summary_gives_the_study_2_numbers_and_the_seeds_spread(tmp_path
 
 def test_learned_summary_sets_each_learned_plan_against_the_best_bigbird_at_least_as_sparse(tmp_path):
     mod = _module("learned_summary")
-    # the one-seed study's own results: the SST-2 row behind docs/results.md's verdict
+    # the study's own results (three seeds): the SST-2 row behind docs/results.md's verdict
     text = mod.table(mod.load([ROOT / "docs" / "learned-sparsity" / "study" / "results.csv"]))
-    assert "|  | learned(target=0.8) | 85.3% | 89.0 | bigbird(0, 1, 1) @ 87% | 83.9 | +5.0 | - |" in text
+    assert ("|  | learned(target=0.8) | 85.2% | 88.0 ± 0.8 | bigbird(1, 0, 1) @ 87% | 84.1 ± 0.3 | +4.0 ± 0.9 | no |"
+            in text)
     # two seeds: the spread of the difference is the two cells' stds in quadrature
     rows = [("sst2", "dense", s, 0.90, 0.0) for s in (0, 1)]
     rows += [("sst2", "learned(lam=0.1)", 0, 0.86, 0.850), ("sst2", "learned(lam=0.1)", 1, 0.84, 0.852),
