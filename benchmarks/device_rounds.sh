@@ -143,6 +143,8 @@ case $stage in
       "out/$name/pid" python -m sparseattn.cli sweep "$spec" --workers "${WORKERS:-6}" --gpus 0 \
       --no-progress > "out/$name/sweep.log" 2>&1 < /dev/null &
     while [[ ! -s "out/$name/pid" ]]; do sleep 0.2; done
+    db=$(python -c "import sys; from sparseattn.experiments.sweep import load_spec; print(load_spec(sys.argv[1]).db)" "$spec")
+    stat -c %i "$db" > "out/$name/db_inode" 2>/dev/null || true  # the file the sweep works on: study-wait checks it
     echo "$name started in the background (pid $(cat "out/$name/pid"))" | tee -a "$log" ;;
   study-wait|lm-study-wait)
     # until the background study ends or DEADLINE (seconds since the epoch) passes; then a consistent copy of
@@ -150,6 +152,11 @@ case $stage in
     # Carry nothing at the database's path into these calls: it would replace the file under the running sweep
     spec=${2:-studies/lm_attention_pruning.yaml}; name=$(basename "$spec" .yaml)
     pid=$(cat "out/$name/pid")
+    db=$(python -c "import sys; from sparseattn.experiments.sweep import load_spec; print(load_spec(sys.argv[1]).db)" "$spec")
+    if [[ -s "out/$name/db_inode" && "$(stat -c %i "$db" 2>/dev/null)" != "$(cat "out/$name/db_inode")" ]]; then
+      echo "WARNING: $db is not the file the sweep started on (carried into this call?): its workers stop writing" \
+        "to it; the results of this call are not the sweep's" | tee -a "$log"
+    fi
     while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < ${DEADLINE:-0} )); do sleep 5; done
     kill -0 "$pid" 2>/dev/null && echo "$name still running" | tee -a "$log" || echo "$name ended" | tee -a "$log"
     python -c "import sqlite3, sys; from sparseattn.experiments.sweep import load_spec
