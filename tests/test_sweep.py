@@ -140,6 +140,10 @@ def test_a_database_replaced_under_a_running_sweep_is_not_written(tmp_path):
     assert {r["key"]: r["score"] for r in again.runs("t", "done")} == {second["key"]: 0.7}
     assert got["key"] == first["key"]  # the copy had lost the first result: that run is the one to do again
     assert not list(again.kept_dir.glob("*.json"))
+    # a result kept for a run this database does not hold (a database of another sweep put at the path) stays
+    stray = again.kept_dir / f"{'0' * 20}.json"
+    stray.write_text('{"score": 0.1, "metrics": {}, "sparsity": {}}')
+    assert again.take_kept() == 0 and stray.exists()
     path.unlink()
     with pytest.raises(StorageError, match="opened is gone"):
         again.claim(w, "t")

@@ -302,6 +302,11 @@ class ResultsDB:
             except (OSError, ValueError) as e:
                 log.warning("cannot read the kept result %s (%s); left there", f, e)
                 continue
+            if self.conn.execute("SELECT 1 FROM runs WHERE key=?", (f.stem,)).fetchone() is None:
+                # another database at this path (one put in its place) that does not hold the run: its result
+                # stays for the database it belongs to
+                log.warning("the kept result %s is of a run that %s does not hold; left there", f, self.path)
+                continue
             try:
                 taken += self._finish(f.stem, None, result)
             except StorageError as e:
