@@ -14,8 +14,9 @@ the most time. A wall time far above the GPU time is host-bound; a GPU time far 
 
 The sparse prefill at 32k, batch 16 took 3.0 s against dense's 5.1 (1.69x; issue 25 asks 1.8x). A fit of the dense
 prefill's times at two lengths with the same token count (docs/benchmarks.md, seventeenth round) puts the work
-outside attention at 2.7 s on either path and dense attention at 2.4 s, so the sparse attention would take about
-0.32 s, 0.9 of the dense kernel's rate over the plan's 12% of the tiles, and 1.8x would lie above any exact kernel.
+outside attention at 2.7 s on either path and dense attention at 2.4 s (`benchmarks/prefill_ceiling.py`): the sparse
+attention takes about a third of a second, near the dense kernel's rate over the plan's 12% of the tiles, and 1.8x
+would lie above any exact kernel.
 --prefill profiles whole prefill calls (after one untimed call: compilation, autotuning, the layout) the same way:
 its attention kernels' times against the other kernels' check that fit.
 """
