@@ -24,6 +24,10 @@
 #   bench-generate-static  issue 25: static cache under reduce-overhead at 32k, batch 16 (METHODS: a subset)
 #   bench-generate-64k issue 25's 64k prefill target (2.5x), batches 1 and 8 (batch 16 at 64k needs about 100 GiB
 #                      at this shape: an H200's, not an H100's), dynamic cache, then the 135M shape at 32k, batch 16
+#   bench-generate-ceiling  issue 25: 32k and 64k at batches 1 and 8 (dense, dense-flash, sparse, sparse-evict), then
+#                      benchmarks/prefill_ceiling.py on them: the sparse prefill against the ceiling the model's work
+#                      outside attention sets (the seventeenth round's fit, measured in one run; 32k at batch 1 never
+#                      ran on an H100)
 #   generate-round     issue 25: bench-generate-static (dense, sparse), bench-generate-32k (RUN=1) and profile-decode in
 #                      one call, each under a time limit
 #   decode-sdpa        issue 25: why dense SDPA decodes slowly (cuDNN re-planning at every new key length?),
@@ -96,6 +100,10 @@ case $stage in
       --methods dense,dense-flash,sparse,sparse-evict --json "$out/bench_generate_64k.json" 2>&1 | tee -a "$log" || true
     timeout ${BENCH135_TIMEOUT:-150} python -m sparseattn.cli bench generate --models 135m --lengths 32k --batches 16 \
       --methods dense,dense-flash,sparse,sparse-evict --json "$out/bench_generate_135m.json" 2>&1 | tee -a "$log" || true ;;
+  bench-generate-ceiling)
+    timeout ${BENCH_TIMEOUT:-480} python -m sparseattn.cli bench generate --models 1b --lengths 32k,64k --batches 1,8 \
+      --methods dense,dense-flash,sparse,sparse-evict --json "$out/bench_generate_ceiling.json" 2>&1 | tee -a "$log" || true
+    timeout 90 python benchmarks/prefill_ceiling.py "$out/bench_generate_ceiling.json" 2>&1 | tee -a "$log" || true ;;
   bench-generate-static)
     # the fourteenth round's sparse row hit Dynamo's recompile limit: its log says which guard and where
     # METHODS=dense,sparse leaves out FlexAttention, whose first call compiles for a minute (1,505 tokens/s in the
