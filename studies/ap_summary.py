@@ -11,11 +11,9 @@ for a `method: prune` sweep.
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
-from summaries import difference, run, save_figure, seed_spread
+from summaries import difference, method_runs, run, save_figure, seed_spread
 
 TASK_ORDER = ["sst2", "mrpc", "rte", "cola", "stsb"]
 
@@ -23,18 +21,10 @@ TASK_ORDER = ["sst2", "mrpc", "rte", "cola", "stsb"]
 def load(path: Path) -> list[dict]:
     """Finished prune runs as {task, method ('dense', 'ap', 'random'), percent, metric, score, dev_sparsity}."""
     rows = []
-    with path.open() as f:
-        for i, r in enumerate(csv.DictReader(f), start=2):
-            if r["status"] != "done":
-                continue
-            cfg = json.loads(r["config"])
-            if cfg.get("method") != "prune":
-                raise ValueError(f"{path}:{i}: a {cfg.get('method', 'finetune')!r} run ({r['plan']}); this summary "
-                                 "reads the results of a `method: prune` sweep")
-            p = float(cfg["prune"])
-            rows.append({"task": r["task"], "method": "dense" if p == 0 else cfg["mask"], "percent": p,
-                         "metric": r["main_metric"], "score": float(r["score"]), "dev_sparsity": float(r["sparsity"]),
-                         "seed": int(r.get("seed") or 0)})
+    for r, cfg, score, seed, sparsity in method_runs(path, "prune"):
+        p = float(cfg["prune"])
+        rows.append({"task": r["task"], "method": "dense" if p == 0 else cfg["mask"], "percent": p,
+                     "metric": r["main_metric"], "score": score, "dev_sparsity": sparsity, "seed": seed})
     return rows
 
 

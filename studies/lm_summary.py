@@ -11,12 +11,10 @@ of perplexity against measured sparsity, from the results.csv that `sparseattn r
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
-from summaries import run, save_figure, seed_spread
+from summaries import method_runs, run, save_figure, seed_spread
 
 MASKS = ("ap", "random", "sink_window")
 STYLE = {"ap": "o-", "random": "s--", "sink_window": "^:"}
@@ -25,17 +23,10 @@ STYLE = {"ap": "o-", "random": "s--", "sink_window": "^:"}
 def load(path: Path) -> list[dict]:
     """Finished prune-lm runs as {mask ('dense' or one of MASKS), percent, seed, perplexity, sparsity}."""
     rows = []
-    with path.open() as f:
-        for i, r in enumerate(csv.DictReader(f), start=2):
-            if r["status"] != "done":
-                continue
-            cfg = json.loads(r["config"])
-            if cfg.get("method") != "prune-lm":
-                raise ValueError(f"{path}:{i}: a {cfg.get('method', 'finetune')!r} run ({r['plan']}); this summary "
-                                 "reads the results of a `method: prune-lm` sweep")
-            p = float(cfg["prune"])
-            rows.append({"mask": "dense" if p == 0 else cfg["mask"], "percent": p, "seed": int(r["seed"]),
-                         "perplexity": float(r["score"]), "sparsity": float(r["sparsity"])})
+    for _, cfg, score, seed, sparsity in method_runs(path, "prune-lm"):
+        p = float(cfg["prune"])
+        rows.append({"mask": "dense" if p == 0 else cfg["mask"], "percent": p, "seed": seed, "perplexity": score,
+                     "sparsity": sparsity})
     return rows
 
 

@@ -34,6 +34,25 @@ def finished_runs(path, keep=lambda row: True):
             yield r, score, seed, sparsity
 
 
+def method_runs(path, method: str):
+    """(row, config, score, seed, sparsity) of each finished run of a ``method: METHOD`` sweep's results.csv; a run
+    of another method, or a value that does not parse, names the file and line."""
+    import json
+
+    with Path(path).open() as f:
+        for i, r in enumerate(csv.DictReader(f), start=2):
+            if r.get("status", "done") != "done":
+                continue
+            cfg = json.loads(r["config"])
+            if cfg.get("method") != method:
+                raise ValueError(f"{path}:{i}: a {cfg.get('method', 'finetune')!r} run ({r['plan']}); this summary "
+                                 f"reads the results of a `method: {method}` sweep")
+            try:
+                yield r, cfg, float(r["score"]), int(r.get("seed") or 0), float(r["sparsity"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: {e}") from None
+
+
 def difference(a: dict, b: dict) -> dict:
     """{difference, spread, inside} of two ``seed_spread`` cells: the difference of their means; its spread, the
     spread of one seed's difference (the two sample stds in quadrature; None where a cell has one seed); whether
