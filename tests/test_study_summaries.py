@@ -77,6 +77,9 @@ def test_ap_summary_tables_prune_runs_by_level_and_mask(tmp_path):
     assert "| stsb (pearson) | ap | 0.8400 | 0.8200 (62%) |" in text
     assert "| stsb (pearson) | random | 0.8400 | 0.4900 (60%) |" in text
     assert "| stsb (pearson) | ap − random | - | +0.3300 |" in text  # one seed: no spread to compare with
+    _write_dicts(tmp_path / "bad.csv", [row(0.0, "ap", 0.84, 0.0), row(60.0, "ap", "n/a", 0.62)])
+    with pytest.raises(ValueError, match=r"bad\.csv:3: .*'n/a'"):
+        mod.load(tmp_path / "bad.csv")
     mod.plot(mod.load(tmp_path / "r.csv"), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     # two seeds: the difference's spread is the two stds in quadrature; inside it, the cell says so
