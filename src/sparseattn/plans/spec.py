@@ -38,19 +38,24 @@ class RuleParts(NamedTuple):
     source: str
 
 
-def _split(text: str, seps: str) -> list[tuple[int, str]]:
-    """Split at top-level separators (outside parentheses and quotes), keeping offsets."""
-    out, depth, quote, start = [], 0, None, 0
+def _outside_quotes(text: str):
+    """(index, character, parenthesis depth after it) of each character of ``text`` outside quotes."""
+    depth, quote = 0, None
     for i, c in enumerate(text):
         if quote:
             quote = None if c == quote else quote
         elif c in "'\"":
             quote = c
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c in seps and depth == 0:
+        else:
+            depth += (c == "(") - (c == ")")
+            yield i, c, depth
+
+
+def _split(text: str, seps: str) -> list[tuple[int, str]]:
+    """Split at top-level separators (outside parentheses and quotes), keeping offsets."""
+    out, start = [], 0
+    for i, c, depth in _outside_quotes(text):
+        if c in seps and depth == 0:
             out.append((start, text[start:i]))
             start = i + 1
     out.append((start, text[start:]))
@@ -176,18 +181,9 @@ def _in_parentheses(src: str) -> bool:
     """Whether ``src`` is one parenthesized expression: its first '(' closes at its last character."""
     if not (src.startswith("(") and src.endswith(")")):
         return False
-    depth, quote = 0, None
-    for i, c in enumerate(src):
-        if quote:
-            quote = None if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return i == len(src) - 1
+    for i, c, depth in _outside_quotes(src):
+        if c == ")" and depth == 0:
+            return i == len(src) - 1
     return False
 
 
