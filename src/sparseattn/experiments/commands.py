@@ -371,7 +371,8 @@ def _add_report(sub, formatter_class) -> None:
                                          "in more than one counts once)")
     p.add_argument("--out", default=None, help="folder for report.md, report.html, plots/ (default: <db>_report beside the database)")
     p.add_argument("--sweep", default=None, help="only this sweep's runs (default: every run in the database)")
-    p.add_argument("--title", default=None, help="the report's heading (default: from the sweep's name)")
+    p.add_argument("--title", default=None, help="the report's heading (default: 'sparseattn results: ' and --sweep, "
+                   "or the databases' file names)")
     p.set_defaults(func=cmd_report)
 
 
