@@ -128,9 +128,13 @@ class ResultsDB:
             return None
         return st.st_dev, st.st_ino
 
+    def same_file(self) -> bool:
+        """Whether the file at ``path`` is still the one this writer opened (always, for a reader)."""
+        return self._file_id is None or self._stat_id() == self._file_id
+
     def check_same_file(self) -> None:
         """StorageError when the file at ``path`` is no longer the one this writer opened (replaced or removed)."""
-        if self._file_id is not None and self._stat_id() != self._file_id:
+        if not self.same_file():
             now = "is gone" if self._stat_id() is None else "is another file now (a copy put in its place?)"
             raise StorageError(f"{self.path}: the results database this process opened {now}; not writing to it, so "
                                "that no finished run is run again or recorded where nobody reads it. Start the sweep "
@@ -425,18 +429,15 @@ class Heartbeat:
             self.keys.discard(key)
 
     def _run(self):
-        try:
-            self.db.check_same_file()
-        except StorageError:
-            return  # the worker's next write says so; leases renewed in another file would hold its runs
+        # a replaced database: the worker's next write says so; leases renewed in another file would hold its runs
+        if not self.db.same_file():
+            return
         conn = self.db._connect()
         try:
             while not self._stop.wait(max(0.5, self.lease / 4)):
                 with self._lock:
                     keys = list(self.keys)
-                try:
-                    self.db.check_same_file()
-                except StorageError:
+                if not self.db.same_file():
                     return
                 for key in keys:
                     try:
