@@ -82,7 +82,7 @@ def plan_density(spec: str, length: int, layers: int, heads: int) -> float:
         for lp in Plan.parse(spec).resolve(layers, heads):
             rules = repr(lp.entries)
             if rules not in by_rules:  # layers with the same rules have the same layout
-                by_rules[rules] = be._static_layer(lp, True).entry(length, torch.device("cpu")).density
+                by_rules[rules] = be.tile_density(lp, length, causal=True)
             per_layer.append(by_rules[rules])
         _DENSITY[key] = sum(per_layer) / len(per_layer)
     return _DENSITY[key]
@@ -109,7 +109,7 @@ def table(rows: list[dict]) -> str:
             if (L, B) not in dense:
                 continue
             outside, attn = n * L * B, a * L * L * B
-            err = (outside + attn) / dense[(L, B)] - 1
+            err = round((outside + attn) / dense[(L, B)] - 1, 3) + 0.0  # + 0.0: a residual of -0.0 prints +0.0
             for m in SPARSE:
                 if m not in methods:
                     continue

@@ -572,3 +572,17 @@ def test_bench_model_plan_is_90_percent_sparse_on_the_batch_it_runs_on(batch, ca
     # the count the search uses is the one measure_plan makes
     allowed = sum(n * (n + 1) // 2 if causal else n * n for n in seqs)
     assert sum(_kept(n, w, causal, 1) for n in seqs) == round((1 - sparsity) * allowed)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_density_counts_the_kernel_layout_among_allowed_tiles(causal):
+    """``tile_density`` (what benchmarks quote as a plan's block density) equals kept / allowed tiles of the plan's
+    own mask, padding tiles of a length off the tile grid not counted."""
+    plan = Plan.parse("all: neighbour(40) | global_tokens(1)")
+    lp = plan.resolve(1, 2)[0]
+    backend = BlockSparseBackend(block_size=32)
+    layout = TokenLayout.from_lengths([300], causal=causal)
+    kept, allowed = block_counts(lp.mask(layout), layout, 32)
+    assert backend.tile_density(lp, 300, causal=causal) == pytest.approx(kept.sum().item() / allowed.sum().item())
+    assert backend.tile_density(Plan.parse("all: full").resolve(1, 2)[0], 300, causal=causal) == 1.0
+    assert backend.tile_density(Plan.parse("all: lexical()").resolve(1, 2)[0], 300, causal=causal) is None

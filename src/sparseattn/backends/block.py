@@ -147,6 +147,17 @@ class BlockSparseBackend(Backend):
             return self.max_density
         return 1.0 if self.kernel == "triton" and length >= DENSE_TILES_LENGTH else MAX_DENSITY
 
+    def tile_density(self, layer_plan, length: int, *, causal: bool, device="cpu") -> float | None:
+        """The block density the Triton kernel runs ``layer_plan`` at over one unpadded sequence of ``length`` tokens:
+        kept tiles among the tiles holding allowed pairs (causal ones where ``causal``), from the tile lists it
+        builds (and caches) for that length. None for a layer whose patterns depend on the input, which has no
+        layout before a batch."""
+        if layer_plan.is_dense:
+            return 1.0
+        if not _static(layer_plan):
+            return None
+        return self._static_layer(layer_plan, causal).entry(length, torch.device(device)).density
+
     def prepare(self, layer_plans) -> None:
         """Called by ``sparsify`` with the model's layer plans: registers, for each layer whose patterns depend on
         positions only, the source of its tile lists (built on first use), so that a traced model finds them

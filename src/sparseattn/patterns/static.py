@@ -75,6 +75,8 @@ class StaticMask(Pattern):
         torch.compile reads the copy as an input instead of copying from the host inside the graph (which a CUDA
         graph cannot hold) or mutating this pattern (which Dynamo cannot trace)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one copy
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.table.device == device:
             return self.table
         copy = self._copies.get(str(device))
