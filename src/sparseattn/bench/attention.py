@@ -116,13 +116,18 @@ def bigbird_blocks(L: int, sparsity: float, bs: int, heads: int, device, seed: i
     return keep, bigbird_mask, f"global 1 tile, window 3 tiles, {r} random tiles per row"
 
 
+# FlexAttention's generated kernels index a tensor a mask_mod captures with 32-bit offsets
+FLAT_TABLE_LIMIT = 2**31
+
+
 def ap_like(L: int, sparsity: float, bs: int, heads: int, device, seed: int = 0):
     """An arbitrary per-head layout like Attention Pruning's thresholded average attention: per head, tiles
     ranked by a score (decay from the diagonal at a per-head rate, a few per-head 'sink' key columns, noise),
     the top (1 - sparsity) kept; half of the kept off-diagonal tiles (the lower-scoring) hold a token-level
     mask keeping about half their pairs (drawn from a bank of 64 random tiles), so the kernel meets about as
     many partial tiles as full ones.
-    Returns (keep (1, H, L, L), mask_mod indexing the (H, L, L) table, description)."""
+    Returns (keep (1, H, L, L), mask_mod indexing the (H, L, L) table, or the tile codes and the bank where that
+    table exceeds 2^31 elements, description)."""
     n = L // bs
     g = torch.Generator(device="cpu").manual_seed(seed)
     I = torch.arange(n).float()
@@ -143,10 +148,19 @@ def ap_like(L: int, sparsity: float, bs: int, heads: int, device, seed: int = 0)
         tiles = torch.where(partial_d[h][..., None, None], bank[pick[h]], kept_d[h][..., None, None])  # (n,n,bs,bs)
         keep[0, h] = tiles.permute(0, 2, 1, 3).reshape(L, L)
         del tiles
-    table = keep[0]
+    if heads * L * L < FLAT_TABLE_LIMIT:
+        table = keep[0]
 
-    def ap_table_mask(b, h, q, kv):
-        return table[h, q, kv]
+        def ap_table_mask(b, h, q, kv):
+            return table[h, q, kv]
+    else:
+        # a (H, L, L) table this large (12 heads at 16k) would be read out of bounds (FLAT_TABLE_LIMIT). What a user
+        # does instead: look the tile up, then the pair within the bank's tile (-1 empty, -2 full, else the bank's)
+        code = torch.where(partial_d, pick.to(device), torch.where(kept_d, -2, -1)).to(torch.int32)
+
+        def ap_table_mask(b, h, q, kv):
+            c = code[h, q // bs, kv // bs]
+            return (c == -2) | ((c >= 0) & bank[c.clamp(min=0), q % bs, kv % bs])
 
     return keep, ap_table_mask, f"{int(kept.sum()) // heads} tiles per head, {int(partial.sum()) // heads} partial"
 
