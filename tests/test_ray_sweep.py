@@ -285,6 +285,31 @@ def test_ctrl_c_while_a_finished_task_is_recorded_gives_its_run_back(tmp_path):
     assert signal.getsignal(signal.SIGINT) is mine  # a sweep run from Python leaves the caller's Ctrl-C as it was
 
 
+class _InterruptedWait(_StandInRay):
+    """Ctrl-C arrives while the driver waits on Ray (here: the stand-in's wait signals the process itself); nothing
+    is ready, as when ray.wait times out."""
+
+    def __init__(self):
+        super().__init__(get_raises=AssertionError("nothing was ready"))
+        self.wait_returned = False
+
+    def wait(self, refs, num_returns, timeout):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # room for a handler to run inside this call, as it would inside Ray's
+        self.wait_returned = True
+        return [], refs
+
+
+def test_ctrl_c_during_a_ray_call_is_raised_after_it_returns(tmp_path):
+    """A Ctrl-C that comes while the driver is inside a Ray call is noted and raised once the call has returned
+    (cut short inside, Ray's client may never answer the cancellations that follow); the run is given back."""
+    ray = _InterruptedWait()
+    mine = signal.getsignal(signal.SIGINT)
+    assert _drive_stand_in(tmp_path, ray, KeyboardInterrupt) == ["pending"]
+    assert ray.wait_returned and len(ray.cancelled) == 1
+    assert signal.getsignal(signal.SIGINT) is mine
+
+
 def test_a_run_missing_a_dependency_stops_the_ray_sweep_and_is_not_failed(tmp_path):
     """A run whose method raises DependencyError (no data, a missing extra) stops the sweep, as in a plain
     sweep, with the error's message; the run is pending again, not failed."""

@@ -24,7 +24,8 @@ Faults:
   up at once (another host: when their lease, renewed by the driver, runs out). Runs the driver had recorded
   stay done; a result that had reached no file yet is lost with the driver and the run is done again, as in
   a plain sweep killed between a run's end and its record.
-- Ctrl-C (or SIGTERM): the running tasks are cancelled and their runs given back as pending.
+- Ctrl-C (or SIGTERM): at the driver loop's next turn (within 5 s), the running tasks are cancelled and their runs
+  given back as pending.
 
 What a run writes besides its record (prune runs: the shared dense checkpoint, attention averages and masks)
 goes to ``work_dir`` (default ``<db>.work/``), which every node must see at the same path (shared storage)
@@ -33,11 +34,14 @@ for runs on several nodes to share it; each node would otherwise make its own co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -181,13 +185,38 @@ def run_ray_sweep(db_path, sweep: str | None = None, *, address: str | None = No
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _interrupts_between_ray_calls():
+    """Ctrl-C and SIGTERM noted when they come and raised as KeyboardInterrupt by the returned check, which the
+    driver's loop calls between its calls into Ray (at least every 5 s: ray.wait's timeout). Raised wherever they
+    land, they can cut a Ray client call short inside, after which cancelling the tasks may never return (a driver
+    hung after Ctrl-C in CI once). Off the main thread, where no handler can be set, the check does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    came: list[int] = []
+
+    def check() -> None:
+        if came:
+            raise KeyboardInterrupt(f"signal {came[0]}")
+
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield check
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, glue_dir, work_dir, lease, max_runs, max_retries,
            say, run_timeout: float | None = None) -> dict:
     done = failed = claimed = 0
     tasks: dict = {}  # object ref -> (run key, what, t0)
-    with Heartbeat(db, None, worker, lease) as beat:
+    with Heartbeat(db, None, worker, lease) as beat, _interrupts_between_ray_calls() as interrupted:
         try:
             while True:
+                interrupted()
                 # claim while the cluster has room: a claimed run is one that is running
                 while len(tasks) < _slots(ray, share) and (max_runs is None or claimed < max_runs):
                     row = db.claim(worker, sweep, lease=lease)
@@ -201,9 +230,11 @@ def _drive(ray, db: ResultsDB, worker: WorkerId, sweep, remote, share: dict, *, 
                     tasks[ref] = (row["key"], cfg.task, what, time.perf_counter())
                     again = f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""
                     say(f"started {what}{again}  [{progress_line(db, sweep)}]")
+                    interrupted()
                 if not tasks:
                     break
                 ready, _ = ray.wait(list(tasks), num_returns=1, timeout=5.0)
+                interrupted()
                 for ref in ready:
                     key, task, what, t0 = tasks[ref]
                     d, f = _record(ray, db, worker, sweep, ref, key, task, what, t0, max_retries, say)
