@@ -179,7 +179,11 @@ def test_ctrl_c_cancels_the_tasks_and_gives_their_runs_back(tmp_path, ray_instan
     try:
         _wait_for(proc, db_path, lambda st: st.get("running", 0) == 2, "two runs were running")
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the driver did not end within 60 s of Ctrl-C; it printed:\n{proc.communicate()[0]}")
     finally:
         proc.kill()
     assert proc.returncode == 130, out
