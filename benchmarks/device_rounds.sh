@@ -54,6 +54,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=src
 # the tests' default model where the packaged one is not installed (the device bundle's copy)
 [[ -d .bundle/model ]] && export SPARSEATTN_DEFAULT_MODEL=${SPARSEATTN_DEFAULT_MODEL:-.bundle/model}
 log="$out/$stage.log"
+# Compiled kernels and the autotuner's timings, kept from one device session to the next: a fresh machine spends
+# minutes compiling and autotuning before its first number (bench-attention's first cell took 340 s in the eighteenth
+# round). Each stage leaves $OUT/device-cache.tar.gz; unpack it at the project root (tar xzf) and carry .device-cache
+# into the next session's calls (it counts towards carry's 64 MiB with .bundle; the bench stages need no bundle)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.device-cache/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.device-cache/inductor}
+keep_cache() {
+  [[ -d .device-cache ]] || return 0
+  tar czf "$out/device-cache.tar.gz" .device-cache 2>/dev/null || return 0
+  local mib=$(( $(stat -c %s "$out/device-cache.tar.gz") >> 20 ))
+  if (( mib > ${CACHE_MAX_MIB:-40} )); then  # a cache too large to carry back in is left out
+    rm -f "$out/device-cache.tar.gz"
+    echo "device cache: ${mib} MiB compressed, over CACHE_MAX_MIB=${CACHE_MAX_MIB:-40}: not kept" >&2
+  fi
+}
+trap keep_cache EXIT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
