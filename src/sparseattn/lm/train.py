@@ -17,15 +17,12 @@ shape of ``finetune``'s (``results.json``), with perplexity as the main metric (
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..integrations.hf import sparsify, unsparsify
 from ..models import load_model, load_tokenizer, resolve_model, text_config
@@ -33,11 +30,10 @@ from ..plans.io import as_plan, save_plan
 from ..plans.plan import Plan
 from ..training.config import FinetuneConfig
 from ..training.data import subset
-from ..training.distributed import Distributed, loss_weights, shard_batches
+from ..training.distributed import Distributed
 from ..training.distributed import from_env as distributed_from_env
-from ..training.finetune import History
 from ..training.glue import get_task
-from ..training.loop import Optimizer, autocast_for, resolve_device, resolve_precision, set_seed
+from ..training.loop import History, resolve_device, resolve_precision, set_seed, train_epochs
 from ..training.methods import Method, register_method
 from ..training.record import device_description, loss_curve, package_versions, write_results
 from .corpus import bpe_tokenizer, corpus_dir, corpus_files, cut_rows, encode_documents
@@ -193,58 +189,25 @@ def train(cfg: LMConfig, model, data: LMData, device: torch.device, precision: s
     Data-parallel (``dist.active``, under torchrun): ``cfg.batch_size`` rows per rank, each step's global batch
     the ``batch_size x world_size`` rows one process would draw, each rank training on its slice through
     DistributedDataParallel; losses averaged over the ranks; every rank scores every evaluation row."""
-    dist = dist or Distributed()
-    autocast = autocast_for(precision, device)
-    use_cuda = device.type == "cuda"
     n = len(data.train)
-    global_batch = cfg.batch_size * dist.world_size
-    steps_per_epoch = math.ceil(n / global_batch)
-    total = steps_per_epoch * cfg.epochs
-    opt = Optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, total_steps=total,
-                    max_grad_norm=cfg.max_grad_norm, precision=precision, device=device)
-    rng = np.random.default_rng(cfg.seed)
-    hist = History(losses=torch.zeros(total, device=device))
-    net = dist.wrap(model)  # the model itself in a single process
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
+
+    def draw(rng, global_batch):
         order = rng.permutation(n)  # the same on every rank: one seed
-        global_batches = [order[i * global_batch:(i + 1) * global_batch] for i in range(steps_per_epoch)]
-        batches = shard_batches(global_batches, dist.rank, dist.world_size)
-        weights = loss_weights(global_batches, dist.rank, dist.world_size)
-        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   dynamic_ncols=True)
-        for i in bar:
-            ids = data.train[torch.from_numpy(batches[i])]
-            ids = (ids.pin_memory() if use_cuda else ids).to(device, non_blocking=True)
-            with autocast():
-                loss = lm_loss(net, ids)
-            if weights[i] != 1:  # this rank's share of an uneven global batch (rows of equal length)
-                loss = loss * weights[i]
-            opt.step(loss)
-            hist.losses[step] = loss.detach()
-            step += 1
-            if progress and (i % 50 == 49 or i == steps_per_epoch - 1):  # a host sync every 50 steps only
-                bar.set_postfix(loss=f"{hist.losses[max(0, step - 50):step].mean().item():.4f}")
-        bar.close()
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        epoch_train = time.perf_counter() - t0
-        hist.train_seconds += epoch_train
-        if dist.active:  # every rank's losses, averaged: the loss of each global batch
-            hist.losses[step - steps_per_epoch:step] = dist.mean(hist.losses[step - steps_per_epoch:step])
-        t0 = time.perf_counter()
+        return [order[i:i + global_batch] for i in range(0, n, global_batch)]
+
+    def step_loss(net, idx, autocast):
+        ids = data.train[torch.from_numpy(idx)]
+        ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
+        with autocast():
+            return lm_loss(net, ids)
+
+    def evaluation(autocast):
         scored = rows_score(model, data.evals, batch_size=cfg.batch_size, autocast=autocast)
-        hist.eval_seconds += time.perf_counter() - t0
-        ep_loss = float(hist.losses[step - steps_per_epoch:step].float().mean())
-        metrics = {"perplexity": scored.perplexity, "loss": scored.loss}
-        hist.epochs.append({"epoch": epoch + 1, "train_loss": ep_loss, "train_seconds": epoch_train,
-                            "metrics": metrics})
-        if progress:
-            tqdm.write(f"{cfg.task} epoch {epoch + 1}: train loss {ep_loss:.4f}, {cfg.eval_split} perplexity "
-                       f"{scored.perplexity:.3f} ({epoch_train:.1f} s)")
-    return hist
+        return {"perplexity": scored.perplexity, "loss": scored.loss}
+
+    return train_epochs(model, cfg, examples=n, draw=draw, step_loss=step_loss, evaluate=evaluation,
+                        describe=lambda m: f"{cfg.eval_split} perplexity {m['perplexity']:.3f}", label=cfg.task,
+                        precision=precision, device=device, dist=dist or Distributed(), progress=progress)
 
 
 def save_lm(model, tokenizer, plan: Plan, out_dir: Path, *, sparsified: bool) -> None:

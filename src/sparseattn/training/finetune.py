@@ -14,7 +14,6 @@ an epoch ends. The dense baseline runs the model's own attention; any other plan
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..integrations.hf import sparsify, unsparsify
@@ -34,11 +32,11 @@ from ..text.parse import DEFAULT_PARSER, ParseCache
 from .batching import EncodedSplit, collate, eval_batches, to_device, train_batches
 from .config import FinetuneConfig
 from .data import encoded, load_examples
-from .distributed import Distributed, loss_weights, shard_batches
+from .distributed import Distributed
 from .distributed import from_env as distributed_from_env
 from .evaluate import eval_sparsity, evaluate, majority_reference, prediction_counts
 from .glue import GlueTask, get_task
-from .loop import Optimizer, autocast_for, resolve_device, resolve_precision, set_seed, task_loss
+from .loop import History, resolve_device, resolve_precision, set_seed, task_loss, train_epochs
 from .methods import Method, register_method
 from .packing import batch_logits, make_batch, token_slots
 from .record import device_description, loss_curve, package_versions, write_results
@@ -78,19 +76,6 @@ class Data:
     tokenizer: object
     train: EncodedSplit
     evals: EncodedSplit
-
-
-@dataclass
-class History:
-    """What training made: one entry per epoch (loss, seconds, metrics) and every step's loss."""
-
-    epochs: list[dict] = field(default_factory=list)
-    losses: torch.Tensor | None = None
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    predictions: list = field(default_factory=list)  # each epoch's predictions on the evaluation split
-    real_tokens: int = 0  # tokens of the training examples, over every epoch
-    token_slots: int = 0  # positions of the training batches (real and padding), over every epoch
 
 
 def setup(cfg: FinetuneConfig, device=None) -> Run:
@@ -183,59 +168,26 @@ def train(run: Run, model, data: Data, *, progress: bool = True) -> History:
     ``batch_size x world_size`` examples drawn as one process would draw them, each rank trains on its slice
     through DistributedDataParallel, losses are averaged over the ranks, and every rank evaluates."""
     cfg, task, device, dist = run.cfg, run.task, run.device, run.dist
-    use_cuda = device.type == "cuda"
-    autocast = autocast_for(run.precision, device)
-    global_batch = cfg.batch_size * dist.world_size
-    steps_per_epoch = math.ceil(len(data.train) / global_batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    opt = Optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, total_steps=total_steps,
-                    max_grad_norm=cfg.max_grad_norm, precision=run.precision, device=device)
-    rng = np.random.default_rng(cfg.seed)
-    hist = History(losses=torch.zeros(total_steps, device=device))
-    net = dist.wrap(model)  # the model itself in a single process
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        global_batches = train_batches(data.train, global_batch, rng)
-        batches = shard_batches(global_batches, dist.rank, dist.world_size)
-        weights = loss_weights(global_batches, dist.rank, dist.world_size)
-        bar = tqdm(batches, desc=f"{task.folder} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   dynamic_ncols=True)
-        for i, idx in enumerate(bar):
-            batch = make_batch(data.train, idx, pack=cfg.pack, pad_to_multiple_of=run.pad_to, pin=use_cuda)
-            hist.real_tokens += int(data.train.lengths[idx].sum())
-            hist.token_slots += batch["input_ids"].numel()
-            batch = to_device(batch, device)
-            with autocast():
-                logits = batch_logits(net, batch, run.pass_structure)
-            loss = task_loss(logits, batch["labels"], task.is_regression)
-            if weights[i] != 1:  # this rank's share of an uneven global batch
-                loss = loss * weights[i]
-            opt.step(loss)
-            hist.losses[step] = loss.detach()
-            step += 1
-            if progress and (i % 50 == 49 or i == len(batches) - 1):  # a host sync every 50 steps only
-                bar.set_postfix(loss=f"{hist.losses[max(0, step - 50):step].mean().item():.4f}")
-        bar.close()
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        epoch_train = time.perf_counter() - t0
-        hist.train_seconds += epoch_train
-        if dist.active:  # every rank's losses, averaged: the loss of each global batch
-            hist.losses[step - len(batches):step] = dist.mean(hist.losses[step - len(batches):step])
-        t0 = time.perf_counter()
-        metrics = evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
-                           autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to,
-                           progress=progress, predictions=hist.predictions, pack=cfg.pack)
-        hist.eval_seconds += time.perf_counter() - t0
-        ep_loss = float(hist.losses[step - len(batches):step].float().cpu().numpy().mean())
-        hist.epochs.append({"epoch": epoch + 1, "train_loss": ep_loss, "train_seconds": epoch_train,
-                            "metrics": metrics})
-        if progress:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"{task.folder} epoch {epoch + 1}: train loss {ep_loss:.4f}, {cfg.eval_split} "
-                       f"{shown} ({epoch_train:.1f} s)")
+    hist = History()
+
+    def step_loss(net, idx, autocast):
+        batch = make_batch(data.train, idx, pack=cfg.pack, pad_to_multiple_of=run.pad_to, pin=device.type == "cuda")
+        hist.real_tokens += int(data.train.lengths[idx].sum())
+        hist.token_slots += batch["input_ids"].numel()
+        batch = to_device(batch, device)
+        with autocast():
+            logits = batch_logits(net, batch, run.pass_structure)
+        return task_loss(logits, batch["labels"], task.is_regression)
+
+    def evaluation(autocast):
+        return evaluate(model, data.evals, task, batch_size=max(256, cfg.batch_size), device=device,
+                        autocast=autocast, pass_structure=run.pass_structure, pad_to=run.pad_to, progress=progress,
+                        predictions=hist.predictions, pack=cfg.pack)
+
+    train_epochs(model, cfg, examples=len(data.train), draw=lambda rng, n: train_batches(data.train, n, rng),
+                 step_loss=step_loss, evaluate=evaluation, label=task.folder, precision=run.precision,
+                 device=device, dist=dist, progress=progress, hist=hist,
+                 describe=lambda m: f"{cfg.eval_split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     if dist.active:  # the tokens of every rank's slices, not this rank's
         counts = dist.sum(torch.tensor([hist.real_tokens, hist.token_slots], dtype=torch.int64, device=device))
         hist.real_tokens, hist.token_slots = (int(c) for c in counts.tolist())
