@@ -75,7 +75,9 @@ class TokenLayout:
                      special_first: int = 0, special_last: int = 0) -> "TokenLayout":
         """Right-padded batch of the given real lengths. ``special_first`` / ``special_last`` mark that
         many tokens at each end of every example as special (1 and 1 for a [CLS] ... [SEP] input)."""
-        lengths = torch.as_tensor(list(lengths), dtype=torch.long, device=device)
+        # checked and measured on the host, then moved: on a GPU each check would wait for it
+        lengths = torch.as_tensor(lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths),
+                                  dtype=torch.long)
         if lengths.numel() == 0:
             raise ValueError("TokenLayout.from_lengths got no lengths")
         if (lengths < 1).any():
@@ -83,6 +85,7 @@ class TokenLayout:
         L = int(lengths.max()) if length is None else int(length)
         if L < int(lengths.max()):
             raise ValueError(f"length {L} is shorter than the longest example ({int(lengths.max())} tokens)")
+        lengths = lengths.to(device)
         pos = torch.arange(L, device=device)[None, :]
         real = pos < lengths[:, None]
         special = None
