@@ -327,8 +327,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=No
 
         be = BlockSparseBackend()
         lp = Plan.everywhere(static_mask(keep[0], key="bench")).resolve(1, H)[0]
-        # once, as a model's forward makes it for all its layers: from_lengths reads the GPU (its checks), which
-        # timed in every call added about 0.18 ms to each (the eighteenth round's 0.89-0.92 of the best method)
+        # once, as a model's forward makes it for all its layers: the time is the attention call's alone
         lay = TokenLayout.from_lengths([L] * like.shape[0], device=device)
         lay.unpadded = True
 
