@@ -63,10 +63,10 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.device-cache/ind
 keep_cache() {
   [[ -d .device-cache ]] || return 0
   tar czf "$out/device-cache.tar.gz" .device-cache 2>/dev/null || return 0
-  local mib=$(( $(stat -c %s "$out/device-cache.tar.gz") >> 20 ))
-  if (( mib > ${CACHE_MAX_MIB:-40} )); then  # a cache too large to carry back in is left out
+  local mib=$(( $(stat -c %s "$out/device-cache.tar.gz") >> 20 )) max=${CACHE_MAX_MIB:-40}
+  if (( mib > max )); then  # a cache too large to carry back in is left out
     rm -f "$out/device-cache.tar.gz"
-    echo "device cache: ${mib} MiB compressed, over CACHE_MAX_MIB=${CACHE_MAX_MIB:-40}: not kept" >&2
+    echo "device cache: ${mib} MiB compressed, over CACHE_MAX_MIB=${max}: not kept" >&2
   fi
 }
 trap keep_cache EXIT

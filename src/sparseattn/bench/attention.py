@@ -156,7 +156,7 @@ def ap_like(L: int, sparsity: float, bs: int, heads: int, device, seed: int = 0)
     else:
         # a (H, L, L) table this large (12 heads at 16k) would be read out of bounds (FLAT_TABLE_LIMIT). What a user
         # does instead: look the tile up, then the pair within the bank's tile (-1 empty, -2 full, else the bank's)
-        code = torch.where(partial_d, pick.to(device), torch.where(kept_d, -2, -1)).to(torch.int32)
+        code = torch.where(partial_d, pick, torch.where(kept_d, -2, -1)).to(torch.int32)
 
         def ap_table_mask(b, h, q, kv):
             c = code[h, q // bs, kv // bs]
