@@ -323,6 +323,22 @@ if triton is not None:
         return b, h, start, n
 
     @triton.jit
+    def entries_below(IDX, lo, hi, bound):
+        """The end of the entries lo..hi-1 of an ascending list that are below ``bound``. A segment walks its
+        bucket's lists, whose entries past the segment's end are cut off here rather than skipped inside the
+        loop: Triton does not pipeline the loads of a loop body behind a branch. One read where nothing is cut
+        (the usual case), a binary search otherwise."""
+        if hi > lo:
+            if tl.load(IDX + hi - 1) >= bound:
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if tl.load(IDX + mid) < bound:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+        return hi
+
+    @triton.jit
     def _delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, N_CTX,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
         """delta[b, h, i] = sum_d o * do in fp32, without materializing the product."""
@@ -374,16 +390,13 @@ if triton is not None:
                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    PREC: tl.constexpr, VARLEN: tl.constexpr):
         SUB: tl.constexpr = BS // BLOCK_N
+        if VARLEN:  # the tiles wholly past the segment's end; sub-tiles past it in the last tile load as masked
+            count = entries_below(IDX, count * 0, count, (n + BS - 1) // BS)
         for t in range(0, count * SUB):
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
-            if VARLEN:
-                if blk * BS + col0 < n:  # sub-tiles wholly past the segment's end are skipped
-                    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
-                                              blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
-            else:
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
-                                          blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
+                                      blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
         return acc, l_i, m_i
 
     @triton.jit
@@ -525,18 +538,14 @@ if triton is not None:
         """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
         the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
         SUB: tl.constexpr = BS // BLOCK_M
+        if VARLEN:  # query tiles wholly past the segment's end (see entries_below)
+            hi = entries_below(IDX, lo, hi, (n + BS - 1) // BS)
         for t in range(lo * SUB, hi * SUB):
             blk = tl.load(IDX + t // SUB)
             row0 = (t % SUB) * BLOCK_M
-            if VARLEN:
-                if blk * BS + row0 < n:
-                    dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
-                                        TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
-                                        FUSED, VARLEN)
-            else:
-                dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
-                                    TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
-                                    FUSED, VARLEN)
+            dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
+                                TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
+                                FUSED, VARLEN)
         return dk, dv
 
     @triton.jit
@@ -613,16 +622,13 @@ if triton is not None:
                   PREC: tl.constexpr, VARLEN: tl.constexpr):
         """Entries lo..hi-1 of a row's list."""
         SUB: tl.constexpr = BS // BLOCK_N
+        if VARLEN:  # key tiles wholly past the segment's end (see entries_below)
+            hi = entries_below(IDX, lo, hi, (n + BS - 1) // BS)
         for t in range(lo * SUB, hi * SUB):
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
-            if VARLEN:
-                if blk * BS + col0 < n:
-                    dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk,
-                                  col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
-            else:
-                dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0,
-                              n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+            dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0,
+                          n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
         return dq
 
     @triton.jit
