@@ -38,7 +38,6 @@ backward 2.5 times that; a sparse kernel's "effective" rate counts only kept til
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -182,24 +181,15 @@ def make_layout(name: str, L: int, sparsity: float, bs: int, heads: int, device)
 
 
 # -- timing ---------------------------------------------------------------------------------------------
-def time_ms(fn, *, warmup: int = 2, min_reps: int = 5, min_ms: float = 150.0) -> float:
-    """Median wall time of fn on the GPU (CUDA events), after warm-up; at least min_reps runs and min_ms."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times: list[float] = []
-    total = 0.0
-    while len(times) < min_reps or total < min_ms:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        total += times[-1]
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
+def time_ms(fn, *, warmup: float = 25.0, min_ms: float = 150.0) -> float:
+    """Median time of one call of fn on the GPU (CUDA events; ``triton.testing.do_bench``, for at least min_ms
+    after warmup ms). The calls are queued back to back, as a model's layers queue theirs, each after a clear of
+    the L2 cache: a call's host work (Python, launches) counts only where it outlasts the GPU's work, not in
+    full as it would if every call waited for the last (the host cost of an eager call is measured by `bench
+    model`, in microseconds per attention call)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=min_ms, return_mode="median")
 
 
 def peak_mib(fn) -> float:
