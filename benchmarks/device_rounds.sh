@@ -38,6 +38,9 @@
 #                      fifteenth round; issue 25 asks 1.8x), a few minutes
 #   profile-compile    issue 24: where the host time of the encoder step goes under torch.compile(model) against
 #                      eager (benchmarks/profile_model_step.py; launches, syncs, top host operators), a few minutes
+#   profile-host       issue 24: where an eager attention call's host time goes (256-356 us a forward call in the
+#                      nineteenth round's eager step), layer by layer of the call, and a cProfile of the backend's
+#                      calls (benchmarks/profile_attention_host.py, about a minute)
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -140,6 +143,9 @@ case $stage in
     METHODS=${METHODS:-dense,sparse} timeout 200 bash "$0" bench-generate-static || true
     RUN=1 timeout 220 bash "$0" bench-generate-32k || true
     PROFILE_TIMEOUT=150 bash "$0" profile-decode || true ;;
+  profile-host)
+    timeout ${PROFILE_TIMEOUT:-300} python benchmarks/profile_attention_host.py --json "$out/profile_attention_host.json" \
+      2>&1 | tee -a "$log" || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)

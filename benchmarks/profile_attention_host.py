@@ -1,0 +1,159 @@
+"""Where the host time of one eager sparse attention call goes, layer by layer of the call (GPU).
+
+    PYTHONPATH=src python benchmarks/profile_attention_host.py --json out/profile_attention_host.json
+
+The nineteenth round (docs/benchmarks.md) measured 256-356 us of host time per attention forward call in `bench
+model`'s eager encoder step on an H200 (54 calls a step: most of the gap between the eager step, 24.6 ms, and the
+same kernels as CUDA graphs, 13.3 ms), where the backend's own Python took 44 us on the CPU with the launch
+replaced by nothing. This times, with the GPU's queue drained before each call so that no launch waits for room
+in it, the host time of each layer of the call from the bottom up:
+
+- ``empty``: allocating the output (the floor of any call);
+- ``launch_compiled``: the forward kernel's compiled binary launched directly (Triton's ``CompiledKernel``), no
+  argument binding, specialization or autotuner;
+- ``launch_jit``: the kernel through Triton's JIT with a fixed configuration (binding and specialization of its
+  arguments, cache lookup);
+- ``forward_pass``: sparseattn's launch through the autotuner (its key and argument dictionary on top);
+- ``kernel_call``: ``block_sparse_attention_triton`` without autograd (input checks, padding of the head, the
+  operator's eager path);
+- ``kernel_call_grad``: the same with inputs that need gradients (autograd's bookkeeping);
+- ``backend_call``: ``BlockSparseBackend.attention`` as a model calls it (what `bench model` reports);
+- ``backward``: one backward pass of the kernel (the delta, dK/dV and dQ kernels; timed from the backward call);
+- ``sdpa``: dense SDPA's forward, for scale.
+
+Then a cProfile of ``backend_call``'s calls, the functions with the most own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import time
+
+import torch
+
+
+def host_us(fn, calls: int) -> float:
+    """Median host microseconds of ``fn`` over ``calls`` calls, the GPU's queue drained before each."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=32, help="32: bench model's encoder (MiniLM's shape)")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_attention_host.py times GPU launches: it needs a CUDA GPU")
+
+    from sparseattn.backends import BlockSparseBackend, triton_kernel
+    from sparseattn.backends.base import AttentionCall
+    from sparseattn.backends.tile_mask import TileMask
+    from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
+    from sparseattn.layout import TokenLayout
+    from sparseattn.patterns import neighbour
+    from sparseattn.plans.plan import Plan
+
+    dev = torch.device("cuda")
+    L, H, D = args.length, args.heads, args.head_dim
+    plan = Plan.everywhere(neighbour(L // 20))
+    lp = plan.resolve(1, H)[0]
+    lay = TokenLayout.from_lengths([L], device=dev)
+    lay.unpadded = True
+    keep = lp.mask(TokenLayout.from_lengths([L], device=dev))
+    lists = TileLists.from_layout(TileMask.from_mask(keep, 128))
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    scale = D ** -0.5
+    rows = {}
+
+    rows["empty"] = host_us(lambda: torch.empty_like(q), args.calls)
+
+    # the forward kernel with a fixed configuration, through the JIT and as its compiled binary
+    os.environ["SPARSEATTN_TRITON_AUTOTUNE"] = "0"
+    kernel, extra = triton_kernel._kernel("fwd", 128)
+    o = torch.empty_like(q)
+    lse = torch.empty(1, H, L, device=dev, dtype=torch.float32)
+    launch_args = (q, k, v, o, lse, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                   *triton_kernel.list_args(lists, lists.row_full, lists.row_part), H, 1, L,
+                   triton_kernel.tune_length(lists.num_q_blocks), scale * triton_kernel.LOG2E)
+    consts = dict(HEAD_DIM=D, BS=128, PREC=None, VARLEN=False, **extra)
+    grid = (H, lists.num_q_blocks)
+    compiled = kernel[grid](*launch_args, **consts)
+    rows["launch_jit"] = host_us(lambda: kernel[grid](*launch_args, **consts), args.calls)
+    # the compiled binary's launcher takes every argument in order, compile-time constants too (it skips them)
+    full = [*launch_args, *(consts[name] for name in kernel.arg_names[len(launch_args):])]
+    try:
+        compiled[(*grid, 1)](*full)
+        rows["launch_compiled"] = host_us(lambda: compiled[(*grid, 1)](*full), args.calls)
+    except Exception as e:  # Triton's internals differ from 3.6's: say so, keep the other rows
+        rows["launch_compiled"] = None
+        print(f"launch_compiled: not timed ({type(e).__name__}: {e})")
+    os.environ["SPARSEATTN_TRITON_AUTOTUNE"] = "1"
+
+    rows["forward_pass"] = host_us(lambda: triton_kernel.forward_pass(q, k, v, lists, scale), args.calls)
+    with torch.no_grad():
+        rows["kernel_call"] = host_us(lambda: block_sparse_attention_triton(q, k, v, lists, scale=scale), args.calls)
+    rows["kernel_call_grad"] = host_us(lambda: block_sparse_attention_triton(qg, kg, vg, lists, scale=scale),
+                                       args.calls)
+
+    be = BlockSparseBackend()
+
+    def backend_call():
+        call = AttentionCall(query=qg, key=kg, value=vg, layer_plan=lp, layout=lay, model_mask=None, scale=scale,
+                             dropout_p=0.0, cache={})
+        return be.attention(call)[0]
+
+    rows["backend_call"] = host_us(backend_call, args.calls)
+    out = block_sparse_attention_triton(qg, kg, vg, lists, scale=scale)
+    grad = torch.randn_like(out)
+
+    def backward():
+        torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True)
+
+    rows["backward"] = host_us(backward, args.calls)
+    rows["sdpa"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.calls)
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(args.calls):
+        backend_call()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; L={L}, H={H}, D={D}, "
+          f"{args.calls} calls each, host microseconds per call (median):")
+    for name, us in rows.items():
+        print(f"  {name:<18} {'-' if us is None else f'{us:8.1f}'}")
+    print(f"\ncProfile of {args.calls} backend calls (own time):")
+    print(text.getvalue())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": L, "heads": H,
+                       "head_dim": D, "host_us": rows, "cprofile": text.getvalue()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
