@@ -18,8 +18,10 @@ from sparseattn.backends import BlockSparseBackend, ReferenceBackend  # noqa: E4
 from sparseattn.backends.base import AttentionCall  # noqa: E402
 from sparseattn.backends.tile_mask import TileMask  # noqa: E402
 from sparseattn.backends import triton_kernel  # noqa: E402
-from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton  # noqa: E402
+from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton, entries_below  # noqa: E402
 from sparseattn.layout import TokenLayout  # noqa: E402
+
+tl = triton.language
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU; "
                                 "test_block_gpu.py covers the compiled kernel")
@@ -127,6 +129,27 @@ def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_ti
         assert ranked == sorted(ranked, reverse=True)
         ties = [[int(r) for r in order[0, h] if total[0, h, r] == n] for n in set(ranked)]
         assert all(t == sorted(t) for t in ties)
+
+
+@triton.jit
+def _cut(IDX, LO, HI, BOUND, OUT):
+    i = tl.program_id(0)
+    tl.store(OUT + i, entries_below(IDX, tl.load(LO + i), tl.load(HI + i), tl.load(BOUND + i)))
+
+
+def test_entries_below_cuts_an_ascending_list_where_a_segment_ends():
+    """The segmented kernels walk their bucket's lists up to the first entry at or past the segment's last tile
+    (``entries_below``, a binary search; the lists are ascending, as the test above checks): every range, bound and
+    edge against counting by hand."""
+    idx = [1, 3, 4, 7, 9, 9, 12]
+    cases = [(lo, hi, bound) for lo in range(len(idx) + 1) for hi in range(lo, len(idx) + 1) for bound in range(14)]
+    cases += [(3, 1, 5)]  # an empty range given backwards: nothing to walk
+    lo, hi, bound = (torch.tensor(c, dtype=torch.int32) for c in zip(*cases))
+    out = torch.full((len(cases),), -1, dtype=torch.int32)
+    triton_kernel._mend_interpreter()
+    _cut[(len(cases),)](torch.tensor(idx, dtype=torch.int32), lo, hi, bound, out)
+    want = [a + sum(x < c for x in idx[a:b]) if b > a else b for a, b, c in cases]
+    assert out.tolist() == want
 
 
 def test_backward_programs_split_long_lists_into_chunks_that_cover_them_once():
