@@ -41,6 +41,9 @@
 #   profile-host       issue 24: where an eager attention call's host time goes (256-356 us a forward call in the
 #                      nineteenth round's eager step), layer by layer of the call, and a cProfile of the backend's
 #                      calls (benchmarks/profile_attention_host.py, about a minute)
+#   eager-floor        issue 24: the eager encoder step with attention taken out (its output the value tensor, no
+#                      launch) against dense and sparse, eagerly and as CUDA graphs: the fastest any attention kernel
+#                      can make an eager step (benchmarks/eager_floor.py, a minute or two)
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -146,6 +149,9 @@ case $stage in
   profile-host)
     timeout ${PROFILE_TIMEOUT:-300} python benchmarks/profile_attention_host.py --json "$out/profile_attention_host.json" \
       2>&1 | tee -a "$log" || true ;;
+  eager-floor)
+    timeout ${PROFILE_TIMEOUT:-300} python benchmarks/eager_floor.py --length 16k --batches "${BATCHES:-unpadded,padding-free}" \
+      --json "$out/eager_floor.json" 2>&1 | tee -a "$log" || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)

@@ -1,0 +1,95 @@
+"""How fast an eager training step of `bench model`'s encoder can be, whatever attention costs (GPU).
+
+    PYTHONPATH=src python benchmarks/eager_floor.py --length 16k --batches unpadded,padding-free
+
+Issue 24 asks the eager encoder step at 16k for 2x the fastest dense step. The nineteenth round (docs/benchmarks.md)
+measured it at 24.6 ms eagerly against 13.3 ms for the same kernels as CUDA graphs: the eager step is host-bound.
+This bounds what any attention kernel can reach eagerly, in one process, on one batch kind at a time:
+
+- ``dense``: dense SDPA (the model's own attention), eagerly and as one CUDA graph captured by hand;
+- ``sparse``: ``sparsify(model, plan, backend=BlockSparseBackend())``, the same two ways;
+- ``free``: the same sparsified model whose backend returns the value tensor as the attention output, launching
+  nothing: the model's own host and GPU work around attention, with attention's cost taken out entirely.
+
+The ``free`` step's eager time is the floor of an eager step with any attention: a kernel that cost nothing on the
+host and the GPU would still take it. Its ratio to the fastest dense step is the largest eager speed-up any
+attention could give on this machine; its graph time is the GPU time of the model's work outside attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main(argv=None) -> int:
+    from sparseattn.backends.block import BlockSparseBackend
+    from sparseattn.bench.commands import _ints
+    from sparseattn.bench.model import _Bench, _fresh_peak, _graphed, _time_steps
+    from sparseattn.integrations.hf import sparsify
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=_ints, default=[16384], help="one length (16384 or 16k)")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (rows = tokens // length)")
+    ap.add_argument("--batches", default="unpadded", help="bench model's batch kinds, comma-separated")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("eager_floor.py times CUDA steps; no GPU is visible")
+    length = args.length[0]
+    rows = []
+    for batch_kind in args.batches.split(","):
+        bench = _Bench.make("encoder", length, batch_kind, tokens=args.tokens, decoder_layers=4)
+        real = bench.batch("sparse")["real"]
+        times = {}
+        backend = None
+        for variant in ("dense", "sparse", "free"):
+            if variant == "sparse":
+                backend = BlockSparseBackend()
+                sparsify(bench.model, bench.plan, backend=backend)
+            elif variant == "free":
+                # attention's output is its value tensor: no launch, no host work beyond the model's own call
+                backend.attention = lambda call: (call.value, None)
+            attention = "dense" if variant == "dense" else "triton"
+            inputs = bench.inputs(attention)
+            run = bench.step(bench.model, inputs, mark=False)
+            eager_ms, _ = _time_steps(run, args.warmup, args.steps)
+            bench.zero_grad()
+            run()  # layouts and autotuning eagerly, before capture
+            _fresh_peak()
+            body = bench.step(bench.model, inputs, mark=False)
+            graph, replay = _graphed(lambda: body(zero_grad=False), args.warmup)
+            graph_ms, _ = _time_steps(replay, args.warmup, args.steps, reset_peak=False)
+            del graph
+            bench.zero_grad()
+            times[variant] = (eager_ms, graph_ms)
+            print(f"{batch_kind:<13} {variant:<7} eager {eager_ms:7.2f} ms   graph {graph_ms:7.2f} ms", flush=True)
+        dense_real = bench.batch("dense")["real"]
+        best_dense = min(times["dense"]) / dense_real  # ms per real token
+        for variant, (eager_ms, graph_ms) in times.items():
+            n = dense_real if variant == "dense" else real
+            rows.append({"batch": batch_kind, "variant": variant, "eager_ms": eager_ms, "graph_ms": graph_ms,
+                         "host_bound_by": eager_ms / graph_ms,
+                         "eager_over_fastest_dense": best_dense / (eager_ms / n),
+                         "graph_over_fastest_dense": best_dense / (graph_ms / n)})
+        del bench, backend
+    print(f"\n{'batch':<13} {'variant':<7} {'eager ms':>8} {'graph ms':>8} {'eager/graph':>11} "
+          f"{'eager x fastest dense':>21} {'graph x fastest dense':>21}")
+    for r in rows:
+        print(f"{r['batch']:<13} {r['variant']:<7} {r['eager_ms']:8.2f} {r['graph_ms']:8.2f} {r['host_bound_by']:11.2f} "
+              f"{r['eager_over_fastest_dense']:20.2f}x {r['graph_over_fastest_dense']:20.2f}x")
+    print("free: attention replaced by its value tensor (no work); its eager column bounds every attention kernel "
+          "eagerly. Fastest dense: the faster of dense eager and dense as a CUDA graph, same batch kind, real tokens/s.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": length,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
