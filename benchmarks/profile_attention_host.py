@@ -19,6 +19,7 @@ in it, the host time of each layer of the call from the bottom up:
 - ``kernel_call_grad``: the same with inputs that need gradients (autograd's bookkeeping);
 - ``backend_call``: ``BlockSparseBackend.attention`` as a model calls it (what `bench model` reports);
 - ``backward``: one backward pass of the kernel (the delta, dK/dV and dQ kernels; timed from the backward call);
+- ``backward_pass``: the same kernels launched directly (``triton_kernel.backward_pass``), without autograd's engine;
 - ``sdpa``: dense SDPA's forward, for scale.
 
 Then a cProfile of ``backend_call``'s calls, the functions with the most own time.
@@ -130,6 +131,13 @@ def main(argv=None) -> int:
         torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True)
 
     rows["backward"] = host_us(backward, args.calls)
+    o, lse = triton_kernel.forward_pass(q, k, v, lists, scale)
+    do = grad.detach()
+
+    def backward_pass():
+        triton_kernel.backward_pass(do, q, k, v, o, lse, lists, scale)
+
+    rows["backward_pass"] = host_us(backward_pass, args.calls)
     rows["sdpa"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.calls)
 
     prof = cProfile.Profile()
@@ -141,6 +149,15 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(args.calls):
+        backward_pass()
+    prof.disable()
+    torch.cuda.synchronize()
+    text_bwd = io.StringIO()
+    pstats.Stats(prof, stream=text_bwd).sort_stats("tottime").print_stats(25)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; L={L}, H={H}, D={D}, "
           f"{args.calls} calls each, host microseconds per call (median):")
@@ -148,10 +165,13 @@ def main(argv=None) -> int:
         print(f"  {name:<18} {'-' if us is None else f'{us:8.1f}'}")
     print(f"\ncProfile of {args.calls} backend calls (own time):")
     print(text.getvalue())
+    print(f"\ncProfile of {args.calls} backward_pass calls (own time):")
+    print(text_bwd.getvalue())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": L, "heads": H,
-                       "head_dim": D, "host_us": rows, "cprofile": text.getvalue()}, f, indent=1)
+                       "head_dim": D, "host_us": rows, "cprofile": text.getvalue(),
+                       "cprofile_backward_pass": text_bwd.getvalue()}, f, indent=1)
     return 0
 
 

@@ -673,4 +673,46 @@ def test_the_autotune_cache_setting_is_sparseattns_whatever_tritons_knob_says(mo
     else:
         monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", tritons)
     tuner, extra = tk._kernel("fwd", 64)
-    assert extra == {} and tuner.cache_results is expected
+    assert extra == {} and tuner.tuner.cache_results is expected
+
+
+def test_a_chosen_configuration_launches_directly_and_each_new_key_is_tuned():
+    """_Chosen asks the autotuner once per tuning key (the length class, the constants, the tensors' dtypes) and
+    then launches its choice through the JIT function; a key it has not seen goes to the autotuner again."""
+    launches = []
+
+    class Config:
+        def __init__(self, warps):
+            self.warps = warps
+
+        def all_kwargs(self):
+            return {"BLOCK_N": 64, "num_warps": self.warps}
+
+    class Fn:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append(("jit", grid, a[1], kw))
+
+    class Tuner:
+        fn = Fn()
+        arg_names = ["Q", "TUNE_LEN", "HEAD_DIM"]
+        cache = {}
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                self.best_config = Config(len(launches) + 4)
+                launches.append(("tuner", grid, a[1], kw))
+            return run
+
+    chosen = triton_kernel._Chosen(Tuner())
+    q16, q32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    chosen[(1, 2)](q16, 8, HEAD_DIM=64)
+    chosen[(3, 2)](q16, 8, HEAD_DIM=64)
+    chosen[(1, 2)](q16, 16, HEAD_DIM=64)  # another length class
+    chosen[(1, 2)](q32, 8, HEAD_DIM=64)  # another dtype
+    chosen[(1, 2)](q16, 8, HEAD_DIM=32)  # another constant
+    chosen[(5, 5)](q16, 16, HEAD_DIM=64)
+    assert [(how, grid, n) for how, grid, n, _ in launches] == [
+        ("tuner", (1, 2), 8), ("jit", (3, 2), 8), ("tuner", (1, 2), 16), ("tuner", (1, 2), 8), ("tuner", (1, 2), 8),
+        ("jit", (5, 5), 16)]
+    assert launches[1][3] == {"HEAD_DIM": 64, "BLOCK_N": 64, "num_warps": 4}  # the first key's choice
+    assert launches[5][3] == {"HEAD_DIM": 64, "BLOCK_N": 64, "num_warps": 6}  # the second key's
