@@ -18,6 +18,8 @@ in it, the host time of each layer of the call from the bottom up:
   operator's eager path);
 - ``kernel_call_grad``: the same with inputs that need gradients (autograd's bookkeeping);
 - ``backend_call``: ``BlockSparseBackend.attention`` as a model calls it (what `bench model` reports);
+- ``backend_call_packed``, ``backward_packed``: the same on a padding-free row (two examples' tokens and padding,
+  as `bench model`'s padding-free batch: the segmented kernels);
 - ``backward``: one backward pass of the kernel (the delta, dK/dV and dQ kernels; timed from the backward call);
 - ``backward_pass``: the same kernels launched directly (``triton_kernel.backward_pass``), without autograd's engine;
 - ``sdpa``: dense SDPA's forward, for scale.
@@ -124,6 +126,20 @@ def main(argv=None) -> int:
         return be.attention(call)[0]
 
     rows["backend_call"] = host_us(backend_call, args.calls)
+    # a padding-free row as `bench model` makes it: two examples' real tokens, then padding to the row's end
+    cu = torch.tensor([0, L * 5 // 8, L * 31 // 32], device=dev, dtype=torch.int32)
+    packed = TokenLayout.from_cu_seqlens(cu, 1, L)
+
+    def backend_call_packed():
+        call = AttentionCall(query=qg, key=kg, value=vg, layer_plan=lp, layout=packed, model_mask=None,
+                             scale=scale, dropout_p=0.0, cache={})
+        return be.attention(call)[0]
+
+    rows["backend_call_packed"] = host_us(backend_call_packed, args.calls)
+    out_packed = backend_call_packed()
+
+    def backward_packed():
+        torch.autograd.grad(out_packed, (qg, kg, vg), grad, retain_graph=True)
     out = block_sparse_attention_triton(qg, kg, vg, lists, scale=scale)
     grad = torch.randn_like(out)
 
@@ -131,6 +147,7 @@ def main(argv=None) -> int:
         torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True)
 
     rows["backward"] = host_us(backward, args.calls)
+    rows["backward_packed"] = host_us(backward_packed, args.calls)
     o, lse = triton_kernel.forward_pass(q, k, v, lists, scale)
     do = grad.detach()
 
