@@ -396,6 +396,35 @@ def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype):
             assert err <= 2 * base + 1e-5, f"{name} segment {(b, s, n)}: {what} error {err:.3g} > 2 x {base:.3g}"
 
 
+@pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", [CASES[6], CASES[8]],
+                         ids=[CASES[6][0], CASES[8][0]])
+def test_autotuned_launches_match_reference_before_and_after_the_choice(name, spec, lengths, causal, heads, kv_heads,
+                                                                        dim, monkeypatch):
+    """With the autotuner on (as users run it; the other GPU tests fix the configuration), the first call goes
+    through Triton's autotuner and later ones launch its choice directly (triton_kernel._Chosen): both match the
+    reference, outputs and gradients."""
+    from sparseattn.backends import triton_kernel
+
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE_CACHE", "0")
+    monkeypatch.setattr(triton_kernel, "_TUNED", {})
+    lp = Plan.parse(spec).resolve(1, heads)[0]
+    layout, q, k, v, grad = _inputs(lengths, causal, heads, kv_heads, dim, seed=3)
+    ref32 = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.float32)
+    torch_lp = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.bfloat16, need_weights=True)
+    real_q = layout.real[:, None, :, None]
+    backend = BlockSparseBackend(force=True, kernel="triton")
+    for call in ("tuning", "chosen"):
+        got = _run(backend, lp, layout, q, k, v, grad, torch.bfloat16)
+        for what, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref32, torch_lp):
+            if what in ("out", "dq"):
+                a, r, p = a * real_q, r * real_q, p * real_q
+            err, base = (a - r).abs().max().item(), (p - r).abs().max().item()
+            assert err <= 2 * base + 1e-5, f"{name} ({call}): {what} error {err:.3g} > 2 x PyTorch's {base:.3g}"
+    chosen = [t for t in triton_kernel._TUNED.values() if isinstance(t, triton_kernel._Chosen)]
+    assert len(chosen) == 3 and all(t._chosen for t in chosen)  # forward, dK/dV and dQ, each with its choice
+
+
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch):
     """Split lists (and the fused backward) add with atomics, in an order that varies; under
     torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the
