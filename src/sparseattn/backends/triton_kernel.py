@@ -740,10 +740,12 @@ def _kernel(name: str, bs: int):
 class _Chosen:
     """An autotuned kernel that launches the configuration chosen for a call's tuning key through the kernel's JIT
     function directly, once the autotuner has chosen it. Triton's ``Autotuner.run`` rebuilds its key from every
-    argument at each launch, which costs more host time than the launch itself (41 us against 27 on an H100,
-    ``benchmarks/profile_attention_host.py``); an eager step makes three such launches a layer. The key here is the
-    call's compile-time constants, its length class and its tensors' dtypes: everything the autotuner's key is made
-    of (``_kernel``), so each key of this one maps to one of the autotuner's."""
+    argument at each launch, which costs more host time than the launch itself (docs/benchmarks.md, twentieth
+    round); an eager step makes three such launches a layer. The key here is the
+    length class, the query's dtype and the compile-time constants, which decide the autotuner's key at every call
+    site of this module (the other tensors' dtypes follow from the query's). A key coarser than the autotuner's
+    could only pick another candidate's configuration, never a wrong result: every candidate computes the same
+    attention, and the JIT function specializes on the arguments it is given."""
 
     def __init__(self, tuner):
         self.tuner = tuner
@@ -759,7 +761,7 @@ class _Chosen:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid, args, kwargs):
-        key = (args[self._len_at], *kwargs.items(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        key = (args[self._len_at], args[0].dtype, *kwargs.items())
         chosen = self._chosen.get(key)
         if chosen is None:  # the autotuner times its candidates (or reads Triton's cache of its timings)
             out = self.tuner[grid](*args, **kwargs)
