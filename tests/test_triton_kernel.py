@@ -716,3 +716,30 @@ def test_a_chosen_configuration_launches_directly_and_each_new_key_is_tuned():
         ("jit", (5, 5), 16)]
     assert launches[1][3] == {"HEAD_DIM": 64, "BLOCK_N": 64, "num_warps": 4}  # the first key's choice
     assert launches[5][3] == {"HEAD_DIM": 64, "BLOCK_N": 64, "num_warps": 6}  # the second key's
+
+
+def test_bench_models_host_timer_times_every_forward_and_backward_call_and_restores_them(monkeypatch):
+    """bench model's host time per attention call and per backward call of the kernel: one sample per layer for
+    each, in an eager training step of a tiny sparsified BERT (interpreter); the wrapped functions come back."""
+    import sparseattn as sa
+    from conftest import tiny_bert
+    from sparseattn.bench import model as bench_model
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the timer drains the GPU's queue; none here
+    model = tiny_bert("classify").train()
+    backend = BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    sa.sparsify(model, "all: neighbour(3) | global_tokens(1)", backend=backend)
+    ids = torch.randint(3, 120, (2, 37), generator=torch.Generator().manual_seed(0))
+    attention, backward = backend.attention, triton_kernel._backward_over
+
+    def step():
+        model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+
+    timer = bench_model._HostTimer(backend)
+    step()
+    fwd_us, bwd_us = timer.us_per_call()
+    layers = model.config.num_hidden_layers
+    assert len(timer.times) == layers and len(timer.bwd_times) == layers
+    assert fwd_us > 0 and bwd_us > 0
+    timer.remove()
+    assert backend.attention == attention and triton_kernel._backward_over is backward

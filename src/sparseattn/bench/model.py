@@ -14,7 +14,8 @@ cu_seq_lens_q as transformers' flattening collator makes them) and ``padding-fre
 tokens as one packed row, ``sa.unpad``); dense attention cannot keep packed documents apart, so dense runs the same
 documents one per row, padded to the longest (no padding, and no mask, for a single row). Speed-ups are real tokens per
 second over the fastest dense step of the same batch kind, whatever its mode. Eager sparse steps also report
-the host time per attention call (the backend's Python and launches).
+the host time per attention call (the backend's Python and launches) and, for the Triton kernel, per backward
+call (its launches; ``host us f/b``).
 
 With ``compile_model``, every largest submodule that holds no attention module is compiled with
 ``compile_outside_attention``, for dense and sparse alike.
@@ -61,6 +62,7 @@ class ModelResult:
     compiled: bool = False  # the submodules outside attention ran compiled (dense and sparse alike)
     batch: str = "unpadded"  # unpadded, padded, packed or padding-free (see make_batch)
     host_us: float | None = None  # host time per attention call, eager sparse steps
+    host_bwd_us: float | None = None  # host time per backward call of the Triton kernel (encoder steps)
     baseline: str | None = None  # what the speed-up is over: the fastest dense step of the same batch kind
     speedup_any: float | None = None  # over the fastest dense step of any batch kind (real tokens/s)
 
@@ -255,33 +257,46 @@ def unpacked(batch: dict, device) -> dict:
     return {"inputs": inputs, "real": batch["real"], "documents": docs}
 
 
+def _timed(fn, times: list):
+    """``fn`` timed on the host into ``times``, the GPU's queue drained before each call, so that no launch waits
+    for room in it."""
+
+    def timed(*args, **kwargs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    return timed
+
+
 class _HostTimer:
     """Host time per attention call of a backend (its Python, layout lookups and kernel launches), measured around
-    ``attention`` with the GPU's queue drained before each call, so that no launch waits for room in it."""
+    ``attention``, and per backward call of the Triton kernel (its launches, around ``triton_kernel._backward_over``,
+    which every path of the kernel's backward calls; autograd's engine, paid once a step, is not in it)."""
 
     def __init__(self, backend):
-        self.backend, self.times = backend, []
-        self._inner = backend.attention
+        from ..backends import triton_kernel
 
-        def timed(call):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            try:
-                return self._inner(call)
-            finally:
-                self.times.append(time.perf_counter() - t0)
+        self.backend, self.times, self.bwd_times = backend, [], []
+        self._inner, self._inner_bwd = backend.attention, triton_kernel._backward_over
+        backend.attention = _timed(self._inner, self.times)
+        triton_kernel._backward_over = _timed(self._inner_bwd, self.bwd_times)
 
-        backend.attention = timed
-
-    def us_per_call(self) -> float | None:
-        return statistics.median(self.times) * 1e6 if self.times else None
+    def us_per_call(self) -> tuple[float | None, float | None]:
+        return tuple(statistics.median(t) * 1e6 if t else None for t in (self.times, self.bwd_times))
 
     def remove(self):
+        from ..backends import triton_kernel
+
         self.backend.attention = self._inner
+        triton_kernel._backward_over = self._inner_bwd
 
 
-def _host_us(backend, run) -> float | None:
-    """Median host microseconds per attention call over one more eager step."""
+def _host_us(backend, run) -> tuple[float | None, float | None]:
+    """Median host microseconds per attention call and per backward call over one more eager step."""
     timer = _HostTimer(backend)
     try:
         run()
@@ -471,7 +486,7 @@ def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: 
         res.step_ms, res.peak_gib = ms, peak
         res.tokens_per_s = batch["real"] / (ms / 1e3)
         if backend is not None and mode == "eager":
-            res.host_us = _host_us(backend, run)
+            res.host_us, res.host_bwd_us = _host_us(backend, run)
         if backend is not None:
             res.note = ", ".join(f"{k} {v}" for k, v in sorted(backend.stats.items()))
     except torch.OutOfMemoryError as e:
@@ -493,6 +508,7 @@ def _result_line(res: ModelResult) -> str:
             f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
             f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
             + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
+            + (f", {res.host_bwd_us:.0f} us/backward call" if res.host_bwd_us else "")
             + (f" ({res.note})" if res.note else ""))
 
 
@@ -512,7 +528,7 @@ def _speedups_over_best_dense(results: list[ModelResult], *, any_batch: bool = F
 
 def format_table(results: list[ModelResult]) -> str:
     head = (f"{'model':<8} {'L':>6} {'B':>3} {'batch':<12} {'attention':<10} {'mode':<24} {'sparsity':>8} "
-            f"{'blk dens':>8} {'ms/step':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us':>7} {'speed-up':>8} "
+            f"{'blk dens':>8} {'ms/step':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us f/b':>11} {'speed-up':>8} "
             f"{'over':<22} {'x best dense':>12}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -520,10 +536,16 @@ def format_table(results: list[ModelResult]) -> str:
         lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<12} {(r.kernel or 'dense'):<10} "
                      f"{r.mode + (' +outside compiled' if r.compiled else ''):<24} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
-                     f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {f(r.host_us, '.0f'):>7} "
+                     f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {_host_cell(r):>11} "
                      f"{f(r.speedup, '.2f'):>8} {r.baseline or '-':<22} {f(r.speedup_any, '.2f'):>12}"
                      + (f"  {r.note}" if r.note else ""))
     return "\n".join(lines)
+
+
+def _host_cell(r: ModelResult) -> str:
+    if r.host_us is None:
+        return "-"
+    return f"{r.host_us:.0f}/{r.host_bwd_us:.0f}" if r.host_bwd_us is not None else f"{r.host_us:.0f}"
 
 
 def results_to_json(results: list[ModelResult], meta: dict) -> dict:
