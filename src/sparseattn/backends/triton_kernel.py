@@ -869,6 +869,19 @@ def backward_mode(backward: str) -> str:
     return backward
 
 
+def _zeroed(shapes, dtype, device) -> list:
+    """Zeroed tensors of these shapes, views of one buffer: one fill launched instead of one each (an eager
+    backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are assumed
+    to be: every shape here ends in a head size of at least 16."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+    out, at = [], 0
+    for shape, n in zip(shapes, sizes):
+        out.append(flat[at:at + n].view(shape))
+        at += n
+    return out
+
+
 def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass",
              segments: torch.Tensor | None = None):
     """(dq, dk, dv). mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32);
@@ -888,15 +901,20 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     bs = lists.block_size
     _delta_kernel[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, HEAD_DIM=D,
                                                BLOCK=bs)
-    new = torch.zeros if varlen else torch.empty  # rows outside every segment get zero gradients
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else new(q.shape, device=q.device,
-                                                                                          dtype=q.dtype)
-    dk = new((B, H, L, D) if rep > 1 else k.shape, device=q.device, dtype=k.dtype)
-    dv = new((B, H, L, D) if rep > 1 else v.shape, device=q.device, dtype=v.dtype)
+    kv_shape = (B, H, L, D) if rep > 1 else k.shape
+    # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients
+    shapes = [(kv_shape, k.dtype), (kv_shape, v.dtype)] + ([] if fused else [(q.shape, q.dtype)])
+    if varlen and len({dt for _, dt in shapes}) == 1:
+        dk, dv, *dq = _zeroed([sh for sh, _ in shapes], shapes[0][1], q.device)
+    else:
+        new = torch.zeros if varlen else torch.empty
+        dk, dv, *dq = (new(sh, device=q.device, dtype=dt) for sh, dt in shapes)
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else dq[0]
     # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
-    Sk = lists.col_slots.shape[-1]
-    scr_k, scr_v = (torch.zeros(S * H, Sk, bs, D, device=q.device, dtype=torch.float32) if Sk else dk
-                    for _ in range(2))
+    Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
+    scr = _zeroed([(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device) if Sk or Sq else []
+    scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
+    scr_q = scr.pop(0) if Sq else dq
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
     kernel, extra = _kernel("dkdv", bs)
     kernel[(S * H, lists.col_prog.shape[2])](
@@ -909,8 +927,6 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     if fused:
         dq = dq.mul_(scale).to(q.dtype)
     else:
-        Sq = lists.row_slots.shape[-1]
-        scr_q = torch.zeros(S * H, Sq, bs, D, device=q.device, dtype=torch.float32) if Sq else dq
         copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
         kernel[(S * H, lists.row_prog.shape[2])](
