@@ -44,6 +44,8 @@
 #   eager-floor        issue 24: the eager encoder step with attention taken out (its output the value tensor, no
 #                      launch) against dense and sparse, eagerly and as CUDA graphs: the fastest any attention kernel
 #                      can make an eager step (benchmarks/eager_floor.py, a minute or two)
+#   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
+#                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -152,6 +154,12 @@ case $stage in
   eager-floor)
     timeout ${PROFILE_TIMEOUT:-300} python benchmarks/eager_floor.py --length 16k --batches "${BATCHES:-unpadded,padding-free}" \
       --json "$out/eager_floor.json" 2>&1 | tee -a "$log" || true ;;
+  owed-h200)
+    # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
+    # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run
+    PROFILE_TIMEOUT=200 bash "$0" eager-floor || true
+    MODES=${MODES:-eager,compile,reduce-overhead} BATCHES=${BATCHES:-unpadded} timeout ${BENCH_TIMEOUT:-330} \
+      bash "$0" bench-model || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)
