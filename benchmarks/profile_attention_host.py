@@ -24,7 +24,7 @@ in it, the host time of each layer of the call from the bottom up:
 - ``backward_pass``: the same kernels launched directly (``triton_kernel.backward_pass``), without autograd's engine;
 - ``sdpa``: dense SDPA's forward, for scale.
 
-Then a cProfile of ``backend_call``'s calls, the functions with the most own time.
+Then a cProfile of ``backend_call``'s and ``backward_pass``'s calls, the functions with the most own time.
 """
 
 from __future__ import annotations
@@ -53,6 +53,20 @@ def host_us(fn, calls: int) -> float:
         times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     return statistics.median(times) * 1e6
+
+
+def profile_text(fn, calls: int) -> str:
+    """cProfile of ``calls`` calls of ``fn``: the 25 functions with the most own time."""
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue()
 
 
 def main(argv=None) -> int:
@@ -119,35 +133,21 @@ def main(argv=None) -> int:
                                        args.calls)
 
     be = BlockSparseBackend()
-
-    def backend_call():
-        call = AttentionCall(query=qg, key=kg, value=vg, layer_plan=lp, layout=lay, model_mask=None, scale=scale,
-                             dropout_p=0.0, cache={})
-        return be.attention(call)[0]
-
-    rows["backend_call"] = host_us(backend_call, args.calls)
     # a padding-free row as `bench model` makes it: two examples' real tokens, then padding to the row's end
     cu = torch.tensor([0, L * 5 // 8, L * 31 // 32], device=dev, dtype=torch.int32)
     packed = TokenLayout.from_cu_seqlens(cu, 1, L)
 
-    def backend_call_packed():
-        call = AttentionCall(query=qg, key=kg, value=vg, layer_plan=lp, layout=packed, model_mask=None,
-                             scale=scale, dropout_p=0.0, cache={})
+    def backend_call(layout=lay):
+        call = AttentionCall(query=qg, key=kg, value=vg, layer_plan=lp, layout=layout, model_mask=None, scale=scale,
+                             dropout_p=0.0, cache={})
         return be.attention(call)[0]
 
-    rows["backend_call_packed"] = host_us(backend_call_packed, args.calls)
-    out_packed = backend_call_packed()
-
-    def backward_packed():
-        torch.autograd.grad(out_packed, (qg, kg, vg), grad, retain_graph=True)
+    rows["backend_call"] = host_us(backend_call, args.calls)
+    rows["backend_call_packed"] = host_us(lambda: backend_call(packed), args.calls)
     out = block_sparse_attention_triton(qg, kg, vg, lists, scale=scale)
     grad = torch.randn_like(out)
-
-    def backward():
-        torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True)
-
-    rows["backward"] = host_us(backward, args.calls)
-    rows["backward_packed"] = host_us(backward_packed, args.calls)
+    for name, result in (("backward", out), ("backward_packed", backend_call(packed))):
+        rows[name] = host_us(lambda: torch.autograd.grad(result, (qg, kg, vg), grad, retain_graph=True), args.calls)
     o, lse = triton_kernel.forward_pass(q, k, v, lists, scale)
     do = grad.detach()
 
@@ -156,39 +156,21 @@ def main(argv=None) -> int:
 
     rows["backward_pass"] = host_us(backward_pass, args.calls)
     rows["sdpa"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.calls)
-
-    prof = cProfile.Profile()
-    torch.cuda.synchronize()
-    prof.enable()
-    for _ in range(args.calls):
-        backend_call()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    prof = cProfile.Profile()
-    torch.cuda.synchronize()
-    prof.enable()
-    for _ in range(args.calls):
-        backward_pass()
-    prof.disable()
-    torch.cuda.synchronize()
-    text_bwd = io.StringIO()
-    pstats.Stats(prof, stream=text_bwd).sort_stats("tottime").print_stats(25)
+    text, text_bwd = profile_text(backend_call, args.calls), profile_text(backward_pass, args.calls)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; L={L}, H={H}, D={D}, "
           f"{args.calls} calls each, host microseconds per call (median):")
     for name, us in rows.items():
         print(f"  {name:<18} {'-' if us is None else f'{us:8.1f}'}")
     print(f"\ncProfile of {args.calls} backend calls (own time):")
-    print(text.getvalue())
+    print(text)
     print(f"\ncProfile of {args.calls} backward_pass calls (own time):")
-    print(text_bwd.getvalue())
+    print(text_bwd)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": L, "heads": H,
-                       "head_dim": D, "host_us": rows, "cprofile": text.getvalue(),
-                       "cprofile_backward_pass": text_bwd.getvalue()}, f, indent=1)
+                       "head_dim": D, "host_us": rows, "cprofile": text,
+                       "cprofile_backward_pass": text_bwd}, f, indent=1)
     return 0
 
 
