@@ -27,7 +27,7 @@ import torch
 def main(argv=None) -> int:
     from sparseattn.backends.block import BlockSparseBackend
     from sparseattn.bench.commands import _ints
-    from sparseattn.bench.model import _Bench, _fresh_peak, _graphed, _time_steps
+    from sparseattn.bench.model import _Bench, _time_mode
     from sparseattn.integrations.hf import sparsify
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
     rows = []
     for batch_kind in args.batches.split(","):
         bench = _Bench.make("encoder", length, batch_kind, tokens=args.tokens, decoder_layers=4)
-        real = bench.batch("sparse")["real"]
-        times = {}
+        tokens_per_s = {}
         backend = None
         for variant in ("dense", "sparse", "free"):
             if variant == "sparse":
@@ -54,28 +53,22 @@ def main(argv=None) -> int:
             elif variant == "free":
                 # attention's output is its value tensor: no launch, no host work beyond the model's own call
                 backend.attention = lambda call: (call.value, None)
-            attention = "dense" if variant == "dense" else "triton"
-            inputs = bench.inputs(attention)
-            run = bench.step(bench.model, inputs, mark=False)
-            eager_ms, _ = _time_steps(run, args.warmup, args.steps)
-            bench.zero_grad()
-            run()  # layouts and autotuning eagerly, before capture
-            _fresh_peak()
-            body = bench.step(bench.model, inputs, mark=False)
-            graph, replay = _graphed(lambda: body(zero_grad=False), args.warmup)
-            graph_ms, _ = _time_steps(replay, args.warmup, args.steps, reset_peak=False)
-            del graph
-            bench.zero_grad()
-            times[variant] = (eager_ms, graph_ms)
-            print(f"{batch_kind:<13} {variant:<7} eager {eager_ms:7.2f} ms   graph {graph_ms:7.2f} ms", flush=True)
-        dense_real = bench.batch("dense")["real"]
-        best_dense = min(times["dense"]) / dense_real  # ms per real token
-        for variant, (eager_ms, graph_ms) in times.items():
-            n = dense_real if variant == "dense" else real
-            rows.append({"batch": batch_kind, "variant": variant, "eager_ms": eager_ms, "graph_ms": graph_ms,
-                         "host_bound_by": eager_ms / graph_ms,
-                         "eager_over_fastest_dense": best_dense / (eager_ms / n),
-                         "graph_over_fastest_dense": best_dense / (graph_ms / n)})
+            ms = {}
+            for mode in ("eager", "graph"):  # as `bench model` times its eager and hand-captured graph modes
+                res = bench.result("dense" if variant == "dense" else "triton", mode, False)
+                _time_mode(bench, res, backend if variant == "sparse" else None, warmup=args.warmup,
+                           steps=args.steps, log=print)
+                if res.step_ms is None:
+                    raise SystemExit(f"{batch_kind} {variant} {mode}: {res.note}")
+                ms[mode], tokens_per_s[variant, mode] = res.step_ms, res.tokens_per_s
+            print(f"{batch_kind:<13} {variant:<7} eager {ms['eager']:7.2f} ms   graph {ms['graph']:7.2f} ms",
+                  flush=True)
+            rows.append({"batch": batch_kind, "variant": variant, "eager_ms": ms["eager"], "graph_ms": ms["graph"],
+                         "host_bound_by": ms["eager"] / ms["graph"]})
+        best_dense = max(tokens_per_s["dense", mode] for mode in ("eager", "graph"))  # real tokens/s
+        for r in rows[-3:]:
+            r["eager_over_fastest_dense"] = tokens_per_s[r["variant"], "eager"] / best_dense
+            r["graph_over_fastest_dense"] = tokens_per_s[r["variant"], "graph"] / best_dense
         del bench, backend
     print(f"\n{'batch':<13} {'variant':<7} {'eager ms':>8} {'graph ms':>8} {'eager/graph':>11} "
           f"{'eager x fastest dense':>21} {'graph x fastest dense':>21}")
