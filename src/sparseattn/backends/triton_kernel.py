@@ -741,11 +741,11 @@ class _Chosen:
     """An autotuned kernel that launches the configuration chosen for a call's tuning key through the kernel's JIT
     function directly, once the autotuner has chosen it. Triton's ``Autotuner.run`` rebuilds its key from every
     argument at each launch, a large share of the launch's host time (docs/benchmarks.md, twentieth round); an
-    eager step makes three such launches a layer. The key here is the
-    length class, the query's dtype and the compile-time constants, which decide the autotuner's key at every call
-    site of this module (the other tensors' dtypes follow from the query's). A key coarser than the autotuner's
-    could only pick another candidate's configuration, never a wrong result: every candidate computes the same
-    attention, and the JIT function specializes on the arguments it is given."""
+    eager step makes three such launches a layer. The key here is the length class, the query's dtype and the
+    compile-time constants, which decide the autotuner's key at every call site of this module (the other tensors'
+    dtypes follow from the query's). A key coarser than the autotuner's could only pick another candidate's
+    configuration, never a wrong result: every candidate computes the same attention, and the JIT function
+    specializes on the arguments it is given."""
 
     def __init__(self, tuner):
         self.tuner = tuner
@@ -869,16 +869,16 @@ def backward_mode(backward: str) -> str:
     return backward
 
 
-def _zeroed(shapes, dtype, device) -> list:
-    """Zeroed tensors of these shapes, views of one buffer: one fill launched instead of one each (an eager
-    backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are assumed
-    to be: every shape here ends in a head size of at least 16."""
-    sizes = [int(torch.Size(s).numel()) for s in shapes]
-    flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
-    out, at = [], 0
-    for shape, n in zip(shapes, sizes):
-        out.append(flat[at:at + n].view(shape))
-        at += n
+def _zeroed(specs, device) -> list:
+    """Zeroed tensors of these (shape, dtype)s, views of one buffer per dtype: one fill launched instead of one each
+    (an eager backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are
+    assumed to be: every shape here ends in a head size of at least 16."""
+    out = [None] * len(specs)
+    for dtype in dict.fromkeys(dt for _, dt in specs):
+        at = [i for i, (_, dt) in enumerate(specs) if dt == dtype]
+        sizes = [torch.Size(specs[i][0]).numel() for i in at]
+        for i, part in zip(at, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
+            out[i] = part.view(specs[i][0])
     return out
 
 
@@ -903,16 +903,15 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
                                                BLOCK=bs)
     kv_shape = (B, H, L, D) if rep > 1 else k.shape
     # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients
-    shapes = [(kv_shape, k.dtype), (kv_shape, v.dtype)] + ([] if fused else [(q.shape, q.dtype)])
-    if varlen and len({dt for _, dt in shapes}) == 1:
-        dk, dv, *dq = _zeroed([sh for sh, _ in shapes], shapes[0][1], q.device)
+    grads = [(kv_shape, k.dtype), (kv_shape, v.dtype)] + ([] if fused else [(q.shape, q.dtype)])
+    if varlen:
+        dk, dv, *dq = _zeroed(grads, q.device)
     else:
-        new = torch.zeros if varlen else torch.empty
-        dk, dv, *dq = (new(sh, device=q.device, dtype=dt) for sh, dt in shapes)
+        dk, dv, *dq = (torch.empty(sh, device=q.device, dtype=dt) for sh, dt in grads)
     dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else dq[0]
     # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
     Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
-    scr = _zeroed([(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device) if Sk or Sq else []
+    scr = _zeroed([((S * H, n, bs, D), torch.float32) for n in (Sk, Sk, Sq) if n], q.device)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
