@@ -280,7 +280,7 @@ class _HostTimer:
     def __init__(self, backend):
         from ..backends import triton_kernel
 
-        self.backend, self.times, self.bwd_times = backend, [], []
+        self.backend, self.kernel, self.times, self.bwd_times = backend, triton_kernel, [], []
         self._inner, self._inner_bwd = backend.attention, triton_kernel._backward_over
         backend.attention = _timed(self._inner, self.times)
         triton_kernel._backward_over = _timed(self._inner_bwd, self.bwd_times)
@@ -289,10 +289,8 @@ class _HostTimer:
         return tuple(statistics.median(t) * 1e6 if t else None for t in (self.times, self.bwd_times))
 
     def remove(self):
-        from ..backends import triton_kernel
-
         self.backend.attention = self._inner
-        triton_kernel._backward_over = self._inner_bwd
+        self.kernel._backward_over = self._inner_bwd
 
 
 def _host_us(backend, run) -> tuple[float | None, float | None]:
