@@ -446,7 +446,7 @@ def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, monk
 
 def test_the_operator_passes_opcheck():
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch of
-    sparseattn::block_attention, unpadded and with segments."""
+    sparseattn::block_attention, unpadded and with segments, grouped-query heads and not."""
     keep = _keep(1, 2, 64, seed=1) | torch.eye(64, dtype=torch.bool)
     lists = TileLists.from_layout(TileMask.from_mask(keep, 32))
     handle = triton_kernel.register_source(lists)
@@ -456,6 +456,10 @@ def test_the_operator_passes_opcheck():
     seg = torch.tensor([[0, 0, 64], [1, 3, 50]], dtype=torch.int32)
     for segments in (None, seg):
         torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (q, k, v, segments, handle, 0.25, "auto"))
+    # as many key/value heads as query heads: dK and dV come straight from the kernel, no reduction makes them
+    # new tensors (gradients that share a buffer are aliased outputs, which the operator may not return)
+    kh, vh = (torch.randn(2, 2, 64, 16, generator=g, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (q, kh, vh, seg, handle, 0.25, "two-pass"))
     x = torch.randn(2, 2, 50, 24, generator=g, requires_grad=True)  # odd length, a head size that is padded
     torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (x, x, x, None, handle, 0.25, "two-pass"))
 
@@ -747,7 +751,7 @@ def test_bench_models_host_timer_times_every_forward_and_backward_call_and_resto
 
 def test_zeroed_views_are_zero_separate_and_aligned_for_the_kernels():
     """triton_kernel._zeroed: one buffer's views per dtype, each of its shape and dtype, zero, not overlapping,
-    16-byte aligned (the kernels' pointer specialization), for the backward's gradients and scratch."""
+    16-byte aligned (the kernels' pointer specialization), for the backward's scratch."""
     shapes = [(2, 3, 37, 16), (2, 3, 37, 16), (1, 5, 64, 24), (3, 1, 32, 32)]
     dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
     views = triton_kernel._zeroed(list(zip(shapes, dtypes)), "cpu")

@@ -872,7 +872,8 @@ def backward_mode(backward: str) -> str:
 def _zeroed(specs, device) -> list:
     """Zeroed tensors of these (shape, dtype)s, views of one buffer per dtype: one fill launched instead of one each
     (an eager backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are
-    assumed to be: every shape here ends in a head size of at least 16."""
+    assumed to be: every shape here ends in a head size of at least 16. For internal scratch only: an operator's
+    outputs must not share storage."""
     out = [None] * len(specs)
     for dtype in dict.fromkeys(dt for _, dt in specs):
         at = [i for i, (_, dt) in enumerate(specs) if dt == dtype]
@@ -902,13 +903,12 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     _delta_kernel[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, HEAD_DIM=D,
                                                BLOCK=bs)
     kv_shape = (B, H, L, D) if rep > 1 else k.shape
-    # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients
-    grads = [(kv_shape, k.dtype), (kv_shape, v.dtype)] + ([] if fused else [(q.shape, q.dtype)])
-    if varlen:
-        dk, dv, *dq = _zeroed(grads, q.device)
-    else:
-        dk, dv, *dq = (torch.empty(sh, device=q.device, dtype=dt) for sh, dt in grads)
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else dq[0]
+    # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients. The
+    # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs
+    alloc = torch.zeros if varlen else torch.empty
+    dk, dv = (alloc(kv_shape, device=q.device, dtype=t.dtype) for t in (k, v))
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else alloc(q.shape, device=q.device,
+                                                                                           dtype=q.dtype)
     # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
     Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
     scr = _zeroed([((S * H, n, bs, D), torch.float32) for n in (Sk, Sk, Sq) if n], q.device)
