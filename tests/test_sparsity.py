@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import sparseattn as sa
+from sparseattn import sparsity
+from sparseattn.layout import TokenLayout
 from sparseattn.plans import Plan
 from sparseattn.sparsity import block_counts, measure_plan, pair_counts
 
@@ -174,3 +176,25 @@ def test_measure_sparsity_counts_only_the_past_for_a_decoder():
     assert rep.allowed.unique().tolist() == [31]
     assert rep.kept.unique().tolist() == [6 + 5 + 4 + 3]
     assert rep.overall == pytest.approx(1 - 18 / 31)
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_counts_in_small_chunks_equal_whole_counts(monkeypatch, expanded):
+    """pair_counts and block_counts visit the query rows in chunks (a whole count at 32k tokens needs hundreds of
+    GiB): chunks of a few rows, an odd length, padding, a decoder and packed documents give the whole counts, per
+    head, for a mask of distinct heads and for one expanded over them."""
+    g = torch.Generator().manual_seed(3)
+    real = torch.tensor([[1] * 37 + [0] * 4, [1] * 41], dtype=torch.bool)
+    docs = torch.tensor([[0] * 20 + [1] * 21, [0] * 9 + [1] * 32])
+    for layout in (TokenLayout(real=real, causal=False), TokenLayout(real=real, causal=True, document_ids=docs)):
+        keep = torch.rand(2, 1 if expanded else 3, 41, 41, generator=g) < 0.3
+        keep = keep.expand(-1, 3, -1, -1)
+        allowed = layout.allowed()
+        want_pairs = (keep & allowed).sum(dim=(0, 2, 3))
+        want_blocks = block_counts(keep.contiguous(), layout, 8)
+        monkeypatch.setattr(sparsity, "CHUNK_PAIRS", 2 * 3 * 41 * 5)  # 5 query rows a chunk, 8 for tiles
+        kept, total = pair_counts(keep, layout)
+        assert kept.tolist() == want_pairs.tolist() and total.tolist() == [int(allowed.sum())] * 3
+        kb, ab = block_counts(keep, layout, 8)
+        assert kb.tolist() == want_blocks[0].tolist() and ab.tolist() == want_blocks[1].tolist()
+        monkeypatch.undo()

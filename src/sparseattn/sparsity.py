@@ -21,11 +21,37 @@ import torch
 from .layout import TokenLayout
 
 
+# Counting visits the query rows in chunks of about this many pairs: a whole (B, H, L, L) count at 32k tokens
+# materializes tens of GiB (the masked pairs, then their int64 copy for the sum).
+CHUNK_PAIRS = 1 << 26
+
+
+def _distinct_heads(keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the mask over its distinct heads, the head count to expand the counts back to): a mask expanded over heads
+    (stride 0) is counted once."""
+    heads = keep.shape[1]
+    return (keep[:, :1], heads) if heads > 1 and keep.stride(1) == 0 else (keep, heads)
+
+
+def _query_chunks(keep: torch.Tensor, multiple: int = 1):
+    """Slices of query rows, each a multiple of ``multiple`` rows, holding about CHUNK_PAIRS pairs."""
+    B, H, L, Lk = keep.shape
+    rows = max(multiple, CHUNK_PAIRS // max(1, B * H * Lk) // multiple * multiple)
+    return [slice(s, min(s + rows, L)) for s in range(0, L, rows)]
+
+
 def pair_counts(keep: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, allowed) pair counts per head, summed over the batch: two (H',) int64 tensors."""
     allowed = layout.allowed()
-    kept = (keep & allowed).sum(dim=(0, 2, 3))
-    return kept, allowed.sum(dim=(0, 2, 3)).expand_as(kept)
+    k, heads = _distinct_heads(keep)
+    kept = torch.zeros(k.shape[1], dtype=torch.long, device=keep.device)
+    total = torch.zeros(1, dtype=torch.long, device=keep.device)
+    for rows in _query_chunks(k):
+        a = allowed[:, :, rows]
+        kept += (k[:, :, rows] & a).sum(dim=(0, 2, 3))
+        total += a.sum()
+    kept = kept.expand(heads)
+    return kept, total.expand_as(kept)
 
 
 def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,19 +59,23 @@ def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tu
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     allowed = layout.allowed()
-    keep = keep & allowed
-    B, H, L, _ = keep.shape
-    pad = (-L) % block_size
-    if pad:
-        keep = torch.nn.functional.pad(keep, (0, pad, 0, pad))
-        allowed = torch.nn.functional.pad(allowed, (0, pad, 0, pad))
-    n = (L + pad) // block_size
+    k, heads = _distinct_heads(keep)
+    L = k.shape[2]
+    n = -(-L // block_size)
+    pad = n * block_size - L
 
-    def tiles(m):
-        return m.reshape(m.shape[0], m.shape[1], n, block_size, n, block_size).any(dim=5).any(dim=3)
+    def tiles(m):  # (B, H, rows, L) -> per-head count of tiles holding a pair, rows padded to whole tiles
+        m = torch.nn.functional.pad(m, (0, pad, 0, (-m.shape[2]) % block_size))
+        t = m.reshape(m.shape[0], m.shape[1], -1, block_size, n, block_size).any(dim=5).any(dim=3)
+        return t.sum(dim=(0, 2, 3))
 
-    kb = tiles(keep).sum(dim=(0, 2, 3))
-    ab = tiles(allowed).sum(dim=(0, 2, 3))
+    kb = torch.zeros(k.shape[1], dtype=torch.long, device=keep.device)
+    ab = torch.zeros(1, dtype=torch.long, device=keep.device)
+    for rows in _query_chunks(k, block_size):
+        a = allowed[:, :, rows]
+        kb += tiles(k[:, :, rows] & a)
+        ab += tiles(a)
+    kb = kb.expand(heads)
     return kb, ab.expand_as(kb)
 
 
