@@ -241,3 +241,38 @@ def test_unpad_names_what_it_cannot_pack():
         sa.repad(torch.zeros(2, 5, 3), packed)
     with pytest.raises(ValueError, match="repad needs the batch sparseattn.unpad made"):
         sa.repad(torch.zeros(1, 10, 3), {"input_ids": ids})
+
+
+@pytest.mark.parametrize("backend", ["reference", "block"])
+def test_packed_rows_without_a_cache_come_without_the_models_own_mask(backend, monkeypatch):
+    """With use_cache=False transformers finds packed rows from position_ids itself and makes an L x L mask of
+    causality within documents. The layout holds exactly that, so sparseattn's mask function makes none (a mask of
+    the model's own would send the block backend to a layout built per batch): every layer gets no mask, and each
+    document's logits are its own."""
+    model = tiny_llama().eval()
+    sa.sparsify(model, PLAN, backend=_backend(backend, "cpu"))
+    masks = []
+    attention = model._sparseattn.backend.attention
+    monkeypatch.setattr(model._sparseattn.backend, "attention", lambda call: masks.append(call.model_mask)
+                        or attention(call))
+    seqs = _sequences("cpu")
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+        masks.clear()
+        pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        got = model(input_ids=torch.cat(seqs)[None], position_ids=pos, use_cache=False).logits[0]
+    assert len(masks) == 2 and all(m is None for m in masks)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_documents_from_position_ids_split_where_transformers_splits_them():
+    """A document starts wherever the positions do not go up by one, as in transformers' own packed masks: a row
+    that begins inside a document (positions not starting at 0) keeps it apart from the next one."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    from sparseattn.layout import TokenLayout
+
+    pos = torch.tensor([[3, 4, 5, 0, 1, 0, 1, 2], [0, 1, 2, 3, 0, 0, 1, 2]])
+    docs = TokenLayout.from_position_ids(pos).document_ids
+    assert docs.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 2, 2, 2]]
+    assert torch.equal(docs, find_packed_sequence_indices(pos))

@@ -100,11 +100,13 @@ class TokenLayout:
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, real: torch.Tensor | None = None, **kw) -> "TokenLayout":
         """Packed rows as transformers' flattening collator makes them: a document starts wherever
-        ``position_ids`` (B, L) is 0. Computed on the device, no sync."""
+        ``position_ids`` (B, L) does not go up by one from the token before (at each 0 of restarting positions), the
+        rule transformers' own packed masks follow (``find_packed_sequence_indices``), so that both agree on every
+        row. Computed on the device, no sync."""
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be (batch, length), got {tuple(position_ids.shape)}")
-        # tokens before a row's first 0 belong to its first document (a row that does not start at position 0)
-        ids = ((position_ids == 0).long().cumsum(-1) - 1).clamp(min=0)
+        step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+        ids = (step != 1).long().cumsum(-1)
         real = torch.ones_like(position_ids, dtype=torch.bool) if real is None else real.bool()
         return cls(real=real, document_ids=ids, **kw)
 

@@ -68,18 +68,49 @@ def _mask_function(*args, **kwargs):
     return mu.sdpa_mask(*args, **kwargs)
 
 
+def _closure(fn) -> dict:
+    """A function's free variables by name (empty for one without a closure)."""
+    code = getattr(fn, "__code__", None)
+    return dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ()))) if code else {}
+
+
+def _named(fn, factory: str) -> bool:
+    return getattr(fn, "__qualname__", "").startswith(f"{factory}.<locals>.")
+
+
+def _plain(fn) -> bool:
+    return fn is _mu.causal_mask_function or fn is getattr(_mu, "bidirectional_mask_function", None)
+
+
+def _packed_plain(fn) -> bool:
+    """Whether ``fn`` is transformers' mask for packed rows it found from position_ids (a batch without a 2-D mask
+    or a cache): plain causality or none, by positions (``remap_positions_for_packed_sequence``, where the version
+    has it), and within documents (``packed_sequence_mask_function``). Its documents are the layout's: both split
+    the rows where the positions do not go up by one (``TokenLayout.from_position_ids``)."""
+    if not _named(fn, "and_masks"):
+        return False
+    parts = _closure(fn).get("mask_functions", ())
+    if len(parts) != 2 or not _named(parts[1], "packed_sequence_mask_function"):
+        return False
+    base = parts[0]
+    if _named(base, "remap_positions_for_packed_sequence"):
+        base = _closure(base).get("mask_function")
+    return _plain(base)
+
+
 def _layout_mask_function(*args, **kwargs):
     """The mask function of the ``sparseattn`` attention: no mask (None) wherever the model's mask would be plain
     padding and causality (or none) over a full forward pass, since the batch's layout holds exactly that (from
     the 2-D attention mask, and the modules' ``is_causal``): nothing L x L is made, and nothing is read back from
-    the GPU to compare it with the layout. The same for incremental decoding with a dynamic KV cache under the
+    the GPU to compare it with the layout. So too for packed rows transformers found from position_ids: the layout
+    holds their documents (``_packed_plain``). The same for incremental decoding with a dynamic KV cache under the
     plain causal mask: the layout knows the padding from the 2-D attention mask over every token seen, so
     transformers' (B, 1, Lq, Lk) mask is not made either; a static cache gets one (B, 1, 1, Lk) row of the slots
     holding tokens. Other masks (sliding windows, chunked or custom mask functions) are materialized as
     transformers makes them."""
     mu = _mu
     fn = kwargs.get("mask_function", mu.causal_mask_function)
-    plain = fn is mu.causal_mask_function or fn is getattr(mu, "bidirectional_mask_function", None)
+    plain = _plain(fn) or (kwargs.get("attention_mask") is None and _packed_plain(fn))
     am = kwargs.get("attention_mask")
     q_len, kv_len, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
     if (not args and plain and kwargs.get("local_size") is None and q_len is not None and q_len == kv_len
