@@ -345,11 +345,12 @@ def test_positions_that_disagree_with_the_mask_are_not_used(neighbour_positions_
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-def _sparsified_step(arch: str, plan: str, backend: str, *, padded: bool, compiled: bool, tokenizer=None):
+def _sparsified_step(arch: str, plan: str, backend: str, *, padded: bool, compiled: bool, tokenizer=None,
+                     **call_kw):
     """One training step of a tiny BERT classifier or Llama sparsified with ``plan`` on the reference or block
     backend, eagerly or under torch.compile(fullgraph=True), over 2 x 37 tokens (the second example's first 29 real
     when ``padded``). With a ``tokenizer`` (special ids 1 and 2) each example starts with 1 and ends with 2.
-    Returns the logits of real tokens and every parameter's gradient."""
+    ``call_kw`` go to the model's call. Returns the logits of real tokens and every parameter's gradient."""
     import torch._dynamo
 
     import sparseattn as sa
@@ -367,7 +368,7 @@ def _sparsified_step(arch: str, plan: str, backend: str, *, padded: bool, compil
     if tokenizer is not None:
         ids[:, 0] = 1
         ids[0, 36], ids[1, 28 if padded else 36] = 2, 2
-    kw = {"attention_mask": mask} if padded else {}
+    kw = ({"attention_mask": mask} if padded else {}) | call_kw
     labels = torch.tensor([0, 1]) if arch == "bert" else ids.masked_fill(mask == 0, -100)
     torch._dynamo.reset()
     fwd = torch.compile(model, fullgraph=True) if compiled else model
@@ -402,6 +403,22 @@ def test_sparsified_model_compiles_with_fullgraph_and_matches_eager(arch, backen
         assert eager_calls == 2 and len(kernel_calls) == 4
         counts = [sorted(seg[:, 2].tolist()) if seg is not None else [37, 37] for seg in kernel_calls]
         assert all(c == ([29, 37] if padded else [37, 37]) for c in counts)
+
+
+def test_a_decoder_called_without_a_cache_compiles_with_fullgraph_and_matches_eager():
+    """With use_cache=False, transformers makes a packed-rows mask function while tracing (it cannot tell one
+    document from several there); sparseattn's mask function lets it make that mask rather than read the
+    function's closure, which dynamo cannot: no graph break, and the compiled step equals the eager one."""
+    def run(compiled: bool):
+        return _sparsified_step("llama", "all: neighbour(3) | global_tokens(1)", "block", padded=False,
+                                compiled=compiled, use_cache=False)
+
+    eager, eager_grads = run(False)
+    compiled, compiled_grads = run(True)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 SEGMENT_CASES = [

@@ -86,8 +86,10 @@ def _packed_plain(fn) -> bool:
     """Whether ``fn`` is transformers' mask for packed rows it found from position_ids (a batch without a 2-D mask
     or a cache): plain causality or none, by positions (``remap_positions_for_packed_sequence``, where the version
     has it), and within documents (``packed_sequence_mask_function``). Its documents are the layout's: both split
-    the rows where the positions do not go up by one (``TokenLayout.from_position_ids``)."""
-    if not _named(fn, "and_masks"):
+    the rows where the positions do not go up by one (``TokenLayout.from_position_ids``). False under
+    torch.compile: dynamo cannot read a closure made in its trace, and transformers makes this mask function there
+    for every batch without a cache (it cannot tell one document from several while tracing), so the mask is made."""
+    if torch.compiler.is_compiling() or not _named(fn, "and_masks"):
         return False
     parts = _closure(fn).get("mask_functions", ())
     if len(parts) != 2 or not _named(parts[1], "packed_sequence_mask_function"):
