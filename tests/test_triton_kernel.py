@@ -767,13 +767,12 @@ def test_bench_models_host_timer_times_every_forward_and_backward_call_and_resto
 
 
 def test_zeroed_views_are_zero_separate_and_aligned_for_the_kernels():
-    """triton_kernel._zeroed: one buffer's views per dtype, each of its shape and dtype, zero, not overlapping,
-    16-byte aligned (the kernels' pointer specialization), for the backward's scratch."""
+    """triton_kernel._zeroed: views of one buffer, each of its shape and the dtype, zero, not overlapping, 16-byte
+    aligned (the kernels' pointer specialization), for the backward's scratch."""
     shapes = [(2, 3, 37, 16), (2, 3, 37, 16), (1, 5, 64, 24), (3, 1, 32, 32)]
-    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
-    views = triton_kernel._zeroed(list(zip(shapes, dtypes)), "cpu")
-    assert [tuple(t.shape) for t in views] == shapes and [t.dtype for t in views] == dtypes
-    assert len({t.untyped_storage().data_ptr() for t in views}) == 2  # one buffer per dtype
+    views = triton_kernel._zeroed(shapes, torch.float32, "cpu")
+    assert [tuple(t.shape) for t in views] == shapes and all(t.dtype == torch.float32 for t in views)
+    assert len({t.untyped_storage().data_ptr() for t in views}) == 1  # one buffer
     assert all(t.is_contiguous() and not t.any() and t.data_ptr() % 16 == 0 for t in views)
     for i, t in enumerate(views):
         t.fill_(i + 1)

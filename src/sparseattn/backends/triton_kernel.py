@@ -869,18 +869,14 @@ def backward_mode(backward: str) -> str:
     return backward
 
 
-def _zeroed(specs, device) -> list:
-    """Zeroed tensors of these (shape, dtype)s, views of one buffer per dtype: one fill launched instead of one each
-    (an eager backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are
-    assumed to be: every shape here ends in a head size of at least 16. For internal scratch only: an operator's
-    outputs must not share storage."""
-    out = [None] * len(specs)
-    for dtype in dict.fromkeys(dt for _, dt in specs):
-        at = [i for i, (_, dt) in enumerate(specs) if dt == dtype]
-        sizes = [torch.Size(specs[i][0]).numel() for i in at]
-        for i, part in zip(at, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
-            out[i] = part.view(specs[i][0])
-    return out
+def _zeroed(shapes, dtype, device) -> list:
+    """Zeroed tensors of these shapes, views of one buffer: one fill launched instead of one each (an eager
+    backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are assumed
+    to be: every shape here ends in a head size of at least 16. For internal scratch only: an operator's outputs
+    must not share storage."""
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    return [part.view(shape) for part, shape in zip(torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes),
+                                                     shapes)]
 
 
 def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass",
@@ -911,7 +907,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
                                                                                            dtype=q.dtype)
     # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
     Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
-    scr = _zeroed([((S * H, n, bs, D), torch.float32) for n in (Sk, Sk, Sq) if n], q.device)
+    scr = _zeroed([(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
