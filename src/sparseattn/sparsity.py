@@ -40,27 +40,31 @@ def _query_chunks(keep: torch.Tensor, multiple: int = 1):
     return [slice(s, min(s + rows, L)) for s in range(0, L, rows)]
 
 
-def pair_counts(keep: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, allowed) pair counts per head, summed over the batch: two (H',) int64 tensors."""
+def _chunked_counts(keep: torch.Tensor, layout: TokenLayout, count, multiple: int = 1):
+    """(kept, allowed) per head, summed over the batch: ``count`` of a (B, H, rows, L) mask (its per-head counts)
+    over the kept and the allowed pairs, a chunk of query rows at a time (``_query_chunks``)."""
     allowed = layout.allowed()
     k, heads = _distinct_heads(keep)
     kept = torch.zeros(k.shape[1], dtype=torch.long, device=keep.device)
     total = torch.zeros(1, dtype=torch.long, device=keep.device)
-    for rows in _query_chunks(k):
+    for rows in _query_chunks(k, multiple):
         a = allowed[:, :, rows]
-        kept += (k[:, :, rows] & a).sum(dim=(0, 2, 3))
-        total += a.sum()
+        kept += count(k[:, :, rows] & a)
+        total += count(a)
     kept = kept.expand(heads)
     return kept, total.expand_as(kept)
+
+
+def pair_counts(keep: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, allowed) pair counts per head, summed over the batch: two (H',) int64 tensors."""
+    return _chunked_counts(keep, layout, lambda m: m.sum(dim=(0, 2, 3)))
 
 
 def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, allowed) block counts per head for block_size x block_size tiles, summed over the batch."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    allowed = layout.allowed()
-    k, heads = _distinct_heads(keep)
-    L = k.shape[2]
+    L = keep.shape[2]
     n = -(-L // block_size)
     pad = n * block_size - L
 
@@ -69,14 +73,7 @@ def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tu
         t = m.reshape(m.shape[0], m.shape[1], -1, block_size, n, block_size).any(dim=5).any(dim=3)
         return t.sum(dim=(0, 2, 3))
 
-    kb = torch.zeros(k.shape[1], dtype=torch.long, device=keep.device)
-    ab = torch.zeros(1, dtype=torch.long, device=keep.device)
-    for rows in _query_chunks(k, block_size):
-        a = allowed[:, :, rows]
-        kb += tiles(k[:, :, rows] & a)
-        ab += tiles(a)
-    kb = kb.expand(heads)
-    return kb, ab.expand_as(kb)
+    return _chunked_counts(keep, layout, tiles, block_size)
 
 
 def mask_sparsity(keep: torch.Tensor, layout: TokenLayout) -> float:

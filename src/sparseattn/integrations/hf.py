@@ -112,8 +112,8 @@ def _layout_mask_function(*args, **kwargs):
     transformers makes them."""
     mu = _mu
     fn = kwargs.get("mask_function", mu.causal_mask_function)
-    plain = _plain(fn) or (kwargs.get("attention_mask") is None and _packed_plain(fn))
     am = kwargs.get("attention_mask")
+    plain = _plain(fn) or (am is None and _packed_plain(fn))
     q_len, kv_len, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
     if (not args and plain and kwargs.get("local_size") is None and q_len is not None and q_len == kv_len
             and isinstance(q_offset, int) and q_offset == 0 and kwargs.get("kv_offset", 0) == 0
