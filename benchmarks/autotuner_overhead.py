@@ -64,7 +64,7 @@ def main(argv=None) -> int:
               tk.tune_length(lists.num_q_blocks), 0.1)
     consts = dict(HEAD_DIM=D, BS=128, PREC=None, VARLEN=False)
     grid = (H, lists.num_q_blocks)
-    config = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
+    config = triton.Config({"BLOCK_N": 64, "ROWS": 128}, num_warps=4, num_stages=3)
     named = {**dict(zip(tuner.arg_names, launch)), **consts}  # the autotuner's key, as Autotuner.run makes it
     key = [named[k] for k in tuner.keys if k in named] + [str(a.dtype) for a in named.values() if hasattr(a, "dtype")]
     tuner.cache[tuple(key)] = config

@@ -143,7 +143,7 @@ def dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DK, DV, LSE, DELTA, sd
     b = bh // H
     h = bh % H
     hk = h // REP
-    n_blk, first, end, slot = read_program(PROG, b, h, spb, sph)
+    n_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1))
     if n_blk < 0:
         return
     k = desc_k.load([b, hk, n_blk * BS, 0]).reshape(BS, HEAD_DIM)
@@ -198,7 +198,7 @@ def dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, DELTA, sdqb, sdqh, sdql,
     b = bh // H
     h = bh % H
     hk = h // REP
-    m_blk, first, end, slot = read_program(PROG, b, h, spb, sph)
+    m_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1))
     if m_blk < 0:
         return
     offs_m = m_blk * BS + tl.arange(0, BS)

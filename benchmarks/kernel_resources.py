@@ -5,7 +5,7 @@
 
 Triton ships ptxas and cuobjdump, so each kernel compiles for sm_90 here as the JIT would launch it (pointers and
 strides specialized as multiples of 16) and this prints, per candidate configuration of the autotuner
-(``triton_kernel._CANDIDATES``): registers per thread, the stack frame (spilled registers: a frame above 0 means
+(``triton_kernel._CANDIDATES``: the rows of a tile a program owns, the sub-tile, warps, stages): registers per thread, the stack frame (spilled registers: a frame above 0 means
 the configuration keeps more live values than 255 registers hold), shared memory, and the asynchronous copies in
 the compiled TTGIR (the loop's loads that Triton pipelines; 0 means its loads wait for memory at every step, see
 tests/test_kernel_pipelining.py). Which candidate is fastest is the autotuner's measurement on the GPU; this says
@@ -82,10 +82,11 @@ def main(argv=None) -> int:
         fn = getattr(triton_kernel, fn_name)
         configs = triton_kernel._CANDIDATES[name] if args.configs == "candidates" else [triton_kernel._FIXED[name]]
         for d in (int(x) for x in args.head_dims.split(",")):
-            for s, warps, stages in configs:
-                row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages}
-                consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "PREC": None,
-                          "VARLEN": args.varlen, **extra}
+            for s, warps, stages, own in configs:
+                own = triton_kernel._rows(own, args.block_size)
+                row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages, "rows": own}
+                consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "ROWS": own,
+                          "PREC": None, "VARLEN": args.varlen, **extra}
                 try:
                     row.update(resources(compile_for_hopper(fn, consts, warps, stages)))
                 except Exception as e:  # a candidate that does not compile (shared memory): say so, go on
@@ -94,10 +95,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'kernel':<6} {'D':>4} {'sub':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'smem KiB':>9} "
-          f"{'async':>6}")
+    print(f"{'kernel':<6} {'D':>4} {'rows':>4} {'sub':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
+          f"{'smem KiB':>9} {'async':>6}")
     for r in rows:
-        head = f"{r['kernel']:<6} {r['head_dim']:>4} {r['sub']:>4} {r['warps']:>5} {r['stages']:>6}"
+        head = f"{r['kernel']:<6} {r['head_dim']:>4} {r['rows']:>4} {r['sub']:>4} {r['warps']:>5} {r['stages']:>6}"
         if "error" in r:
             print(f"{head} does not compile: {r['error'][:60]}")
         else:

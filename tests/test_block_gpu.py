@@ -71,16 +71,29 @@ def _run(backend, lp, layout, q, k, v, grad, dtype, need_weights=False):
     return [out.float()] + [g.float() for g in grads]
 
 
+def _half_tile_programs(monkeypatch):
+    """The fixed launch configurations with each program owning 64 rows of a tile (query rows: forward, dQ; key rows:
+    dK/dV), whatever the autotuner would choose."""
+    from sparseattn.backends import triton_kernel
+
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_kernel, "_FIXED", {name: (*c[:3], 64) for name, c in triton_kernel._FIXED.items()})
+
+
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split"])
+@pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split",
+                                    "triton-rows64-split", "triton-rows64-fused"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
     """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
-    pass; -split: the backward walks every list in one-tile chunks that add atomically."""
+    pass; -split: the backward walks every list in one-tile chunks that add atomically; -rows64: each program owns
+    64 rows of a 128-row tile (the autotuner's half-tile candidates)."""
     if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 
+        if "rows64" in kernel:
+            _half_tile_programs(monkeypatch)
         if kernel.endswith("split"):
             monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
             monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
@@ -363,12 +376,16 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype):
+@pytest.mark.parametrize("rows", ["whole tiles", "rows64"])
+def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype, rows, monkeypatch):
     """The Triton kernel over padded and packed rows (segments) against the fp32 reference of each sequence alone,
-    at most twice PyTorch's own error at the kernel's precision, outputs and every gradient."""
+    at most twice PyTorch's own error at the kernel's precision, outputs and every gradient; programs that own a
+    whole tile or half of one."""
     from sparseattn.backends.tile_mask import TileMask
     from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
 
+    if rows == "rows64":
+        _half_tile_programs(monkeypatch)
     H, Hk, D = 8, (2 if "grouped" in name else 8), 64
     lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
     keep = lp.mask(TokenLayout.from_lengths([3072], causal=True, device=DEVICE))  # causal random: prefix-stable

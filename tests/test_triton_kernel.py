@@ -70,10 +70,14 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("backward", ["fused", "two-pass"])
-def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, monkeypatch):
+@pytest.mark.parametrize("rows", [None, 16], ids=["whole-tiles", "16-rows"])
+def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, rows,
+                                                  monkeypatch):
     """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
     sizes only lists far longer than the mean, a global token's, are split). fused: dQ is added atomically
-    by the dK/dV pass; two-pass: a pass over the rows computes it."""
+    by the dK/dV pass; two-pass: a pass over the rows computes it. rows: each program owns the whole tile, or 16
+    of its query rows (forward, dQ) or key rows (dK/dV), as the autotuner's half-tile candidates do."""
+    monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
     keep = _keep(Bl, Hl, L, seed=L)
     if split:
         monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
@@ -432,10 +436,13 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
 @pytest.mark.parametrize("backward", ["fused", "two-pass"])
-def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, monkeypatch):
+@pytest.mark.parametrize("rows", [None, 16], ids=["whole-tiles", "16-rows"])
+def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, rows, monkeypatch):
     """Padded and packed rows: each segment's outputs and gradients equal the kernel's on that sequence alone
     (the fp64 softmax over its own keep-mask), grouped-query heads, per-head layout, split backward lists; tokens
-    outside every segment get zero outputs and gradients."""
+    outside every segment get zero outputs and gradients. rows: programs own whole tiles, or 16 rows of one (a
+    segment may then end before a program's first row)."""
+    monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
     H, Hk, D, bs = 4, 2, 16, 32

@@ -3,7 +3,9 @@
 The kernel visits only the kept tiles of a layout, per example and head, from index lists:
 
 - forward and dQ: one program per (query tile, example x head) walks that tile row's kept key tiles;
-- dK and dV: one program per (key tile, example x head) walks that tile column's kept query tiles.
+- dK and dV: one program per (key tile, example x head) walks that tile column's kept query tiles;
+- a program may own part of its tile instead (ROWS of its query or key rows), the tile's other parts going to the
+  programs launched beside it: half-tile programs hold half the accumulators (an autotuned choice).
 
 In the backward pass a list much longer than the layout's mean (a global token's row or column, which
 keeps every tile) is split into chunks walked by programs of their own: otherwise one such program runs
@@ -354,12 +356,12 @@ if triton is not None:
         tl.store(DELTA + bh.to(tl.int64) * N_CTX + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=inside)
 
     @triton.jit
-    def _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, n, qk_scale,
-                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PREC: tl.constexpr, VARLEN: tl.constexpr):
+    def _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, r0, n, qk_scale,
+                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                  MASKED: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
-        rows = tl.arange(0, BS)
+        rows = r0 + tl.arange(0, ROWS)  # this program's rows within the tile
         offs_n = blk * BS + col0 + offs_j
         if VARLEN:  # keys past the segment's end load as zeros and are dropped from the softmax
             inside = offs_n < n
@@ -386,9 +388,9 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
-    def _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, n, qk_scale,
-                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   PREC: tl.constexpr, VARLEN: tl.constexpr):
+    def _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, count, r0, n, qk_scale,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                   MASKED: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
         SUB: tl.constexpr = BS // BLOCK_N
         if VARLEN:  # the tiles wholly past the segment's end; sub-tiles past it in the last tile load as masked
             count = entries_below(IDX, count * 0, count, (n + BS - 1) // BS)
@@ -396,7 +398,7 @@ if triton is not None:
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t,
-                                      blk, col0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+                                      blk, col0, r0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, ROWS, MASKED, PREC, VARLEN)
         return acc, l_i, m_i
 
     @triton.jit
@@ -405,13 +407,15 @@ if triton is not None:
                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                     scb, sch, K_FULL, K_PART,
                     H, REP, N_CTX, TUNE_LEN, qk_scale,
-                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                    VARLEN: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                    PREC: tl.constexpr, VARLEN: tl.constexpr):
         b, h, start, n = segment_of(SEG, tl.program_id(0), H, N_CTX, VARLEN)
-        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1))  # longest lists first
-        if m_blk * BS >= n:  # a tile row past the segment's end (its rows belong to others, or are padding)
+        PARTS: tl.constexpr = BS // ROWS  # programs per tile row, ROWS query rows each (neighbours: same row)
+        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1) // PARTS)  # longest lists first
+        r0 = (tl.program_id(1) % PARTS) * ROWS
+        if m_blk * BS + r0 >= n:  # rows past the segment's end (they belong to others, or are padding)
             return
-        offs_m = m_blk * BS + tl.arange(0, BS)
+        offs_m = m_blk * BS + r0 + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
         rows_in = offs_m < n
         if VARLEN:
@@ -422,15 +426,15 @@ if triton is not None:
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
         cnt = b * scb + h * sch + m_blk
-        m_i = tl.full([BS], float("-inf"), tl.float32)
-        l_i = tl.zeros([BS], tl.float32)
-        acc = tl.zeros([BS, HEAD_DIM], tl.float32)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, PIDX + cnt * K_PART,
-                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), n, qk_scale,
-                                   HEAD_DIM, BS, BLOCK_N, True, PREC, VARLEN)
+                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), r0, n, qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, ROWS, True, PREC, VARLEN)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, FIDX + cnt * K_FULL,
-                                   FIDX, TILES, tl.load(FCNT + cnt), n, qk_scale,
-                                   HEAD_DIM, BS, BLOCK_N, False, PREC, VARLEN)
+                                   FIDX, TILES, tl.load(FCNT + cnt), r0, n, qk_scale,
+                                   HEAD_DIM, BS, BLOCK_N, ROWS, False, PREC, VARLEN)
         empty = l_i == 0.0
         l_use = tl.where(empty, 1.0, l_i)
         o = acc / l_use[:, None]
@@ -444,10 +448,10 @@ if triton is not None:
             tl.store(LSE + (b * H + h) * N_CTX + offs_m, lse)
 
     @triton.jit
-    def read_program(PROG, b, h, spb, sph):
-        """This program's row of the table ``_programs`` made: (tile, first, end, scratch slot); programs
-        start longest first."""
-        prog = PROG + b * spb + h * sph + tl.program_id(1) * 4
+    def read_program(PROG, b, h, spb, sph, p):
+        """Row ``p`` of the table ``_programs`` made: (tile, first, end, scratch slot); programs start longest
+        first."""
+        prog = PROG + b * spb + h * sph + p * 4
         return tl.load(prog), tl.load(prog + 1), tl.load(prog + 2), tl.load(prog + 3)
 
     @triton.jit
@@ -458,14 +462,15 @@ if triton is not None:
                 tl.maximum(first, n_part) - n_part, tl.maximum(end, n_part) - n_part)
 
     @triton.jit
-    def _write(ptrs, value, rows_in, SCRATCH, sh, slot, S, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
-               SPLIT: tl.constexpr, VARLEN: tl.constexpr):
-        """Store a program's (BS, HEAD_DIM) result (rows where ``rows_in``); the chunks of a split list (slot >= 0)
-        add theirs atomically into their fp32 scratch tile instead (SCRATCH: (segments x H, S, BS, HEAD_DIM))."""
+    def _write(ptrs, value, rows_in, SCRATCH, sh, slot, S, r0, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
+               ROWS: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
+        """Store a program's (ROWS, HEAD_DIM) result, rows r0.. of its tile (those where ``rows_in``); the chunks of
+        a split list (slot >= 0) add theirs atomically into their fp32 scratch tile instead (SCRATCH: (segments x
+        H, S, BS, HEAD_DIM))."""
         if SPLIT:
             if slot >= 0:
-                tile = SCRATCH + (sh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
-                offs = tl.arange(0, BS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+                tile = SCRATCH + (sh.to(tl.int64) * S + slot) * (BS * HEAD_DIM) + r0 * HEAD_DIM
+                offs = tl.arange(0, ROWS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
                 tl.atomic_add(tile + offs, value, sem="relaxed")
             elif VARLEN:
                 tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_in[:, None])
@@ -495,11 +500,12 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, TILE, TILES, t,
-                   blk, row0, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
+                   blk, row0, c0, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   ROWS: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+                   VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_i = tl.arange(0, BLOCK_M)
-        kcols = tl.arange(0, BS)
+        kcols = c0 + tl.arange(0, ROWS)  # this program's keys within the tile
         offs_m = blk * BS + row0 + offs_i
         if VARLEN:  # queries past the segment's end: zero q and dO, and lse = inf makes their probabilities 0
             inside = offs_m < n
@@ -533,8 +539,9 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_tiles(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, IDX, TILE, TILES,
-                    lo, hi, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
+                    lo, hi, c0, n, qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    ROWS: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+                    VARLEN: tl.constexpr):
         """Entries lo..hi-1 of a column's list. FUSED: also add each sub-tile's dQ (unscaled) atomically into
         the fp32 rows at DQ_bh ((L, HEAD_DIM), contiguous), so no second pass recomputes the probabilities."""
         SUB: tl.constexpr = BS // BLOCK_M
@@ -544,8 +551,8 @@ if triton is not None:
             blk = tl.load(IDX + t // SUB)
             row0 = (t % SUB) * BLOCK_M
             dk, dv = _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh,
-                                TILE, TILES, t, blk, row0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, MASKED, PREC,
-                                FUSED, VARLEN)
+                                TILE, TILES, t, blk, row0, c0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, ROWS, MASKED,
+                                PREC, FUSED, VARLEN)
         return dk, dv
 
     @triton.jit
@@ -554,16 +561,19 @@ if triton is not None:
                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                      scb, sch, spb, sph, K_FULL, K_PART,
                      H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-                     SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                     PREC: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
-        n_blk, first, end, slot = read_program(PROG, b, h, spb, sph)  # a tile column, or a chunk of its list
+        PARTS: tl.constexpr = BS // ROWS  # programs per tile column (or chunk), ROWS keys each
+        # a tile column, or a chunk of its list
+        n_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1) // PARTS)
+        c0 = (tl.program_id(1) % PARTS) * ROWS
         if n_blk < 0:  # this example and head have fewer programs than the launch
             return
-        if n_blk * BS >= n:
+        if n_blk * BS + c0 >= n:
             return
-        offs_n = n_blk * BS + tl.arange(0, BS)
+        offs_n = n_blk * BS + c0 + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
         keys_in = offs_n < n
         if VARLEN:
@@ -580,26 +590,27 @@ if triton is not None:
         LSE_bh = LSE + row
         DELTA_bh = DELTA + row
         DQ_bh = DQ_ACC + row * HEAD_DIM
-        dk = tl.zeros([BS, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BS, HEAD_DIM], tl.float32)
+        dk = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        dv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + n_blk
         p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, PIDX + cnt * K_PART,
-                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_M, True, PREC,
-                             FUSED, VARLEN)
+                             PTILE + cnt * K_PART, TILES, p_lo, p_hi, c0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, ROWS,
+                             True, PREC, FUSED, VARLEN)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qbase, dobase, sql, sdol, LSE_bh, DELTA_bh, DQ_bh, FIDX + cnt * K_FULL,
-                             FIDX, TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_M, False, PREC, FUSED, VARLEN)
+                             FIDX, TILES, f_lo, f_hi, c0, n, qk_scale, HEAD_DIM, BS, BLOCK_M, ROWS, False, PREC,
+                             FUSED, VARLEN)
         out = b * sdkb + h * sdkh + (start + offs_n)[:, None] * sdkl + offs_d[None, :]
-        _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
-        _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
+        _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, c0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
+        _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, c0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
 
     @triton.jit
-    def _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, n, qk_scale,
-                 HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 PREC: tl.constexpr, VARLEN: tl.constexpr):
+    def _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, r0, n,
+                 qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                 MASKED: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         offs_j = tl.arange(0, BLOCK_N)
-        rows = tl.arange(0, BS)
+        rows = r0 + tl.arange(0, ROWS)  # this program's rows within the tile
         offs_n = blk * BS + col0 + offs_j
         if VARLEN:  # keys past the segment's end: zero k and v, so their (meaningless) probabilities add nothing
             inside = offs_n < n
@@ -617,9 +628,9 @@ if triton is not None:
         return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
 
     @triton.jit
-    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, n, qk_scale,
-                  HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PREC: tl.constexpr, VARLEN: tl.constexpr):
+    def _dq_tiles(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, IDX, TILE, TILES, lo, hi, r0, n,
+                  qk_scale, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                  MASKED: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
         """Entries lo..hi-1 of a row's list."""
         SUB: tl.constexpr = BS // BLOCK_N
         if VARLEN:  # key tiles wholly past the segment's end (see entries_below)
@@ -628,7 +639,7 @@ if triton is not None:
             blk = tl.load(IDX + t // SUB)
             col0 = (t % SUB) * BLOCK_N
             dq = _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0,
-                          n, qk_scale, HEAD_DIM, BS, BLOCK_N, MASKED, PREC, VARLEN)
+                          r0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, ROWS, MASKED, PREC, VARLEN)
         return dq
 
     @triton.jit
@@ -637,16 +648,19 @@ if triton is not None:
                    FIDX, PCNT, PIDX, PTILE, TILES, PROG,
                    scb, sch, spb, sph, K_FULL, K_PART,
                    H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr, VARLEN: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                   PREC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
-        m_blk, first, end, slot = read_program(PROG, b, h, spb, sph)  # a tile row, or a chunk of its list
+        PARTS: tl.constexpr = BS // ROWS  # programs per tile row (or chunk), ROWS query rows each
+        # a tile row, or a chunk of its list
+        m_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1) // PARTS)
+        r0 = (tl.program_id(1) % PARTS) * ROWS
         if m_blk < 0:
             return
-        if m_blk * BS >= n:
+        if m_blk * BS + r0 >= n:
             return
-        offs_m = m_blk * BS + tl.arange(0, BS)
+        offs_m = m_blk * BS + r0 + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
         rows_in = offs_m < n
         row = (b * H + h) * N_CTX + start
@@ -664,30 +678,48 @@ if triton is not None:
             delta = tl.load(DELTA + row + offs_m)
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
-        dq = tl.zeros([BS, HEAD_DIM], tl.float32)
+        dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         cnt = b * scb + h * sch + m_blk
         p_lo, p_hi, f_lo, f_hi = list_ranges(first, end, tl.load(PCNT + cnt))
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, PIDX + cnt * K_PART, PTILE + cnt * K_PART,
-                       TILES, p_lo, p_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_N, True, PREC, VARLEN)
+                       TILES, p_lo, p_hi, r0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, ROWS, True, PREC, VARLEN)
         dq = _dq_tiles(dq, q, do, lse, delta, kbase, vbase, skl, svl, FIDX + cnt * K_FULL, FIDX,
-                       TILES, f_lo, f_hi, n, qk_scale, HEAD_DIM, BS, BLOCK_N, False, PREC, VARLEN)
+                       TILES, f_lo, f_hi, r0, n, qk_scale, HEAD_DIM, BS, BLOCK_N, ROWS, False, PREC, VARLEN)
         _write(DQ + b * sdqb + h * sdqh + (start + offs_m)[:, None] * sdql + offs_d[None, :], dq * sm_scale, rows_in,
-               SCR_Q, sh, slot, S, HEAD_DIM, BS, SPLIT, VARLEN)
+               SCR_Q, sh, slot, S, r0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
 
 
 # -- launch configurations ------------------------------------------------------------------------------
-# Each kernel's loop step computes one sub-tile of a layout tile: BLOCK_N keys (forward, dQ) or BLOCK_M queries
-# (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the interpreter) and the autotuner's candidates.
+# A program owns ROWS rows of a layout tile (query rows: forward, dQ; key rows: dK/dV; the tile's other programs are
+# its launch neighbours, so they share what they load in L2), and each step of its loop computes one sub-tile:
+# BLOCK_N keys (forward, dQ) or BLOCK_M queries (dK/dV). Fixed choices (SPARSEATTN_TRITON_AUTOTUNE=0, and the
+# interpreter: INTERPRETER_ROWS) and the autotuner's candidates, (sub-tile, warps, stages, rows), rows capped at the
+# tile (None: the whole tile).
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
 _ZEROED = {"dkdv": ["SCR_K", "SCR_V", "DQ_ACC"], "dq": ["SCR_Q"]}
-_FIXED = {"fwd": (64, 4, 3), "dkdv": (32, 4, 3), "dq": (32, 4, 3)}  # (sub-tile, warps, stages)
-# The last candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
+_FIXED = {"fwd": (64, 4, 3, None), "dkdv": (32, 4, 3, None), "dq": (32, 4, 3, None)}
+INTERPRETER_ROWS = None  # the rows a program owns under the interpreter (tests set it to cover split tiles)
+# The last whole-tile candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
-# (32, 8, 3): the one three-stage dK/dV candidate that spills no register at head size 128, where the 4-warp ones
-# spill 896-1,272 bytes (benchmarks/kernel_resources.py); dQ's at 122-128 registers
-_CANDIDATES = {"fwd": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2), (32, 4, 2)],
-               "dkdv": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)],
-               "dq": [(32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (16, 4, 2)]}
+# (32, 8, 3): the one three-stage whole-tile dK/dV candidate that spills no register at head size 128, where the
+# 4-warp ones spill 896-1,272 bytes (benchmarks/kernel_resources.py); dQ's at 122-128 registers. Half-tile programs
+# (rows 64) hold half the accumulators and spill none at 4 warps; the autotuner chose them for dK/dV at head size 128
+# and for the forward and dQ at 32 (docs/benchmarks.md, twenty-second round).
+_CANDIDATES = {"fwd": [(64, 4, 3, None), (64, 8, 3, None), (128, 8, 3, None), (128, 4, 2, None), (32, 4, 2, None),
+                       (64, 4, 3, 64), (128, 4, 3, 64)],
+               "dkdv": [(32, 4, 3, None), (64, 4, 3, None), (64, 8, 3, None), (32, 8, 3, None), (32, 8, 2, None),
+                        (64, 8, 2, None), (16, 4, 2, None), (32, 4, 3, 64), (64, 4, 3, 64)],
+               "dq": [(32, 4, 3, None), (64, 4, 3, None), (64, 8, 3, None), (32, 8, 3, None), (32, 8, 2, None),
+                      (64, 8, 2, None), (16, 4, 2, None), (32, 4, 3, 64), (64, 4, 3, 64)]}
+
+
+def _rows(rows, bs: int) -> int:
+    return bs if rows is None else min(rows, bs)
+
+
+def _parts_grid(programs, tiles: int):
+    """A launch grid of ``programs`` x (``tiles`` x the programs per tile, from the configuration's ROWS)."""
+    return lambda meta: (programs, tiles * (meta["BS"] // meta["ROWS"]))
 
 
 def autotuning() -> bool:
@@ -720,14 +752,15 @@ def _kernel(name: str, bs: int):
     raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
     if interpreted():
         _mend_interpreter()
-        return raw, {_SUB[name]: min(32, bs)}
+        return raw, {_SUB[name]: min(32, bs), "ROWS": _rows(INTERPRETER_ROWS, bs)}
     if not autotuning():
-        sub, warps, stages = _FIXED[name]
-        return raw, {_SUB[name]: min(sub, bs), "num_warps": warps, "num_stages": stages}
+        sub, warps, stages, rows = _FIXED[name]
+        return raw, {_SUB[name]: min(sub, bs), "ROWS": _rows(rows, bs), "num_warps": warps, "num_stages": stages}
     key = (name, bs)
     if key not in _TUNED:
-        seen = {(min(sub, bs), w, st) for sub, w, st in _CANDIDATES[name]}
-        configs = [triton.Config({_SUB[name]: sub}, num_warps=w, num_stages=st) for sub, w, st in sorted(seen)]
+        seen = {(min(sub, bs), w, st, _rows(rows, bs)) for sub, w, st, rows in _CANDIDATES[name]}
+        configs = [triton.Config({_SUB[name]: sub, "ROWS": rows}, num_warps=w, num_stages=st)
+                   for sub, w, st, rows in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
         _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", "SPLIT", "FUSED", "VARLEN"],
                                       reset_to_zero=_ZEROED.get(name), cache_results=autotune_cached())(raw)
@@ -847,7 +880,7 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     lse = torch.full((B, H, L), float("inf"), device=q.device, dtype=torch.float32) \
         if varlen else torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     kernel, extra = _kernel("fwd", lists.block_size)
-    grid = ((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
+    grid = _parts_grid((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
     kernel[grid](q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                  *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L,
                  tune_length(lists.num_q_blocks), scale * LOG2E, HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype),
@@ -912,7 +945,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     scr_q = scr.pop(0) if Sq else dq
     copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
     kernel, extra = _kernel("dkdv", bs)
-    kernel[(S * H, lists.col_prog.shape[2])](
+    kernel[_parts_grid(S * H, lists.col_prog.shape[2])](
         q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
         *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
@@ -924,7 +957,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     else:
         copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
-        kernel[(S * H, lists.row_prog.shape[2])](
+        kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
             q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
             H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
