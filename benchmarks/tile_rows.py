@@ -3,6 +3,10 @@ programs that own a whole 128-row tile, then with the half-tile candidates (``ro
 against the packed ceiling (``dense_packed``) of the same cells.
 
     PYTHONPATH=src python benchmarks/tile_rows.py --head-dims 128 --lengths 16k,32k [--layouts sliding,bigbird,ap]
+    PYTHONPATH=src python benchmarks/tile_rows.py --model -- --models encoder --lengths 16k --modes reduce-overhead
+
+``--model`` runs ``sparseattn bench model`` with the arguments after ``--`` twice, one process each, one after the
+other: with whole-tile candidates only, then with every candidate (the step of a model rather than one call).
 
 At head size 128 a whole-tile program at 4 warps spills registers in every pass (fp32 accumulators of 128 x 128
 per pass, ``benchmarks/kernel_resources.py``) and the 8-warp ones lost to it all the same in the twenty-first round;
@@ -39,16 +43,44 @@ def one_pass(cell, candidates, methods):
         tk._CANDIDATES = saved
 
 
+def whole_tiles_only() -> dict:
+    return {name: [c for c in cs if c[3] is None] for name, cs in tk._CANDIDATES.items()}
+
+
+def model_steps(bench_args: list[str]) -> int:
+    """``sparseattn bench model`` in two processes: whole-tile candidates only, then all of them."""
+    import subprocess
+
+    rc = 0
+    for which in ("whole", "all"):
+        print(f"== bench model, {which} candidates: {' '.join(bench_args)}", flush=True)
+        rc |= subprocess.run([sys.executable, __file__, "--child", which, "--", *bench_args]).returncode
+    return rc
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="store_true", help="time bench model's steps instead (arguments after --)")
+    ap.add_argument("--child", choices=("whole", "all"), help=argparse.SUPPRESS)
     ap.add_argument("--head-dims", default="128")
     ap.add_argument("--lengths", default="16k,32k")
     ap.add_argument("--layouts", default="sliding,bigbird,ap")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
+    if args.child:
+        from sparseattn.cli import main as cli
+
+        if args.child == "whole":
+            tk._CANDIDATES = whole_tiles_only()
+        return cli(["bench", "model", *rest])
+    if args.model:
+        return model_steps(rest)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    whole = {name: [c for c in cs if c[3] is None] for name, cs in tk._CANDIDATES.items()}
+    whole = whole_tiles_only()
     rows = []
     print(f"{'layout':<8} {'L':>6} {'D':>4} {'whole f/fb ms':>15} {'half f/fb ms':>15} {'whole/half f/fb':>15} "
           f"{'packed f/fb ms':>15} {'whole/packed':>12} {'half/packed':>12}", flush=True)

@@ -125,7 +125,8 @@ def cmd_model(args) -> int:
     meta = device_meta()
     modes = list(args.modes) + (["graph"] if args.graphs and "graph" not in args.modes else [])
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
-                kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches)
+                kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches,
+                decoder_cache=args.decoder_cache)
     def keep(so_far):  # what is done, whatever happens next
         if args.json:
             _write_json(args.json, results_to_json(so_far, meta), quiet=True)
@@ -133,7 +134,7 @@ def cmd_model(args) -> int:
     results = run_models([(kind, L) for kind in args.models for L in args.lengths], tokens=args.tokens,
                          steps=args.steps, decoder_layers=args.decoder_layers, kernel_options=kernel_options,
                          kernels=args.kernels, modes=modes, batches=args.batches, compile_model=args.torch_compile,
-                         done=keep)
+                         decoder_cache=args.decoder_cache, done=keep)
     print()
     print(format_table(results))
     if "triton" in args.kernels:
@@ -243,6 +244,9 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--decoder-layers", type=int, default=4, help="layers of the decoder")
+    p.add_argument("--decoder-cache", action="store_true",
+                   help="call the decoder with its default cache (use_cache=True) instead of use_cache=False, dense "
+                        "and sparse alike")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the flex kernel, as JSON")

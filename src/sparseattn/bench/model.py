@@ -306,19 +306,22 @@ def _host_us(backend, run) -> tuple[float | None, float | None]:
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-              compile_model: bool = False, log=print) -> list[ModelResult]:
+              compile_model: bool = False, decoder_cache: bool = False, log=print) -> list[ModelResult]:
     """``run_models`` for one model kind and length."""
     return run_models([(kind, length)], tokens=tokens, warmup=warmup, steps=steps, decoder_layers=decoder_layers,
                       kernel_options=kernel_options, kernels=kernels, modes=modes, batches=batches,
-                      compile_model=compile_model, log=log)
+                      compile_model=compile_model, decoder_cache=decoder_cache, log=log)
 
 
 def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
                kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-               compile_model: bool = False, log=print, done=None) -> list[ModelResult]:
+               compile_model: bool = False, decoder_cache: bool = False, log=print, done=None) -> list[ModelResult]:
     """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``, for
     each (model kind, length) of ``configs``. Speed-ups are real tokens per second over the fastest dense step of
-    the same model, length and batch kind, whatever its mode (and over that of any batch kind).
+    the same model, length and batch kind, whatever its mode (and over that of any batch kind). decoder_cache: the
+    decoder is called with its default cache (``use_cache=True``, as ``model(ids)`` runs it) instead of
+    ``use_cache=False``; without a cache transformers looks for packed rows in the positions, and under torch.compile
+    makes an L x L mask for dense attention that keeps SDPA off its flash kernel (docs/benchmarks.md).
 
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
     runs: padded and packed eager steps timed after the compiled modes had run in the same process came out 10-12
@@ -332,7 +335,8 @@ def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8,
             for batch in batches:
                 out.extend(_run_batch(kind, length, batch, tokens=tokens, warmup=warmup, steps=steps,
                                       decoder_layers=decoder_layers, kernel_options=kernel_options, kernels=kernels,
-                                      modes=phase, compile_model=compile_model, log=log))
+                                      modes=phase, compile_model=compile_model, decoder_cache=decoder_cache,
+                                      log=log))
                 if done is not None:
                     done(_ranked(out, configs, kernels, modes, batches))
     return _ranked(out, configs, kernels, modes, batches)
@@ -353,11 +357,12 @@ def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
 
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
-               compile_model, log) -> list[ModelResult]:
+               compile_model, log, decoder_cache=False) -> list[ModelResult]:
     """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind (speed-ups: ``_ranked``)."""
     import torch._dynamo
 
-    bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers)
+    bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers,
+                        decoder_cache=decoder_cache)
     out = []
     for attention in ("dense", *kernels):
         backend = None
@@ -391,9 +396,10 @@ class _Bench:
     block_density: float
     sparse_batch: dict
     dense_batch: dict
+    decoder_cache: bool = False  # the decoder's forward with use_cache=True (its default) rather than False
 
     @classmethod
-    def make(cls, kind, length, batch_kind, *, tokens, decoder_layers) -> "_Bench":
+    def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=False) -> "_Bench":
         device = "cuda"
         gc.collect()  # the previous config's models, before this one allocates
         torch.cuda.empty_cache()
@@ -414,7 +420,7 @@ class _Bench:
             model.train()
         else:
             model = model.to(torch.bfloat16).eval()
-        return cls(kind, length, batch_kind, B, model, opt, plan, sp, dens, sparse_batch, dense_batch)
+        return cls(kind, length, batch_kind, B, model, opt, plan, sp, dens, sparse_batch, dense_batch, decoder_cache)
 
     def batch(self, attention: str) -> dict:
         return self.dense_batch if attention == "dense" else self.sparse_batch
@@ -450,7 +456,7 @@ class _Bench:
                     self.opt.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
-                    fwd(**inputs, use_cache=False)
+                    fwd(**inputs, use_cache=self.decoder_cache)
         return train
 
     def zero_grad(self) -> None:
