@@ -15,7 +15,7 @@
 #   gpu-tests-models   the GPU tests through models: integration, generation, packed/padded, learned, patterns
 #   bench-model        issue 24: the encoder step at 16k in eager, compile and reduce-overhead modes, unpadded,
 #                      padded and packed batches, against the fastest dense step of the run
-#   bench-decoder      issue 24: the decoder forward, 4k-32k (CACHE=1: with its default cache, as users call it)
+#   bench-decoder      issue 24: the decoder forward, 4k-32k (with its default cache; CACHE=0: use_cache=False)
 #   bench-attention    issue 24: the backend's own choice per cell against every method, 8k-32k, D 64 and 128
 #                      (HEAD_DIMS=64 and HEAD_DIMS=128 in two calls where one does not fit)
 #   bench-generate     issue 25: prefill and decode of the 1B shape, 4k-64k, batch 1 and 16
@@ -107,10 +107,11 @@ case $stage in
       --batches "${BATCHES:-unpadded,padded,packed,padding-free}" --steps 5 --json "$out/bench_model.json" 2>&1 | tee -a "$log" ;;
   bench-decoder)
     # LENGTHS cuts it into calls: 16k and 32k in both modes took about 5 minutes (twenty-first round, H100).
-    # CACHE=1: the decoder called with its default cache (--decoder-cache), as users call it
+    # CACHE=0: the decoder called with use_cache=False (--no-decoder-cache) rather than with its default cache
+    nocache=$([[ ${CACHE:-1} == 0 ]] && echo --no-decoder-cache || true)
     python -m sparseattn.cli bench model --models decoder --lengths "${LENGTHS:-4k,16k,32k}" \
       --modes "${MODES:-eager,reduce-overhead}" --batches "${BATCHES:-unpadded,padded,packed}" --steps 5 \
-      ${CACHE:+--decoder-cache} --json "$out/bench_decoder${CACHE:+_cache}.json" 2>&1 | tee -a "$log" ;;
+      $nocache --json "$out/bench_decoder${nocache:+_nocache}.json" 2>&1 | tee -a "$log" ;;
   bench-attention)
     # HEAD_DIMS / LENGTHS cut the grid into calls of 10 minutes (autotuning and FlexAttention's compilation per cell)
     python -m sparseattn.cli bench attention --head-dims "${HEAD_DIMS:-64,128}" --lengths "${LENGTHS:-8k,16k,32k}" \

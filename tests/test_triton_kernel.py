@@ -784,3 +784,31 @@ def test_zeroed_views_are_zero_separate_and_aligned_for_the_kernels():
     for i, t in enumerate(views):
         t.fill_(i + 1)
     assert [int(t.float().mean()) for t in views] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bench_models_decoder_step_calls_the_model_with_or_without_its_cache(cache):
+    """bench model's decoder forward: with the model's default cache (use_cache=True, as users call a model) unless
+    --no-decoder-cache; the sparsified decoder's logits are the same either way."""
+    from conftest import tiny_llama
+    from sparseattn.bench import model as bench_model
+
+    import sparseattn as sa
+
+    model = tiny_llama().eval()
+    sa.sparsify(model, "all: neighbour(3) | global_tokens(1)",
+                backend=BlockSparseBackend(block_size=32, force=True, kernel="triton"))
+    ids = torch.randint(3, 120, (1, 37), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def fwd(**kw):
+        out = model(**kw)
+        seen.append((kw["use_cache"], out.past_key_values is not None, out.logits))
+        return out
+
+    bench = bench_model._Bench("decoder", 37, "unpadded", 1, model, None, None, 0.9, 0.1, {}, {}, cache)
+    bench.step(fwd, {"input_ids": ids}, mark=False)()
+    assert [(c, has) for c, has, _ in seen] == [(cache, cache)]
+    with torch.no_grad():
+        other = model(input_ids=ids, use_cache=not cache).logits
+    torch.testing.assert_close(seen[0][2], other, atol=1e-6, rtol=1e-5)

@@ -244,9 +244,10 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / length)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--decoder-layers", type=int, default=4, help="layers of the decoder")
-    p.add_argument("--decoder-cache", action="store_true",
-                   help="call the decoder with its default cache (use_cache=True) instead of use_cache=False, dense "
-                        "and sparse alike")
+    p.add_argument("--decoder-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="call the decoder with its default cache (use_cache=True), as model(ids) runs it, or without "
+                        "(--no-decoder-cache: use_cache=False, where transformers looks for packed rows in the "
+                        "positions and, under torch.compile, gives dense SDPA an L x L mask); dense and sparse alike")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the block kernel, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None, help="FlexAttention kernel options for the flex kernel, as JSON")

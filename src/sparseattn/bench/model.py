@@ -306,7 +306,7 @@ def _host_us(backend, run) -> tuple[float | None, float | None]:
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-              compile_model: bool = False, decoder_cache: bool = False, log=print) -> list[ModelResult]:
+              compile_model: bool = False, decoder_cache: bool = True, log=print) -> list[ModelResult]:
     """``run_models`` for one model kind and length."""
     return run_models([(kind, length)], tokens=tokens, warmup=warmup, steps=steps, decoder_layers=decoder_layers,
                       kernel_options=kernel_options, kernels=kernels, modes=modes, batches=batches,
@@ -315,13 +315,13 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
 def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
                kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-               compile_model: bool = False, decoder_cache: bool = False, log=print, done=None) -> list[ModelResult]:
+               compile_model: bool = False, decoder_cache: bool = True, log=print, done=None) -> list[ModelResult]:
     """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``, for
     each (model kind, length) of ``configs``. Speed-ups are real tokens per second over the fastest dense step of
     the same model, length and batch kind, whatever its mode (and over that of any batch kind). decoder_cache: the
-    decoder is called with its default cache (``use_cache=True``, as ``model(ids)`` runs it) instead of
-    ``use_cache=False``; without a cache transformers looks for packed rows in the positions, and under torch.compile
-    makes an L x L mask for dense attention that keeps SDPA off its flash kernel (docs/benchmarks.md).
+    decoder is called with its default cache (``use_cache=True``, as ``model(ids)`` runs it), or with
+    ``use_cache=False``, where transformers looks for packed rows in the positions and, under torch.compile, makes an
+    L x L mask for dense attention that keeps SDPA off its flash kernel (docs/benchmarks.md, twenty-first round).
 
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
     runs: padded and packed eager steps timed after the compiled modes had run in the same process came out 10-12
@@ -357,7 +357,7 @@ def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
 
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
-               compile_model, log, decoder_cache=False) -> list[ModelResult]:
+               compile_model, log, decoder_cache=True) -> list[ModelResult]:
     """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind (speed-ups: ``_ranked``)."""
     import torch._dynamo
 
@@ -396,10 +396,10 @@ class _Bench:
     block_density: float
     sparse_batch: dict
     dense_batch: dict
-    decoder_cache: bool = False  # the decoder's forward with use_cache=True (its default) rather than False
+    decoder_cache: bool = True  # the decoder's forward with use_cache=True (its default) or False
 
     @classmethod
-    def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=False) -> "_Bench":
+    def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=True) -> "_Bench":
         device = "cuda"
         gc.collect()  # the previous config's models, before this one allocates
         torch.cuda.empty_cache()
@@ -441,7 +441,7 @@ class _Bench:
         leaves the gradients for a captured graph), a decoder runs forward. mark: a new step for the CUDA graphs
         torch.compile records (reduce-overhead)."""
         rows = inputs["input_ids"].shape[0]
-        labels = torch.randint(0, 2, (rows,), device="cuda")
+        labels = torch.randint(0, 2, (rows,), device=inputs["input_ids"].device) if self.kind == "encoder" else None
 
         def train(zero_grad: bool = True):
             if mark:
