@@ -182,7 +182,7 @@ def test_measure_sparsity_counts_only_the_past_for_a_decoder():
 def test_counts_in_small_chunks_equal_whole_counts(monkeypatch, expanded):
     """pair_counts and block_counts visit the query rows in chunks (a whole count at 32k tokens needs hundreds of
     GiB): chunks of a few rows, an odd length, padding, a decoder and packed documents give the whole counts, per
-    head, for a mask of distinct heads and for one expanded over them."""
+    head, for a mask of distinct heads and for one expanded over them; pair_and_block_counts gives both at once."""
     g = torch.Generator().manual_seed(3)
     real = torch.tensor([[1] * 37 + [0] * 4, [1] * 41], dtype=torch.bool)
     docs = torch.tensor([[0] * 20 + [1] * 21, [0] * 9 + [1] * 32])
@@ -197,4 +197,6 @@ def test_counts_in_small_chunks_equal_whole_counts(monkeypatch, expanded):
         assert kept.tolist() == want_pairs.tolist() and total.tolist() == [int(allowed.sum())] * 3
         kb, ab = block_counts(keep, layout, 8)
         assert kb.tolist() == want_blocks[0].tolist() and ab.tolist() == want_blocks[1].tolist()
+        pairs, blocks = sparsity.pair_and_block_counts(keep, layout, 8)  # measure_plan's one pass over both
+        assert [t.tolist() for t in (*pairs, *blocks)] == [t.tolist() for t in (kept, total, kb, ab)]
         monkeypatch.undo()

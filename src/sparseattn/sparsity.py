@@ -40,40 +40,55 @@ def _query_chunks(keep: torch.Tensor, multiple: int = 1):
     return [slice(s, min(s + rows, L)) for s in range(0, L, rows)]
 
 
-def _chunked_counts(keep: torch.Tensor, layout: TokenLayout, count, multiple: int = 1):
-    """(kept, allowed) per head, summed over the batch: ``count`` of a (B, H, rows, L) mask (its per-head counts)
-    over the kept and the allowed pairs, a chunk of query rows at a time (``_query_chunks``)."""
-    allowed = layout.allowed()
+def _chunked_counts(keep: torch.Tensor, layout: TokenLayout, counts, multiple: int = 1) -> list:
+    """[(kept, allowed) per head, summed over the batch] for each function of ``counts``, each the per-head count of
+    a (B, H, rows, L) mask, over the kept and the allowed pairs: one pass over the query rows, a chunk at a time
+    (``_query_chunks``; chunks of whole multiples of ``multiple`` rows), the allowed pairs made a chunk at a time."""
     k, heads = _distinct_heads(keep)
-    kept = torch.zeros(k.shape[1], dtype=torch.long, device=keep.device)
-    total = torch.zeros(1, dtype=torch.long, device=keep.device)
+    sums = [(torch.zeros(k.shape[1], dtype=torch.long, device=keep.device),
+             torch.zeros(1, dtype=torch.long, device=keep.device)) for _ in counts]
     for rows in _query_chunks(k, multiple):
-        a = allowed[:, :, rows]
-        kept += count(k[:, :, rows] & a)
-        total += count(a)
-    kept = kept.expand(heads)
-    return kept, total.expand_as(kept)
+        a = layout.allowed_rows(torch.arange(rows.start, rows.stop, device=layout.device))
+        both = k[:, :, rows] & a
+        for (kept, total), count in zip(sums, counts):
+            kept += count(both)
+            total += count(a)
+    return [(kept.expand(heads), total.expand(heads)) for kept, total in sums]
+
+
+def _pairs(m: torch.Tensor) -> torch.Tensor:
+    return m.sum(dim=(0, 2, 3))
+
+
+def _tiles(length: int, block_size: int):
+    """The per-head count of block_size x block_size tiles holding a pair, for masks of a chunk of whole tile rows
+    (the last one padded) over ``length`` keys."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n = -(-length // block_size)
+    pad = n * block_size - length
+
+    def tiles(m):
+        m = torch.nn.functional.pad(m, (0, pad, 0, (-m.shape[2]) % block_size))
+        t = m.reshape(m.shape[0], m.shape[1], -1, block_size, n, block_size).any(dim=5).any(dim=3)
+        return t.sum(dim=(0, 2, 3))
+    return tiles
 
 
 def pair_counts(keep: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, allowed) pair counts per head, summed over the batch: two (H',) int64 tensors."""
-    return _chunked_counts(keep, layout, lambda m: m.sum(dim=(0, 2, 3)))
+    return _chunked_counts(keep, layout, [_pairs])[0]
 
 
 def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, allowed) block counts per head for block_size x block_size tiles, summed over the batch."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    L = keep.shape[2]
-    n = -(-L // block_size)
-    pad = n * block_size - L
+    return _chunked_counts(keep, layout, [_tiles(keep.shape[-1], block_size)], block_size)[0]
 
-    def tiles(m):  # (B, H, rows, L) -> per-head count of tiles holding a pair, rows padded to whole tiles
-        m = torch.nn.functional.pad(m, (0, pad, 0, (-m.shape[2]) % block_size))
-        t = m.reshape(m.shape[0], m.shape[1], -1, block_size, n, block_size).any(dim=5).any(dim=3)
-        return t.sum(dim=(0, 2, 3))
 
-    return _chunked_counts(keep, layout, tiles, block_size)
+def pair_and_block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tuple[tuple, tuple]:
+    """``pair_counts`` and ``block_counts`` of one mask in one pass over it."""
+    pairs, blocks = _chunked_counts(keep, layout, [_pairs, _tiles(keep.shape[-1], block_size)], block_size)
+    return pairs, blocks
 
 
 def mask_sparsity(keep: torch.Tensor, layout: TokenLayout) -> float:
@@ -176,17 +191,18 @@ def measure_plan(layer_plans, layout: TokenLayout, *, block_size: int | None = N
     kept, allowed, bk, ba, applied = [], [], [], [], []
     for lp in layer_plans:
         keep = lp.mask(layout, cache).expand(-1, lp.num_heads, -1, -1)
-        k, a = pair_counts(keep, layout)
+        if block_size:
+            (k, a), (kb, ab) = pair_and_block_counts(keep, layout, block_size)
+            bk.append(kb)
+            ba.append(ab)
+        else:
+            k, a = pair_counts(keep, layout)
         kept.append(k)
         allowed.append(a)
         covered = torch.zeros(lp.num_heads, dtype=torch.bool)
         for heads, _ in lp.entries:
             covered[list(range(lp.num_heads)) if heads is None else list(heads)] = True
         applied.append(covered)
-        if block_size:
-            k, a = block_counts(keep, layout, block_size)
-            bk.append(k)
-            ba.append(a)
     st = lambda xs: torch.stack([x.cpu() for x in xs]).long()
     return SparsityReport(st(kept), st(allowed), torch.stack(applied), block_size,
                           st(bk) if block_size else None, st(ba) if block_size else None, layout.batch_size)
