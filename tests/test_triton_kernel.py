@@ -67,10 +67,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,H,Hk,L,D,bs,Bl,Hl", CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}L{c[3]}D{c[4]}bs{c[5]}" for c in CASES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, None), (torch.float16, None), (torch.float32, 16)],
+                         ids=["fp32-whole-tiles", "fp16-whole-tiles", "fp32-16-rows"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("backward", ["fused", "two-pass"])
-@pytest.mark.parametrize("rows", [None, 16], ids=["whole-tiles", "16-rows"])
 def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, rows,
                                                   monkeypatch):
     """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
