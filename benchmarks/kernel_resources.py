@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--varlen", action="store_true", help="the kernels for padded and packed batches (segments)")
     ap.add_argument("--configs", choices=("candidates", "fixed"), default="candidates",
                     help="the autotuner's candidates, or the fixed configuration (SPARSEATTN_TRITON_AUTOTUNE=0)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="only the configurations whose programs own this many rows of a tile (capped at the tile)")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
     args = ap.parse_args(argv)
 
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
         for d in (int(x) for x in args.head_dims.split(",")):
             for s, warps, stages, own in configs:
                 own = triton_kernel._rows(own, args.block_size)
+                if args.rows is not None and own != min(args.rows, args.block_size):
+                    continue
                 row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages, "rows": own}
                 consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "ROWS": own,
                           "PREC": None, "VARLEN": args.varlen, **extra}

@@ -8,9 +8,9 @@ against the packed ceiling (``dense_packed``) of the same cells.
 ``--model`` runs ``sparseattn bench model`` with the arguments after ``--`` twice, one process each, one after the
 other: with whole-tile candidates only, then with every candidate (the step of a model rather than one call).
 
-At head size 128 a whole-tile program at 4 warps spills registers in every pass (fp32 accumulators of 128 x 128
-per pass, ``benchmarks/kernel_resources.py``) and the 8-warp ones lost to it all the same in the twenty-first round;
-a half-tile program at 4 warps spills none. Each pass autotunes afresh (its own candidates, the on-disk autotuning
+At head size 128 most whole-tile programs at 4 warps spill registers (fp32 accumulators of 128 x 128 per pass,
+``benchmarks/kernel_resources.py``), and the 8-warp ones lost to them all the same in the twenty-first round; the
+half-tile programs at 4 warps spill little or nothing. Each pass autotunes afresh (its own candidates, the on-disk autotuning
 cache off), so the second pass may still choose a whole-tile candidate. Prints, per cell, milliseconds forward /
 forward+backward, the ratio of the two passes and each pass against ``dense_packed``, and the configurations chosen.
 """

@@ -703,7 +703,8 @@ INTERPRETER_ROWS = None  # the rows a program owns under the interpreter (tests 
 # (consumer cards); the autotuner skips candidates that do not fit.
 # (32, 8, 3): the one three-stage whole-tile dK/dV candidate that spills no register at head size 128, where the
 # 4-warp ones spill 896-1,272 bytes (benchmarks/kernel_resources.py); dQ's at 122-128 registers. Half-tile programs
-# (rows 64) hold half the accumulators and spill none at 4 warps; the autotuner chose them for dK/dV at head size 128
+# (rows 64) hold half the accumulators: at 4 warps and head size 128 they spill nothing but 72 bytes (dK/dV with
+# 64-query sub-tiles), where most whole-tile ones spill 88-1,272; the autotuner chose them for dK/dV at head size 128
 # and for the forward and dQ at 32 (docs/benchmarks.md, twenty-second round).
 _CANDIDATES = {"fwd": [(64, 4, 3, None), (64, 8, 3, None), (128, 8, 3, None), (128, 4, 2, None), (32, 4, 2, None),
                        (64, 4, 3, 64), (128, 4, 3, 64)],
