@@ -46,6 +46,8 @@
 #                      can make an eager step (benchmarks/eager_floor.py, a minute or two)
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
+#   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
+#                      its cache at 4k and 32k (unpadded, packed): what the twenty-second round left owed
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -164,6 +166,14 @@ case $stage in
     PROFILE_TIMEOUT=200 bash "$0" eager-floor || true
     MODES=${MODES:-eager,compile,reduce-overhead} BATCHES=${BATCHES:-unpadded} timeout ${BENCH_TIMEOUT:-330} \
       bash "$0" bench-model || true ;;
+  owed-22)
+    # what the twenty-second round left owed, in one call (about 9 minutes, each part under its own limit): the
+    # kernel against flex_mask with the queued timing (its one H200 cell, 0.98, had the old timing; flex_mask compiles
+    # for about 170 s a cell), then the decoder with its cache at 4k and 32k
+    timeout ${FLEX_TIMEOUT:-300} python -m sparseattn.cli bench attention --head-dims 64 --lengths 16k --layouts sliding \
+      --sparsity 90 --methods dense,dense_packed,flex_mask,triton,backend --json "$out/bench_attention_flex.json" \
+      2>&1 | tee -a "$log" || true
+    LENGTHS=4k,32k BATCHES=unpadded,packed timeout ${BENCH_TIMEOUT:-240} bash "$0" bench-decoder || true ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)
