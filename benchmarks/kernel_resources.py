@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         for d in (int(x) for x in args.head_dims.split(",")):
             for s, warps, stages, own in configs:
                 own = triton_kernel._rows(own, args.block_size)
-                if args.rows is not None and own != min(args.rows, args.block_size):
+                if args.rows is not None and own != triton_kernel._rows(args.rows, args.block_size):
                     continue
                 row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages, "rows": own}
                 consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "ROWS": own,

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                    *triton_kernel.list_args(lists, lists.row_full, lists.row_part), H, 1, L,
                    triton_kernel.tune_length(lists.num_q_blocks), scale * triton_kernel.LOG2E)
     consts = dict(HEAD_DIM=D, BS=128, PREC=None, VARLEN=False, **extra)
-    grid = (H, lists.num_q_blocks * (128 // consts["ROWS"]))  # the programs of each tile row (fixed ROWS)
+    grid = triton_kernel._parts_grid(H, lists.num_q_blocks)(consts)  # the compiled launcher needs a tuple
     compiled = kernel[grid](*launch_args, **consts)
     rows["launch_jit"] = host_us(lambda: kernel[grid](*launch_args, **consts), args.calls)
     # the compiled binary's launcher takes every argument in order, compile-time constants too (it skips them)

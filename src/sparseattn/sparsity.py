@@ -87,8 +87,7 @@ def block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tu
 
 def pair_and_block_counts(keep: torch.Tensor, layout: TokenLayout, block_size: int) -> tuple[tuple, tuple]:
     """``pair_counts`` and ``block_counts`` of one mask in one pass over it."""
-    pairs, blocks = _chunked_counts(keep, layout, [_pairs, _tiles(keep.shape[-1], block_size)], block_size)
-    return pairs, blocks
+    return tuple(_chunked_counts(keep, layout, [_pairs, _tiles(keep.shape[-1], block_size)], block_size))
 
 
 def mask_sparsity(keep: torch.Tensor, layout: TokenLayout) -> float:

@@ -908,6 +908,8 @@ def _zeroed(shapes, dtype, device) -> list:
     backward pays each launch's host time). Each view starts 16-byte aligned, as the kernels' pointers are assumed
     to be: every shape here ends in a head size of at least 16. For internal scratch only: an operator's outputs
     must not share storage."""
+    if not shapes:  # no split list: nothing to allocate on this hot path
+        return []
     sizes = [torch.Size(shape).numel() for shape in shapes]
     return [part.view(shape) for part, shape in zip(torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes),
                                                      shapes)]

@@ -357,7 +357,7 @@ def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
 
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
-               compile_model, log, decoder_cache=True) -> list[ModelResult]:
+               compile_model, decoder_cache, log) -> list[ModelResult]:
     """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind (speed-ups: ``_ranked``)."""
     import torch._dynamo
 
@@ -396,7 +396,7 @@ class _Bench:
     block_density: float
     sparse_batch: dict
     dense_batch: dict
-    decoder_cache: bool = True  # the decoder's forward with use_cache=True (its default) or False
+    decoder_cache: bool  # the decoder's forward with use_cache=True (its default) or False
 
     @classmethod
     def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=True) -> "_Bench":
