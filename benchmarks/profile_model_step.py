@@ -6,7 +6,8 @@ The tenth round (docs/benchmarks.md) measured the sparse step at 18.9 ms under `
 under `mode="reduce-overhead"`, which replays the same kernels as CUDA graphs: the difference is host time the GPU
 waits for. For each batch kind, attention (dense, sparse) and mode, this profiles a few steps after warm-up and
 prints per step: wall time, GPU kernel time, kernel launches, host-device synchronizations (a synchronizing call or
-a copy to the host, which stop the host from running ahead), and the host operators with the most self time.
+a copy to the host, which stop the host from running ahead), the host operators with the most self time and the GPU
+kernels with the most time.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def profile_steps(run, steps: int) -> dict:
     # Pageable); device-to-device ones (a clone, a contiguous copy) do not: the GPU's own records say which
     copies = {e.key: e.count / steps for e in events if e.key.startswith("Memcpy") and e.self_device_time_total > 0}
     host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:15]
+    gpu = sorted((e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"),
+                 key=lambda e: -e.self_device_time_total)[:15]
     return {"wall_ms": wall, "gpu_kernel_ms": gpu_us / steps / 1e3, "launches": launches / steps, "syncs": syncs,
-            "copies": copies, "top_host": [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in host]}
+            "copies": copies, "top_host": [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in host],
+            "top_gpu": [(e.key, e.count / steps, e.self_device_time_total / steps / 1e3) for e in gpu]}
 
 
 def main(argv=None) -> int:
@@ -62,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="unpadded", help="bench model's batch kinds")
     ap.add_argument("--attention", default="dense,triton", help="dense and/or triton")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--block-size", type=int, default=128, help="the block backend's tile size")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch._dynamo
@@ -75,10 +80,11 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}")
     out = []
     for batch in args.batches.split(","):
-        bench = _Bench.make("encoder", args.length, batch, tokens=args.length, decoder_layers=4)
+        bench = _Bench.make("encoder", args.length, batch, tokens=args.length, decoder_layers=4,
+                            block_size=args.block_size)
         for attention in args.attention.split(","):
             if attention != "dense":
-                sparsify(bench.model, bench.plan, backend=BlockSparseBackend(kernel=attention))
+                sparsify(bench.model, bench.plan, backend=BlockSparseBackend(args.block_size, kernel=attention))
             inputs = bench.inputs(attention)
             for mode in args.modes.split(","):
                 torch._dynamo.reset()
@@ -95,6 +101,9 @@ def main(argv=None) -> int:
                       f"copies by direction {res['copies'] or 'none'}")
                 for name, count, ms in res["top_host"]:
                     print(f"  {ms:8.2f} ms  x{count:<6.0f} {name[:90]}")
+                print("  GPU kernels with the most time:")
+                for name, count, ms in res["top_gpu"]:
+                    print(f"  {ms:8.3f} ms  x{count:<6.0f} {name[:90]}")
                 bench.zero_grad()
     if args.json:
         with open(args.json, "w") as f:
