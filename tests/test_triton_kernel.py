@@ -112,6 +112,32 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
     assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
 
 
+@pytest.mark.parametrize("long", ["row", "column"])
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
+def test_one_kind_of_long_list_splits_alone_and_its_scratch_reaches_the_gradients(long, backward, monkeypatch):
+    """A global query's row (or a global key's column) alone is long enough to split: the one scratch-copy launch
+    then copies dQ's scratch alone (or dK's and dV's alone), and no gradient misses its split list's sum."""
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 1)  # lists longer than the mean split
+    L, bs, D = 8 * 32 - 5, 32, 16
+    keep = torch.eye(L, dtype=torch.bool) | torch.ones(L, L, dtype=torch.bool).tril(3).triu(-3)
+    keep[:2] = True  # two global queries: tile row 0 holds every tile, each column two
+    if long == "column":
+        keep = keep.T.contiguous()
+    lists = _lists(keep[None, None], bs)
+    assert (lists.split_rows, lists.split_cols) == (long == "row", long == "column")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, L, D, generator=g).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 2, L, D, generator=g)
+    out = block_sparse_attention_triton(q, k, v, lists, scale=D ** -0.5, backward=backward)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    ref = _reference(q, k, v, keep.expand(1, 2, L, L), D ** -0.5)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad.double())]
+    for what, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5, f"{what}: error {err:.3g}"
+
+
 def test_tile_lists_hold_each_kept_tile_once_partial_first_and_grow_with_kept_tiles():
     keep = _keep(1, 3, 150, seed=0)
     layout = TileMask.from_mask(F.pad(keep, (0, 10, 0, 10)), 32)

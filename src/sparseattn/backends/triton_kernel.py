@@ -482,21 +482,40 @@ if triton is not None:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty))
 
     @triton.jit
-    def _scratch_kernel(SCRATCH, OUT, SLOTS, SEG, sob, soh, sol, ssb, ssh, H, S, N_CTX,
-                        HEAD_DIM: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
-        """Copy the split lists' summed scratch tiles into the gradient (grid: segments x H, S)."""
+    def _scratch_copy(SCRATCH, OUT, SLOTS, sh, slot, b, h, start, n, sob, soh, sol, ssb, ssh, S,
+                      HEAD_DIM: tl.constexpr, BS: tl.constexpr):
+        """Copy one slot's summed scratch tile into its gradient rows (a slot of -1 is unused)."""
+        blk = tl.load(SLOTS + b * ssb + h * ssh + slot)
+        if blk >= 0:
+            rows = tl.arange(0, BS)
+            offs_d = tl.arange(0, HEAD_DIM)
+            tile = SCRATCH + (sh.to(tl.int64) * S + slot) * (BS * HEAD_DIM)
+            x = tl.load(tile + rows[:, None] * HEAD_DIM + offs_d[None, :])
+            pos = blk * BS + rows
+            tl.store(OUT + b * sob + h * soh + (start + pos[:, None]) * sol + offs_d[None, :],
+                     x.to(OUT.dtype.element_ty), mask=(pos < n)[:, None])
+
+    @triton.jit
+    def _scratch_kernel(SCR_K, SCR_V, SCR_Q, DK, DV, DQ, COL_SLOTS, ROW_SLOTS, SEG, skb, skh, skl, sqb, sqh, sql,
+                        scb, sch, srb, srh, H, SK, SQ, N_CTX, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
+                        VARLEN: tl.constexpr, FIRST: tl.constexpr):
+        """Copy the split lists' summed scratch tiles into the gradients: dK, dV and dQ in one launch, where an
+        eager backward would otherwise pay a launch's host time for each (grid: segments x H, slots, copies; copy
+        FIRST + program_id(2) of dK, dV, dQ, so that FIRST = 2 copies dQ alone)."""
         sh = tl.program_id(0)
+        slot = tl.program_id(1)
+        which = FIRST + tl.program_id(2)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
-        blk = tl.load(SLOTS + b * ssb + h * ssh + tl.program_id(1))
-        if blk < 0:
-            return
-        rows = tl.arange(0, BS)
-        offs_d = tl.arange(0, HEAD_DIM)
-        tile = SCRATCH + (sh.to(tl.int64) * S + tl.program_id(1)) * (BS * HEAD_DIM)
-        x = tl.load(tile + rows[:, None] * HEAD_DIM + offs_d[None, :])
-        pos = blk * BS + rows
-        tl.store(OUT + b * sob + h * soh + (start + pos[:, None]) * sol + offs_d[None, :],
-                 x.to(OUT.dtype.element_ty), mask=(pos < n)[:, None])
+        if which == 0:
+            if slot < SK:
+                _scratch_copy(SCR_K, DK, COL_SLOTS, sh, slot, b, h, start, n, skb, skh, skl, scb, sch, SK,
+                              HEAD_DIM, BS)
+        elif which == 1:
+            if slot < SK:
+                _scratch_copy(SCR_V, DV, COL_SLOTS, sh, slot, b, h, start, n, skb, skh, skl, scb, sch, SK,
+                              HEAD_DIM, BS)
+        elif slot < SQ:
+            _scratch_copy(SCR_Q, DQ, ROW_SLOTS, sh, slot, b, h, start, n, sqb, sqh, sql, srb, srh, SQ, HEAD_DIM, BS)
 
     @triton.jit
     def _dkdv_step(dk, dv, k, v, qbase, dobase, stride_ql, stride_dol, LSE_bh, DELTA_bh, DQ_bh, TILE, TILES, t,
@@ -946,7 +965,6 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     scr = _zeroed([(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
-    copies = [(scr_k, dk, lists.col_slots), (scr_v, dv, lists.col_slots)]
     kernel, extra = _kernel("dkdv", bs)
     kernel[_parts_grid(S * H, lists.col_prog.shape[2])](
         q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
@@ -958,19 +976,20 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     if fused:
         dq = dq.mul_(scale).to(q.dtype)
     else:
-        copies.append((scr_q, dq, lists.row_slots))
         kernel, extra = _kernel("dq", bs)
         kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
             q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
             H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
             SPLIT=lists.split_rows, VARLEN=varlen, **extra)
-    for scratch, out, slots in copies:
-        if slots.shape[-1]:
-            ssb = 0 if lists.batch_broadcast else slots.stride(0)
-            ssh = 0 if lists.head_broadcast else slots.stride(1)
-            _scratch_kernel[(S * H, slots.shape[-1])](scratch, out, slots, seg, *out.stride()[:3], ssb, ssh, H,
-                                                      slots.shape[-1], L, HEAD_DIM=D, BS=bs, VARLEN=varlen)
+    if Sk or Sq:  # one launch copies every split list's scratch into its gradient
+        # an unused kind's slots point at the other kind's (int32 either way; its branch never runs)
+        col, row = lists.col_slots if Sk else lists.row_slots, lists.row_slots if Sq else lists.col_slots
+        scb, sch = (0 if lists.batch_broadcast else col.stride(0)), (0 if lists.head_broadcast else col.stride(1))
+        srb, srh = (0 if lists.batch_broadcast else row.stride(0)), (0 if lists.head_broadcast else row.stride(1))
+        _scratch_kernel[(S * H, max(Sk, Sq), (2 if Sk else 0) + (1 if Sq else 0))](
+            scr_k, scr_v, scr_q, dk, dv, dq, col, row, seg, *dk.stride()[:3], *dq.stride()[:3], scb, sch, srb, srh,
+            H, Sk, Sq, L, HEAD_DIM=D, BS=bs, VARLEN=varlen, FIRST=0 if Sk else 2)
     if rep > 1:  # query heads that share a key/value head add their gradients
         dk = dk.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(k.dtype)
         dv = dv.view(B, Hk, rep, L, D).sum(2, dtype=torch.float32).to(v.dtype)
