@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=32, help="32: bench model's encoder (MiniLM's shape)")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--global-tokens", type=int, default=0,
+                    help="add global_tokens(n) to the plan, as bench model's (its long lists split in the backward)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -85,12 +87,13 @@ def main(argv=None) -> int:
     from sparseattn.backends.tile_mask import TileMask
     from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
     from sparseattn.layout import TokenLayout
-    from sparseattn.patterns import neighbour
+    from sparseattn.patterns import global_tokens, neighbour
     from sparseattn.plans.plan import Plan
 
     dev = torch.device("cuda")
     L, H, D = args.length, args.heads, args.head_dim
-    plan = Plan.everywhere(neighbour(L // 20))
+    pattern = neighbour(L // 20)
+    plan = Plan.everywhere(pattern | global_tokens(args.global_tokens) if args.global_tokens else pattern)
     lp = plan.resolve(1, H)[0]
     lay = TokenLayout.from_lengths([L], device=dev)
     lay.unpadded = True
