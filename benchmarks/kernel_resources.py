@@ -23,11 +23,11 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, whatever the caller's environment says
 
-KERNELS = {"fwd": ("_fwd_kernel", "BLOCK_N", {}), "dq": ("_dq_kernel", "BLOCK_N", {"SPLIT": False}),
+KERNELS = {"fwd": ("_fwd_kernel", "BLOCK_N", {"SPLIT": False}), "dq": ("_dq_kernel", "BLOCK_N", {"SPLIT": False}),
            "dkdv": ("_dkdv_kernel", "BLOCK_M", {"SPLIT": False, "FUSED": False})}
 TENSORS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-FLOATS = {"LSE", "DELTA", "DQ_ACC", "SCR_K", "SCR_V", "SCR_Q"}
-INTS = {"SEG", "FCNT", "FIDX", "PCNT", "PIDX", "PTILE", "ORDER", "PROG"}
+FLOATS = {"LSE", "DELTA", "DQ_ACC", "SCR_K", "SCR_V", "SCR_Q", "SCR_O", "SCR_M", "SCR_L"}
+INTS = {"SEG", "FCNT", "FIDX", "PCNT", "PIDX", "PTILE", "ORDER", "PROG", "CHUNK"}
 
 
 def compile_for_hopper(fn, consts: dict, num_warps: int, num_stages: int):

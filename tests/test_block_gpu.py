@@ -83,18 +83,22 @@ def _half_tile_programs(monkeypatch):
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split",
-                                    "triton-rows64-split", "triton-rows64-fused"])
+                                    "triton-rows64-split", "triton-rows64-fused", "triton-split-fwd",
+                                    "triton-rows64-split-fwd"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
     """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
-    pass; -split: the backward walks every list in one-tile chunks that add atomically; -rows64: each program owns
-    64 rows of a 128-row tile (the autotuner's half-tile candidates)."""
+    pass; -split: the backward walks every list in one-tile chunks that add atomically; -fwd: the forward walks
+    the rows in the same chunks, merging their partial softmax; -rows64: each program owns 64 rows of a 128-row tile
+    (the autotuner's half-tile candidates)."""
     if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 
         if "rows64" in kernel:
             _half_tile_programs(monkeypatch)
-        if kernel.endswith("split"):
+        if kernel.endswith("-fwd"):
+            monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
+        if "split" in kernel:
             monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
             monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
         if "fused" in kernel:
@@ -376,16 +380,18 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", ["whole tiles", "rows64"])
+@pytest.mark.parametrize("rows", ["whole tiles", "rows64", "rows64 split forward"])
 def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype, rows, monkeypatch):
     """The Triton kernel over padded and packed rows (segments) against the fp32 reference of each sequence alone,
     at most twice PyTorch's own error at the kernel's precision, outputs and every gradient; programs that own a
-    whole tile or half of one."""
+    whole tile or half of one; the forward walking the global tokens' long rows in chunks (split forward)."""
     from sparseattn.backends.tile_mask import TileMask
     from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
 
-    if rows == "rows64":
+    if rows.startswith("rows64"):
         _half_tile_programs(monkeypatch)
+    if rows.endswith("split forward"):
+        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
     H, Hk, D = 8, (2 if "grouped" in name else 8), 64
     lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
     keep = lp.mask(TokenLayout.from_lengths([3072], causal=True, device=DEVICE))  # causal random: prefix-stable

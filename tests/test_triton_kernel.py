@@ -74,7 +74,8 @@ CASES = [
 def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, rows,
                                                   monkeypatch):
     """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
-    sizes only lists far longer than the mean, a global token's, are split). fused: dQ is added atomically
+    sizes only lists far longer than the mean, a global token's, are split); with the two-pass backward the
+    forward walks the rows' chunks too, merging their partial softmax. fused: dQ is added atomically
     by the dK/dV pass; two-pass: a pass over the rows computes it. rows: each program owns the whole tile, or 16
     of its query rows (forward, dQ) or key rows (dK/dV), as the autotuner's half-tile candidates do."""
     monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
@@ -82,6 +83,8 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
     if split:
         monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
         monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+        if backward == "two-pass":  # the forward walks the split rows' chunks too (the fused cases: whole rows)
+            monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
     lists = _lists(keep, bs)
     assert lists.split_rows == lists.split_cols == (split and lists.num_q_blocks > 1)
     g = torch.Generator().manual_seed(1)
@@ -114,9 +117,13 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
 
 @pytest.mark.parametrize("long", ["row", "column"])
 @pytest.mark.parametrize("backward", ["fused", "two-pass"])
-def test_one_kind_of_long_list_splits_alone_and_its_scratch_reaches_the_gradients(long, backward, monkeypatch):
+@pytest.mark.parametrize("forward", ["whole rows", "split rows"])
+def test_one_kind_of_long_list_splits_alone_and_its_scratch_reaches_the_gradients(long, backward, forward,
+                                                                                  monkeypatch):
     """A global query's row (or a global key's column) alone is long enough to split: the one scratch-copy launch
-    then copies dQ's scratch alone (or dK's and dV's alone), and no gradient misses its split list's sum."""
+    then copies dQ's scratch alone (or dK's and dV's alone), and no gradient misses its split list's sum. The
+    forward walks the long row whole or in the same chunks (merging their partial softmax)."""
+    monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if forward == "split rows" else "0")
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 1)  # lists longer than the mean split
     L, bs, D = 8 * 32 - 5, 32, 16
@@ -467,8 +474,11 @@ def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, rows
     """Padded and packed rows: each segment's outputs and gradients equal the kernel's on that sequence alone
     (the fp64 softmax over its own keep-mask), grouped-query heads, per-head layout, split backward lists; tokens
     outside every segment get zero outputs and gradients. rows: programs own whole tiles, or 16 rows of one (a
-    segment may then end before a program's first row)."""
+    segment may then end before a program's first row). With the two-pass backward, the forward walks the split
+    rows' chunks too (a chunk's rows past its segment's end are never written: the merge must not read them)."""
     monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
+    if backward == "two-pass":
+        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
     H, Hk, D, bs = 4, 2, 16, 32

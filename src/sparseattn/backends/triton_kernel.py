@@ -141,14 +141,17 @@ SPLIT_MIN = 16
 SPLIT_FACTOR = 2
 
 
-def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernels' programs for lists of ``length`` (G, N) tiles.
+def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The programs for lists of ``length`` (G, N) tiles (the backward's, and the forward's over tile rows).
 
     Returns (G, P, 4) int32 rows of (tile index, first, end, slot) over the list's concatenated
     partial-then-full entries, longest first per group; groups with fewer programs than P end with
     (-1, 0, 0, -1). A list longer than ``limit`` becomes ceil(length / limit) chunks of near-equal size
     that share a scratch slot (their results add up there); slot -1 marks a list walked whole. Also
-    returns the slots' tile indices, (G, S) int32 (-1 where a group has fewer than S split lists)."""
+    returns the slots' tile indices, (G, S) int32 (-1 where a group has fewer than S split lists); each
+    program's chunk number, (G, P) int32: slot x C + its chunk's place in the list, C the most chunks of any
+    list (-1 for a list walked whole), where the forward keeps a chunk's partial softmax; and the number of
+    chunks of each slot, (G, S) int32."""
     G, N = length.shape
     dev = length.device
     length = length.long()
@@ -170,15 +173,20 @@ def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Ten
     slots = torch.full((G, S), -1, dtype=torch.long, device=dev)
     g_idx, n_idx = split.nonzero(as_tuple=True)
     slots[g_idx, slot_of[g_idx, n_idx]] = n_idx
-    table = torch.zeros(G, P, 4, dtype=torch.long, device=dev)
+    C = int(chunks.max()) if n else 1
+    slot_chunks = torch.zeros((G, S), dtype=torch.long, device=dev)
+    slot_chunks[g_idx, slot_of[g_idx, n_idx]] = chunks.view(G, N)[g_idx, n_idx]
+    table = torch.zeros(G, P, 5, dtype=torch.long, device=dev)
     table[..., 0] = -1
-    table[..., 3] = -1
+    table[..., 3:] = -1
     table[group, slot] = torch.stack([block, part * size // parts, (part + 1) * size // parts,
-                                      torch.where(parts > 1, slot_of[group, block], -1)], dim=-1)
+                                      torch.where(parts > 1, slot_of[group, block], -1),
+                                      torch.where(parts > 1, slot_of[group, block] * C + part, -1)], dim=-1)
     span = torch.where(table[..., 0] >= 0, table[..., 2] - table[..., 1], torch.full_like(table[..., 0], -1))
     order = torch.argsort(span, dim=1, descending=True, stable=True)
-    table = table.gather(1, order[..., None].expand(-1, -1, 4))
-    return table.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
+    table = table.gather(1, order[..., None].expand(-1, -1, 5)).to(torch.int32)
+    return (table[..., :4].contiguous(), slots.to(torch.int32).contiguous(), table[..., 4].contiguous(),
+            slot_chunks.to(torch.int32).contiguous())
 
 
 @dataclass
@@ -203,6 +211,11 @@ class TileLists:
     head_broadcast: bool  # H' == 1: every head shares the layout
     heads: int  # H' (1 or the number of query heads)
     unsplit: "TileLists | None" = None  # the same lists with no backward list split, where some are (see `whole`)
+    # the forward walks split rows in the dQ programs' chunks, each keeping its partial softmax in its own scratch
+    # (merged by a second kernel): (B', H', P) chunk numbers of row_prog (`_programs`), (B', H', S) chunks a slot
+    row_chunk: torch.Tensor | None = None
+    row_slot_chunks: torch.Tensor | None = None
+    row_max_chunks: int = 0  # the most chunks of any split row (chunk numbers are slot x this + place)
 
     @property
     def whole(self) -> "TileLists":
@@ -245,16 +258,20 @@ class TileLists:
 
         def programs(length, limit):
             Bp, Hp, N = length.shape
-            table, slots = _programs(length.reshape(Bp * Hp, N), limit)
-            return table.view(Bp, Hp, *table.shape[1:]), slots.view(Bp, Hp, -1)
+            table, slots, chunk, slot_chunks = _programs(length.reshape(Bp * Hp, N), limit)
+            return (table.view(Bp, Hp, *table.shape[1:]), slots.view(Bp, Hp, -1), chunk.view(Bp, Hp, -1),
+                    slot_chunks.view(Bp, Hp, -1))
 
         def build(limit, unsplit=None):
-            (row_prog, row_slots), (col_prog, col_slots) = programs(row_len, limit), programs(col_len, limit)
+            row_prog, row_slots, row_chunk, row_slot_chunks = programs(row_len, limit)
+            col_prog, col_slots = programs(col_len, limit)[:2]
             return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
                        row_order=row_order, row_prog=row_prog, col_prog=col_prog, row_slots=row_slots,
                        col_slots=col_slots, block_size=bs, num_q_blocks=layout.num_q_blocks,
                        num_kv_blocks=layout.num_kv_blocks, batch_broadcast=code.shape[0] == 1,
-                       head_broadcast=code.shape[1] == 1, heads=code.shape[1], unsplit=unsplit)
+                       head_broadcast=code.shape[1] == 1, heads=code.shape[1], unsplit=unsplit,
+                       row_chunk=row_chunk, row_slot_chunks=row_slot_chunks,
+                       row_max_chunks=int(row_slot_chunks.max()) if row_slot_chunks.numel() else 0)
 
         whole = build(no_limit)
         if not split:
@@ -293,7 +310,8 @@ class TileLists:
 
     def nbytes(self) -> int:
         ts = [*self.row_full, *self.row_part, *self.col_full, *self.col_part, self.tiles, self.row_order,
-              self.row_prog, self.col_prog, self.row_slots, self.col_slots]
+              self.row_prog, self.col_prog, self.row_slots, self.col_slots,
+              *(t for t in (self.row_chunk, self.row_slot_chunks) if t is not None)]
         extra = 0 if self.unsplit is None else sum(t.numel() * t.element_size() for t in
                                                    (self.unsplit.row_prog, self.unsplit.col_prog))
         return extra + sum(t.numel() * t.element_size() for t in ts)
@@ -406,14 +424,29 @@ if triton is not None:
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                     FCNT, FIDX, PCNT, PIDX, PTILE, TILES, ORDER,
                     scb, sch, K_FULL, K_PART,
+                    PROG, CHUNK, SCR_O, SCR_M, SCR_L, spb, sph, skcb, skch, C,
                     H, REP, N_CTX, TUNE_LEN, qk_scale,
                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                    PREC: tl.constexpr, VARLEN: tl.constexpr):
-        b, h, start, n = segment_of(SEG, tl.program_id(0), H, N_CTX, VARLEN)
+                    PREC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
+        """Without SPLIT, one program per tile row (ORDER: longest lists first). With it, the dQ pass's programs
+        (PROG, longest first), where a long row's list is cut into chunks: a chunk keeps its unnormalized output,
+        row maxima and sums in fp32 scratch (C chunks per segment x head, its number from CHUNK), which
+        ``_fwd_merge`` turns into the row's output. A global token's row otherwise runs alone for the whole
+        launch: the forward's time was that one row's, at the encoder's lengths (docs/benchmarks.md)."""
+        sh = tl.program_id(0)
+        b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         PARTS: tl.constexpr = BS // ROWS  # programs per tile row, ROWS query rows each (neighbours: same row)
-        m_blk = tl.load(ORDER + b * scb + h * sch + tl.program_id(1) // PARTS)  # longest lists first
+        p = tl.program_id(1) // PARTS
         r0 = (tl.program_id(1) % PARTS) * ROWS
-        if m_blk * BS + r0 >= n:  # rows past the segment's end (they belong to others, or are padding)
+        chunk = -1
+        if SPLIT:
+            m_blk, first, end, _slot = read_program(PROG, b, h, spb, sph, p)
+            chunk = tl.load(CHUNK + b * skcb + h * skch + p)
+        else:
+            m_blk = tl.load(ORDER + b * scb + h * sch + p)
+            first = 0
+            end = 1 << 30  # the whole list
+        if m_blk < 0 or m_blk * BS + r0 >= n:  # no program, or rows past the segment's end (padding, others')
             return
         offs_m = m_blk * BS + r0 + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -426,15 +459,33 @@ if triton is not None:
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
         cnt = b * scb + h * sch + m_blk
+        p0, p1, f0, f1 = list_ranges(first, tl.minimum(end, tl.load(PCNT + cnt) + tl.load(FCNT + cnt)),
+                                     tl.load(PCNT + cnt))
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, PIDX + cnt * K_PART,
-                                   PTILE + cnt * K_PART, TILES, tl.load(PCNT + cnt), r0, n, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, PIDX + cnt * K_PART + p0,
+                                   PTILE + cnt * K_PART + p0, TILES, p1 - p0, r0, n, qk_scale,
                                    HEAD_DIM, BS, BLOCK_N, ROWS, True, PREC, VARLEN)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, FIDX + cnt * K_FULL,
-                                   FIDX, TILES, tl.load(FCNT + cnt), r0, n, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kbase, vbase, skl, svl, FIDX + cnt * K_FULL + f0,
+                                   FIDX, TILES, f1 - f0, r0, n, qk_scale,
                                    HEAD_DIM, BS, BLOCK_N, ROWS, False, PREC, VARLEN)
+        if chunk >= 0:  # a chunk of a split row: its partial softmax, merged by _fwd_merge
+            at = sh.to(tl.int64) * C + chunk
+            rows = r0 + tl.arange(0, ROWS)
+            tl.store(SCR_O + (at * BS + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc)
+            tl.store(SCR_M + at * BS + rows, m_i)
+            tl.store(SCR_L + at * BS + rows, l_i)
+        else:
+            _fwd_store(O, LSE, acc, l_i, m_i, b, h, start, offs_m, rows_in, sob, soh, sol, H, N_CTX, HEAD_DIM,
+                       VARLEN)
+
+    @triton.jit
+    def _fwd_store(O, LSE, acc, l_i, m_i, b, h, start, offs_m, rows_in, sob, soh, sol, H, N_CTX,
+                   HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr):
+        """The output and log-sum-exp (base 2) of rows ``offs_m`` from their accumulated softmax (rows that keep
+        nothing: zero output, lse = inf)."""
+        offs_d = tl.arange(0, HEAD_DIM)
         empty = l_i == 0.0
         l_use = tl.where(empty, 1.0, l_i)
         o = acc / l_use[:, None]
@@ -446,6 +497,40 @@ if triton is not None:
         else:
             tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty))
             tl.store(LSE + (b * H + h) * N_CTX + offs_m, lse)
+
+    @triton.jit
+    def _fwd_merge(O, LSE, SEG, SCR_O, SCR_M, SCR_L, SLOTS, SLOT_CHUNKS, sob, soh, sol, ssb, ssh, H, MAXC, C, N_CTX,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
+        """A split row's output from its chunks' partial softmax (grid: segments x H, slots): chunks slot x MAXC
+        .. + its chunk count, each (unnormalized output, row maxima, sums), rescaled to their common maximum."""
+        sh = tl.program_id(0)
+        b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
+        blk = tl.load(SLOTS + b * ssb + h * ssh + tl.program_id(1))
+        if blk >= 0:
+            count = tl.load(SLOT_CHUNKS + b * ssb + h * ssh + tl.program_id(1))
+            rows = tl.arange(0, BS)
+            offs_d = tl.arange(0, HEAD_DIM)
+            m_i = tl.full([BS], float("-inf"), tl.float32)
+            l_i = tl.zeros([BS], tl.float32)
+            acc = tl.zeros([BS, HEAD_DIM], tl.float32)
+            first = sh.to(tl.int64) * C + tl.program_id(1) * MAXC
+            offs_m = blk * BS + rows
+            rows_in = offs_m < n  # a chunk's rows past the segment's end were never written
+            for c in range(0, count):
+                at = first + c
+                m_c = tl.load(SCR_M + at * BS + rows, mask=rows_in, other=float("-inf"))
+                l_c = tl.load(SCR_L + at * BS + rows, mask=rows_in, other=0.0)
+                a_c = tl.load(SCR_O + (at * BS + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=rows_in[:, None],
+                              other=0.0)
+                m_new = tl.maximum(m_i, m_c)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+                alpha = tl.math.exp2(m_i - m_use)
+                beta = tl.math.exp2(m_c - m_use)
+                l_i = l_i * alpha + l_c * beta
+                acc = acc * alpha[:, None] + a_c * beta[:, None]
+                m_i = m_new
+            _fwd_store(O, LSE, acc, l_i, m_i, b, h, start, offs_m, rows_in, sob, soh, sol, H, N_CTX, HEAD_DIM,
+                       VARLEN)
 
     @triton.jit
     def read_program(PROG, b, h, spb, sph, p):
@@ -746,6 +831,13 @@ def autotuning() -> bool:
     return os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
+def split_forward() -> bool:
+    """Whether the forward walks long rows (a global token's) in the dQ pass's chunks and merges their partial
+    softmax (SPARSEATTN_TRITON_SPLIT_FORWARD=1), or one program per row. Off by default: the interpreter's tests
+    pass, but it has not yet run compiled on a GPU (docs/benchmarks.md, twenty-third round)."""
+    return os.environ.get("SPARSEATTN_TRITON_SPLIT_FORWARD", "0") == "1"
+
+
 def autotune_cached() -> bool:
     """Whether the autotuner's timings are kept on disk (Triton's cache directory, keyed by the GPU target, the
     kernel's source and the tuning key), so that a new process skips re-timing what an earlier one timed: the
@@ -895,16 +987,39 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     power of two >= 16; segments: see ``block_sparse_attention_triton``. Rows outside every segment are zero."""
     B, H, L, D = q.shape
     varlen = segments is not None
+    S = segments.shape[0] if varlen else B
     o = torch.zeros_like(q) if varlen else torch.empty_like(q)
     # rows outside every segment keep nothing: lse = inf, as for a row with no kept key
     lse = torch.full((B, H, L), float("inf"), device=q.device, dtype=torch.float32) \
         if varlen else torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    kernel, extra = _kernel("fwd", lists.block_size)
-    grid = _parts_grid((segments.shape[0] if varlen else B) * H, lists.num_q_blocks)
-    kernel[grid](q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                 *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), H, H // k.shape[1], L,
-                 tune_length(lists.num_q_blocks), scale * LOG2E, HEAD_DIM=D, BS=lists.block_size, PREC=_prec(q.dtype),
-                 VARLEN=varlen, **extra)
+    bs = lists.block_size
+    split = lists.split_rows and lists.row_chunk is not None and split_forward()
+    if split:  # long rows in chunks, as the dQ pass walks them; their partial softmax in scratch, merged after
+        maxc = lists.row_max_chunks
+        C = lists.row_slots.shape[-1] * maxc
+        scr_o = torch.empty(S * H, C, bs, D, device=q.device, dtype=torch.float32)
+        scr_m, scr_l = torch.empty(2, S * H, C, bs, device=q.device, dtype=torch.float32)
+        prog, chunk, programs = lists.row_prog, lists.row_chunk, lists.row_prog.shape[2]
+        spb, sph = (0 if lists.batch_broadcast else prog.stride(0)), (0 if lists.head_broadcast else prog.stride(1))
+        skcb = 0 if lists.batch_broadcast else chunk.stride(0)
+        skch = 0 if lists.head_broadcast else chunk.stride(1)
+    else:  # placeholders: these arguments are read only with split rows
+        C, scr_o, scr_m, scr_l = 0, lse, lse, lse
+        prog, chunk, programs = lists.row_order, lists.row_order, lists.num_q_blocks
+        spb = sph = skcb = skch = 0
+    kernel, extra = _kernel("fwd", bs)
+    kernel[_parts_grid(S * H, programs)](
+        q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), prog, chunk, scr_o, scr_m, scr_l, spb,
+        sph, skcb, skch, C, H, H // k.shape[1], L, tune_length(lists.num_q_blocks), scale * LOG2E, HEAD_DIM=D, BS=bs,
+        PREC=_prec(q.dtype), SPLIT=split, VARLEN=varlen, **extra)
+    if split:
+        slots = lists.row_slots
+        ssb = 0 if lists.batch_broadcast else slots.stride(0)
+        ssh = 0 if lists.head_broadcast else slots.stride(1)
+        _fwd_merge[(S * H, slots.shape[-1])](o, lse, segments if varlen else q, scr_o, scr_m, scr_l, slots,
+                                             lists.row_slot_chunks, *o.stride()[:3], ssb, ssh, H, maxc, C, L,
+                                             HEAD_DIM=D, BS=bs, VARLEN=varlen)
     return o, lse
 
 
