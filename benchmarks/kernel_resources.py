@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="32,64,128")
     ap.add_argument("--block-size", type=int, default=128, help="the layout's tile (default 128)")
     ap.add_argument("--varlen", action="store_true", help="the kernels for padded and packed batches (segments)")
+    ap.add_argument("--split", action="store_true",
+                    help="the kernels for split lists (the forward: long rows in chunks, SPARSEATTN_TRITON_SPLIT_FORWARD)")
     ap.add_argument("--configs", choices=("candidates", "fixed"), default="candidates",
                     help="the autotuner's candidates, or the fixed configuration (SPARSEATTN_TRITON_AUTOTUNE=0)")
     ap.add_argument("--rows", type=int, default=None,
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                     continue
                 row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages, "rows": own}
                 consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "ROWS": own,
-                          "PREC": None, "VARLEN": args.varlen, **extra}
+                          "PREC": None, "VARLEN": args.varlen, **extra, **({"SPLIT": True} if args.split else {})}
                 try:
                     row.update(resources(compile_for_hopper(fn, consts, warps, stages)))
                 except Exception as e:  # a candidate that does not compile (shared memory): say so, go on

@@ -442,11 +442,11 @@ if triton is not None:
         if SPLIT:
             m_blk, first, end, _slot = read_program(PROG, b, h, spb, sph, p)
             chunk = tl.load(CHUNK + b * skcb + h * skch + p)
+            if m_blk < 0:  # groups with fewer programs than the table's rows
+                return
         else:
             m_blk = tl.load(ORDER + b * scb + h * sch + p)
-            first = 0
-            end = 1 << 30  # the whole list
-        if m_blk < 0 or m_blk * BS + r0 >= n:  # no program, or rows past the segment's end (padding, others')
+        if m_blk * BS + r0 >= n:  # rows past the segment's end (they belong to others, or are padding)
             return
         offs_m = m_blk * BS + r0 + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -459,8 +459,10 @@ if triton is not None:
         kbase = K + b * skb + (h // REP) * skh + start * skl
         vbase = V + b * svb + (h // REP) * svh + start * svl
         cnt = b * scb + h * sch + m_blk
-        p0, p1, f0, f1 = list_ranges(first, tl.minimum(end, tl.load(PCNT + cnt) + tl.load(FCNT + cnt)),
-                                     tl.load(PCNT + cnt))
+        if SPLIT:  # this program's range of the row's partial-then-full list
+            p0, p1, f0, f1 = list_ranges(first, end, tl.load(PCNT + cnt))
+        else:
+            p0, p1, f0, f1 = 0, tl.load(PCNT + cnt), 0, tl.load(FCNT + cnt)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
