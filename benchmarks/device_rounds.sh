@@ -48,6 +48,9 @@
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
 #                      its cache at 4k and 32k (unpadded, packed): what the twenty-second round left owed
+#   split-forward      issue 24: the forward walking long rows in chunks (SPARSEATTN_TRITON_SPLIT_FORWARD=1, off by default
+#                      until this runs): its GPU tests, then the encoder step under reduce-overhead (padding-free,
+#                      unpadded) and the profile of its kernels, without and with it (about 8 minutes)
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -174,6 +177,21 @@ case $stage in
       --sparsity 90 --methods dense,dense_packed,flex_mask,triton,backend --json "$out/bench_attention_flex.json" \
       2>&1 | tee -a "$log" || true
     LENGTHS=4k,32k BATCHES=unpadded,packed timeout ${BENCH_TIMEOUT:-240} bash "$0" bench-decoder || true ;;
+  split-forward)
+    # the twenty-third round's profile: the forward took as long as the dK/dV pass on the padding-free batch and did
+    # not shrink with the block density where the split passes did; the global token's row, walked by one program,
+    # would set its time. First the tests (the -fwd variants), then A/B in separate processes, each under its limit
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -m gpu \
+      -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py -k "split-fwd" 2>&1 | tail -15 | tee -a "$log" || true
+    for sf in 0 1; do
+      echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"
+      SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${BENCH_TIMEOUT:-140} python -m sparseattn.cli bench model \
+        --models encoder --lengths 16k --modes reduce-overhead --batches padding-free,unpadded --steps 10 \
+        --json "$out/bench_model_split$sf.json" 2>&1 | grep -E "^(model|encoder) " | tee -a "$log" || true
+      SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py \
+        --length 16k --modes reduce-overhead --batches padding-free --attention triton \
+        --json "$out/profile_split$sf.json" 2>&1 | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true
+    done ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
   profile-decode)

@@ -380,7 +380,7 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", ["whole tiles", "rows64", "rows64 split forward"])
+@pytest.mark.parametrize("rows", ["whole tiles", "rows64", "rows64-split-fwd"])
 def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype, rows, monkeypatch):
     """The Triton kernel over padded and packed rows (segments) against the fp32 reference of each sequence alone,
     at most twice PyTorch's own error at the kernel's precision, outputs and every gradient; programs that own a
@@ -390,7 +390,7 @@ def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype, rows
 
     if rows.startswith("rows64"):
         _half_tile_programs(monkeypatch)
-    if rows.endswith("split forward"):
+    if rows.endswith("split-fwd"):
         monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
     H, Hk, D = 8, (2 if "grouped" in name else 8), 64
     lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
