@@ -431,8 +431,9 @@ if triton is not None:
         """Without SPLIT, one program per tile row (ORDER: longest lists first). With it, the dQ pass's programs
         (PROG, longest first), where a long row's list is cut into chunks: a chunk keeps its unnormalized output,
         row maxima and sums in fp32 scratch (C chunks per segment x head, its number from CHUNK), which
-        ``_fwd_merge`` turns into the row's output. A global token's row otherwise runs alone for the whole
-        launch: the forward's time was that one row's, at the encoder's lengths (docs/benchmarks.md)."""
+        ``_fwd_merge`` turns into the row's output. A global token's row is otherwise walked by one program
+        through the whole launch: at the encoder's lengths the forward took as long as the dK/dV pass and did not
+        shrink with the layout's density, most likely that row's doing (docs/benchmarks.md, twenty-third round)."""
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         PARTS: tl.constexpr = BS // ROWS  # programs per tile row, ROWS query rows each (neighbours: same row)
