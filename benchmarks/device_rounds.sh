@@ -51,6 +51,8 @@
 #   split-forward      issue 24: the forward walking long rows in chunks (SPARSEATTN_TRITON_SPLIT_FORWARD=1, off by default
 #                      until this runs): its GPU tests, then the encoder step under reduce-overhead (padding-free,
 #                      unpadded) and the profile of its kernels, without and with it (about 8 minutes)
+#   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
+#                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
 #                      (lm-study-start / lm-study-wait: the LM study); the three-seed studies of issue 26 too:
 #                      studies/attention_pruning.yaml, learned_vs_bigbird_sst2.yaml, learned_vs_bigbird_small.yaml
@@ -191,6 +193,13 @@ case $stage in
       SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py \
         --length 16k --modes reduce-overhead --batches padding-free --attention triton \
         --json "$out/profile_split$sf.json" 2>&1 | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true
+    done ;;
+  split-forward-attention)
+    for sf in 0 1; do
+      echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"
+      SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${BENCH_TIMEOUT:-280} python -m sparseattn.cli bench attention \
+        --head-dims "${HEAD_DIMS:-64,128}" --lengths 16k --sparsity 90 --methods dense,dense_packed,triton \
+        --json "$out/bench_attention_split$sf.json" 2>&1 | tee -a "$log" || true
     done ;;
   decode-sdpa)
     timeout 300 python benchmarks/decode_sdpa_backend.py 2>&1 | tee -a "$log" ;;
