@@ -222,6 +222,10 @@ class TileLists:
         """These lists with every backward list walked whole by one program: no atomics (deterministic)."""
         return self.unsplit if self.unsplit is not None else self
 
+    def group_strides(self, t: torch.Tensor) -> tuple[int, int]:
+        """The (example, head) strides of one of these lists' (B', H', ...) tensors: 0 where the layout is shared."""
+        return 0 if self.batch_broadcast else t.stride(0), 0 if self.head_broadcast else t.stride(1)
+
     @property
     def split_rows(self) -> bool:
         """Some dQ program covers part of a row (its chunks add up in fp32 scratch)."""
@@ -931,8 +935,7 @@ def list_args(lists: TileLists, full: tuple, part: tuple):
     (B', H', N, K), so one (example, head) stride in rows serves both (0 where the layout is shared)."""
     fc, fi = full
     pc, pi, pt = part
-    scb = 0 if lists.batch_broadcast else fc.stride(0)
-    sch = 0 if lists.head_broadcast else fc.stride(1)
+    scb, sch = lists.group_strides(fc)
     return (fc, fi, pc, pi, pt, lists.tiles, lists.row_order, scb, sch, fi.shape[-1], pi.shape[-1])
 
 
@@ -941,10 +944,8 @@ def program_args(lists: TileLists, full: tuple, part: tuple, prog: torch.Tensor)
     (full counts are not needed: a program's range ends within its list)."""
     fc, fi = full
     pc, pi, pt = part
-    scb = 0 if lists.batch_broadcast else fc.stride(0)
-    sch = 0 if lists.head_broadcast else fc.stride(1)
-    spb = 0 if lists.batch_broadcast else prog.stride(0)
-    sph = 0 if lists.head_broadcast else prog.stride(1)
+    scb, sch = lists.group_strides(fc)
+    spb, sph = lists.group_strides(prog)
     return (fi, pc, pi, pt, lists.tiles, prog, scb, sch, spb, sph, fi.shape[-1], pi.shape[-1])
 
 
@@ -1003,9 +1004,7 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
         scr_o = torch.empty(S * H, C, bs, D, device=q.device, dtype=torch.float32)
         scr_m, scr_l = torch.empty(2, S * H, C, bs, device=q.device, dtype=torch.float32)
         prog, chunk, programs = lists.row_prog, lists.row_chunk, lists.row_prog.shape[2]
-        spb, sph = (0 if lists.batch_broadcast else prog.stride(0)), (0 if lists.head_broadcast else prog.stride(1))
-        skcb = 0 if lists.batch_broadcast else chunk.stride(0)
-        skch = 0 if lists.head_broadcast else chunk.stride(1)
+        (spb, sph), (skcb, skch) = lists.group_strides(prog), lists.group_strides(chunk)
     else:  # placeholders: these arguments are read only with split rows
         C, scr_o, scr_m, scr_l = 0, lse, lse, lse
         prog, chunk, programs = lists.row_order, lists.row_order, lists.num_q_blocks
@@ -1018,8 +1017,7 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
         PREC=_prec(q.dtype), SPLIT=split, VARLEN=varlen, **extra)
     if split:
         slots = lists.row_slots
-        ssb = 0 if lists.batch_broadcast else slots.stride(0)
-        ssh = 0 if lists.head_broadcast else slots.stride(1)
+        ssb, ssh = lists.group_strides(slots)
         _fwd_merge[(S * H, slots.shape[-1])](o, lse, segments if varlen else q, scr_o, scr_m, scr_l, slots,
                                              lists.row_slot_chunks, *o.stride()[:3], ssb, ssh, H, maxc, C, L,
                                              HEAD_DIM=D, BS=bs, VARLEN=varlen)
@@ -1103,8 +1101,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     if Sk or Sq:  # one launch copies every split list's scratch into its gradient
         # an unused kind's slots point at the other kind's (int32 either way; its branch never runs)
         col, row = lists.col_slots if Sk else lists.row_slots, lists.row_slots if Sq else lists.col_slots
-        scb, sch = (0 if lists.batch_broadcast else col.stride(0)), (0 if lists.head_broadcast else col.stride(1))
-        srb, srh = (0 if lists.batch_broadcast else row.stride(0)), (0 if lists.head_broadcast else row.stride(1))
+        (scb, sch), (srb, srh) = lists.group_strides(col), lists.group_strides(row)
         _scratch_kernel[(S * H, max(Sk, Sq), (2 if Sk else 0) + (1 if Sq else 0))](
             scr_k, scr_v, scr_q, dk, dv, dq, col, row, seg, *dk.stride()[:3], *dq.stride()[:3], scb, sch, srb, srh,
             H, Sk, Sq, L, HEAD_DIM=D, BS=bs, VARLEN=varlen, FIRST=0 if Sk else 2)
