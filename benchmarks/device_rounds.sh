@@ -48,9 +48,9 @@
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
 #                      its cache at 4k and 32k (unpadded, packed): what the twenty-second round left owed
-#   split-forward      issue 24: the forward walking long rows in chunks (SPARSEATTN_TRITON_SPLIT_FORWARD=1, off by default
-#                      until this runs): its GPU tests, then the encoder step under reduce-overhead (padding-free,
-#                      unpadded) and the profile of its kernels, without and with it (about 8 minutes)
+#   split-forward      issue 24: the forward walking long rows in chunks (the default since the twenty-fourth round;
+#                      SPARSEATTN_TRITON_SPLIT_FORWARD=0 walks each row in one program): its GPU tests, then the encoder
+#                      step under reduce-overhead (padding-free, unpadded) and its kernels' profile, without and with it
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine

@@ -96,8 +96,7 @@ def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, head
 
         if "rows64" in kernel:
             _half_tile_programs(monkeypatch)
-        if kernel.endswith("-fwd"):
-            monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
+        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if kernel.endswith("-fwd") else "0")
         if "split" in kernel:
             monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
             monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
@@ -390,8 +389,7 @@ def test_kernel_segments_match_each_sequence_alone(name, B, L, segs, dtype, rows
 
     if rows.startswith("rows64"):
         _half_tile_programs(monkeypatch)
-    if rows.endswith("split-fwd"):
-        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
+    monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if rows.endswith("split-fwd") else "0")
     H, Hk, D = 8, (2 if "grouped" in name else 8), 64
     lp = Plan.parse("all: neighbour(100) | global_tokens(2) | random(3)").resolve(1, H)[0]
     keep = lp.mask(TokenLayout.from_lengths([3072], causal=True, device=DEVICE))  # causal random: prefix-stable

@@ -83,8 +83,8 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
     if split:
         monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
         monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
-        if backward == "two-pass":  # the forward walks the split rows' chunks too (the fused cases: whole rows)
-            monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
+        # the forward walks the split rows' chunks too with the two-pass backward (the fused cases: whole rows)
+        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if backward == "two-pass" else "0")
     lists = _lists(keep, bs)
     assert lists.split_rows == lists.split_cols == (split and lists.num_q_blocks > 1)
     g = torch.Generator().manual_seed(1)
@@ -477,8 +477,7 @@ def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, rows
     segment may then end before a program's first row). With the two-pass backward, the forward walks the split
     rows' chunks too (a chunk's rows past its segment's end are never written: the merge must not read them)."""
     monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
-    if backward == "two-pass":
-        monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1")
+    monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if backward == "two-pass" else "0")
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
     H, Hk, D, bs = 4, 2, 16, 32

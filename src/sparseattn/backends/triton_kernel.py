@@ -12,7 +12,9 @@ keeps every tile) is split into chunks walked by programs of their own: otherwis
 alone long after the others end. The chunks add their partial gradients with atomics into an fp32
 scratch tile per split list, copied into the gradient afterwards; every other tile row or column stores
 its gradient directly. Atomics add in a varying order: under ``torch.use_deterministic_algorithms(True)``
-the backward walks every list whole instead. Optionally (``backward="fused"``) the dK/dV pass also adds
+the backward walks every list whole instead. The forward walks a split row in the same chunks, each keeping its
+unnormalized output, maxima and sums in fp32 scratch that a merge kernel combines (no atomics, so always
+deterministic; ``split_forward``). Optionally (``backward="fused"``) the dK/dV pass also adds
 dQ atomically, and the dQ pass is skipped.
 
 Each list comes in two parts: partial tiles first, whose token mask is read from a table of the layout's
@@ -840,9 +842,10 @@ def autotuning() -> bool:
 
 def split_forward() -> bool:
     """Whether the forward walks long rows (a global token's) in the dQ pass's chunks and merges their partial
-    softmax (SPARSEATTN_TRITON_SPLIT_FORWARD=1), or one program per row. Off by default: the interpreter's tests
-    pass, but it has not yet run compiled on a GPU (docs/benchmarks.md, twenty-third round)."""
-    return os.environ.get("SPARSEATTN_TRITON_SPLIT_FORWARD", "0") == "1"
+    softmax (the default), or one program per row (SPARSEATTN_TRITON_SPLIT_FORWARD=0). One program walking a
+    global token's row set the forward's time; in chunks the layer's forward ends with its other rows
+    (docs/benchmarks.md, twenty-fourth round). Only layouts with split rows take this path."""
+    return os.environ.get("SPARSEATTN_TRITON_SPLIT_FORWARD", "1") != "0"
 
 
 def autotune_cached() -> bool:
