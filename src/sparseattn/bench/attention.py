@@ -266,7 +266,7 @@ def _methods(keep, mask_mod, bs, scale, device, kernel_options=None, *, tiles=No
         # compiled, as PyTorch advises (what create_block_mask(_compile=True) does, deprecated since torch 2.6):
         # eager, it evaluates the mask_mod over all L x L pairs at once
         bm = torch.compile(create_block_mask)(mask_mod, 1, H, L, L, device=device, BLOCK_SIZE=bs)
-        return lambda q, k, v: flex(q, k, v, block_mask=bm, scale=scale)
+        return lambda q, k, v: flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
 
     def block():
         layout = TileMask.from_mask(keep, bs, pad_tiles_to_pow2=True)

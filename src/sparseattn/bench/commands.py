@@ -211,8 +211,10 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs (slow first calls)")
     p.add_argument("--kernel-options", default=None,
-                   help='FlexAttention kernel options for the block (FlexAttention) method, as JSON, e.g. '
-                        '\'{"USE_TMA": true}\'; the triton method autotunes its own (SPARSEATTN_TRITON_AUTOTUNE=0: fixed)')
+                   help='FlexAttention kernel options for the flex_full, flex_mask and block (FlexAttention) methods, '
+                        'as JSON, e.g. \'{"USE_TMA": true}\' or \'{"BLOCK_M": 64, "BLOCK_N": 64}\' where a mask_mod '
+                        'asks for more shared memory than the default tiles allow; the triton method autotunes its '
+                        'own (SPARSEATTN_TRITON_AUTOTUNE=0: fixed)')
     p.add_argument("--json", default=None, help="write all results here")
     p.set_defaults(func=cmd_attention)
 
