@@ -438,8 +438,8 @@ if triton is not None:
         (PROG, longest first), where a long row's list is cut into chunks: a chunk keeps its unnormalized output,
         row maxima and sums in fp32 scratch (C chunks per segment x head, its number from CHUNK), which
         ``_fwd_merge`` turns into the row's output. A global token's row is otherwise walked by one program
-        through the whole launch: at the encoder's lengths the forward took as long as the dK/dV pass and did not
-        shrink with the layout's density, most likely that row's doing (docs/benchmarks.md, twenty-third round)."""
+        through the whole launch, which then lasts as long as that row (docs/benchmarks.md, twenty-third and
+        twenty-fourth rounds)."""
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         PARTS: tl.constexpr = BS // ROWS  # programs per tile row, ROWS query rows each (neighbours: same row)
