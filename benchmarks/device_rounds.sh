@@ -51,6 +51,9 @@
 #   split-forward      issue 24: the forward walking long rows in chunks (the default since the twenty-fourth round;
 #                      SPARSEATTN_TRITON_SPLIT_FORWARD=0 walks each row in one program): its GPU tests, then the encoder
 #                      step under reduce-overhead (padding-free, unpadded) and its kernels' profile, without and with it
+#   fused-backward     issue 24: the encoder step under reduce-overhead (padding-free, unpadded) with the two-pass and
+#                      the fused backward (BlockSparseBackend(backward=...)), tiles of 128 and 64, then the fused
+#                      step's kernels; first the padded and packed model tests with the fused backward (about 8 minutes)
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -194,6 +197,22 @@ case $stage in
         --length 16k --modes reduce-overhead --batches padding-free --attention triton \
         --json "$out/profile_split$sf.json" 2>&1 | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true
     done ;;
+  fused-backward)
+    # at head size 32 the kernels are bound by the exponentials: the two-pass backward computes the probabilities
+    # twice (dK/dV pass, dQ pass), the fused one once, adding dQ atomically (fifth round: 0.3 ms a step less)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-120} python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_packed_padded.py -k "block-fused" 2>&1 | tail -3 | tee -a "$log" || true
+    for bs in 128 64; do
+      for bw in two-pass fused; do
+        echo "== block size $bs, backward $bw" | tee -a "$log"
+        timeout ${BENCH_TIMEOUT:-110} python -m sparseattn.cli bench model --models encoder --lengths 16k \
+          --modes reduce-overhead --batches padding-free,unpadded --steps 10 --block-size $bs --backward $bw \
+          --json "$out/bench_model_b${bs}_$bw.json" 2>&1 | grep -E "^(model|encoder) " | tee -a "$log" || true
+      done
+    done
+    timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py --length 16k --modes reduce-overhead \
+      --batches padding-free --attention triton --backward fused --json "$out/profile_fused.json" 2>&1 \
+      | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true ;;
   split-forward-attention)
     for sf in 0 1; do
       echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"

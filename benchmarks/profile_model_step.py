@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="dense,triton", help="dense and/or triton")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=128, help="the block backend's tile size")
+    ap.add_argument("--backward", default="auto", help="the Triton kernel's backward pass: auto, two-pass or fused")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch._dynamo
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
                             block_size=args.block_size)
         for attention in args.attention.split(","):
             if attention != "dense":
-                sparsify(bench.model, bench.plan, backend=BlockSparseBackend(args.block_size, kernel=attention))
+                sparsify(bench.model, bench.plan, backend=BlockSparseBackend(args.block_size, kernel=attention,
+                                                                             backward=args.backward))
             inputs = bench.inputs(attention)
             for mode in args.modes.split(","):
                 torch._dynamo.reset()

@@ -19,7 +19,9 @@ PLAN = "all: neighbour(3) | global_tokens(1)"
 def _backend(name, device):
     if name == "reference":
         return ReferenceBackend()
-    return BlockSparseBackend(block_size=32, force=True, kernel="triton")
+    # block-fused: the backward's dK/dV pass also adds dQ atomically (no dQ pass)
+    return BlockSparseBackend(block_size=32, force=True, kernel="triton",
+                              backward="fused" if name == "block-fused" else "auto")
 
 
 def _model(arch, device):
@@ -84,9 +86,14 @@ def _run_batched(model, seqs, how, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["padded", "packed-positions", "packed-cu", "padding-free"])
-@pytest.mark.parametrize("backend", ["reference", "block"])
+@pytest.mark.parametrize("backend", ["reference", "block", "block-fused"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_each_sequence_as_if_alone(arch, backend, how, device):
+def test_each_sequence_as_if_alone(arch, backend, how, device, monkeypatch):
+    from sparseattn.backends import triton_kernel
+
+    modes = []  # the backward passes the kernel ran: the backend's choice reaches the kernel
+    inner = triton_kernel.backward_pass
+    monkeypatch.setattr(triton_kernel, "backward_pass", lambda *a, **kw: modes.append(a[8]) or inner(*a, **kw))
     model = _model(arch, device)
     sa.sparsify(model, PLAN, backend=_backend(backend, device))
     seqs = _sequences(device)
@@ -98,8 +105,9 @@ def test_each_sequence_as_if_alone(arch, backend, how, device):
     assert got_grads.keys() == want_grads.keys() and len(want_grads) > 8
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, atol=2e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
-    if backend == "block":  # the kernel ran (segments), not a fallback
+    if backend != "reference":  # the kernel ran (segments), not a fallback
         assert model._sparseattn.backend.stats["block"] >= 2 * 2
+        assert set(modes) == {"fused" if backend == "block-fused" else "two-pass"}
 
 
 def test_packed_rows_do_not_attend_across_documents_with_plain_sdpa_either():

@@ -107,6 +107,10 @@ class BlockSparseBackend(Backend):
         the distinct partial tiles, so no layout holds an L x L table; faster than FlexAttention in most of
         docs/benchmarks.md, by 2-4x on arbitrary per-head layouts), "flex" (FlexAttention over the layout's
         BlockMask), or "auto" (default): triton where the triton package is installed, else flex.
+    backward: the Triton kernel's backward pass (``triton_kernel.block_sparse_attention_triton``): "auto"
+        (default: two passes, over tile columns for dK and dV, then over tile rows for dQ, and without atomics
+        where ``torch.use_deterministic_algorithms(True)``), "two-pass", or "fused" (the column pass also adds dQ
+        atomically into an fp32 copy: the probabilities are computed once instead of twice, at the atomics' cost).
     """
 
     KERNELS = ("flex", "triton")
@@ -115,8 +119,11 @@ class BlockSparseBackend(Backend):
 
     def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float | None = None,
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
-                 kernel_options: dict | None = None, kernel: str = "auto"):
+                 kernel_options: dict | None = None, kernel: str = "auto", backward: str = "auto"):
         self.block_size = check_block_size(block_size)
+        if backward not in triton_kernel.BACKWARDS:
+            raise ValueError(f"backward must be one of {', '.join(triton_kernel.BACKWARDS)}, got {backward!r}")
+        self.backward = backward
         if kernel not in (*self.KERNELS, "auto"):
             raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)} or auto, got {kernel!r}")
 
@@ -224,7 +231,8 @@ class BlockSparseBackend(Backend):
                 call.cache[key] = made
         code, tiles = made
         self._count("block")
-        out = triton_kernel.block_attention_tiles(call.query, call.key, call.value, code, tiles, float(call.scale))
+        out = triton_kernel.block_attention_tiles(call.query, call.key, call.value, code, tiles, float(call.scale),
+                                                  self.backward)
         return out, None
 
     @torch.compiler.disable
@@ -248,7 +256,7 @@ class BlockSparseBackend(Backend):
         if entry.lists is not None:
             try:
                 out = triton_kernel.block_sparse_attention_triton(call.query, call.key, call.value, entry.lists,
-                                                                  scale=call.scale)
+                                                                  scale=call.scale, backward=self.backward)
             except Exception as e:  # no candidate fits this GPU's shared memory: FlexAttention from now on
                 if not triton_kernel.is_resource_error(e):
                     raise
@@ -337,7 +345,7 @@ class BlockSparseBackend(Backend):
 
         self._count("block")
         out, _ = triton_kernel.block_attention(call.query, call.key, call.value, segments, layer.handle,
-                                                  float(call.scale), "auto")
+                                                  float(call.scale), self.backward)
         hole = call.cache.get(("block.segments_hole", call.layout.length))
         if hole is not None:  # loud, not silently wrong: see _segments
             out = out.masked_fill(hole[:, None, None, None], float("nan"))

@@ -126,7 +126,7 @@ def cmd_model(args) -> int:
     modes = list(args.modes) + (["graph"] if args.graphs and "graph" not in args.modes else [])
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
                 kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches,
-                decoder_cache=args.decoder_cache, block_size=args.block_size)
+                decoder_cache=args.decoder_cache, block_size=args.block_size, backward=args.backward)
     def keep(so_far):  # what is done, whatever happens next
         if args.json:
             _write_json(args.json, results_to_json(so_far, meta), quiet=True)
@@ -134,7 +134,8 @@ def cmd_model(args) -> int:
     results = run_models([(kind, L) for kind in args.models for L in args.lengths], tokens=args.tokens,
                          steps=args.steps, decoder_layers=args.decoder_layers, kernel_options=kernel_options,
                          kernels=args.kernels, modes=modes, batches=args.batches, compile_model=args.torch_compile,
-                         decoder_cache=args.decoder_cache, block_size=args.block_size, done=keep)
+                         decoder_cache=args.decoder_cache, block_size=args.block_size, backward=args.backward,
+                         done=keep)
     print()
     print(format_table(results))
     if "triton" in args.kernels:
@@ -218,6 +219,7 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--json", default=None, help="write all results here")
     p.set_defaults(func=cmd_attention)
 
+    from ..backends.triton_kernel import BACKWARDS
     from .model import BATCHES, MODES
 
     p = sub.add_parser(
@@ -258,6 +260,9 @@ def register(subparsers, formatter_class) -> None:
                         "sparseattn's Triton kernel)")
     p.add_argument("--block-size", type=int, default=128,
                    help="the block backend's tile size (64: finer layouts, fewer pairs computed in partial tiles)")
+    p.add_argument("--backward", choices=BACKWARDS, default="auto",
+                   help="the Triton kernel's backward pass: auto (two passes, whole lists under deterministic "
+                        "algorithms), two-pass, or fused (dQ added atomically by the dK/dV pass)")
     p.add_argument("--graphs", action="store_true", help="add the graph mode (the same as --modes ...,graph)")
     p.add_argument("--torch-compile", action="store_true",
                    help="torch.compile (Inductor, default mode) every submodule outside the attention modules, "

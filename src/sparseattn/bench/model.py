@@ -307,24 +307,26 @@ def _host_us(backend, run) -> tuple[float | None, float | None]:
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
               compile_model: bool = False, decoder_cache: bool = True, block_size: int = 128,
-              log=print) -> list[ModelResult]:
+              backward: str = "auto", log=print) -> list[ModelResult]:
     """``run_models`` for one model kind and length."""
     return run_models([(kind, length)], tokens=tokens, warmup=warmup, steps=steps, decoder_layers=decoder_layers,
                       kernel_options=kernel_options, kernels=kernels, modes=modes, batches=batches,
-                      compile_model=compile_model, decoder_cache=decoder_cache, block_size=block_size, log=log)
+                      compile_model=compile_model, decoder_cache=decoder_cache, block_size=block_size,
+                      backward=backward, log=log)
 
 
 def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
                kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-               compile_model: bool = False, decoder_cache: bool = True, block_size: int = 128, log=print,
-               done=None) -> list[ModelResult]:
+               compile_model: bool = False, decoder_cache: bool = True, block_size: int = 128,
+               backward: str = "auto", log=print, done=None) -> list[ModelResult]:
     """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``, for
     each (model kind, length) of ``configs``. Speed-ups are real tokens per second over the fastest dense step of
     the same model, length and batch kind, whatever its mode (and over that of any batch kind). decoder_cache: the
     decoder is called with its default cache (``use_cache=True``, as ``model(ids)`` runs it), or with
     ``use_cache=False``, where transformers looks for packed rows in the positions and, under torch.compile, makes an
     L x L mask for dense attention that keeps SDPA off its flash kernel (docs/benchmarks.md, twenty-first round).
-    block_size: the block backend's tile size (its layouts, and the block density reported).
+    block_size: the block backend's tile size (its layouts, and the block density reported). backward: the Triton
+    kernel's backward pass (``BlockSparseBackend``'s ``backward``).
 
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
     runs: padded and packed eager steps timed after the compiled modes had run in the same process came out 10-12
@@ -339,7 +341,7 @@ def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8,
                 out.extend(_run_batch(kind, length, batch, tokens=tokens, warmup=warmup, steps=steps,
                                       decoder_layers=decoder_layers, kernel_options=kernel_options, kernels=kernels,
                                       modes=phase, compile_model=compile_model, decoder_cache=decoder_cache,
-                                      block_size=block_size, log=log))
+                                      block_size=block_size, backward=backward, log=log))
                 if done is not None:
                     done(_ranked(out, configs, kernels, modes, batches))
     return _ranked(out, configs, kernels, modes, batches)
@@ -360,7 +362,7 @@ def _ranked(results, configs, kernels, modes, batches) -> list[ModelResult]:
 
 
 def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layers, kernel_options, kernels, modes,
-               compile_model, decoder_cache, block_size, log) -> list[ModelResult]:
+               compile_model, decoder_cache, block_size, backward, log) -> list[ModelResult]:
     """Dense, then each kernel of ``kernels``, in every mode of ``modes``, on one batch kind (speed-ups: ``_ranked``)."""
     import torch._dynamo
 
@@ -370,7 +372,8 @@ def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layer
     for attention in ("dense", *kernels):
         backend = None
         if attention != "dense":
-            backend = BlockSparseBackend(block_size, kernel_options=kernel_options, kernel=attention)
+            backend = BlockSparseBackend(block_size, kernel_options=kernel_options, kernel=attention,
+                                         backward=backward)
             sparsify(bench.model, bench.plan, backend=backend)
         if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
             log(f"  compiled {len(compile_outside_attention(bench.model))} submodules outside attention")
