@@ -198,8 +198,9 @@ case $stage in
         --json "$out/profile_split$sf.json" 2>&1 | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true
     done ;;
   fused-backward)
-    # at head size 32 the kernels are bound by the exponentials: the two-pass backward computes the probabilities
-    # twice (dK/dV pass, dQ pass), the fused one once, adding dQ atomically (fifth round: 0.3 ms a step less)
+    # at head size 32 a tile's exponentials weigh more against its matrix products: the two-pass backward computes
+    # the probabilities twice (dK/dV pass, dQ pass), the fused one once, adding dQ atomically (fifth round: 0.3 ms
+    # a step less, within that round's noise)
     SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-120} python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_packed_padded.py -k "block-fused" 2>&1 | tail -3 | tee -a "$log" || true
     for bs in 128 64; do
