@@ -280,7 +280,7 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         TileLists.from_layout(TileMask.from_mask(torch.ones(1, 1, 48, 48, dtype=torch.bool), 48))
     with pytest.raises(ValueError, match="kernel must be one of flex, triton or auto, got .cuda."):
         BlockSparseBackend(kernel="cuda")
-    with pytest.raises(ValueError, match="backward must be one of auto, fused, two-pass, got .one-pass."):
+    with pytest.raises(ValueError, match="backward='one-pass': expected one of auto, fused, two-pass"):
         BlockSparseBackend(backward="one-pass")
 
 

@@ -121,8 +121,7 @@ class BlockSparseBackend(Backend):
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
                  kernel_options: dict | None = None, kernel: str = "auto", backward: str = "auto"):
         self.block_size = check_block_size(block_size)
-        if backward not in triton_kernel.BACKWARDS:
-            raise ValueError(f"backward must be one of {', '.join(triton_kernel.BACKWARDS)}, got {backward!r}")
+        triton_kernel.backward_mode(backward)  # a bad name fails here, not at the first backward pass
         self.backward = backward
         if kernel not in (*self.KERNELS, "auto"):
             raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)} or auto, got {kernel!r}")

@@ -143,7 +143,7 @@ SPLIT_MIN = 16
 SPLIT_FACTOR = 2
 
 
-def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The programs for lists of ``length`` (G, N) tiles (the backward's, and the forward's over tile rows).
 
     Returns (G, P, 4) int32 rows of (tile index, first, end, slot) over the list's concatenated
@@ -152,8 +152,8 @@ def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Ten
     that share a scratch slot (their results add up there); slot -1 marks a list walked whole. Also
     returns the slots' tile indices, (G, S) int32 (-1 where a group has fewer than S split lists); each
     program's chunk number, (G, P) int32: slot x C + its chunk's place in the list, C the most chunks of any
-    list (-1 for a list walked whole), where the forward keeps a chunk's partial softmax; and the number of
-    chunks of each slot, (G, S) int32."""
+    list (-1 for a list walked whole), where the forward keeps a chunk's partial softmax; the number of
+    chunks of each slot, (G, S) int32; and C."""
     G, N = length.shape
     dev = length.device
     length = length.long()
@@ -188,7 +188,7 @@ def _programs(length: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Ten
     order = torch.argsort(span, dim=1, descending=True, stable=True)
     table = table.gather(1, order[..., None].expand(-1, -1, 5)).to(torch.int32)
     return (table[..., :4].contiguous(), slots.to(torch.int32).contiguous(), table[..., 4].contiguous(),
-            slot_chunks.to(torch.int32).contiguous())
+            slot_chunks.to(torch.int32).contiguous(), C)
 
 
 @dataclass
@@ -217,7 +217,7 @@ class TileLists:
     # (merged by a second kernel): (B', H', P) chunk numbers of row_prog (`_programs`), (B', H', S) chunks a slot
     row_chunk: torch.Tensor | None = None
     row_slot_chunks: torch.Tensor | None = None
-    row_max_chunks: int = 0  # the most chunks of any split row (chunk numbers are slot x this + place)
+    row_max_chunks: int = 0  # C of `_programs` over the rows: chunk numbers are slot x this + place
 
     @property
     def whole(self) -> "TileLists":
@@ -264,20 +264,19 @@ class TileLists:
 
         def programs(length, limit):
             Bp, Hp, N = length.shape
-            table, slots, chunk, slot_chunks = _programs(length.reshape(Bp * Hp, N), limit)
+            table, slots, chunk, slot_chunks, most = _programs(length.reshape(Bp * Hp, N), limit)
             return (table.view(Bp, Hp, *table.shape[1:]), slots.view(Bp, Hp, -1), chunk.view(Bp, Hp, -1),
-                    slot_chunks.view(Bp, Hp, -1))
+                    slot_chunks.view(Bp, Hp, -1), most)
 
         def build(limit, unsplit=None):
-            row_prog, row_slots, row_chunk, row_slot_chunks = programs(row_len, limit)
+            row_prog, row_slots, row_chunk, row_slot_chunks, row_max_chunks = programs(row_len, limit)
             col_prog, col_slots = programs(col_len, limit)[:2]
             return cls(row_full=rf, row_part=rp, col_full=cf, col_part=cp, tiles=tiles,
                        row_order=row_order, row_prog=row_prog, col_prog=col_prog, row_slots=row_slots,
                        col_slots=col_slots, block_size=bs, num_q_blocks=layout.num_q_blocks,
                        num_kv_blocks=layout.num_kv_blocks, batch_broadcast=code.shape[0] == 1,
                        head_broadcast=code.shape[1] == 1, heads=code.shape[1], unsplit=unsplit,
-                       row_chunk=row_chunk, row_slot_chunks=row_slot_chunks,
-                       row_max_chunks=int(row_slot_chunks.max()) if row_slot_chunks.numel() else 0)
+                       row_chunk=row_chunk, row_slot_chunks=row_slot_chunks, row_max_chunks=row_max_chunks)
 
         whole = build(no_limit)
         if not split:
