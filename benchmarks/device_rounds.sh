@@ -54,6 +54,8 @@
 #   fused-backward     issue 24: the encoder step under reduce-overhead (padding-free, unpadded) with the two-pass and
 #                      the fused backward (BlockSparseBackend(backward=...)), tiles of 128 and 64, then the fused
 #                      step's kernels; first the padded and packed model tests with the fused backward (about 8 minutes)
+#   flex-retry         issue 24: AP's flex_mask with FlexAttention tiles of 64 (the default ones ask for more shared memory
+#                      than Hopper has), then the sliding window at D 128 (the cell where flex_mask won) again
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -214,6 +216,16 @@ case $stage in
     timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py --length 16k --modes reduce-overhead \
       --batches padding-free --attention triton --backward fused --json "$out/profile_fused.json" 2>&1 \
       | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true ;;
+  flex-retry)
+    # the twenty-fourth round's flex_mask cells left open: AP's mask_mod failed in Inductor with the default tiles
+    # (shared memory 247808 > 232448), so smaller FlexAttention tiles; then the one cell where flex_mask won (sliding,
+    # D 128, 0.96) again, each under its own limit
+    timeout ${FLEX_TIMEOUT:-260} python -m sparseattn.cli bench attention --head-dims 64 --lengths 16k --layouts ap \
+      --sparsity 90 --methods dense,dense_packed,flex_mask,triton,backend --kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' \
+      --json "$out/bench_attention_ap_flex64.json" 2>&1 | tee -a "$log" || true
+    timeout ${FLEX_TIMEOUT:-260} python -m sparseattn.cli bench attention --head-dims 128 --lengths 16k --layouts sliding \
+      --sparsity 90 --methods dense,dense_packed,flex_mask,triton,backend --json "$out/bench_attention_sliding128.json" \
+      2>&1 | tee -a "$log" || true ;;
   split-forward-attention)
     for sf in 0 1; do
       echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"
