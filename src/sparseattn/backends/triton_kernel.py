@@ -1076,11 +1076,11 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs
     alloc = torch.zeros if varlen else torch.empty
     dk, dv = (alloc(kv_shape, device=q.device, dtype=t.dtype) for t in (k, v))
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32) if fused else alloc(q.shape, device=q.device,
-                                                                                           dtype=q.dtype)
-    # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards
+    # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards;
+    # the fused pass's fp32 dQ is zeroed with them (one fill)
     Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
-    scr = _zeroed([(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device)
+    scr = _zeroed([(B, H, L, D)] * fused + [(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device)
+    dq = scr.pop(0) if fused else alloc(q.shape, device=q.device, dtype=q.dtype)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
     kernel, extra = _kernel("dkdv", bs)
@@ -1091,8 +1091,8 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
         tune_length(lists.num_q_blocks),
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
         VARLEN=varlen, **extra)
-    if fused:
-        dq = dq.mul_(scale).to(q.dtype)
+    if fused:  # scaled and cast in one launch
+        dq = torch.mul(dq, scale, out=torch.empty(q.shape, device=q.device, dtype=q.dtype))
     else:
         kernel, extra = _kernel("dq", bs)
         kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
