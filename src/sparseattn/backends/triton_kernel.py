@@ -1032,7 +1032,8 @@ BACKWARDS = ("auto", "fused", "two-pass")
 def backward_mode(backward: str) -> str:
     """"auto": two passes, over whole lists where torch.use_deterministic_algorithms is on (split lists and the
     fused pass add up with atomics, whose order varies from run to run). Fused is not the default: it was slower
-    than two passes at head size 64 and within noise at 32, and its fp32 dQ costs memory (docs/benchmarks.md)."""
+    than two passes at head size 64 and within 1% at 32 on the encoder step, and its fp32 dQ costs memory
+    (docs/benchmarks.md, fifth and twenty-fifth rounds)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r}: expected one of {', '.join(BACKWARDS)}")
     if backward == "auto":
