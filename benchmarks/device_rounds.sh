@@ -92,6 +92,18 @@ keep_cache() {
   fi
 }
 trap keep_cache EXIT
+# the 16k encoder step under reduce-overhead with the two-pass and the fused backward, each tile size of $1 (spaces),
+# batch kinds $2, each run in its own process under $3 seconds
+backward_ab() {
+  for bs in $1; do
+    for bw in two-pass fused; do
+      echo "== block size $bs, backward $bw" | tee -a "$log"
+      timeout "$3" python -m sparseattn.cli bench model --models encoder --lengths 16k --modes reduce-overhead \
+        --batches "$2" --steps 10 --block-size "$bs" --backward "$bw" --json "$out/bench_model_b${bs}_$bw.json" 2>&1 \
+        | grep -E "^(model|encoder) " | tee -a "$log" || true
+    done
+  done
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
@@ -207,14 +219,7 @@ case $stage in
     # a step less, within that round's noise)
     SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-120} python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_packed_padded.py -k "block-fused" 2>&1 | tail -3 | tee -a "$log" || true
-    for bs in 128 64; do
-      for bw in two-pass fused; do
-        echo "== block size $bs, backward $bw" | tee -a "$log"
-        timeout ${BENCH_TIMEOUT:-110} python -m sparseattn.cli bench model --models encoder --lengths 16k \
-          --modes reduce-overhead --batches padding-free,unpadded --steps 10 --block-size $bs --backward $bw \
-          --json "$out/bench_model_b${bs}_$bw.json" 2>&1 | grep -E "^(model|encoder) " | tee -a "$log" || true
-      done
-    done
+    backward_ab "128 64" padding-free,unpadded "${BENCH_TIMEOUT:-110}"
     timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py --length 16k --modes reduce-overhead \
       --batches padding-free --attention triton --backward fused --json "$out/profile_fused.json" 2>&1 \
       | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true ;;
@@ -224,14 +229,7 @@ case $stage in
     # run compiled for over 70 s in the twenty-fifth round). TILES=64,128: both tiles (the twenty-fifth round timed
     # 128 both ways, 64 only fused)
     TESTS_TIMEOUT=${TESTS_TIMEOUT:-250} TEST_WORKERS=${TEST_WORKERS:-8} bash "$0" gpu-tests || true
-    for bs in $(tr , ' ' <<< "${TILES:-64}"); do
-      for bw in two-pass fused; do
-        echo "== block size $bs, backward $bw" | tee -a "$log"
-        timeout ${BENCH_TIMEOUT:-120} python -m sparseattn.cli bench model --models encoder --lengths 16k \
-          --modes reduce-overhead --batches padding-free --steps 10 --block-size $bs --backward $bw \
-          --json "$out/bench_model_b${bs}_$bw.json" 2>&1 | grep -E "^(model|encoder) " | tee -a "$log" || true
-      done
-    done ;;
+    backward_ab "$(tr , ' ' <<< "${TILES:-64}")" padding-free "${BENCH_TIMEOUT:-120}" ;;
   flex-retry)
     # the twenty-fourth round's flex_mask cells left open: AP's mask_mod failed in Inductor with the default tiles
     # (shared memory 247808 > 232448), so smaller FlexAttention tiles; then the one cell where flex_mask won (sliding,
