@@ -58,6 +58,8 @@
 #                      in one call (about 9 minutes)
 #   flex-retry         issue 24: AP's flex_mask with FlexAttention tiles of 64 (the default ones ask for more shared memory
 #                      than Hopper has), then the sliding window at D 128 (the cell where flex_mask won) again
+#   queued             issue 24: the 16k encoder step, steps queued back to back and each waited for, reduce-overhead
+#                      (MODES), padding-free and unpadded (BATCHES), tiles of 64 and 128 (TILES)
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -240,6 +242,16 @@ case $stage in
     timeout ${FLEX_TIMEOUT:-260} python -m sparseattn.cli bench attention --head-dims 128 --lengths 16k --layouts sliding \
       --sparsity 90 --methods dense,dense_packed,flex_mask,triton,backend --json "$out/bench_attention_sliding128.json" \
       2>&1 | tee -a "$log" || true ;;
+  queued)
+    # issue 24: the encoder step at 16k timed as steps queued back to back (bench model's timing since the
+    # twenty-sixth round) and each waited for, under reduce-overhead (MODES), padding-free and unpadded (BATCHES),
+    # tiles of 64 then 128 (TILES), each tile in its own process under its own limit
+    for bs in $(tr , ' ' <<< "${TILES:-64,128}"); do
+      echo "== block size $bs" | tee -a "$log"
+      timeout ${BENCH_TIMEOUT:-240} python -m sparseattn.cli bench model --models encoder --lengths 16k \
+        --modes "${MODES:-reduce-overhead}" --batches "${BATCHES:-padding-free,unpadded}" --steps 10 --block-size "$bs" \
+        --json "$out/bench_model_queued_b$bs.json" 2>&1 | tee -a "$log" || true
+    done ;;
   split-forward-attention)
     for sf in 0 1; do
       echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"

@@ -535,6 +535,33 @@ def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatc
         assert sparse_eager.speedup_any == pytest.approx(2 / 3)  # over unpadded dense reduce-overhead
 
 
+def test_bench_model_times_queued_steps_and_steps_waited_for(monkeypatch):
+    """A step's time is that of steps queued back to back (the host prepares the next step while the GPU runs this
+    one), and, apart, that of a step waited for alone: on a fake clock where each step costs 0.3 ms of host time
+    before its 1 ms of GPU work, queued steps take 1 ms plus the first step's 0.3 spread over the block, and a step
+    waited for 1.3 ms."""
+    import types
+
+    from sparseattn.bench import model as bm
+
+    clock = {"host": 0.0, "gpu": 0.0}  # seconds: where the host is, and when the GPU's queued work ends
+
+    def step():
+        clock["host"] += 0.3e-3
+        clock["gpu"] = max(clock["gpu"], clock["host"]) + 1e-3
+
+    def synchronize():
+        clock["host"] = max(clock["host"], clock["gpu"])
+
+    monkeypatch.setattr(bm, "time", types.SimpleNamespace(perf_counter=lambda: clock["host"]))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    queued, synced, peak = bm._time_steps(step, warmup=2, steps=10, reset_peak=False)
+    assert queued == pytest.approx(1.03)
+    assert synced == pytest.approx(1.3)
+    assert peak == 3
+
+
 def test_bench_model_padding_free_batch_holds_the_padded_batchs_tokens_and_dense_runs_them_unpadded():
     """``padding-free``: the padded batch's real tokens (the same draw as ``padded``) as one packed row rounded up to
     128 tokens; dense runs each sequence in its own row, without a mask where none needs padding."""

@@ -13,7 +13,9 @@ ones (real lengths uniform in [L/2, L]), ``packed`` rows (documents of 512-4096 
 cu_seq_lens_q as transformers' flattening collator makes them) and ``padding-free`` ones (the padded batch's real
 tokens as one packed row, ``sa.unpad``); dense attention cannot keep packed documents apart, so dense runs the same
 documents one per row, padded to the longest (no padding, and no mask, for a single row). Speed-ups are real tokens per
-second over the fastest dense step of the same batch kind, whatever its mode. Eager sparse steps also report
+second over the fastest dense step of the same batch kind, whatever its mode. A step's time (``ms/step``) is that of
+steps queued back to back, as a training loop runs them when it does not wait for each step's loss; ``synced`` is a
+step waited for alone, which adds the host's time to the step's first kernel. Eager sparse steps also report
 the host time per attention call (the backend's Python and launches) and, for the Triton kernel, per backward
 call (its launches; ``host us f/b``).
 
@@ -52,7 +54,7 @@ class ModelResult:
     attention: str  # "dense" or the plan
     sparsity: float | None
     block_density: float | None
-    step_ms: float | None
+    step_ms: float | None  # queued steps (``_time_steps``): what real tokens/s and the speed-ups are taken from
     tokens_per_s: float | None
     peak_gib: float | None
     speedup: float | None = None
@@ -65,6 +67,7 @@ class ModelResult:
     host_bwd_us: float | None = None  # host time per backward call of the Triton kernel (encoder steps)
     baseline: str | None = None  # what the speed-up is over: the fastest dense step of the same batch kind
     speedup_any: float | None = None  # over the fastest dense step of any batch kind (real tokens/s)
+    synced_ms: float | None = None  # each step waited for: its latency, host time to its first kernel included
 
 
 def encoder(max_len: int):
@@ -157,10 +160,15 @@ def _fresh_peak() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True) -> tuple[float, float]:
-    """Median step time (ms) and peak memory allocated (GiB) during the timed steps, which includes the
-    model, its optimizer state and the inputs. reset_peak=False keeps the peak counted so far: a graph's
-    replays reuse the memory its capture allocated, so its peak is the capture's."""
+def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True,
+                blocks: int = 3) -> tuple[float, float, float]:
+    """(queued ms, synced ms, peak GiB) of ``step``. Queued: ``steps`` steps launched back to back with one wait at
+    the end, as a training loop that does not read its loss every step runs them (the host prepares the next step
+    while the GPU runs this one); the median of ``blocks`` such blocks, per step. Synced: the median of ``steps``
+    steps each waited for, which adds the host's time to the step's first kernel (its latency). Peak: memory
+    allocated during the timed steps, which includes the model, its optimizer state and the inputs;
+    reset_peak=False keeps the peak counted so far: a graph's replays reuse the memory its capture allocated, so
+    its peak is the capture's."""
     for _ in range(warmup):
         step()
     if reset_peak:
@@ -171,7 +179,15 @@ def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True) -> tu
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30
+    queued = []
+    for _ in range(blocks):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        queued.append((time.perf_counter() - t0) / steps)
+    return statistics.median(queued) * 1e3, statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30
 
 
 def _graphed(body, warmup: int):
@@ -497,8 +513,8 @@ def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: 
             # from before the warm-up that records torch.compile's graphs: their replays reuse the memory pool the
             # recording allocated and allocate nothing, so a peak reset after it counts only the live tensors
             _fresh_peak()
-        ms, peak = _time_steps(run, warmup, steps, reset_peak=mode not in ("graph", "reduce-overhead"))
-        res.step_ms, res.peak_gib = ms, peak
+        ms, synced, peak = _time_steps(run, warmup, steps, reset_peak=mode not in ("graph", "reduce-overhead"))
+        res.step_ms, res.synced_ms, res.peak_gib = ms, synced, peak
         res.tokens_per_s = batch["real"] / (ms / 1e3)
         if backend is not None and mode == "eager":
             res.host_us, res.host_bwd_us = _host_us(backend, run)
@@ -519,7 +535,8 @@ def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: 
 def _result_line(res: ModelResult) -> str:
     return (f"  {res.model} L={res.length} B={res.batch_size} {res.batch} {res.kernel or 'dense'} {res.mode}"
             f"{' compiled' if res.compiled else ''}: "
-            f"{res.step_ms and round(res.step_ms, 1)} ms/step, "
+            f"{res.step_ms and round(res.step_ms, 2)} ms/step queued ({res.synced_ms and round(res.synced_ms, 2)} "
+            f"each waited for), "
             f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
             f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
             + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
@@ -543,14 +560,14 @@ def _speedups_over_best_dense(results: list[ModelResult], *, any_batch: bool = F
 
 def format_table(results: list[ModelResult]) -> str:
     head = (f"{'model':<8} {'L':>6} {'B':>3} {'batch':<12} {'attention':<10} {'mode':<24} {'sparsity':>8} "
-            f"{'blk dens':>8} {'ms/step':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us f/b':>11} {'speed-up':>8} "
+            f"{'blk dens':>8} {'ms/step':>8} {'synced':>8} {'real tok/s':>11} {'peak GiB':>8} {'host us f/b':>11} {'speed-up':>8} "
             f"{'over':<22} {'x best dense':>12}")
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
         lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<12} {(r.kernel or 'dense'):<10} "
                      f"{r.mode + (' +outside compiled' if r.compiled else ''):<24} "
-                     f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.1f'):>8} "
+                     f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.2f'):>8} {f(r.synced_ms, '.2f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {_host_cell(r):>11} "
                      f"{f(r.speedup, '.2f'):>8} {r.baseline or '-':<22} {f(r.speedup_any, '.2f'):>12}"
                      + (f"  {r.note}" if r.note else ""))
