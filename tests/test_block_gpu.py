@@ -84,13 +84,15 @@ def _half_tile_programs(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split",
                                     "triton-rows64-split", "triton-rows64-fused", "triton-split-fwd",
-                                    "triton-rows64-split-fwd"])
+                                    "triton-rows64-split-fwd", "triton-tile64-fwd", "triton-tile64-split-fwd"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
     """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
     pass; -split: the backward walks every list in one-tile chunks that add atomically; -fwd: the forward walks
     the rows in the same chunks, merging their partial softmax; -rows64: each program owns 64 rows of a 128-row tile
-    (the autotuner's half-tile candidates)."""
+    (the autotuner's half-tile candidates); -tile64: layout tiles of 64 (``BlockSparseBackend(64)``, the faster tile at
+    head size 32 in docs/benchmarks.md's twenty-third to twenty-sixth rounds)."""
+    block_size = 64 if "tile64" in kernel else 128
     if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 
@@ -107,7 +109,7 @@ def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, head
     plan = spec(heads) if callable(spec) else Plan.parse(spec)
     lp = plan.resolve(1, heads)[0]
     layout, q, k, v, grad = _inputs(lengths, causal, heads, kv_heads, dim, seed=len(name))
-    backend = BlockSparseBackend(force=True, kernel=kernel)
+    backend = BlockSparseBackend(block_size, force=True, kernel=kernel)
     got = _run(backend, lp, layout, q, k, v, grad, dtype)
     assert backend.stats["block"] == 1
     ref32 = _run(ReferenceBackend(), lp, layout, q, k, v, grad, torch.float32)
