@@ -94,15 +94,21 @@ keep_cache() {
   fi
 }
 trap keep_cache EXIT
-# the 16k encoder step under reduce-overhead with the two-pass and the fused backward, each tile size of $1 (spaces),
-# batch kinds $2, each run in its own process under $3 seconds
+# the 16k encoder step of bench model, 10 steps, in its own process under $1 seconds, its JSON to $2; the other
+# arguments are bench model's (modes, batches, tile, backward)
+encoder_step() {
+  local limit=$1 json=$2
+  shift 2
+  timeout "$limit" python -m sparseattn.cli bench model --models encoder --lengths 16k --steps 10 --json "$json" "$@" 2>&1
+}
+# the step under reduce-overhead with the two-pass and the fused backward, each tile size of $1 (spaces), batch kinds
+# $2, each run under $3 seconds
 backward_ab() {
   for bs in $1; do
     for bw in two-pass fused; do
       echo "== block size $bs, backward $bw" | tee -a "$log"
-      timeout "$3" python -m sparseattn.cli bench model --models encoder --lengths 16k --modes reduce-overhead \
-        --batches "$2" --steps 10 --block-size "$bs" --backward "$bw" --json "$out/bench_model_b${bs}_$bw.json" 2>&1 \
-        | grep -E "^(model|encoder) " | tee -a "$log" || true
+      encoder_step "$3" "$out/bench_model_b${bs}_$bw.json" --modes reduce-overhead --batches "$2" --block-size "$bs" \
+        --backward "$bw" | grep -E "^(model|encoder) " | tee -a "$log" || true
     done
   done
 }
@@ -208,9 +214,8 @@ case $stage in
       -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py -k "split-fwd" 2>&1 | tail -15 | tee -a "$log" || true
     for sf in 0 1; do
       echo "== SPARSEATTN_TRITON_SPLIT_FORWARD=$sf" | tee -a "$log"
-      SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${BENCH_TIMEOUT:-140} python -m sparseattn.cli bench model \
-        --models encoder --lengths 16k --modes reduce-overhead --batches padding-free,unpadded --steps 10 \
-        --json "$out/bench_model_split$sf.json" 2>&1 | grep -E "^(model|encoder) " | tee -a "$log" || true
+      SPARSEATTN_TRITON_SPLIT_FORWARD=$sf encoder_step ${BENCH_TIMEOUT:-140} "$out/bench_model_split$sf.json" \
+        --modes reduce-overhead --batches padding-free,unpadded | grep -E "^(model|encoder) " | tee -a "$log" || true
       SPARSEATTN_TRITON_SPLIT_FORWARD=$sf timeout ${PROFILE_TIMEOUT:-70} python benchmarks/profile_model_step.py \
         --length 16k --modes reduce-overhead --batches padding-free --attention triton \
         --json "$out/profile_split$sf.json" 2>&1 | grep -E "ms/step|_kernel|_merge" | tee -a "$log" || true
@@ -245,9 +250,8 @@ case $stage in
     # tiles of 64 then 128 (TILES), each tile in its own process under its own limit
     for bs in $(tr , ' ' <<< "${TILES:-64,128}"); do
       echo "== block size $bs" | tee -a "$log"
-      timeout ${BENCH_TIMEOUT:-240} python -m sparseattn.cli bench model --models encoder --lengths 16k \
-        --modes "${MODES:-reduce-overhead}" --batches "${BATCHES:-padding-free,unpadded}" --steps 10 --block-size "$bs" \
-        --json "$out/bench_model_queued_b$bs.json" 2>&1 | tee -a "$log" || true
+      encoder_step ${BENCH_TIMEOUT:-240} "$out/bench_model_queued_b$bs.json" --modes "${MODES:-reduce-overhead}" \
+        --batches "${BATCHES:-padding-free,unpadded}" --block-size "$bs" | tee -a "$log" || true
     done ;;
   split-forward-attention)
     for sf in 0 1; do
