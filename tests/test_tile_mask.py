@@ -14,7 +14,7 @@ from sparseattn.backends.base import AttentionCall
 from sparseattn.backends.block import bucket_length
 from sparseattn.backends.tile_mask import EMPTY, FULL, TileMask, kv_lists, pack_bits, unpack_bits
 from sparseattn.layout import TokenLayout
-from sparseattn.patterns import random_blocks
+from sparseattn.patterns import neighbour, random_blocks
 from sparseattn.sparsity import block_counts
 
 PLANS = [
@@ -384,6 +384,44 @@ def test_sparsify_with_block_backend_matches_reference():
     real = mask.bool()[..., None]
     torch.testing.assert_close(out * real, ref * real, atol=1e-5, rtol=1e-5)
     assert isinstance(get_backend("block"), BlockSparseBackend)
+
+
+def test_block_size_is_chosen_by_head_size_unless_given():
+    transformers = pytest.importorskip("transformers")
+    from sparseattn import sparsify
+    from sparseattn.backends.block import default_block_size
+
+    assert [default_block_size(d) for d in (8, 32, 33, 64, 128)] == [64, 64, 128, 128, 128]
+    with pytest.raises(ValueError, match="head_dim must be a positive int, got 0"):
+        default_block_size(0)
+    fresh = BlockSparseBackend()
+    with pytest.raises(RuntimeError, match="chosen by head size .* no head size has reached it"):
+        fresh.block_size
+    with pytest.raises(RuntimeError, match="no head size"):  # nothing to build the lists with yet
+        fresh.tile_density(Plan.everywhere(neighbour(3)).resolve(1, 2)[0], 256, causal=False)
+
+    def bert(hidden, heads):
+        cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads,
+                                      intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+        return transformers.BertModel(cfg).eval()
+
+    for hidden, heads, tile in ((64, 2, 64), (256, 2, 128)):  # head sizes 32 and 128: sparsify tells the backend
+        backend = BlockSparseBackend()
+        sparsify(bert(hidden, heads), "all: neighbour(3)", backend=backend)
+        assert backend.block_size == tile
+    given = BlockSparseBackend(block_size=32)
+    sparsify(bert(64, 2), "all: neighbour(3)", backend=given)
+    assert given.block_size == 32  # the user's tile is kept
+    # without sparsify, the first call's head size chooses, and the tile stays for later calls
+    direct = BlockSparseBackend(force=True)
+    lp = Plan.everywhere(neighbour(3)).resolve(1, 2)[0]
+    for d in (16, 128):
+        q = torch.randn(1, 2, 40, d)
+        call = AttentionCall(query=q, key=q, value=q, layer_plan=lp, layout=TokenLayout.from_lengths([40]),
+                             model_mask=None, scale=d ** -0.5, dropout_p=0.0, cache={})
+        ref, _ = ReferenceBackend().attention(call)
+        torch.testing.assert_close(direct.attention(call)[0], ref, atol=1e-5, rtol=1e-5)
+        assert direct.block_size == 64
 
 
 # -- the benchmark's layouts and arguments ------------------------------------------------------------

@@ -843,7 +843,7 @@ def test_bench_models_decoder_step_calls_the_model_with_or_without_its_cache(cac
         seen.append((kw["use_cache"], out.past_key_values is not None, out.logits))
         return out
 
-    bench = bench_model._Bench("decoder", 37, "unpadded", 1, model, None, None, 0.9, 0.1, {}, {}, cache)
+    bench = bench_model._Bench("decoder", 37, "unpadded", 1, model, None, None, 0.9, 0.1, {}, {}, cache, 32)
     bench.step(fwd, {"input_ids": ids}, mark=False)()
     assert [(c, has) for c, has, _ in seen] == [(cache, cache)]
     with torch.no_grad():

@@ -56,6 +56,18 @@ MIN_LENGTH = 1024
 MAX_DENSITY = 0.9
 # From this many tokens the Triton kernel beats SDPA with a mask at every density, so no layer falls back.
 DENSE_TILES_LENGTH = 4096
+# Heads of at most this many dimensions get tiles of 64 when no block_size is given, larger heads tiles of 128.
+SMALL_HEAD_DIM = 32
+
+
+def default_block_size(head_dim: int) -> int:
+    """The block backend's tile where none is given: 64 for heads of at most SMALL_HEAD_DIM dimensions, else 128.
+    A small head does little work per pair, so the tiles' fixed costs weigh less than the pairs finer tiles skip
+    (docs/benchmarks.md: MiniLM's encoder step, head size 32, was faster with tiles of 64 in every round that
+    timed both); at head sizes 64 and 128 the kernel's configurations were tuned and measured with tiles of 128."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    return 64 if head_dim <= SMALL_HEAD_DIM else 128
 
 
 def bucket_length(n: int, block_size: int) -> int:
@@ -94,7 +106,9 @@ def _layer_key(lp: LayerPlan):
 class BlockSparseBackend(Backend):
     """Block-sparse attention (FlexAttention over compiled block layouts) with automatic dense fallback.
 
-    block_size: tile size (128 suits FlexAttention's kernels; 64 gives finer layouts at some speed).
+    block_size: tile size, a multiple of 16 (powers of two from 32 for the Triton kernel). None (default): chosen
+        by the model's head size (``default_block_size``: 64 up to 32 dimensions, else 128), when ``sparsify``
+        prepares the backend or at its first call, and kept from then on (``block_size`` says which).
     min_length: sequences shorter than this (key tokens) run dense.
     max_density: layers whose kept-tile fraction is above this run dense (SDPA with the mask). Default: 0.9, except
         for the Triton kernel on sequences of at least 4096 tokens, where no density falls back (it beats SDPA
@@ -117,22 +131,23 @@ class BlockSparseBackend(Backend):
 
     name = "block"
 
-    def __init__(self, block_size: int = 128, *, min_length: int = MIN_LENGTH, max_density: float | None = None,
+    def __init__(self, block_size: int | None = None, *, min_length: int = MIN_LENGTH, max_density: float | None = None,
                  force: bool = False, compile: bool | None = None, cache_size: int = 64,
                  kernel_options: dict | None = None, kernel: str = "auto", backward: str = "auto"):
-        self.block_size = check_block_size(block_size)
+        self._block_size = None if block_size is None else check_block_size(block_size)
         triton_kernel.backward_mode(backward)  # a bad name fails here, not at the first backward pass
         self.backward = backward
         if kernel not in (*self.KERNELS, "auto"):
             raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)} or auto, got {kernel!r}")
 
+        # both tiles default_block_size chooses suit the Triton kernel
+        tile = 128 if block_size is None else block_size
         if kernel == "auto":
-            kernel = ("triton" if triton_kernel.available() and triton_kernel.supports_block_size(self.block_size)
-                      else "flex")
+            kernel = "triton" if triton_kernel.available() and triton_kernel.supports_block_size(tile) else "flex"
         if kernel == "triton":
             if not triton_kernel.available():
                 raise ValueError("kernel='triton' needs the triton package, which is not installed")
-            if not triton_kernel.supports_block_size(self.block_size):
+            if not triton_kernel.supports_block_size(tile):
                 raise ValueError(f"kernel='triton' needs a power-of-two block_size >= 32, got {block_size}")
         self.kernel = kernel
         if min_length < 0:
@@ -147,27 +162,48 @@ class BlockSparseBackend(Backend):
         self._static_layers: dict = {}
         self._said: set = set()
 
+    @property
+    def block_size(self) -> int:
+        """The tile of this backend's layouts."""
+        if self._block_size is None:
+            raise RuntimeError("this BlockSparseBackend's block_size is chosen by head size (block_size=None), and "
+                               "no head size has reached it yet: sparsify a model with it, run it once, or pass "
+                               "block_size")
+        return self._block_size
+
+    def choose_block_size(self, head_dim: int) -> int:
+        """The tile for heads of ``head_dim`` dimensions: the one given or chosen already, else
+        ``default_block_size(head_dim)``, kept from now on."""
+        if self._block_size is None:
+            self._block_size = default_block_size(head_dim)
+        return self._block_size
+
     def max_density_for(self, length: int) -> float:
         """The block density above which a layer of ``length`` tokens runs dense (SDPA with the mask)."""
         if self.max_density is not None:
             return self.max_density
         return 1.0 if self.kernel == "triton" and length >= DENSE_TILES_LENGTH else MAX_DENSITY
 
-    def tile_density(self, layer_plan, length: int, *, causal: bool, device="cpu") -> float | None:
+    def tile_density(self, layer_plan, length: int, *, causal: bool, device="cpu",
+                     head_dim: int | None = None) -> float | None:
         """The block density the Triton kernel runs ``layer_plan`` at over one unpadded sequence of ``length`` tokens:
         kept tiles among the tiles holding allowed pairs (causal ones where ``causal``), from the tile lists it
         builds (and caches) for that length. None for a layer whose patterns depend on the input, which has no
-        layout before a batch."""
+        layout before a batch. head_dim: chooses the tile where it is not chosen yet (``choose_block_size``)."""
+        if head_dim is not None:
+            self.choose_block_size(head_dim)
         if layer_plan.is_dense:
             return 1.0
         if not _static(layer_plan):
             return None
         return self._static_layer(layer_plan, causal).entry(length, torch.device(device)).density
 
-    def prepare(self, layer_plans) -> None:
-        """Called by ``sparsify`` with the model's layer plans: registers, for each layer whose patterns depend on
-        positions only, the source of its tile lists (built on first use), so that a traced model finds them
-        by a constant handle."""
+    def prepare(self, layer_plans, *, head_dim: int | None = None) -> None:
+        """Called by ``sparsify`` with the model's layer plans and head size: chooses the tile where none was given,
+        and registers, for each layer whose patterns depend on positions only, the source of its tile lists (built
+        on first use), so that a traced model finds them by a constant handle."""
+        if head_dim is not None:
+            self.choose_block_size(head_dim)
         for lp in layer_plans:
             if not lp.is_dense and self.kernel == "triton" and _static(lp):
                 for causal in (False, True):
@@ -175,6 +211,7 @@ class BlockSparseBackend(Backend):
 
     # -- entry point ----------------------------------------------------------------------------
     def attention(self, call: AttentionCall):
+        self.choose_block_size(call.query.shape[-1])
         lp = call.layer_plan
         where = f"layer {lp.layer}"
         if call.need_weights:

@@ -258,8 +258,9 @@ def register(subparsers, formatter_class) -> None:
     p.add_argument("--kernels", type=_names(("flex", "triton")), default=["triton"],
                    help="the block backend's kernels to run the sparse plan with (flex: FlexAttention; triton: "
                         "sparseattn's Triton kernel)")
-    p.add_argument("--block-size", type=int, default=128,
-                   help="the block backend's tile size (64: finer layouts, fewer pairs computed in partial tiles)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the block backend's tile size (default: its choice by head size, 64 up to 32 dimensions, "
+                        "else 128; 64: finer layouts, fewer pairs computed in partial tiles)")
     p.add_argument("--backward", choices=BACKWARDS, default="auto",
                    help="the Triton kernel's backward pass: auto (two passes, whole lists under deterministic "
                         "algorithms), two-pass, or fused (dQ added atomically by the dK/dV pass)")

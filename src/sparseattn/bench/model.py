@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..backends.block import BlockSparseBackend
+from ..backends.block import BlockSparseBackend, default_block_size
 from ..integrations.hf import compile_outside_attention, sparsify, use_dense_sdpa
 from ..layout import TokenLayout
 from ..plans.plan import Plan
@@ -68,6 +68,7 @@ class ModelResult:
     baseline: str | None = None  # what the speed-up is over: the fastest dense step of the same batch kind
     speedup_any: float | None = None  # over the fastest dense step of any batch kind (real tokens/s)
     synced_ms: float | None = None  # each step waited for: its latency, host time to its first kernel included
+    block_size: int | None = None  # the block backend's tile (sparse runs)
 
 
 def encoder(max_len: int):
@@ -322,7 +323,7 @@ def _host_us(backend, run) -> tuple[float | None, float | None]:
 
 def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
               kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-              compile_model: bool = False, decoder_cache: bool = True, block_size: int = 128,
+              compile_model: bool = False, decoder_cache: bool = True, block_size: int | None = None,
               backward: str = "auto", log=print) -> list[ModelResult]:
     """``run_models`` for one model kind and length."""
     return run_models([(kind, length)], tokens=tokens, warmup=warmup, steps=steps, decoder_layers=decoder_layers,
@@ -333,7 +334,7 @@ def run_model(kind: str, length: int, *, tokens: int = 16384, warmup: int = 3, s
 
 def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8, decoder_layers=4,
                kernel_options: dict | None = None, kernels=("triton",), modes=("eager",), batches=("unpadded",),
-               compile_model: bool = False, decoder_cache: bool = True, block_size: int = 128,
+               compile_model: bool = False, decoder_cache: bool = True, block_size: int | None = None,
                backward: str = "auto", log=print, done=None) -> list[ModelResult]:
     """Dense and sparse (each of ``kernels``) in every mode of ``modes`` on every batch kind of ``batches``, for
     each (model kind, length) of ``configs``. Speed-ups are real tokens per second over the fastest dense step of
@@ -341,7 +342,8 @@ def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8,
     decoder is called with its default cache (``use_cache=True``, as ``model(ids)`` runs it), or with
     ``use_cache=False``, where transformers looks for packed rows in the positions and, under torch.compile, makes an
     L x L mask for dense attention that keeps SDPA off its flash kernel (docs/benchmarks.md, twenty-first round).
-    block_size: the block backend's tile size (its layouts, and the block density reported). backward: the Triton
+    block_size: the block backend's tile size (its layouts, and the block density reported); None: the backend's
+    own choice by head size (``default_block_size``). backward: the Triton
     kernel's backward pass (``BlockSparseBackend``'s ``backward``).
 
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
@@ -388,7 +390,7 @@ def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layer
     for attention in ("dense", *kernels):
         backend = None
         if attention != "dense":
-            backend = BlockSparseBackend(block_size, kernel_options=kernel_options, kernel=attention,
+            backend = BlockSparseBackend(bench.tile, kernel_options=kernel_options, kernel=attention,
                                          backward=backward)
             sparsify(bench.model, bench.plan, backend=backend)
         if compile_model and attention == "dense":  # once: the same compiled modules serve the sparse runs
@@ -419,10 +421,11 @@ class _Bench:
     sparse_batch: dict
     dense_batch: dict
     decoder_cache: bool  # the decoder's forward with use_cache=True (its default) or False
+    tile: int  # the block backend's tile, which block_density is measured at
 
     @classmethod
     def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=True,
-             block_size: int = 128) -> "_Bench":
+             block_size: int | None = None) -> "_Bench":
         device = "cuda"
         gc.collect()  # the previous config's models, before this one allocates
         torch.cuda.empty_cache()
@@ -434,8 +437,9 @@ class _Bench:
         # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
         dense_batch = unpacked(sparse_batch, device) if batch_kind in ("packed", "padding-free") else sparse_batch
         plan = sparse_plan(length, causal=causal, sequences=[n for _, _, n in sparse_batch["documents"]])
-        sp, dens = _measure(plan, batch_layout(sparse_batch, causal=causal, device=device),
-                            model.config.num_attention_heads, block_size)
+        heads = model.config.num_attention_heads
+        tile = block_size or default_block_size(model.config.hidden_size // heads)  # the backend's own choice
+        sp, dens = _measure(plan, batch_layout(sparse_batch, causal=causal, device=device), heads, tile)
         opt = None
         if kind == "encoder":
             # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph
@@ -443,7 +447,8 @@ class _Bench:
             model.train()
         else:
             model = model.to(torch.bfloat16).eval()
-        return cls(kind, length, batch_kind, B, model, opt, plan, sp, dens, sparse_batch, dense_batch, decoder_cache)
+        return cls(kind, length, batch_kind, B, model, opt, plan, sp, dens, sparse_batch, dense_batch, decoder_cache,
+                   tile)
 
     def batch(self, attention: str) -> dict:
         return self.dense_batch if attention == "dense" else self.sparse_batch
@@ -457,7 +462,8 @@ class _Bench:
         dense = attention == "dense"
         return ModelResult(self.kind, self.length, self.rows, "dense" if dense else self.plan.spec(),
                            None if dense else self.sparsity, None if dense else self.block_density, None, None, None,
-                           kernel=None if dense else attention, mode=mode, compiled=compiled, batch=self.batch_kind)
+                           kernel=None if dense else attention, mode=mode, compiled=compiled, batch=self.batch_kind,
+                           block_size=None if dense else self.tile)
 
     def step(self, fwd, inputs: dict, mark: bool):
         """One step of ``fwd`` on ``inputs``: an encoder trains (forward, backward, AdamW; ``train(zero_grad=False)``
@@ -565,7 +571,8 @@ def format_table(results: list[ModelResult]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         f = (lambda v, fmt: format(v, fmt) if v is not None else "-")
-        lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<12} {(r.kernel or 'dense'):<10} "
+        attention = r.kernel + (f" {r.block_size}" if r.block_size else "") if r.kernel else "dense"
+        lines.append(f"{r.model:<8} {r.length:>6} {r.batch_size:>3} {r.batch:<12} {attention:<10} "
                      f"{r.mode + (' +outside compiled' if r.compiled else ''):<24} "
                      f"{f(r.sparsity, '.1%'):>8} {f(r.block_density, '.1%'):>8} {f(r.step_ms, '.2f'):>8} {f(r.synced_ms, '.2f'):>8} "
                      f"{f(r.tokens_per_s, ',.0f'):>11} {f(r.peak_gib, '.2f'):>8} {_host_cell(r):>11} "
