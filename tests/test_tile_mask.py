@@ -389,6 +389,7 @@ def test_sparsify_with_block_backend_matches_reference():
 def test_block_size_is_chosen_by_head_size_unless_given():
     transformers = pytest.importorskip("transformers")
     from sparseattn import sparsify
+    from sparseattn.backends import triton_kernel
     from sparseattn.backends.block import default_block_size
 
     assert [default_block_size(d) for d in (8, 32, 33, 64, 128)] == [64, 64, 128, 128, 128]
@@ -405,10 +406,15 @@ def test_block_size_is_chosen_by_head_size_unless_given():
                                       intermediate_size=64, vocab_size=100, max_position_embeddings=64)
         return transformers.BertModel(cfg).eval()
 
+    if not triton_kernel.available():
+        pytest.skip("the tile by head size is the Triton kernel's")
     for hidden, heads, tile in ((64, 2, 64), (256, 2, 128)):  # head sizes 32 and 128: sparsify tells the backend
         backend = BlockSparseBackend()
         sparsify(bert(hidden, heads), "all: neighbour(3)", backend=backend)
         assert backend.block_size == tile
+    flex = BlockSparseBackend(kernel="flex")  # FlexAttention's default kernel tiles (128) must divide the layout's
+    sparsify(bert(64, 2), "all: neighbour(3)", backend=flex)
+    assert flex.block_size == 128
     given = BlockSparseBackend(block_size=32)
     sparsify(bert(64, 2), "all: neighbour(3)", backend=given)
     assert given.block_size == 32  # the user's tile is kept

@@ -106,9 +106,10 @@ def _layer_key(lp: LayerPlan):
 class BlockSparseBackend(Backend):
     """Block-sparse attention (FlexAttention over compiled block layouts) with automatic dense fallback.
 
-    block_size: tile size, a multiple of 16 (powers of two from 32 for the Triton kernel). None (default): chosen
-        by the model's head size (``default_block_size``: 64 up to 32 dimensions, else 128), when ``sparsify``
-        prepares the backend or at its first call, and kept from then on (``block_size`` says which).
+    block_size: tile size, a multiple of 16 (powers of two from 32 for the Triton kernel). None (default): for the
+        Triton kernel, chosen by the model's head size (``default_block_size``: 64 up to 32 dimensions, else 128)
+        when ``sparsify`` prepares the backend or at its first call, and kept from then on (``block_size`` says
+        which); 128 for FlexAttention.
     min_length: sequences shorter than this (key tokens) run dense.
     max_density: layers whose kept-tile fraction is above this run dense (SDPA with the mask). Default: 0.9, except
         for the Triton kernel on sequences of at least 4096 tokens, where no density falls back (it beats SDPA
@@ -173,9 +174,10 @@ class BlockSparseBackend(Backend):
 
     def choose_block_size(self, head_dim: int) -> int:
         """The tile for heads of ``head_dim`` dimensions: the one given or chosen already, else
-        ``default_block_size(head_dim)``, kept from now on."""
+        ``default_block_size(head_dim)`` for the Triton kernel and 128 for FlexAttention (whose default kernel tiles
+        of 128 must divide the layout's), kept from now on."""
         if self._block_size is None:
-            self._block_size = default_block_size(head_dim)
+            self._block_size = default_block_size(head_dim) if self.kernel == "triton" else 128
         return self._block_size
 
     def max_density_for(self, length: int) -> float:

@@ -385,7 +385,8 @@ def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layer
     import torch._dynamo
 
     bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers,
-                        decoder_cache=decoder_cache, block_size=block_size)
+                        decoder_cache=decoder_cache,
+                        block_size=block_size or (128 if "flex" in kernels else None))  # the backend's defaults
     out = []
     for attention in ("dense", *kernels):
         backend = None
