@@ -71,13 +71,13 @@ _DENSITY: dict = {}
 
 def plan_density(spec: str, length: int, layers: int, heads: int) -> float:
     """The plan's block density among the causal tiles at ``length``, averaged over layers: what the block backend
-    builds for it (tiles of 128, partial tiles counted)."""
+    builds for it (tiles of 128, its choice at the generation models' head size of 64; partial tiles counted)."""
     from sparseattn.backends.block import BlockSparseBackend
     from sparseattn.plans.plan import Plan
 
     key = (spec, length, layers, heads)
     if key not in _DENSITY:
-        be = BlockSparseBackend()
+        be = BlockSparseBackend(block_size=128)
         by_rules, per_layer = {}, []
         for lp in Plan.parse(spec).resolve(layers, heads):
             rules = repr(lp.entries)
