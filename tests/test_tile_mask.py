@@ -600,10 +600,35 @@ def test_bench_model_times_queued_steps_and_steps_waited_for(monkeypatch):
     monkeypatch.setattr(bm, "time", types.SimpleNamespace(perf_counter=lambda: clock["host"]))
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
-    queued, synced, peak = bm._time_steps(step, warmup=2, steps=10, reset_peak=False)
+    queued, synced, peak, gc_ms, full = bm._time_steps(step, warmup=2, steps=10, reset_peak=False)
     assert queued == pytest.approx(1.03)
     assert synced == pytest.approx(1.3)
     assert peak == 3
+    assert (gc_ms, full) == (0, 0)  # the fake clock stands still while any collection runs
+
+
+def test_bench_model_counts_the_garbage_collectors_share_of_queued_steps(monkeypatch):
+    """Steps that make a full collection every other step: half a full collection per queued step, its time counted
+    (a pause every few steps counts in the queued blocks' mean, not in the median of single steps)."""
+    import gc
+
+    from sparseattn.bench import model as bm
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    garbage = [[[] for _ in range(2000)]]
+    count = {"n": 0}
+
+    def step():
+        count["n"] += 1
+        garbage.append([[] for _ in range(200)])
+        if count["n"] % 2:
+            gc.collect()
+
+    t = bm._time_steps(step, warmup=1, steps=4, reset_peak=False)
+    assert t.full_gcs == 0.5
+    assert 0 < t.gc_ms < t.queued_ms
+    assert not any(isinstance(c, bm._CollectorClock) for c in gc.callbacks)  # removed after timing
 
 
 def test_bench_model_padding_free_batch_holds_the_padded_batchs_tokens_and_dense_runs_them_unpadded():

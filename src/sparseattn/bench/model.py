@@ -35,6 +35,7 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -69,6 +70,8 @@ class ModelResult:
     speedup_any: float | None = None  # over the fastest dense step of any batch kind (real tokens/s)
     synced_ms: float | None = None  # each step waited for: its latency, host time to its first kernel included
     block_size: int | None = None  # the block backend's tile (sparse runs)
+    gc_ms: float | None = None  # Python's garbage collector per queued step (included in step_ms)
+    full_gcs: float | None = None  # its full collections per queued step
 
 
 def encoder(max_len: int):
@@ -161,15 +164,46 @@ def _fresh_peak() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True,
-                blocks: int = 3) -> tuple[float, float, float]:
-    """(queued ms, synced ms, peak GiB) of ``step``. Queued: ``steps`` steps launched back to back with one wait at
-    the end, as a training loop that does not read its loss every step runs them (the host prepares the next step
-    while the GPU runs this one); the median of ``blocks`` such blocks, per step. Synced: the median of ``steps``
-    steps each waited for, which adds the host's time to the step's first kernel (its latency). Peak: memory
-    allocated during the timed steps, which includes the model, its optimizer state and the inputs;
-    reset_peak=False keeps the peak counted so far: a graph's replays reuse the memory its capture allocated, so
-    its peak is the capture's."""
+class _Timing(NamedTuple):
+    queued_ms: float  # per step, steps queued back to back
+    synced_ms: float  # per step, each waited for
+    peak_gib: float
+    gc_ms: float  # per queued step (of the median block): Python's garbage collector's share
+    full_gcs: float  # per queued step (of the median block): the collector's full (generation 2) collections
+
+
+class _CollectorClock:
+    """The time Python's garbage collector takes while this is entered (``gc.callbacks``), and how many of its
+    collections were full ones: a pause every few steps counts in a block of queued steps' mean, not in the median of
+    single steps."""
+
+    def __init__(self):
+        self.seconds, self.full, self._start = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.full += info["generation"] == 2
+            self._start = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
+def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True, blocks: int = 3) -> _Timing:
+    """Queued and synced ms per step of ``step``, its peak memory, and the garbage collector's share of the queued
+    steps. Queued: ``steps`` steps launched back to back with one wait at the end, as a training loop that does not
+    read its loss every step runs them (the host prepares the next step while the GPU runs this one); the median of
+    ``blocks`` such blocks, per step. Synced: the median of ``steps`` steps each waited for, which adds the host's
+    time to the step's first kernel (its latency). Peak: memory allocated during the timed steps, which includes the
+    model, its optimizer state and the inputs; reset_peak=False keeps the peak counted so far: a graph's replays
+    reuse the memory its capture allocated, so its peak is the capture's."""
     for _ in range(warmup):
         step()
     if reset_peak:
@@ -180,15 +214,18 @@ def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True,
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    queued = []
+    queued = []  # (seconds, the collector's seconds, its full collections) of each block
     for _ in range(blocks):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        queued.append((time.perf_counter() - t0) / steps)
-    return statistics.median(queued) * 1e3, statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30
+        with _CollectorClock() as collector:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            queued.append((time.perf_counter() - t0, collector.seconds, collector.full))
+    block, gc_s, full = sorted(queued)[len(queued) // 2]  # the median block (the upper one of an even count)
+    return _Timing(block / steps * 1e3, statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30,
+                   gc_s / steps * 1e3, full / steps)
 
 
 def _graphed(body, warmup: int):
@@ -520,9 +557,9 @@ def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: 
             # from before the warm-up that records torch.compile's graphs: their replays reuse the memory pool the
             # recording allocated and allocate nothing, so a peak reset after it counts only the live tensors
             _fresh_peak()
-        ms, synced, peak = _time_steps(run, warmup, steps, reset_peak=mode not in ("graph", "reduce-overhead"))
-        res.step_ms, res.synced_ms, res.peak_gib = ms, synced, peak
-        res.tokens_per_s = batch["real"] / (ms / 1e3)
+        t = _time_steps(run, warmup, steps, reset_peak=mode not in ("graph", "reduce-overhead"))
+        res.step_ms, res.synced_ms, res.peak_gib, res.gc_ms, res.full_gcs = t
+        res.tokens_per_s = batch["real"] / (t.queued_ms / 1e3)
         if backend is not None and mode == "eager":
             res.host_us, res.host_bwd_us = _host_us(backend, run)
         if backend is not None:
@@ -546,6 +583,7 @@ def _result_line(res: ModelResult) -> str:
             f"each waited for), "
             f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
             f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
+            + (f", garbage collector {res.gc_ms:.2f} ms/step ({res.full_gcs:.1f} full)" if res.gc_ms is not None else "")
             + (f", host {res.host_us:.0f} us/attention call" if res.host_us else "")
             + (f", {res.host_bwd_us:.0f} us/backward call" if res.host_bwd_us else "")
             + (f" ({res.note})" if res.note else ""))
