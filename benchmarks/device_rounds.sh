@@ -59,7 +59,8 @@
 #   flex-retry         issue 24: AP's flex_mask with FlexAttention tiles of 64 (the default ones ask for more shared memory
 #                      than Hopper has) and the kernel, in one process
 #   queued             issue 24: the 16k encoder step, steps queued back to back and each waited for, reduce-overhead
-#                      (MODES), padding-free and unpadded (BATCHES), tiles of 64 and 128 (TILES)
+#                      (MODES), padding-free and unpadded (BATCHES), tiles of 64 and 128 (TILES; auto: the backend's
+#                      choice by head size)
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -250,8 +251,10 @@ case $stage in
     # tiles of 64 then 128 (TILES), each tile in its own process under its own limit
     for bs in $(tr , ' ' <<< "${TILES:-64,128}"); do
       echo "== block size $bs" | tee -a "$log"
+      tile=(--block-size "$bs")
+      [[ $bs == auto ]] && tile=()  # the backend's own choice by head size
       encoder_step ${BENCH_TIMEOUT:-240} "$out/bench_model_queued_b$bs.json" --modes "${MODES:-reduce-overhead}" \
-        --batches "${BATCHES:-padding-free,unpadded}" --block-size "$bs" | tee -a "$log" || true
+        --batches "${BATCHES:-padding-free,unpadded}" "${tile[@]}" | tee -a "$log" || true
     done ;;
   split-forward-attention)
     for sf in 0 1; do
