@@ -213,7 +213,8 @@ class BlockSparseBackend(Backend):
 
     # -- entry point ----------------------------------------------------------------------------
     def attention(self, call: AttentionCall):
-        self.choose_block_size(call.query.shape[-1])
+        if self._block_size is None:  # used without sparsify: this call's head size chooses the tile
+            self.choose_block_size(int(call.query.shape[-1]))
         lp = call.layer_plan
         where = f"layer {lp.layer}"
         if call.need_weights:
