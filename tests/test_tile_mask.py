@@ -600,9 +600,9 @@ def test_bench_model_times_queued_steps_and_steps_waited_for(monkeypatch):
     monkeypatch.setattr(bm, "time", types.SimpleNamespace(perf_counter=lambda: clock["host"]))
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
-    queued, synced, peak, gc_ms, full = bm._time_steps(step, warmup=2, steps=10, reset_peak=False)
+    queued, synced, peak, gc_ms, full, synced_mean = bm._time_steps(step, warmup=2, steps=10, reset_peak=False)
     assert queued == pytest.approx(1.03)
-    assert synced == pytest.approx(1.3)
+    assert synced == pytest.approx(1.3) and synced_mean == pytest.approx(1.3)  # no step pauses
     assert peak == 3
     assert (gc_ms, full) == (0, 0)  # the fake clock stands still while any collection runs
 
@@ -628,6 +628,7 @@ def test_bench_model_counts_the_garbage_collectors_share_of_queued_steps(monkeyp
     t = bm._time_steps(step, warmup=1, steps=4, reset_peak=False)
     assert t.full_gcs == 0.5
     assert 0 < t.gc_ms < t.queued_ms
+    assert t.synced_mean_ms > t.synced_ms  # half the steps pause: the median is a step without a collection
     assert not any(isinstance(c, bm._CollectorClock) for c in gc.callbacks)  # removed after timing
 
 

@@ -72,6 +72,7 @@ class ModelResult:
     block_size: int | None = None  # the block backend's tile (sparse runs)
     gc_ms: float | None = None  # Python's garbage collector per queued step (included in step_ms)
     full_gcs: float | None = None  # its full collections per queued step
+    synced_mean_ms: float | None = None  # the mean of the steps waited for (synced_ms is their median)
 
 
 def encoder(max_len: int):
@@ -166,10 +167,11 @@ def _fresh_peak() -> None:
 
 class _Timing(NamedTuple):
     queued_ms: float  # per step, steps queued back to back
-    synced_ms: float  # per step, each waited for
+    synced_ms: float  # per step, each waited for (the median)
     peak_gib: float
     gc_ms: float  # per queued step (of the median block): Python's garbage collector's share
     full_gcs: float  # per queued step (of the median block): the collector's full (generation 2) collections
+    synced_mean_ms: float  # the mean of the steps waited for: above their median where some steps pause
 
 
 class _CollectorClock:
@@ -206,6 +208,7 @@ def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True, block
     reuse the memory its capture allocated, so its peak is the capture's."""
     for _ in range(warmup):
         step()
+    torch.cuda.synchronize()  # the first step waited for waits for its own work only
     if reset_peak:
         _fresh_peak()
     times = []
@@ -225,7 +228,7 @@ def _time_steps(step, warmup: int, steps: int, *, reset_peak: bool = True, block
             queued.append((time.perf_counter() - t0, collector.seconds, collector.full))
     block, gc_s, full = sorted(queued)[len(queued) // 2]  # the median block (the upper one of an even count)
     return _Timing(block / steps * 1e3, statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 2**30,
-                   gc_s / steps * 1e3, full / steps)
+                   gc_s / steps * 1e3, full / steps, statistics.fmean(times) * 1e3)
 
 
 def _graphed(body, warmup: int):
@@ -558,7 +561,7 @@ def _time_mode(bench: _Bench, res: ModelResult, backend, *, warmup: int, steps: 
             # recording allocated and allocate nothing, so a peak reset after it counts only the live tensors
             _fresh_peak()
         t = _time_steps(run, warmup, steps, reset_peak=mode not in ("graph", "reduce-overhead"))
-        res.step_ms, res.synced_ms, res.peak_gib, res.gc_ms, res.full_gcs = t
+        res.step_ms, res.synced_ms, res.peak_gib, res.gc_ms, res.full_gcs, res.synced_mean_ms = t
         res.tokens_per_s = batch["real"] / (t.queued_ms / 1e3)
         if backend is not None and mode == "eager":
             res.host_us, res.host_bwd_us = _host_us(backend, run)
@@ -580,7 +583,7 @@ def _result_line(res: ModelResult) -> str:
     return (f"  {res.model} L={res.length} B={res.batch_size} {res.batch} {res.kernel or 'dense'} {res.mode}"
             f"{' compiled' if res.compiled else ''}: "
             f"{res.step_ms and round(res.step_ms, 2)} ms/step queued ({res.synced_ms and round(res.synced_ms, 2)} "
-            f"each waited for), "
+            f"each waited for, mean {res.synced_mean_ms and round(res.synced_mean_ms, 2)}), "
             f"{res.tokens_per_s and round(res.tokens_per_s)} real tok/s, peak "
             f"{res.peak_gib and round(res.peak_gib, 2)} GiB"
             + (f", garbage collector {res.gc_ms:.2f} ms/step ({res.full_gcs:.1f} full)" if res.gc_ms is not None else "")
