@@ -393,6 +393,7 @@ def test_block_size_is_chosen_by_head_size_unless_given():
     from sparseattn.backends.block import default_block_size
 
     assert [default_block_size(d) for d in (8, 32, 33, 64, 128)] == [64, 64, 128, 128, 128]
+    assert default_block_size(32, "flex") == 128
     with pytest.raises(ValueError, match="head_dim must be a positive int, got 0"):
         default_block_size(0)
     fresh = BlockSparseBackend()

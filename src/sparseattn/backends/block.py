@@ -60,14 +60,15 @@ DENSE_TILES_LENGTH = 4096
 SMALL_HEAD_DIM = 32
 
 
-def default_block_size(head_dim: int) -> int:
-    """The block backend's tile where none is given: 64 for heads of at most SMALL_HEAD_DIM dimensions, else 128.
-    A small head does little work per pair, so the tiles' fixed costs weigh less than the pairs finer tiles skip
-    (docs/benchmarks.md: MiniLM's encoder step, head size 32, was faster with tiles of 64 in every round that
-    timed both); at head sizes 64 and 128 the kernel's configurations were tuned and measured with tiles of 128."""
+def default_block_size(head_dim: int, kernel: str = "triton") -> int:
+    """The block backend's tile where none is given. The Triton kernel: 64 for heads of at most SMALL_HEAD_DIM
+    dimensions, else 128. A small head does little work per pair, so the tiles' fixed costs weigh less than the pairs
+    finer tiles skip (docs/benchmarks.md: MiniLM's encoder step, head size 32, was faster with tiles of 64 in every
+    round that timed both); at head sizes 64 and 128 the kernel's configurations were tuned and measured with tiles
+    of 128. FlexAttention: 128, since its default kernel tiles of 128 must divide the layout's."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    return 64 if head_dim <= SMALL_HEAD_DIM else 128
+    return 64 if kernel == "triton" and head_dim <= SMALL_HEAD_DIM else 128
 
 
 def bucket_length(n: int, block_size: int) -> int:
@@ -174,10 +175,9 @@ class BlockSparseBackend(Backend):
 
     def choose_block_size(self, head_dim: int) -> int:
         """The tile for heads of ``head_dim`` dimensions: the one given or chosen already, else
-        ``default_block_size(head_dim)`` for the Triton kernel and 128 for FlexAttention (whose default kernel tiles
-        of 128 must divide the layout's), kept from now on."""
+        ``default_block_size(head_dim, self.kernel)``, kept from now on."""
         if self._block_size is None:
-            self._block_size = default_block_size(head_dim) if self.kernel == "triton" else 128
+            self._block_size = default_block_size(head_dim, self.kernel)
         return self._block_size
 
     def max_density_for(self, length: int) -> float:
@@ -186,14 +186,11 @@ class BlockSparseBackend(Backend):
             return self.max_density
         return 1.0 if self.kernel == "triton" and length >= DENSE_TILES_LENGTH else MAX_DENSITY
 
-    def tile_density(self, layer_plan, length: int, *, causal: bool, device="cpu",
-                     head_dim: int | None = None) -> float | None:
+    def tile_density(self, layer_plan, length: int, *, causal: bool, device="cpu") -> float | None:
         """The block density the Triton kernel runs ``layer_plan`` at over one unpadded sequence of ``length`` tokens:
         kept tiles among the tiles holding allowed pairs (causal ones where ``causal``), from the tile lists it
         builds (and caches) for that length. None for a layer whose patterns depend on the input, which has no
-        layout before a batch. head_dim: chooses the tile where it is not chosen yet (``choose_block_size``)."""
-        if head_dim is not None:
-            self.choose_block_size(head_dim)
+        layout before a batch."""
         if layer_plan.is_dense:
             return 1.0
         if not _static(layer_plan):

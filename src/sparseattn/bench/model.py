@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from ..backends.block import BlockSparseBackend, default_block_size
-from ..integrations.hf import compile_outside_attention, sparsify, use_dense_sdpa
+from ..integrations.hf import compile_outside_attention, head_dim, sparsify, use_dense_sdpa
 from ..layout import TokenLayout
 from ..plans.plan import Plan
 from ..sparsity import measure_plan
@@ -425,8 +425,7 @@ def _run_batch(kind, length, batch_kind, *, tokens, warmup, steps, decoder_layer
     import torch._dynamo
 
     bench = _Bench.make(kind, length, batch_kind, tokens=tokens, decoder_layers=decoder_layers,
-                        decoder_cache=decoder_cache,
-                        block_size=block_size or (128 if "flex" in kernels else None))  # the backend's defaults
+                        decoder_cache=decoder_cache, block_size=block_size, kernels=kernels)
     out = []
     for attention in ("dense", *kernels):
         backend = None
@@ -466,7 +465,9 @@ class _Bench:
 
     @classmethod
     def make(cls, kind, length, batch_kind, *, tokens, decoder_layers, decoder_cache=True,
-             block_size: int | None = None) -> "_Bench":
+             block_size: int | None = None, kernels=("triton",)) -> "_Bench":
+        """block_size None: the backend's own choice, one tile for every kernel of ``kernels`` (FlexAttention's where
+        it runs: its tiles must divide the layout's)."""
         device = "cuda"
         gc.collect()  # the previous config's models, before this one allocates
         torch.cuda.empty_cache()
@@ -478,9 +479,9 @@ class _Bench:
         # dense attention cannot tell packed documents apart: it runs the same documents one per row, padded
         dense_batch = unpacked(sparse_batch, device) if batch_kind in ("packed", "padding-free") else sparse_batch
         plan = sparse_plan(length, causal=causal, sequences=[n for _, _, n in sparse_batch["documents"]])
-        heads = model.config.num_attention_heads
-        tile = block_size or default_block_size(model.config.hidden_size // heads)  # the backend's own choice
-        sp, dens = _measure(plan, batch_layout(sparse_batch, causal=causal, device=device), heads, tile)
+        tile = block_size or default_block_size(head_dim(model.config), "flex" if "flex" in kernels else "triton")
+        sp, dens = _measure(plan, batch_layout(sparse_batch, causal=causal, device=device),
+                            model.config.num_attention_heads, tile)
         opt = None
         if kind == "encoder":
             # capturable: the step count lives on the GPU, so the optimizer step can be captured in a graph

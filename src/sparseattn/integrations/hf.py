@@ -320,7 +320,7 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     state.hooks.append(model.register_forward_hook(_post_hook, always_call=True))
     model._sparseattn = state
     if hasattr(state.backend, "prepare"):  # e.g. the block backend chooses its tile and registers tile lists
-        state.backend.prepare(layer_plans, head_dim=_head_dim(cfg))
+        state.backend.prepare(layer_plans, head_dim=head_dim(cfg))
     # Where every sparsified module says whether it is causal, transformers may skip the mask of unpadded
     # batches (the layout knows their structure); otherwise the mask is always materialized.
     declared = all(isinstance(getattr(m, "is_causal", None), bool) for _, m in modules)
@@ -328,7 +328,7 @@ def sparsify(model, plan: Plan | str, backend: str | Backend = "reference", *, t
     return model
 
 
-def _head_dim(cfg) -> int | None:
+def head_dim(cfg) -> int | None:
     """The attention heads' size from the config (``head_dim``, else hidden_size / heads), None if it says neither."""
     d = getattr(cfg, "head_dim", None)
     if isinstance(d, int) and d > 0:
