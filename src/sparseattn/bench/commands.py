@@ -126,7 +126,10 @@ def cmd_model(args) -> int:
     modes = list(args.modes) + (["graph"] if args.graphs and "graph" not in args.modes else [])
     meta.update(command="sparseattn bench model", tokens=args.tokens, compile_mode=args.compile_mode,
                 kernel_options=kernel_options, torch_compile=args.torch_compile, modes=modes, batches=args.batches,
-                decoder_cache=args.decoder_cache, block_size=args.block_size, backward=args.backward)
+                decoder_cache=args.decoder_cache, backward=args.backward,
+                # the tile asked for; "auto": the backend's choice by head size, each result's own block_size
+                block_size=args.block_size or "auto")
+
     def keep(so_far):  # what is done, whatever happens next
         if args.json:
             _write_json(args.json, results_to_json(so_far, meta), quiet=True)
