@@ -61,8 +61,6 @@
 #   queued             issue 24: the 16k encoder step, steps queued back to back and each waited for, reduce-overhead
 #                      (MODES), padding-free and unpadded (BATCHES), tiles of 64 and 128 (TILES; auto: the backend's
 #                      choice by head size)
-#   one-launch         issue 24: the two-pass backward's passes as one grid (SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=1)
-#                      against apart: its GPU tests, then bench attention at 16k, sliding, D 128 and 64, both ways
 #   split-forward-attention  issue 24: bench attention at 16k (three layouts, D 64 and 128; dense_packed and the kernel)
 #                      without and with the split forward: BigBird's global rows and AP's dense rows are long rows too
 #   study-start SPEC, study-wait SPEC   a study's sweep in the background across calls of one warm machine
@@ -257,19 +255,6 @@ case $stage in
       [[ $bs == auto ]] && tile=()  # the backend's own choice by head size
       encoder_step ${BENCH_TIMEOUT:-240} "$out/bench_model_queued_b$bs.json" --modes "${MODES:-reduce-overhead}" \
         --batches "${BATCHES:-padding-free,unpadded}" "${tile[@]}" | tee -a "$log" || true
-    done ;;
-  one-launch)
-    # the two-pass backward's dK/dV and dQ passes as one grid (SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=1), as
-    # FlexAttention's backward runs them, against one after the other: its GPU tests (the -1l reference
-    # comparisons), then bench attention at 16k on the sliding window (HEAD_DIMS, D 128 first: where FlexAttention's
-    # backward is ahead of the kernel's), each way in its own process under its own limit
-    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -p no:cacheprovider -m gpu \
-      -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py -k "1l" 2>&1 | tail -5 | tee -a "$log" || true
-    for ol in 0 1; do
-      echo "== SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=$ol" | tee -a "$log"
-      SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=$ol timeout ${BENCH_TIMEOUT:-170} python -m sparseattn.cli bench attention \
-        --head-dims "${HEAD_DIMS:-128,64}" --lengths 16k --layouts sliding --sparsity 90 --methods dense,triton \
-        --json "$out/bench_attention_1l$ol.json" 2>&1 | tee -a "$log" || true
     done ;;
   split-forward-attention)
     for sf in 0 1; do

@@ -23,14 +23,11 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, whatever the caller's environment says
 
-# the kernel's function and its flags (bwd: both backward passes in one launch, SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD)
-KERNELS = {"fwd": ("_fwd_kernel", {"SPLIT": False}), "dq": ("_dq_kernel", {"SPLIT": False}),
-           "dkdv": ("_dkdv_kernel", {"SPLIT": False, "FUSED": False}),
-           "bwd": ("_bwd_kernel", {"SPLIT_K": False, "SPLIT_Q": False})}
+KERNELS = {"fwd": ("_fwd_kernel", "BLOCK_N", {"SPLIT": False}), "dq": ("_dq_kernel", "BLOCK_N", {"SPLIT": False}),
+           "dkdv": ("_dkdv_kernel", "BLOCK_M", {"SPLIT": False, "FUSED": False})}
 TENSORS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 FLOATS = {"LSE", "DELTA", "DQ_ACC", "SCR_K", "SCR_V", "SCR_Q", "SCR_O", "SCR_M", "SCR_L"}
-INTS = {"SEG", "FCNT", "FIDX", "PCNT", "PIDX", "PTILE", "ORDER", "PROG", "CHUNK",
-        *(side + name for side in "CR" for name in ("FIDX", "PCNT", "PIDX", "PTILE", "PROG"))}  # bwd's columns, rows
+INTS = {"SEG", "FCNT", "FIDX", "PCNT", "PIDX", "PTILE", "ORDER", "PROG", "CHUNK"}
 
 
 def compile_for_hopper(fn, consts: dict, num_warps: int, num_stages: int):
@@ -68,8 +65,7 @@ def resources(compiled) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernels", default="fwd,dq,dkdv",
-                    help="fwd, dq, dkdv (the default), bwd (dK/dV and dQ in one launch)")
+    ap.add_argument("--kernels", default="fwd,dq,dkdv", help="fwd, dq, dkdv (default: all)")
     ap.add_argument("--head-dims", default="32,64,128")
     ap.add_argument("--block-size", type=int, default=128, help="the layout's tile (default 128)")
     ap.add_argument("--varlen", action="store_true", help="the kernels for padded and packed batches (segments)")
@@ -86,21 +82,17 @@ def main(argv=None) -> int:
 
     rows = []
     for name in args.kernels.split(","):
-        fn_name, flags = KERNELS[name]
+        fn_name, sub, extra = KERNELS[name]
         fn = getattr(triton_kernel, fn_name)
         configs = triton_kernel._CANDIDATES[name] if args.configs == "candidates" else [triton_kernel._FIXED[name]]
         for d in (int(x) for x in args.head_dims.split(",")):
-            for candidate in configs:
-                tile, warps, stages = triton_kernel._config(name, candidate, args.block_size)
-                own = tile.get("ROWS", tile.get("ROWS_K"))  # bwd: its dK/dV programs' rows (dQ's beside them)
+            for s, warps, stages, own in configs:
+                own = triton_kernel._rows(own, args.block_size)
                 if args.rows is not None and own != triton_kernel._rows(args.rows, args.block_size):
                     continue
-                subs = "/".join(str(v) for k, v in tile.items() if k.startswith("BLOCK"))
-                row = {"kernel": name, "head_dim": d, "warps": warps, "stages": stages, "rows": own,
-                       "sub": int(subs) if subs.isdigit() else subs,
-                       **({"rows_q": tile["ROWS_Q"]} if "ROWS_Q" in tile else {})}
-                consts = {"HEAD_DIM": d, "BS": args.block_size, **tile, "PREC": None, "VARLEN": args.varlen, **flags,
-                          **({k: True for k in flags if k.startswith("SPLIT")} if args.split else {})}
+                row = {"kernel": name, "head_dim": d, "sub": s, "warps": warps, "stages": stages, "rows": own}
+                consts = {"HEAD_DIM": d, "BS": args.block_size, sub: min(s, args.block_size), "ROWS": own,
+                          "PREC": None, "VARLEN": args.varlen, **extra, **({"SPLIT": True} if args.split else {})}
                 try:
                     row.update(resources(compile_for_hopper(fn, consts, warps, stages)))
                 except Exception as e:  # a candidate that does not compile (shared memory): say so, go on
@@ -109,11 +101,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'kernel':<6} {'D':>4} {'rows':>7} {'sub':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
+    print(f"{'kernel':<6} {'D':>4} {'rows':>4} {'sub':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
           f"{'smem KiB':>9} {'async':>6}")
     for r in rows:
-        own = f"{r['rows']}/{r['rows_q']}" if "rows_q" in r else str(r["rows"])
-        head = f"{r['kernel']:<6} {r['head_dim']:>4} {own:>7} {str(r['sub']):>5} {r['warps']:>5} {r['stages']:>6}"
+        head = f"{r['kernel']:<6} {r['head_dim']:>4} {r['rows']:>4} {r['sub']:>4} {r['warps']:>5} {r['stages']:>6}"
         if "error" in r:
             print(f"{head} does not compile: {r['error'][:60]}")
         else:

@@ -77,26 +77,22 @@ def _half_tile_programs(monkeypatch):
     from sparseattn.backends import triton_kernel
 
     monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(triton_kernel, "_FIXED", {name: (*c[:4], 64, 64) if name == "bwd" else (*c[:3], 64)
-                                                  for name, c in triton_kernel._FIXED.items()})
+    monkeypatch.setattr(triton_kernel, "_FIXED", {name: (*c[:3], 64) for name, c in triton_kernel._FIXED.items()})
 
 
 @pytest.mark.parametrize("name,spec,lengths,causal,heads,kv_heads,dim", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel", [*BlockSparseBackend.KERNELS, "triton-split", "triton-fused", "triton-fused-split",
                                     "triton-rows64-split", "triton-rows64-fused", "triton-split-fwd",
-                                    "triton-rows64-split-fwd", "triton-tile64-fwd", "triton-tile64-split-fwd",
-                                    "triton-1l", "triton-1l-split", "triton-rows64-1l-split", "triton-tile64-1l-split"])
+                                    "triton-rows64-split-fwd", "triton-tile64-fwd", "triton-tile64-split-fwd"])
 def test_outputs_and_gradients_match_reference(name, spec, lengths, causal, heads, kv_heads, dim, dtype, kernel,
                                                monkeypatch):
     """triton: the two-pass backward (dQ from a pass over the rows); -fused: dQ added atomically by the dK/dV
     pass; -split: the backward walks every list in one-tile chunks that add atomically; -fwd: the forward walks
     the rows in the same chunks, merging their partial softmax; -rows64: each program owns 64 rows of a 128-row tile
     (the autotuner's half-tile candidates); -tile64: layout tiles of 64 (``BlockSparseBackend(64)``, the faster tile at
-    head size 32 in docs/benchmarks.md's twenty-third to twenty-sixth rounds); -1l: the two-pass backward's passes in
-    one launch (SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD)."""
+    head size 32 in docs/benchmarks.md's twenty-third to twenty-sixth rounds)."""
     tile = {"block_size": 64} if "tile64" in kernel else {}  # the others keep the backend's default tile
-    monkeypatch.setenv("SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD", "1" if "-1l" in kernel else "0")
     if kernel.startswith("triton-"):
         from sparseattn.backends import triton_kernel
 

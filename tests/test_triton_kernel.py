@@ -57,14 +57,6 @@ def _keep(B, H, L, seed):
     return keep
 
 
-def _launches(backward: str, monkeypatch) -> str:
-    """A test's backward mode, with "-one-launch": the two-pass backward's passes as one grid
-    (SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=1), else apart."""
-    one = backward.endswith("-one-launch")
-    monkeypatch.setenv("SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD", "1" if one else "0")
-    return backward.removesuffix("-one-launch")
-
-
 CASES = [
     # B, H, H_kv, L, D, block, layout examples, layout heads
     (2, 3, 3, 150, 16, 32, 2, 3),  # per example and head, odd length, empty rows
@@ -78,16 +70,14 @@ CASES = [
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, None), (torch.float16, None), (torch.float32, 16)],
                          ids=["fp32-whole-tiles", "fp16-whole-tiles", "fp32-16-rows"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
-@pytest.mark.parametrize("backward", ["fused", "two-pass", "two-pass-one-launch"])
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
 def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dtype, split, backward, rows,
                                                   monkeypatch):
     """split: the backward walks every list in chunks of one tile whose gradients add atomically (at real
     sizes only lists far longer than the mean, a global token's, are split); with the two-pass backward the
     forward walks the rows' chunks too, merging their partial softmax. fused: dQ is added atomically
     by the dK/dV pass; two-pass: a pass over the rows computes it. rows: each program owns the whole tile, or 16
-    of its query rows (forward, dQ) or key rows (dK/dV), as the autotuner's half-tile candidates do. one-launch:
-    the two passes as one grid."""
-    backward = _launches(backward, monkeypatch)
+    of its query rows (forward, dQ) or key rows (dK/dV), as the autotuner's half-tile candidates do."""
     monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
     keep = _keep(Bl, Hl, L, seed=L)
     if split:
@@ -126,14 +116,13 @@ def test_outputs_and_gradients_match_fp64_softmax(B, H, Hk, L, D, bs, Bl, Hl, dt
 
 
 @pytest.mark.parametrize("long", ["row", "column"])
-@pytest.mark.parametrize("backward", ["fused", "two-pass", "two-pass-one-launch"])
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
 @pytest.mark.parametrize("forward", ["whole rows", "split rows"])
 def test_one_kind_of_long_list_splits_alone_and_its_scratch_reaches_the_gradients(long, backward, forward,
                                                                                   monkeypatch):
     """A global query's row (or a global key's column) alone is long enough to split: the one scratch-copy launch
     then copies dQ's scratch alone (or dK's and dV's alone), and no gradient misses its split list's sum. The
     forward walks the long row whole or in the same chunks (merging their partial softmax)."""
-    backward = _launches(backward, monkeypatch)
     monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if forward == "split rows" else "0")
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
     monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 1)  # lists longer than the mean split
@@ -481,7 +470,7 @@ SEGMENT_CASES = [
 
 
 @pytest.mark.parametrize("name,B,L,segs", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
-@pytest.mark.parametrize("backward", ["fused", "two-pass", "two-pass-one-launch"])
+@pytest.mark.parametrize("backward", ["fused", "two-pass"])
 @pytest.mark.parametrize("rows", [None, 16], ids=["whole-tiles", "16-rows"])
 def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, rows, monkeypatch):
     """Padded and packed rows: each segment's outputs and gradients equal the kernel's on that sequence alone
@@ -489,7 +478,6 @@ def test_segments_match_each_sequence_run_alone(name, B, L, segs, backward, rows
     outside every segment get zero outputs and gradients. rows: programs own whole tiles, or 16 rows of one (a
     segment may then end before a program's first row). With the two-pass backward, the forward walks the split
     rows' chunks too (a chunk's rows past its segment's end are never written: the merge must not read them)."""
-    backward = _launches(backward, monkeypatch)
     monkeypatch.setattr(triton_kernel, "INTERPRETER_ROWS", rows)
     monkeypatch.setenv("SPARSEATTN_TRITON_SPLIT_FORWARD", "1" if backward == "two-pass" else "0")
     monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)

@@ -668,21 +668,19 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _dkdv_program(pid, Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC, SEG,
-                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                      FIDX, PCNT, PIDX, PTILE, TILES, PROG,
-                      scb, sch, spb, sph, K_FULL, K_PART,
-                      H, REP, N_CTX, qk_scale, sm_scale,
-                      HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                      PREC: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
-        """dK/dV program ``pid`` of its (segment x head)'s launch: ROWS keys of a tile column, or of a chunk of its
-        list, over the column's kept query tiles."""
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC, SEG,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
+                     FIDX, PCNT, PIDX, PTILE, TILES, PROG,
+                     scb, sch, spb, sph, K_FULL, K_PART,
+                     H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                     PREC: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         PARTS: tl.constexpr = BS // ROWS  # programs per tile column (or chunk), ROWS keys each
         # a tile column, or a chunk of its list
-        n_blk, first, end, slot = read_program(PROG, b, h, spb, sph, pid // PARTS)
-        c0 = (pid % PARTS) * ROWS
+        n_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1) // PARTS)
+        c0 = (tl.program_id(1) % PARTS) * ROWS
         if n_blk < 0:  # this example and head have fewer programs than the launch
             return
         if n_blk * BS + c0 >= n:
@@ -717,19 +715,6 @@ if triton is not None:
         out = b * sdkb + h * sdkh + (start + offs_n)[:, None] * sdkl + offs_d[None, :]
         _write(DK + out, dk * sm_scale, keys_in, SCR_K, sh, slot, S, c0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
         _write(DV + out, dv, keys_in, SCR_V, sh, slot, S, c0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
-
-    @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC, SEG,
-                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                     FIDX, PCNT, PIDX, PTILE, TILES, PROG,
-                     scb, sch, spb, sph, K_FULL, K_PART,
-                     H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                     PREC: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, VARLEN: tl.constexpr):
-        _dkdv_program(tl.program_id(1), Q, K, V, DO, DK, DV, SCR_K, SCR_V, S, LSE, DELTA, DQ_ACC, SEG,
-                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                      FIDX, PCNT, PIDX, PTILE, TILES, PROG, scb, sch, spb, sph, K_FULL, K_PART,
-                      H, REP, N_CTX, qk_scale, sm_scale, HEAD_DIM, BS, BLOCK_M, ROWS, PREC, SPLIT, FUSED, VARLEN)
 
     @triton.jit
     def _dq_step(dq, q, do, lse, delta, kbase, vbase, stride_kl, stride_vl, TILE, TILES, t, blk, col0, r0, n,
@@ -770,21 +755,19 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _dq_program(pid, Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA, SEG,
-                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-                    FIDX, PCNT, PIDX, PTILE, TILES, PROG,
-                    scb, sch, spb, sph, K_FULL, K_PART,
-                    H, REP, N_CTX, qk_scale, sm_scale,
-                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                    PREC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
-        """dQ program ``pid`` of its (segment x head)'s launch: ROWS queries of a tile row, or of a chunk of its
-        list, over the row's kept key tiles."""
+    def _dq_kernel(Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA, SEG,
+                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
+                   FIDX, PCNT, PIDX, PTILE, TILES, PROG,
+                   scb, sch, spb, sph, K_FULL, K_PART,
+                   H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                   PREC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
         sh = tl.program_id(0)
         b, h, start, n = segment_of(SEG, sh, H, N_CTX, VARLEN)
         PARTS: tl.constexpr = BS // ROWS  # programs per tile row (or chunk), ROWS query rows each
         # a tile row, or a chunk of its list
-        m_blk, first, end, slot = read_program(PROG, b, h, spb, sph, pid // PARTS)
-        r0 = (pid % PARTS) * ROWS
+        m_blk, first, end, slot = read_program(PROG, b, h, spb, sph, tl.program_id(1) // PARTS)
+        r0 = (tl.program_id(1) % PARTS) * ROWS
         if m_blk < 0:
             return
         if m_blk * BS + r0 >= n:
@@ -817,45 +800,6 @@ if triton is not None:
         _write(DQ + b * sdqb + h * sdqh + (start + offs_m)[:, None] * sdql + offs_d[None, :], dq * sm_scale, rows_in,
                SCR_Q, sh, slot, S, r0, HEAD_DIM, BS, ROWS, SPLIT, VARLEN)
 
-    @triton.jit
-    def _dq_kernel(Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA, SEG,
-                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-                   FIDX, PCNT, PIDX, PTILE, TILES, PROG,
-                   scb, sch, spb, sph, K_FULL, K_PART,
-                   H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                   PREC: tl.constexpr, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
-        _dq_program(tl.program_id(1), Q, K, V, DO, DQ, SCR_Q, S, LSE, DELTA, SEG,
-                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-                    FIDX, PCNT, PIDX, PTILE, TILES, PROG, scb, sch, spb, sph, K_FULL, K_PART,
-                    H, REP, N_CTX, qk_scale, sm_scale, HEAD_DIM, BS, BLOCK_N, ROWS, PREC, SPLIT, VARLEN)
-
-    @triton.jit
-    def _bwd_kernel(Q, K, V, DO, DK, DV, DQ, SCR_K, SCR_V, SCR_Q, SK, SQ, LSE, DELTA, SEG,
-                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl, sdqb, sdqh, sdql,
-                    CFIDX, CPCNT, CPIDX, CPTILE, CPROG, RFIDX, RPCNT, RPIDX, RPTILE, RPROG, TILES,
-                    ccb, cch, cpb, cph, CK_FULL, CK_PART, rcb, rch, rpb, rph, RK_FULL, RK_PART, COL_PROGRAMS,
-                    H, REP, N_CTX, TUNE_LEN, qk_scale, sm_scale,
-                    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ROWS_Q: tl.constexpr, PREC: tl.constexpr, SPLIT_K: tl.constexpr,
-                    SPLIT_Q: tl.constexpr, VARLEN: tl.constexpr):
-        """Both passes of the two-pass backward in one launch: the dK/dV programs first, then the dQ programs
-        (neither reads what the other writes). One launch fewer a layer, and the dQ programs start while the last
-        dK/dV ones run instead of after them, as FlexAttention's backward does."""
-        pid = tl.program_id(1)
-        n_dkdv = COL_PROGRAMS * (BS // ROWS_K)
-        if pid < n_dkdv:
-            _dkdv_program(pid, Q, K, V, DO, DK, DV, SCR_K, SCR_V, SK, LSE, DELTA, DQ, SEG,
-                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl,
-                          CFIDX, CPCNT, CPIDX, CPTILE, TILES, CPROG, ccb, cch, cpb, cph, CK_FULL, CK_PART,
-                          H, REP, N_CTX, qk_scale, sm_scale, HEAD_DIM, BS, BLOCK_M, ROWS_K, PREC, SPLIT_K, False,
-                          VARLEN)
-        else:
-            _dq_program(pid - n_dkdv, Q, K, V, DO, DQ, SCR_Q, SQ, LSE, DELTA, SEG,
-                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-                        RFIDX, RPCNT, RPIDX, RPTILE, TILES, RPROG, rcb, rch, rpb, rph, RK_FULL, RK_PART,
-                        H, REP, N_CTX, qk_scale, sm_scale, HEAD_DIM, BS, BLOCK_N, ROWS_Q, PREC, SPLIT_Q, VARLEN)
-
 
 # -- launch configurations ------------------------------------------------------------------------------
 # A program owns ROWS rows of a layout tile (query rows: forward, dQ; key rows: dK/dV; the tile's other programs are
@@ -864,10 +808,8 @@ if triton is not None:
 # interpreter: INTERPRETER_ROWS) and the autotuner's candidates, (sub-tile, warps, stages, rows), rows capped at the
 # tile (None: the whole tile).
 _SUB = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
-_ZEROED = {"dkdv": ["SCR_K", "SCR_V", "DQ_ACC"], "dq": ["SCR_Q"], "bwd": ["SCR_K", "SCR_V", "SCR_Q"]}
-# "bwd", both passes in one launch (``one_launch_backward``): (dK/dV's query sub-tile, dQ's key sub-tile, warps,
-# stages, dK/dV's rows, dQ's rows); the two passes share the launch's warps and stages
-_FIXED = {"fwd": (64, 4, 3, None), "dkdv": (32, 4, 3, None), "dq": (32, 4, 3, None), "bwd": (32, 32, 4, 3, None, None)}
+_ZEROED = {"dkdv": ["SCR_K", "SCR_V", "DQ_ACC"], "dq": ["SCR_Q"]}
+_FIXED = {"fwd": (64, 4, 3, None), "dkdv": (32, 4, 3, None), "dq": (32, 4, 3, None)}
 INTERPRETER_ROWS = None  # the rows a program owns under the interpreter (tests set it to cover split tiles)
 # The last whole-tile candidate of each is small enough for GPUs with ~100 KiB of shared memory at head size 128
 # (consumer cards); the autotuner skips candidates that do not fit.
@@ -881,23 +823,7 @@ _CANDIDATES = {"fwd": [(64, 4, 3, None), (64, 8, 3, None), (128, 8, 3, None), (1
                "dkdv": [(32, 4, 3, None), (64, 4, 3, None), (64, 8, 3, None), (32, 8, 3, None), (32, 8, 2, None),
                         (64, 8, 2, None), (16, 4, 2, None), (32, 4, 3, 64), (64, 4, 3, 64)],
                "dq": [(32, 4, 3, None), (64, 4, 3, None), (64, 8, 3, None), (32, 8, 3, None), (32, 8, 2, None),
-                      (64, 8, 2, None), (16, 4, 2, None), (32, 4, 3, 64), (64, 4, 3, 64)],
-               # the two passes' choices when launched apart (docs/benchmarks.md), FlexAttention's Hopper
-               # configuration at head size 128 (whole tiles of 128, sub-tiles of 64, 8 warps, 3 stages), and the
-               # small one last
-               "bwd": [(32, 32, 4, 3, None, None), (64, 64, 8, 3, None, None), (32, 64, 8, 3, None, None),
-                       (64, 64, 4, 3, 64, 64), (32, 64, 4, 3, 64, 64), (64, 64, 8, 3, 64, None),
-                       (32, 32, 8, 3, None, None), (16, 16, 4, 2, None, None)]}
-
-
-def _config(name: str, candidate: tuple, bs: int) -> tuple[dict, int, int]:
-    """(constexpr keywords, warps, stages) of one of ``name``'s candidates at tiles of ``bs``."""
-    if name == "bwd":
-        sub_m, sub_n, warps, stages, rows_k, rows_q = candidate
-        return ({"BLOCK_M": min(sub_m, bs), "ROWS_K": _rows(rows_k, bs), "BLOCK_N": min(sub_n, bs),
-                 "ROWS_Q": _rows(rows_q, bs)}, warps, stages)
-    sub, warps, stages, rows = candidate
-    return {_SUB[name]: min(sub, bs), "ROWS": _rows(rows, bs)}, warps, stages
+                      (64, 8, 2, None), (16, 4, 2, None), (32, 4, 3, 64), (64, 4, 3, 64)]}
 
 
 def _rows(rows, bs: int) -> int:
@@ -919,13 +845,6 @@ def split_forward() -> bool:
     global token's row set the forward's time; in chunks the layer's forward ends with its other rows
     (docs/benchmarks.md, twenty-fourth round). Only layouts with split rows take this path."""
     return os.environ.get("SPARSEATTN_TRITON_SPLIT_FORWARD", "1") != "0"
-
-
-def one_launch_backward() -> bool:
-    """Whether the two-pass backward launches its dK/dV and dQ passes as one grid (``_bwd_kernel``:
-    SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD=1) instead of one after the other (the default): FlexAttention's backward
-    does, and is ahead of this kernel's at head size 128 (docs/benchmarks.md). Off until it is timed on a GPU."""
-    return os.environ.get("SPARSEATTN_TRITON_ONE_LAUNCH_BACKWARD", "0") == "1"
 
 
 def autotune_cached() -> bool:
@@ -951,24 +870,20 @@ def _kernel(name: str, bs: int):
     """(kernel, launch keywords): autotuned per (head size, length class, precision) on the GPU, where each new
     head size compiles the candidates once and each new length class (``tune_length``) re-times them; the fixed
     choice under the interpreter or with SPARSEATTN_TRITON_AUTOTUNE=0."""
-    raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel, "bwd": _bwd_kernel}[name]
+    raw = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
     if interpreted():
         _mend_interpreter()
-        rows = INTERPRETER_ROWS
-        return raw, _config(name, (32, 32, 4, 3, rows, rows) if name == "bwd" else (32, 4, 3, rows), bs)[0]
+        return raw, {_SUB[name]: min(32, bs), "ROWS": _rows(INTERPRETER_ROWS, bs)}
     if not autotuning():
-        consts, warps, stages = _config(name, _FIXED[name], bs)
-        return raw, {**consts, "num_warps": warps, "num_stages": stages}
+        sub, warps, stages, rows = _FIXED[name]
+        return raw, {_SUB[name]: min(sub, bs), "ROWS": _rows(rows, bs), "num_warps": warps, "num_stages": stages}
     key = (name, bs)
     if key not in _TUNED:
-        seen = {}
-        for candidate in _CANDIDATES[name]:  # candidates that coincide at this tile size, once
-            consts, warps, stages = _config(name, candidate, bs)
-            seen.setdefault((tuple(consts.items()), warps, stages), (consts, warps, stages))
-        configs = [triton.Config(consts, num_warps=w, num_stages=st) for consts, w, st in seen.values()]
-        flags = ["SPLIT_K", "SPLIT_Q"] if name == "bwd" else ["SPLIT", "FUSED"]
+        seen = {(min(sub, bs), w, st, _rows(rows, bs)) for sub, w, st, rows in _CANDIDATES[name]}
+        configs = [triton.Config({_SUB[name]: sub, "ROWS": rows}, num_warps=w, num_stages=st)
+                   for sub, w, st, rows in sorted(seen)]
         # the scratch that split lists add into starts from zero, also after the autotuner's trial runs
-        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", *flags, "VARLEN"],
+        _TUNED[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "TUNE_LEN", "PREC", "SPLIT", "FUSED", "VARLEN"],
                                       reset_to_zero=_ZEROED.get(name), cache_results=autotune_cached())(raw)
         # Triton ORs cache_results with its own TRITON_CACHE_AUTOTUNING knob: sparseattn's setting is the one said
         _TUNED[key].cache_results = autotune_cached()
@@ -1138,48 +1053,6 @@ def _zeroed(shapes, dtype, device) -> list:
                                                      shapes)]
 
 
-def _two_launches(q, k, v, do, dk, dv, dq, scr_k, scr_v, scr_q, Sk, Sq, lse, delta, seg, lists: TileLists, scale,
-                  S, H, rep, L, D, varlen, fused):
-    """The dK/dV pass over tile columns (with fused: adding dQ atomically too), then, unless fused, the dQ pass over
-    tile rows."""
-    bs = lists.block_size
-    kernel, extra = _kernel("dkdv", bs)
-    kernel[_parts_grid(S * H, lists.col_prog.shape[2])](
-        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-        *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
-        tune_length(lists.num_q_blocks),
-        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
-        VARLEN=varlen, **extra)
-    if not fused:
-        kernel, extra = _kernel("dq", bs)
-        kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
-            q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
-            H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
-            SPLIT=lists.split_rows, VARLEN=varlen, **extra)
-
-
-def _one_launch(q, k, v, do, dk, dv, dq, scr_k, scr_v, scr_q, Sk, Sq, lse, delta, seg, lists: TileLists, scale,
-                S, H, rep, L, D, varlen):
-    """Both passes of the two-pass backward as one launch (``_bwd_kernel``)."""
-    bs = lists.block_size
-    cols, rows = lists.col_prog.shape[2], lists.row_prog.shape[2]
-    cfi, cpc, cpi, cpt, tiles, cprog, ccb, cch, cpb, cph, ck_full, ck_part = program_args(
-        lists, lists.col_full, lists.col_part, lists.col_prog)
-    rfi, rpc, rpi, rpt, _, rprog, rcb, rch, rpb, rph, rk_full, rk_part = program_args(
-        lists, lists.row_full, lists.row_part, lists.row_prog)
-    kernel, extra = _kernel("bwd", bs)
-    grid = lambda meta: (S * H, cols * (meta["BS"] // meta["ROWS_K"]) + rows * (meta["BS"] // meta["ROWS_Q"]))
-    kernel[grid](
-        q, k, v, do, dk, dv, dq, scr_k, scr_v, scr_q, Sk, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dq.stride()[:3],
-        cfi, cpc, cpi, cpt, cprog, rfi, rpc, rpi, rpt, rprog, tiles,
-        ccb, cch, cpb, cph, ck_full, ck_part, rcb, rch, rpb, rph, rk_full, rk_part, cols,
-        H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
-        SPLIT_K=lists.split_cols, SPLIT_Q=lists.split_rows, VARLEN=varlen, **extra)
-
-
 def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass",
              segments: torch.Tensor | None = None):
     """(dq, dk, dv). mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32);
@@ -1211,14 +1084,23 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     dq = scr.pop(0) if fused else alloc(q.shape, device=q.device, dtype=q.dtype)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
-    if not fused and one_launch_backward():
-        _one_launch(q, k, v, do, dk, dv, dq, scr_k, scr_v, scr_q, Sk, Sq, lse, delta, seg, lists, scale, S, H, rep, L,
-                    D, varlen)
-    else:
-        _two_launches(q, k, v, do, dk, dv, dq, scr_k, scr_v, scr_q, Sk, Sq, lse, delta, seg, lists, scale, S, H, rep,
-                      L, D, varlen, fused)
+    kernel, extra = _kernel("dkdv", bs)
+    kernel[_parts_grid(S * H, lists.col_prog.shape[2])](
+        q, k, v, do, dk, dv, scr_k, scr_v, Sk, lse, delta, dq, seg, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+        *program_args(lists, lists.col_full, lists.col_part, lists.col_prog), H, rep, L,
+        tune_length(lists.num_q_blocks),
+        scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
+        VARLEN=varlen, **extra)
     if fused:  # scaled and cast in one launch
         dq = torch.mul(dq, scale, out=torch.empty(q.shape, device=q.device, dtype=q.dtype))
+    else:
+        kernel, extra = _kernel("dq", bs)
+        kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
+            q, k, v, do, dq, scr_q, Sq, lse, delta, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dq.stride()[:3], *program_args(lists, lists.row_full, lists.row_part, lists.row_prog),
+            H, rep, L, tune_length(lists.num_q_blocks), scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype),
+            SPLIT=lists.split_rows, VARLEN=varlen, **extra)
     if Sk or Sq:  # one launch copies every split list's scratch into its gradient
         # an unused kind's slots point at the other kind's (int32 either way; its branch never runs)
         col, row = lists.col_slots if Sk else lists.row_slots, lists.row_slots if Sq else lists.col_slots
