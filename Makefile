@@ -22,9 +22,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/sparseattn demo
 
+# Test processes (pytest-xdist): two suit the 2-core, 24 GiB machines CI runs on; each process holds its own torch
+# and models, so more want memory as well as cores.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks studies
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests
 
 # The papers' studies (issue 7): long; meant for a GPU machine (see studies/README.md).
 reproduce: $(VENV)/.installed
@@ -50,11 +54,11 @@ $(IMAGE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_SPECS)
-	$(IMAGE_VENV)/bin/python -m pip install -q -e ".[dev,model,syntax]" pytest-xdist $(IMAGE_SPECS)
+	$(IMAGE_VENV)/bin/python -m pip install -q -e ".[dev,model,syntax]" $(IMAGE_SPECS)
 	touch $@
 
 test-image: $(IMAGE_VENV)/.installed
-	$(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 tests
+	$(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) $(IMAGE_VENV) out runs

@@ -3,7 +3,7 @@ environment activated by the README's own line) in a folder laid out like a chec
 ``../shared/data/glue``. Lines marked ``# long:`` (full-size runs, GPU benchmarks) are only parsed by the
 command line; the small variant beside each is run. ``make`` lines are not run (they are the suite).
 
-Needs the GLUE TSVs (GLUE_DIR, as ``make test`` sets it); about two minutes on two CPU cores."""
+Needs the GLUE TSVs (GLUE_DIR, as ``make test`` sets it); about four minutes on two CPU cores."""
 
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""What reading the partial tiles' masks costs the Triton kernel, against FlexAttention's analytic mask_mod (GPU).
+
+    PYTHONPATH=src python benchmarks/partial_tile_cost.py [--lengths 16384] [--head-dims 64,128] [--layouts sliding,ap]
+
+At 16k tokens, sliding window, D 128, sparseattn's kernel runs forward+backward at 0.93-0.96 of `flex_mask`'s speed
+(FlexAttention with the window's mask_mod), while it is ahead at D 64 and on the other layouts (docs/benchmarks.md,
+twenty-sixth and twenty-ninth rounds). Both walk the same tiles; where they differ is the partial tiles along the
+window's edges: the kernel loads each one's mask from a table of distinct partial tiles (a byte a pair), FlexAttention
+computes |q - kv| <= w in registers. This times, in one process per variant, the same layouts with:
+
+- ``table``: the kernel as it is (``triton``), beside ``flex_mask``, ``triton_full`` and ``dense`` for scale;
+- ``no-mask``: the kernel with ``tile_keep`` replaced by a constant (every pair of a partial tile kept, nothing
+  loaded). Its outputs are wrong: it is the time the kernel would take if masking partial tiles were free, the
+  bound on what an analytic mask (or any cheaper table) could gain.
+
+A separate process for each variant, because Triton resolves ``tile_keep`` when it first compiles the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def _check_variant(variant: str) -> None:
+    """The kernel masks partial tiles as the variant says: exact with the table, wrong without a mask."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparseattn.backends.tile_mask import TileMask
+    from sparseattn.backends.triton_kernel import TileLists, block_sparse_attention_triton
+
+    L = 1024
+    keep = torch.ones(L, L, dtype=torch.bool, device="cuda").tril(200).triu(-200)[None, None]
+    q, k, v = (torch.randn(1, 2, L, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    err = (block_sparse_attention_triton(q, k, v, TileLists.from_layout(TileMask.from_mask(keep, 128)))
+           - F.scaled_dot_product_attention(q, k, v, attn_mask=keep)).abs().max().item()
+    if (err < 0.02) != (variant == "table"):
+        raise SystemExit(f"variant {variant}: max difference {err} from the masked reference, not as the variant says")
+
+
+def child(args) -> list[dict]:
+    import torch
+
+    import triton
+    import triton.language as tl
+
+    from sparseattn.backends import triton_kernel
+
+    if args.variant == "no-mask":
+        @triton.jit
+        def keep_all(TILES, tile, rows, cols, BS: tl.constexpr):
+            return (rows + cols) >= 0
+
+        triton_kernel.tile_keep = keep_all
+    from sparseattn.bench.attention import run_config
+
+    _check_variant(args.variant)
+
+    methods = ("dense", "flex_mask", "triton_full", "triton") if args.variant == "table" else ("triton",)
+    out = []
+    for layout in args.layouts.split(","):
+        for L in (int(x) for x in args.lengths.split(",")):
+            for D in (int(x) for x in args.head_dims.split(",")):
+                for r in run_config(layout, L, 0.9, D, methods=methods, block_size=args.block_size):
+                    out.append({"variant": args.variant, "layout": layout, "L": L, "D": D, "method": r.method,
+                                "fwd_ms": r.fwd_ms, "fwdbwd_ms": r.fwdbwd_ms, "note": r.note,
+                                "desc": r.description})
+                torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="16384")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--layouts", default="sliding,ap")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process's variant
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.variant is not None:
+        print(json.dumps(child(args)))
+        return 0
+    rows = []
+    for variant in ("table", "no-mask"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--lengths", args.lengths, "--head-dims",
+               args.head_dims, "--layouts", args.layouts, "--block-size", str(args.block_size)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(f"the {variant} process failed ({done.returncode})")
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+    def get(variant, layout, L, D, method):
+        return next((r for r in rows if (r["variant"], r["layout"], r["L"], r["D"], r["method"])
+                     == (variant, layout, L, D, method)), None)
+
+    print("| layout | L | D | pass | dense | flex_mask | triton_full | triton | triton, no mask | flex_mask / triton "
+          "| no mask / triton |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in sorted({(r["layout"], r["L"], r["D"]) for r in rows}):
+        for field, name in (("fwd_ms", "fwd"), ("fwdbwd_ms", "fwd+bwd")):
+            t = {m: (get("table", *key, m) or {}).get(field) for m in ("dense", "flex_mask", "triton_full", "triton")}
+            free = (get("no-mask", *key, "triton") or {}).get(field)
+            cells = [f"{v:.3f}" if v else "-" for v in (*t.values(), free)]
+
+            def ratio(a, b):
+                return f"{a / b:.3f}" if a and b else "-"
+
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {name} | " + " | ".join(cells)
+                  + f" | {ratio(t['flex_mask'], t['triton'])} | {ratio(free, t['triton'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
