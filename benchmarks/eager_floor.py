@@ -1,6 +1,6 @@
-"""How fast an eager training step of `bench model`'s encoder can be, whatever attention costs (GPU).
+"""How fast an eager or compiled training step of `bench model`'s encoder can be, whatever attention costs (GPU).
 
-    PYTHONPATH=src python benchmarks/eager_floor.py --length 16k --batches unpadded,padding-free
+    PYTHONPATH=src python benchmarks/eager_floor.py --length 16k --batches unpadded,padding-free [--modes eager,compile,graph]
 
 Issue 24 asks the eager encoder step at 16k for 2x the fastest dense step. The nineteenth round (docs/benchmarks.md)
 measured it at 24.6 ms eagerly against 13.3 ms for the same kernels as CUDA graphs: the eager step is host-bound.
@@ -13,7 +13,10 @@ This bounds what any attention kernel can reach eagerly, in one process, on one 
 
 The ``free`` step's eager time is the floor of an eager step with any attention: a kernel that cost nothing on the
 host and the GPU would still take it. Its ratio to the fastest dense step is the largest eager speed-up any
-attention could give on this machine; its graph time is the GPU time of the model's work outside attention.
+attention could give on this machine; its graph time is the GPU time of the model's work outside attention. With
+``compile`` in ``--modes``, each variant also runs as ``torch.compile(model)`` (as `bench model`'s compile mode): the
+``free`` row's compiled time is the same floor for a compiled step, Inductor's and the optimizer's host work
+included.
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="unpadded", help="bench model's batch kinds, comma-separated")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--modes", default="eager,graph", help="eager, compile (torch.compile(model)), graph (captured by "
+                    "hand); the fastest dense step is taken over all of them")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    modes = args.modes.split(",")
+    bad = sorted(set(modes) - {"eager", "compile", "graph"})
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {', '.join(bad)}; expected eager, compile, graph")
     if not torch.cuda.is_available():
         raise SystemExit("eager_floor.py times CUDA steps; no GPU is visible")
     length = args.length[0]
@@ -54,29 +63,27 @@ def main(argv=None) -> int:
                 # attention's output is its value tensor: no launch, no host work beyond the model's own call
                 backend.attention = lambda call: (call.value, None)
             ms = {}
-            for mode in ("eager", "graph"):  # as `bench model` times its eager and hand-captured graph modes
+            for mode in modes:  # as `bench model` times them
                 res = bench.result("dense" if variant == "dense" else "triton", mode, False)
                 _time_mode(bench, res, backend if variant == "sparse" else None, warmup=args.warmup,
                            steps=args.steps, log=print)
                 if res.step_ms is None:
                     raise SystemExit(f"{batch_kind} {variant} {mode}: {res.note}")
                 ms[mode], tokens_per_s[variant, mode] = res.step_ms, res.tokens_per_s
-            print(f"{batch_kind:<13} {variant:<7} eager {ms['eager']:7.2f} ms   graph {ms['graph']:7.2f} ms",
-                  flush=True)
-            rows.append({"batch": batch_kind, "variant": variant, "eager_ms": ms["eager"], "graph_ms": ms["graph"],
-                         "host_bound_by": ms["eager"] / ms["graph"]})
-        best_dense = max(tokens_per_s["dense", mode] for mode in ("eager", "graph"))  # real tokens/s
+            print(f"{batch_kind:<13} {variant:<7} " + "   ".join(f"{m} {ms[m]:7.2f} ms" for m in modes), flush=True)
+            rows.append({"batch": batch_kind, "variant": variant, **{f"{m}_ms": ms[m] for m in modes}})
+        best_dense = max(tokens_per_s["dense", mode] for mode in modes)  # real tokens/s
         for r in rows[-3:]:
-            r["eager_over_fastest_dense"] = tokens_per_s[r["variant"], "eager"] / best_dense
-            r["graph_over_fastest_dense"] = tokens_per_s[r["variant"], "graph"] / best_dense
+            for m in modes:
+                r[f"{m}_over_fastest_dense"] = tokens_per_s[r["variant"], m] / best_dense
         del bench, backend
-    print(f"\n{'batch':<13} {'variant':<7} {'eager ms':>8} {'graph ms':>8} {'eager/graph':>11} "
-          f"{'eager x fastest dense':>21} {'graph x fastest dense':>21}")
+    print(f"\n{'batch':<13} {'variant':<7} " + " ".join(f"{m + ' ms':>12}" for m in modes) + " "
+          + " ".join(f"{m + ' x fastest dense':>24}" for m in modes))
     for r in rows:
-        print(f"{r['batch']:<13} {r['variant']:<7} {r['eager_ms']:8.2f} {r['graph_ms']:8.2f} {r['host_bound_by']:11.2f} "
-              f"{r['eager_over_fastest_dense']:20.2f}x {r['graph_over_fastest_dense']:20.2f}x")
-    print("free: attention replaced by its value tensor (no work); its eager column bounds every attention kernel "
-          "eagerly. Fastest dense: the faster of dense eager and dense as a CUDA graph, same batch kind, real tokens/s.")
+        print(f"{r['batch']:<13} {r['variant']:<7} " + " ".join(f"{r[m + '_ms']:12.2f}" for m in modes) + " "
+              + " ".join(f"{r[m + '_over_fastest_dense']:23.2f}x" for m in modes))
+    print("free: attention replaced by its value tensor (no work); its row bounds every attention kernel in each mode. "
+          "Fastest dense: the fastest dense step of the modes run, same batch kind, real tokens/s.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": length,
