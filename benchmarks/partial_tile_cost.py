@@ -1,6 +1,6 @@
 """What reading the partial tiles' masks costs the Triton kernel, against FlexAttention's analytic mask_mod (GPU).
 
-    PYTHONPATH=src python benchmarks/partial_tile_cost.py [--lengths 16384] [--head-dims 64,128] [--layouts sliding,ap]
+    PYTHONPATH=src python benchmarks/partial_tile_cost.py [--lengths 16k] [--head-dims 64,128] [--layouts sliding,ap]
 
 At 16k tokens, sliding window, D 128, sparseattn's kernel runs forward+backward at 0.93-0.96 of `flex_mask`'s speed
 (FlexAttention with the window's mask_mod), while it is ahead at D 64 and on the other layouts (docs/benchmarks.md,
@@ -63,8 +63,8 @@ def child(args) -> list[dict]:
     methods = ("dense", "flex_mask", "triton_full", "triton") if args.variant == "table" else ("triton",)
     out = []
     for layout in args.layouts.split(","):
-        for L in (int(x) for x in args.lengths.split(",")):
-            for D in (int(x) for x in args.head_dims.split(",")):
+        for L in args.lengths:
+            for D in args.head_dims:
                 for r in run_config(layout, L, 0.9, D, methods=methods, block_size=args.block_size):
                     out.append({"variant": args.variant, "layout": layout, "L": L, "D": D, "method": r.method,
                                 "fwd_ms": r.fwd_ms, "fwdbwd_ms": r.fwdbwd_ms, "note": r.note,
@@ -74,9 +74,11 @@ def child(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from sparseattn.bench.commands import _ints
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="16384")
-    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--lengths", type=_ints, default=[16384], help="comma-separated (16384 or 16k)")
+    ap.add_argument("--head-dims", type=_ints, default=[64, 128])
     ap.add_argument("--layouts", default="sliding,ap")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process's variant
@@ -87,8 +89,9 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for variant in ("table", "no-mask"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--lengths", args.lengths, "--head-dims",
-               args.head_dims, "--layouts", args.layouts, "--block-size", str(args.block_size)]
+        cmd = [sys.executable, __file__, "--variant", variant, "--lengths", ",".join(map(str, args.lengths)),
+               "--head-dims", ",".join(map(str, args.head_dims)), "--layouts", args.layouts,
+               "--block-size", str(args.block_size)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if done.returncode:
             sys.stderr.write(done.stderr)
