@@ -44,9 +44,9 @@
 #   eager-floor        issue 24: the eager encoder step with attention taken out (its output the value tensor, no
 #                      launch) against dense and sparse, eagerly and as CUDA graphs: the fastest any attention kernel
 #                      can make an eager step (benchmarks/eager_floor.py, a minute or two; FLOOR_MODES adds compile)
-#   owed-30            issue 24: benchmarks/partial_tile_cost.py (what the partial tiles' mask loads cost the kernel,
-#                      against flex_mask; sliding, D 128 and 64), then eager-floor with FLOOR_MODES=eager,compile,graph
-#                      (the compiled step's floor), unpadded, in one call: what the thirtieth round left unrun
+#   owed-30            issue 24: eager-floor with FLOOR_MODES=eager,compile,graph (the compiled step's floor, host time
+#                      a step, the operators without launches), unpadded, then benchmarks/partial_tile_cost.py (what the
+#                      partial tiles' mask loads cost the kernel, against flex_mask; sliding, D 128 and 64), in one call
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
@@ -197,11 +197,13 @@ case $stage in
     timeout ${PROFILE_TIMEOUT:-300} python benchmarks/eager_floor.py --length 16k --batches "${BATCHES:-unpadded,padding-free}" \
       --modes "${FLOOR_MODES:-eager,graph}" --json "$out/eager_floor.json" 2>&1 | tee -a "$log" || true ;;
   owed-30)
-    # what the thirtieth round left unrun (about 7 minutes): the partial tiles' mask cost against flex_mask (sliding,
-    # D 128 and 64), then the compiled step's floor (unpadded) beside the eager one and the graph
-    timeout ${BENCH_TIMEOUT:-220} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128,64 \
-      --json "$out/partial_tile_cost.json" 2>&1 | tee -a "$log" || true
-    FLOOR_MODES=eager,compile,graph BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-250} bash "$0" eager-floor || true ;;
+    # what the thirtieth round left unrun (about 9 minutes): the compiled step's floor (unpadded) beside the eager one
+    # and the graph, with the operators' launches taken out and each cell's host time; then the partial tiles' mask
+    # cost against flex_mask (sliding, D 128 and 64; its rows print as they come, so its limit cuts only the last)
+    FLOOR_MODES=eager,compile,graph BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-270} bash "$0" eager-floor || true
+    timeout ${BENCH_TIMEOUT:-260} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128,64 \
+      --json "$out/partial_tile_cost.json" 2>&1 | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" \
+      | tee -a "$log" || true ;;
   owed-h200)
     # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
     # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run

@@ -8,8 +8,13 @@ This bounds what any attention kernel can reach eagerly, in one process, on one 
 
 - ``dense``: dense SDPA (the model's own attention), eagerly and as one CUDA graph captured by hand;
 - ``sparse``: ``sparsify(model, plan, backend=BlockSparseBackend())``, the same two ways;
+- ``launchless``: the sparse model with the kernels' launches taken out (``triton_kernel.forward_pass`` and
+  ``backward_pass`` return uninitialized tensors): sparseattn's operators, their dispatch and Python, the graph split
+  they make under torch.compile, without their GPU work or launches;
 - ``free``: the same sparsified model whose backend returns the value tensor as the attention output, launching
-  nothing: the model's own host and GPU work around attention, with attention's cost taken out entirely.
+  nothing: the model's own host and GPU work around attention, with attention's cost taken out entirely (under
+  torch.compile the query and key projections, then unused, are compiled away: a floor, below what any attention
+  keeps).
 
 The ``free`` step's eager time is the floor of an eager step with any attention: a kernel that cost nothing on the
 host and the GPU would still take it. Its ratio to the fastest dense step is the largest eager speed-up any
@@ -17,18 +22,68 @@ attention could give on this machine; its graph time is the GPU time of the mode
 ``compile`` in ``--modes``, each variant also runs as ``torch.compile(model)`` (as `bench model`'s compile mode): the
 ``free`` row's compiled time is the same floor for a compiled step, Inductor's and the optimizer's host work
 included.
+
+Each cell also has the host's time to issue one step from an idle GPU (``host ms``, median of a few steps each
+waited for; above the queued step time only where the step itself waits for the GPU) and the synchronizing calls torch
+reports in one step (``torch.cuda.set_sync_debug_mode``): a step that is host-bound takes its host time, a step that
+waits for the GPU inside takes more than the larger of its host and GPU times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
+import warnings
 
 import torch
 
 
+def _host_and_syncs(step, n: int = 5) -> tuple[float, int]:
+    """(median ms the host takes to issue ``step`` from an idle GPU, synchronizing calls torch reports in one step)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in {str(w.message) for w in syncs}:
+        print(f"  sync: {w}")
+    return statistics.median(times) * 1e3, len(syncs)
+
+
+def _launchless(triton_kernel):
+    """Replace the kernels' two passes by allocations of their outputs; returns the function that restores them."""
+    fwd, bwd = triton_kernel.forward_pass, triton_kernel.backward_pass
+
+    def forward_pass(q, k, v, lists, scale, segments=None):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    def backward_pass(do, q, k, v, o, lse, lists, scale, mode="two-pass", segments=None):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels'
+
+    triton_kernel.forward_pass, triton_kernel.backward_pass = forward_pass, backward_pass
+
+    def restore():
+        triton_kernel.forward_pass, triton_kernel.backward_pass = fwd, bwd
+    return restore
+
+
 def main(argv=None) -> int:
+    from sparseattn.backends import triton_kernel
     from sparseattn.backends.block import BlockSparseBackend
+    from sparseattn.bench import model as bench_model
     from sparseattn.bench.commands import _ints
     from sparseattn.bench.model import _Bench, _time_mode
     from sparseattn.integrations.hf import sparsify
@@ -51,18 +106,31 @@ def main(argv=None) -> int:
         raise SystemExit("eager_floor.py times CUDA steps; no GPU is visible")
     length = args.length[0]
     rows = []
+    host = {}  # what the step bench model times last took on the host, and its syncs
+    time_steps = bench_model._time_steps
+
+    def timed(step, *a, **kw):  # bench model's timing, then the same step's host time and syncs
+        t = time_steps(step, *a, **kw)
+        host["ms"], host["syncs"] = _host_and_syncs(step)
+        return t
+    bench_model._time_steps = timed
+    variants = ("dense", "sparse", "launchless", "free")
     for batch_kind in args.batches.split(","):
         bench = _Bench.make("encoder", length, batch_kind, tokens=args.tokens, decoder_layers=4)
         tokens_per_s = {}
         backend = None
-        for variant in ("dense", "sparse", "free"):
+        restore = None
+        for variant in variants:
             if variant == "sparse":
                 backend = BlockSparseBackend()
                 sparsify(bench.model, bench.plan, backend=backend)
+            elif variant == "launchless":
+                restore = _launchless(triton_kernel)
             elif variant == "free":
+                restore()
                 # attention's output is its value tensor: no launch, no host work beyond the model's own call
                 backend.attention = lambda call: (call.value, None)
-            ms = {}
+            ms, extra = {}, {}
             for mode in modes:  # as `bench model` times them
                 res = bench.result("dense" if variant == "dense" else "triton", mode, False)
                 _time_mode(bench, res, backend if variant == "sparse" else None, warmup=args.warmup,
@@ -70,19 +138,24 @@ def main(argv=None) -> int:
                 if res.step_ms is None:
                     raise SystemExit(f"{batch_kind} {variant} {mode}: {res.note}")
                 ms[mode], tokens_per_s[variant, mode] = res.step_ms, res.tokens_per_s
-            print(f"{batch_kind:<13} {variant:<7} " + "   ".join(f"{m} {ms[m]:7.2f} ms" for m in modes), flush=True)
-            rows.append({"batch": batch_kind, "variant": variant, **{f"{m}_ms": ms[m] for m in modes}})
+                extra[f"{mode}_host_ms"], extra[f"{mode}_syncs"] = host.pop("ms"), host.pop("syncs")
+            print(f"{batch_kind:<13} {variant:<10} " + "   ".join(
+                f"{m} {ms[m]:7.2f} ms (host {extra[m + '_host_ms']:6.2f}, syncs {extra[m + '_syncs']})"
+                for m in modes), flush=True)
+            rows.append({"batch": batch_kind, "variant": variant, **{f"{m}_ms": ms[m] for m in modes}, **extra})
         best_dense = max(tokens_per_s["dense", mode] for mode in modes)  # real tokens/s
-        for r in rows[-3:]:
+        for r in rows[-len(variants):]:
             for m in modes:
                 r[f"{m}_over_fastest_dense"] = tokens_per_s[r["variant"], m] / best_dense
         del bench, backend
-    print(f"\n{'batch':<13} {'variant':<7} " + " ".join(f"{m + ' ms':>12}" for m in modes) + " "
+    print(f"\n{'batch':<13} {'variant':<10} " + " ".join(f"{m + ' ms':>12} {'host ms':>8}" for m in modes) + " "
           + " ".join(f"{m + ' x fastest dense':>24}" for m in modes))
     for r in rows:
-        print(f"{r['batch']:<13} {r['variant']:<7} " + " ".join(f"{r[m + '_ms']:12.2f}" for m in modes) + " "
+        print(f"{r['batch']:<13} {r['variant']:<10} "
+              + " ".join(f"{r[m + '_ms']:12.2f} {r[m + '_host_ms']:8.2f}" for m in modes) + " "
               + " ".join(f"{r[m + '_over_fastest_dense']:23.2f}x" for m in modes))
     print("free: attention replaced by its value tensor (no work); its row bounds every attention kernel in each mode. "
+          "launchless: sparseattn's operators without their kernels. host ms: one step issued from an idle GPU. "
           "Fastest dense: the fastest dense step of the modes run, same batch kind, real tokens/s.")
     if args.json:
         with open(args.json, "w") as f:

@@ -13,7 +13,9 @@ computes |q - kv| <= w in registers. This times, in one process per variant, the
   loaded). Its outputs are wrong: it is the time the kernel would take if masking partial tiles were free, the
   bound on what an analytic mask (or any cheaper table) could gain.
 
-A separate process for each variant, because Triton resolves ``tile_keep`` when it first compiles the kernels.
+A separate process for each variant, because Triton resolves ``tile_keep`` when it first compiles the kernels. The
+no-mask variant runs first and the kernel before the other methods (``flex_mask`` compiles for minutes a cell), and each
+row is printed as it is measured, so a run cut short by a time limit still answers the question asked.
 """
 
 from __future__ import annotations
@@ -60,17 +62,16 @@ def child(args) -> list[dict]:
 
     _check_variant(args.variant)
 
-    methods = ("dense", "flex_mask", "triton_full", "triton") if args.variant == "table" else ("triton",)
-    out = []
+    methods = args.methods.split(",") if args.variant == "table" else ["triton"]
     for layout in args.layouts.split(","):
         for L in args.lengths:
             for D in args.head_dims:
-                for r in run_config(layout, L, 0.9, D, methods=methods, block_size=args.block_size):
-                    out.append({"variant": args.variant, "layout": layout, "L": L, "D": D, "method": r.method,
-                                "fwd_ms": r.fwd_ms, "fwdbwd_ms": r.fwdbwd_ms, "note": r.note,
-                                "desc": r.description})
+                for method in methods:  # one method at a time, so that each row is out before the next compiles
+                    for r in run_config(layout, L, 0.9, D, methods=(method,), block_size=args.block_size):
+                        print(json.dumps({"variant": args.variant, "layout": layout, "L": L, "D": D,
+                                          "method": r.method, "fwd_ms": r.fwd_ms, "fwdbwd_ms": r.fwdbwd_ms,
+                                          "note": r.note, "desc": r.description}), flush=True)
                 torch.cuda.empty_cache()
-    return out
 
 
 def main(argv=None) -> int:
@@ -81,25 +82,35 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", type=_ints, default=[64, 128])
     ap.add_argument("--layouts", default="sliding,ap")
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--methods", default="triton,triton_full,dense,flex_mask",
+                    help="what the table variant times beside nothing else, in this order (default: %(default)s)")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process's variant
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.variant is not None:
-        print(json.dumps(child(args)))
+        child(args)
         return 0
+    unknown = set(args.methods.split(",")) - {"dense", "flex_mask", "triton_full", "triton"}
+    if unknown:
+        ap.error(f"--methods {args.methods!r}: {sorted(unknown)} not among dense, flex_mask, triton_full, triton")
     rows = []
-    for variant in ("table", "no-mask"):
+    for variant in ("no-mask", "table"):
         cmd = [sys.executable, __file__, "--variant", variant, "--lengths", ",".join(map(str, args.lengths)),
                "--head-dims", ",".join(map(str, args.head_dims)), "--layouts", args.layouts,
-               "--block-size", str(args.block_size)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            raise SystemExit(f"the {variant} process failed ({done.returncode})")
-        rows += json.loads(done.stdout.strip().splitlines()[-1])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+               "--block-size", str(args.block_size), "--methods", args.methods]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ) as proc:
+            for line in proc.stdout:  # the child's rows as they are measured; its warnings go to stderr as they come
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+                    r = rows[-1]
+                    print(f"{variant:8s} {r['layout']} L={r['L']} D={r['D']} {r['method']:12s} "
+                          f"fwd {r['fwd_ms'] or float('nan'):.3f} ms  fwd+bwd {r['fwdbwd_ms'] or float('nan'):.3f} ms"
+                          + (f"  ({r['note']})" if r["note"] else ""), flush=True)
+                    if args.json:  # rewritten after every row: a run cut short keeps what it measured
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
+        if proc.returncode:
+            raise SystemExit(f"the {variant} process failed ({proc.returncode})")
 
     def get(variant, layout, L, D, method):
         return next((r for r in rows if (r["variant"], r["layout"], r["L"], r["D"], r["method"])
