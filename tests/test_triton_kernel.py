@@ -523,6 +523,26 @@ def test_the_operator_passes_opcheck():
     torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (q, kh, vh, seg, handle, 0.25, "two-pass"))
     x = torch.randn(2, 2, 50, 24, generator=g, requires_grad=True)  # odd length, a head size that is padded
     torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (x, x, x, None, handle, 0.25, "two-pass"))
+    # a model's layouts: projections (B, L, H, D) seen as (B, H, L, D); a value whose last dimension is strided
+    qt, kt = (torch.randn(2, 64, 2, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+    vs = torch.randn(2, 2, 16, 64, generator=g).transpose(-1, -2).requires_grad_()
+    for args in ((qt, kt, kt.detach().clone().requires_grad_(), seg), (qt, kt, vs, None), (qt, k, v, None)):
+        torch.library.opcheck(torch.ops.sparseattn.block_attention.default, (*args, handle, 0.25, "two-pass"))
+
+
+@pytest.mark.parametrize("backward", ["two-pass", "fused"])
+def test_gradients_come_back_in_the_inputs_layout(backward):
+    """A model's query, key and value are views (B, H, L, D) of (B, L, H, D) projections: their gradients come back
+    in that layout, so the projections' backward reads them without a transposing copy each (dense SDPA's do too)."""
+    keep = _keep(1, 2, 64, seed=3) | torch.eye(64, dtype=torch.bool)
+    lists = TileLists.from_layout(TileMask.from_mask(keep, 32))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 2, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    out = block_sparse_attention_triton(q, k, v, lists, scale=0.25, backward=backward)
+    # autograd.grad: the gradients as the operator returns them (a leaf's .grad would be re-laid out to match it)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g))
+    for name, t, d in zip("qkv", (q, k, v), grads):
+        assert d.stride() == t.stride(), f"d{name}: strides {d.stride()}, the input's {t.stride()}"
 
 
 def test_device_tiles_lists_hold_the_layouts_tiles_without_reading_counts():

@@ -1072,16 +1072,20 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     bs = lists.block_size
     _delta_kernel[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, HEAD_DIM=D,
                                                BLOCK=bs)
-    kv_shape = (B, H, L, D) if rep > 1 else k.shape
     # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients. The
-    # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs
-    alloc = torch.zeros if varlen else torch.empty
-    dk, dv = (alloc(kv_shape, device=q.device, dtype=t.dtype) for t in (k, v))
+    # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs.
+    # They take their inputs' memory layout (``grad_layouts``): a model's (B, L, H, D) projections then need no
+    # transposing copy of each gradient
+    alloc, like = (torch.zeros, torch.zeros_like) if varlen else (torch.empty, torch.empty_like)
+    if rep > 1:  # a gradient per query head, summed over each group below
+        dk, dv = (alloc((B, H, L, D), device=q.device, dtype=t.dtype) for t in (k, v))
+    else:  # one stride set for both (the kernels take dK's): v's gradient in k's layout
+        dk, dv = like(k), like(k, dtype=v.dtype)
     # split lists add their chunks into an fp32 scratch tile per list (S x H, slots, bs, D), copied in afterwards;
     # the fused pass's fp32 dQ is zeroed with them (one fill)
     Sk, Sq = lists.col_slots.shape[-1], 0 if fused else lists.row_slots.shape[-1]
     scr = _zeroed([(B, H, L, D)] * fused + [(S * H, n, bs, D) for n in (Sk, Sk, Sq) if n], torch.float32, q.device)
-    dq = scr.pop(0) if fused else alloc(q.shape, device=q.device, dtype=q.dtype)
+    dq = scr.pop(0) if fused else like(q)
     scr_k, scr_v = (scr.pop(0), scr.pop(0)) if Sk else (dk, dk)
     scr_q = scr.pop(0) if Sq else dq
     kernel, extra = _kernel("dkdv", bs)
@@ -1093,7 +1097,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
         scale * LOG2E, scale, HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=lists.split_cols, FUSED=fused,
         VARLEN=varlen, **extra)
     if fused:  # scaled and cast in one launch
-        dq = torch.mul(dq, scale, out=torch.empty(q.shape, device=q.device, dtype=q.dtype))
+        dq = torch.mul(dq, scale, out=torch.empty_like(q))
     else:
         kernel, extra = _kernel("dq", bs)
         kernel[_parts_grid(S * H, lists.row_prog.shape[2])](
@@ -1198,7 +1202,17 @@ def _fake_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fake_grads(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    """The gradients as ``_backward_over`` makes them: in the layout of the inputs the kernels read (``backward_pass``:
+    dV in dK's), contiguous where the head is padded, the input was copied for its strides, or heads share keys."""
+    D = q.shape[-1]
+    if _padded_head(D) > D:
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dq = torch.empty_like(q) if q.stride(-1) == 1 else q.new_empty(q.shape)
+    if q.shape[1] != k.shape[1]:
+        return dq, k.new_empty(k.shape), v.new_empty(v.shape)
+    if k.stride(-1) == 1:
+        return dq, torch.empty_like(k), torch.empty_like(k, dtype=v.dtype)
+    return dq, k.new_empty(k.shape), v.new_empty(v.shape, dtype=v.dtype)
 
 
 @block_attention_op.register_fake
