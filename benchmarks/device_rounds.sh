@@ -47,6 +47,8 @@
 #   owed-30            issue 24: eager-floor with FLOOR_MODES=eager,compile,graph (the compiled step's floor, host time
 #                      a step, the operators without launches), unpadded, then benchmarks/partial_tile_cost.py (what the
 #                      partial tiles' mask loads cost the kernel, against flex_mask; sliding, D 128 and 64), in one call
+#   owed-31            issue 24: the GPU tests through models (the gradients now in their inputs' layout), eager-floor
+#                      (eager and compiled, with the launchless row), partial_tile_cost.py at D 128, in one call
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
@@ -204,6 +206,17 @@ case $stage in
     timeout ${BENCH_TIMEOUT:-260} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128,64 \
       --json "$out/partial_tile_cost.json" 2>&1 | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" \
       | tee -a "$log" || true ;;
+  owed-31)
+    # the thirty-first round's owed work in one call (about 9 minutes, each part under its own limit): the GPU tests
+    # through models since the gradients take their inputs' layout (d84f8de), then the compiled floor with the
+    # launchless row and each cell's host time, then the partial tiles' cost at D 128 (its rows as they come)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-170} python -m pytest -q -p no:cacheprovider -m gpu \
+      -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py tests/test_packed_padded.py \
+      -k "compiled_model or tiny_bert or captured or segments or cuda" 2>&1 | tail -15 | tee -a "$log" || true
+    FLOOR_MODES=eager,compile BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-190} bash "$0" eager-floor || true
+    timeout ${BENCH_TIMEOUT:-170} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128 \
+      --methods triton,flex_mask --json "$out/partial_tile_cost.json" 2>&1 \
+      | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" | tee -a "$log" || true ;;
   owed-h200)
     # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
     # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run
