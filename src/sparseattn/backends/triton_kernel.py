@@ -1074,8 +1074,8 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
                                                BLOCK=bs)
     # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients. The
     # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs.
-    # They take their inputs' memory layout (``grad_layouts``): a model's (B, L, H, D) projections then need no
-    # transposing copy of each gradient
+    # They take their inputs' memory layout (``_fake_grads`` states the rule for tracing): a model's (B, L, H, D)
+    # projections then read them without a transposing copy each
     alloc, like = (torch.zeros, torch.zeros_like) if varlen else (torch.empty, torch.empty_like)
     if rep > 1:  # a gradient per query head, summed over each group below
         dk, dv = (alloc((B, H, L, D), device=q.device, dtype=t.dtype) for t in (k, v))
@@ -1212,7 +1212,7 @@ def _fake_grads(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return dq, k.new_empty(k.shape), v.new_empty(v.shape)
     if k.stride(-1) == 1:
         return dq, torch.empty_like(k), torch.empty_like(k, dtype=v.dtype)
-    return dq, k.new_empty(k.shape), v.new_empty(v.shape, dtype=v.dtype)
+    return dq, k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @block_attention_op.register_fake
