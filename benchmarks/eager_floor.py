@@ -67,11 +67,11 @@ def _launchless(triton_kernel):
     """Replace the kernels' two passes by allocations of their outputs; returns the function that restores them."""
     fwd, bwd = triton_kernel.forward_pass, triton_kernel.backward_pass
 
-    def forward_pass(q, k, v, lists, scale, segments=None):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    def forward_pass(q, k, v, lists, scale, segments=None):  # the operators' fakes: their outputs' layouts
+        return triton_kernel._fake_attention(q)
 
     def backward_pass(do, q, k, v, o, lse, lists, scale, mode="two-pass", segments=None):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels'
+        return triton_kernel._fake_grads(q, k, v)
 
     triton_kernel.forward_pass, triton_kernel.backward_pass = forward_pass, backward_pass
 
