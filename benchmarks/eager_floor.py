@@ -33,22 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 
 import torch
+from profile_attention_host import host_us  # this folder is the script's first import path
 
 
 def _host_and_syncs(step, n: int = 5) -> tuple[float, int]:
     """(median ms the host takes to issue ``step`` from an idle GPU, synchronizing calls torch reports in one step)."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
+    ms = host_us(step, n) / 1e3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -60,7 +53,7 @@ def _host_and_syncs(step, n: int = 5) -> tuple[float, int]:
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     for w in {str(w.message) for w in syncs}:
         print(f"  sync: {w}")
-    return statistics.median(times) * 1e3, len(syncs)
+    return ms, len(syncs)
 
 
 def _launchless(triton_kernel):
