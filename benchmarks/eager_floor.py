@@ -24,9 +24,10 @@ attention could give on this machine; its graph time is the GPU time of the mode
 included.
 
 Each cell also has the host's time to issue one step from an idle GPU (``host ms``, median of a few steps each
-waited for; above the queued step time only where the step itself waits for the GPU) and the synchronizing calls torch
-reports in one step (``torch.cuda.set_sync_debug_mode``): a step that is host-bound takes its host time, a step that
-waits for the GPU inside takes more than the larger of its host and GPU times.
+waited for; above the queued step time only where the step itself waits for the GPU), the synchronizing calls torch
+reports in one step (``torch.cuda.set_sync_debug_mode``) and the caching allocator's cudaMalloc and cudaFree calls in
+it (a cudaFree waits for the device, and the debug mode does not see it): a step that is host-bound takes its host
+time, a step that waits for the GPU inside takes more than the larger of its host and GPU times.
 """
 
 from __future__ import annotations
@@ -39,9 +40,16 @@ import torch
 from profile_attention_host import host_us  # this folder is the script's first import path
 
 
-def _host_and_syncs(step, n: int = 5) -> tuple[float, int]:
-    """(median ms the host takes to issue ``step`` from an idle GPU, synchronizing calls torch reports in one step)."""
+_ALLOCATOR = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def _host_and_syncs(step, n: int = 5) -> tuple[float, int, dict]:
+    """(median ms the host takes to issue ``step`` from an idle GPU, synchronizing calls torch reports in one step,
+    the caching allocator's cudaMalloc and cudaFree calls and retries in that step). The allocator's counts are
+    here because its waits are not calls the sync debug mode sees: a cache that cannot serve a request frees its
+    blocks, and cudaFree waits for the whole device."""
     ms = host_us(step, n) / 1e3
+    before = torch.cuda.memory_stats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -50,10 +58,11 @@ def _host_and_syncs(step, n: int = 5) -> tuple[float, int]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     for w in {str(w.message) for w in syncs}:
         print(f"  sync: {w}")
-    return ms, len(syncs)
+    return ms, len(syncs), {k: after.get(k, 0) - before.get(k, 0) for k in _ALLOCATOR}
 
 
 def _launchless(triton_kernel):
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
 
     def timed(step, *a, **kw):  # bench model's timing, then the same step's host time and syncs
         t = time_steps(step, *a, **kw)
-        host["ms"], host["syncs"] = _host_and_syncs(step)
+        host["ms"], host["syncs"], host["allocator"] = _host_and_syncs(step)
         return t
     bench_model._time_steps = timed
     variants = ("dense", "sparse", "launchless", "free")
@@ -132,8 +141,10 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{batch_kind} {variant} {mode}: {res.note}")
                 ms[mode], tokens_per_s[variant, mode] = res.step_ms, res.tokens_per_s
                 extra[f"{mode}_host_ms"], extra[f"{mode}_syncs"] = host.pop("ms"), host.pop("syncs")
+                extra[f"{mode}_allocator"] = host.pop("allocator")
             print(f"{batch_kind:<13} {variant:<10} " + "   ".join(
-                f"{m} {ms[m]:7.2f} ms (host {extra[m + '_host_ms']:6.2f}, syncs {extra[m + '_syncs']})"
+                f"{m} {ms[m]:7.2f} ms (host {extra[m + '_host_ms']:6.2f}, syncs {extra[m + '_syncs']}, cudaMalloc "
+                f"{extra[m + '_allocator']['num_device_alloc']}, cudaFree {extra[m + '_allocator']['num_device_free']})"
                 for m in modes), flush=True)
             rows.append({"batch": batch_kind, "variant": variant, **{f"{m}_ms": ms[m] for m in modes}, **extra})
         best_dense = max(tokens_per_s["dense", mode] for mode in modes)  # real tokens/s
