@@ -1124,6 +1124,10 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
 # not tensors a graph can hold (their sizes depend on the layout), so an operator names them by an integer
 # handle and finds them at run time: a registered `TileLists`, or a source that builds lists for a length on
 # first use (a static plan's layer: built once per length bucket, outside any trace).
+# They are opaque ``custom_op``s, launched by their own Python under torch.compile, not ``triton_op``s (whose kernels
+# Inductor would launch itself): a triton_op's body is traced with fake tensors, so lists found by handle inside it
+# fail to trace (every list tensor would have to be an argument of the operator), and ``wrap_triton`` refuses the
+# interpreter's kernels, so the CPU suite could not run one.
 _SOURCES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _next_handle = itertools.count(1)
 _WHOLE_ROWS: dict = {}
