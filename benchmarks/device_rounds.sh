@@ -48,7 +48,9 @@
 #                      a step, the operators without launches), unpadded, then benchmarks/partial_tile_cost.py (what the
 #                      partial tiles' mask loads cost the kernel, against flex_mask; sliding, D 128 and 64), in one call
 #   owed-31            issue 24: the GPU tests through models (the gradients now in their inputs' layout), eager-floor
-#                      (eager and compiled, with the launchless row), partial_tile_cost.py at D 128, in one call
+#                      (eager and compiled, with the launchless row and the allocator's calls), partial_tile_cost.py at
+#                      D 128, in one call (about 9 minutes; with little device time left, FLOOR_MODES=compile and
+#                      TESTS_TIMEOUT=120 PROFILE_TIMEOUT=150 BENCH_TIMEOUT=120 fit about 7)
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
@@ -213,7 +215,8 @@ case $stage in
     SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-170} python -m pytest -q -p no:cacheprovider -m gpu \
       -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py tests/test_packed_padded.py \
       -k "compiled_model or tiny_bert or captured or segments or cuda" 2>&1 | tail -15 | tee -a "$log" || true
-    FLOOR_MODES=eager,compile BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-190} bash "$0" eager-floor || true
+    FLOOR_MODES=${FLOOR_MODES:-eager,compile} BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-190} bash "$0" \
+      eager-floor || true
     timeout ${BENCH_TIMEOUT:-170} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128 \
       --methods triton,flex_mask --json "$out/partial_tile_cost.json" 2>&1 \
       | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" | tee -a "$log" || true ;;
