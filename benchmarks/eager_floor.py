@@ -40,14 +40,14 @@ import torch
 from profile_attention_host import host_us  # this folder is the script's first import path
 
 
-_ALLOCATOR = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+_ALLOCATOR = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
 def _host_and_syncs(step, n: int = 5) -> tuple[float, int, dict]:
     """(median ms the host takes to issue ``step`` from an idle GPU, synchronizing calls torch reports in one step,
-    the caching allocator's cudaMalloc and cudaFree calls and retries in that step). The allocator's counts are
-    here because its waits are not calls the sync debug mode sees: a cache that cannot serve a request frees its
-    blocks, and cudaFree waits for the whole device."""
+    the caching allocator's cudaMalloc and cudaFree calls, retries and stream synchronizations in that step). The
+    allocator's counts are here because its waits are not calls the sync debug mode sees: a cache that cannot serve a
+    request frees its blocks, and cudaFree waits for the whole device."""
     ms = host_us(step, n) / 1e3
     before = torch.cuda.memory_stats()
     with warnings.catch_warnings(record=True) as caught:
@@ -142,10 +142,11 @@ def main(argv=None) -> int:
                 ms[mode], tokens_per_s[variant, mode] = res.step_ms, res.tokens_per_s
                 extra[f"{mode}_host_ms"], extra[f"{mode}_syncs"] = host.pop("ms"), host.pop("syncs")
                 extra[f"{mode}_allocator"] = host.pop("allocator")
+            alloc = {m: extra[f"{m}_allocator"] for m in modes}
             print(f"{batch_kind:<13} {variant:<10} " + "   ".join(
                 f"{m} {ms[m]:7.2f} ms (host {extra[m + '_host_ms']:6.2f}, syncs {extra[m + '_syncs']}, cudaMalloc "
-                f"{extra[m + '_allocator']['num_device_alloc']}, cudaFree {extra[m + '_allocator']['num_device_free']})"
-                for m in modes), flush=True)
+                f"{alloc[m]['num_device_alloc']}, cudaFree {alloc[m]['num_device_free']}, allocator syncs "
+                f"{alloc[m]['num_sync_all_streams']})" for m in modes), flush=True)
             rows.append({"batch": batch_kind, "variant": variant, **{f"{m}_ms": ms[m] for m in modes}, **extra})
         best_dense = max(tokens_per_s["dense", mode] for mode in modes)  # real tokens/s
         for r in rows[-len(variants):]:
