@@ -109,6 +109,14 @@ encoder_step() {
   shift 2
   timeout "$limit" python -m sparseattn.cli bench model --models encoder --lengths 16k --steps 10 --json "$json" "$@" 2>&1
 }
+# benchmarks/partial_tile_cost.py under $1 seconds, its JSON to $out, the other arguments its own; FlexAttention's
+# repeated warnings (its online softmax at long rows) filtered out of the log
+partial_tiles() {
+  local limit=$1
+  shift
+  timeout "$limit" python benchmarks/partial_tile_cost.py --json "$out/partial_tile_cost.json" "$@" 2>&1 \
+    | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" | tee -a "$log"
+}
 # the step under reduce-overhead with the two-pass and the fused backward, each tile size of $1 (spaces), batch kinds
 # $2, each run under $3 seconds
 backward_ab() {
@@ -205,9 +213,7 @@ case $stage in
     # and the graph, with the operators' launches taken out and each cell's host time; then the partial tiles' mask
     # cost against flex_mask (sliding, D 128 and 64; its rows print as they come, so its limit cuts only the last)
     FLOOR_MODES=eager,compile,graph BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-270} bash "$0" eager-floor || true
-    timeout ${BENCH_TIMEOUT:-260} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128,64 \
-      --json "$out/partial_tile_cost.json" 2>&1 | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" \
-      | tee -a "$log" || true ;;
+    partial_tiles "${BENCH_TIMEOUT:-260}" --layouts sliding --head-dims 128,64 || true ;;
   owed-31)
     # the thirty-first round's owed work in one call (about 9 minutes, each part under its own limit): the GPU tests
     # through models since the gradients take their inputs' layout (d84f8de), then the compiled floor with the
@@ -217,9 +223,7 @@ case $stage in
       -k "compiled_model or tiny_bert or captured or segments or cuda" 2>&1 | tail -15 | tee -a "$log" || true
     FLOOR_MODES=${FLOOR_MODES:-eager,compile} BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-190} bash "$0" \
       eager-floor || true
-    timeout ${BENCH_TIMEOUT:-170} python benchmarks/partial_tile_cost.py --layouts sliding --head-dims 128 \
-      --methods triton,flex_mask --json "$out/partial_tile_cost.json" 2>&1 \
-      | grep -v -i "online softmax\|split the reduction\|important use case\|warnings.warn\|^ *$" | tee -a "$log" || true ;;
+    partial_tiles "${BENCH_TIMEOUT:-170}" --layouts sliding --head-dims 128 --methods triton,flex_mask || true ;;
   owed-h200)
     # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
     # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run
