@@ -51,6 +51,8 @@
 #                      (eager and compiled, with the launchless row and the allocator's calls), partial_tile_cost.py at
 #                      D 128, in one call (about 9 minutes; with little device time left, FLOOR_MODES=compile and
 #                      TESTS_TIMEOUT=120 PROFILE_TIMEOUT=150 BENCH_TIMEOUT=120 fit about 7)
+#   direct             issue 24: the kernels launched through their compiled binaries (triton_launch): GPU tests, an
+#                      attention call's host time, the encoder step eagerly and compiled, with and without (8 minutes)
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
@@ -207,7 +209,8 @@ case $stage in
       2>&1 | tee -a "$log" || true ;;
   eager-floor)
     timeout ${PROFILE_TIMEOUT:-300} python benchmarks/eager_floor.py --length 16k --batches "${BATCHES:-unpadded,padding-free}" \
-      --modes "${FLOOR_MODES:-eager,graph}" --json "$out/eager_floor.json" 2>&1 | tee -a "$log" || true ;;
+      --modes "${FLOOR_MODES:-eager,graph}" --variants "${FLOOR_VARIANTS:-dense,sparse,launchless,free}" \
+      --json "$out/eager_floor.json" 2>&1 | tee -a "$log" || true ;;
   owed-30)
     # what the thirtieth round left unrun (about 9 minutes): the compiled step's floor (unpadded) beside the eager one
     # and the graph, with the operators' launches taken out and each cell's host time; then the partial tiles' mask
@@ -224,6 +227,18 @@ case $stage in
     FLOOR_MODES=${FLOOR_MODES:-eager,compile} BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-190} bash "$0" \
       eager-floor || true
     partial_tiles "${BENCH_TIMEOUT:-170}" --layouts sliding --head-dims 128 --methods triton,flex_mask || true ;;
+  direct)
+    # the kernels' binaries launched directly (triton_launch.DirectLaunch), in one call (about 8 minutes): the GPU tests
+    # of every kernel path and the launcher's own, an attention call's host time with and without it (the encoder's
+    # plan, split lists), then the 16k encoder step eagerly and compiled with it (sparse) and through the JIT (jit)
+    SPARSEATTN_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -m gpu \
+      -n "${TEST_WORKERS:-8}" tests/test_block_gpu.py tests/test_packed_padded.py \
+      -k "binaries or autotuned or (match_reference and triton) or segments or compiled_model or tiny_bert or captured" \
+      2>&1 | tail -15 | tee -a "$log" || true
+    timeout ${HOST_TIMEOUT:-100} python benchmarks/profile_attention_host.py --global-tokens 1 --calls 100 \
+      --json "$out/profile_attention_host.json" 2>&1 | tee -a "$log" || true
+    FLOOR_MODES=eager,compile FLOOR_VARIANTS=dense,sparse,jit BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-200} \
+      bash "$0" eager-floor || true ;;
   owed-h200)
     # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
     # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run

@@ -8,6 +8,8 @@ This bounds what any attention kernel can reach eagerly, in one process, on one 
 
 - ``dense``: dense SDPA (the model's own attention), eagerly and as one CUDA graph captured by hand;
 - ``sparse``: ``sparsify(model, plan, backend=BlockSparseBackend())``, the same two ways;
+- ``jit``: the sparse model with every kernel launched through Triton's JIT (``SPARSEATTN_TRITON_DIRECT=0``), as
+  before ``triton_launch.DirectLaunch``: what launching the compiled binaries directly saves;
 - ``launchless``: the sparse model with the kernels' launches taken out (``triton_kernel.forward_pass`` and
   ``backward_pass`` return uninitialized tensors): sparseattn's operators, their dispatch and Python, the graph split
   they make under torch.compile, without their GPU work or launches;
@@ -34,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 
 import torch
 from profile_attention_host import host_us  # this folder is the script's first import path
 
 
+VARIANTS = ("dense", "sparse", "jit", "launchless", "free")
 _ALLOCATOR = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--modes", default="eager,graph", help="eager, compile (torch.compile(model)), graph (captured by "
                     "hand); the fastest dense step is taken over all of them")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="dense and any of the others, comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
@@ -116,26 +121,30 @@ def main(argv=None) -> int:
         host["ms"], host["syncs"], host["allocator"] = _host_and_syncs(step)
         return t
     bench_model._time_steps = timed
-    variants = ("dense", "sparse", "launchless", "free")
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    if "dense" not in variants or len(variants) != len(args.variants.split(",")):
+        raise SystemExit(f"--variants {args.variants}: expected dense and any of {', '.join(VARIANTS[1:])}")
     for batch_kind in args.batches.split(","):
         bench = _Bench.make("encoder", length, batch_kind, tokens=args.tokens, decoder_layers=4)
         tokens_per_s = {}
         backend = None
         restore = None
         for variant in variants:
-            if variant == "sparse":
+            if variant != "dense" and backend is None:
                 backend = BlockSparseBackend()
                 sparsify(bench.model, bench.plan, backend=backend)
-            elif variant == "launchless":
+            os.environ["SPARSEATTN_TRITON_DIRECT"] = "0" if variant == "jit" else "1"
+            if variant == "launchless":
                 restore = _launchless(triton_kernel)
             elif variant == "free":
-                restore()
+                if restore is not None:
+                    restore()
                 # attention's output is its value tensor: no launch, no host work beyond the model's own call
                 backend.attention = lambda call: (call.value, None)
             ms, extra = {}, {}
             for mode in modes:  # as `bench model` times them
                 res = bench.result("dense" if variant == "dense" else "triton", mode, False)
-                _time_mode(bench, res, backend if variant == "sparse" else None, warmup=args.warmup,
+                _time_mode(bench, res, backend if variant in ("sparse", "jit") else None, warmup=args.warmup,
                            steps=args.steps, log=print)
                 if res.step_ms is None:
                     raise SystemExit(f"{batch_kind} {variant} {mode}: {res.note}")
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
               + " ".join(f"{r[m + '_ms']:12.2f} {r[m + '_host_ms']:8.2f}" for m in modes) + " "
               + " ".join(f"{r[m + '_over_fastest_dense']:23.2f}x" for m in modes))
     print("free: attention replaced by its value tensor (no work); its row bounds every attention kernel in each mode. "
-          "launchless: sparseattn's operators without their kernels. host ms: one step issued from an idle GPU. "
+          "launchless: sparseattn's operators without their kernels. jit: the kernels launched through Triton's JIT. host ms: one step issued from an idle GPU. "
           "Fastest dense: the fastest dense step of the modes run, same batch kind, real tokens/s.")
     if args.json:
         with open(args.json, "w") as f:

@@ -45,6 +45,8 @@ def _check_variant(variant: str) -> None:
 
 
 def child(args) -> list[dict]:
+    # Triton resolves a kernel's names in its module's globals, not the enclosing function's: tl is global here
+    global tl
     import torch
 
     import triton

@@ -13,7 +13,10 @@ in it, the host time of each layer of the call from the bottom up:
   argument binding, specialization or autotuner;
 - ``launch_jit``: the kernel through Triton's JIT with a fixed configuration (binding and specialization of its
   arguments, cache lookup);
-- ``forward_pass``: sparseattn's launch through the autotuner (its key and argument dictionary on top);
+- ``launch_direct``: the same through sparseattn's launcher (``triton_launch.DirectLaunch``: its arguments
+  specialized, then the compiled binary);
+- ``forward_pass``: sparseattn's launch through the autotuner (its key and argument dictionary on top), the chosen
+  configuration's binary launched directly (``triton_launch``); ``forward_pass_jit`` the same through Triton's JIT;
 - ``kernel_call``: ``block_sparse_attention_triton`` without autograd (input checks, padding of the head, the
   operator's eager path);
 - ``kernel_call_grad``: the same with inputs that need gradients (autograd's bookkeeping);
@@ -22,6 +25,7 @@ in it, the host time of each layer of the call from the bottom up:
   as `bench model`'s padding-free batch: the segmented kernels);
 - ``backward``: one backward pass of the kernel (the delta, dK/dV and dQ kernels; timed from the backward call);
 - ``backward_pass``: the same kernels launched directly (``triton_kernel.backward_pass``), without autograd's engine;
+  ``backward_pass_jit`` through Triton's JIT;
 - ``sdpa``: dense SDPA's forward, for scale.
 
 Then a cProfile of ``backend_call``'s and ``backward_pass``'s calls, the functions with the most own time.
@@ -112,15 +116,19 @@ def main(argv=None) -> int:
     kernel, extra = triton_kernel._kernel("fwd", 128)
     o = torch.empty_like(q)
     lse = torch.empty(1, H, L, device=dev, dtype=torch.float32)
+    # forward_pass's arguments for rows walked whole (no split forward: its scratch arguments are placeholders)
     launch_args = (q, k, v, o, lse, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                   *triton_kernel.list_args(lists, lists.row_full, lists.row_part), H, 1, L,
-                   triton_kernel.tune_length(lists.num_q_blocks), scale * triton_kernel.LOG2E)
-    consts = dict(HEAD_DIM=D, BS=128, PREC=None, VARLEN=False, **extra)
+                   *triton_kernel.list_args(lists, lists.row_full, lists.row_part), lists.row_order, lists.row_order,
+                   lse, lse, lse, 0, 0, 0, 0, 0, H, 1, L, triton_kernel.tune_length(lists.num_q_blocks),
+                   scale * triton_kernel.LOG2E)
+    consts = dict(HEAD_DIM=D, BS=128, PREC=None, SPLIT=False, VARLEN=False, **extra)
     grid = triton_kernel._parts_grid(H, lists.num_q_blocks)(consts)  # the compiled launcher needs a tuple
-    compiled = kernel[grid](*launch_args, **consts)
-    rows["launch_jit"] = host_us(lambda: kernel[grid](*launch_args, **consts), args.calls)
+    jit = kernel.fn  # the JIT function behind sparseattn's launcher (triton_launch.DirectLaunch)
+    compiled = jit[grid](*launch_args, **consts)
+    rows["launch_jit"] = host_us(lambda: jit[grid](*launch_args, **consts), args.calls)
+    rows["launch_direct"] = host_us(lambda: kernel[grid](*launch_args, **consts), args.calls)
     # the compiled binary's launcher takes every argument in order, compile-time constants too (it skips them)
-    full = [*launch_args, *(consts[name] for name in kernel.arg_names[len(launch_args):])]
+    full = [*launch_args, *(consts[name] for name in jit.arg_names[len(launch_args):])]
     try:
         compiled[(*grid, 1)](*full)
         rows["launch_compiled"] = host_us(lambda: compiled[(*grid, 1)](*full), args.calls)
@@ -130,6 +138,9 @@ def main(argv=None) -> int:
     os.environ["SPARSEATTN_TRITON_AUTOTUNE"] = "1"
 
     rows["forward_pass"] = host_us(lambda: triton_kernel.forward_pass(q, k, v, lists, scale), args.calls)
+    os.environ["SPARSEATTN_TRITON_DIRECT"] = "0"
+    rows["forward_pass_jit"] = host_us(lambda: triton_kernel.forward_pass(q, k, v, lists, scale), args.calls)
+    os.environ["SPARSEATTN_TRITON_DIRECT"] = "1"
     with torch.no_grad():
         rows["kernel_call"] = host_us(lambda: block_sparse_attention_triton(q, k, v, lists, scale=scale), args.calls)
     rows["kernel_call_grad"] = host_us(lambda: block_sparse_attention_triton(qg, kg, vg, lists, scale=scale),
@@ -158,6 +169,9 @@ def main(argv=None) -> int:
         triton_kernel.backward_pass(do, q, k, v, o, lse, lists, scale)
 
     rows["backward_pass"] = host_us(backward_pass, args.calls)
+    os.environ["SPARSEATTN_TRITON_DIRECT"] = "0"
+    rows["backward_pass_jit"] = host_us(backward_pass, args.calls)
+    os.environ["SPARSEATTN_TRITON_DIRECT"] = "1"
     rows["sdpa"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.calls)
     text, text_bwd = profile_text(backend_call, args.calls), profile_text(backward_pass, args.calls)
 

@@ -448,6 +448,42 @@ def test_autotuned_launches_match_reference_before_and_after_the_choice(name, sp
     assert len(chosen) == 3 and all(t._chosen for t in chosen)  # forward, dK/dV and dQ, each with its choice
 
 
+@pytest.mark.parametrize("length", [2048, 2001], ids=["whole tiles", "segments"])
+def test_kernels_launched_through_their_binaries_match_the_jit(length, monkeypatch):
+    """Every kernel of a forward and backward with split lists (forward, merge, delta, dK/dV, dQ, scratch copy) takes
+    its compiled binary's launcher after its first launch (triton_launch.DirectLaunch), and computes what Triton's JIT
+    launches compute: the forward bit for bit, the gradients within the split lists' atomic reordering."""
+    from sparseattn.backends import triton_kernel
+    from sparseattn.backends.tile_mask import TileMask
+
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)  # every long list split: the merge and scratch kernels run
+    H, D, n = 4, 64, 2048
+    keep = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
+    keep[:, :2] = keep[:2, :] = True
+    lists = triton_kernel.TileLists.from_layout(TileMask.from_mask(keep[None, None], 128))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, grad = (torch.randn(2, H, length, D, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))
+
+    def run(direct: bool):
+        monkeypatch.setenv("SPARSEATTN_TRITON_DIRECT", "1" if direct else "0")
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = triton_kernel.block_sparse_attention_triton(*qkv, lists)
+        return (out, *torch.autograd.grad(out, qkv, grad))
+
+    jit = run(False)
+    names = ("_fwd_kernel", "_fwd_merge", "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_scratch_kernel")
+    launchers = [triton_kernel._LAUNCHERS.get(getattr(triton_kernel, name)) for name in names]
+    assert all(launchers), [name for name, launcher in zip(names, launchers) if launcher is None]
+    before = [launcher.direct_launches for launcher in launchers]
+    for _ in range(2):
+        direct = run(True)
+    assert not [name for name, launcher, b in zip(names, launchers, before) if launcher.direct_launches == b]
+    assert torch.equal(direct[0], jit[0])
+    for what, a, b in zip(("dq", "dk", "dv"), direct[1:], jit[1:]):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), what
+
+
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch):
     """Split lists (and the fused backward) add with atomics, in an order that varies; under
     torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .tile_mask import EMPTY, FULL, TileMask, unpack_bits
+from .triton_launch import DirectLaunch
 
 try:  # an optional dependency: the CPU-only install has no Triton
     import triton
@@ -859,6 +860,19 @@ def autotune_cached() -> bool:
 _TUNED: dict = {}
 
 
+_LAUNCHERS: dict = {}
+
+
+def _launcher(fn):
+    """The JIT function ``fn`` launched through its compiled binary once compiled (``triton_launch``); ``fn`` itself
+    under the interpreter."""
+    if interpreted():
+        return fn
+    if fn not in _LAUNCHERS:
+        _LAUNCHERS[fn] = DirectLaunch(fn)
+    return _LAUNCHERS[fn]
+
+
 def tune_length(n_tiles: int) -> int:
     """The length class the autotuner keys on: tile rows rounded up to a power of two. Re-timing the candidates
     costs several calls' worth of time, which a generate() call at a new prompt length would pay each time if
@@ -876,7 +890,8 @@ def _kernel(name: str, bs: int):
         return raw, {_SUB[name]: min(32, bs), "ROWS": _rows(INTERPRETER_ROWS, bs)}
     if not autotuning():
         sub, warps, stages, rows = _FIXED[name]
-        return raw, {_SUB[name]: min(sub, bs), "ROWS": _rows(rows, bs), "num_warps": warps, "num_stages": stages}
+        return _launcher(raw), {_SUB[name]: min(sub, bs), "ROWS": _rows(rows, bs), "num_warps": warps,
+                                "num_stages": stages}
     key = (name, bs)
     if key not in _TUNED:
         seen = {(min(sub, bs), w, st, _rows(rows, bs)) for sub, w, st, rows in _CANDIDATES[name]}
@@ -904,6 +919,7 @@ class _Chosen:
     def __init__(self, tuner):
         self.tuner = tuner
         self.fn = tuner.fn
+        self.launch = _launcher(tuner.fn)
         self._len_at = tuner.arg_names.index("TUNE_LEN")
         self._chosen: dict = {}
 
@@ -921,7 +937,7 @@ class _Chosen:
             out = self.tuner[grid](*args, **kwargs)
             self._chosen[key] = self.tuner.best_config.all_kwargs()
             return out
-        return self.fn[grid](*args, **kwargs, **chosen)
+        return self.launch[grid](*args, **kwargs, **chosen)
 
 
 def tuned_configs() -> dict:
@@ -1020,9 +1036,9 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     if split:
         slots = lists.row_slots
         ssb, ssh = lists.group_strides(slots)
-        _fwd_merge[(S * H, slots.shape[-1])](o, lse, segments if varlen else q, scr_o, scr_m, scr_l, slots,
-                                             lists.row_slot_chunks, *o.stride()[:3], ssb, ssh, H, maxc, C, L,
-                                             HEAD_DIM=D, BS=bs, VARLEN=varlen)
+        _launcher(_fwd_merge)[(S * H, slots.shape[-1])](
+            o, lse, segments if varlen else q, scr_o, scr_m, scr_l, slots, lists.row_slot_chunks, *o.stride()[:3], ssb,
+            ssh, H, maxc, C, L, HEAD_DIM=D, BS=bs, VARLEN=varlen)
     return o, lse
 
 
@@ -1070,8 +1086,8 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     bs = lists.block_size
-    _delta_kernel[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, HEAD_DIM=D,
-                                               BLOCK=bs)
+    _launcher(_delta_kernel)[(triton.cdiv(L, bs), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L,
+                                                         HEAD_DIM=D, BLOCK=bs)
     # fused: dQ is added atomically in fp32; with segments, rows outside every segment get zero gradients. The
     # gradients are separate tensors, not views of one zeroed buffer: the operator may not return aliased outputs.
     # They take their inputs' memory layout (``_fake_grads`` states the rule for tracing): a model's (B, L, H, D)
@@ -1109,7 +1125,7 @@ def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str
         # an unused kind's slots point at the other kind's (int32 either way; its branch never runs)
         col, row = lists.col_slots if Sk else lists.row_slots, lists.row_slots if Sq else lists.col_slots
         (scb, sch), (srb, srh) = lists.group_strides(col), lists.group_strides(row)
-        _scratch_kernel[(S * H, max(Sk, Sq), (2 if Sk else 0) + (1 if Sq else 0))](
+        _launcher(_scratch_kernel)[(S * H, max(Sk, Sq), (2 if Sk else 0) + (1 if Sq else 0))](
             scr_k, scr_v, scr_q, dk, dv, dq, col, row, seg, *dk.stride()[:3], *dq.stride()[:3], scb, sch, srb, srh,
             H, Sk, Sq, L, HEAD_DIM=D, BS=bs, VARLEN=varlen, FIRST=0 if Sk else 2)
     if rep > 1:  # query heads that share a key/value head add their gradients
