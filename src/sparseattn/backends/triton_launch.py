@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 
-try:
+try:  # Triton's internals as of 3.4-3.6; another Triton launches through its JIT (``_SUPPORTED``)
     import triton
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl
+
+    _SUPPORTED = hasattr(knobs.runtime.launch_enter_hook, "calls") and hasattr(knobs.runtime.launch_exit_hook, "calls")
 except ImportError:  # pragma: no cover - the CPU-only install has no Triton
-    triton = None
+    triton, _SUPPORTED = None, False
 
 
 def direct_enabled() -> bool:
@@ -54,7 +56,7 @@ class DirectLaunch:
         self._flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
                        for p in params if not p.is_constexpr]
         self._n_runtime = len(self._flags)
-        self._plain = (all(not p.is_constexpr for p in params[:self._n_runtime])
+        self._plain = _SUPPORTED and hasattr(fn, "device_caches") and (all(not p.is_constexpr for p in params[:self._n_runtime])
                        and not any(p.annotation_type for p in params))
         self._binaries: dict = {}
         self.direct_launches = 0  # launches that took the binary's launcher (the tests check the path is taken)
