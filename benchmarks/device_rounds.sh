@@ -53,6 +53,8 @@
 #                      TESTS_TIMEOUT=120 PROFILE_TIMEOUT=150 BENCH_TIMEOUT=120 fit about 7)
 #   direct             issue 24: the kernels launched through their compiled binaries (triton_launch): GPU tests, an
 #                      attention call's host time, the encoder step eagerly and compiled, with and without (8 minutes)
+#   compile-order      issue 24: the compiled step in a fresh process, after a reduce-overhead cell, and the kernels'
+#                      launches through their binaries in each (benchmarks/compile_after_capture.py, 5 minutes)
 #   owed-h200          issue 24: eager-floor (unpadded and padding-free) and bench-model over the three modes (unpadded)
 #                      in one call, each under its own time limit: what the twentieth round (H100 only) left owed
 #   owed-22            issue 24: the kernel against flex_mask (16k, sliding, D 64, queued timing), then the decoder with
@@ -239,6 +241,11 @@ case $stage in
       --json "$out/profile_attention_host.json" 2>&1 | tee -a "$log" || true
     FLOOR_MODES=eager,compile FLOOR_VARIANTS=dense,sparse,jit BATCHES=unpadded PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-200} \
       bash "$0" eager-floor || true ;;
+  compile-order)
+    # the thirty-third round's open question (about 5 minutes): is the compiled step slower after a capture in the
+    # same process, and do its kernels still launch through their binaries there
+    timeout ${BENCH_TIMEOUT:-300} python benchmarks/compile_after_capture.py 2>&1 | grep -E "^  encoder|^after" \
+      | tee -a "$log" || true ;;
   owed-h200)
     # the twentieth round's owed H200 numbers in one call (about 9 minutes, each part under its own limit): the eager
     # floor with the cheaper autotuned launches, then the unpadded encoder step in the three modes users run

@@ -543,8 +543,8 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
 
 
 def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatch):
-    """``run_models`` runs the eager mode of every length and batch kind before any compiled or captured mode
-    (which leave state behind in the process), then lists the rows by length, batch kind, attention and mode, with
+    """``run_models`` runs the eager mode of every length and batch kind before any compiled or captured mode, and
+    every compiled one before any captured one (each leaves state behind in the process), then lists the rows by length, batch kind, attention and mode, with
     each row's speed-up over the fastest dense step of its length and batch kind, and of its length."""
     from sparseattn.bench import model as bm
 
@@ -566,12 +566,9 @@ def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatc
     kept = []
     out = bm.run_models([("encoder", 1024), ("encoder", 2048)], modes=modes, batches=batches, log=lambda *a: None,
                         done=lambda so_far: kept.append(len(so_far)))
-    compiled = ("reduce-overhead", "compile")
-    assert calls == [(1024, "unpadded", ("eager",)), (1024, "padded", ("eager",)),
-                     (2048, "unpadded", ("eager",)), (2048, "padded", ("eager",)),
-                     (1024, "unpadded", compiled), (1024, "padded", compiled),
-                     (2048, "unpadded", compiled), (2048, "padded", compiled)]
-    assert kept == [2, 4, 6, 8, 12, 16, 20, 24]
+    assert calls == [(n, b, (m,)) for m in ("eager", "compile", "reduce-overhead") for n in (1024, 2048)
+                     for b in batches]
+    assert kept == list(range(2, 26, 2))
     assert [(r.length, r.batch, r.kernel, r.mode) for r in out] == [
         (n, b, k, m) for n in (1024, 2048) for b in batches for k in (None, "triton") for m in modes]
     for n in (1024, 2048):  # the same ratios at each length: each is taken over its own length's dense steps
