@@ -132,3 +132,14 @@ def test_every_kernel_the_attention_launches_qualifies_for_the_direct_path():
         fn = getattr(triton_kernel, name)
         launcher = DirectLaunch(fn if hasattr(fn, "params") else JITFunction(fn.fn))
         assert launcher._plain, name
+
+
+def test_a_function_without_parameters_to_read_launches_through_itself(monkeypatch):
+    """Triton's interpreter stands a function without ``params`` in for the JIT's: every launch goes to it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    jit = _Jit()
+    del jit.params
+    launch = DirectLaunch(jit)
+    for _ in range(2):
+        launch[(1,)](*_args(), BS=4, FLAG=True)
+    assert len(jit.jit_calls) == 2 and launch.direct_launches == 0

@@ -51,12 +51,13 @@ class DirectLaunch:
     def __init__(self, fn):
         self.fn = fn
         self.names = fn.arg_names
-        params = fn.params
+        params = getattr(fn, "params", [])  # none where the interpreter's function stands in: JIT launches only
         # (is_const, specialize, align) per runtime parameter, as create_function_from_signature passes them
         self._flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
                        for p in params if not p.is_constexpr]
         self._n_runtime = len(self._flags)
-        self._plain = _SUPPORTED and hasattr(fn, "device_caches") and (all(not p.is_constexpr for p in params[:self._n_runtime])
+        self._plain = (bool(params) and _SUPPORTED and hasattr(fn, "device_caches")
+                       and all(not p.is_constexpr for p in params[:self._n_runtime])
                        and not any(p.annotation_type for p in params))
         self._binaries: dict = {}
         self.direct_launches = 0  # launches that took the binary's launcher (the tests check the path is taken)
