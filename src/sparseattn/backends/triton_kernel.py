@@ -30,7 +30,9 @@ reference, odd lengths, padding, per-head layouts, GQA).
 Runs on CUDA through Triton; under ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which the CPU tests
 use. Sub-tile shapes, warps and pipeline depth are autotuned per (head size, length class, precision) on the GPU
 (a few seconds of compiling per new head size, the timings kept on disk for later processes:
-``autotune_cached``); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead.
+``autotune_cached``); ``SPARSEATTN_TRITON_AUTOTUNE=0`` uses fixed ones instead. Once compiled, each kernel is launched
+through its compiled binary (``triton_launch``), not Triton's JIT, whose per-launch work an eager or compiled step at
+long lengths waits on.
 """
 
 from __future__ import annotations
@@ -907,14 +909,14 @@ def _kernel(name: str, bs: int):
 
 
 class _Chosen:
-    """An autotuned kernel that launches the configuration chosen for a call's tuning key through the kernel's JIT
-    function directly, once the autotuner has chosen it. Triton's ``Autotuner.run`` rebuilds its key from every
+    """An autotuned kernel that launches the configuration chosen for a call's tuning key without the autotuner, once
+    it has chosen (through the kernel's compiled binary: ``_launcher``). Triton's ``Autotuner.run`` rebuilds its key from every
     argument at each launch, a large share of the launch's host time (docs/benchmarks.md, twentieth round); an
     eager step makes three such launches a layer. The key here is the length class, the query's dtype and the
     compile-time constants, which decide the autotuner's key at every call site of this module (the other tensors'
     dtypes follow from the query's). A key coarser than the autotuner's could only pick another candidate's
-    configuration, never a wrong result: every candidate computes the same attention, and the JIT function
-    specializes on the arguments it is given."""
+    configuration, never a wrong result: every candidate computes the same attention, and the launch specializes
+    on the arguments it is given."""
 
     def __init__(self, tuner):
         self.tuner = tuner
