@@ -2,9 +2,9 @@
 
 Triton's ``JITFunction.run`` binds the arguments, specializes each one, builds a cache key with the options'
 string form, checks the kernel's globals, evaluates the grid and builds launch metadata for its hooks before the
-compiled launcher runs: about half of a launch's host time (docs/benchmarks.md, twentieth round: 26.6 against
-11.2 us, 60.5 against 25.7 on a slower host). A training step launches six such kernels per layer, and an eager
-or compiled step at long lengths waits on that host time. `DirectLaunch` keeps only what decides which binary
+compiled launcher runs: more than half of a launch's host time (docs/benchmarks.md, twentieth and thirty-third
+rounds). A training step launches six such kernels per layer, and an eager or compiled step at long lengths waits on
+that host time. `DirectLaunch` keeps only what decides which binary
 runs: each runtime argument specialized by Triton's own function (dtype, 16-byte alignment, an integer equal to 1
 or divisible by 16, as ``JITFunction`` does), the compile-time constants and the options. The first launch of a
 key goes through the JIT (which compiles or finds the binary and returns it); later ones call the binary's
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-try:  # Triton's internals as of 3.4-3.6; another Triton launches through its JIT (``_SUPPORTED``)
+try:  # Triton's internals as of 3.6; a Triton without them launches through its JIT (``_SUPPORTED``)
     import triton
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl
