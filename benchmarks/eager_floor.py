@@ -169,7 +169,8 @@ def main(argv=None) -> int:
               + " ".join(f"{r[m + '_ms']:12.2f} {r[m + '_host_ms']:8.2f}" for m in modes) + " "
               + " ".join(f"{r[m + '_over_fastest_dense']:23.2f}x" for m in modes))
     print("free: attention replaced by its value tensor (no work); its row bounds every attention kernel in each mode. "
-          "launchless: sparseattn's operators without their kernels. jit: the kernels launched through Triton's JIT. host ms: one step issued from an idle GPU. "
+          "launchless: sparseattn's operators without their kernels. jit: the kernels launched through Triton's JIT. "
+          "host ms: one step issued from an idle GPU. "
           "Fastest dense: the fastest dense step of the modes run, same batch kind, real tokens/s.")
     if args.json:
         with open(args.json, "w") as f:

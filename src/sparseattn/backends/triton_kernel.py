@@ -910,9 +910,9 @@ def _kernel(name: str, bs: int):
 
 class _Chosen:
     """An autotuned kernel that launches the configuration chosen for a call's tuning key without the autotuner, once
-    it has chosen (through the kernel's compiled binary: ``_launcher``). Triton's ``Autotuner.run`` rebuilds its key from every
-    argument at each launch, a large share of the launch's host time (docs/benchmarks.md, twentieth round); an
-    eager step makes three such launches a layer. The key here is the length class, the query's dtype and the
+    it has chosen (through the kernel's compiled binary: ``_launcher``). Triton's ``Autotuner.run`` rebuilds its key
+    from every argument at each launch, a large share of the launch's host time (docs/benchmarks.md, twentieth
+    round); an eager step makes three such launches a layer. The key here is the length class, the query's dtype and the
     compile-time constants, which decide the autotuner's key at every call site of this module (the other tensors'
     dtypes follow from the query's). A key coarser than the autotuner's could only pick another candidate's
     configuration, never a wrong result: every candidate computes the same attention, and the launch specializes

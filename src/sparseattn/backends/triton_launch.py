@@ -4,11 +4,10 @@ Triton's ``JITFunction.run`` binds the arguments, specializes each one, builds a
 string form, checks the kernel's globals, evaluates the grid and builds launch metadata for its hooks before the
 compiled launcher runs: more than half of a launch's host time (docs/benchmarks.md, twentieth and thirty-third
 rounds). A training step launches six such kernels per layer, and an eager or compiled step at long lengths waits on
-that host time. `DirectLaunch` keeps only what decides which binary
-runs: each runtime argument specialized by Triton's own function (dtype, 16-byte alignment, an integer equal to 1
-or divisible by 16, as ``JITFunction`` does), the compile-time constants and the options. The first launch of a
-key goes through the JIT (which compiles or finds the binary and returns it); later ones call the binary's
-launcher with the arguments in the kernel's order.
+that host time. `DirectLaunch` keeps only what decides which binary runs: each runtime argument specialized by
+Triton's own function (dtype, 16-byte alignment, an integer equal to 1 or divisible by 16, as ``JITFunction`` does),
+the compile-time constants and the options. The first launch of a key goes through the JIT (which compiles or finds
+the binary and returns it); later ones call the binary's launcher with the arguments in the kernel's order.
 
 Where launching this way could differ from the JIT it is not used: under Triton's interpreter, with launch hooks
 installed (a profiler such as Proton), with the JIT's pre-run hooks, or for kernels whose parameters carry type
@@ -56,6 +55,7 @@ class DirectLaunch:
         self._flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
                        for p in params if not p.is_constexpr]
         self._n_runtime = len(self._flags)
+        self._constants = tuple(self.names[self._n_runtime:])  # the parameters after the runtime ones, in order
         self._plain = (bool(params) and _SUPPORTED and hasattr(fn, "device_caches")
                        and all(not p.is_constexpr for p in params[:self._n_runtime])
                        and not any(p.annotation_type for p in params))
@@ -88,7 +88,7 @@ class DirectLaunch:
             key = key if key is not None else self._key(device, args, kwargs)  # the device's first launch
             # a constant left to its default is not in kwargs: such a call stays with the JIT
             if (key is not None and hasattr(binary, "packed_metadata")
-                    and all(n in kwargs for n in self.names[self._n_runtime:])):
+                    and all(n in kwargs for n in self._constants)):
                 self._binaries[key] = binary
             return binary
         if callable(grid):
@@ -96,6 +96,6 @@ class DirectLaunch:
         stream = _current_stream(device)
         binary.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                    binary.function, binary.packed_metadata, None, None, None,
-                   *args, *[kwargs[name] for name in self.names[self._n_runtime:]])
+                   *args, *[kwargs[name] for name in self._constants])
         self.direct_launches += 1
         return binary
