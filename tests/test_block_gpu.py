@@ -448,22 +448,33 @@ def test_autotuned_launches_match_reference_before_and_after_the_choice(name, sp
     assert len(chosen) == 3 and all(t._chosen for t in chosen)  # forward, dK/dV and dQ, each with its choice
 
 
+def _split_everywhere(monkeypatch, length: int):
+    """(lists, q, k, v, output gradient): a 300-token band with two global tokens over 2048 tokens in tiles of 128,
+    every long list split into one-tile chunks (rows and columns alike); inputs of ``length`` tokens, 2 x 4 heads of
+    64."""
+    from sparseattn.backends import triton_kernel
+    from sparseattn.backends.tile_mask import TileMask
+
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+    n = 2048
+    keep = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
+    keep[:, :2] = keep[:2, :] = True
+    lists = triton_kernel.TileLists.from_layout(TileMask.from_mask(keep[None, None], 128))
+    assert lists.split_rows and lists.split_cols
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, length, 64, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))
+    return lists, q, k, v, grad
+
+
 @pytest.mark.parametrize("length", [2048, 2001], ids=["whole tiles", "segments"])
 def test_kernels_launched_through_their_binaries_match_the_jit(length, monkeypatch):
     """Every kernel of a forward and backward with split lists (forward, merge, delta, dK/dV, dQ, scratch copy) takes
     its compiled binary's launcher after its first launch (triton_launch.DirectLaunch), and computes what Triton's JIT
     launches compute: the forward bit for bit, the gradients within the split lists' atomic reordering."""
     from sparseattn.backends import triton_kernel
-    from sparseattn.backends.tile_mask import TileMask
 
-    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
-    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)  # every long list split: the merge and scratch kernels run
-    H, D, n = 4, 64, 2048
-    keep = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
-    keep[:, :2] = keep[:2, :] = True
-    lists = triton_kernel.TileLists.from_layout(TileMask.from_mask(keep[None, None], 128))
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v, grad = (torch.randn(2, H, length, D, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))
+    lists, q, k, v, grad = _split_everywhere(monkeypatch, length)  # the merge and scratch kernels run
 
     def run(direct: bool):
         monkeypatch.setenv("SPARSEATTN_TRITON_DIRECT", "1" if direct else "0")
@@ -489,17 +500,8 @@ def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch)
     torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the
     default ones within rounding."""
     from sparseattn.backends import triton_kernel
-    from sparseattn.backends.tile_mask import TileMask
 
-    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 1)
-    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)  # every backward list split into one-tile chunks
-    L, H, D = 2048, 4, 64
-    keep = torch.ones(L, L, dtype=torch.bool, device=DEVICE).tril(300).triu(-300)
-    keep[:, :2] = keep[:2, :] = True
-    lists = triton_kernel.TileLists.from_layout(TileMask.from_mask(keep[None, None], 128))
-    assert lists.split_rows and lists.split_cols
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v, grad = (torch.randn(2, H, L, D, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(4))
+    lists, q, k, v, grad = _split_everywhere(monkeypatch, 2048)
 
     def grads():
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
