@@ -113,16 +113,9 @@ def main(argv=None) -> int:
 
     # the forward kernel with a fixed configuration, through the JIT and as its compiled binary
     os.environ["SPARSEATTN_TRITON_AUTOTUNE"] = "0"
-    kernel, extra = triton_kernel._kernel("fwd", 128)
-    o = torch.empty_like(q)
-    lse = torch.empty(1, H, L, device=dev, dtype=torch.float32)
-    # forward_pass's arguments for rows walked whole (no split forward: its scratch arguments are placeholders)
-    launch_args = (q, k, v, o, lse, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                   *triton_kernel.list_args(lists, lists.row_full, lists.row_part), lists.row_order, lists.row_order,
-                   lse, lse, lse, 0, 0, 0, 0, 0, H, 1, L, triton_kernel.tune_length(lists.num_q_blocks),
-                   scale * triton_kernel.LOG2E)
-    consts = dict(HEAD_DIM=D, BS=128, PREC=None, SPLIT=False, VARLEN=False, **extra)
-    grid = triton_kernel._parts_grid(H, lists.num_q_blocks)(consts)  # the compiled launcher needs a tuple
+    # forward_pass's own first launch, as it makes it (with the split forward's scratch where the lists split rows)
+    kernel, grid, launch_args, consts, o, lse, _ = triton_kernel.forward_launch(q, k, v, lists, scale)
+    grid = grid(consts)  # the compiled launcher needs a tuple
     jit = kernel.fn  # the JIT function behind sparseattn's launcher (triton_launch.DirectLaunch)
     compiled = jit[grid](*launch_args, **consts)
     rows["launch_jit"] = host_us(lambda: jit[grid](*launch_args, **consts), args.calls)

@@ -195,3 +195,29 @@ def test_a_growing_cache_compiles_the_decode_kernel_once(device):
     for n in range(start + 1, stop):  # a cache's rows are contiguous at each length, as transformers' caches hand them
         decode_attention(q, k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), keep[..., :n].contiguous())
     assert decode_kernel.compiled_variants(q.device) == variants
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+def test_decode_kernels_launched_through_their_binaries_match_the_jit(device, monkeypatch):
+    """After its first launch each decode kernel takes its compiled binary's launcher (triton_launch.DirectLaunch)
+    and computes bit for bit what Triton's JIT launches compute, also as the cache grows: the key length, the
+    keep-mask's strides and the split count are left unspecialized, so a longer cache keeps the binary."""
+    from sparseattn.backends import triton_kernel
+
+    q, k, v, keep = make(2, 32, 8, 1, 2100, 64, 1, device=device)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+
+    def run(direct: bool, n: int):
+        monkeypatch.setenv("SPARSEATTN_TRITON_DIRECT", "1" if direct else "0")
+        return decode_attention(q, k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), keep[..., :n].contiguous())
+
+    lengths = (1999, 2000, 2049, 2100)
+    jit = [run(False, n) for n in lengths]
+    run(True, lengths[0])  # the first launch through the launcher compiles or finds the binary by the JIT
+    launchers = [triton_kernel._LAUNCHERS.get(fn) for fn in (decode_kernel._decode_split, decode_kernel._merge_splits)]
+    assert all(launchers)
+    before = [launcher.direct_launches for launcher in launchers]
+    direct = [run(True, n) for n in lengths]
+    assert [launcher.direct_launches - b for launcher, b in zip(launchers, before)] == [len(lengths)] * 2
+    for n, a, b in zip(lengths, direct, jit):
+        assert torch.equal(a, b), n

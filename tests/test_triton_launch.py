@@ -1,7 +1,7 @@
 """`triton_launch.DirectLaunch`: which launches take a kernel's compiled binary directly, and with which arguments.
 
 The binary's launcher is Triton's, so on the CPU it is replaced by a recorder; the kernels' outputs through the direct
-path are checked on the GPU (test_block_gpu.py)."""
+path are checked on the GPU (test_block_gpu.py, test_decode_kernel.py)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from sparseattn.backends import triton_kernel, triton_launch  # noqa: E402
+from sparseattn.backends import decode_kernel, triton_kernel, triton_launch  # noqa: E402
 from sparseattn.backends.triton_launch import DirectLaunch, native_specialize_impl  # noqa: E402
 
 # the specializer's first call imports Triton's Gluon, which checks the interpreter setting of the kernels defined so
@@ -128,8 +128,11 @@ def test_launches_stay_with_the_jit_where_the_binary_could_differ(launch, monkey
 
 def test_every_kernel_the_attention_launches_qualifies_for_the_direct_path():
     """Constants last and no annotated parameters: otherwise DirectLaunch silently keeps the JIT's slower path."""
-    for name in ("_fwd_kernel", "_fwd_merge", "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_scratch_kernel"):
-        fn = getattr(triton_kernel, name)
+    kernels = [(triton_kernel, name) for name in ("_fwd_kernel", "_fwd_merge", "_delta_kernel", "_dkdv_kernel",
+                                                  "_dq_kernel", "_scratch_kernel")]
+    kernels += [(decode_kernel, name) for name in ("_decode_split", "_merge_splits")]
+    for module, name in kernels:
+        fn = getattr(module, name)
         launcher = DirectLaunch(fn if hasattr(fn, "params") else JITFunction(fn.fn))
         assert launcher._plain, name
 

@@ -186,7 +186,7 @@ def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
     l_part = torch.empty_like(m_part)
     if interpreted():
         triton_kernel._mend_interpreter()  # loop bounds read from memory (see there)
-    _decode_split[(B * Hkv, S)](
+    triton_kernel._launcher(_decode_split)[(B * Hkv, S)](
         qp, kp, vp, keep, tiles, count, o_part, m_part, l_part,
         qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), keep.stride(0), keep.stride(1), keep.stride(2),
@@ -196,7 +196,7 @@ def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
         IEEE=q.dtype == torch.float32)
     out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     block_r = 16
-    _merge_splits[(B * Hkv, -(-rows // block_r))](
+    triton_kernel._launcher(_merge_splits)[(B * Hkv, -(-rows // block_r))](
         o_part, m_part, l_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         m_part.stride(0), m_part.stride(1), m_part.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hkv, Lq, rows, S, G=G, BLOCK_R=block_r, D=Dp, D_OUT=D)

@@ -1006,9 +1006,10 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
-    """(output, log-sum-exp in base 2 (B, H, L) fp32) of attention over the kept tiles. q: (B, H, L, D) with D a
-    power of two >= 16; segments: see ``block_sparse_attention_triton``. Rows outside every segment are zero."""
+def forward_launch(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
+    """The forward's launches, unlaunched: (kernel, grid, arguments, constants, o, lse, merge), with merge None or
+    the split rows' merge as (grid, arguments, constants) for ``_fwd_merge``. ``forward_pass`` launches them; the
+    host-time benchmark times the same launch without re-typing its 44 arguments."""
     B, H, L, D = q.shape
     varlen = segments is not None
     S = segments.shape[0] if varlen else B
@@ -1017,7 +1018,9 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
     lse = torch.full((B, H, L), float("inf"), device=q.device, dtype=torch.float32) \
         if varlen else torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     bs = lists.block_size
+    seg = segments if varlen else q  # a placeholder pointer where there are no segments
     split = lists.split_rows and lists.row_chunk is not None and split_forward()
+    merge = None
     if split:  # long rows in chunks, as the dQ pass walks them; their partial softmax in scratch, merged after
         maxc = lists.row_max_chunks
         C = lists.row_slots.shape[-1] * maxc
@@ -1025,22 +1028,31 @@ def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor
         scr_m, scr_l = torch.empty(2, S * H, C, bs, device=q.device, dtype=torch.float32)
         prog, chunk, programs = lists.row_prog, lists.row_chunk, lists.row_prog.shape[2]
         (spb, sph), (skcb, skch) = lists.group_strides(prog), lists.group_strides(chunk)
+        slots = lists.row_slots
+        ssb, ssh = lists.group_strides(slots)
+        merge = ((S * H, slots.shape[-1]),
+                 (o, lse, seg, scr_o, scr_m, scr_l, slots, lists.row_slot_chunks, *o.stride()[:3], ssb, ssh, H, maxc, C,
+                  L), dict(HEAD_DIM=D, BS=bs, VARLEN=varlen))
     else:  # placeholders: these arguments are read only with split rows
         C, scr_o, scr_m, scr_l = 0, lse, lse, lse
         prog, chunk, programs = lists.row_order, lists.row_order, lists.num_q_blocks
         spb = sph = skcb = skch = 0
     kernel, extra = _kernel("fwd", bs)
-    kernel[_parts_grid(S * H, programs)](
-        q, k, v, o, lse, segments if varlen else q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o.stride()[:3], *list_args(lists, lists.row_full, lists.row_part), prog, chunk, scr_o, scr_m, scr_l, spb,
-        sph, skcb, skch, C, H, H // k.shape[1], L, tune_length(lists.num_q_blocks), scale * LOG2E, HEAD_DIM=D, BS=bs,
-        PREC=_prec(q.dtype), SPLIT=split, VARLEN=varlen, **extra)
-    if split:
-        slots = lists.row_slots
-        ssb, ssh = lists.group_strides(slots)
-        _launcher(_fwd_merge)[(S * H, slots.shape[-1])](
-            o, lse, segments if varlen else q, scr_o, scr_m, scr_l, slots, lists.row_slot_chunks, *o.stride()[:3], ssb,
-            ssh, H, maxc, C, L, HEAD_DIM=D, BS=bs, VARLEN=varlen)
+    args = (q, k, v, o, lse, seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            *list_args(lists, lists.row_full, lists.row_part), prog, chunk, scr_o, scr_m, scr_l, spb, sph, skcb, skch,
+            C, H, H // k.shape[1], L, tune_length(lists.num_q_blocks), scale * LOG2E)
+    constants = dict(HEAD_DIM=D, BS=bs, PREC=_prec(q.dtype), SPLIT=split, VARLEN=varlen, **extra)
+    return kernel, _parts_grid(S * H, programs), args, constants, o, lse, merge
+
+
+def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
+    """(output, log-sum-exp in base 2 (B, H, L) fp32) of attention over the kept tiles. q: (B, H, L, D) with D a
+    power of two >= 16; segments: see ``block_sparse_attention_triton``. Rows outside every segment are zero."""
+    kernel, grid, args, constants, o, lse, merge = forward_launch(q, k, v, lists, scale, segments)
+    kernel[grid](*args, **constants)
+    if merge is not None:
+        grid, args, constants = merge
+        _launcher(_fwd_merge)[grid](*args, **constants)
     return o, lse
 
 
