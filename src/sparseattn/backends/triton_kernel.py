@@ -1009,7 +1009,7 @@ def _prec(dtype):
 def forward_launch(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
     """The forward's launches, unlaunched: (kernel, grid, arguments, constants, o, lse, merge), with merge None or
     the split rows' merge as (grid, arguments, constants) for ``_fwd_merge``. ``forward_pass`` launches them; the
-    host-time benchmark times the same launch without re-typing its 44 arguments."""
+    host-time benchmark times the same launch rather than a hand-copied twin of its argument list."""
     B, H, L, D = q.shape
     varlen = segments is not None
     S = segments.shape[0] if varlen else B
