@@ -495,6 +495,29 @@ def test_kernels_launched_through_their_binaries_match_the_jit(length, monkeypat
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), what
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current(monkeypatch):
+    """A model spread over GPUs (device_map="auto") calls a layer on cuda:1 with cuda:0 current: its kernels run on
+    cuda:1 (triton_launch.on_device_of_first_input) and compute what they compute with cuda:1 current."""
+    from sparseattn.backends import triton_kernel
+
+    with torch.cuda.device(1):
+        lists, q, k, v, grad = _split_everywhere(monkeypatch, 2001)  # every kernel, segments included
+
+    def run():
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = triton_kernel.block_sparse_attention_triton(*qkv, lists)
+        return (out, *torch.autograd.grad(out, qkv, grad))
+
+    assert q.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    elsewhere = run()
+    with torch.cuda.device(1):
+        here = run()
+    assert torch.equal(elsewhere[0], here[0])
+    for what, a, b in zip(("dq", "dk", "dv"), elsewhere[1:], here[1:]):
+        assert a.device == q.device and torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), what
+
+
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(monkeypatch):
     """Split lists (and the fused backward) add with atomics, in an order that varies; under
     torch.use_deterministic_algorithms(True) the kernel's gradients repeat bit for bit, and agree with the

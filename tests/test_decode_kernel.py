@@ -221,3 +221,16 @@ def test_decode_kernels_launched_through_their_binaries_match_the_jit(device, mo
     assert [launcher.direct_launches - b for launcher, b in zip(launchers, before)] == [len(lengths)] * 2
     for n, a, b in zip(lengths, direct, jit):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_decoding_a_layer_on_the_second_gpu_while_the_first_is_current(device):
+    """device_map="auto" puts later layers on cuda:1 while cuda:0 stays current: the decode kernels run on cuda:1."""
+    q, k, v, keep = make(2, 32, 8, 1, 1001, 64, 1, device="cuda:1")
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    assert torch.cuda.current_device() == 0
+    elsewhere = decode_attention(q, k, v, keep)
+    with torch.cuda.device(1):
+        here = decode_attention(q, k, v, keep)
+    assert elsewhere.device == q.device and torch.equal(elsewhere, here)

@@ -146,3 +146,45 @@ def test_a_function_without_parameters_to_read_launches_through_itself(monkeypat
     for _ in range(2):
         launch[(1,)](*_args(), BS=4, FLAG=True)
     assert len(jit.jit_calls) == 2 and launch.direct_launches == 0
+
+
+class _On:
+    """An input's stand-in: only its device is read."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+@pytest.mark.parametrize("device, current, guarded", [("cuda:1", 0, 1), ("cuda:0", 0, None), ("cuda:2", 2, None),
+                                                      ("cpu", None, None)])
+def test_kernels_launch_on_their_inputs_device_not_the_current_one(monkeypatch, device, current, guarded):
+    """Triton launches on the current CUDA device: a layer on cuda:1 called while cuda:0 is current (a model spread
+    over GPUs with device_map="auto") must run with cuda:1 current, and a call on the current device or the CPU
+    enters no guard (the CPU never asks CUDA which device is current)."""
+    entered, seen = [], []
+
+    class _Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append(("left", self.index))
+
+    def current_device():
+        assert current is not None, "asked CUDA's current device for a CPU input"
+        return current
+
+    monkeypatch.setattr(torch.cuda, "current_device", current_device)
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+    run = triton_launch.on_device_of_first_input(lambda x, y, scale=1.0: seen.append((list(entered), y, scale)) or 5)
+    assert run(_On(device), "y", scale=2.0) == 5
+    assert seen == [([guarded] if guarded is not None else [], "y", 2.0)]
+    assert entered == ([guarded, ("left", guarded)] if guarded is not None else [])
+
+
+def test_every_entry_that_launches_kernels_is_guarded_to_its_inputs_device():
+    for fn in (triton_kernel.forward_pass, triton_kernel.backward_pass, decode_kernel._decode):
+        assert fn.__code__ is triton_launch.on_device_of_first_input(lambda x: x).__code__, fn.__name__

@@ -23,6 +23,7 @@ import torch
 
 from . import triton_kernel
 from .triton_kernel import _pad_head, _padded_head, interpreted
+from .triton_launch import on_device_of_first_input
 
 try:
     import triton
@@ -170,6 +171,7 @@ if triton is not None:
                  mask=row_ok[:, None] & (d[None, :] < D_OUT))
 
 
+@on_device_of_first_input
 def _decode(q, k, v, keep, tiles, count, scale: float) -> torch.Tensor:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .tile_mask import EMPTY, FULL, TileMask, unpack_bits
-from .triton_launch import DirectLaunch
+from .triton_launch import DirectLaunch, on_device_of_first_input
 
 try:  # an optional dependency: the CPU-only install has no Triton
     import triton
@@ -1045,6 +1045,7 @@ def forward_launch(q, k, v, lists: TileLists, scale: float, segments: torch.Tens
     return kernel, _parts_grid(S * H, programs), args, constants, o, lse, merge
 
 
+@on_device_of_first_input
 def forward_pass(q, k, v, lists: TileLists, scale: float, segments: torch.Tensor | None = None):
     """(output, log-sum-exp in base 2 (B, H, L) fp32) of attention over the kept tiles. q: (B, H, L, D) with D a
     power of two >= 16; segments: see ``block_sparse_attention_triton``. Rows outside every segment are zero."""
@@ -1083,6 +1084,7 @@ def _zeroed(shapes, dtype, device) -> list:
                                                      shapes)]
 
 
+@on_device_of_first_input
 def backward_pass(do, q, k, v, o, lse, lists: TileLists, scale: float, mode: str = "two-pass",
              segments: torch.Tensor | None = None):
     """(dq, dk, dv). mode "fused": one pass over tile columns computes dK and dV and adds dQ atomically (fp32);

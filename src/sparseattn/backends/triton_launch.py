@@ -18,7 +18,10 @@ does not recompile what this has kept.
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 try:  # Triton's internals as of 3.6; a Triton without them launches through its JIT (``_SUPPORTED``)
     import triton
@@ -32,6 +35,23 @@ except ImportError:  # pragma: no cover - the CPU-only install has no Triton
 
 def direct_enabled() -> bool:
     return os.environ.get("SPARSEATTN_TRITON_DIRECT", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def on_device_of_first_input(fn):
+    """``fn(x, ...)`` run with ``x``'s CUDA device current. Triton compiles for and launches on the *current* device,
+    not on the one its arguments live on; a model spread over GPUs (transformers' ``device_map="auto"``) calls a
+    layer on cuda:1 while cuda:0 is current, and a kernel launched there reads another GPU's memory (an error, or
+    wrong numbers). The guard is entered only where the devices differ: one query of the current device a call."""
+
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        index = x.device.index
+        if x.device.type == "cuda" and index is not None and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return run
 
 
 def _current_device() -> int:
