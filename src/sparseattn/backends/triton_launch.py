@@ -4,9 +4,9 @@ Triton's ``JITFunction.run`` binds the arguments, specializes each one, builds a
 string form, checks the kernel's globals, evaluates the grid and builds launch metadata for its hooks before the
 compiled launcher runs: more than half of a launch's host time (docs/benchmarks.md, twentieth and thirty-third
 rounds). A training step launches six such kernels per layer and a decoding step two, and an eager or compiled step
-at long lengths waits on that host time. `DirectLaunch` keeps only what decides which binary runs: each runtime argument specialized by
-Triton's own function (dtype, 16-byte alignment, an integer equal to 1 or divisible by 16, as ``JITFunction`` does),
-the compile-time constants and the options. The first launch of a key goes through the JIT (which compiles or finds
+at long lengths waits on that host time. `DirectLaunch` keeps only what decides which binary runs: each runtime
+argument specialized by Triton's own function (dtype, 16-byte alignment, an integer equal to 1 or divisible by 16, as
+``JITFunction`` does), the compile-time constants and the options. The first launch of a key goes through the JIT (which compiles or finds
 the binary and returns it); later ones call the binary's launcher with the arguments in the kernel's order.
 
 Where launching this way could differ from the JIT it is not used: under Triton's interpreter, with launch hooks

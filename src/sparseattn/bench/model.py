@@ -389,10 +389,9 @@ def run_models(configs, *, tokens: int = 16384, warmup: int = 3, steps: int = 8,
     Every eager step is timed first, before anything in the process is compiled or captured, as in users' eager
     runs: padded and packed eager steps timed after the compiled modes had run in the same process came out 10-12
     ms slower than in an eager-only run of the same batches (docs/benchmarks.md, tenth round). Then every
-    ``torch.compile(model)`` step, before anything is captured as a CUDA graph: the compiled sparse step timed after
-    a ``reduce-overhead`` cell of the same process took 25.7 ms where one timed in a process without a capture took
-    15.2 on the same machine (thirty-third round; the cause not established). ``done`` is called with the results so
-    far after each batch kind (to keep them, whatever happens next)."""
+    ``torch.compile(model)`` step, before anything is captured as a CUDA graph, so that each mode runs in a process
+    no later mode has changed (a capture turned out not to slow the compiled step: thirty-fourth round). ``done`` is
+    called with the results so far after each batch kind (to keep them, whatever happens next)."""
     configs, modes, batches, kernels = list(configs), list(modes), list(batches), list(kernels)
     out = []
     phases = [m for m in ([m for m in modes if m == "eager"], [m for m in modes if m == "compile"],
