@@ -544,8 +544,9 @@ def test_bench_ratios_against_dense_and_the_kernels_own_dense_speed():
 
 def test_bench_model_times_every_eager_step_before_compiling_anything(monkeypatch):
     """``run_models`` runs the eager mode of every length and batch kind before any compiled or captured mode, and
-    every compiled one before any captured one (each leaves state behind in the process), then lists the rows by length, batch kind, attention and mode, with
-    each row's speed-up over the fastest dense step of its length and batch kind, and of its length."""
+    every compiled one before any captured one (each leaves state behind in the process), then lists the rows by
+    length, batch kind, attention and mode, with each row's speed-up over the fastest dense step of its length and
+    batch kind, and of its length."""
     from sparseattn.bench import model as bm
 
     calls = []

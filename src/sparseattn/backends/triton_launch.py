@@ -6,8 +6,9 @@ compiled launcher runs: more than half of a launch's host time (docs/benchmarks.
 rounds). A training step launches six such kernels per layer and a decoding step two, and an eager or compiled step
 at long lengths waits on that host time. `DirectLaunch` keeps only what decides which binary runs: each runtime
 argument specialized by Triton's own function (dtype, 16-byte alignment, an integer equal to 1 or divisible by 16, as
-``JITFunction`` does), the compile-time constants and the options. The first launch of a key goes through the JIT (which compiles or finds
-the binary and returns it); later ones call the binary's launcher with the arguments in the kernel's order.
+``JITFunction`` does), the compile-time constants and the options. The first launch of a key goes through the JIT
+(which compiles or finds the binary and returns it); later ones call the binary's launcher with the arguments in the
+kernel's order.
 
 Where launching this way could differ from the JIT it is not used: under Triton's interpreter, with launch hooks
 installed (a profiler such as Proton), with the JIT's pre-run hooks, or for kernels whose parameters carry type
